@@ -1,0 +1,276 @@
+//! The agent's configuration file: a YAML list of virtual services and their backends.
+//!
+//! [`load`] reads a file and [`parse`] parses text; both return either a fully validated
+//! [`Config`] or a [`ConfigError`] that lists *every* problem found, each with the file,
+//! line, column and field path it refers to, e.g.
+//!
+//! ```text
+//! deploy/examples/demo.yaml:14:17: services[1].backends[0].weight: weight 70000 is out of range 0..=65535
+//! ```
+//!
+//! Parsing happens in three steps:
+//! 1. `serde_yaml` reads the text into private "raw" structs (`raw.rs`) that reject unknown
+//!    fields and wrong types but keep every value loose (integers as wide integers,
+//!    addresses and enums as strings) so that range and format problems can all be
+//!    reported together;
+//! 2. a marked YAML event parser builds an index from field path to line and column
+//!    (`positions.rs`);
+//! 3. `validate.rs` checks every rule, collects all violations and builds the public types.
+//!
+//! The file format is documented in `docs/config.md`.
+
+use std::fmt;
+use std::path::Path;
+
+mod positions;
+mod raw;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use std::net::IpAddr;
+
+/// Default size of a service's Maglev lookup table (a prime).
+pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Smallest accepted Maglev lookup table size.
+pub const MIN_TABLE_SIZE: u32 = 7;
+/// Largest accepted Maglev lookup table size (the largest prime below 2^20).
+pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+/// Default number of entries in the connection-tracking table.
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+/// Smallest accepted connection-tracking table size.
+pub const MIN_CONNTRACK_SIZE: u32 = 1024;
+/// Largest accepted connection-tracking table size (2^24).
+pub const MAX_CONNTRACK_SIZE: u32 = 16_777_216;
+/// Largest accepted backend weight.
+pub const MAX_WEIGHT: u32 = 65_535;
+/// Default backend weight.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Longest accepted service name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Number of entries in the (global) connection-tracking table.
+    pub conntrack_size: u32,
+    /// The virtual services, in file order.
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One virtual service: a (vip, port, protocol) triple balanced over a set of backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Unique name, `[A-Za-z0-9_.-]{1,63}`.
+    pub name: String,
+    /// The virtual IP address, a unicast IPv4 or IPv6 address.
+    pub vip: IpAddr,
+    /// The destination port; 0 means "any port" for the protocol.
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scheduler: Scheduler,
+    /// Size of the Maglev lookup table: a prime larger than the number of backends.
+    pub table_size: u32,
+    /// The backends, in file order; all of the same address family as `vip`.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// A real server behind a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    /// Relative weight, `0..=65535`; 0 means drained (no new flows).
+    pub weight: u32,
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// Every protocol, in the order used in messages.
+    pub const ALL: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+
+    /// The IP protocol number (6 for TCP, 17 for UDP).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// The name used in the configuration file (`tcp` or `udp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// Parses the configuration-file name (`tcp` or `udp`, lower case).
+    pub fn from_name(name: &str) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Backend-selection algorithm of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Maglev consistent hashing.
+    Maglev,
+}
+
+impl Scheduler {
+    /// Every supported scheduler.
+    pub const ALL: [Scheduler; 1] = [Scheduler::Maglev];
+
+    /// The name used in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Maglev => "maglev",
+        }
+    }
+
+    /// Parses the configuration-file name (lower case).
+    pub fn from_name(name: &str) -> Option<Scheduler> {
+        Scheduler::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One problem found in a configuration file.
+///
+/// `line` and `column` are 1-based; both are 0 for problems that concern the whole file
+/// (e.g. it cannot be read), which are then displayed as `origin: message`.
+/// `path` is the field path (e.g. `services[1].backends[0].weight`), empty for the
+/// document itself.
+#[derive(Debug, Clone)]
+pub struct Diagnostic {
+    pub origin: String,
+    pub line: usize,
+    pub column: usize,
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.origin)?;
+        if self.line > 0 {
+            write!(f, "{}:{}:", self.line, self.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, " {}:", self.path)?;
+        }
+        write!(f, " {}", self.message)
+    }
+}
+
+/// Every problem found in a configuration file, sorted by position.
+///
+/// Displayed as one diagnostic per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", display_lines(.errors))]
+pub struct ConfigError {
+    pub errors: Vec<Diagnostic>,
+}
+
+impl From<Diagnostic> for ConfigError {
+    fn from(diagnostic: Diagnostic) -> Self {
+        ConfigError {
+            errors: vec![diagnostic],
+        }
+    }
+}
+
+fn display_lines(errors: &[Diagnostic]) -> String {
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    lines.join("\n")
+}
+
+/// Reads and validates the configuration file at `path`.
+///
+/// The path, as given, is the origin named in every diagnostic; a file that cannot be
+/// read is reported as a diagnostic without a position.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, &origin),
+        Err(err) => Err(Diagnostic {
+            origin,
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!("cannot read the file: {}", lower_first(&err.to_string())),
+        }
+        .into()),
+    }
+}
+
+/// Parses and validates configuration text; `origin` is the file name used in messages.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| serde_error(&e, origin))?;
+    let positions = positions::Positions::build(text);
+    validate::validate(raw, &positions, origin).map_err(|errors| ConfigError { errors })
+}
+
+/// Converts a `serde_yaml` error (syntax, unknown field, wrong type, ...) into a
+/// diagnostic, moving its location and field path out of the message.
+fn serde_error(err: &serde_yaml::Error, origin: &str) -> Diagnostic {
+    let mut message = err.to_string();
+    let (line, column) = match err.location() {
+        Some(loc) => {
+            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+            if let Some(at) = message.find(&suffix) {
+                message.replace_range(at..at + suffix.len(), "");
+            }
+            (loc.line(), loc.column())
+        }
+        None => (1, 1),
+    };
+    let (path, message) = match message.split_once(": ") {
+        Some((path, rest)) if is_field_path(path) => (path.to_string(), rest.to_string()),
+        _ => (String::new(), message),
+    };
+    Diagnostic {
+        origin: origin.to_string(),
+        line,
+        column,
+        path,
+        message: lower_first(&message),
+    }
+}
+
+/// Whether `s` looks like a field path as `serde_yaml` prints it (`services[0].port`).
+fn is_field_path(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']' | '-'))
+}
+
+/// Lower-cases the first letter of a message, unless it starts an acronym ("EOF").
+fn lower_first(s: &str) -> String {
+    let mut chars = s.chars();
+    match (chars.next(), chars.next()) {
+        (Some(first), second) if !second.is_some_and(char::is_uppercase) => first
+            .to_lowercase()
+            .chain(s[first.len_utf8()..].chars())
+            .collect(),
+        _ => s.to_string(),
+    }
+}

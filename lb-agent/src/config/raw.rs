@@ -1,0 +1,92 @@
+//! The file as `serde_yaml` reads it: every field optional and loosely typed, so that
+//! missing fields, ranges and formats are checked (all at once) by `validate.rs`.
+//! Unknown fields and values of the wrong YAML type are rejected here.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping with a `services` list")]
+pub(super) struct RawConfig {
+    pub conntrack_size: Option<Int>,
+    pub services: Option<Vec<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a service mapping")]
+pub(super) struct RawService {
+    pub name: Option<String>,
+    pub vip: Option<String>,
+    pub port: Option<Int>,
+    pub protocol: Option<String>,
+    pub scheduler: Option<String>,
+    pub table_size: Option<Int>,
+    pub backends: Option<Vec<RawBackend>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a backend mapping")]
+pub(super) struct RawBackend {
+    pub address: Option<String>,
+    pub weight: Option<Int>,
+}
+
+/// An integer of any size YAML can express, range-checked later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Int(pub i128);
+
+impl Int {
+    /// The value if it lies in `min..=max`.
+    pub fn within<T>(self, min: T, max: T) -> Option<T>
+    where
+        T: TryFrom<i128> + Into<i128> + Copy,
+    {
+        if self.0 >= min.into() && self.0 <= max.into() {
+            T::try_from(self.0).ok()
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Int {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IntVisitor;
+
+        impl Visitor<'_> for IntVisitor {
+            type Value = Int;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Int, E> {
+                Ok(Int(v.into()))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Int, E> {
+                Ok(Int(v.into()))
+            }
+
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Int, E> {
+                Ok(Int(v))
+            }
+
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Int, E> {
+                i128::try_from(v)
+                    .map(Int)
+                    .map_err(|_| E::custom(format!("integer {v} is too large")))
+            }
+        }
+
+        deserializer.deserialize_i128(IntVisitor)
+    }
+}

@@ -1,0 +1,402 @@
+//! Checks every rule on the raw configuration, collecting all violations, and builds
+//! the validated [`Config`].
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use super::positions::{Pos, Positions};
+use super::raw::{Int, RawBackend, RawConfig, RawService};
+use super::{
+    BackendConfig, Config, DEFAULT_CONNTRACK_SIZE, DEFAULT_TABLE_SIZE, DEFAULT_WEIGHT, Diagnostic,
+    MAX_CONNTRACK_SIZE, MAX_NAME_LEN, MAX_TABLE_SIZE, MAX_WEIGHT, MIN_CONNTRACK_SIZE,
+    MIN_TABLE_SIZE, Protocol, Scheduler, ServiceConfig,
+};
+
+/// Validates `raw`, returning every violation sorted by position.
+pub(super) fn validate(
+    raw: RawConfig,
+    positions: &Positions,
+    origin: &str,
+) -> Result<Config, Vec<Diagnostic>> {
+    let mut checker = Checker {
+        positions,
+        origin,
+        errors: Vec::new(),
+        names: HashMap::new(),
+        triples: HashMap::new(),
+    };
+    let config = checker.config(raw);
+    let mut errors = checker.errors;
+    if errors.is_empty() {
+        // Every `None` is reported as an error, so this cannot fail.
+        if let Some(config) = config {
+            return Ok(config);
+        }
+    }
+    errors.sort_by_key(|d| (d.line, d.column));
+    Err(errors)
+}
+
+struct Checker<'a> {
+    positions: &'a Positions,
+    origin: &'a str,
+    errors: Vec<Diagnostic>,
+    /// First use of each service name: the service's index.
+    names: HashMap<String, usize>,
+    /// First use of each (vip, port, protocol): a description of that service.
+    triples: HashMap<(IpAddr, u16, Protocol), String>,
+}
+
+impl Checker<'_> {
+    /// Reports `message` about the field at `path`, located at `pos`.
+    fn report(&mut self, path: &str, pos: Pos, message: String) {
+        self.errors.push(Diagnostic {
+            origin: self.origin.to_string(),
+            line: pos.line,
+            column: pos.column,
+            path: path.to_string(),
+            message,
+        });
+    }
+
+    /// Reports a problem with the value at `path`.
+    fn at_value(&mut self, path: &str, message: String) {
+        let pos = self.positions.value(path);
+        self.report(path, pos, message);
+    }
+
+    /// Reports a problem with the field at `path` as a whole (at its key).
+    fn at_key(&mut self, path: &str, message: String) {
+        let pos = self.positions.key(path);
+        self.report(path, pos, message);
+    }
+
+    /// A required field: reports it missing (at its key if it is there but empty, else at
+    /// the enclosing item).
+    fn required<T>(&mut self, value: Option<T>, path: &str, field: &str) -> Option<T> {
+        if value.is_none() {
+            self.at_key(path, format!("missing required field `{field}`"));
+        }
+        value
+    }
+
+    /// An integer field that must lie in `min..=max`.
+    fn ranged<T>(&mut self, value: Int, path: &str, field: &str, min: T, max: T) -> Option<T>
+    where
+        T: TryFrom<i128> + Into<i128> + Copy + std::fmt::Display,
+    {
+        let checked = value.within(min, max);
+        if checked.is_none() {
+            self.at_value(
+                path,
+                format!("{field} {value} is out of range {min}..={max}"),
+            );
+        }
+        checked
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let conntrack_size = match raw.conntrack_size {
+            None => Some(DEFAULT_CONNTRACK_SIZE),
+            Some(v) => self.ranged(
+                v,
+                "conntrack_size",
+                "conntrack_size",
+                MIN_CONNTRACK_SIZE,
+                MAX_CONNTRACK_SIZE,
+            ),
+        };
+        let raw_services = self.required(raw.services, "services", "services");
+        let mut services = Some(Vec::new());
+        for (index, raw_service) in raw_services.into_iter().flatten().enumerate() {
+            let service = self.service(index, raw_service);
+            services = services.zip(service).map(|(mut all, s)| {
+                all.push(s);
+                all
+            });
+        }
+        Some(Config {
+            conntrack_size: conntrack_size?,
+            services: services?,
+        })
+    }
+
+    fn service(&mut self, index: usize, raw: RawService) -> Option<ServiceConfig> {
+        let path = format!("services[{index}]");
+        let field = |name: &str| format!("{path}.{name}");
+
+        let name = self.name(index, raw.name, &field("name"));
+        let label = match &name {
+            Some(name) => format!("service '{name}'"),
+            None => "this service".to_string(),
+        };
+        let vip = self
+            .required(raw.vip, &field("vip"), "vip")
+            .and_then(|vip| self.address(&vip, &field("vip"), "vip", "the vip"));
+        let port = self
+            .required(raw.port, &field("port"), "port")
+            .and_then(|port| self.ranged(port, &field("port"), "port", 0, u16::MAX));
+        let protocol = match raw.protocol {
+            None => Some(Protocol::Tcp),
+            Some(text) => self.protocol(&text, &field("protocol")),
+        };
+        let scheduler = match raw.scheduler {
+            None => Some(Scheduler::Maglev),
+            Some(text) => self.scheduler(&text, &field("scheduler")),
+        };
+
+        if let (Some(vip), Some(port), Some(protocol)) = (vip, port, protocol) {
+            if let Some(first) = self.triples.get(&(vip, port, protocol)) {
+                let message = format!(
+                    "duplicate service: vip {vip} port {port} protocol {protocol} is already \
+                     used by {first}"
+                );
+                self.at_value(&field("vip"), message);
+            } else {
+                let line = self.positions.value(&path).line;
+                let first = match &name {
+                    Some(name) => format!("service '{name}' ({path}, line {line})"),
+                    None => format!("{path} (line {line})"),
+                };
+                self.triples.insert((vip, port, protocol), first);
+            }
+        }
+
+        let count = raw.backends.as_ref().map_or(0, Vec::len);
+        let backends = self.backends(raw.backends, &path, &label, vip);
+        let table_size = match raw.table_size {
+            None => Some(DEFAULT_TABLE_SIZE),
+            Some(v) => self.table_size(v, &field("table_size")),
+        };
+        let table_size = table_size.filter(|&size| {
+            let fits = usize::try_from(size).is_ok_and(|size| size > count);
+            if !fits {
+                self.at_value(
+                    &field("table_size"),
+                    format!(
+                        "table_size {size} must be larger than the number of backends ({count})"
+                    ),
+                );
+            }
+            fits
+        });
+
+        Some(ServiceConfig {
+            name: name?,
+            vip: vip?,
+            port: port?,
+            protocol: protocol?,
+            scheduler: scheduler?,
+            table_size: table_size?,
+            backends: backends?,
+        })
+    }
+
+    fn name(&mut self, index: usize, raw: Option<String>, path: &str) -> Option<String> {
+        let name = self.required(raw, path, "name")?;
+        let length = name.chars().count();
+        let message = if name.is_empty() {
+            "service name must not be empty".to_string()
+        } else if length > MAX_NAME_LEN {
+            format!(
+                "service name '{name}' is too long ({length} characters, at most {MAX_NAME_LEN})"
+            )
+        } else if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            format!("service name '{name}' may only contain the characters A-Z a-z 0-9 _ . -")
+        } else if let Some(&first) = self.names.get(&name) {
+            let line = self
+                .positions
+                .value(&format!("services[{first}].name"))
+                .line;
+            format!(
+                "duplicate service name '{name}' (first used by services[{first}] at line {line})"
+            )
+        } else {
+            self.names.insert(name.clone(), index);
+            return Some(name);
+        };
+        self.at_value(path, message);
+        None
+    }
+
+    /// Parses a vip or backend address and checks that it is unicast. `what` names the
+    /// address in messages ("the vip", "a backend").
+    fn address(&mut self, text: &str, path: &str, field: &str, what: &str) -> Option<IpAddr> {
+        let Ok(address) = text.parse::<IpAddr>() else {
+            self.at_value(
+                path,
+                format!("{field} '{text}' is not a valid IPv4 or IPv6 address"),
+            );
+            return None;
+        };
+        let kind = match address {
+            _ if address.is_unspecified() => Some("the unspecified address"),
+            _ if address.is_loopback() => Some("a loopback address"),
+            _ if address.is_multicast() => Some("a multicast address"),
+            IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            self.at_value(
+                path,
+                format!("{field} {address} is {kind}; {what} must be a unicast address"),
+            );
+            return None;
+        }
+        Some(address)
+    }
+
+    fn protocol(&mut self, text: &str, path: &str) -> Option<Protocol> {
+        let protocol = Protocol::from_name(text);
+        if protocol.is_none() {
+            let supported: Vec<&str> = Protocol::ALL.iter().map(|p| p.as_str()).collect();
+            self.at_value(
+                path,
+                format!(
+                    "unknown protocol '{text}'; supported protocols: {}",
+                    supported.join(", ")
+                ),
+            );
+        }
+        protocol
+    }
+
+    fn scheduler(&mut self, text: &str, path: &str) -> Option<Scheduler> {
+        let scheduler = Scheduler::from_name(text);
+        if scheduler.is_none() {
+            let supported: Vec<&str> = Scheduler::ALL.iter().map(|s| s.as_str()).collect();
+            self.at_value(
+                path,
+                format!(
+                    "unknown scheduler '{text}'; supported schedulers: {}",
+                    supported.join(", ")
+                ),
+            );
+        }
+        scheduler
+    }
+
+    fn table_size(&mut self, value: Int, path: &str) -> Option<u32> {
+        let size = self.ranged(value, path, "table_size", MIN_TABLE_SIZE, MAX_TABLE_SIZE)?;
+        if is_prime(size) {
+            return Some(size);
+        }
+        let next = (size..=MAX_TABLE_SIZE)
+            .find(|&n| is_prime(n))
+            .unwrap_or(MAX_TABLE_SIZE);
+        self.at_value(
+            path,
+            format!("table_size {size} is not a prime number (the next prime is {next})"),
+        );
+        None
+    }
+
+    fn backends(
+        &mut self,
+        raw: Option<Vec<RawBackend>>,
+        service_path: &str,
+        label: &str,
+        vip: Option<IpAddr>,
+    ) -> Option<Vec<BackendConfig>> {
+        let path = format!("{service_path}.backends");
+        let raw = raw.unwrap_or_default();
+        let mut seen: HashMap<IpAddr, usize> = HashMap::new();
+        let mut backends = Some(Vec::with_capacity(raw.len()));
+        for (index, backend) in raw.iter().enumerate() {
+            let item = format!("{path}[{index}]");
+            let backend = self.backend(backend, &item, vip, &mut seen, index);
+            backends = backends.zip(backend).map(|(mut all, b)| {
+                all.push(b);
+                all
+            });
+        }
+        let usable = raw.iter().any(|b| b.weight.is_none_or(|w| w.0 != 0));
+        if !usable {
+            let why = if raw.is_empty() {
+                "none are listed"
+            } else {
+                "every weight is 0"
+            };
+            self.at_key(&path, format!("{label} has no usable backends: {why}"));
+            return None;
+        }
+        backends
+    }
+
+    fn backend(
+        &mut self,
+        raw: &RawBackend,
+        path: &str,
+        vip: Option<IpAddr>,
+        seen: &mut HashMap<IpAddr, usize>,
+        index: usize,
+    ) -> Option<BackendConfig> {
+        let address_path = format!("{path}.address");
+        let address = self
+            .required(raw.address.as_deref(), &address_path, "address")
+            .and_then(|text| self.address(text, &address_path, "address", "a backend"));
+        let weight = match raw.weight {
+            None => Some(DEFAULT_WEIGHT),
+            Some(w) => self.ranged(w, &format!("{path}.weight"), "weight", 0, MAX_WEIGHT),
+        };
+        let address = address.filter(|&address| {
+            let family_ok = vip.is_none_or(|vip| vip.is_ipv4() == address.is_ipv4());
+            if let (false, Some(vip)) = (family_ok, vip) {
+                self.at_value(
+                    &address_path,
+                    format!(
+                        "backend {address} is {} but the vip {vip} is {}; a service's \
+                         backends must have the vip's address family",
+                        family(address),
+                        family(vip)
+                    ),
+                );
+            }
+            family_ok
+        });
+        let address = address.filter(|&address| match seen.get(&address) {
+            Some(&first) => {
+                let service = &path[..path.rfind('[').unwrap_or(0)];
+                let line = self
+                    .positions
+                    .value(&format!("{service}[{first}].address"))
+                    .line;
+                self.at_value(
+                    &address_path,
+                    format!("duplicate backend {address} (first listed at line {line})"),
+                );
+                false
+            }
+            None => {
+                seen.insert(address, index);
+                true
+            }
+        });
+        Some(BackendConfig {
+            address: address?,
+            weight: weight?,
+        })
+    }
+}
+
+fn family(address: IpAddr) -> &'static str {
+    if address.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Trial division; table sizes are at most 2^20, so at most ~512 divisions.
+pub(super) fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let n = u64::from(n);
+    (3..)
+        .step_by(2)
+        .take_while(|d| d * d <= n)
+        .all(|d| n % d != 0)
+}

@@ -1,0 +1,185 @@
+//! The interface and backend MAC addresses, from the kernel through rtnetlink.
+//!
+//! DR mode sends frames to a backend's MAC on the balancer's own segment, so every
+//! backend must be a neighbour on the attached interface. A backend that has no
+//! neighbour entry yet is probed (a datagram to the discard port makes the kernel
+//! run ARP or ND for it) and looked up again; one that still cannot be resolved is
+//! reported and left out of the tables, never sent to a zero MAC.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use futures::TryStreamExt;
+use netlink_packet_route::{
+    link::LinkAttribute,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+};
+use rtnetlink::{Handle, IpVersion};
+
+pub type Mac = [u8; 6];
+
+#[derive(Debug, thiserror::Error)]
+pub enum NeighError {
+    #[error("cannot open an rtnetlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("interface {iface}: {source}")]
+    Link { iface: String, source: rtnetlink::Error },
+    #[error("interface {iface} does not exist")]
+    NoSuchInterface { iface: String },
+    #[error("interface {iface} has no Ethernet MAC address")]
+    NoMac { iface: String },
+    #[error("reading the neighbour table: {0}")]
+    Dump(#[source] rtnetlink::Error),
+}
+
+/// An interface the balancer is attached to.
+#[derive(Debug, Clone)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub mac: Mac,
+}
+
+/// A live rtnetlink connection.
+pub struct Neighbours {
+    handle: Handle,
+}
+
+impl Neighbours {
+    /// Opens the connection; its I/O task runs on the current tokio runtime.
+    pub fn connect() -> Result<Self, NeighError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NeighError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Index and MAC of `name`.
+    pub async fn interface(&self, name: &str) -> Result<Interface, NeighError> {
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let link = match links.try_next().await {
+            Ok(Some(link)) => link,
+            Ok(None) => return Err(NeighError::NoSuchInterface { iface: name.into() }),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Err(NeighError::NoSuchInterface { iface: name.into() });
+            }
+            Err(source) => return Err(NeighError::Link { iface: name.into(), source }),
+        };
+        let mac = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(b) if b.len() == 6 => Some([b[0], b[1], b[2], b[3], b[4], b[5]]),
+                _ => None,
+            })
+            .ok_or_else(|| NeighError::NoMac { iface: name.into() })?;
+        Ok(Interface { name: name.into(), index: link.header.index, mac })
+    }
+
+    /// The usable neighbour entries on `ifindex`: address -> MAC.
+    pub async fn table(&self, ifindex: u32) -> Result<BTreeMap<IpAddr, Mac>, NeighError> {
+        let mut out = BTreeMap::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let mut dump = self.handle.neighbours().get().set_family(version).execute();
+            while let Some(msg) = dump.try_next().await.map_err(NeighError::Dump)? {
+                if msg.header.ifindex != ifindex {
+                    continue;
+                }
+                if let Some((ip, mac)) = usable_entry(&msg) {
+                    out.insert(ip, mac);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolves every address in `wanted` to a MAC on `iface`, probing the ones the
+    /// kernel does not know yet for up to `timeout`. Returns the resolved ones; the
+    /// rest are missing from the map (the caller reports them).
+    pub async fn resolve(
+        &self,
+        iface: &Interface,
+        wanted: &[IpAddr],
+        timeout: Duration,
+    ) -> Result<BTreeMap<IpAddr, Mac>, NeighError> {
+        let deadline = Instant::now() + timeout;
+        let mut last_probe: Option<Instant> = None;
+        loop {
+            let table = self.table(iface.index).await?;
+            let missing: Vec<IpAddr> = wanted.iter().copied().filter(|a| !table.contains_key(a)).collect();
+            if missing.is_empty() || Instant::now() >= deadline {
+                return Ok(wanted.iter().filter_map(|a| table.get(a).map(|m| (*a, *m))).collect());
+            }
+            if last_probe.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                for addr in &missing {
+                    probe(&iface.name, *addr);
+                }
+                last_probe = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn usable_entry(msg: &NeighbourMessage) -> Option<(IpAddr, Mac)> {
+    match msg.header.state {
+        NeighbourState::Reachable
+        | NeighbourState::Stale
+        | NeighbourState::Delay
+        | NeighbourState::Probe
+        | NeighbourState::Permanent => {}
+        _ => return None,
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(IpAddr::V4(*a)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => ip = Some(IpAddr::V6(*a)),
+            NeighbourAttribute::LinkLocalAddress(b) if b.len() == 6 => {
+                mac = Some([b[0], b[1], b[2], b[3], b[4], b[5]])
+            }
+            _ => {}
+        }
+    }
+    let mac = mac?;
+    if mac == [0; 6] {
+        return None;
+    }
+    Some((ip?, mac))
+}
+
+/// Makes the kernel resolve `addr` on `iface`: a one-byte datagram to the discard
+/// port from a socket bound to the interface. Failures only mean no probe.
+fn probe(iface: &str, addr: IpAddr) {
+    let bind: SocketAddr = match addr {
+        IpAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
+        IpAddr::V6(_) => "[::]:0".parse().expect("literal"),
+    };
+    let Ok(sock) = UdpSocket::bind(bind) else { return };
+    let name = iface.as_bytes();
+    // SAFETY: the fd is valid for the call and the name buffer outlives it.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(%addr, iface, "SO_BINDTODEVICE failed for the neighbour probe");
+    }
+    if let Err(e) = sock.send_to(&[0], SocketAddr::new(addr, 9)) {
+        tracing::debug!(%addr, error = %e, "neighbour probe not sent");
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &Mac) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}

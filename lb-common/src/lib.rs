@@ -1,0 +1,237 @@
+//! Map layouts and pure functions shared by the XDP program (`lb-ebpf`) and the
+//! agent (`lb-agent`).
+//!
+//! Every key and value is `#[repr(C)]`, built from fixed-width integers with
+//! explicit padding, and its size is asserted at compile time: the kernel side is
+//! built with nightly for `bpfel-unknown-none`, the user side with stable for the
+//! host, and both must agree byte for byte.
+//!
+//! Addresses are always 16 bytes: IPv6 as is, IPv4 in its IPv4-mapped form
+//! (`::ffff:a.b.c.d`), so one key type serves both families without ambiguity.
+#![no_std]
+
+pub mod hash;
+
+pub use hash::{flow_hash, maglev_slot};
+
+/// IP protocol numbers the data plane balances.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Names of the maps in the object, as `bpftool map list` shows them.
+pub mod map_names {
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const STATS: &str = "STATS";
+    pub const CONFIG: &str = "CONFIG";
+}
+
+/// Name of the balancer's XDP program in the object.
+pub const PROG_BALANCER: &str = "lb_xdp";
+/// Name of a program that only returns XDP_PASS. Attached to the far end of a veth
+/// so that native XDP_TX frames are delivered (see docs/architecture.md).
+pub const PROG_PASS: &str = "lb_pass";
+
+/// Default sizes. The agent overrides the compile-time maxima at load time from
+/// the configuration, so map memory follows what is configured.
+pub const DEFAULT_MAX_SERVICES: u32 = 1024;
+pub const DEFAULT_MAX_BACKENDS: u32 = 8192;
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 65536;
+
+/// Maps an IPv4 address (network order octets) to the 16-byte key form.
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Key of `VIP_ADDRS`: the destination address alone. One lookup in this map
+/// decides whether a frame can be ours at all; everything else passes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipAddrKey {
+    pub addr: [u8; 16],
+}
+
+/// Value of `VIP_ADDRS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipAddrVal {
+    /// `VIP_ANY_PORT_TCP` / `VIP_ANY_PORT_UDP`: an "any port" service exists for
+    /// this address and protocol, so a miss on the exact port falls back to port 0.
+    pub flags: u32,
+}
+
+pub const VIP_ANY_PORT_TCP: u32 = 1;
+pub const VIP_ANY_PORT_UDP: u32 = 2;
+
+/// Key of `SERVICES`: (address, port, protocol). Port 0 is the "any port" service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Index into `SERVICE_STATS`.
+    pub id: u32,
+    /// First slot of this service's Maglev table in `MAGLEV`.
+    pub table_offset: u32,
+    /// Number of slots (a prime); 0 means the service has no usable backend.
+    pub table_size: u32,
+    pub flags: u32,
+}
+
+/// Value of `BACKENDS`, indexed by backend id. A backend id names one backend of
+/// one service (like an IPVS destination), so its counters are per service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// `BACKEND_ACTIVE` when the slot holds a usable backend.
+    pub flags: u32,
+    /// The service this backend belongs to.
+    pub service_id: u32,
+}
+
+pub const BACKEND_ACTIVE: u32 = 1;
+
+/// Marks an empty Maglev slot (never produced for a service with backends).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Key of `CONNTRACK` and input of the flow hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowVal {
+    pub backend_id: u32,
+    /// Service the flow was scheduled for; a hit whose service differs (the id was
+    /// reused by a new configuration) is scheduled again.
+    pub service_id: u32,
+}
+
+/// Per-service and per-backend traffic counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Value of `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// MAC of the interface the program is attached to: source MAC of forwarded frames.
+    pub iface_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Set to `CONFIG_READY` once the agent has filled the maps.
+    pub flags: u32,
+}
+
+pub const CONFIG_READY: u32 = 1;
+
+/// Indices into the per-CPU `STATS` array: one counter per packet outcome.
+pub mod stat {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed.
+    pub const PASS_NOT_IP: u32 = 0;
+    /// Destination is not a VIP address: passed.
+    pub const PASS_NOT_VIP: u32 = 1;
+    /// VIP address, but no service for that port and protocol: passed.
+    pub const PASS_NO_SERVICE: u32 = 2;
+    /// VIP address, protocol other than TCP/UDP (ICMP, IPv6 extension headers): passed.
+    pub const PASS_NOT_L4: u32 = 3;
+    /// IPv4 fragment to a VIP address: passed (no L4 header to hash on).
+    pub const PASS_FRAGMENT: u32 = 4;
+    /// Frame shorter than its Ethernet / 802.1Q header: passed.
+    pub const PASS_MALFORMED_L2: u32 = 5;
+    /// Truncated IP header, IHL < 5, wrong version, total length beyond the frame: passed.
+    pub const PASS_MALFORMED_L3: u32 = 6;
+    /// Truncated TCP/UDP header to a VIP address: passed.
+    pub const PASS_MALFORMED_L4: u32 = 7;
+    /// Sent to a backend (XDP_TX).
+    pub const FORWARDED: u32 = 8;
+    /// Service has no usable backend: dropped.
+    pub const DROP_NO_BACKEND: u32 = 9;
+    /// The agent has not finished filling the maps: passed.
+    pub const PASS_NOT_READY: u32 = 10;
+    /// Flow found in the connection table.
+    pub const CONN_HIT: u32 = 11;
+    /// Flow scheduled by Maglev (new, expired or its backend gone).
+    pub const CONN_MISS: u32 = 12;
+    /// Connection table insert failed (flow still forwarded).
+    pub const CONN_INSERT_FAILED: u32 = 13;
+    pub const COUNT: u32 = 14;
+
+    /// Names for metrics and `lb-agent`, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ip",
+        "pass_not_vip",
+        "pass_no_service",
+        "pass_not_l4",
+        "pass_fragment",
+        "pass_malformed_l2",
+        "pass_malformed_l3",
+        "pass_malformed_l4",
+        "forwarded",
+        "drop_no_backend",
+        "pass_not_ready",
+        "conn_hit",
+        "conn_miss",
+        "conn_insert_failed",
+    ];
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<VipAddrKey>() == 16);
+    assert!(core::mem::size_of::<VipAddrVal>() == 4);
+    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<Service>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 16);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowVal>() == 8);
+    assert!(core::mem::size_of::<Counters>() == 16);
+    assert!(core::mem::size_of::<Config>() == 12);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), made of integers and byte arrays, with
+    // explicit padding fields, so every bit pattern is valid and none is uninit.
+    unsafe impl aya::Pod for VipAddrKey {}
+    unsafe impl aya::Pod for VipAddrVal {}
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowVal {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Config {}
+}

@@ -1,0 +1,45 @@
+//! The maps, by the names `bpftool map list` shows. Sizes here are defaults: the
+//! agent sets each map's size from its configuration at load time.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    stat, Backend, Config, Counters, FlowKey, FlowVal, Service, VipAddrKey, VipAddrVal, VipKey,
+    DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB, DEFAULT_MAX_SERVICES as MS,
+};
+
+/// Destination addresses that carry at least one service.
+#[btf_map]
+pub static VIP_ADDRS: HashMap<VipAddrKey, VipAddrVal, { MS as usize }> = HashMap::new();
+
+/// (VIP, port, protocol) -> service.
+#[btf_map]
+pub static SERVICES: HashMap<VipKey, Service, { MS as usize }> = HashMap::new();
+
+/// All services' Maglev tables back to back: slot -> backend id.
+#[btf_map]
+pub static MAGLEV: Array<u32, 65537> = Array::new();
+
+/// Backend id -> MAC and state.
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MB as usize }> = Array::new();
+
+/// Flow -> backend, shared by all CPUs (a flow's packets may arrive on any CPU).
+#[btf_map]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowVal, { CT as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<Counters, { MS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<Counters, { MB as usize }> = PerCpuArray::new();
+
+/// One counter per packet outcome, indexed by `lb_common::stat`.
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+
+/// Interface MAC and readiness, written by the agent.
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();

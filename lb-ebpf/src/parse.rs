@@ -1,0 +1,154 @@
+//! Header parsing with an explicit bounds check before every read.
+//!
+//! Only what the balancer needs is parsed: Ethernet with at most one 802.1Q tag,
+//! IPv4 (any IHL) or IPv6 (fixed header; an extension header counts as "not L4"),
+//! then the TCP or UDP ports. The VIP address filter runs as soon as the
+//! destination address is known, so traffic that is not ours costs one lookup.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{stat, v4_mapped, VipAddrKey, PROTO_TCP, PROTO_UDP};
+
+use crate::maps::VIP_ADDRS;
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+/// IPv4 flags/fragment offset: More Fragments bit and the offset field.
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// What happens to a frame.
+pub enum Outcome {
+    /// XDP_PASS, counted under the given `stat` index.
+    Pass(u32),
+    /// XDP_DROP, counted under the given `stat` index.
+    Drop(u32),
+    /// Rewritten and sent back out (XDP_TX).
+    Tx,
+}
+
+/// The parts of a frame to a VIP address that scheduling needs.
+pub struct Packet {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub vip_flags: u32,
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, ()> {
+    let p = ptr_at::<[u8; 2]>(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at.
+    Ok(u16::from_be_bytes(unsafe { *p }))
+}
+
+#[inline(always)]
+fn vip_flags(dst: &[u8; 16]) -> Result<u32, Outcome> {
+    // SAFETY: the value is copied out at once; the agent only replaces whole entries.
+    match unsafe { VIP_ADDRS.get(VipAddrKey { addr: *dst }) } {
+        Some(v) => Ok(v.flags),
+        None => Err(Outcome::Pass(stat::PASS_NOT_VIP)),
+    }
+}
+
+/// Parses a frame. `Err` carries the outcome for frames that are not balanced.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
+    let malformed_l2 = Outcome::Pass(stat::PASS_MALFORMED_L2);
+    let mut l3 = ETH_HLEN;
+    let mut ethertype = read_be16(ctx, 12).map_err(|_| malformed_l2)?;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype =
+            read_be16(ctx, ETH_HLEN + 2).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L2))?;
+        l3 += VLAN_HLEN;
+    }
+    let (src, dst, proto, l4, vip_flags) = match ethertype {
+        ETH_P_IP => parse_v4(ctx, l3)?,
+        ETH_P_IPV6 => parse_v6(ctx, l3)?,
+        _ => return Err(Outcome::Pass(stat::PASS_NOT_IP)),
+    };
+    let malformed_l4 = Outcome::Pass(stat::PASS_MALFORMED_L4);
+    let ports = match proto {
+        PROTO_TCP => ptr_at::<[u8; TCP_HLEN]>(ctx, l4).map(|p| p as *const [u8; 4]),
+        PROTO_UDP => ptr_at::<[u8; UDP_HLEN]>(ctx, l4).map(|p| p as *const [u8; 4]),
+        _ => return Err(Outcome::Pass(stat::PASS_NOT_L4)),
+    }
+    .map_err(|_| malformed_l4)?;
+    // SAFETY: at least the full L4 header is within bounds.
+    let ports = unsafe { *ports };
+    Ok(Packet {
+        src,
+        dst,
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        proto,
+        vip_flags,
+    })
+}
+
+type L3 = ([u8; 16], [u8; 16], u8, usize, u32);
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
+    let hdr = ptr_at::<[u8; IPV4_HLEN]>(ctx, l3).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L3))?;
+    // SAFETY: bounds checked.
+    let hdr = unsafe { &*hdr };
+    let version = hdr[0] >> 4;
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    if version != 4 || ihl < IPV4_HLEN {
+        return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
+    }
+    let dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    let flags = vip_flags(&dst)?;
+    let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+    if tot_len < ihl || ctx.data() + l3 + tot_len > ctx.data_end() {
+        return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
+    }
+    if u16::from_be_bytes([hdr[6], hdr[7]]) & IP_MF_OFFSET != 0 {
+        return Err(Outcome::Pass(stat::PASS_FRAGMENT));
+    }
+    let src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    Ok((src, dst, hdr[9], l3 + ihl, flags))
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
+    let hdr = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L3))?;
+    // SAFETY: bounds checked.
+    let hdr = unsafe { &*hdr };
+    if hdr[0] >> 4 != 6 {
+        return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
+    }
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&hdr[24..40]);
+    let flags = vip_flags(&dst)?;
+    let payload_len = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
+    if ctx.data() + l3 + IPV6_HLEN + payload_len > ctx.data_end() {
+        return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
+    }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&hdr[8..24]);
+    Ok((src, dst, hdr[6], l3 + IPV6_HLEN, flags))
+}

@@ -1,0 +1,321 @@
+//! A namespace lab in LVS-DR shape: one client, the balancer and three backends on
+//! one L2 segment (a bridge in a namespace of its own), backends carrying the VIPs
+//! on `lo` with arp_ignore/arp_announce set, the client routing the VIPs via the
+//! balancer. Everything lives in namespaces the lab creates, removed on drop (even
+//! when a test panics).
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    netns::{self, ns_sh, sh},
+    traffic::{self, Server},
+};
+
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10);
+pub const BALANCER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const BALANCER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+
+/// One backend host.
+pub struct Backend {
+    pub ns: String,
+    /// What its servers answer: `b1`, `b2`, ...
+    pub name: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+pub struct Lab {
+    pub id: String,
+    pub client: String,
+    pub balancer: String,
+    pub switch: String,
+    pub backends: Vec<Backend>,
+    /// The switch port facing the balancer (in `switch`).
+    pub balancer_port: String,
+    pub dir: PathBuf,
+    /// Keeps `lb_pass` attached to the switch port facing the balancer.
+    pass: Option<aya::Ebpf>,
+    servers: Vec<Server>,
+    namespaces: Vec<String>,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Path of the real-server set-up script shipped in deploy/.
+pub fn realserver_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/realserver/lb-realserver.sh")
+}
+
+impl Lab {
+    /// Builds the lab with `n` backends (at most 9).
+    pub fn new(n: usize) -> Lab {
+        netns::require_root();
+        let id = format!("lb{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&dir).expect("lab temp dir");
+        let mut lab = Lab {
+            client: format!("{id}-cl"),
+            balancer: format!("{id}-lb"),
+            switch: format!("{id}-sw"),
+            backends: (1..=n)
+                .map(|i| Backend {
+                    ns: format!("{id}-b{i}"),
+                    name: format!("b{i}"),
+                    v4: Ipv4Addr::new(198, 18, 0, 10 + i as u8),
+                    v6: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10 + i as u16),
+                })
+                .collect(),
+            balancer_port: "p-lb".into(),
+            id,
+            dir,
+            pass: None,
+            servers: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        lab.build();
+        lab
+    }
+
+    fn add_ns(&mut self, ns: &str) {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        sh(&["ip", "netns", "add", ns]);
+        self.namespaces.push(ns.to_string());
+        ns_sh(ns, &["ip", "link", "set", "lo", "up"]);
+    }
+
+    /// A host namespace with `eth0` plugged into the switch as `port`.
+    fn add_host(&mut self, ns: &str, port: &str, v4: Ipv4Addr, v6: Ipv6Addr) {
+        self.add_ns(ns);
+        sh(&["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &self.switch]);
+        ns_sh(&self.switch, &["ip", "link", "set", port, "master", "br0", "up"]);
+        ns_sh(ns, &["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
+        ns_sh(ns, &["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+        ns_sh(ns, &["ip", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        ns_sh(ns, &["ip", "link", "set", "eth0", "up"]);
+        // Lab-only: veth leaves TCP/UDP checksums to "offload", and that metadata does
+        // not survive native XDP_TX, so senders must put full checksums on the wire.
+        ns_sh(ns, &["ethtool", "-K", "eth0", "tx", "off"]);
+    }
+
+    fn build(&mut self) {
+        let switch = self.switch.clone();
+        self.add_ns(&switch);
+        ns_sh(&switch, &["ip", "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        ns_sh(&switch, &["ip", "link", "set", "br0", "up"]);
+
+        let (client, balancer) = (self.client.clone(), self.balancer.clone());
+        self.add_host(&client, "p-cl", CLIENT4, CLIENT6);
+        ns_sh(&client, &["ip", "route", "add", &format!("{VIP4}/32"), "via", &BALANCER4.to_string()]);
+        ns_sh(&client, &["ip", "-6", "route", "add", &format!("{VIP6}/128"), "via", &BALANCER6.to_string()]);
+
+        self.add_host(&balancer, "p-lb", BALANCER4, BALANCER6);
+        // The balancer must not answer for the VIPs itself; with no route to them
+        // and forwarding off, a frame XDP passes up is simply dropped by the stack.
+        ns_sh(&balancer, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+
+        let script = realserver_script();
+        let script = script.to_str().expect("utf-8 path");
+        for i in 0..self.backends.len() {
+            let (ns, v4, v6) = (self.backends[i].ns.clone(), self.backends[i].v4, self.backends[i].v6);
+            self.add_host(&ns, &format!("p-b{}", i + 1), v4, v6);
+            ns_sh(&ns, &["bash", script, "up", &VIP4.to_string(), &VIP6.to_string()]);
+        }
+        self.attach_pass_program();
+    }
+
+    /// Native XDP_TX on a veth needs an XDP program on the receiving end: attach
+    /// `lb_pass` to the switch port facing the balancer.
+    fn attach_pass_program(&mut self) {
+        let port = self.balancer_port.clone();
+        let ebpf = netns::run_in(&self.switch, move || {
+            let mut ebpf = aya::Ebpf::load(lb_agent::object::OBJECT).expect("load the XDP object");
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut(lb_common::PROG_PASS)
+                .expect("lb_pass in the object")
+                .try_into()
+                .expect("lb_pass is XDP");
+            prog.load().expect("load lb_pass");
+            prog.attach(&port, aya::programs::XdpMode::Driver).expect("attach lb_pass to the switch port");
+            ebpf
+        });
+        self.pass = Some(ebpf);
+    }
+
+    /// Starts an HTTP server on port 80 and a UDP server on port 53 (bound to both
+    /// VIPs) on every backend; each answers with its name.
+    pub fn start_servers(&mut self) {
+        for b in &self.backends {
+            self.servers.push(traffic::http_server(&b.ns, 80, &b.name));
+            let udp = [SocketAddr::new(IpAddr::V4(VIP4), 53), SocketAddr::new(IpAddr::V6(VIP6), 53)];
+            self.servers.extend(traffic::udp_server(&b.ns, &udp, &b.name));
+        }
+    }
+
+    /// Where a test's agent pins its maps (unique per lab).
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.id)
+    }
+
+    /// Starts `lb-agent run` in the balancer namespace (through nsenter, so it sees
+    /// the host's bpffs) on `eth0` in native mode, and waits until it has attached.
+    pub fn start_agent(&self, config: &Path) -> Agent {
+        let log = self.dir.join("agent.log");
+        let bin = agent_bin();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.balancer))
+            .arg("--")
+            .arg(&bin)
+            .args(["run", "--iface", "eth0", "--xdp-mode", "native", "--config"])
+            .arg(config)
+            .arg("--pin-dir")
+            .arg(self.pin_dir())
+            .env("LB_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut agent = Agent { child: Some(child), log, pin_dir: self.pin_dir() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if agent.log_text().contains("attached") {
+                return agent;
+            }
+            if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("lb-agent exited ({status}) before attaching:\n{}", agent.log_text());
+            }
+            assert!(Instant::now() < deadline, "lb-agent did not attach within 30 s:\n{}", agent.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.servers.clear();
+        self.pass = None;
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The lb-agent binary next to the running test or demo binary (cargo puts both in
+/// target/<profile>/; `cargo xtask test` builds it first).
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LB_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("lb-agent");
+    assert!(bin.exists(), "{} not found: build it first (cargo build -p lb-agent; cargo xtask test does)", bin.display());
+    bin
+}
+
+/// A running agent: SIGTERM on drop (then SIGKILL if it hangs).
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl Agent {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the agent with SIGTERM and returns its exit status and log.
+    pub fn stop(&mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("agent already stopped");
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for lb-agent") {
+                return (status, self.log_text());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let status = child.wait().expect("wait for lb-agent");
+                panic!("lb-agent ignored SIGTERM for 10 s ({status}):\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: as above.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A tcpdump capture inside a namespace, written to a file.
+pub struct Capture {
+    child: Option<Child>,
+    pub file: PathBuf,
+}
+
+impl Capture {
+    pub fn start(ns: &str, iface: &str, file: PathBuf) -> Capture {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-w"])
+            .arg(&file)
+            .arg("ip or ip6")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tcpdump");
+        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        let _ = err.read_line(&mut line);
+        assert!(line.contains("listening"), "tcpdump did not start: {line}");
+        Capture { child: Some(child), file }
+    }
+
+    /// Stops the capture (SIGINT so it flushes).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let _ = c.wait();
+        }
+    }
+
+    /// Packets in the capture that match a tcpdump filter.
+    pub fn count(&self, filter: &str) -> usize {
+        let out = sh(&["tcpdump", "-r", self.file.to_str().expect("utf-8"), "-n", filter]);
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

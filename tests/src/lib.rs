@@ -1,0 +1,7 @@
+//! Shared helpers for the privileged tests and the demo: network-namespace labs,
+//! traffic, and frame builders.
+
+pub mod lab;
+pub mod netns;
+pub mod traffic;
+pub mod frames;

@@ -1,0 +1,193 @@
+//! Backend servers that answer with their own name, and bounded clients that count
+//! which backend answered each request.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::netns;
+
+/// A running server thread; stopped and joined on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    fd: i32,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // SAFETY: the fd belongs to the socket the thread owns and is still open;
+        // shutdown wakes a blocked accept/recv without closing the fd.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// HTTP/1.0 server on `[::]:port` (IPv4 and IPv6) in namespace `ns`: each request
+/// gets `200 OK` with the body `name\n`.
+pub fn http_server(ns: &str, port: u16, name: &str) -> Server {
+    let name = name.to_string();
+    let listener = netns::run_in(ns, move || TcpListener::bind(("::", port)).expect("bind the HTTP server"));
+    let fd = listener.as_raw_fd();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            let Ok((mut conn, _)) = listener.accept() else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = format!("{name}\n");
+            let resp = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = conn.write_all(resp.as_bytes());
+        }
+    });
+    Server { stop, fd, thread: Some(thread) }
+}
+
+/// UDP server bound to each of `addrs` (the VIPs, so replies leave from the VIP as
+/// DR needs) answering every datagram with `name`.
+pub fn udp_server(ns: &str, addrs: &[SocketAddr], name: &str) -> Vec<Server> {
+    addrs
+        .iter()
+        .map(|addr| {
+            let addr = *addr;
+            let sock = netns::run_in(ns, move || UdpSocket::bind(addr).expect("bind the UDP server"));
+            sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+            let fd = sock.as_raw_fd();
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop2 = stop.clone();
+            let name = name.to_string();
+            let thread = std::thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while !stop2.load(Ordering::SeqCst) {
+                    if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(name.as_bytes(), from);
+                    }
+                }
+            });
+            Server { stop, fd, thread: Some(thread) }
+        })
+        .collect()
+}
+
+/// What a batch of requests saw.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    /// Backend name -> requests it answered.
+    pub by_backend: BTreeMap<String, u64>,
+    pub failures: u64,
+    pub first_errors: Vec<String>,
+}
+
+impl Tally {
+    fn add(&mut self, r: Result<String, String>) {
+        match r {
+            Ok(name) => *self.by_backend.entry(name).or_default() += 1,
+            Err(e) => {
+                self.failures += 1;
+                if self.first_errors.len() < 5 {
+                    self.first_errors.push(e);
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        for (k, v) in other.by_backend {
+            *self.by_backend.entry(k).or_default() += v;
+        }
+        self.failures += other.failures;
+        self.first_errors.extend(other.first_errors.into_iter().take(5));
+        self.first_errors.truncate(5);
+    }
+
+    pub fn successes(&self) -> u64 {
+        self.by_backend.values().sum()
+    }
+}
+
+fn http_get(vip: IpAddr, port: u16, timeout: Duration) -> Result<String, String> {
+    let addr = SocketAddr::new(vip, port);
+    let mut c = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    c.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    c.write_all(format!("GET / HTTP/1.0\r\nHost: {vip}\r\n\r\n").as_bytes()).map_err(|e| format!("send: {e}"))?;
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).map_err(|e| format!("read: {e}"))?;
+    if !resp.starts_with("HTTP/1.0 200") {
+        return Err(format!("bad response {resp:?}"));
+    }
+    let body = resp.split("\r\n\r\n").nth(1).ok_or("no body")?;
+    Ok(body.trim().to_string())
+}
+
+fn udp_ask(vip: IpAddr, port: u16, timeout: Duration) -> Result<String, String> {
+    let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    // Connected: only a reply from the VIP itself is accepted.
+    s.connect((vip, port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 256];
+    for _ in 0..3 {
+        s.send(b"who").map_err(|e| format!("send: {e}"))?;
+        if let Ok(n) = s.recv(&mut buf) {
+            return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+        }
+    }
+    Err(format!("no UDP reply from {vip}:{port}"))
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Proto {
+    Http,
+    Udp,
+}
+
+/// Sends `count` requests (each a new connection or a new UDP socket, so a new
+/// source port) from namespace `ns` on `workers` threads, bounded by `deadline`.
+pub fn requests(ns: &str, proto: Proto, vip: IpAddr, port: u16, count: u64, workers: u64, deadline: Duration) -> Tally {
+    let end = Instant::now() + deadline;
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let n = count / workers + u64::from(w < count % workers);
+            netns::spawn_in(ns, move || {
+                let mut t = Tally::default();
+                for _ in 0..n {
+                    if Instant::now() > end {
+                        t.add(Err("deadline reached".into()));
+                        continue;
+                    }
+                    let timeout = Duration::from_secs(2);
+                    t.add(match proto {
+                        Proto::Http => http_get(vip, port, timeout),
+                        Proto::Udp => udp_ask(vip, port, timeout),
+                    });
+                }
+                t
+            })
+        })
+        .collect();
+    let mut total = Tally::default();
+    for h in handles {
+        total.merge(h.join().expect("client thread panicked"));
+    }
+    total
+}
