@@ -23,11 +23,10 @@ pub fn format_stats(plan: &Plan, stats: &Stats) -> String {
     for s in &plan.services {
         let c = stats.services.get(s.value.id as usize).copied().unwrap_or_default();
         out += &format!(
-            "{} {} {}:{}  packets {}  bytes {}\n",
+            "{} {} {}  packets {}  bytes {}\n",
             s.name,
             s.protocol,
-            s.vip,
-            s.port,
+            std::net::SocketAddr::new(s.vip, s.port),
             c.packets,
             c.bytes
         );
