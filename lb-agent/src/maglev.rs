@@ -110,8 +110,8 @@ fn file(first: &mut [u32], link: &mut [u32], c: usize, r: u64) {
 /// expected to have rejected already: `size == 0`, `size` not prime, or `size`
 /// not greater than the number of backends with weight > 0. Backends with the
 /// same address share one preference list; which of them gets which of those
-/// slots is unspecified. Memory is `O(size + backends)`: the table itself
-/// (4 bytes per slot) and a few words per backend.
+/// slots is unspecified. Memory is `O(size + backends)`: the table and the
+/// round buckets (4 bytes per slot each) and a few words per backend.
 pub fn build_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
     // Canonical order: (address bytes, weight, input index). The input index
     // only breaks ties between identical backends, which claim identical slots.

@@ -27,13 +27,13 @@ pub enum NeighError {
     #[error("cannot open an rtnetlink socket: {0}")]
     Connect(#[source] std::io::Error),
     #[error("interface {iface}: {source}")]
-    Link { iface: String, source: rtnetlink::Error },
+    Link { iface: String, source: Box<rtnetlink::Error> },
     #[error("interface {iface} does not exist")]
     NoSuchInterface { iface: String },
     #[error("interface {iface} has no Ethernet MAC address")]
     NoMac { iface: String },
     #[error("reading the neighbour table: {0}")]
-    Dump(#[source] rtnetlink::Error),
+    Dump(#[source] Box<rtnetlink::Error>),
 }
 
 /// An interface the balancer is attached to.
@@ -66,7 +66,7 @@ impl Neighbours {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
                 return Err(NeighError::NoSuchInterface { iface: name.into() });
             }
-            Err(source) => return Err(NeighError::Link { iface: name.into(), source }),
+            Err(source) => return Err(NeighError::Link { iface: name.into(), source: Box::new(source) }),
         };
         let mac = link
             .attributes
@@ -84,7 +84,7 @@ impl Neighbours {
         let mut out = BTreeMap::new();
         for version in [IpVersion::V4, IpVersion::V6] {
             let mut dump = self.handle.neighbours().get().set_family(version).execute();
-            while let Some(msg) = dump.try_next().await.map_err(NeighError::Dump)? {
+            while let Some(msg) = dump.try_next().await.map_err(|e| NeighError::Dump(Box::new(e)))? {
                 if msg.header.ifindex != ifindex {
                     continue;
                 }

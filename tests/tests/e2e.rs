@@ -107,3 +107,55 @@ fn dr_forwarding_tcp_and_udp_v4_v6() {
     assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "XDP program still attached after SIGTERM");
     assert!(!agent.pin_dir.join("CONFIG").exists(), "pins left behind after SIGTERM");
 }
+
+#[test]
+fn unresolvable_backend_is_reported_and_gets_no_traffic() {
+    let mut lab = Lab::new(1);
+    lab.start_servers();
+    // 198.18.0.99 is on the segment but no host answers ARP for it.
+    let config = lab.dir.join("lb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "services:\n  - name: web\n    vip: {VIP4}\n    port: 80\n    backends:\n      - address: 198.18.0.11\n      - address: 198.18.0.99\n"
+        ),
+    )
+    .expect("write config");
+    let agent = lab.start_agent(&config);
+    let log = agent.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("not resolved") && l.contains("198.18.0.99")),
+        "the agent must report the unresolved backend:\n{log}"
+    );
+    let tally = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 300, 2, Duration::from_secs(60));
+    assert_eq!(tally.failures, 0, "requests failed: {:?}", tally.first_errors);
+    assert_eq!(tally.by_backend.get("b1"), Some(&300), "all flows on the resolved backend: {:?}", tally.by_backend);
+
+    // Traffic that is not for a VIP is left to the stack: the balancer still answers ping.
+    lb_tests::netns::ns_sh(&lab.client, &["ping", "-c", "2", "-i", "0.2", "-W", "2", "198.18.0.1"]);
+    let stats = Stats::read_pinned(&agent.pin_dir).expect("read the agent's pinned maps");
+    assert!(stats.get(stat::PASS_NOT_VIP) >= 2, "pings to the balancer counted as pass_not_vip");
+}
+
+#[test]
+fn invalid_configuration_is_refused_before_touching_the_interface() {
+    let lab = Lab::new(1);
+    let config = lab.dir.join("bad.yaml");
+    std::fs::write(&config, "services:\n  - name: web\n    vip: 198.18.1.10\n    port: 80\n    backends: []\n").unwrap();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.balancer))
+        .arg("--")
+        .arg(lb_tests::lab::agent_bin())
+        .args(["run", "--iface", "eth0", "--pin-dir"])
+        .arg(lab.pin_dir())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run lb-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("{}:5:", config.display())), "error names file:line: {stderr}");
+    let link = lb_tests::netns::ns_sh(&lab.balancer, &["ip", "link", "show", "eth0"]);
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "nothing attached");
+    assert!(!lab.pin_dir().exists(), "nothing pinned");
+}

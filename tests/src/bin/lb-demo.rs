@@ -18,7 +18,7 @@ use lb_tests::{
 const REQUESTS: u64 = 3000;
 
 fn bar(n: u64, max: u64) -> String {
-    let width = if max == 0 { 0 } else { (n * 40 / max) as usize };
+    let width = (n * 40).checked_div(max).unwrap_or(0) as usize;
     "#".repeat(width)
 }
 
