@@ -70,6 +70,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
     pins: Vec<PathBuf>,
+    pin_dir: Option<PathBuf>,
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map> {
@@ -110,7 +111,7 @@ impl Dataplane {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             prog.load().map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
         }
-        Ok(Self { ebpf, link: None, pins: Vec::new() })
+        Ok(Self { ebpf, link: None, pins: Vec::new(), pin_dir: None })
     }
 
     /// Writes the plan into the maps in an order that is safe while traffic flows:
@@ -196,6 +197,7 @@ impl Dataplane {
     /// and `lb-agent stats` can read them. Stale pins from an earlier run are replaced.
     pub fn pin_maps(&mut self, dir: &Path) -> Result<()> {
         fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir { path: dir.into(), source })?;
+        self.pin_dir = Some(dir.to_path_buf());
         let names: Vec<String> = self.ebpf.maps().map(|(n, _)| n.to_string()).collect();
         for name in names {
             if name.starts_with('.') {
@@ -212,12 +214,15 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Removes the pins this agent made.
+    /// Removes the pins this agent made, and the directory if that leaves it empty.
     pub fn unpin(&mut self) {
         for p in self.pins.drain(..) {
             if let Err(e) = fs::remove_file(&p) {
                 tracing::warn!(path = %p.display(), error = %e, "could not remove pin");
             }
+        }
+        if let Some(dir) = self.pin_dir.take() {
+            let _ = fs::remove_dir(dir);
         }
     }
 

@@ -428,7 +428,8 @@ fn malformed_ip_headers_fragments_and_extension_headers_pass() {
     six[14] = 0x40;
     lab.expect_pass(&six, stat::PASS_MALFORMED_L3, "IPv6 frame, version 4");
     six = six_good.clone();
-    six[18..20].copy_from_slice(&(six.len() as u16 - 54 + 1).to_be_bytes());
+    let plen = six.len() as u16 - 54 + 1;
+    six[18..20].copy_from_slice(&plen.to_be_bytes());
     lab.expect_pass(&six, stat::PASS_MALFORMED_L3, "IPv6 payload_len beyond the frame");
 
     for (frag, what) in [(0x2000u16, "MF set"), (0x00b9, "offset 1480"), (0x20b9, "MF and offset"), (0x4001, "DF and offset 8")] {

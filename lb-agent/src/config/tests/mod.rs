@@ -86,6 +86,7 @@ fn demo_file_has_the_lab_services() {
             "web 198.18.1.10 80 tcp 198.18.0.11*1,198.18.0.12*1,198.18.0.13*2",
             "web6 2001:db8:1::10 80 tcp 2001:db8::11*1,2001:db8::12*1,2001:db8::13*2",
             "dns 198.18.1.10 53 udp 198.18.0.11*1,198.18.0.12*1,198.18.0.13*1",
+            "dns6 2001:db8:1::10 53 udp 2001:db8::11*1,2001:db8::12*1,2001:db8::13*1",
         ]
     );
     assert_eq!(config.conntrack_size, DEFAULT_CONNTRACK_SIZE);
