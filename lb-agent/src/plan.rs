@@ -152,3 +152,74 @@ impl Plan {
         self.maglev.get((s.table_offset + slot) as usize).copied()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    const CFG: &str = "services:
+  - name: web
+    vip: 198.18.1.10
+    port: 80
+    table_size: 101
+    backends:
+      - address: 198.18.0.13
+        weight: 2
+      - address: 198.18.0.11
+      - address: 198.18.0.12
+  - name: any
+    vip: 198.18.1.10
+    port: 0
+    protocol: udp
+    table_size: 13
+    backends:
+      - address: 198.18.0.11
+";
+
+    fn macs(addrs: &[&str]) -> BTreeMap<IpAddr, Mac> {
+        addrs.iter().enumerate().map(|(i, a)| (a.parse().unwrap(), [2, 0, 0, 0, 0, i as u8 + 1])).collect()
+    }
+
+    #[test]
+    fn ids_and_tables_do_not_depend_on_backend_order() {
+        let a = config::parse(CFG, "a.yaml").unwrap();
+        let reordered = CFG.replace(
+            "      - address: 198.18.0.13\n        weight: 2\n      - address: 198.18.0.11\n      - address: 198.18.0.12\n",
+            "      - address: 198.18.0.12\n      - address: 198.18.0.11\n      - address: 198.18.0.13\n        weight: 2\n",
+        );
+        assert_ne!(reordered, CFG, "the test must reorder something");
+        let b = config::parse(&reordered, "b.yaml").unwrap();
+        let m = macs(&["198.18.0.11", "198.18.0.12", "198.18.0.13"]);
+        let (pa, pb) = (Plan::build(&a, &m), Plan::build(&b, &m));
+        assert_eq!(pa.maglev, pb.maglev);
+        let addrs = |p: &Plan| p.backends.iter().map(|b| b.address).collect::<Vec<_>>();
+        assert_eq!(addrs(&pa), addrs(&pb));
+        // Backend ids follow address order within a service.
+        assert_eq!(pa.backends[0].address, "198.18.0.11".parse::<IpAddr>().unwrap());
+        assert_eq!(pa.services[1].value.table_offset, 101);
+        assert_eq!(pa.maglev.len(), 101 + 13);
+    }
+
+    #[test]
+    fn unresolved_backends_own_no_slots_and_any_port_sets_the_flag() {
+        let cfg = config::parse(CFG, "a.yaml").unwrap();
+        let plan = Plan::build(&cfg, &macs(&["198.18.0.11"]));
+        let web = &plan.services[0];
+        let resolved = web.backend_ids[0];
+        assert!(plan.maglev[..101].iter().all(|&id| id == resolved), "only the resolved backend owns slots");
+        assert_eq!(plan.unresolved().len(), 2);
+        assert_eq!(plan.backends[1].map_value(0).flags, 0, "unresolved backends are not active");
+        let flags = plan.vip_addrs[&addr_key("198.18.1.10".parse().unwrap())];
+        assert_eq!(flags, lb_common::VIP_ANY_PORT_UDP);
+    }
+
+    #[test]
+    fn a_service_with_no_resolved_backend_has_an_empty_table() {
+        let cfg = config::parse(CFG, "a.yaml").unwrap();
+        let plan = Plan::build(&cfg, &BTreeMap::new());
+        assert!(plan.services.iter().all(|s| s.value.table_size == 0));
+        let flow = lb_common::FlowKey::default();
+        assert_eq!(plan.backend_for(0, &flow), None);
+    }
+}
