@@ -91,6 +91,8 @@ fn test() -> Result<()> {
     }
     // Unit tests of the shared code and the agent.
     run(cargo().args(["test", "-p", "lb-common", "-p", "lb-agent"]))?;
+    // The end-to-end tests start the agent binary that sits next to them.
+    run(cargo().args(["build", "-p", "lb-agent"]))?;
     // Packet and end-to-end tests share kernel state: one at a time.
     run(cargo().args(["test", "-p", "lb-tests", "--", "--test-threads=1"]))?;
     Ok(())
