@@ -44,6 +44,23 @@ pub fn lb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Swaps the source and destination MAC and returns XDP_TX: the cheapest program
+/// that still touches the frame. Reference floor for the benchmarks, never
+/// attached by the agent.
+#[xdp]
+pub fn bench_macswap(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 12 > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: 12 bytes (both MAC addresses) are within bounds.
+    let eth = unsafe { &mut *(start as *mut [u8; 12]) };
+    for i in 0..6 {
+        eth.swap(i, i + 6);
+    }
+    xdp_action::XDP_TX
+}
+
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Outcome {
     let pkt = match parse::parse(ctx) {

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
 
 mod setup;
 
@@ -22,11 +22,18 @@ enum Cmd {
     /// Build the XDP object alone (target/bpfel-unknown-none/release/lb-ebpf).
     BuildEbpf,
     /// Set up, then run every test: unit, packet (BPF_PROG_TEST_RUN) and end-to-end
-    /// in network namespaces (needs root).
+    /// in network namespaces (needs root), and a quick benchmark run as a smoke test.
     Test,
     /// Set up, then run the demo: a namespace lab with a client, the balancer and
     /// three HTTP backends; thousands of requests; how they spread.
     Demo,
+    /// Set up, then run the benchmarks (per-packet cost through BPF_PROG_TEST_RUN,
+    /// Maglev, full apply, memory) and write docs/benchmarks.md (needs root).
+    Bench {
+        /// Fewer repetitions and sizes; prints the tables and writes nothing.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -43,6 +50,10 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup::setup()?;
             demo()
+        }
+        Cmd::Bench { quick } => {
+            setup::setup()?;
+            bench(quick)
         }
     }
 }
@@ -95,7 +106,8 @@ fn test() -> Result<()> {
     run(cargo().args(["build", "-p", "lb-agent"]))?;
     // Packet and end-to-end tests share kernel state: one at a time.
     run(cargo().args(["test", "-p", "lb-tests", "--", "--test-threads=1"]))?;
-    Ok(())
+    // Smoke run of the benchmarks: must complete with sane figures; no thresholds.
+    bench(true)
 }
 
 fn demo() -> Result<()> {
@@ -104,6 +116,18 @@ fn demo() -> Result<()> {
     }
     run(cargo().args(["build", "--release", "-p", "lb-agent"]))?;
     run(cargo().args(["run", "--release", "-p", "lb-tests", "--bin", "lb-demo"]))
+}
+
+fn bench(quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmarks load XDP programs and run them with BPF_PROG_TEST_RUN: run them as root");
+    }
+    let mut c = cargo();
+    c.args(["run", "--release", "-p", "lb-tests", "--bin", "lb-bench"]);
+    if quick {
+        c.args(["--", "--quick"]);
+    }
+    run(&mut c)
 }
 
 fn is_root() -> bool {
