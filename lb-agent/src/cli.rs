@@ -79,12 +79,15 @@ impl ModeArg {
 }
 
 fn init_logging(filter: Option<&str>) {
-    let filter = filter
-        .map(str::to_string)
-        .or_else(|| std::env::var("LB_LOG").ok())
-        .unwrap_or_else(|| "info,netlink_packet_route=error".into());
+    let mut filter = filter.map(str::to_string).or_else(|| std::env::var("LB_LOG").ok()).unwrap_or_else(|| "info".into());
+    // netlink-packet-route warns about every attribute newer than itself.
+    if !filter.contains("netlink_packet_route") {
+        filter.push_str(",netlink_packet_route=error");
+    }
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -2,19 +2,24 @@
 //! attaching, pinning for bpftool, and reading the counters back.
 
 use std::{
+    collections::BTreeMap,
     fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
     Ebpf, EbpfLoader,
 };
-use lb_common::{map_names as names, stat, Config, Counters, VipAddrKey, VipAddrVal, CONFIG_READY};
+use lb_common::{map_names as names, stat, Config, Counters, VipKey, CONFIG_READY};
 
-use crate::{neigh::Mac, plan::Plan};
+use crate::{
+    apply::{self, Capacity, MaglevMap, Placement, Regions, Summary},
+    neigh::Mac,
+    plan::Plan,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -28,6 +33,8 @@ pub enum DataplaneError {
     Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("pinning {path}: {source}")]
     Pin { path: PathBuf, source: aya::pin::PinError },
+    #[error("the configuration does not fit the maps created at start: {what}; restart the agent to resize them")]
+    Capacity { what: String },
     #[error("pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: std::io::Error },
 }
@@ -50,18 +57,23 @@ impl std::fmt::Display for AttachMode {
     }
 }
 
-/// Map sizes for a plan, with room for the configuration to grow.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 7] {
+/// Map sizes for a plan, with room for the configuration to grow: twice the
+/// services and backends, and for `MAGLEV` two tables per service (the double
+/// buffer) plus a quarter more and room for one more default-sized service.
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 8] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
+    let tables: u64 = plan.services.iter().map(|s| s.table.len() as u64).sum();
+    let maglev = (tables * 2 + tables / 2 + 2 * 65537).min(u32::MAX as u64) as u32;
     [
         (names::VIP_ADDRS, services),
         (names::SERVICES, services),
         (names::SERVICE_STATS, services),
         (names::BACKENDS, backends),
         (names::BACKEND_STATS, backends),
-        (names::MAGLEV, (plan.maglev.len() as u32).max(1)),
+        (names::MAGLEV, maglev),
         (names::CONNTRACK, plan.conntrack_size.max(1)),
+        (names::AFFINITY, (plan.conntrack_size / 4).max(1024)),
     ]
 }
 
@@ -71,9 +83,14 @@ pub struct Dataplane {
     link: Option<XdpLinkId>,
     pins: Vec<PathBuf>,
     pin_dir: Option<PathBuf>,
+    pub(crate) capacity: Capacity,
+    pub(crate) regions: Regions,
+    pub(crate) placed: BTreeMap<VipKey, Placement>,
+    pub(crate) applied: Option<Plan>,
+    pub(crate) maglev: MaglevMap,
 }
 
-fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map> {
+pub(crate) fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map> {
     ebpf.map_mut(name).ok_or(DataplaneError::MissingMap { name })
 }
 
@@ -91,7 +108,7 @@ fn map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData> {
     MapData::from_fd(fd).map_err(map_err(name))
 }
 
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+pub(crate) fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
@@ -103,7 +120,11 @@ impl Dataplane {
 
     pub fn load_object(object: &[u8], plan: &Plan) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        for (name, size) in map_sizes(plan) {
+        let sizes = map_sizes(plan);
+        let size = |n: &str| sizes.iter().find(|(name, _)| *name == n).map(|(_, s)| *s).unwrap_or(1);
+        let capacity =
+            Capacity { services: size(names::SERVICES), backends: size(names::BACKENDS), maglev: size(names::MAGLEV) };
+        for (name, size) in sizes {
             loader.map_max_entries(name, size);
         }
         let mut ebpf = loader.load(object)?;
@@ -111,45 +132,41 @@ impl Dataplane {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             prog.load().map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
         }
-        Ok(Self { ebpf, link: None, pins: Vec::new(), pin_dir: None })
+        let maglev = match map_mut(&mut ebpf, names::MAGLEV)? {
+            Map::Array(m) => MaglevMap::new(m.fd().as_fd(), capacity.maglev as usize)
+                .map_err(|source| DataplaneError::PinDir { path: "MAGLEV (mmap)".into(), source })?,
+            _ => return Err(DataplaneError::MissingMap { name: names::MAGLEV }),
+        };
+        Ok(Self {
+            ebpf,
+            maglev,
+            link: None,
+            pins: Vec::new(),
+            pin_dir: None,
+            capacity,
+            regions: Regions::new(capacity.maglev),
+            placed: BTreeMap::new(),
+            applied: None,
+        })
     }
 
-    /// Writes the plan into the maps in an order that is safe while traffic flows:
-    /// backends and tables before the services that point at them, the VIP filter
-    /// last, then the ready flag.
-    pub fn write(&mut self, plan: &Plan, iface_mac: Mac) -> Result<()> {
+    /// First fill: the interface MAC, then the plan, then the ready flag.
+    pub fn write(&mut self, plan: &Plan, iface_mac: Mac) -> Result<Summary> {
         let cfg = Config { iface_mac, _pad: [0; 2], flags: 0 };
         self.set_config(cfg)?;
-        {
-            let mut m: Array<_, lb_common::Backend> =
-                Array::try_from(map_mut(&mut self.ebpf, names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-            for b in &plan.backends {
-                m.set(b.id, b.map_value(plan.services[b.service].value.id), 0).map_err(map_err(names::BACKENDS))?;
-            }
-        }
-        {
-            let mut m: Array<_, u32> =
-                Array::try_from(map_mut(&mut self.ebpf, names::MAGLEV)?).map_err(map_err(names::MAGLEV))?;
-            for (i, id) in plan.maglev.iter().enumerate() {
-                m.set(i as u32, id, 0).map_err(map_err(names::MAGLEV))?;
-            }
-        }
-        {
-            let mut m: HashMap<_, lb_common::VipKey, lb_common::Service> =
-                HashMap::try_from(map_mut(&mut self.ebpf, names::SERVICES)?).map_err(map_err(names::SERVICES))?;
-            for s in &plan.services {
-                m.insert(s.key, s.value, 0).map_err(map_err(names::SERVICES))?;
-            }
-        }
-        {
-            let mut m: HashMap<_, VipAddrKey, VipAddrVal> =
-                HashMap::try_from(map_mut(&mut self.ebpf, names::VIP_ADDRS)?).map_err(map_err(names::VIP_ADDRS))?;
-            for (addr, flags) in &plan.vip_addrs {
-                m.insert(VipAddrKey { addr: *addr }, VipAddrVal { flags: *flags }, 0)
-                    .map_err(map_err(names::VIP_ADDRS))?;
-            }
-        }
-        self.set_config(Config { flags: CONFIG_READY, ..cfg })
+        let summary = apply::apply(self, plan)?;
+        self.set_config(Config { flags: CONFIG_READY, ..cfg })?;
+        Ok(summary)
+    }
+
+    /// Moves the maps from the last applied plan to `plan` (see `apply`).
+    pub fn apply(&mut self, plan: &Plan) -> Result<Summary> {
+        apply::apply(self, plan)
+    }
+
+    /// Whether `plan` fits the maps as they were created.
+    pub fn check_fits(&self, plan: &Plan) -> Result<()> {
+        apply::check_fits(self, plan)
     }
 
     fn set_config(&mut self, cfg: Config) -> Result<()> {

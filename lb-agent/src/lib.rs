@@ -1,12 +1,15 @@
 //! The control-plane agent: configuration, Maglev tables, neighbour resolution and
 //! the BPF maps that the XDP program reads.
 
+pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
 pub mod neigh;
 pub mod object;
 pub mod plan;
+pub mod reload;
 pub mod report;
 pub mod run;

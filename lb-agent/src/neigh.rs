@@ -179,6 +179,55 @@ fn probe(iface: &str, addr: IpAddr) {
     }
 }
 
+/// A change in the kernel's neighbour table.
+#[derive(Debug, Clone)]
+pub struct NeighUpdate {
+    pub ifindex: u32,
+    pub addr: IpAddr,
+    /// The usable MAC, or `None` when the entry is incomplete, failed or deleted.
+    pub mac: Option<Mac>,
+    /// The entry went to FAILED: the neighbour does not answer ARP/ND.
+    pub failed: bool,
+}
+
+/// Subscribes to neighbour-table changes (rtnetlink multicast group RTMGRP_NEIGH).
+pub fn watch() -> Result<tokio::sync::mpsc::UnboundedReceiver<NeighUpdate>, NeighError> {
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::RouteNetlinkMessage;
+
+    let (mut conn, _handle, mut messages) = rtnetlink::new_connection().map_err(NeighError::Connect)?;
+    let groups = netlink_sys::SocketAddr::new(0, rtnetlink::constants::RTMGRP_NEIGH);
+    {
+        use netlink_sys::AsyncSocket;
+        conn.socket_mut().socket_mut().bind(&groups).map_err(NeighError::Connect)?;
+    }
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some((msg, _)) = messages.next().await {
+            let (m, deleted) = match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => (m, false),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(m)) => (m, true),
+                _ => continue,
+            };
+            let Some(addr) = m.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let mac = if deleted { None } else { usable_entry(&m).map(|(_, mac)| mac) };
+            let failed = m.header.state == NeighbourState::Failed;
+            if tx.send(NeighUpdate { ifindex: m.header.ifindex, addr, mac, failed }).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &Mac) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")

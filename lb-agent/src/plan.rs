@@ -1,19 +1,25 @@
-//! From a validated configuration and the backends' MACs to the exact contents of
-//! every map: pure, so tests can compute what the kernel will be given.
+//! From a validated configuration, the backends' MACs and their health to the exact
+//! contents of every map: pure, so tests can compute what the kernel will be given.
 //!
-//! Ids are a function of the configuration alone: services are numbered in file
-//! order, and a service's backends in address order, so two agents given the same
-//! file (in any backend order) write identical maps.
+//! Ids are stable: a plan built from a previous one keeps every (service, backend)
+//! on its id, so a reload or a health change never renumbers live backends. A
+//! first plan numbers services in file order and a service's backends in address
+//! order, so two agents given the same file (in any backend order) write identical
+//! maps. An id given to a different backend gets a new generation, which the
+//! connection table checks, so an old flow is never sent to a newcomer.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
 };
 
-use lb_common::{Backend, Service, VipKey, BACKEND_ACTIVE, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP};
+use lb_common::{
+    Backend, Service, VipKey, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, SERVICE_PASS_ON_EMPTY,
+    SERVICE_PERSIST, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
+};
 
 use crate::{
-    config::{Config, Protocol},
+    config::{Config, OnAllDown, Protocol},
     maglev::{build_table, MaglevBackend},
     neigh::Mac,
 };
@@ -26,34 +32,80 @@ pub fn addr_key(addr: IpAddr) -> [u8; 16] {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Hands out small integer ids, reusing released ones (oldest first) with a new
+/// generation each time.
+#[derive(Debug, Clone, Default)]
+pub struct IdAlloc {
+    next: u32,
+    free: VecDeque<u32>,
+    generation: Vec<u32>,
+}
+
+impl IdAlloc {
+    fn take(&mut self) -> (u32, u32) {
+        let id = self.free.pop_front().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
+        if self.generation.len() <= id as usize {
+            self.generation.resize(id as usize + 1, 0);
+        }
+        self.generation[id as usize] += 1;
+        (id, self.generation[id as usize])
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.push_back(id);
+    }
+
+    /// One more than the highest id ever handed out.
+    pub fn high_water(&self) -> u32 {
+        self.next
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedService {
     pub name: String,
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub key: VipKey,
+    /// `table_offset` is 0 here: the dataplane places the table.
     pub value: Service,
     /// Ids of this service's backends (in address order).
     pub backend_ids: Vec<u32>,
+    /// Maglev table: slot -> backend id.
+    pub table: Vec<u32>,
+    /// No primary is usable and the table is built from backups.
+    pub using_backups: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedBackend {
     pub id: u32,
+    pub generation: u32,
     /// Index into `Plan::services`.
     pub service: usize,
     pub address: IpAddr,
     pub weight: u32,
-    /// `None`: not resolved, so left out of the Maglev table.
+    pub backup: bool,
+    /// `None`: not resolved, so never sent traffic.
     pub mac: Option<Mac>,
+    /// Health from the probes (true when not probed).
+    pub up: bool,
+    /// `BACKEND_ACTIVE` / `BACKEND_ACCEPTS_NEW`.
+    pub flags: u32,
 }
 
 impl PlannedBackend {
     pub fn map_value(&self, service_id: u32) -> Backend {
-        match self.mac {
-            Some(mac) => Backend { mac, _pad: [0; 2], flags: BACKEND_ACTIVE, service_id },
-            None => Backend { mac: [0; 6], _pad: [0; 2], flags: 0, service_id },
+        Backend {
+            mac: self.mac.unwrap_or([0; 6]),
+            _pad: [0; 2],
+            flags: self.flags,
+            service_id,
+            generation: self.generation,
         }
     }
 }
@@ -61,50 +113,92 @@ impl PlannedBackend {
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub services: Vec<PlannedService>,
+    /// Indexed by backend id (ids are dense per plan only when built from scratch;
+    /// use `backend(id)` to look one up).
     pub backends: Vec<PlannedBackend>,
     /// `VIP_ADDRS` contents: address -> any-port flags.
     pub vip_addrs: BTreeMap<[u8; 16], u32>,
-    /// `MAGLEV` contents: every service's table back to back.
-    pub maglev: Vec<u32>,
     pub conntrack_size: u32,
+    pub service_ids: IdAlloc,
+    pub backend_ids: IdAlloc,
 }
 
+/// Health of the backends: the (service name, address) pairs that are down.
+pub type DownSet = BTreeSet<(String, IpAddr)>;
+
 impl Plan {
-    /// Builds the plan. `macs` holds the resolved backends; the others are kept
-    /// (with ids and counters) but own no Maglev slot.
+    /// A first plan with every backend up.
     pub fn build(config: &Config, macs: &BTreeMap<IpAddr, Mac>) -> Plan {
+        Plan::next(config, macs, &DownSet::new(), None)
+    }
+
+    /// The plan for `config`, keeping the ids of `prev` for what both share.
+    pub fn next(config: &Config, macs: &BTreeMap<IpAddr, Mac>, down: &DownSet, prev: Option<&Plan>) -> Plan {
+        let mut service_ids = prev.map(|p| p.service_ids.clone()).unwrap_or_default();
+        let mut backend_ids = prev.map(|p| p.backend_ids.clone()).unwrap_or_default();
+        let prev_services: BTreeMap<VipKey, u32> =
+            prev.map(|p| p.services.iter().map(|s| (s.key, s.value.id)).collect()).unwrap_or_default();
+        let prev_backends: BTreeMap<(VipKey, IpAddr), (u32, u32)> = prev
+            .map(|p| {
+                p.backends.iter().map(|b| ((p.services[b.service].key, b.address), (b.id, b.generation))).collect()
+            })
+            .unwrap_or_default();
+
         let mut plan = Plan { conntrack_size: config.conntrack_size, ..Plan::default() };
+        let mut kept_services = BTreeSet::new();
+        let mut kept_backends = BTreeSet::new();
         for (index, svc) in config.services.iter().enumerate() {
-            let id = index as u32;
+            let key = VipKey { addr: addr_key(svc.vip), port: svc.port, proto: svc.protocol.number(), _pad: 0 };
+            let id = match prev_services.get(&key) {
+                Some(&id) => {
+                    kept_services.insert(id);
+                    id
+                }
+                None => service_ids.take().0,
+            };
             let mut sorted: Vec<_> = svc.backends.iter().collect();
             sorted.sort_by_key(|b| addr_key(b.address));
-            let first_id = plan.backends.len() as u32;
-            let mut ids = Vec::with_capacity(sorted.len());
+            let first = plan.backends.len();
             for b in &sorted {
-                let bid = plan.backends.len() as u32;
-                ids.push(bid);
+                let (bid, generation) = match prev_backends.get(&(key, b.address)) {
+                    Some(&ids) => {
+                        kept_backends.insert(ids.0);
+                        ids
+                    }
+                    None => backend_ids.take(),
+                };
+                let mac = macs.get(&b.address).copied();
+                let up = !down.contains(&(svc.name.clone(), b.address));
                 plan.backends.push(PlannedBackend {
                     id: bid,
+                    generation,
                     service: index,
                     address: b.address,
                     weight: b.weight,
-                    mac: macs.get(&b.address).copied(),
+                    backup: b.backup,
+                    mac,
+                    up,
+                    flags: if mac.is_some() && up { BACKEND_ACTIVE } else { 0 },
                 });
             }
-            // Unresolved backends take part with weight 0: present, but no slots.
-            let input: Vec<MaglevBackend> = plan.backends[first_id as usize..]
+            let members = &mut plan.backends[first..];
+            let usable = |b: &PlannedBackend| b.flags & BACKEND_ACTIVE != 0 && b.weight > 0;
+            let primaries_up = members.iter().any(|b| !b.backup && usable(b));
+            let using_backups = !primaries_up && svc.on_all_down == OnAllDown::Backup;
+            for b in members.iter_mut() {
+                if usable(b) && (b.backup == using_backups) {
+                    b.flags |= BACKEND_ACCEPTS_NEW;
+                }
+            }
+            let input: Vec<MaglevBackend> = members
                 .iter()
-                .map(|b| MaglevBackend { address: b.address, weight: if b.mac.is_some() { b.weight } else { 0 } })
+                .map(|b| MaglevBackend {
+                    address: b.address,
+                    weight: if b.flags & BACKEND_ACCEPTS_NEW != 0 { b.weight } else { 0 },
+                })
                 .collect();
-            let table = build_table(&input, svc.table_size);
-            let offset = plan.maglev.len() as u32;
-            plan.maglev.extend(table.iter().map(|&i| first_id + i));
-            let key = VipKey {
-                addr: addr_key(svc.vip),
-                port: svc.port,
-                proto: svc.protocol.number(),
-                _pad: 0,
-            };
+            let table: Vec<u32> = build_table(&input, svc.table_size).iter().map(|&i| members[i as usize].id).collect();
+
             let flags = plan.vip_addrs.entry(key.addr).or_insert(0);
             if svc.port == 0 {
                 *flags |= match svc.protocol {
@@ -112,16 +206,43 @@ impl Plan {
                     Protocol::Udp => VIP_ANY_PORT_UDP,
                 };
             }
+            let mut value = Service { id, table_size: table.len() as u32, ..Service::default() };
+            if svc.on_all_down == OnAllDown::Pass {
+                value.flags |= SERVICE_PASS_ON_EMPTY;
+            }
+            if let Some(p) = &svc.persistence {
+                value.flags |= SERVICE_PERSIST;
+                value.persist_timeout_s = p.timeout.as_secs().clamp(1, u32::MAX as u64) as u32;
+                value.persist_prefix_v4 = p.prefix_v4;
+                value.persist_prefix_v6 = p.prefix_v6;
+            }
             plan.services.push(PlannedService {
                 name: svc.name.clone(),
                 vip: svc.vip,
                 port: svc.port,
                 protocol: svc.protocol,
                 key,
-                value: Service { id, table_offset: offset, table_size: table.len() as u32, flags: 0 },
-                backend_ids: ids,
+                value,
+                backend_ids: members.iter().map(|b| b.id).collect(),
+                table,
+                using_backups,
             });
         }
+        // Ids the new configuration no longer uses become reusable.
+        if let Some(p) = prev {
+            for s in &p.services {
+                if !kept_services.contains(&s.value.id) {
+                    service_ids.release(s.value.id);
+                }
+            }
+            for b in &p.backends {
+                if !kept_backends.contains(&b.id) {
+                    backend_ids.release(b.id);
+                }
+            }
+        }
+        plan.service_ids = service_ids;
+        plan.backend_ids = backend_ids;
         plan
     }
 
@@ -130,6 +251,16 @@ impl Plan {
         let set: BTreeSet<IpAddr> =
             config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();
         set.into_iter().collect()
+    }
+
+    /// Slots of all services' Maglev tables together.
+    pub fn maglev_slots(&self) -> usize {
+        self.services.iter().map(|s| s.table.len()).sum()
+    }
+
+    /// The backend with id `id`.
+    pub fn backend(&self, id: u32) -> Option<&PlannedBackend> {
+        self.backends.iter().find(|b| b.id == id)
     }
 
     /// Backends that could not be resolved, as (service name, address).
@@ -141,15 +272,16 @@ impl Plan {
             .collect()
     }
 
-    /// The backend id a flow is sent to when it is new (what the kernel computes on
-    /// a connection-table miss), or `None` when the service has no usable backend.
+    /// The backend id a new flow of a service without persistence is sent to
+    /// (what the kernel computes on a connection-table miss), or `None` when the
+    /// service has no usable backend.
     pub fn backend_for(&self, service: usize, flow: &lb_common::FlowKey) -> Option<u32> {
-        let s = &self.services[service].value;
-        if s.table_size == 0 {
+        let t = &self.services[service].table;
+        if t.is_empty() {
             return None;
         }
-        let slot = lb_common::maglev_slot(lb_common::flow_hash(flow), s.table_size);
-        self.maglev.get((s.table_offset + slot) as usize).copied()
+        let slot = lb_common::maglev_slot(lb_common::flow_hash(flow), t.len() as u32);
+        t.get(slot as usize).copied()
     }
 }
 
@@ -173,12 +305,20 @@ mod tests {
     port: 0
     protocol: udp
     table_size: 13
+    persistence:
+      timeout: 60s
+      prefix_v4: 24
+    on_all_down: pass
     backends:
       - address: 198.18.0.11
 ";
 
     fn macs(addrs: &[&str]) -> BTreeMap<IpAddr, Mac> {
         addrs.iter().enumerate().map(|(i, a)| (a.parse().unwrap(), [2, 0, 0, 0, 0, i as u8 + 1])).collect()
+    }
+
+    fn all_macs() -> BTreeMap<IpAddr, Mac> {
+        macs(&["198.18.0.11", "198.18.0.12", "198.18.0.13"])
     }
 
     #[test]
@@ -190,36 +330,94 @@ mod tests {
         );
         assert_ne!(reordered, CFG, "the test must reorder something");
         let b = config::parse(&reordered, "b.yaml").unwrap();
-        let m = macs(&["198.18.0.11", "198.18.0.12", "198.18.0.13"]);
-        let (pa, pb) = (Plan::build(&a, &m), Plan::build(&b, &m));
-        assert_eq!(pa.maglev, pb.maglev);
-        let addrs = |p: &Plan| p.backends.iter().map(|b| b.address).collect::<Vec<_>>();
-        assert_eq!(addrs(&pa), addrs(&pb));
-        // Backend ids follow address order within a service.
+        let (pa, pb) = (Plan::build(&a, &all_macs()), Plan::build(&b, &all_macs()));
+        assert_eq!(pa.services[0].table, pb.services[0].table);
+        assert_eq!(pa.backends, pb.backends);
+        // A first plan numbers a service's backends in address order.
         assert_eq!(pa.backends[0].address, "198.18.0.11".parse::<IpAddr>().unwrap());
-        assert_eq!(pa.services[1].value.table_offset, 101);
-        assert_eq!(pa.maglev.len(), 101 + 13);
+        assert_eq!(pa.maglev_slots(), 101 + 13);
     }
 
     #[test]
-    fn unresolved_backends_own_no_slots_and_any_port_sets_the_flag() {
+    fn service_flags_follow_the_configuration() {
         let cfg = config::parse(CFG, "a.yaml").unwrap();
-        let plan = Plan::build(&cfg, &macs(&["198.18.0.11"]));
-        let web = &plan.services[0];
-        let resolved = web.backend_ids[0];
-        assert!(plan.maglev[..101].iter().all(|&id| id == resolved), "only the resolved backend owns slots");
-        assert_eq!(plan.unresolved().len(), 2);
-        assert_eq!(plan.backends[1].map_value(0).flags, 0, "unresolved backends are not active");
+        let plan = Plan::build(&cfg, &all_macs());
+        let any = &plan.services[1].value;
+        assert_eq!(any.flags, SERVICE_PASS_ON_EMPTY | SERVICE_PERSIST);
+        assert_eq!((any.persist_timeout_s, any.persist_prefix_v4, any.persist_prefix_v6), (60, 24, 128));
+        assert_eq!(plan.services[0].value.flags, 0);
         let flags = plan.vip_addrs[&addr_key("198.18.1.10".parse().unwrap())];
-        assert_eq!(flags, lb_common::VIP_ANY_PORT_UDP);
+        assert_eq!(flags, VIP_ANY_PORT_UDP);
     }
 
     #[test]
-    fn a_service_with_no_resolved_backend_has_an_empty_table() {
+    fn unresolved_and_down_backends_own_no_slots() {
+        let cfg = config::parse(CFG, "a.yaml").unwrap();
+        let plan = Plan::build(&cfg, &macs(&["198.18.0.11", "198.18.0.12"]));
+        assert_eq!(plan.unresolved(), vec![("web", "198.18.0.13".parse().unwrap())]);
+        let down: DownSet = [("web".to_string(), "198.18.0.12".parse().unwrap())].into();
+        let plan = Plan::next(&cfg, &macs(&["198.18.0.11", "198.18.0.12"]), &down, Some(&plan));
+        let web = &plan.services[0];
+        assert!(web.table.iter().all(|&id| id == web.backend_ids[0]), "only .11 is usable");
+        for b in &plan.backends[1..3] {
+            assert_eq!(b.flags, 0, "{} is neither resolved and up", b.address);
+        }
+    }
+
+    #[test]
+    fn drained_backends_keep_established_flows_only() {
+        let cfg = config::parse(&CFG.replace("        weight: 2\n", "        weight: 0\n"), "a.yaml").unwrap();
+        let plan = Plan::build(&cfg, &all_macs());
+        let drained = plan.backends.iter().find(|b| b.weight == 0).unwrap();
+        assert_eq!(drained.flags, BACKEND_ACTIVE, "active for its flows, closed to new ones");
+        assert!(!plan.services[0].table.contains(&drained.id));
+    }
+
+    #[test]
+    fn backups_serve_only_while_no_primary_is_up() {
+        let yaml = "services:
+  - name: web
+    vip: 198.18.1.10
+    port: 80
+    table_size: 13
+    backends:
+      - address: 198.18.0.11
+      - address: 198.18.0.12
+        backup: true
+";
+        let cfg = config::parse(yaml, "a.yaml").unwrap();
+        let plan = Plan::build(&cfg, &all_macs());
+        assert!(!plan.services[0].using_backups);
+        assert!(plan.services[0].table.iter().all(|&id| id == 0));
+        assert_eq!(plan.backends[1].flags, BACKEND_ACTIVE, "an idle backup keeps its established flows");
+        let down: DownSet = [("web".to_string(), "198.18.0.11".parse().unwrap())].into();
+        let plan = Plan::next(&cfg, &all_macs(), &down, Some(&plan));
+        assert!(plan.services[0].using_backups);
+        assert!(plan.services[0].table.iter().all(|&id| id == 1));
+    }
+
+    #[test]
+    fn a_service_with_no_usable_backend_has_an_empty_table() {
         let cfg = config::parse(CFG, "a.yaml").unwrap();
         let plan = Plan::build(&cfg, &BTreeMap::new());
-        assert!(plan.services.iter().all(|s| s.value.table_size == 0));
-        let flow = lb_common::FlowKey::default();
-        assert_eq!(plan.backend_for(0, &flow), None);
+        assert!(plan.services.iter().all(|s| s.value.table_size == 0 && s.table.is_empty()));
+        assert_eq!(plan.backend_for(0, &lb_common::FlowKey::default()), None);
+    }
+
+    #[test]
+    fn reloads_keep_ids_and_reuse_freed_ones_with_a_new_generation() {
+        let cfg = config::parse(CFG, "a.yaml").unwrap();
+        let first = Plan::build(&cfg, &all_macs());
+        let without = config::parse(&CFG.replace("      - address: 198.18.0.12\n", ""), "b.yaml").unwrap();
+        let second = Plan::next(&without, &all_macs(), &DownSet::new(), Some(&first));
+        let id_of = |p: &Plan, a: &str| p.backends.iter().find(|b| b.address == a.parse::<IpAddr>().unwrap() && b.service == 0).map(|b| (b.id, b.generation));
+        assert_eq!(id_of(&second, "198.18.0.11"), id_of(&first, "198.18.0.11"));
+        assert_eq!(id_of(&second, "198.18.0.13"), id_of(&first, "198.18.0.13"));
+        let freed = id_of(&first, "198.18.0.12").unwrap();
+        let with_new = config::parse(&CFG.replace("198.18.0.12", "198.18.0.14"), "c.yaml").unwrap();
+        let third = Plan::next(&with_new, &all_macs(), &DownSet::new(), Some(&second));
+        let (id, generation) = id_of(&third, "198.18.0.14").unwrap();
+        assert_eq!(id, freed.0, "the freed id is reused");
+        assert_eq!(generation, freed.1 + 1, "with a new generation");
     }
 }

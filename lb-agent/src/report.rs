@@ -30,8 +30,8 @@ pub fn format_stats(plan: &Plan, stats: &Stats) -> String {
             c.packets,
             c.bytes
         );
-        for id in &s.backend_ids {
-            let b = &plan.backends[*id as usize];
+        for b in s.backend_ids.iter().filter_map(|id| plan.backend(*id)) {
+            let id = &b.id;
             let c = stats.backends.get(*id as usize).copied().unwrap_or_default();
             out += &format!("  -> {:<40} weight {:<5} packets {:<10} bytes {}\n", b.address, b.weight, c.packets, c.bytes);
         }

@@ -1,43 +1,106 @@
-//! `lb-agent run`: resolve, plan, load, fill, attach; on SIGINT/SIGTERM detach and
-//! remove what was created.
+//! `lb-agent run`: resolve, plan, load, fill, attach; then keep the maps in step
+//! with the configuration file (SIGHUP or a change of the file), the backends'
+//! health (probes) and their MACs (neighbour table), until SIGINT/SIGTERM, when it
+//! detaches and removes what it created.
+//!
+//! One task owns the dataplane and handles every event in turn, so map updates
+//! never interleave.
 
-use std::{path::Path, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
 
 use crate::{
     cli::RunArgs,
-    config,
+    config::{self, Config},
     dataplane::Dataplane,
-    neigh::{format_mac, Neighbours},
-    plan::Plan,
+    health::{Checker, Health, HealthEvent, ProbeKind, Target, TargetKey},
+    neigh::{format_mac, Interface, Mac, NeighUpdate, Neighbours},
+    plan::{DownSet, Plan},
+    reload,
 };
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
     rt.block_on(run_async(args))
 }
 
+/// Concurrent probes at most (the rest wait their turn).
+const MAX_CONCURRENT_PROBES: usize = 256;
+
+struct Agent {
+    args: RunArgs,
+    config: Config,
+    /// The file's bytes when last read, to notice edits.
+    seen: Vec<u8>,
+    iface: Interface,
+    nl: Neighbours,
+    macs: BTreeMap<IpAddr, Mac>,
+    down: DownSet,
+    plan: Plan,
+    dp: Dataplane,
+    checker: Checker,
+    reloads_ok: u64,
+    reloads_failed: u64,
+}
+
+/// Probe targets of a configuration.
+pub fn probe_targets(config: &Config) -> Vec<Target> {
+    let mut out = Vec::new();
+    for s in &config.services {
+        for b in &s.backends {
+            if b.probe.kind == ProbeKind::None {
+                continue;
+            }
+            let addr = b.probe.address.unwrap_or(b.address);
+            let port = b.probe.port.unwrap_or(s.port);
+            out.push(Target {
+                key: TargetKey { service: s.name.clone(), backend: b.address },
+                spec: b.probe.clone(),
+                addr: std::net::SocketAddr::new(addr, port),
+                service: s.name.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Backends that start down (probe `initial: down`) and have no state yet.
+fn initial_down(config: &Config, checker: &Checker) -> DownSet {
+    let mut down = DownSet::new();
+    for t in probe_targets(config) {
+        let health = checker.health(&t.key).unwrap_or(t.spec.initial);
+        if health == Health::Down {
+            down.insert((t.key.service, t.key.backend));
+        }
+    }
+    down
+}
+
 async fn run_async(args: RunArgs) -> Result<()> {
+    let seen = std::fs::read(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     let nl = Neighbours::connect()?;
     let iface = nl.interface(&args.iface).await?;
     tracing::info!(iface = %iface.name, index = iface.index, mac = %format_mac(&iface.mac), "interface");
+    let mut neigh_events = crate::neigh::watch()?;
 
     let wanted = Plan::backend_addresses(&cfg);
-    let timeout = Duration::from_secs_f64(args.resolve_timeout_secs.max(0.0));
-    let macs = nl.resolve(&iface, &wanted, timeout).await?;
-    let plan = Plan::build(&cfg, &macs);
-    for (service, addr) in plan.unresolved() {
-        tracing::error!(service, backend = %addr, iface = %iface.name,
-            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table");
-    }
-    for s in &plan.services {
-        if s.value.table_size == 0 {
-            tracing::error!(service = %s.name, "service has no usable backend: its packets are dropped (counter drop_no_backend)");
-        }
-    }
+    let macs = nl.resolve(&iface, &wanted, resolve_timeout(&args)).await?;
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthEvent>();
+    let mut checker = Checker::new(MAX_CONCURRENT_PROBES, health_tx);
+    checker.set_targets(probe_targets(&cfg));
+    let down = initial_down(&cfg, &checker);
+    let plan = Plan::next(&cfg, &macs, &down, None);
+    report_unusable(&plan, &iface);
 
     let mut dp = Dataplane::load(&plan).context("loading the XDP program")?;
     dp.write(&plan, iface.mac).context("filling the maps")?;
@@ -53,20 +116,187 @@ async fn run_async(args: RunArgs) -> Result<()> {
     tracing::info!(iface = %iface.name, %mode, services = plan.services.len(),
         backends = plan.backends.len(), pin_dir = %args.pin_dir.display(), "attached");
 
+    let mut agent = Agent {
+        args,
+        config: cfg,
+        seen,
+        iface,
+        nl,
+        macs,
+        down,
+        plan,
+        dp,
+        checker,
+        reloads_ok: 0,
+        reloads_failed: 0,
+    };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut file_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut resolve_tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = hup.recv() => agent.reload("SIGHUP").await,
+            _ = file_tick.tick() => {
+                if std::fs::read(&agent.args.config).is_ok_and(|bytes| bytes != agent.seen) {
+                    agent.reload("the file changed").await;
+                }
+            }
+            Some(ev) = health_rx.recv() => agent.on_health(ev),
+            Some(ev) = neigh_events.recv() => agent.on_neighbour(ev),
+            _ = resolve_tick.tick() => agent.resolve_missing().await,
+        }
     }
-    let stats = dp.stats();
-    let detached = dp.detach();
-    dp.unpin();
+    agent.checker.shutdown();
+    let stats = agent.dp.stats();
+    let detached = agent.dp.detach();
+    agent.dp.unpin();
     if let Ok(stats) = stats {
-        crate::report::log_totals(&plan, &stats);
+        crate::report::log_totals(&agent.plan, &stats);
     }
     detached.context("detaching")?;
-    tracing::info!(iface = %iface.name, "detached");
+    tracing::info!(iface = %agent.iface.name, "detached");
     Ok(())
+}
+
+fn resolve_timeout(args: &RunArgs) -> Duration {
+    Duration::from_secs_f64(args.resolve_timeout_secs.max(0.0))
+}
+
+fn report_unusable(plan: &Plan, iface: &Interface) {
+    for (service, addr) in plan.unresolved() {
+        tracing::error!(service, backend = %addr, iface = %iface.name,
+            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table");
+    }
+    for s in &plan.services {
+        if s.table.is_empty() {
+            tracing::error!(service = %s.name, "service has no usable backend");
+        } else if s.using_backups {
+            tracing::warn!(service = %s.name, "no primary backend is up: serving from backups");
+        }
+    }
+}
+
+impl Agent {
+    /// Recomputes the plan from the current inputs and applies it.
+    fn replan(&mut self, why: &str) {
+        let plan = Plan::next(&self.config, &self.macs, &self.down, Some(&self.plan));
+        match self.dp.apply(&plan) {
+            Ok(summary) => {
+                tracing::debug!(why, %summary, "maps updated");
+                for s in &plan.services {
+                    let before = self.plan.services.iter().find(|o| o.key == s.key);
+                    let was_empty = before.is_none_or(|o| o.table.is_empty());
+                    if s.table.is_empty() && !was_empty {
+                        tracing::error!(service = %s.name, "all backends down: on_all_down applies");
+                    }
+                    if s.using_backups && before.is_none_or(|o| !o.using_backups) {
+                        tracing::warn!(service = %s.name, "no primary backend is up: serving from backups");
+                    }
+                }
+                self.plan = plan;
+            }
+            Err(e) => tracing::error!(why, error = %e, "could not update the maps; the previous state stays"),
+        }
+    }
+
+    fn on_health(&mut self, ev: HealthEvent) {
+        let key = (ev.key.service.clone(), ev.key.backend);
+        let changed = match ev.health {
+            Health::Down => self.down.insert(key),
+            Health::Up => self.down.remove(&key),
+        };
+        if changed {
+            // Logged once the maps say so, so the line means "in effect".
+            self.replan("health");
+            let state = if ev.health == Health::Up { "up" } else { "down" };
+            tracing::warn!(service = %ev.key.service, backend = %ev.key.backend, reason = %ev.reason, "backend {state}");
+        }
+    }
+
+    fn on_neighbour(&mut self, ev: NeighUpdate) {
+        if ev.ifindex != self.iface.index || !self.plan.backends.iter().any(|b| b.address == ev.addr) {
+            return;
+        }
+        if ev.failed {
+            tracing::warn!(backend = %ev.addr, iface = %self.iface.name, "backend unreachable: no ARP/ND answer");
+        }
+        let Some(mac) = ev.mac else { return };
+        if self.macs.insert(ev.addr, mac) != Some(mac) {
+            tracing::info!(backend = %ev.addr, mac = %format_mac(&mac), "backend MAC changed");
+            self.replan("neighbour");
+        }
+    }
+
+    async fn resolve_missing(&mut self) {
+        let missing: Vec<IpAddr> = self.plan.unresolved().iter().map(|(_, a)| *a).collect();
+        if missing.is_empty() {
+            return;
+        }
+        match self.nl.resolve(&self.iface, &missing, Duration::ZERO).await {
+            Ok(found) if !found.is_empty() => {
+                for (addr, mac) in found {
+                    tracing::info!(backend = %addr, mac = %format_mac(&mac), "backend MAC resolved");
+                    self.macs.insert(addr, mac);
+                }
+                self.replan("resolved");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the neighbour table"),
+        }
+    }
+
+    async fn reload(&mut self, why: &str) {
+        let path = self.args.config.clone();
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        self.seen = bytes;
+        let new = match config::load(&path) {
+            Ok(c) => c,
+            Err(e) => return self.reload_failed(why, &format!("invalid configuration:\n{e}")),
+        };
+        if new.conntrack_size != self.config.conntrack_size {
+            tracing::warn!("conntrack_size changes take effect at the next start");
+        }
+        let wanted = Plan::backend_addresses(&new);
+        let missing: Vec<IpAddr> = wanted.into_iter().filter(|a| !self.macs.contains_key(a)).collect();
+        if !missing.is_empty() {
+            match self.nl.resolve(&self.iface, &missing, resolve_timeout(&self.args)).await {
+                Ok(found) => self.macs.extend(found),
+                Err(e) => tracing::warn!(error = %e, "resolving new backends"),
+            }
+        }
+        // Unchanged probes keep their state; new ones start in their initial state.
+        self.checker.set_targets(probe_targets(&new));
+        let down = initial_down(&new, &self.checker);
+        let plan = Plan::next(&new, &self.macs, &down, Some(&self.plan));
+        if let Err(e) = self.dp.check_fits(&plan) {
+            self.checker.set_targets(probe_targets(&self.config));
+            return self.reload_failed(why, &e.to_string());
+        }
+        match self.dp.apply(&plan) {
+            Ok(_) => {
+                let diff = reload::describe(&self.config, &new);
+                self.reloads_ok += 1;
+                tracing::info!(why, reloads = self.reloads_ok, "reload applied: {diff}");
+                self.config = new;
+                self.down = down;
+                self.plan = plan;
+                report_unusable(&self.plan, &self.iface);
+            }
+            Err(e) => {
+                self.checker.set_targets(probe_targets(&self.config));
+                self.reload_failed(why, &e.to_string());
+            }
+        }
+    }
+
+    fn reload_failed(&mut self, why: &str, error: &str) {
+        self.reloads_failed += 1;
+        tracing::error!(why, failed_reloads = self.reloads_failed,
+            "reload failed, the running configuration stays in force: {error}");
+    }
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;

@@ -82,6 +82,18 @@ mod tests {
     }
 
     #[test]
+    fn mask_addr_keeps_the_prefix() {
+        let a = crate::v4_mapped([198, 18, 200, 77]);
+        assert_eq!(crate::mask_addr(&a, 96 + 24), crate::v4_mapped([198, 18, 200, 0]));
+        assert_eq!(crate::mask_addr(&a, 96 + 20), crate::v4_mapped([198, 18, 192, 0]));
+        assert_eq!(crate::mask_addr(&a, 128), a);
+        let v6 = [0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8];
+        let m = crate::mask_addr(&v6, 36);
+        assert_eq!(&m[..5], &[0x20, 0x01, 0x0d, 0xb8, 0xf0]);
+        assert!(m[5..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
     fn source_ports_spread_over_slots() {
         let size = 13u32;
         let mut hits = [0u32; 13];

@@ -29,6 +29,7 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const STATS: &str = "STATS";
     pub const CONFIG: &str = "CONFIG";
+    pub const AFFINITY: &str = "AFFINITY";
 }
 
 /// Name of the balancer's XDP program in the object.
@@ -72,7 +73,7 @@ pub const VIP_ANY_PORT_UDP: u32 = 2;
 
 /// Key of `SERVICES`: (address, port, protocol). Port 0 is the "any port" service.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct VipKey {
     pub addr: [u8; 16],
     /// Host byte order.
@@ -91,8 +92,20 @@ pub struct Service {
     pub table_offset: u32,
     /// Number of slots (a prime); 0 means the service has no usable backend.
     pub table_size: u32,
+    /// `SERVICE_PASS_ON_EMPTY`, `SERVICE_PERSIST`.
     pub flags: u32,
+    /// Client affinity lifetime in seconds (with `SERVICE_PERSIST`).
+    pub persist_timeout_s: u32,
+    /// Affinity key prefix lengths: IPv4 (1..=32) and IPv6 (1..=128).
+    pub persist_prefix_v4: u8,
+    pub persist_prefix_v6: u8,
+    pub _pad: [u8; 2],
 }
+
+/// No usable backend: pass the packet to the stack instead of dropping it.
+pub const SERVICE_PASS_ON_EMPTY: u32 = 1;
+/// New flows from a client go to the backend it was last sent to (`AFFINITY`).
+pub const SERVICE_PERSIST: u32 = 2;
 
 /// Value of `BACKENDS`, indexed by backend id. A backend id names one backend of
 /// one service (like an IPVS destination), so its counters are per service.
@@ -105,9 +118,16 @@ pub struct Backend {
     pub flags: u32,
     /// The service this backend belongs to.
     pub service_id: u32,
+    /// Incarnation of this id: bumped whenever the agent gives the id to another
+    /// backend, so a flow recorded for the old one is never sent to the new one.
+    pub generation: u32,
 }
 
+/// Established flows may use the backend (it is up).
 pub const BACKEND_ACTIVE: u32 = 1;
+/// New flows may be sent to it (up and weight > 0); a draining backend has only
+/// `BACKEND_ACTIVE`.
+pub const BACKEND_ACCEPTS_NEW: u32 = 2;
 
 /// Marks an empty Maglev slot (never produced for a service with backends).
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -134,6 +154,44 @@ pub struct FlowVal {
     /// Service the flow was scheduled for; a hit whose service differs (the id was
     /// reused by a new configuration) is scheduled again.
     pub service_id: u32,
+    /// `Backend::generation` when the flow was scheduled.
+    pub generation: u32,
+}
+
+/// Key of `AFFINITY`: the service and the client address masked to the service's
+/// persistence prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client: [u8; 16],
+}
+
+/// Value of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityVal {
+    pub backend_id: u32,
+    pub generation: u32,
+    /// `bpf_ktime_get_ns()` of the last new flow that used this affinity.
+    pub last_ns: u64,
+}
+
+/// `addr` with only its first `prefix` bits kept (16-byte form; an IPv4 prefix
+/// must be given as 96 + its length).
+#[inline(always)]
+pub fn mask_addr(addr: &[u8; 16], prefix: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        let start = (i as u32) * 8;
+        let keep = prefix.saturating_sub(start).min(8);
+        // keep in 0..=8: 0xff << (8 - keep) keeps the top `keep` bits.
+        let mask = if keep == 0 { 0 } else { (0xffu32 << (8 - keep)) as u8 };
+        out[i] = addr[i] & mask;
+        i += 1;
+    }
+    out
 }
 
 /// Per-service and per-backend traffic counters (per CPU).
@@ -187,7 +245,11 @@ pub mod stat {
     pub const CONN_MISS: u32 = 12;
     /// Connection table insert failed (flow still forwarded).
     pub const CONN_INSERT_FAILED: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Service has no usable backend and `on_all_down: pass`: passed.
+    pub const PASS_ALL_DOWN: u32 = 14;
+    /// New flow sent to its client's backend by persistence (`AFFINITY` hit).
+    pub const PERSIST_HIT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Names for metrics and `lb-agent`, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -205,6 +267,8 @@ pub mod stat {
         "conn_hit",
         "conn_miss",
         "conn_insert_failed",
+        "pass_all_down",
+        "persist_hit",
     ];
 }
 
@@ -212,10 +276,12 @@ const _: () = {
     assert!(core::mem::size_of::<VipAddrKey>() == 16);
     assert!(core::mem::size_of::<VipAddrVal>() == 4);
     assert!(core::mem::size_of::<VipKey>() == 20);
-    assert!(core::mem::size_of::<Service>() == 16);
-    assert!(core::mem::size_of::<Backend>() == 16);
+    assert!(core::mem::size_of::<Service>() == 24);
+    assert!(core::mem::size_of::<Backend>() == 20);
     assert!(core::mem::size_of::<FlowKey>() == 40);
-    assert!(core::mem::size_of::<FlowVal>() == 8);
+    assert!(core::mem::size_of::<FlowVal>() == 12);
+    assert!(core::mem::size_of::<AffinityKey>() == 20);
+    assert!(core::mem::size_of::<AffinityVal>() == 16);
     assert!(core::mem::size_of::<Counters>() == 16);
     assert!(core::mem::size_of::<Config>() == 12);
 };
@@ -234,4 +300,6 @@ mod pod {
     unsafe impl aya::Pod for FlowVal {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityVal {}
 }

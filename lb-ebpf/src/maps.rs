@@ -2,12 +2,14 @@
 //! agent sets each map's size from its configuration at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    stat, Backend, Config, Counters, FlowKey, FlowVal, Service, VipAddrKey, VipAddrVal, VipKey,
-    DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB, DEFAULT_MAX_SERVICES as MS,
+    stat, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service,
+    VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
+    DEFAULT_MAX_SERVICES as MS,
 };
 
 /// Destination addresses that carry at least one service.
@@ -18,9 +20,10 @@ pub static VIP_ADDRS: HashMap<VipAddrKey, VipAddrVal, { MS as usize }> = HashMap
 #[btf_map]
 pub static SERVICES: HashMap<VipKey, Service, { MS as usize }> = HashMap::new();
 
-/// All services' Maglev tables back to back: slot -> backend id.
+/// All services' Maglev tables back to back: slot -> backend id. Memory-mappable,
+/// so the agent writes a whole table with one copy.
 #[btf_map]
-pub static MAGLEV: Array<u32, 65537> = Array::new();
+pub static MAGLEV: Array<u32, 65537, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Backend id -> MAC and state.
 #[btf_map]
@@ -39,6 +42,10 @@ pub static BACKEND_STATS: PerCpuArray<Counters, { MB as usize }> = PerCpuArray::
 /// One counter per packet outcome, indexed by `lb_common::stat`.
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+
+/// (service, masked client address) -> backend, for services with persistence.
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityVal, { CT as usize }> = LruHashMap::new();
 
 /// Interface MAC and readiness, written by the agent.
 #[btf_map]

@@ -22,6 +22,9 @@ const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 /// IPv4 flags/fragment offset: More Fragments bit and the offset field.
 const IP_MF_OFFSET: u16 = 0x3fff;
 
@@ -45,6 +48,8 @@ pub struct Packet {
     pub dport: u16,
     pub proto: u8,
     pub vip_flags: u32,
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    pub syn: bool,
 }
 
 #[inline(always)]
@@ -90,14 +95,19 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
         _ => return Err(Outcome::Pass(stat::PASS_NOT_IP)),
     };
     let malformed_l4 = Outcome::Pass(stat::PASS_MALFORMED_L4);
-    let ports = match proto {
+    let ports_ptr = match proto {
         PROTO_TCP => ptr_at::<[u8; TCP_HLEN]>(ctx, l4).map(|p| p as *const [u8; 4]),
         PROTO_UDP => ptr_at::<[u8; UDP_HLEN]>(ctx, l4).map(|p| p as *const [u8; 4]),
         _ => return Err(Outcome::Pass(stat::PASS_NOT_L4)),
     }
     .map_err(|_| malformed_l4)?;
-    // SAFETY: at least the full L4 header is within bounds.
-    let ports = unsafe { *ports };
+    // SAFETY: at least the full L4 header is within bounds (20 bytes for TCP).
+    let ports = unsafe { *ports_ptr };
+    let syn = proto == PROTO_TCP && {
+        // SAFETY: the TCP header (20 bytes) was bounds-checked above; flags are byte 13.
+        let flags = unsafe { *((ports_ptr as *const u8).add(13)) };
+        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    };
     Ok(Packet {
         src,
         dst,
@@ -105,6 +115,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
         dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto,
         vip_flags,
+        syn,
     })
 }
 
@@ -143,6 +154,11 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     }
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&hdr[24..40]);
+    // IPv4-mapped destinations never appear on the wire; in our keys they mean an
+    // IPv4 VIP, so they must not match one.
+    if dst[..12] == V4_MAPPED_PREFIX {
+        return Err(Outcome::Pass(stat::PASS_NOT_VIP));
+    }
     let flags = vip_flags(&dst)?;
     let payload_len = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
     if ctx.data() + l3 + IPV6_HLEN + payload_len > ctx.data_end() {

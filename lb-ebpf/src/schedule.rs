@@ -1,13 +1,14 @@
-//! Service lookup, connection table, Maglev, and the DR rewrite.
+//! Service lookup, connection table, persistence, Maglev, and the DR rewrite.
 
-use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
-    flow_hash, maglev_slot, stat, Backend, FlowKey, FlowVal, Service, VipKey, BACKEND_ACTIVE,
-    CONFIG_READY, PROTO_TCP, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
+    flow_hash, maglev_slot, mask_addr, stat, AffinityKey, AffinityVal, Backend, FlowKey, FlowVal,
+    Service, VipKey, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, CONFIG_READY, PROTO_TCP,
+    SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
 };
 
 use crate::{
-    maps::{BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES},
+    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES},
     parse::Outcome,
     stats::{count, count_forward},
 };
@@ -28,42 +29,99 @@ fn find_service(flow: &FlowKey, vip_flags: u32) -> Option<Service> {
     unsafe { SERVICES.get(&key) }.copied()
 }
 
-/// The backend of `id` if it is usable for `service_id`.
+/// The backend of `id` if it belongs to `service_id`, is in incarnation
+/// `generation` (when given) and has all of `need` flags.
 #[inline(always)]
-fn live_backend(id: u32, service_id: u32) -> Option<Backend> {
+fn backend(id: u32, service_id: u32, generation: Option<u32>, need: u32) -> Option<Backend> {
     let b = BACKENDS.get(id)?;
-    if b.flags & BACKEND_ACTIVE != 0 && b.service_id == service_id { Some(*b) } else { None }
+    if b.flags & need != need || b.service_id != service_id {
+        return None;
+    }
+    if let Some(g) = generation {
+        if b.generation != g {
+            return None;
+        }
+    }
+    Some(*b)
 }
 
-/// Connection table first; Maglev for new flows and flows whose backend is gone.
+/// Why no backend was chosen.
+enum NoBackend {
+    /// The service's table is empty (all backends down or drained).
+    Empty,
+    /// The slot's backend is gone (the agent is swapping tables).
+    Gone,
+}
+
+/// Maglev slot for `flow` in the service's current table.
 #[inline(always)]
-fn pick(flow: &FlowKey, svc: &Service) -> Option<(u32, Backend)> {
+fn maglev(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend> {
+    if svc.table_size == 0 {
+        return Err(NoBackend::Empty);
+    }
+    let slot = svc.table_offset.wrapping_add(maglev_slot(flow_hash(flow), svc.table_size));
+    let id = *MAGLEV.get(slot).ok_or(NoBackend::Gone)?;
+    let b = backend(id, svc.id, None, BACKEND_ACTIVE | BACKEND_ACCEPTS_NEW).ok_or(NoBackend::Gone)?;
+    Ok((id, b))
+}
+
+/// A new flow of a service with persistence: the client's backend while its
+/// affinity is fresh, else Maglev on the masked client address (so one client's
+/// connections land together even before any affinity exists).
+#[inline(always)]
+fn persistent(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend> {
+    let v4 = flow.src[..12] == lb_common::v4_mapped([0; 4])[..12];
+    let prefix = if v4 { 96 + svc.persist_prefix_v4 as u32 } else { svc.persist_prefix_v6 as u32 };
+    let client = mask_addr(&flow.src, prefix);
+    let key = AffinityKey { service_id: svc.id, client };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: copied out at once.
+    if let Some(a) = unsafe { AFFINITY.get(&key) } {
+        let a = *a;
+        let fresh = now.wrapping_sub(a.last_ns) < svc.persist_timeout_s as u64 * 1_000_000_000;
+        if fresh {
+            if let Some(b) = backend(a.backend_id, svc.id, Some(a.generation), BACKEND_ACTIVE | BACKEND_ACCEPTS_NEW) {
+                count(stat::PERSIST_HIT);
+                let val = AffinityVal { last_ns: now, ..a };
+                let _ = AFFINITY.insert(&key, &val, BPF_ANY as u64);
+                return Ok((a.backend_id, b));
+            }
+        }
+    }
+    let client_flow = FlowKey { src: client, sport: 0, ..*flow };
+    let (id, b) = maglev(&client_flow, svc)?;
+    let val = AffinityVal { backend_id: id, generation: b.generation, last_ns: now };
+    let _ = AFFINITY.insert(&key, &val, BPF_ANY as u64);
+    Ok((id, b))
+}
+
+/// Connection table first; then persistence or Maglev for new flows and for flows
+/// whose backend went down or was replaced. A TCP SYN always starts a new flow
+/// (its 5-tuple may be a reused one whose old entry is still in the table), as
+/// Katran does.
+#[inline(always)]
+fn pick(flow: &FlowKey, svc: &Service, syn: bool) -> Result<(u32, Backend), NoBackend> {
     // SAFETY: the value is copied out at once.
-    if let Some(v) = unsafe { CONNTRACK.get(flow) } {
+    if let Some(v) = if syn { None } else { unsafe { CONNTRACK.get(flow) } } {
         let v = *v;
         if v.service_id == svc.id {
-            if let Some(b) = live_backend(v.backend_id, svc.id) {
+            if let Some(b) = backend(v.backend_id, svc.id, Some(v.generation), BACKEND_ACTIVE) {
                 count(stat::CONN_HIT);
-                return Some((v.backend_id, b));
+                return Ok((v.backend_id, b));
             }
         }
     }
     count(stat::CONN_MISS);
-    if svc.table_size == 0 {
-        return None;
-    }
-    let slot = svc.table_offset.wrapping_add(maglev_slot(flow_hash(flow), svc.table_size));
-    let id = *MAGLEV.get(slot)?;
-    let b = live_backend(id, svc.id)?;
-    let val = FlowVal { backend_id: id, service_id: svc.id };
+    let (id, b) = if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc)? } else { maglev(flow, svc)? };
+    let val = FlowVal { backend_id: id, service_id: svc.id, generation: b.generation };
     if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
         count(stat::CONN_INSERT_FAILED);
     }
-    Some((id, b))
+    Ok((id, b))
 }
 
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, flow: &FlowKey, vip_flags: u32) -> Outcome {
+pub fn forward(ctx: &XdpContext, flow: &FlowKey, vip_flags: u32, syn: bool) -> Outcome {
     let Some(svc) = find_service(flow, vip_flags) else {
         return Outcome::Pass(stat::PASS_NO_SERVICE);
     };
@@ -71,8 +129,12 @@ pub fn forward(ctx: &XdpContext, flow: &FlowKey, vip_flags: u32) -> Outcome {
         Some(c) if c.flags & CONFIG_READY != 0 => *c,
         _ => return Outcome::Pass(stat::PASS_NOT_READY),
     };
-    let Some((backend_id, backend)) = pick(flow, &svc) else {
-        return Outcome::Drop(stat::DROP_NO_BACKEND);
+    let (backend_id, backend) = match pick(flow, &svc, syn) {
+        Ok(chosen) => chosen,
+        Err(NoBackend::Empty) if svc.flags & SERVICE_PASS_ON_EMPTY != 0 => {
+            return Outcome::Pass(stat::PASS_ALL_DOWN);
+        }
+        Err(_) => return Outcome::Drop(stat::DROP_NO_BACKEND),
     };
     let start = ctx.data();
     let end = ctx.data_end();

@@ -1,8 +1,9 @@
 //! Hand-built Ethernet frames for the packet tests: Ethernet (optionally with one
 //! 802.1Q / 802.1ad tag), IPv4 (any IHL), IPv6, TCP, UDP, ICMP and ARP.
 //!
-//! Builders nest: `ethernet(.., &ipv4(.., &tcp(..)))`. The IPv4 header checksum is
-//! filled in (the program ignores it); L4 checksums are left at zero.
+//! Builders nest: `ethernet(.., &ipv4(.., &tcp(..)))`, or `Flow::frame` for the
+//! usual TCP/UDP case. The IPv4 header checksum is filled in (the XDP program
+//! ignores it); L4 checksums are left at zero.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -24,6 +25,7 @@ pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_HOPOPT: u8 = 0;
+pub const PROTO_IPV6_FRAG: u8 = 44;
 
 /// Source MAC of every test frame (the client's router).
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0x00, 0x00, 0x00, 0x01];
@@ -36,6 +38,15 @@ pub struct Vlan {
     pub tpid: u16,
     pub tci: u16,
 }
+
+pub const Q_TAG: Vlan = Vlan {
+    tpid: ETH_P_8021Q,
+    tci: 100,
+};
+pub const AD_TAG: Vlan = Vlan {
+    tpid: ETH_P_8021AD,
+    tci: 200,
+};
 
 /// Ethernet header (plus an optional tag) followed by `payload`.
 pub fn ethernet(vlan: Option<Vlan>, ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -53,18 +64,24 @@ pub fn ethernet(vlan: Option<Vlan>, ethertype: u16, payload: &[u8]) -> Vec<u8> {
 
 /// RFC 1071 checksum of an IPv4 header (its checksum field must be zero).
 pub fn ipv4_checksum(hdr: &[u8]) -> u16 {
-    let mut sum: u32 = hdr.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    let mut sum: u32 = hdr
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
 }
 
-/// IPv4 header with `options` (a multiple of 4 bytes) and the payload. DF is set,
-/// as on most real traffic.
-pub fn ipv4_opts(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40, "bad IPv4 options length");
-    let hlen = IPV4_HLEN + options.len();
+/// IPv4 header with `options` (a multiple of 4 bytes, at most 40) and the payload.
+/// DF is set, as on most real traffic.
+pub fn ipv4_opts(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, opts: &[u8], payload: &[u8]) -> Vec<u8> {
+    assert!(
+        opts.len().is_multiple_of(4) && opts.len() <= 40,
+        "bad IPv4 options length"
+    );
+    let hlen = IPV4_HLEN + opts.len();
     let tot_len = u16::try_from(hlen + payload.len()).expect("IPv4 packet too long");
     let mut p = Vec::with_capacity(hlen + payload.len());
     p.push(0x40 | (hlen / 4) as u8);
@@ -77,7 +94,7 @@ pub fn ipv4_opts(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, options: &[u8], payloa
     p.extend_from_slice(&[0, 0]); // checksum, below
     p.extend_from_slice(&src.octets());
     p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(options);
+    p.extend_from_slice(opts);
     let csum = ipv4_checksum(&p[..hlen]);
     p[10..12].copy_from_slice(&csum.to_be_bytes());
     p.extend_from_slice(payload);
@@ -88,8 +105,8 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> 
     ipv4_opts(src, dst, proto, &[], payload)
 }
 
-/// Recomputes the header checksum of the IPv4 header at `l3` in `frame`, after a
-/// test edited it (uses the IHL in the frame, capped to what is there).
+/// Recomputes the checksum of the IPv4 header at `l3` in `frame` after a test
+/// edited it (over the IHL in the frame, clamped to 20..what is there).
 pub fn fix_ipv4_checksum(frame: &mut [u8], l3: usize) {
     let ihl = (usize::from(frame[l3] & 0x0f) * 4).clamp(IPV4_HLEN, frame.len() - l3);
     frame[l3 + 10..l3 + 12].fill(0);
@@ -109,6 +126,15 @@ pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
     p.extend_from_slice(&dst.octets());
     p.extend_from_slice(payload);
     p
+}
+
+/// Ethernet + IPv4 or IPv6 (by the addresses' family) carrying `l4` as `proto`.
+pub fn ip_frame(vlan: Option<Vlan>, src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ethernet(vlan, ETH_P_IP, &ipv4(s, d, proto, l4)),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ethernet(vlan, ETH_P_IPV6, &ipv6(s, d, proto, l4)),
+        _ => panic!("ip_frame: mixed address families {src} -> {dst}"),
+    }
 }
 
 /// A 20-byte TCP header (a plain ACK, no options) and the payload.
@@ -132,27 +158,41 @@ pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     p.extend_from_slice(&sport.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
     p.extend_from_slice(&len.to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(&[0, 0]); // checksum
     p.extend_from_slice(payload);
     p
 }
 
-/// An ICMP / ICMPv6 echo request (type 8 or 128), checksum left at zero.
-pub fn icmp_echo(v6: bool) -> Vec<u8> {
-    vec![if v6 { 128 } else { 8 }, 0, 0, 0, 0x00, 0x01, 0x00, 0x01, b'p', b'i', b'n', b'g']
+/// A complete ICMP (or ICMPv6, by family) echo request frame.
+pub fn icmp_echo(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+    let (proto, kind) = if dst.is_ipv4() {
+        (PROTO_ICMP, 8)
+    } else {
+        (PROTO_ICMPV6, 128)
+    };
+    let msg = [kind, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'];
+    ip_frame(None, src, dst, proto, &msg)
 }
 
-/// A complete ARP request frame ("who has `target`? tell `sender`"), broadcast.
-pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+/// A complete broadcast ARP request frame: "who has `target`? tell `sender`".
+pub fn arp_request(vlan: Option<Vlan>, sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut p = Vec::with_capacity(28);
     p.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01]); // Ethernet/IPv4, request
     p.extend_from_slice(&CLIENT_MAC);
     p.extend_from_slice(&sender.octets());
     p.extend_from_slice(&[0; 6]);
     p.extend_from_slice(&target.octets());
-    let mut f = ethernet(None, ETH_P_ARP, &p);
-    f[0..6].copy_from_slice(&[0xff; 6]);
+    let mut f = ethernet(vlan, ETH_P_ARP, &p);
+    f[0..6].fill(0xff);
     f
+}
+
+/// The 16-byte form the maps use (IPv4 as `::ffff:a.b.c.d`).
+pub fn addr16(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => lb_common::v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
 }
 
 /// A TCP or UDP 5-tuple, as frames carry it and as the program keys it.
@@ -165,20 +205,32 @@ pub struct Flow {
     pub proto: u8,
 }
 
-fn addr16(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => lb_common::v4_mapped(a.octets()),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
 impl Flow {
     pub fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Flow {
-        Flow { src, dst, sport, dport, proto: PROTO_TCP }
+        let proto = PROTO_TCP;
+        Flow {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+        }
     }
 
     pub fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Flow {
-        Flow { src, dst, sport, dport, proto: PROTO_UDP }
+        let proto = PROTO_UDP;
+        Flow {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+        }
+    }
+
+    /// The same flow from another source port.
+    pub fn sport(self, sport: u16) -> Flow {
+        Flow { sport, ..self }
     }
 
     /// The connection-table key / flow-hash input the program builds for this flow.
@@ -205,11 +257,6 @@ impl Flow {
     /// A complete frame of this flow with `payload_len` bytes of payload.
     pub fn frame(&self, vlan: Option<Vlan>, payload_len: usize) -> Vec<u8> {
         let payload: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
-        let l4 = self.l4(&payload);
-        match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => ethernet(vlan, ETH_P_IP, &ipv4(s, d, self.proto, &l4)),
-            (IpAddr::V6(s), IpAddr::V6(d)) => ethernet(vlan, ETH_P_IPV6, &ipv6(s, d, self.proto, &l4)),
-            _ => panic!("Flow::frame: mixed address families in {self:?}"),
-        }
+        ip_frame(vlan, self.src, self.dst, self.proto, &self.l4(&payload))
     }
 }

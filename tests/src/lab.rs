@@ -45,9 +45,13 @@ pub struct Lab {
     pub dir: PathBuf,
     /// Keeps `lb_pass` attached to the switch port facing the balancer.
     pass: Option<aya::Ebpf>,
-    servers: Vec<Server>,
+    /// Running servers: (backend index, kind, server).
+    servers: Vec<(usize, &'static str, Server)>,
     namespaces: Vec<String>,
 }
+
+/// Port of the echo service (long-lived connections) on every backend.
+pub const ECHO_PORT: u16 = 7000;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -151,14 +155,62 @@ impl Lab {
         self.pass = Some(ebpf);
     }
 
-    /// Starts an HTTP server on port 80 and a UDP server on port 53 (bound to both
-    /// VIPs) on every backend; each answers with its name.
+    /// Starts on every backend an HTTP server on port 80, a UDP server on port 53
+    /// (bound to both VIPs) and an echo server on `ECHO_PORT`; each answers with
+    /// the backend's name.
     pub fn start_servers(&mut self) {
-        for b in &self.backends {
-            self.servers.push(traffic::http_server(&b.ns, 80, &b.name));
+        for i in 0..self.backends.len() {
+            self.start_http(i);
+            let b = &self.backends[i];
             let udp = [SocketAddr::new(IpAddr::V4(VIP4), 53), SocketAddr::new(IpAddr::V6(VIP6), 53)];
-            self.servers.extend(traffic::udp_server(&b.ns, &udp, &b.name));
+            for s in traffic::udp_server(&b.ns, &udp, &b.name) {
+                self.servers.push((i, "udp", s));
+            }
+            self.start_echo(i);
         }
+    }
+
+    /// Starts backend `i`'s HTTP server (port 80).
+    pub fn start_http(&mut self, i: usize) {
+        let b = &self.backends[i];
+        self.servers.push((i, "http", traffic::http_server(&b.ns, 80, &b.name)));
+    }
+
+    /// Starts backend `i`'s echo server (`ECHO_PORT`).
+    pub fn start_echo(&mut self, i: usize) {
+        let b = &self.backends[i];
+        self.servers.push((i, "echo", traffic::echo_server(&b.ns, ECHO_PORT, &b.name)));
+    }
+
+    /// Stops backend `i`'s HTTP server: its port 80 refuses connections.
+    pub fn stop_http(&mut self, i: usize) {
+        self.servers.retain(|(j, kind, _)| !(*j == i && *kind == "http"));
+    }
+
+    /// Stops accepting on backend `i`'s echo port (open connections stay served).
+    pub fn stop_echo(&mut self, i: usize) {
+        self.servers.retain(|(j, kind, _)| !(*j == i && *kind == "echo"));
+    }
+
+    /// Adds `n` more addresses (198.18.0.100 and up) to the client and returns them.
+    pub fn add_client_addresses(&self, n: u8) -> Vec<IpAddr> {
+        (0..n)
+            .map(|k| {
+                let a = Ipv4Addr::new(198, 18, 0, 100 + k);
+                ns_sh(&self.client, &["ip", "addr", "add", &format!("{a}/24"), "dev", "eth0"]);
+                IpAddr::V4(a)
+            })
+            .collect()
+    }
+
+    /// Writes a configuration file into the lab's directory.
+    pub fn write_config(&self, name: &str, yaml: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        // Write then rename, as editors do, so the agent never reads half a file.
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, &path).expect("rename config");
+        path
     }
 
     /// Where a test's agent pins its maps (unique per lab).
@@ -179,7 +231,7 @@ impl Lab {
             .arg(config)
             .arg("--pin-dir")
             .arg(self.pin_dir())
-            .env("LB_LOG", "info")
+            .env("LB_LOG", std::env::var("LB_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log"))
@@ -237,6 +289,32 @@ pub struct Agent {
 impl Agent {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn hup(&self) {
+        let child = self.child.as_ref().expect("agent running");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    }
+
+    /// Waits until the log holds more than `already` lines containing `needle`;
+    /// returns the new count. Panics with the log after `timeout`.
+    pub fn wait_log(&self, needle: &str, already: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.count_log(needle);
+            if n > already {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "no new log line with {needle:?} within {timeout:?}:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Lines of the log containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log_text().lines().filter(|l| l.contains(needle)).count()
     }
 
     /// Stops the agent with SIGTERM and returns its exit status and log.

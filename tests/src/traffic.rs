@@ -191,3 +191,183 @@ pub fn requests(ns: &str, proto: Proto, vip: IpAddr, port: u16, count: u64, work
     }
     total
 }
+
+/// TCP server on `[::]:port` that greets each connection with `name\n` and then
+/// echoes what it receives, until the peer closes. Stopping the server (drop) stops
+/// accepting; connections already open keep being served.
+pub fn echo_server(ns: &str, port: u16, name: &str) -> Server {
+    let name = name.to_string();
+    let listener = netns::run_in(ns, move || TcpListener::bind(("::", port)).expect("bind the echo server"));
+    let fd = listener.as_raw_fd();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            let Ok((mut conn, _)) = listener.accept() else { continue };
+            let greeting = format!("{name}\n");
+            std::thread::spawn(move || {
+                if conn.write_all(greeting.as_bytes()).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 256];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if conn.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Server { stop, fd, thread: Some(thread) }
+}
+
+/// A long-lived connection exchanging a few bytes every 100 ms.
+pub struct LongLived {
+    pub backend: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<LongLivedResult>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LongLivedResult {
+    pub backend: String,
+    pub exchanges: u64,
+    /// First failure, if any: the connection broke.
+    pub error: Option<String>,
+}
+
+impl LongLived {
+    /// Connects from namespace `ns` to `vip:port` (an echo server) and starts the
+    /// exchanges in the background.
+    pub fn open(ns: &str, vip: IpAddr, port: u16) -> LongLived {
+        let conn = netns::run_in(ns, move || TcpStream::connect_timeout(&SocketAddr::new(vip, port), Duration::from_secs(3)));
+        let mut conn = conn.unwrap_or_else(|e| panic!("long-lived connection to {vip}:{port}: {e}"));
+        conn.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let mut name = Vec::new();
+        let mut byte = [0u8; 1];
+        while conn.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+            name.push(byte[0]);
+        }
+        let backend = String::from_utf8_lossy(&name).into_owned();
+        assert!(!backend.is_empty(), "no greeting on the long-lived connection to {vip}:{port}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let who = backend.clone();
+        let thread = std::thread::spawn(move || {
+            let mut r = LongLivedResult { backend: who, exchanges: 0, error: None };
+            // Bounded: at most 10 minutes of exchanges.
+            let end = Instant::now() + Duration::from_secs(600);
+            while !stop2.load(Ordering::SeqCst) && Instant::now() < end {
+                let msg = r.exchanges.to_be_bytes();
+                let mut back = [0u8; 8];
+                let res = conn.write_all(&msg).and_then(|_| conn.read_exact(&mut back));
+                match res {
+                    Ok(()) if back == msg => r.exchanges += 1,
+                    Ok(()) => {
+                        r.error = Some(format!("echo mismatch after {} exchanges", r.exchanges));
+                        break;
+                    }
+                    Err(e) => {
+                        r.error = Some(format!("after {} exchanges: {e}", r.exchanges));
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r
+        });
+        LongLived { backend, stop, thread: Some(thread) }
+    }
+
+    /// Stops the exchanges and returns what happened.
+    pub fn finish(mut self) -> LongLivedResult {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().expect("not finished").join().expect("long-lived thread panicked")
+    }
+}
+
+impl Drop for LongLived {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Like `requests`, but every request leaves from one of `sources` in turn (the
+/// client namespace must hold those addresses).
+pub fn requests_from(ns: &str, sources: &[IpAddr], vip: IpAddr, port: u16, per_source: u64) -> Tally {
+    let sources = sources.to_vec();
+    netns::run_in(ns, move || {
+        let mut t = Tally::default();
+        for src in sources {
+            for _ in 0..per_source {
+                t.add(http_get_from(src, vip, port, Duration::from_secs(2)));
+            }
+        }
+        t
+    })
+}
+
+fn http_get_from(src: IpAddr, vip: IpAddr, port: u16, timeout: Duration) -> Result<String, String> {
+    use socket2::{Domain, Socket, Type};
+    let remote = SocketAddr::new(vip, port);
+    let sock = Socket::new(Domain::for_address(remote), Type::STREAM, None).map_err(|e| e.to_string())?;
+    sock.bind(&SocketAddr::new(src, 0).into()).map_err(|e| format!("bind {src}: {e}"))?;
+    sock.connect_timeout(&remote.into(), timeout).map_err(|e| format!("connect {remote} from {src}: {e}"))?;
+    let mut c: TcpStream = sock.into();
+    c.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    c.write_all(format!("GET / HTTP/1.0\r\nHost: {vip}\r\n\r\n").as_bytes()).map_err(|e| format!("send: {e}"))?;
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).map_err(|e| format!("read: {e}"))?;
+    let body = resp.split("\r\n\r\n").nth(1).ok_or("no body")?;
+    Ok(body.trim().to_string())
+}
+
+/// Steady background load: HTTP requests one after another from namespace `ns`
+/// until stopped (bounded to 10 minutes), each recorded with its time.
+/// When a request started, and its answer (the backend's name) or error.
+pub type Record = (Instant, Result<String, String>);
+
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<Record>>>,
+}
+
+impl Load {
+    pub fn start(ns: &str, vip: IpAddr, port: u16) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = netns::spawn_in(ns, move || {
+            let mut out = Vec::new();
+            let end = Instant::now() + Duration::from_secs(600);
+            while !stop2.load(Ordering::SeqCst) && Instant::now() < end {
+                out.push((Instant::now(), http_get(vip, port, Duration::from_secs(1))));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            out
+        });
+        Load { stop, thread: Some(thread) }
+    }
+
+    /// Stops and returns every request's start time and result.
+    pub fn finish(mut self) -> Vec<Record> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().expect("not finished").join().expect("load thread panicked")
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -12,7 +12,17 @@ pub const NIGHTLY: &str = "nightly-2026-05-19";
 const LLVM_SO: &str = "libLLVM.so.22.1-rust-1.97.0-nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages used by the tests and the demo.
-const APT_PACKAGES: &[&str] = &["bpftool", "tcpdump", "iputils-ping", "ethtool", "iproute2", "util-linux", "procps"];
+const APT_PACKAGES: &[&str] = &[
+    "bpftool",
+    "tcpdump",
+    "iputils-ping",
+    "ethtool",
+    "iproute2",
+    "util-linux",
+    "procps",
+    "nftables",
+    "fonts-dejavu-core",
+];
 
 pub fn setup() -> Result<()> {
     nightly()?;

@@ -49,6 +49,8 @@ pub const MAX_WEIGHT: u32 = 65_535;
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Longest accepted service name.
 pub const MAX_NAME_LEN: usize = 63;
+/// Default persistence timeout (as `ipvsadm -p`).
+pub const DEFAULT_PERSISTENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +76,10 @@ pub struct ServiceConfig {
     pub table_size: u32,
     /// The backends, in file order; all of the same address family as `vip`.
     pub backends: Vec<BackendConfig>,
+    /// What happens to new flows while no backend is up.
+    pub on_all_down: OnAllDown,
+    /// Client affinity (LVS `-p`), if configured.
+    pub persistence: Option<Persistence>,
 }
 
 /// A real server behind a service.
@@ -82,6 +88,59 @@ pub struct BackendConfig {
     pub address: IpAddr,
     /// Relative weight, `0..=65535`; 0 means drained (no new flows).
     pub weight: u32,
+    /// A backup receives traffic only while no primary (non-backup) backend is up.
+    pub backup: bool,
+    /// The backend's liveness probe: the service's `probe`, with the fields of the
+    /// backend's own `probe` replacing the service's, defaults filled in.
+    pub probe: crate::health::ProbeSpec,
+}
+
+/// What a service does with new flows while none of its backends is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnAllDown {
+    /// Drop them.
+    Drop,
+    /// Pass them to the balancer's own network stack.
+    Pass,
+    /// Send them to the backup backends (`backup: true`) while no primary is up.
+    Backup,
+}
+
+impl OnAllDown {
+    /// Every action, in the order used in messages.
+    pub const ALL: [OnAllDown; 3] = [OnAllDown::Drop, OnAllDown::Pass, OnAllDown::Backup];
+
+    /// The name used in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnAllDown::Drop => "drop",
+            OnAllDown::Pass => "pass",
+            OnAllDown::Backup => "backup",
+        }
+    }
+
+    /// Parses the configuration-file name (lower case).
+    pub fn from_name(name: &str) -> Option<OnAllDown> {
+        OnAllDown::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+}
+
+impl fmt::Display for OnAllDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Client affinity: new flows from one client (its address masked to a prefix) go to
+/// the backend its previous flow went to, while that was less than `timeout` ago.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Persistence {
+    /// How long an affinity lasts after the client's last flow, `1s..=24h`.
+    pub timeout: std::time::Duration,
+    /// IPv4 client addresses are masked to this prefix length, `1..=32`.
+    pub prefix_v4: u8,
+    /// IPv6 client addresses are masked to this prefix length, `1..=128`.
+    pub prefix_v6: u8,
 }
 
 /// Transport protocol of a service.

@@ -24,6 +24,9 @@ pub(super) struct RawService {
     pub scheduler: Option<String>,
     pub table_size: Option<Int>,
     pub backends: Option<Vec<RawBackend>>,
+    pub probe: Option<RawProbe>,
+    pub on_all_down: Option<String>,
+    pub persistence: Option<RawPersistence>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -31,6 +34,41 @@ pub(super) struct RawService {
 pub(super) struct RawBackend {
     pub address: Option<String>,
     pub weight: Option<Int>,
+    pub backup: Option<bool>,
+    pub probe: Option<RawProbe>,
+}
+
+/// A `probe:` block, of a service or of a backend (whose fields override the service's).
+/// Durations, the kind and the status range are strings, parsed by `validate.rs`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a probe mapping")]
+pub(super) struct RawProbe {
+    pub kind: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<Int>,
+    pub fall: Option<Int>,
+    pub initial: Option<String>,
+    pub port: Option<Int>,
+    pub address: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub sni: Option<String>,
+    pub expect_status: Option<String>,
+    pub body_contains: Option<String>,
+    pub verify_tls: Option<bool>,
+    pub ca_file: Option<String>,
+    pub payload: Option<String>,
+    pub expect: Option<String>,
+    pub command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a persistence mapping")]
+pub(super) struct RawPersistence {
+    pub timeout: Option<String>,
+    pub prefix_v4: Option<Int>,
+    pub prefix_v6: Option<Int>,
 }
 
 /// An integer of any size YAML can express, range-checked later.

@@ -4,6 +4,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+mod policy;
+mod probe;
+
+use self::probe::{Level, ProbeFields};
 use super::positions::{Pos, Positions};
 use super::raw::{Int, RawBackend, RawConfig, RawService};
 use super::{
@@ -163,7 +167,18 @@ impl Checker<'_> {
         }
 
         let count = raw.backends.as_ref().map_or(0, Vec::len);
-        let backends = self.backends(raw.backends, &path, &label, vip);
+        let probe = self.probe_fields(raw.probe.as_ref(), &field("probe"), false);
+        // The service's own probe must be valid (it is every backend's default).
+        let probe_ok = self.probe_spec(&probe, port, Level::Service).is_some();
+        let on_all_down = self.on_all_down(
+            raw.on_all_down.as_deref(),
+            &field("on_all_down"),
+            raw.backends.as_ref(),
+        );
+        let persistence = self.persistence(raw.persistence.as_ref(), &field("persistence"));
+        let backends = self
+            .backends(raw.backends, &path, &label, vip, &probe, port)
+            .filter(|_| probe_ok);
         let table_size = match raw.table_size {
             None => Some(DEFAULT_TABLE_SIZE),
             Some(v) => self.table_size(v, &field("table_size")),
@@ -189,6 +204,8 @@ impl Checker<'_> {
             scheduler: scheduler?,
             table_size: table_size?,
             backends: backends?,
+            on_all_down: on_all_down?,
+            persistence: persistence?,
         })
     }
 
@@ -300,6 +317,8 @@ impl Checker<'_> {
         service_path: &str,
         label: &str,
         vip: Option<IpAddr>,
+        probe: &ProbeFields,
+        port: Option<u16>,
     ) -> Option<Vec<BackendConfig>> {
         let path = format!("{service_path}.backends");
         let raw = raw.unwrap_or_default();
@@ -307,16 +326,23 @@ impl Checker<'_> {
         let mut backends = Some(Vec::with_capacity(raw.len()));
         for (index, backend) in raw.iter().enumerate() {
             let item = format!("{path}[{index}]");
-            let backend = self.backend(backend, &item, vip, &mut seen, index);
+            let backend = self.backend(backend, &item, vip, &mut seen, index, (probe, port));
             backends = backends.zip(backend).map(|(mut all, b)| {
                 all.push(b);
                 all
             });
         }
-        let usable = raw.iter().any(|b| b.weight.is_none_or(|w| w.0 != 0));
+        let is_backup = |b: &&RawBackend| b.backup == Some(true);
+        let usable = raw
+            .iter()
+            .any(|b| !is_backup(&b) && b.weight.is_none_or(|w| w.0 != 0));
         if !usable {
             let why = if raw.is_empty() {
                 "none are listed"
+            } else if raw.iter().all(|b| is_backup(&b)) {
+                "every backend is a backup"
+            } else if raw.iter().any(|b| is_backup(&b)) {
+                "every primary (non-backup) backend has weight 0"
             } else {
                 "every weight is 0"
             };
@@ -333,7 +359,10 @@ impl Checker<'_> {
         vip: Option<IpAddr>,
         seen: &mut HashMap<IpAddr, usize>,
         index: usize,
+        (service_probe, service_port): (&ProbeFields, Option<u16>),
     ) -> Option<BackendConfig> {
+        let own_probe = self.probe_fields(raw.probe.as_ref(), &format!("{path}.probe"), true);
+        let probe = self.probe_spec(&own_probe.over(service_probe), service_port, Level::Backend);
         let address_path = format!("{path}.address");
         let address = self
             .required(raw.address.as_deref(), &address_path, "address")
@@ -378,6 +407,8 @@ impl Checker<'_> {
         Some(BackendConfig {
             address: address?,
             weight: weight?,
+            backup: raw.backup.unwrap_or(false),
+            probe: probe?,
         })
     }
 }

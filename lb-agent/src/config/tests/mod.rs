@@ -6,6 +6,8 @@ use std::path::Path;
 use super::*;
 
 mod addresses;
+mod policy;
+mod probes;
 mod rules;
 
 /// Joins `lines` into a YAML text (line `n` is `lines[n - 1]`).
@@ -111,7 +113,11 @@ fn defaults_are_applied() {
             backends: vec![BackendConfig {
                 address: "198.18.0.11".parse().unwrap(),
                 weight: 1,
+                backup: false,
+                probe: crate::health::ProbeSpec::default(),
             }],
+            on_all_down: OnAllDown::Drop,
+            persistence: None,
         }],
     };
     assert_eq!(config, expected);

@@ -12,7 +12,8 @@ fn unknown_fields_are_rejected_everywhere() {
         &service(&["    port: 80", "    backend: []"]),
         &[
             "test.yaml:5:5: services[0]: unknown field `backend`, expected one of `name`, `vip`, \
-           `port`, `protocol`, `scheduler`, `table_size`, `backends`",
+           `port`, `protocol`, `scheduler`, `table_size`, `backends`, `probe`, `on_all_down`, \
+           `persistence`",
         ],
     );
     assert_errors(
@@ -23,7 +24,8 @@ fn unknown_fields_are_rejected_everywhere() {
             "        wieght: 2",
         ]),
         &[
-            "test.yaml:7:9: services[0].backends[0]: unknown field `wieght`, expected `address` or `weight`",
+            "test.yaml:7:9: services[0].backends[0]: unknown field `wieght`, expected one of `address`, `weight`, \
+             `backup`, `probe`",
         ],
     );
 }

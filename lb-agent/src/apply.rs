@@ -1,0 +1,364 @@
+//! Bringing the maps from the last applied plan to a new one without disturbing
+//! traffic.
+//!
+//! Each service owns a region of `MAGLEV` twice its table size. A changed table is
+//! written into the half the kernel is not reading, then the service entry (one
+//! hash-map update, atomic for readers) is switched to it: a packet sees the old
+//! table or the new one, never a mix. Order of writes: backends that appear or
+//! change, tables, services, VIP addresses; only then backends that went away are
+//! deactivated and services that went away removed. Regions freed by one apply are
+//! reused only from the next one on, after every reader of the old entry is gone.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{Array, HashMap, PerCpuArray, PerCpuValues};
+
+use lb_common::{map_names as names, Backend, Counters, Service, VipAddrKey, VipAddrVal, VipKey};
+
+use crate::{
+    dataplane::{map_err, map_mut, Dataplane, DataplaneError},
+    plan::Plan,
+};
+
+/// `MAGLEV` mapped into the agent's memory (the map is `BPF_F_MMAPABLE`): a table
+/// is written with plain stores instead of a syscall per slot. The kernel lays
+/// array elements out 8 bytes apart (`round_up(value_size, 8)`), so each u32 slot
+/// is the low half of an 8-byte cell.
+pub struct MaglevMap {
+    ptr: *mut u32,
+    len: usize,
+}
+
+/// u32 words per array element.
+const STRIDE: usize = 2;
+
+// SAFETY: the mapping is owned by this value and only written through `&mut self`.
+unsafe impl Send for MaglevMap {}
+
+impl MaglevMap {
+    /// Maps `fd` (an array of `len` u32 created with BPF_F_MMAPABLE).
+    pub fn new(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let bytes = (len * STRIDE * 4).max(1);
+        // SAFETY: a shared read/write mapping of a BPF array the kernel allows to be
+        // mapped; the kernel keeps the map alive while the mapping exists.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(MaglevMap { ptr: ptr.cast(), len })
+    }
+
+    /// Writes `table` at slot `offset`. Readers only reach these slots after the
+    /// service entry that points at them is updated (a syscall, which orders these
+    /// stores before it).
+    pub fn write(&mut self, offset: usize, table: &[u32]) {
+        assert!(offset + table.len() <= self.len, "MAGLEV write out of bounds");
+        // SAFETY: in bounds (checked above) of a live mapping of `len` elements.
+        let cells = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset * STRIDE), table.len() * STRIDE) };
+        for (cell, id) in cells.chunks_exact_mut(STRIDE).zip(table) {
+            cell[0] = *id;
+        }
+    }
+
+    /// Reads `n` slots at `offset` (for tests and inspection).
+    pub fn read(&self, offset: usize, n: usize) -> Vec<u32> {
+        assert!(offset + n <= self.len, "MAGLEV read out of bounds");
+        // SAFETY: as above.
+        let cells = unsafe { std::slice::from_raw_parts(self.ptr.add(offset * STRIDE), n * STRIDE) };
+        cells.chunks_exact(STRIDE).map(|c| c[0]).collect()
+    }
+}
+
+impl Drop for MaglevMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), (self.len * STRIDE * 4).max(1)) };
+    }
+}
+
+/// Sizes the maps were created with.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    pub services: u32,
+    pub backends: u32,
+    pub maglev: u32,
+}
+
+/// First-fit allocator of `MAGLEV` regions.
+#[derive(Debug, Clone)]
+pub struct Regions {
+    free: Vec<(u32, u32)>,
+    pending: Vec<(u32, u32)>,
+}
+
+impl Regions {
+    pub fn new(capacity: u32) -> Self {
+        Regions { free: vec![(0, capacity)], pending: Vec::new() }
+    }
+
+    fn alloc(&mut self, len: u32) -> Option<u32> {
+        let i = self.free.iter().position(|&(_, l)| l >= len)?;
+        let (off, l) = self.free[i];
+        if l == len {
+            self.free.remove(i);
+        } else {
+            self.free[i] = (off + len, l - len);
+        }
+        Some(off)
+    }
+
+    fn release_later(&mut self, off: u32, len: u32) {
+        if len > 0 {
+            self.pending.push((off, len));
+        }
+    }
+
+    fn settle(&mut self) {
+        self.free.append(&mut self.pending);
+        self.free.sort_unstable();
+        let mut merged: Vec<(u32, u32)> = Vec::with_capacity(self.free.len());
+        for (off, len) in self.free.drain(..) {
+            match merged.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => merged.push((off, len)),
+            }
+        }
+        self.free = merged;
+    }
+
+    fn largest(&self) -> u32 {
+        self.free.iter().map(|&(_, l)| l).max().unwrap_or(0)
+    }
+}
+
+/// Where a service's table lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub region: u32,
+    /// Table size; the region holds two tables of this size.
+    pub size: u32,
+    /// Which half the service entry points at.
+    pub half: u32,
+}
+
+impl Placement {
+    fn offset(&self) -> u32 {
+        self.region + self.half * self.size
+    }
+}
+
+/// What an apply changed, for the log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub services_changed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub backends_changed: usize,
+    pub tables_swapped: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = [
+            (self.services_added, "+", "service"),
+            (self.services_removed, "-", "service"),
+            (self.services_changed, "~", "service"),
+            (self.backends_added, "+", "backend"),
+            (self.backends_removed, "-", "backend"),
+            (self.backends_changed, "~", "backend"),
+            (self.tables_swapped, "", "table swapped"),
+        ];
+        let words: Vec<String> = parts
+            .iter()
+            .filter(|(n, _, _)| *n > 0)
+            .map(|(n, sign, what)| {
+                let plural = if *n == 1 || what.ends_with("swapped") { "" } else { "s" };
+                let what = if what.ends_with("swapped") && *n > 1 { "tables swapped" } else { what };
+                format!("{sign}{n} {what}{plural}")
+            })
+            .collect();
+        if words.is_empty() { f.write_str("no change") } else { f.write_str(&words.join(", ")) }
+    }
+}
+
+/// Checks that `plan` fits the maps as they were created.
+pub fn check_fits(dp: &Dataplane, plan: &Plan) -> Result<(), DataplaneError> {
+    let cap = dp.capacity;
+    let need_services = plan.service_ids.high_water();
+    let need_backends = plan.backend_ids.high_water();
+    if need_services > cap.services || need_backends > cap.backends {
+        return Err(DataplaneError::Capacity {
+            what: format!(
+                "{need_services} service ids and {need_backends} backend ids needed, the maps hold {} and {}",
+                cap.services, cap.backends
+            ),
+        });
+    }
+    let mut regions = dp.regions.clone();
+    regions.settle();
+    for s in &plan.services {
+        let size = s.table.len() as u32;
+        let fits_in_place = dp.placed.get(&s.key).is_some_and(|p| p.size == size);
+        if size > 0 && !fits_in_place && regions.alloc(2 * size).is_none() {
+            return Err(DataplaneError::Capacity {
+                what: format!(
+                    "MAGLEV has no free region of {} slots for service {} (largest free: {})",
+                    2 * size,
+                    s.name,
+                    regions.largest()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn zero_counters(dp: &mut Dataplane, name: &'static str, id: u32) -> Result<(), DataplaneError> {
+    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::PinDir { path: "possible cpus".into(), source: e })?;
+    let mut m: PerCpuArray<_, Counters> =
+        PerCpuArray::try_from(map_mut(dp.ebpf_mut(), name)?).map_err(map_err(name))?;
+    let zeros = PerCpuValues::try_from(vec![Counters::default(); ncpu])
+        .map_err(|source| DataplaneError::PinDir { path: "per-CPU values".into(), source })?;
+    m.set(id, zeros, 0).map_err(map_err(name))
+}
+
+/// Applies `plan`; see the module documentation for the order of writes.
+pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError> {
+    check_fits(dp, plan)?;
+    dp.regions.settle();
+    let prev = dp.applied.take().unwrap_or_default();
+    let mut sum = Summary::default();
+    let prev_backends: BTreeMap<u32, (Backend, u32)> =
+        prev.backends.iter().map(|b| (b.id, (b.map_value(prev.services[b.service].value.id), b.weight))).collect();
+
+    // 1. Backends that are new or changed.
+    let mut new_backends = Vec::new();
+    {
+        let mut m: Array<_, Backend> =
+            Array::try_from(map_mut(dp.ebpf_mut(), names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        for b in &plan.backends {
+            let v = b.map_value(plan.services[b.service].value.id);
+            match prev_backends.get(&b.id) {
+                Some((old, _)) if old.generation != v.generation => {
+                    sum.backends_added += 1;
+                    new_backends.push(b.id);
+                }
+                None => {
+                    sum.backends_added += 1;
+                    new_backends.push(b.id);
+                }
+                Some((old, w)) if *old != v || *w != b.weight => sum.backends_changed += 1,
+                Some(_) => continue,
+            }
+            m.set(b.id, v, 0).map_err(map_err(names::BACKENDS))?;
+        }
+    }
+    for id in new_backends {
+        zero_counters(dp, names::BACKEND_STATS, id)?;
+    }
+
+    // 2. Tables into the idle half (or a new region), 3. then the service entries.
+    let prev_services: BTreeMap<VipKey, &crate::plan::PlannedService> =
+        prev.services.iter().map(|s| (s.key, s)).collect();
+    let mut entries: Vec<(VipKey, Service)> = Vec::new();
+    let mut new_services = Vec::new();
+    for s in &plan.services {
+        let size = s.table.len() as u32;
+        let old = prev_services.get(&s.key);
+        let placed = dp.placed.get(&s.key).copied();
+        let same_table = old.is_some_and(|o| o.table == s.table);
+        let placement = match placed {
+            Some(p) if p.size == size && same_table => p,
+            Some(p) if p.size == size => Placement { half: 1 - p.half, ..p },
+            other => {
+                if let Some(p) = other {
+                    dp.regions.release_later(p.region, 2 * p.size);
+                }
+                let region = if size == 0 { 0 } else { dp.regions.alloc(2 * size).expect("checked by check_fits") };
+                Placement { region, size, half: 0 }
+            }
+        };
+        if Some(placement) != placed || !same_table {
+            if size > 0 {
+                dp.maglev.write(placement.offset() as usize, &s.table);
+            }
+            if old.is_some() {
+                sum.tables_swapped += 1;
+            }
+        }
+        dp.placed.insert(s.key, placement);
+        let value = Service { table_offset: placement.offset(), ..s.value };
+        match old {
+            None => {
+                sum.services_added += 1;
+                new_services.push(value.id);
+            }
+            Some(o) if o.value.id != value.id => new_services.push(value.id),
+            Some(o) if o.value.flags != value.flags || o.value.persist_timeout_s != value.persist_timeout_s
+                || o.value.persist_prefix_v4 != value.persist_prefix_v4
+                || o.value.persist_prefix_v6 != value.persist_prefix_v6 =>
+            {
+                sum.services_changed += 1
+            }
+            Some(_) => {}
+        }
+        entries.push((s.key, value));
+    }
+    for id in new_services {
+        zero_counters(dp, names::SERVICE_STATS, id)?;
+    }
+    {
+        let mut m: HashMap<_, VipKey, Service> =
+            HashMap::try_from(map_mut(dp.ebpf_mut(), names::SERVICES)?).map_err(map_err(names::SERVICES))?;
+        for (key, value) in &entries {
+            m.insert(key, value, 0).map_err(map_err(names::SERVICES))?;
+        }
+    }
+
+    // 4. The VIP address filter.
+    {
+        let mut m: HashMap<_, VipAddrKey, VipAddrVal> =
+            HashMap::try_from(map_mut(dp.ebpf_mut(), names::VIP_ADDRS)?).map_err(map_err(names::VIP_ADDRS))?;
+        for (addr, flags) in &plan.vip_addrs {
+            if prev.vip_addrs.get(addr) != Some(flags) {
+                m.insert(VipAddrKey { addr: *addr }, VipAddrVal { flags: *flags }, 0)
+                    .map_err(map_err(names::VIP_ADDRS))?;
+            }
+        }
+        for addr in prev.vip_addrs.keys().filter(|a| !plan.vip_addrs.contains_key(*a)) {
+            m.remove(&VipAddrKey { addr: *addr }).map_err(map_err(names::VIP_ADDRS))?;
+        }
+    }
+
+    // 5. What went away: service entries, then their backends.
+    let keys: BTreeSet<VipKey> = plan.services.iter().map(|s| s.key).collect();
+    {
+        let mut m: HashMap<_, VipKey, Service> =
+            HashMap::try_from(map_mut(dp.ebpf_mut(), names::SERVICES)?).map_err(map_err(names::SERVICES))?;
+        for s in prev.services.iter().filter(|s| !keys.contains(&s.key)) {
+            m.remove(&s.key).map_err(map_err(names::SERVICES))?;
+            sum.services_removed += 1;
+        }
+    }
+    for s in prev.services.iter().filter(|s| !keys.contains(&s.key)) {
+        if let Some(p) = dp.placed.remove(&s.key) {
+            dp.regions.release_later(p.region, 2 * p.size);
+        }
+    }
+    let live: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+    {
+        let mut m: Array<_, Backend> =
+            Array::try_from(map_mut(dp.ebpf_mut(), names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        for (id, (old, _)) in prev_backends.iter().filter(|(id, _)| !live.contains(id)) {
+            m.set(*id, Backend { flags: 0, ..*old }, 0).map_err(map_err(names::BACKENDS))?;
+            sum.backends_removed += 1;
+        }
+    }
+    dp.applied = Some(plan.clone());
+    Ok(sum)
+}

@@ -1,0 +1,220 @@
+//! Runs the probes of many targets: one Tokio task per target, a semaphore bounding
+//! how many probes run at once, jittered schedules, and the rise/fall state machine.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::probe::{ProbeContext, Prober};
+use super::tracker::Tracker;
+use super::{Health, ProbeKind, ProbeSpec};
+
+/// Identifies a probed backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TargetKey {
+    pub service: String,
+    pub backend: IpAddr,
+}
+
+/// One backend to probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub key: TargetKey,
+    pub spec: ProbeSpec,
+    /// Where to send the probe (see [`ProbeSpec::target`]).
+    pub addr: SocketAddr,
+    /// The service's name, for `exec` probes.
+    pub service: String,
+}
+
+/// A target changed state.
+#[derive(Debug, Clone)]
+pub struct HealthEvent {
+    pub key: TargetKey,
+    pub health: Health,
+    /// Why, e.g. `3 consecutive probes failed, the last: tcp: connect to ...`.
+    pub reason: String,
+}
+
+struct Running {
+    target: Target,
+    up: Arc<AtomicBool>,
+    /// `None` for kind `none`, which needs no task.
+    task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    fn health(&self) -> Health {
+        if self.up.load(Ordering::Relaxed) {
+            Health::Up
+        } else {
+            Health::Down
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            // Dropping the probe in flight kills an `exec` probe's command.
+            task.abort();
+        }
+    }
+}
+
+/// Probes a set of targets and reports every change of state.
+///
+/// A target starts in its spec's `initial` state (no event is sent for that); each
+/// state change afterwards is sent on the events channel. [`Checker::set_targets`] and
+/// [`Checker::new`] must be called within a Tokio runtime. Dropping the checker stops
+/// every probe.
+pub struct Checker {
+    semaphore: Arc<Semaphore>,
+    events: UnboundedSender<HealthEvent>,
+    running: HashMap<TargetKey, Running>,
+}
+
+impl Checker {
+    /// A checker with no targets that runs at most `max_concurrent` probes at once
+    /// (at least 1; [`super::DEFAULT_MAX_CONCURRENT`] is a reasonable choice).
+    pub fn new(max_concurrent: usize, events: UnboundedSender<HealthEvent>) -> Self {
+        Checker {
+            semaphore: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            events,
+            running: HashMap::new(),
+        }
+    }
+
+    /// Replaces the target set. Targets whose key, spec, address and service are
+    /// unchanged keep running with their state; removed ones stop; new ones start at
+    /// their initial state. A target whose spec or address changed starts again at its
+    /// initial state, and if that differs from its state so far an event says so.
+    /// Of several targets with the same key, the last one counts.
+    pub fn set_targets(&mut self, targets: Vec<Target>) {
+        let mut wanted: HashMap<TargetKey, Target> = HashMap::with_capacity(targets.len());
+        for target in targets {
+            wanted.insert(target.key.clone(), target);
+        }
+        // The state of each target whose spec or address changed, before the change.
+        let mut previous: HashMap<TargetKey, Health> = HashMap::new();
+        self.running.retain(|key, running| match wanted.get(key) {
+            Some(target) if *target == running.target => {
+                wanted.remove(key);
+                true
+            }
+            changed => {
+                if changed.is_some() {
+                    previous.insert(key.clone(), running.health());
+                }
+                running.stop();
+                false
+            }
+        });
+        for (key, target) in wanted {
+            let previous = previous.remove(&key);
+            let running = self.start(target);
+            if let Some(previous) = previous.filter(|&h| h != running.health()) {
+                let _ = self.events.send(HealthEvent {
+                    key: key.clone(),
+                    health: running.health(),
+                    reason: format!(
+                        "probe changed (was {previous}); starting again at its initial state"
+                    ),
+                });
+            }
+            self.running.insert(key, running);
+        }
+    }
+
+    /// The current state of the target `key`, if it is probed.
+    pub fn health(&self, key: &TargetKey) -> Option<Health> {
+        self.running.get(key).map(Running::health)
+    }
+
+    /// Stops every probe and forgets every target.
+    pub fn shutdown(&mut self) {
+        for running in self.running.values_mut() {
+            running.stop();
+        }
+        self.running.clear();
+    }
+
+    fn start(&self, target: Target) -> Running {
+        let up = Arc::new(AtomicBool::new(target.spec.initial == Health::Up));
+        let task = match target.spec.kind {
+            ProbeKind::None => {
+                up.store(true, Ordering::Relaxed);
+                None
+            }
+            _ => Some(tokio::spawn(probe_loop(
+                target.clone(),
+                self.semaphore.clone(),
+                self.events.clone(),
+                up.clone(),
+            ))),
+        };
+        Running { target, up, task }
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Probes one target forever: a random first delay in `[0, interval)`, then one probe
+/// every `interval` ±10%, each holding a semaphore permit while it runs.
+async fn probe_loop(
+    target: Target,
+    semaphore: Arc<Semaphore>,
+    events: UnboundedSender<HealthEvent>,
+    up: Arc<AtomicBool>,
+) {
+    let spec = &target.spec;
+    let prober = Prober::new(spec, target.addr);
+    let ctx = ProbeContext {
+        service: target.service.clone(),
+    };
+    let mut tracker = Tracker::new(spec.initial, spec.rise, spec.fall);
+    tokio::time::sleep(spec.interval.mul_f64(random_unit())).await;
+    loop {
+        let started = Instant::now();
+        let result = {
+            let Ok(_permit) = semaphore.acquire().await else {
+                return;
+            };
+            prober.run(&ctx).await
+        };
+        if let Some(health) = tracker.record(result.is_ok()) {
+            up.store(health == Health::Up, Ordering::Relaxed);
+            let reason = match (&result, health) {
+                (Err(e), _) => format!("{} consecutive probes failed, the last: {e}", spec.fall),
+                (Ok(latency), _) => format!(
+                    "{} consecutive probes succeeded, the last in {latency:?}",
+                    spec.rise
+                ),
+            };
+            // A closed channel only means nobody listens; keep the state current.
+            let _ = events.send(HealthEvent {
+                key: target.key.clone(),
+                health,
+                reason,
+            });
+        }
+        let next = spec.interval.mul_f64(0.9 + 0.2 * random_unit());
+        tokio::time::sleep_until(started + next.max(Duration::from_millis(1))).await;
+    }
+}
+
+/// A random number in `[0, 1)` (from the standard library's randomly keyed hasher).
+fn random_unit() -> f64 {
+    let bits = RandomState::new().hash_one(std::time::SystemTime::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -1,0 +1,398 @@
+//! Live forwarding rate on veth with native XDP: (a) the MAC-swap ceiling, (b) the
+//! balancer, (c) nftables DNAT with conntrack, in one topology (see `topo`).
+//!
+//! The generator is `bench_gen` run with BPF_PROG_TEST_RUN and
+//! BPF_F_TEST_XDP_LIVE_FRAMES from a thread inside the generator's namespace (the
+//! kernel resolves the `ingress_ifindex` of the context there); every frame it
+//! sends leaves g0 by XDP_TX, is handled in BAL, and what BAL forwards comes back
+//! to g0, where `bench_count` counts it. A run sends a bounded number of frames
+//! in chunks until its time is up.
+
+use std::time::{Duration, Instant};
+
+use aya::{
+    Ebpf,
+    maps::PerCpuArray,
+    programs::{ProgramInfo, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use lb_agent::{
+    config,
+    dataplane::{AttachMode, Dataplane},
+    plan::Plan,
+};
+use lb_tests::netns;
+
+use crate::{
+    median,
+    topo::{self, B0_MAC, CLIENT, G0_MAC, Topo, VIP, VIP_PORT},
+};
+
+/// The benchmark-only programs (tests/bench-ebpf), built by tests/build.rs.
+static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));
+
+const FRAME_LEN: usize = 64;
+const FIRST_SPORT: u32 = 10_000;
+/// Frames per BPF_PROG_TEST_RUN call (the kernel sends them in batches of `BATCH`).
+const CHUNK: u32 = 1 << 16;
+const BATCH: u32 = 64;
+/// Upper bound on the send rate, to bound the frames of one run.
+const MAX_PPS: f64 = 20e6;
+
+pub struct LiveParams {
+    pub runs: usize,
+    pub secs: f64,
+    pub warmup_secs: f64,
+    pub flows: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Ceiling,
+    Balancer,
+    Nftables,
+}
+
+pub struct Variant {
+    pub kind: Kind,
+    pub short: &'static str,
+    pub label: &'static str,
+    /// Frames forwarded back to g0, per second, one per run.
+    pub pps: Vec<f64>,
+    /// Frames the generator sent, per second, one per run.
+    pub sent_pps: Vec<f64>,
+    /// Run time of the XDP program on b0 per frame (kernel BPF stats), per run.
+    pub prog_ns: Vec<f64>,
+}
+
+impl Variant {
+    pub fn mpps(&self) -> f64 {
+        median(self.pps.clone()) / 1e6
+    }
+}
+
+/// The generator's frame: IPv4 UDP from CLIENT to the VIP, valid IP checksum, UDP
+/// checksum 0 (none), padded to 64 bytes.
+fn template() -> [u8; FRAME_LEN] {
+    let mut f = [0u8; FRAME_LEN];
+    f[0..6].copy_from_slice(&B0_MAC);
+    f[6..12].copy_from_slice(&G0_MAC);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (FRAME_LEN - 14) as u16;
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&CLIENT.octets());
+    ip[16..20].copy_from_slice(&VIP.octets());
+    let sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f[34..36].copy_from_slice(&(FIRST_SPORT as u16).to_be_bytes());
+    f[36..38].copy_from_slice(&VIP_PORT.to_be_bytes());
+    f[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    f
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
+    ebpf.program_mut(name)
+        .unwrap_or_else(|| panic!("{name} in the object"))
+        .try_into()
+        .expect("XDP program")
+}
+
+fn frames_counted(bench: &Ebpf) -> u64 {
+    let m: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(bench.map("COUNT").expect("COUNT")).expect("per-CPU array");
+    m.get(&0, 0).expect("COUNT[0]").iter().sum()
+}
+
+fn run_stats(info: Result<ProgramInfo, aya::programs::ProgramError>) -> (u64, u64) {
+    info.map(|i| (i.run_time().as_nanos() as u64, i.run_count()))
+        .unwrap_or((0, 0))
+}
+
+/// Sends frames from inside GEN for `secs` (at most `MAX_PPS * secs` frames);
+/// returns the frames sent and the seconds it took.
+fn blast(gen_ns: &str, prog: &Xdp, secs: f64) -> (u64, f64) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            netns::enter(gen_ns);
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(c"g0".as_ptr()) };
+            assert!(ifindex != 0, "g0 not found in {gen_ns}");
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+            let ctx: Vec<u8> = [0, FRAME_LEN as u32, 0, ifindex, 0, 0]
+                .iter()
+                .flat_map(|v: &u32| v.to_ne_bytes())
+                .collect();
+            let frame = template();
+            let max = (MAX_PPS * secs) as u64;
+            let (t, mut sent) = (Instant::now(), 0u64);
+            while sent < max && t.elapsed().as_secs_f64() < secs {
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        ctx_in: Some(&ctx),
+                        repeat: CHUNK,
+                        attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+                        ..TestRunOptions::new()
+                    })
+                    .expect("BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES");
+                assert_eq!(
+                    r.return_value, 0,
+                    "live-frames run returned {}",
+                    r.return_value
+                );
+                sent += u64::from(CHUNK);
+            }
+            (sent, t.elapsed().as_secs_f64())
+        })
+        .join()
+        .expect("generator thread")
+    })
+}
+
+/// Attaches the program of `kind` to b0 from a thread inside BAL (and the nftables
+/// rules for `Nftables`).
+fn attach(topo: &Topo, dp: &mut Dataplane, kind: Kind) -> Option<aya::programs::xdp::XdpLinkId> {
+    if kind == Kind::Nftables {
+        topo.nft_up();
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            netns::enter(&topo.bal);
+            match kind {
+                Kind::Ceiling => Some(
+                    xdp(dp.ebpf_mut(), "bench_macswap")
+                        .attach("b0", XdpMode::Driver)
+                        .expect("attach bench_macswap to b0"),
+                ),
+                Kind::Balancer => {
+                    dp.attach("b0", Some(AttachMode::Native))
+                        .expect("attach lb_xdp natively to b0");
+                    None
+                }
+                // veth takes native XDP_TX frames from g0 only if b0 has a program.
+                Kind::Nftables => Some(
+                    dp.pass_program()
+                        .expect("lb_pass")
+                        .attach("b0", XdpMode::Driver)
+                        .expect("attach lb_pass to b0"),
+                ),
+            }
+        })
+        .join()
+        .expect("attach thread")
+    })
+}
+
+fn detach(
+    topo: &Topo,
+    dp: &mut Dataplane,
+    kind: Kind,
+    link: Option<aya::programs::xdp::XdpLinkId>,
+) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            netns::enter(&topo.bal);
+            match (kind, link) {
+                (Kind::Ceiling, Some(l)) => xdp(dp.ebpf_mut(), "bench_macswap")
+                    .detach(l)
+                    .expect("detach"),
+                (Kind::Nftables, Some(l)) => dp
+                    .pass_program()
+                    .expect("lb_pass")
+                    .detach(l)
+                    .expect("detach"),
+                _ => dp.detach().expect("detach lb_xdp"),
+            }
+        })
+        .join()
+        .expect("detach thread")
+    });
+    if kind == Kind::Nftables {
+        topo.nft_down();
+    }
+}
+
+fn prog_under_test(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Ceiling => "bench_macswap",
+        Kind::Balancer => lb_common::PROG_BALANCER,
+        Kind::Nftables => lb_common::PROG_PASS,
+    }
+}
+
+/// Runs the three variants `lp.runs` times, interleaved (a, b, c, a, b, c, ...)
+/// so that drift on a shared machine hits all three alike.
+pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
+    let topo = Topo::new();
+
+    let mut bench = Ebpf::load(BENCH_OBJECT).expect("load the bench object");
+    for name in ["bench_gen", "bench_count"] {
+        xdp(&mut bench, name)
+            .load()
+            .unwrap_or_else(|e| panic!("load {name}: {e}"));
+    }
+    {
+        let mut cfg: aya::maps::Array<_, [u32; 2]> =
+            aya::maps::Array::try_from(bench.map_mut("GEN_CONFIG").expect("GEN_CONFIG"))
+                .expect("array");
+        cfg.set(0, [lp.flows, FIRST_SPORT], 0).expect("GEN_CONFIG");
+        let t = template();
+        let words: [u64; FRAME_LEN / 8] =
+            std::array::from_fn(|i| u64::from_ne_bytes(t[i * 8..i * 8 + 8].try_into().unwrap()));
+        let mut tpl: aya::maps::Array<_, [u64; FRAME_LEN / 8]> =
+            aya::maps::Array::try_from(bench.map_mut("GEN_TEMPLATE").expect("GEN_TEMPLATE"))
+                .expect("array");
+        tpl.set(0, words, 0).expect("GEN_TEMPLATE");
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            netns::enter(&topo.gen_ns);
+            xdp(&mut bench, "bench_count")
+                .attach("g0", XdpMode::Driver)
+                .expect("attach bench_count to g0");
+        })
+        .join()
+        .expect("attach thread")
+    });
+
+    // The balancer: one UDP service on the VIP, the same backends nftables uses,
+    // every backend's MAC being g0's.
+    let mut yaml = format!(
+        "conntrack_size: 65536\nservices:\n  - name: live\n    vip: {VIP}\n    port: {VIP_PORT}\n    protocol: udp\n    backends:\n"
+    );
+    for i in 0..topo::BACKENDS {
+        yaml.push_str(&format!("      - address: \"{}\"\n", topo::backend(i)));
+    }
+    let cfg = config::parse(&yaml, "bench-live.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let macs = Plan::backend_addresses(&cfg)
+        .into_iter()
+        .map(|a| (a, G0_MAC))
+        .collect();
+    let plan = Plan::build(&cfg, &macs);
+    let mut dp = Dataplane::load(&plan).expect("load the balancer object");
+    dp.write(&plan, B0_MAC).expect("fill the maps");
+    xdp(dp.ebpf_mut(), "bench_macswap")
+        .load()
+        .expect("load bench_macswap");
+
+    let mut out = vec![
+        Variant {
+            kind: Kind::Ceiling,
+            short: "a",
+            label: "(a) ceiling: bench_macswap XDP_TX",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
+        Variant {
+            kind: Kind::Balancer,
+            short: "b",
+            label: "(b) balancer: lb_xdp XDP_TX",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
+        Variant {
+            kind: Kind::Nftables,
+            short: "c",
+            label: "(c) nftables DNAT + conntrack",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
+    ];
+    run_rounds(lp, &topo, &mut bench, &mut dp, &mut out);
+    out
+}
+
+fn run_rounds(
+    lp: &LiveParams,
+    topo: &Topo,
+    bench: &mut Ebpf,
+    dp: &mut Dataplane,
+    out: &mut [Variant],
+) {
+    for round in 0..lp.runs {
+        for v in out.iter_mut() {
+            let link = attach(topo, dp, v.kind);
+            let gen_prog: &Xdp = bench
+                .program("bench_gen")
+                .expect("bench_gen")
+                .try_into()
+                .expect("XDP");
+            // Warm-up (fills both connection tables), with the kernel's BPF run-time
+            // statistics on (only while the fd is open): the program's ns per frame.
+            let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+            let s0 = run_stats(
+                dp.ebpf_mut()
+                    .program(prog_under_test(v.kind))
+                    .expect("program")
+                    .info(),
+            );
+            let (warm_sent, _) = blast(&topo.gen_ns, gen_prog, lp.warmup_secs);
+            let s1 = run_stats(
+                dp.ebpf_mut()
+                    .program(prog_under_test(v.kind))
+                    .expect("program")
+                    .info(),
+            );
+            drop(stats);
+            // The timed run, statistics off (they cost two clock reads per program run).
+            std::thread::sleep(Duration::from_millis(5));
+            let c0 = frames_counted(bench);
+            let (sent, secs) = blast(&topo.gen_ns, gen_prog, lp.secs);
+            std::thread::sleep(Duration::from_millis(5));
+            let c1 = frames_counted(bench);
+            let got = c1 - c0;
+            if got == 0 {
+                let extra = match v.kind {
+                    Kind::Balancer => {
+                        format!("balancer counters: {:?}", dp.stats().map(|s| s.global).ok())
+                    }
+                    Kind::Nftables => {
+                        format!("conntrack entries in BAL: {}", topo.conntrack_count())
+                    }
+                    Kind::Ceiling => String::new(),
+                };
+                detach(topo, dp, v.kind, link);
+                panic!(
+                    "live rate {}: {sent} frames sent (+{warm_sent} warm-up), none came back to g0: broken set-up. {extra}",
+                    v.label
+                );
+            }
+            if v.kind == Kind::Nftables {
+                assert!(
+                    topo.conntrack_count() > 0,
+                    "nftables forwarded frames but BAL has no conntrack entries"
+                );
+            }
+            detach(topo, dp, v.kind, link);
+            let runs = s1.1.saturating_sub(s0.1);
+            v.pps.push(got as f64 / secs);
+            v.sent_pps.push(sent as f64 / secs);
+            v.prog_ns.push(if runs > 0 {
+                (s1.0 - s0.0) as f64 / runs as f64
+            } else {
+                f64::NAN
+            });
+            eprintln!(
+                "lb-bench:   run {} {}: {:.3} Mpps forwarded ({:.3} Mpps sent, {:.0} ns/frame in the program)",
+                round + 1,
+                v.short,
+                got as f64 / secs / 1e6,
+                sent as f64 / secs / 1e6,
+                v.prog_ns.last().copied().unwrap_or(f64::NAN)
+            );
+        }
+    }
+}
