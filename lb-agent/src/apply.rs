@@ -99,6 +99,24 @@ impl Regions {
         Regions { free: vec![(0, capacity)], pending: Vec::new() }
     }
 
+    /// An allocator for `capacity` slots of which `used` (offset, len) are taken.
+    pub fn with_used(capacity: u32, used: &[(u32, u32)]) -> Self {
+        let mut used = used.to_vec();
+        used.sort_unstable();
+        let mut free = Vec::new();
+        let mut at = 0;
+        for (off, len) in used {
+            if off > at {
+                free.push((at, off - at));
+            }
+            at = at.max(off + len);
+        }
+        if at < capacity {
+            free.push((at, capacity - at));
+        }
+        Regions { free, pending: Vec::new() }
+    }
+
     fn alloc(&mut self, len: u32) -> Option<u32> {
         let i = self.free.iter().position(|&(_, l)| l >= len)?;
         let (off, l) = self.free[i];
@@ -292,7 +310,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             }
         }
         dp.placed.insert(s.key, placement);
-        let value = Service { table_offset: placement.offset(), ..s.value };
+        let value = Service { table_offset: placement.offset(), region: placement.region, ..s.value };
         match old {
             None => {
                 sum.services_added += 1;

@@ -56,6 +56,11 @@ pub struct RunArgs {
     /// Directory on a bpffs where the maps are pinned for bpftool and `stats`.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+    /// On SIGTERM/SIGINT leave the balancer attached and its maps pinned, so it keeps
+    /// forwarding and the next agent adopts it (as after a crash). Without it the
+    /// agent detaches and removes what it created.
+    #[arg(long)]
+    pub keep_on_exit: bool,
     /// How long to wait for backends' MAC addresses (ARP/ND) at start.
     #[arg(long, default_value_t = 3.0)]
     pub resolve_timeout_secs: f64,

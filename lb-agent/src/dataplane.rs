@@ -9,17 +9,31 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
-use lb_common::{map_names as names, stat, Config, Counters, VipKey, CONFIG_READY};
+use lb_common::{
+    map_names as names, stat, Backend, Config, Counters, Service, VipAddrKey, VipAddrVal, VipKey, CONFIG_READY,
+};
 
 use crate::{
     apply::{self, Capacity, MaglevMap, Placement, Regions, Summary},
     neigh::Mac,
+    pinning::{layout, PinDir},
     plan::Plan,
 };
+
+/// What `Dataplane::open` found.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// An earlier agent's balancer was attached (its link pinned).
+    pub adopted: bool,
+    /// Its maps were reused: connection table and counters carry on.
+    pub maps_reused: bool,
+    /// Why they were not, when adopted.
+    pub why_not: Option<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -35,6 +49,8 @@ pub enum DataplaneError {
     Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("the configuration does not fit the maps created at start: {what}; restart the agent to resize them")]
     Capacity { what: String },
+    #[error("XDP link {path}: {error}")]
+    Link { path: PathBuf, error: String },
     #[error("pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: std::io::Error },
 }
@@ -63,7 +79,9 @@ impl std::fmt::Display for AttachMode {
 pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 8] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
-    let tables: u64 = plan.services.iter().map(|s| s.table.len() as u64).sum();
+    // Every service's configured size, even while its table is empty (all down):
+    // it needs its region the moment a backend comes up.
+    let tables: u64 = plan.services.iter().map(|s| s.table_size as u64).sum();
     let maglev = (tables * 2 + tables / 2 + 2 * 65537).min(u32::MAX as u64) as u32;
     [
         (names::VIP_ADDRS, services),
@@ -80,14 +98,16 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 8] {
 /// The loaded object.
 pub struct Dataplane {
     ebpf: Ebpf,
-    link: Option<XdpLinkId>,
-    pins: Vec<PathBuf>,
-    pin_dir: Option<PathBuf>,
+    /// Our handle on the XDP link (pinned at `pins.link()` when `pins` is set).
+    link: Option<FdLink>,
+    pins: Option<PinDir>,
     pub(crate) capacity: Capacity,
     pub(crate) regions: Regions,
     pub(crate) placed: BTreeMap<VipKey, Placement>,
     pub(crate) applied: Option<Plan>,
     pub(crate) maglev: MaglevMap,
+    /// What `CONFIG[0]` holds (interface MAC, flags).
+    config: Config,
 }
 
 pub(crate) fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map> {
@@ -119,18 +139,65 @@ impl Dataplane {
     }
 
     pub fn load_object(object: &[u8], plan: &Plan) -> Result<Self> {
+        Self::load_with(object, plan, None, false)
+    }
+
+    /// Loads the object with every map pinned under `pins`. When an earlier agent
+    /// left a balancer attached there and its maps fit, they are reused (see
+    /// `pinning`); `Opened` says which happened and why.
+    pub fn open(plan: &Plan, pins: &PinDir) -> Result<(Self, Opened)> {
+        fs::create_dir_all(&pins.dir).map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
+        let tables: u32 = plan.services.iter().map(|s| s.table_size).sum();
+        let needed = [
+            (names::SERVICES, plan.services.len() as u32),
+            (names::BACKENDS, plan.backends.len() as u32),
+            (names::MAGLEV, 2 * tables),
+        ];
+        let opened = if pins.has_link() {
+            match pins.reusable(&needed) {
+                Ok(()) => Opened { adopted: true, maps_reused: true, why_not: None },
+                Err(why) => Opened { adopted: true, maps_reused: false, why_not: Some(why) },
+            }
+        } else {
+            Opened { adopted: false, maps_reused: false, why_not: None }
+        };
+        if !opened.maps_reused {
+            pins.clear_maps().map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
+        }
+        let mut dp = Self::load_with(crate::object::OBJECT, plan, Some(pins), opened.maps_reused)?;
+        if opened.maps_reused {
+            dp.adopt_state(plan.conntrack_size)?;
+        }
+        Ok((dp, opened))
+    }
+
+    fn load_with(object: &[u8], plan: &Plan, pins: Option<&PinDir>, reuse: bool) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         let sizes = map_sizes(plan);
-        let size = |n: &str| sizes.iter().find(|(name, _)| *name == n).map(|(_, s)| *s).unwrap_or(1);
-        let capacity =
-            Capacity { services: size(names::SERVICES), backends: size(names::BACKENDS), maglev: size(names::MAGLEV) };
         for (name, size) in sizes {
             loader.map_max_entries(name, size);
+        }
+        let paths: Vec<(&'static str, PathBuf)> =
+            pins.map(|p| layout().iter().map(|(n, ..)| (*n, p.map(n))).collect()).unwrap_or_default();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object)?;
         for name in [lb_common::PROG_BALANCER, lb_common::PROG_PASS] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             prog.load().map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
+        }
+        let max_entries = |ebpf: &mut Ebpf, name: &'static str| -> Result<u32> {
+            let info = map_data(ebpf, name)?.info().map_err(map_err(name))?;
+            Ok(info.max_entries())
+        };
+        let capacity = Capacity {
+            services: max_entries(&mut ebpf, names::SERVICES)?,
+            backends: max_entries(&mut ebpf, names::BACKENDS)?,
+            maglev: max_entries(&mut ebpf, names::MAGLEV)?,
+        };
+        if !reuse {
+            debug_assert!(sizes.iter().any(|(n, s)| *n == names::MAGLEV && *s == capacity.maglev));
         }
         let maglev = match map_mut(&mut ebpf, names::MAGLEV)? {
             Map::Array(m) => MaglevMap::new(m.fd().as_fd(), capacity.maglev as usize)
@@ -141,27 +208,79 @@ impl Dataplane {
             ebpf,
             maglev,
             link: None,
-            pins: Vec::new(),
-            pin_dir: None,
+            pins: pins.cloned(),
             capacity,
             regions: Regions::new(capacity.maglev),
             placed: BTreeMap::new(),
             applied: None,
+            config: Config::default(),
         })
+    }
+
+    /// Rebuilds what was applied (ids, generations, table placement) from maps an
+    /// earlier agent filled, so the next apply only writes what changed.
+    fn adopt_state(&mut self, conntrack_size: u32) -> Result<()> {
+        let m: Array<_, Config> =
+            Array::try_from(map_mut(&mut self.ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+        self.config = m.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        let services: Vec<(VipKey, Service)> = {
+            let m: HashMap<_, VipKey, Service> =
+                HashMap::try_from(map_mut(&mut self.ebpf, names::SERVICES)?).map_err(map_err(names::SERVICES))?;
+            m.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::SERVICES))?
+        };
+        let vip_addrs: BTreeMap<[u8; 16], u32> = {
+            let m: HashMap<_, VipAddrKey, VipAddrVal> =
+                HashMap::try_from(map_mut(&mut self.ebpf, names::VIP_ADDRS)?).map_err(map_err(names::VIP_ADDRS))?;
+            let all: Vec<(VipAddrKey, VipAddrVal)> =
+                m.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::VIP_ADDRS))?;
+            all.into_iter().map(|(k, v)| (k.addr, v.flags)).collect()
+        };
+        let backends: Vec<(u32, Backend)> = {
+            let m: Array<_, Backend> =
+                Array::try_from(map_mut(&mut self.ebpf, names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+            let mut out = Vec::new();
+            for (id, b) in m.iter().enumerate() {
+                let b = b.map_err(map_err(names::BACKENDS))?;
+                if b.generation > 0 {
+                    out.push((id as u32, b));
+                }
+            }
+            out
+        };
+        let mut used = Vec::new();
+        let mut with_tables = Vec::new();
+        for (key, value) in &services {
+            let size = value.table_size;
+            if let Some(half) = (value.table_offset - value.region).checked_div(size) {
+                self.placed.insert(*key, Placement { region: value.region, size, half });
+                used.push((value.region, 2 * size));
+            }
+            with_tables.push((*key, *value, self.maglev.read(value.table_offset as usize, size as usize)));
+        }
+        self.regions = Regions::with_used(self.capacity.maglev, &used);
+        self.applied = Some(crate::plan::from_maps(&with_tables, &backends, vip_addrs, conntrack_size));
+        Ok(())
     }
 
     /// First fill: the interface MAC, then the plan, then the ready flag.
     pub fn write(&mut self, plan: &Plan, iface_mac: Mac) -> Result<Summary> {
-        let cfg = Config { iface_mac, _pad: [0; 2], flags: 0 };
-        self.set_config(cfg)?;
+        // An adopted data plane stays ready (it is forwarding); a fresh one becomes
+        // ready once the maps are filled.
+        let flags = self.config.flags;
+        self.set_config(Config { iface_mac, _pad: [0; 2], flags })?;
         let summary = apply::apply(self, plan)?;
-        self.set_config(Config { flags: CONFIG_READY, ..cfg })?;
+        self.set_config(Config { flags: flags | CONFIG_READY, ..self.config })?;
         Ok(summary)
     }
 
     /// Moves the maps from the last applied plan to `plan` (see `apply`).
     pub fn apply(&mut self, plan: &Plan) -> Result<Summary> {
         apply::apply(self, plan)
+    }
+
+    /// The plan the maps hold now (after `open` adopted them, or after an apply).
+    pub fn applied(&self) -> Option<&Plan> {
+        self.applied.as_ref()
     }
 
     /// Whether `plan` fits the maps as they were created.
@@ -172,13 +291,38 @@ impl Dataplane {
     fn set_config(&mut self, cfg: Config) -> Result<()> {
         let mut m: Array<_, Config> =
             Array::try_from(map_mut(&mut self.ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
-        m.set(0, cfg, 0).map_err(map_err(names::CONFIG))
+        m.set(0, cfg, 0).map_err(map_err(names::CONFIG))?;
+        self.config = cfg;
+        Ok(())
     }
 
-    /// Attaches the balancer to `iface`. `None` means auto: native, falling back to
-    /// generic (the caller logs the fallback).
+    /// Attaches the balancer to `iface` and returns the mode. `None` means auto:
+    /// native, falling back to generic. With a pin directory holding a link (an
+    /// earlier agent's), the new program replaces the old one in that link
+    /// atomically instead, in the mode the link has.
     pub fn attach(&mut self, iface: &str, mode: Option<AttachMode>) -> Result<AttachMode> {
+        let used = self.attach_inner(iface, mode)?;
+        let flag = if used == AttachMode::Generic { lb_common::CONFIG_GENERIC } else { 0 };
+        let flags = (self.config.flags & !lb_common::CONFIG_GENERIC) | flag;
+        self.set_config(Config { flags, ..self.config })?;
+        Ok(used)
+    }
+
+    fn attach_inner(&mut self, iface: &str, mode: Option<AttachMode>) -> Result<AttachMode> {
+        let prog_err = |source| DataplaneError::Program { name: lb_common::PROG_BALANCER, source };
+        let pins = self.pins.clone();
         let prog: &mut Xdp = program(&mut self.ebpf, lb_common::PROG_BALANCER)?;
+        if let Some(pins) = pins.as_ref().filter(|p| p.has_link()) {
+            let pinned = PinnedLink::from_pin(pins.link()).map_err(|e| DataplaneError::Link { path: pins.link(), error: e.to_string() })?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| DataplaneError::Link { path: pins.link(), error: e.to_string() })?;
+            let id = prog.attach_to_link(link).map_err(prog_err)?;
+            let link = prog.take_link(id).map_err(prog_err)?;
+            self.link = Some(FdLink::try_from(link).map_err(|e| DataplaneError::Link { path: pins.link(), error: e.to_string() })?);
+            self.pin_program()?;
+            let generic = self.config.flags & lb_common::CONFIG_GENERIC != 0;
+            return Ok(if generic { AttachMode::Generic } else { AttachMode::Native });
+        }
         let attach = |prog: &mut Xdp, m: AttachMode| {
             let flags = match m {
                 AttachMode::Native => XdpMode::Driver,
@@ -186,61 +330,67 @@ impl Dataplane {
             };
             prog.attach(iface, flags)
         };
-        let (link, used) = match mode {
+        let (id, used) = match mode {
             Some(m) => (attach(prog, m), m),
             None => match attach(prog, AttachMode::Native) {
-                Ok(link) => (Ok(link), AttachMode::Native),
+                Ok(id) => (Ok(id), AttachMode::Native),
                 Err(e) => {
                     tracing::warn!(iface, error = %e, "native XDP attach failed, falling back to generic mode");
                     (attach(prog, AttachMode::Generic), AttachMode::Generic)
                 }
             },
         };
-        let link = link.map_err(|source| DataplaneError::Program { name: "lb_xdp", source })?;
-        self.link = Some(link);
+        let link = prog.take_link(id.map_err(prog_err)?).map_err(prog_err)?;
+        let link = FdLink::try_from(link).map_err(|e| DataplaneError::Link { path: "XDP link".into(), error: e.to_string() })?;
+        self.link = Some(match &pins {
+            Some(p) => FdLink::from(
+                link.pin(p.link()).map_err(|source| DataplaneError::Pin { path: p.link(), source })?,
+            ),
+            None => link,
+        });
+        if pins.is_some() {
+            self.pin_program()?;
+        }
         Ok(used)
     }
 
-    /// Detaches the balancer if attached.
+    fn pin_program(&mut self) -> Result<()> {
+        let Some(pins) = self.pins.clone() else { return Ok(()) };
+        let path = pins.program();
+        let _ = fs::remove_file(&path);
+        let prog: &mut Xdp = program(&mut self.ebpf, lb_common::PROG_BALANCER)?;
+        prog.pin(&path).map_err(|source| DataplaneError::Pin { path, source })
+    }
+
+    /// Detaches the balancer: removes the link pin and closes our handle, the last
+    /// reference to the link.
     pub fn detach(&mut self) -> Result<()> {
-        if let Some(link) = self.link.take() {
-            let prog: &mut Xdp = program(&mut self.ebpf, lb_common::PROG_BALANCER)?;
-            prog.detach(link).map_err(|source| DataplaneError::Program { name: "lb_xdp", source })?;
+        if let Some(pins) = &self.pins {
+            match fs::remove_file(pins.link()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(DataplaneError::PinDir { path: pins.link(), source: e });
+                }
+                _ => {}
+            }
         }
+        self.link = None;
         Ok(())
     }
 
-    /// Pins every map under `dir` (on a bpffs) so `bpftool map dump pinned DIR/NAME`
-    /// and `lb-agent stats` can read them. Stale pins from an earlier run are replaced.
-    pub fn pin_maps(&mut self, dir: &Path) -> Result<()> {
-        fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir { path: dir.into(), source })?;
-        self.pin_dir = Some(dir.to_path_buf());
-        let names: Vec<String> = self.ebpf.maps().map(|(n, _)| n.to_string()).collect();
-        for name in names {
-            if name.starts_with('.') {
-                continue;
-            }
-            let path = dir.join(&name);
-            if path.exists() {
-                fs::remove_file(&path).map_err(|source| DataplaneError::PinDir { path: path.clone(), source })?;
-            }
-            let map = self.ebpf.map(&name).expect("listed above");
-            map.pin(&path).map_err(|source| DataplaneError::Pin { path: path.clone(), source })?;
-            self.pins.push(path);
-        }
-        Ok(())
-    }
-
-    /// Removes the pins this agent made, and the directory if that leaves it empty.
+    /// Removes the maps' and the program's pins (after `detach`).
     pub fn unpin(&mut self) {
-        for p in self.pins.drain(..) {
-            if let Err(e) = fs::remove_file(&p) {
-                tracing::warn!(path = %p.display(), error = %e, "could not remove pin");
+        if let Some(pins) = self.pins.take() {
+            if let Err(e) = pins.remove_all() {
+                tracing::warn!(dir = %pins.dir.display(), error = %e, "could not remove the pins");
             }
         }
-        if let Some(dir) = self.pin_dir.take() {
-            let _ = fs::remove_dir(dir);
-        }
+    }
+
+    /// Leaves the balancer attached and every pin in place (the agent exits, the
+    /// data plane carries on; the next agent adopts it).
+    pub fn keep(mut self) {
+        self.link = None;
+        self.pins = None;
     }
 
     pub fn balancer(&mut self) -> Result<&mut Xdp> {
@@ -287,7 +437,11 @@ pub struct Stats {
 }
 
 fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
-    v.iter().fold(Counters::default(), |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+    v.iter().fold(Counters::default(), |a, c| Counters {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+        new_flows: a.new_flows + c.new_flows,
+    })
 }
 
 impl Stats {

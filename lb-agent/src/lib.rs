@@ -4,12 +4,16 @@
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod neigh;
 pub mod object;
+pub mod pinning;
 pub mod plan;
 pub mod reload;
 pub mod report;
 pub mod run;
+pub mod status;

@@ -20,6 +20,7 @@ use crate::{
     dataplane::Dataplane,
     health::{Checker, Health, HealthEvent, ProbeKind, Target, TargetKey},
     neigh::{format_mac, Interface, Mac, NeighUpdate, Neighbours},
+    pinning::PinDir,
     plan::{DownSet, Plan},
     reload,
 };
@@ -102,19 +103,35 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let plan = Plan::next(&cfg, &macs, &down, None);
     report_unusable(&plan, &iface);
 
-    let mut dp = Dataplane::load(&plan).context("loading the XDP program")?;
-    dp.write(&plan, iface.mac).context("filling the maps")?;
     ensure_bpffs(&args.pin_dir)?;
-    dp.pin_maps(&args.pin_dir).context("pinning the maps")?;
+    let pins = PinDir::new(&args.pin_dir);
+    let (mut dp, opened) = Dataplane::open(&plan, &pins).context("loading the XDP program")?;
+    match (&opened.maps_reused, &opened.why_not) {
+        (true, _) => tracing::info!(pin_dir = %args.pin_dir.display(),
+            "adopting the balancer left attached here: maps reused, connection table kept"),
+        (false, Some(why)) => tracing::warn!(pin_dir = %args.pin_dir.display(),
+            "adopting the balancer left attached here with fresh maps ({why}): flows are scheduled again"),
+        _ => {}
+    }
+    // Adopting: keep the ids the running balancer's maps use (its connection table
+    // refers to them).
+    let plan = match dp.applied() {
+        Some(running) => Plan::next(&cfg, &macs, &down, Some(running)),
+        None => plan,
+    };
+    dp.write(&plan, iface.mac).context("filling the maps")?;
     let mode = match dp.attach(&iface.name, args.xdp_mode.mode()) {
         Ok(mode) => mode,
         Err(e) => {
-            dp.unpin();
+            if !opened.adopted {
+                dp.unpin();
+            }
             return Err(e).with_context(|| format!("attaching to {}", iface.name));
         }
     };
+    let how = if opened.adopted { "replaced the program in the pinned link" } else { "attached" };
     tracing::info!(iface = %iface.name, %mode, services = plan.services.len(),
-        backends = plan.backends.len(), pin_dir = %args.pin_dir.display(), "attached");
+        backends = plan.backends.len(), pin_dir = %args.pin_dir.display(), "{how}");
 
     let mut agent = Agent {
         args,
@@ -151,11 +168,17 @@ async fn run_async(args: RunArgs) -> Result<()> {
     }
     agent.checker.shutdown();
     let stats = agent.dp.stats();
+    if let Ok(stats) = &stats {
+        crate::report::log_totals(&agent.plan, stats);
+    }
+    if agent.args.keep_on_exit {
+        tracing::info!(iface = %agent.iface.name, pin_dir = %agent.args.pin_dir.display(),
+            "exiting with the balancer left attached (--keep-on-exit): the next agent adopts it");
+        agent.dp.keep();
+        return Ok(());
+    }
     let detached = agent.dp.detach();
     agent.dp.unpin();
-    if let Ok(stats) = stats {
-        crate::report::log_totals(&agent.plan, &stats);
-    }
     detached.context("detaching")?;
     tracing::info!(iface = %agent.iface.name, "detached");
     Ok(())
@@ -180,8 +203,9 @@ fn report_unusable(plan: &Plan, iface: &Interface) {
 }
 
 impl Agent {
-    /// Recomputes the plan from the current inputs and applies it.
-    fn replan(&mut self, why: &str) {
+    /// Recomputes the plan from the current inputs and applies it; false (logged)
+    /// when the maps could not take it.
+    fn replan(&mut self, why: &str) -> bool {
         let plan = Plan::next(&self.config, &self.macs, &self.down, Some(&self.plan));
         match self.dp.apply(&plan) {
             Ok(summary) => {
@@ -197,8 +221,12 @@ impl Agent {
                     }
                 }
                 self.plan = plan;
+                true
             }
-            Err(e) => tracing::error!(why, error = %e, "could not update the maps; the previous state stays"),
+            Err(e) => {
+                tracing::error!(why, error = %e, "could not update the maps; the previous state stays");
+                false
+            }
         }
     }
 
@@ -210,9 +238,13 @@ impl Agent {
         };
         if changed {
             // Logged once the maps say so, so the line means "in effect".
-            self.replan("health");
             let state = if ev.health == Health::Up { "up" } else { "down" };
-            tracing::warn!(service = %ev.key.service, backend = %ev.key.backend, reason = %ev.reason, "backend {state}");
+            if self.replan("health") {
+                tracing::warn!(service = %ev.key.service, backend = %ev.key.backend, reason = %ev.reason, "backend {state}");
+            } else {
+                tracing::error!(service = %ev.key.service, backend = %ev.key.backend, reason = %ev.reason,
+                    "backend {state}, but the maps could not be updated; retried on the next change");
+            }
         }
     }
 
@@ -224,9 +256,8 @@ impl Agent {
             tracing::warn!(backend = %ev.addr, iface = %self.iface.name, "backend unreachable: no ARP/ND answer");
         }
         let Some(mac) = ev.mac else { return };
-        if self.macs.insert(ev.addr, mac) != Some(mac) {
+        if self.macs.insert(ev.addr, mac) != Some(mac) && self.replan("neighbour") {
             tracing::info!(backend = %ev.addr, mac = %format_mac(&mac), "backend MAC changed");
-            self.replan("neighbour");
         }
     }
 
@@ -241,7 +272,7 @@ impl Agent {
                     tracing::info!(backend = %addr, mac = %format_mac(&mac), "backend MAC resolved");
                     self.macs.insert(addr, mac);
                 }
-                self.replan("resolved");
+                let _ = self.replan("resolved");
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reading the neighbour table"),

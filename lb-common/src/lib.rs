@@ -100,6 +100,9 @@ pub struct Service {
     pub persist_prefix_v4: u8,
     pub persist_prefix_v6: u8,
     pub _pad: [u8; 2],
+    /// Start of the service's `MAGLEV` region (two tables of `table_size`; the
+    /// agent writes the idle one and then moves `table_offset` to it).
+    pub region: u32,
 }
 
 /// No usable backend: pass the packet to the stack instead of dropping it.
@@ -121,6 +124,8 @@ pub struct Backend {
     /// Incarnation of this id: bumped whenever the agent gives the id to another
     /// backend, so a flow recorded for the old one is never sent to the new one.
     pub generation: u32,
+    /// The backend's address (for operators and for an agent adopting the maps).
+    pub addr: [u8; 16],
 }
 
 /// Established flows may use the backend (it is up).
@@ -200,6 +205,8 @@ pub fn mask_addr(addr: &[u8; 16], prefix: u32) -> [u8; 16] {
 pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
+    /// Flows scheduled to it (connection-table misses, TCP SYNs).
+    pub new_flows: u64,
 }
 
 /// Value of `CONFIG[0]`.
@@ -214,6 +221,8 @@ pub struct Config {
 }
 
 pub const CONFIG_READY: u32 = 1;
+/// The balancer is attached in generic (skb) mode; without it, native.
+pub const CONFIG_GENERIC: u32 = 2;
 
 /// Indices into the per-CPU `STATS` array: one counter per packet outcome.
 pub mod stat {
@@ -276,13 +285,13 @@ const _: () = {
     assert!(core::mem::size_of::<VipAddrKey>() == 16);
     assert!(core::mem::size_of::<VipAddrVal>() == 4);
     assert!(core::mem::size_of::<VipKey>() == 20);
-    assert!(core::mem::size_of::<Service>() == 24);
-    assert!(core::mem::size_of::<Backend>() == 20);
+    assert!(core::mem::size_of::<Service>() == 28);
+    assert!(core::mem::size_of::<Backend>() == 36);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowVal>() == 12);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityVal>() == 16);
-    assert!(core::mem::size_of::<Counters>() == 16);
+    assert!(core::mem::size_of::<Counters>() == 24);
     assert!(core::mem::size_of::<Config>() == 12);
 };
 

@@ -100,14 +100,14 @@ fn persistent(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend
 /// (its 5-tuple may be a reused one whose old entry is still in the table), as
 /// Katran does.
 #[inline(always)]
-fn pick(flow: &FlowKey, svc: &Service, syn: bool) -> Result<(u32, Backend), NoBackend> {
+fn pick(flow: &FlowKey, svc: &Service, syn: bool) -> Result<(u32, Backend, bool), NoBackend> {
     // SAFETY: the value is copied out at once.
     if let Some(v) = if syn { None } else { unsafe { CONNTRACK.get(flow) } } {
         let v = *v;
         if v.service_id == svc.id {
             if let Some(b) = backend(v.backend_id, svc.id, Some(v.generation), BACKEND_ACTIVE) {
                 count(stat::CONN_HIT);
-                return Ok((v.backend_id, b));
+                return Ok((v.backend_id, b, false));
             }
         }
     }
@@ -117,7 +117,7 @@ fn pick(flow: &FlowKey, svc: &Service, syn: bool) -> Result<(u32, Backend), NoBa
     if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
         count(stat::CONN_INSERT_FAILED);
     }
-    Ok((id, b))
+    Ok((id, b, true))
 }
 
 #[inline(always)]
@@ -129,7 +129,7 @@ pub fn forward(ctx: &XdpContext, flow: &FlowKey, vip_flags: u32, syn: bool) -> O
         Some(c) if c.flags & CONFIG_READY != 0 => *c,
         _ => return Outcome::Pass(stat::PASS_NOT_READY),
     };
-    let (backend_id, backend) = match pick(flow, &svc, syn) {
+    let (backend_id, backend, new_flow) = match pick(flow, &svc, syn) {
         Ok(chosen) => chosen,
         Err(NoBackend::Empty) if svc.flags & SERVICE_PASS_ON_EMPTY != 0 => {
             return Outcome::Pass(stat::PASS_ALL_DOWN);
@@ -148,6 +148,6 @@ pub fn forward(ctx: &XdpContext, flow: &FlowKey, vip_flags: u32, syn: bool) -> O
         eth[0..6].copy_from_slice(&backend.mac);
         eth[6..12].copy_from_slice(&cfg.iface_mac);
     }
-    count_forward(svc.id, backend_id, (end - start) as u64);
+    count_forward(svc.id, backend_id, (end - start) as u64, new_flow);
     Outcome::Tx
 }

@@ -13,18 +13,19 @@ pub fn count(reason: u32) {
 }
 
 #[inline(always)]
-fn add(c: Option<*mut Counters>, bytes: u64) {
+fn add(c: Option<*mut Counters>, bytes: u64, new_flow: bool) {
     if let Some(c) = c {
         // SAFETY: as above.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
+            (*c).new_flows += new_flow as u64;
         }
     }
 }
 
 #[inline(always)]
-pub fn count_forward(service_id: u32, backend_id: u32, bytes: u64) {
-    add(SERVICE_STATS.get_ptr_mut(service_id), bytes);
-    add(BACKEND_STATS.get_ptr_mut(backend_id), bytes);
+pub fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    add(SERVICE_STATS.get_ptr_mut(service_id), bytes, new_flow);
+    add(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
 }

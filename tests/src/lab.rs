@@ -54,6 +54,7 @@ pub struct Lab {
 pub const ECHO_PORT: u16 = 7000;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
+static AGENTS: AtomicU32 = AtomicU32::new(0);
 
 /// Path of the real-server set-up script shipped in deploy/.
 pub fn realserver_script() -> PathBuf {
@@ -221,7 +222,15 @@ impl Lab {
     /// Starts `lb-agent run` in the balancer namespace (through nsenter, so it sees
     /// the host's bpffs) on `eth0` in native mode, and waits until it has attached.
     pub fn start_agent(&self, config: &Path) -> Agent {
-        let log = self.dir.join("agent.log");
+        self.start_agent_with(config, &[])
+    }
+
+    /// `start_agent` with more `lb-agent run` arguments. Waits for the line that
+    /// says the balancer is in place: "attached", or "replaced the program" when it
+    /// adopts one an earlier agent left attached.
+    pub fn start_agent_with(&self, config: &Path, extra: &[&str]) -> Agent {
+        let n = AGENTS.fetch_add(1, Ordering::SeqCst);
+        let log = self.dir.join(format!("agent-{n}.log"));
         let bin = agent_bin();
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.balancer))
@@ -231,16 +240,18 @@ impl Lab {
             .arg(config)
             .arg("--pin-dir")
             .arg(self.pin_dir())
+            .args(extra)
             .env("LB_LOG", std::env::var("LB_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut agent = Agent { child: Some(child), log, pin_dir: self.pin_dir() };
+        let mut agent = Agent { child: Some(child), log, pin_dir: self.pin_dir(), cleanup: true };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if agent.log_text().contains("attached") {
+            let text = agent.log_text();
+            if text.contains("attached iface") || text.contains("replaced the program") {
                 return agent;
             }
             if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -279,16 +290,33 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
-/// A running agent: SIGTERM on drop (then SIGKILL if it hangs).
+/// A running agent: SIGTERM on drop (then SIGKILL if it hangs), and its pins
+/// removed unless it was killed on purpose (another agent adopts them).
 pub struct Agent {
     child: Option<Child>,
     pub log: PathBuf,
     pub pin_dir: PathBuf,
+    cleanup: bool,
 }
 
 impl Agent {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would: the balancer stays attached from its pins.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("agent running");
+        let _ = child.kill();
+        let _ = child.wait();
+        self.cleanup = false;
+    }
+
+    /// Stops with SIGTERM but keeps the pins for the next agent (run with
+    /// `--keep-on-exit`).
+    pub fn stop_keeping(&mut self) -> (std::process::ExitStatus, String) {
+        self.cleanup = false;
+        self.stop()
     }
 
     /// Sends SIGHUP (reload).
@@ -349,7 +377,9 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if self.cleanup {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
     }
 }
 

@@ -22,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "nftables",
     "fonts-dejavu-core",
+    "prometheus",
 ];
 
 pub fn setup() -> Result<()> {

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -35,6 +35,29 @@ pub struct Target {
     pub service: String,
 }
 
+/// What the probes of one target have done so far (see [`Checker::probe_stats`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProbeStats {
+    /// Probe attempts that succeeded.
+    pub successes: u64,
+    /// Probe attempts that failed (timeouts included).
+    pub failures: u64,
+    /// How long the last successful attempt took; `None` before the first success.
+    pub last_latency: Option<Duration>,
+}
+
+impl ProbeStats {
+    fn record(&mut self, result: &Result<Duration, String>) {
+        match result {
+            Ok(latency) => {
+                self.successes += 1;
+                self.last_latency = Some(*latency);
+            }
+            Err(_) => self.failures += 1,
+        }
+    }
+}
+
 /// A target changed state.
 #[derive(Debug, Clone)]
 pub struct HealthEvent {
@@ -47,6 +70,8 @@ pub struct HealthEvent {
 struct Running {
     target: Target,
     up: Arc<AtomicBool>,
+    /// Updated by the probe task after each attempt.
+    stats: Arc<Mutex<ProbeStats>>,
     /// `None` for kind `none`, which needs no task.
     task: Option<JoinHandle<()>>,
 }
@@ -58,6 +83,13 @@ impl Running {
         } else {
             Health::Down
         }
+    }
+
+    fn stats(&self) -> ProbeStats {
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn stop(&mut self) {
@@ -96,13 +128,17 @@ impl Checker {
     /// their initial state. A target whose spec or address changed starts again at its
     /// initial state, and if that differs from its state so far an event says so.
     /// Of several targets with the same key, the last one counts.
+    ///
+    /// Probe statistics ([`Checker::probe_stats`]) belong to the key: a target that
+    /// keeps running or is restarted with a changed spec or address keeps counting on
+    /// from its totals so far; a removed target's are forgotten.
     pub fn set_targets(&mut self, targets: Vec<Target>) {
         let mut wanted: HashMap<TargetKey, Target> = HashMap::with_capacity(targets.len());
         for target in targets {
             wanted.insert(target.key.clone(), target);
         }
         // The state of each target whose spec or address changed, before the change.
-        let mut previous: HashMap<TargetKey, Health> = HashMap::new();
+        let mut previous: HashMap<TargetKey, (Health, Arc<Mutex<ProbeStats>>)> = HashMap::new();
         self.running.retain(|key, running| match wanted.get(key) {
             Some(target) if *target == running.target => {
                 wanted.remove(key);
@@ -110,15 +146,18 @@ impl Checker {
             }
             changed => {
                 if changed.is_some() {
-                    previous.insert(key.clone(), running.health());
+                    previous.insert(key.clone(), (running.health(), running.stats.clone()));
                 }
                 running.stop();
                 false
             }
         });
         for (key, target) in wanted {
-            let previous = previous.remove(&key);
-            let running = self.start(target);
+            let (previous, stats) = match previous.remove(&key) {
+                Some((health, stats)) => (Some(health), stats),
+                None => (None, Arc::default()),
+            };
+            let running = self.start(target, stats);
             if let Some(previous) = previous.filter(|&h| h != running.health()) {
                 let _ = self.events.send(HealthEvent {
                     key: key.clone(),
@@ -137,6 +176,13 @@ impl Checker {
         self.running.get(key).map(Running::health)
     }
 
+    /// What the probes of the target `key` have done so far, if it is probed (all
+    /// zero for kind `none`, which never probes). Each attempt's result is counted
+    /// as soon as it is known.
+    pub fn probe_stats(&self, key: &TargetKey) -> Option<ProbeStats> {
+        self.running.get(key).map(Running::stats)
+    }
+
     /// Stops every probe and forgets every target.
     pub fn shutdown(&mut self) {
         for running in self.running.values_mut() {
@@ -145,7 +191,7 @@ impl Checker {
         self.running.clear();
     }
 
-    fn start(&self, target: Target) -> Running {
+    fn start(&self, target: Target, stats: Arc<Mutex<ProbeStats>>) -> Running {
         let up = Arc::new(AtomicBool::new(target.spec.initial == Health::Up));
         let task = match target.spec.kind {
             ProbeKind::None => {
@@ -157,9 +203,15 @@ impl Checker {
                 self.semaphore.clone(),
                 self.events.clone(),
                 up.clone(),
+                stats.clone(),
             ))),
         };
-        Running { target, up, task }
+        Running {
+            target,
+            up,
+            stats,
+            task,
+        }
     }
 }
 
@@ -176,6 +228,7 @@ async fn probe_loop(
     semaphore: Arc<Semaphore>,
     events: UnboundedSender<HealthEvent>,
     up: Arc<AtomicBool>,
+    stats: Arc<Mutex<ProbeStats>>,
 ) {
     let spec = &target.spec;
     let prober = Prober::new(spec, target.addr);
@@ -192,6 +245,10 @@ async fn probe_loop(
             };
             prober.run(&ctx).await
         };
+        stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(&result);
         if let Some(health) = tracker.record(result.is_ok()) {
             up.store(health == Health::Up, Ordering::Relaxed);
             let reason = match (&result, health) {

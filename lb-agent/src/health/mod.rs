@@ -20,7 +20,7 @@ mod tracker;
 #[cfg(test)]
 mod tests;
 
-pub use checker::{Checker, HealthEvent, Target, TargetKey};
+pub use checker::{Checker, HealthEvent, ProbeStats, Target, TargetKey};
 pub use probe::{ProbeContext, probe_once};
 pub use tracker::Tracker;
 

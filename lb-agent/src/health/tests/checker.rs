@@ -111,3 +111,63 @@ fn target_address_defaults() {
         "198.18.0.99:8080".parse().unwrap()
     );
 }
+
+/// Waits until the stats of `key` satisfy `done`, and returns them.
+async fn stats_until(
+    checker: &Checker,
+    key: &TargetKey,
+    done: impl Fn(&ProbeStats) -> bool,
+) -> ProbeStats {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = checker.probe_stats(key).expect("target is probed");
+        if done(&stats) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stats still {stats:?} after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn probe_stats_count_attempts() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap();
+    let closed = closed_port().await;
+    let (tx, _events) = mpsc::unbounded_channel();
+    let mut checker = Checker::new(DEFAULT_MAX_CONCURRENT, tx);
+    let good = target("web", ProbeKind::Tcp, open);
+    let mut bad = target("dns", ProbeKind::Tcp, closed);
+    bad.key.backend = "127.0.0.2".parse().unwrap();
+    let mut none = target("none", ProbeKind::None, closed);
+    none.key.backend = "127.0.0.3".parse().unwrap();
+    checker.set_targets(vec![good.clone(), bad.clone(), none.clone()]);
+    assert_eq!(checker.probe_stats(&none.key), Some(ProbeStats::default()));
+    assert_eq!(checker.probe_stats(&key("absent")), None);
+
+    let up = stats_until(&checker, &good.key, |s| s.successes >= 2).await;
+    assert_eq!(up.failures, 0);
+    assert!(up.last_latency.is_some());
+    let down = stats_until(&checker, &bad.key, |s| s.failures >= 2).await;
+    assert_eq!((down.successes, down.last_latency), (0, None));
+
+    // The listener goes: failures are counted, the last success's latency is kept.
+    drop(listener);
+    let before = checker.probe_stats(&good.key).unwrap();
+    let after = stats_until(&checker, &good.key, |s| s.failures >= 1).await;
+    assert!(after.successes >= before.successes);
+    assert!(after.last_latency.is_some());
+
+    // A changed spec keeps the key's totals; removal forgets them.
+    let mut changed = good.clone();
+    changed.spec.timeout = Duration::from_millis(50);
+    checker.set_targets(vec![changed.clone(), bad.clone()]);
+    let kept = checker.probe_stats(&changed.key).unwrap();
+    assert!(kept.successes >= after.successes && kept.failures >= after.failures);
+    assert_eq!(checker.probe_stats(&none.key), None);
+    checker.set_targets(vec![]);
+    assert_eq!(checker.probe_stats(&good.key), None);
+}

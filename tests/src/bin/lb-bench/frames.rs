@@ -20,13 +20,18 @@ fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-fn l4(tcp: bool, sport: u16, dport: u16) -> Vec<u8> {
+/// TCP flags: SYN (a new flow: the program always schedules it again) and ACK
+/// (an established flow: looked up in the connection table).
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+
+fn l4(tcp: bool, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend_from_slice(&sport.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
     if tcp {
         p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // seq, ack
-        p.extend_from_slice(&[5 << 4, 0x02]); // data offset 5, SYN
+        p.extend_from_slice(&[5 << 4, flags]); // data offset 5, flags
         p.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, checksum, urgent
     } else {
         p.extend_from_slice(&8u16.to_be_bytes());
@@ -35,8 +40,18 @@ fn l4(tcp: bool, sport: u16, dport: u16) -> Vec<u8> {
     p
 }
 
+/// An IPv4 TCP (ACK, an established flow) or UDP frame.
 pub fn ipv4_frame(src: Ipv4Addr, dst: Ipv4Addr, tcp: bool, sport: u16, dport: u16) -> Vec<u8> {
-    let seg = l4(tcp, sport, dport);
+    ipv4_flags(src, dst, tcp, sport, dport, ACK)
+}
+
+/// An IPv4 TCP SYN: a new flow every time the program sees it.
+pub fn ipv4_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    ipv4_flags(src, dst, true, sport, dport, SYN)
+}
+
+fn ipv4_flags(src: Ipv4Addr, dst: Ipv4Addr, tcp: bool, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let seg = l4(tcp, sport, dport, flags);
     let mut h = vec![0x45, 0];
     h.extend_from_slice(&((20 + seg.len()) as u16).to_be_bytes());
     h.extend_from_slice(&[0, 1, 0x40, 0, 64, if tcp { 6 } else { 17 }, 0, 0]);
@@ -53,8 +68,9 @@ pub fn ipv4_frame(src: Ipv4Addr, dst: Ipv4Addr, tcp: bool, sport: u16, dport: u1
     ethernet(0x0800, &h)
 }
 
+/// An IPv6 TCP ACK (an established flow).
 pub fn ipv6_frame(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
-    let seg = l4(true, sport, dport);
+    let seg = l4(true, sport, dport, ACK);
     let mut h = vec![0x60, 0, 0, 0];
     h.extend_from_slice(&(seg.len() as u16).to_be_bytes());
     h.extend_from_slice(&[6, 64]);
@@ -105,13 +121,23 @@ pub fn config_yaml(
     y
 }
 
+/// A made-up MAC for every backend, derived from its address alone (so a second
+/// configuration that adds backends keeps every other backend's MAC).
 pub fn fake_macs(cfg: &Config) -> BTreeMap<IpAddr, Mac> {
     Plan::backend_addresses(cfg)
         .into_iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let b = (i as u32).to_be_bytes();
-            (a, [0x02, 0xbe, b[0], b[1], b[2], b[3]])
-        })
+        .map(|a| (a, fake_mac(a)))
         .collect()
+}
+
+pub fn fake_mac(a: IpAddr) -> Mac {
+    let (tag, b) = match a {
+        IpAddr::V4(v) => (0xbe, v.octets()),
+        IpAddr::V6(v) => {
+            let o = v.octets();
+            // The benchmark's IPv6 backends differ in bytes 4..6 (service) and the last two.
+            (0xbf, [o[4], o[5], o[14], o[15]])
+        }
+    };
+    [0x02, tag, b[0], b[1], b[2], b[3]]
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: per-packet cost of the XDP program through
-//! BPF_PROG_TEST_RUN, the live forwarding rate on veth with native XDP (MAC-swap
-//! ceiling, the balancer, nftables DNAT), and control-plane costs (Maglev, plan,
-//! full apply, memory).
+//! BPF_PROG_TEST_RUN (with a per-stage breakdown), the live forwarding rate on veth
+//! with native XDP (MAC-swap ceiling, the balancer, nftables DNAT), control-plane
+//! costs (Maglev, plan, full apply, memory, reload under traffic), and the CPU cost
+//! of 5,000 liveness probes.
 //!
 //! Without `--quick` the results are also written to `docs/benchmarks.md` and
 //! `docs/benchmarks.png`; with `--quick` fewer repetitions and sizes are used, the
@@ -12,6 +13,8 @@ mod frames;
 mod live;
 mod packets;
 mod plot;
+mod probes;
+mod reload;
 mod report;
 mod topo;
 
@@ -31,6 +34,8 @@ struct Params {
     maglev_sizes: &'static [u32],
     /// Full apply of 1,000 x 32: runs.
     apply_runs: usize,
+    /// Reload of 1,000 x 32 under traffic: runs.
+    reload_runs: usize,
 }
 
 /// Median and minimum.
@@ -53,6 +58,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // The probe benchmark's listener process (this binary, started by `probes`).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--probe-listeners") {
+        let n = args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(probes::PORTS);
+        probes::listener_main(n);
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let p = if quick {
         Params {
@@ -63,6 +74,7 @@ fn main() {
             maglev_runs: 3,
             maglev_sizes: &[65537],
             apply_runs: 1,
+            reload_runs: 1,
         }
     } else {
         Params {
@@ -73,6 +85,7 @@ fn main() {
             maglev_runs: 7,
             maglev_sizes: &[65537, 655373],
             apply_runs: 3,
+            reload_runs: 3,
         }
     };
     let lp = if quick {
@@ -88,6 +101,19 @@ fn main() {
             secs: 2.0,
             warmup_secs: 0.3,
             flows: 1024,
+        }
+    };
+    let pp = if quick {
+        probes::ProbeParams {
+            warmup_secs: 1.5,
+            secs: 3.0,
+            bare_secs: 1.0,
+        }
+    } else {
+        probes::ProbeParams {
+            warmup_secs: 3.0,
+            secs: 10.0,
+            bare_secs: 3.0,
         }
     };
     let started = Instant::now();
@@ -123,6 +149,18 @@ fn main() {
     eprintln!("lb-bench: plan and full apply of 1,000 x 32 ...");
     let apply = control::bench_apply(&p);
     println!("\n## Plan and full apply\n\n{apply}");
+    eprintln!("lb-bench: reload of 1,000 x 32 under traffic ...");
+    let reload = reload::bench_reload(&p);
+    println!("\n## Reload\n\n{reload}");
+    eprintln!(
+        "lb-bench: probe CPU, {} TCP targets at 1 s ({:.0} s after {:.0} s warm-up) ...",
+        probes::PORTS * probes::ADDRESSES as usize,
+        pp.secs,
+        pp.warmup_secs
+    );
+    let probe = probes::bench_probes(&pp);
+    let probe_md = probes::probes_md(&probe, &pp);
+    println!("\n## Liveness probes\n\n{probe_md}");
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
     let png = if p.quick {
         std::env::temp_dir().join(format!("lb-bench-{}.png", std::process::id()))
@@ -158,7 +196,9 @@ fn main() {
          ## Per-packet cost of the XDP program\n\n{packets}\n\
          ## Live forwarding rate (veth, native XDP)\n\n{live_md}\n{}\n\
          ## Control plane\n\n### Maglev table build (`lb_agent::maglev::build_table`)\n\n{maglev}\n\
-         ### Plan and full apply, 1,000 services x 32 backends\n\n{apply}\n",
+         ### Plan and full apply, 1,000 services x 32 backends\n\n{apply}\n\
+         ### Reload under traffic, 1,000 services x 32 backends\n\n{reload}\n\
+         ### Liveness probes: CPU\n\n{probe_md}\n",
         sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         sh("uname", &["-r"]),
         started.elapsed().as_secs_f64(),

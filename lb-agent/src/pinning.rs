@@ -1,0 +1,122 @@
+//! What the agent keeps on bpffs so the balancer outlives it: every map, the
+//! program and the XDP link, pinned under one directory (default /sys/fs/bpf/lb).
+//!
+//! A new agent that finds the link pinned adopts that state: it reuses the maps
+//! (so the connection table and the counters carry on) when their layout is the
+//! one this build expects and they are large enough for the configuration,
+//! rebuilds its ids and table placement from them, and swaps its own program in
+//! through the link (one atomic `bpf_link_update`). Otherwise it starts with fresh
+//! maps, still swapping the program in atomically, and says why.
+
+use std::{
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{MapData, MapInfo};
+use lb_common::{
+    map_names as names, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service,
+    VipAddrKey, VipAddrVal, VipKey,
+};
+
+/// BPF_F_MMAPABLE.
+const MMAPABLE: u32 = 1 << 10;
+
+/// The pin directory and the paths in it.
+#[derive(Debug, Clone)]
+pub struct PinDir {
+    pub dir: PathBuf,
+}
+
+/// Every map of the object: name, key size, value size, required flags.
+pub fn layout() -> [(&'static str, usize, usize, u32); 10] {
+    [
+        (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
+        (names::SERVICES, size_of::<VipKey>(), size_of::<Service>(), 0),
+        (names::MAGLEV, 4, 4, MMAPABLE),
+        (names::BACKENDS, 4, size_of::<Backend>(), 0),
+        (names::CONNTRACK, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),
+        (names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityVal>(), 0),
+        (names::SERVICE_STATS, 4, size_of::<Counters>(), 0),
+        (names::BACKEND_STATS, 4, size_of::<Counters>(), 0),
+        (names::STATS, 4, 8, 0),
+        (names::CONFIG, 4, size_of::<Config>(), 0),
+    ]
+}
+
+impl PinDir {
+    pub fn new(dir: &Path) -> Self {
+        PinDir { dir: dir.to_path_buf() }
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The pinned XDP link: present while a balancer is attached from here.
+    pub fn link(&self) -> PathBuf {
+        self.dir.join("link")
+    }
+
+    pub fn program(&self) -> PathBuf {
+        self.dir.join(lb_common::PROG_BALANCER)
+    }
+
+    pub fn has_link(&self) -> bool {
+        self.link().exists()
+    }
+
+    fn info(&self, name: &str) -> Option<MapInfo> {
+        MapData::from_pin(self.map(name)).ok()?.info().ok()
+    }
+
+    /// Whether the pinned maps can be reused for maps of at least `needed`
+    /// entries: `Err` says why not.
+    pub fn reusable(&self, needed: &[(&'static str, u32)]) -> Result<(), String> {
+        for (name, key, value, flags) in layout() {
+            let info = self.info(name).ok_or_else(|| format!("map {name} is not pinned"))?;
+            if info.key_size() as usize != key || info.value_size() as usize != value {
+                return Err(format!(
+                    "map {name} has the layout of another version (key {} / value {} bytes, this build: {key} / {value})",
+                    info.key_size(),
+                    info.value_size()
+                ));
+            }
+            if info.map_flags() & flags != flags {
+                return Err(format!("map {name} was created with other flags"));
+            }
+            if let Some((_, need)) = needed.iter().find(|(n, _)| *n == name) {
+                if info.max_entries() < *need {
+                    return Err(format!(
+                        "map {name} holds {} entries, the configuration needs {need}",
+                        info.max_entries()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes pinned maps (before creating fresh ones) and the program pin.
+    pub fn clear_maps(&self) -> std::io::Result<()> {
+        for (name, ..) in layout() {
+            match std::fs::remove_file(self.map(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        match std::fs::remove_file(self.program()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes everything this directory holds for the balancer, then the
+    /// directory if it is empty.
+    pub fn remove_all(&self) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(self.link());
+        self.clear_maps()?;
+        let _ = std::fs::remove_dir(&self.dir);
+        Ok(())
+    }
+}
