@@ -28,6 +28,37 @@ pub enum Commands {
         /// The YAML configuration.
         file: PathBuf,
     },
+    /// Show the running agent's services and backends like `ipvsadm -Ln --rate`
+    /// (over its control socket).
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Drain a backend at run time: weight 0, no new flows, established flows
+    /// continue. The configuration file keeps its weight (a reload or restart
+    /// restores it unless drained again).
+    Drain {
+        backend: std::net::IpAddr,
+        /// Only in this service (default: every service that has the backend).
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Undo `drain`: the backend gets its configured weight again.
+    Undrain {
+        backend: std::net::IpAddr,
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Print the counters of a running agent (read from its pinned maps).
     Stats {
         /// The configuration the agent runs with (labels ids with names).
@@ -61,6 +92,12 @@ pub struct RunArgs {
     /// agent detaches and removes what it created.
     #[arg(long)]
     pub keep_on_exit: bool,
+    /// Prometheus endpoint (GET /metrics); "off" disables it.
+    #[arg(long, default_value = "127.0.0.1:9642")]
+    pub metrics_listen: String,
+    /// Control socket for `lb-agent status`, `drain` and `undrain` (mode 0600).
+    #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
     /// How long to wait for backends' MAC addresses (ARP/ND) at start.
     #[arg(long, default_value_t = 3.0)]
     pub resolve_timeout_secs: f64,
@@ -117,6 +154,13 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Commands::Status { json, watch, socket } => client_status(&socket, json, watch),
+        Commands::Drain { backend, service, socket } => {
+            client_call(&socket, &crate::control::Request::Drain { backend, service })
+        }
+        Commands::Undrain { backend, service, socket } => {
+            client_call(&socket, &crate::control::Request::Undrain { backend, service })
+        }
         Commands::Stats { config, pin_dir } => match crate::report::print_stats(&config, &pin_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -124,5 +168,59 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn client_call(socket: &std::path::Path, request: &crate::control::Request) -> ExitCode {
+    use crate::control::Response;
+    match crate::control::call(socket, request) {
+        Ok(Response::Done { message }) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error { message }) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+        Ok(Response::Status(_)) => {
+            eprintln!("error: unexpected answer from the agent");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client_status(socket: &std::path::Path, json: bool, watch: bool) -> ExitCode {
+    use crate::control::{Request, Response};
+    loop {
+        match crate::control::call(socket, &Request::Status) {
+            Ok(Response::Status(status)) => {
+                let text = if json { crate::control::render_json(&status) } else { crate::control::render_table(&status) };
+                if watch {
+                    // Clear the screen and redraw, like watch(1).
+                    print!("\x1b[H\x1b[2J");
+                }
+                println!("{text}");
+            }
+            Ok(Response::Error { message }) => {
+                eprintln!("error: {message}");
+                return ExitCode::FAILURE;
+            }
+            Ok(_) => {
+                eprintln!("error: unexpected answer from the agent");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        if !watch {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }

@@ -11,6 +11,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod neigh;
 pub mod object;
+pub mod observe;
 pub mod pinning;
 pub mod plan;
 pub mod reload;

@@ -6,7 +6,13 @@
 //! One task owns the dataplane and handles every event in turn, so map updates
 //! never interleave.
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use tokio::{
@@ -22,7 +28,10 @@ use crate::{
     neigh::{format_mac, Interface, Mac, NeighUpdate, Neighbours},
     pinning::PinDir,
     plan::{DownSet, Plan},
+    control::{Call, Request, Response},
+    observe::{Context as StatusContext, Sampler},
     reload,
+    status::Status,
 };
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -51,6 +60,12 @@ struct Agent {
     checker: Checker,
     reloads_ok: u64,
     reloads_failed: u64,
+    mode: crate::dataplane::AttachMode,
+    started: std::time::Instant,
+    /// Backends drained at run time: (service, address).
+    drained: BTreeSet<(String, IpAddr)>,
+    status: Arc<RwLock<Status>>,
+    sampler: Sampler,
 }
 
 /// Probe targets of a configuration.
@@ -89,6 +104,9 @@ fn initial_down(config: &Config, checker: &Checker) -> DownSet {
 async fn run_async(args: RunArgs) -> Result<()> {
     let seen = std::fs::read(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    // Before touching the kernel: a second agent on the same socket stops here.
+    let listener = crate::control::bind(&args.control_socket)
+        .with_context(|| format!("control socket {}", args.control_socket.display()))?;
     let nl = Neighbours::connect()?;
     let iface = nl.interface(&args.iface).await?;
     tracing::info!(iface = %iface.name, index = iface.index, mac = %format_mac(&iface.mac), "interface");
@@ -146,7 +164,33 @@ async fn run_async(args: RunArgs) -> Result<()> {
         checker,
         reloads_ok: 0,
         reloads_failed: 0,
+        mode,
+        started: std::time::Instant::now(),
+        drained: BTreeSet::new(),
+        status: Arc::new(RwLock::new(Status::default())),
+        sampler: Sampler::default(),
     };
+    agent.refresh_status();
+    // systemd Type=notify: ready once the maps are filled and the program attached.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not notify systemd of readiness");
+    }
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
+    let control = tokio::spawn(crate::control::run(listener, calls_tx, shutdown_rx.clone()));
+    let metrics = match agent.args.metrics_listen.as_str() {
+        "off" => None,
+        addr => {
+            let addr: std::net::SocketAddr =
+                addr.parse().with_context(|| format!("--metrics-listen {addr}: not an address:port"))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics endpoint {addr}"))?;
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            Some(tokio::spawn(crate::metrics::serve_listener(listener, agent.status.clone(), shutdown_rx.clone())))
+        }
+    };
+    let mut status_tick = tokio::time::interval(Duration::from_secs(1));
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut file_tick = tokio::time::interval(Duration::from_secs(1));
@@ -164,7 +208,15 @@ async fn run_async(args: RunArgs) -> Result<()> {
             Some(ev) = health_rx.recv() => agent.on_health(ev),
             Some(ev) = neigh_events.recv() => agent.on_neighbour(ev),
             _ = resolve_tick.tick() => agent.resolve_missing().await,
+            _ = status_tick.tick() => agent.refresh_status(),
+            Some(call) = calls.recv() => agent.on_call(call),
         }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = shutdown_tx.send(true);
+    let _ = control.await;
+    if let Some(m) = metrics {
+        let _ = m.await;
     }
     agent.checker.shutdown();
     let stats = agent.dp.stats();
@@ -203,10 +255,97 @@ fn report_unusable(plan: &Plan, iface: &Interface) {
 }
 
 impl Agent {
+    /// The configuration with run-time drains applied (weight 0).
+    fn effective(&self, config: &Config) -> Config {
+        let mut c = config.clone();
+        for s in &mut c.services {
+            for b in &mut s.backends {
+                if self.drained.contains(&(s.name.clone(), b.address)) {
+                    b.weight = 0;
+                }
+            }
+        }
+        c
+    }
+
+    fn refresh_status(&mut self) {
+        let stats = match self.dp.stats() {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!(error = %e, "reading the counters"),
+        };
+        let ctx = StatusContext {
+            config: &self.config,
+            config_path: &self.args.config.display().to_string(),
+            iface: &self.iface.name,
+            attach_mode: &self.mode.to_string(),
+            pin_dir: &self.args.pin_dir.display().to_string(),
+            uptime: self.started.elapsed(),
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+            drained: &self.drained,
+            checker: &self.checker,
+        };
+        let status = self.sampler.status(&ctx, &self.plan, stats);
+        if let Ok(mut s) = self.status.write() {
+            *s = status;
+        }
+    }
+
+    fn on_call(&mut self, call: Call) {
+        let response = match call.request {
+            Request::Status => {
+                self.refresh_status();
+                Response::Status(self.status.read().map(|s| s.clone()).unwrap_or_default())
+            }
+            Request::Drain { backend, service } => self.set_drain(backend, service, true),
+            Request::Undrain { backend, service } => self.set_drain(backend, service, false),
+        };
+        let _ = call.reply.send(response);
+    }
+
+    fn set_drain(&mut self, backend: IpAddr, service: Option<String>, drain: bool) -> Response {
+        let hits: Vec<(String, u32)> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| service.as_ref().is_none_or(|n| *n == s.name))
+            .filter_map(|s| s.backends.iter().find(|b| b.address == backend).map(|b| (s.name.clone(), b.weight)))
+            .collect();
+        if hits.is_empty() {
+            let scope = service.map(|s| format!("service {s}")).unwrap_or_else(|| "any service".into());
+            return Response::Error { message: format!("{backend} is not a backend of {scope}") };
+        }
+        for (name, _) in &hits {
+            if drain {
+                self.drained.insert((name.clone(), backend));
+            } else {
+                self.drained.remove(&(name.clone(), backend));
+            }
+        }
+        if !self.replan(if drain { "drain" } else { "undrain" }) {
+            return Response::Error { message: "the maps could not be updated (see the agent's log)".into() };
+        }
+        let what = if drain { "drained" } else { "undrained" };
+        let lines: Vec<String> = hits
+            .iter()
+            .map(|(name, w)| {
+                if drain {
+                    format!("{what} {backend} in {name}: weight 0 now, established flows continue; the file still says weight {w}")
+                } else {
+                    format!("{what} {backend} in {name}: weight {w} (from the file)")
+                }
+            })
+            .collect();
+        tracing::warn!(backend = %backend, services = hits.len(), "{what} at run time");
+        self.refresh_status();
+        Response::Done { message: lines.join("\n") }
+    }
+
     /// Recomputes the plan from the current inputs and applies it; false (logged)
     /// when the maps could not take it.
     fn replan(&mut self, why: &str) -> bool {
-        let plan = Plan::next(&self.config, &self.macs, &self.down, Some(&self.plan));
+        let config = self.effective(&self.config);
+        let plan = Plan::next(&config, &self.macs, &self.down, Some(&self.plan));
         match self.dp.apply(&plan) {
             Ok(summary) => {
                 tracing::debug!(why, %summary, "maps updated");
@@ -301,7 +440,11 @@ impl Agent {
         // Unchanged probes keep their state; new ones start in their initial state.
         self.checker.set_targets(probe_targets(&new));
         let down = initial_down(&new, &self.checker);
-        let plan = Plan::next(&new, &self.macs, &down, Some(&self.plan));
+        // Run-time drains of backends that are still there stay in force.
+        self.drained.retain(|(svc, addr)| {
+            new.services.iter().any(|s| s.name == *svc && s.backends.iter().any(|b| b.address == *addr))
+        });
+        let plan = Plan::next(&self.effective(&new), &self.macs, &down, Some(&self.plan));
         if let Err(e) = self.dp.check_fits(&plan) {
             self.checker.set_targets(probe_targets(&self.config));
             return self.reload_failed(why, &e.to_string());

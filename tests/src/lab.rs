@@ -214,6 +214,11 @@ impl Lab {
         path
     }
 
+    /// The agent's control socket (unique per lab).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+
     /// Where a test's agent pins its maps (unique per lab).
     pub fn pin_dir(&self) -> PathBuf {
         PathBuf::from("/sys/fs/bpf").join(&self.id)
@@ -229,6 +234,15 @@ impl Lab {
     /// says the balancer is in place: "attached", or "replaced the program" when it
     /// adopts one an earlier agent left attached.
     pub fn start_agent_with(&self, config: &Path, extra: &[&str]) -> Agent {
+        self.start_agent_full(config, extra, &[])
+    }
+
+    /// `start_agent` with more environment variables for the agent.
+    pub fn start_agent_env(&self, config: &Path, env: &[(&str, &str)]) -> Agent {
+        self.start_agent_full(config, &[], env)
+    }
+
+    fn start_agent_full(&self, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let n = AGENTS.fetch_add(1, Ordering::SeqCst);
         let log = self.dir.join(format!("agent-{n}.log"));
         let bin = agent_bin();
@@ -240,9 +254,12 @@ impl Lab {
             .arg(config)
             .arg("--pin-dir")
             .arg(self.pin_dir())
+            .arg("--control-socket")
+            .arg(self.control_socket())
             .args(extra)
             .env("LB_LOG", std::env::var("LB_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log"))
             .spawn()

@@ -108,9 +108,11 @@ pub fn live_md(
              (and {:.0} ns vs {:.0} ns for an established UDP frame under BPF_PROG_TEST_RUN above). On this \
              veth path the ceiling is so cheap that any real parse-lookup-rewrite program is a large share: \
              the per-frame work of lb_xdp is a VIP_ADDRS hash lookup, a SERVICES hash lookup, a CONNTRACK \
-             lookup in the shared LRU hash (40-byte key), the BACKENDS and CONFIG array reads, and three \
-             per-CPU counter updates (STATS, SERVICE_STATS, BACKEND_STATS). What would close most of the \
-             gap: one combined per-CPU counter update instead of three, a per-CPU LRU connection table in \
+             lookup in the shared LRU hash (40-byte key), the BACKENDS and CONFIG array reads, and four \
+             per-CPU counter updates (STATS twice, conn_hit and forwarded; SERVICE_STATS; BACKEND_STATS); \
+             the per-stage breakdown above shows the three hash lookups as most of an established frame's \
+             cost. What would close most of the \
+             gap: one combined per-CPU counter update instead of four, a per-CPU LRU connection table in \
              front of the shared one (hit without touching shared LRU lists), a 4-byte IPv4 key path instead \
              of 16-byte mapped addresses, and merging VIP_ADDRS into the SERVICES lookup. On a real NIC at \
              line rate the fixed path cost per frame is larger (DMA, descriptor rings, cache misses on \
@@ -169,24 +171,37 @@ pub const HOW_MEASURED: &str = "\
 - **Reference floor.** `bench_macswap` (in `lb-ebpf`, never attached by the agent) swaps the
   two MAC addresses and returns XDP_TX: the least an XDP forwarder can do. The target is a
   non-VIP frame costing at most twice that.
+- **Breakdown.** Frames that stop after successive stages (malformed, non-VIP, VIP without
+  the service, empty table, established, SYN, persistence SYN), run interleaved round by round
+  with `repeat` N; each row's stopping point is checked with the `STATS` counter it moves
+  before timing. Step costs are differences of medians, not direct measurements.
 - **Control plane.** Wall-clock time (`Instant`) in the release build. The full apply is
-  `Dataplane::load` + `Dataplane::write`: object load, verification, map creation, then every
-  map entry written with its own `bpf(BPF_MAP_UPDATE_ELEM)` call. Resident memory is VmRSS from
-  `/proc/self/status` after the apply; BPF map memory is the sum of `bytes_memlock` that
-  `bpftool` reports for the maps of that object.
+  `Dataplane::load` + `Dataplane::write`: object load, verification, map creation, then the
+  Maglev tables copied into `MAGLEV` through its memory mapping (`BPF_F_MMAPABLE`) and every
+  other entry (backends, services, VIP addresses, counter zeroing, `CONFIG`) written with its
+  own `bpf(BPF_MAP_UPDATE_ELEM)` call. Resident memory is VmRSS from `/proc/self/status` after
+  the apply; BPF map memory is the sum of `bytes_memlock` that `bpftool` reports for the maps
+  of that object.
+- **Reload.** The agent's reload path on a loaded and filled 1,000 x 32 dataplane: parse,
+  `Plan::next` from the running plan, `check_fits`, `Dataplane::apply`, wall-clock each. Traffic
+  during it: BPF_PROG_TEST_RUN (repeat 1, raw `bpf()` syscall on a duplicate of the program's fd)
+  from a second thread over established and new flows of every service; each run's verdict and
+  output MAC are checked. Not a live interface: the program, maps and swap are the real ones,
+  but frames come one per syscall (a few hundred thousand per second), not at line rate.
+- **Liveness probes.** `lb_agent::health::Checker` in the bench process against listeners in a
+  child process, in a namespace of its own; CPU from `getrusage`, probes from the listeners'
+  accept counts. See the section for the comparison rows.
 - **Live rate.** See \"Topology and method\" under the live table. The rate is what came back
   to the generator's interface per second of sending, counted by an XDP program there; the
   program's own ns/frame comes from the kernel's BPF run-time statistics (`BPF_ENABLE_STATS`,
   on only during each run's warm-up, since they add two clock reads per program run).
-- **Closing the apply gap.** `write` costs one syscall per Maglev slot (4.1 M for 1,000 x 4099).
-  Batched updates (`BPF_MAP_UPDATE_BATCH`, thousands of entries per call) or a `BPF_F_MMAPABLE`
-  array for `MAGLEV` (the agent writes the tables straight into the mapped memory) would take
-  this from seconds to milliseconds; a smaller default `table_size` for large fleets helps too.
 
 ## Not yet measured
 
 - The live rate on a real NIC (driver XDP, several RX queues and CPUs) with an external
   traffic generator; the figures above are one CPU on veth.
+- A reload under live traffic at line rate (the reload figures use BPF_PROG_TEST_RUN).
+- Probe CPU against remote backends (the figures above are loopback, an upper bound).
 - Behaviour under load: CONNTRACK LRU eviction at a full table, several CPUs at once.
 ";
 

@@ -1,0 +1,165 @@
+//! What operators use at 4 a.m.: `lb-agent status` and `drain` over the control
+//! socket, the Prometheus endpoint, checked against the traffic actually sent.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, TcpStream},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use lb_agent::status::Status;
+use lb_tests::{
+    lab::{agent_bin, Lab, VIP4},
+    netns,
+    traffic::{requests, Proto},
+};
+
+fn demo_config() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo.yaml")
+}
+
+fn cli(args: &[&str], socket: &Path) -> (i32, String, String) {
+    let out = Command::new(agent_bin()).args(args).arg("--socket").arg(socket).output().expect("run lb-agent");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status(lab: &Lab) -> Status {
+    let (code, out, err) = cli(&["status", "--json"], &lab.control_socket());
+    assert_eq!(code, 0, "lb-agent status --json: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}\n{out}"))
+}
+
+/// GET /metrics from inside the balancer's namespace (the endpoint listens on its
+/// 127.0.0.1).
+fn scrape(lab: &Lab) -> String {
+    netns::run_in(&lab.balancer, || {
+        let mut c = TcpStream::connect("127.0.0.1:9642").expect("connect to the metrics endpoint");
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"), "{resp}");
+        resp.split("\r\n\r\n").nth(1).expect("body").to_string()
+    })
+}
+
+/// The value of the series whose line starts with `prefix`.
+fn series(metrics: &str, prefix: &str) -> f64 {
+    let line = metrics.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"));
+    line.rsplit(' ').next().unwrap().parse().expect("a number")
+}
+
+#[test]
+fn status_and_metrics_match_the_traffic() {
+    let mut lab = Lab::new(3);
+    lab.start_servers();
+    let agent = lab.start_agent(&demo_config());
+    let sent = 300;
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, sent, 2, Duration::from_secs(60));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+
+    let st = status(&lab);
+    let web = st.services.iter().find(|s| s.name == "web").expect("web in status");
+    // Every request is a new TCP connection: one SYN, one new flow.
+    assert_eq!(web.new_flows, sent, "new flows of web");
+    assert_eq!(web.backends.iter().map(|b| b.new_flows).sum::<u64>(), sent);
+    assert!(web.packets >= 3 * sent, "web packets {}", web.packets);
+    assert_eq!(st.attach_mode, "native");
+    assert!(web.backends.iter().all(|b| b.health == "up" && b.recent_flows > 0), "{web:?}");
+
+    let (code, table, err) = cli(&["status"], &lab.control_socket());
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("TCP  198.18.1.10:80 maglev (web)"), "{table}");
+    assert!(table.contains("UDP  198.18.1.10:53 maglev (dns)"), "{table}");
+    assert!(table.contains("[2001:db8:1::10]:80"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.trim_start().starts_with("-> 198.18.0.1")).count(), 6, "{table}");
+
+    let metrics = scrape(&lab);
+    let labels = format!("{{service=\"web\",vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\"}}");
+    assert_eq!(series(&metrics, &format!("lb_service_new_flows_total{labels}")), sent as f64);
+    assert_eq!(series(&metrics, &format!("lb_service_packets_total{labels}")), web.packets as f64);
+    for b in &web.backends {
+        let addr = b.address.unwrap();
+        let prefix = format!("lb_backend_new_flows_total{{service=\"web\",vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\",backend=\"{addr}\"}}");
+        assert_eq!(series(&metrics, &prefix), b.new_flows as f64, "{addr}");
+    }
+    assert!(metrics.contains("lb_xdp_attach_mode{mode=\"native\"} 1"), "{metrics}");
+    let file = lab.dir.join("metrics.txt");
+    std::fs::write(&file, &metrics).unwrap();
+    let check = Command::new("promtool").args(["check", "metrics"]).stdin(std::fs::File::open(&file).unwrap()).output();
+    let check = check.expect("promtool (Debian package prometheus) must be installed: cargo xtask setup does");
+    assert!(check.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    drop(agent);
+}
+
+#[test]
+fn drain_and_undrain_at_run_time() {
+    let mut lab = Lab::new(3);
+    lab.start_servers();
+    let _agent = lab.start_agent(&demo_config());
+    let socket = lab.control_socket();
+
+    let (code, out, err) = cli(&["drain", "198.18.0.12", "--service", "web"], &socket);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("the file still says weight 1"), "{out}");
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 300, 2, Duration::from_secs(60));
+    assert_eq!(t.failures, 0);
+    assert!(!t.by_backend.contains_key("b2"), "a drained backend got new connections: {:?}", t.by_backend);
+    let st = status(&lab);
+    let b2 = st.services.iter().find(|s| s.name == "web").unwrap().backends.iter()
+        .find(|b| b.address == Some("198.18.0.12".parse().unwrap())).unwrap().clone();
+    assert!(b2.drained && b2.weight == 0 && b2.config_weight == 1, "{b2:?}");
+
+    let (code, out, err) = cli(&["undrain", "198.18.0.12"], &socket);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("undrained 198.18.0.12 in web"), "{out}");
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 300, 2, Duration::from_secs(60));
+    assert!(t.by_backend.get("b2").copied().unwrap_or(0) > 30, "b2 back: {:?}", t.by_backend);
+
+    let (code, _, err) = cli(&["drain", "198.18.0.99"], &socket);
+    assert_eq!(code, 1, "an unknown backend is an error");
+    assert!(err.contains("198.18.0.99 is not a backend of any service"), "{err}");
+}
+
+#[test]
+fn non_root_users_get_a_permission_error_not_a_hang() {
+    let mut lab = Lab::new(1);
+    lab.start_servers();
+    let _agent = lab.start_agent(&demo_config());
+    let out = Command::new("timeout")
+        .args(["10", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(agent_bin())
+        .args(["status", "--socket"])
+        .arg(lab.control_socket())
+        .output()
+        .expect("run setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code (124 would be a hang): {err}");
+    assert!(err.contains("permission denied") && err.contains("run as root"), "{err}");
+}
+
+#[test]
+fn readiness_is_notified_after_the_maps_are_filled() {
+    // systemd's Type=notify protocol: a datagram "READY=1" on $NOTIFY_SOCKET.
+    let mut lab = Lab::new(1);
+    lab.start_servers();
+    let path = lab.dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind the notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // SAFETY-free: set for the child only.
+    let agent = lab.start_agent_env(&demo_config(), &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("a readiness notification");
+    let msg = String::from_utf8_lossy(&buf[..n]);
+    assert!(msg.contains("READY=1"), "{msg}");
+    // By then the balancer forwards.
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 20, 1, Duration::from_secs(30));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    drop(agent);
+}
