@@ -676,12 +676,14 @@ fn service_and_backend_counters_are_exact() {
         let vlan = (i % 4 == 0).then_some(Q_TAG);
         let frame = flow.frame(vlan, usize::from(i * 17 % 700));
         let got = lab.forward(svc, &frame, &format!("frame {i}"));
+        let new_flow = !first_hop.contains_key(&sport);
         let hop = first_hop.entry(sport);
         let want = *hop.or_insert_with(|| lab.predict(svc, &flow));
         assert_eq!(got, want, "frame {i}: flow changed backend");
         for c in [&mut svc_want[svc], &mut be_want[got as usize]] {
             c.packets += 1;
             c.bytes += frame.len() as u64;
+            c.new_flows += u64::from(new_flow);
         }
         if i % 10 == 0 {
             lab.untouched(&seg(PROTO_TCP, OTHER, 80), XDP_PASS, "non-VIP");
