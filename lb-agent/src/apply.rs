@@ -245,6 +245,21 @@ fn zero_counters(dp: &mut Dataplane, name: &'static str, id: u32) -> Result<(), 
     m.set(id, zeros, 0).map_err(map_err(name))
 }
 
+/// Sets `VIP_FILTER` to exactly the bits of `addrs`.
+fn write_filter<'a>(dp: &mut Dataplane, addrs: impl Iterator<Item = &'a [u8; 16]>) -> Result<(), DataplaneError> {
+    let mut words = [0u64; lb_common::VIP_FILTER_WORDS as usize];
+    for a in addrs {
+        let bit = lb_common::vip_filter_bit(a);
+        words[(bit >> 6) as usize] |= 1 << (bit & 63);
+    }
+    let mut m: Array<_, u64> =
+        Array::try_from(map_mut(dp.ebpf_mut(), names::VIP_FILTER)?).map_err(map_err(names::VIP_FILTER))?;
+    for (i, w) in words.iter().enumerate() {
+        m.set(i as u32, w, 0).map_err(map_err(names::VIP_FILTER))?;
+    }
+    Ok(())
+}
+
 /// Applies `plan`; see the module documentation for the order of writes.
 pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError> {
     check_fits(dp, plan)?;
@@ -338,7 +353,9 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
         }
     }
 
-    // 4. The VIP address filter.
+    // 4. The VIP address filter: the Bloom bits of old and new addresses first (a
+    // new VIP is never filtered out), then the exact map, then the new bits alone.
+    write_filter(dp, prev.vip_addrs.keys().chain(plan.vip_addrs.keys()))?;
     {
         let mut m: HashMap<_, VipAddrKey, VipAddrVal> =
             HashMap::try_from(map_mut(dp.ebpf_mut(), names::VIP_ADDRS)?).map_err(map_err(names::VIP_ADDRS))?;
@@ -352,6 +369,8 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             m.remove(&VipAddrKey { addr: *addr }).map_err(map_err(names::VIP_ADDRS))?;
         }
     }
+
+    write_filter(dp, plan.vip_addrs.keys())?;
 
     // 5. What went away: service entries, then their backends.
     let keys: BTreeSet<VipKey> = plan.services.iter().map(|s| s.key).collect();

@@ -29,8 +29,9 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 10] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 11] {
     [
+        (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
         (names::SERVICES, size_of::<VipKey>(), size_of::<Service>(), 0),
         (names::MAGLEV, 4, 4, MMAPABLE),

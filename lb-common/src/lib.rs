@@ -30,6 +30,24 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const CONFIG: &str = "CONFIG";
     pub const AFFINITY: &str = "AFFINITY";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
+}
+
+/// Bits in `VIP_FILTER`, a one-hash Bloom filter over the VIP addresses kept in a
+/// plain array (64-bit words): a frame whose destination's bit is clear is not for
+/// a VIP, decided without a hash-map lookup.
+pub const VIP_FILTER_BITS: u32 = 4096;
+pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
+
+/// The `VIP_FILTER` bit of an address (16-byte form).
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let mut h = w(0) ^ w(4).rotate_left(7) ^ w(8).rotate_left(14) ^ w(12).rotate_left(21);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h & (VIP_FILTER_BITS - 1)
 }
 
 /// Name of the balancer's XDP program in the object.

@@ -9,8 +9,13 @@ use aya_ebpf::{
 use lb_common::{
     stat, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
-    DEFAULT_MAX_SERVICES as MS,
+    DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
+
+/// Bloom filter over the VIP addresses (`lb_common::vip_filter_bit`): checked
+/// before `VIP_ADDRS`, so most traffic that is not ours costs an array read.
+#[btf_map]
+pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
 /// Destination addresses that carry at least one service.
 #[btf_map]

@@ -8,9 +8,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{stat, v4_mapped, VipAddrKey, PROTO_TCP, PROTO_UDP};
+use lb_common::{stat, v4_mapped, vip_filter_bit, VipAddrKey, PROTO_TCP, PROTO_UDP};
 
-use crate::maps::VIP_ADDRS;
+use crate::maps::{VIP_ADDRS, VIP_FILTER};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -71,6 +71,11 @@ fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, ()> {
 
 #[inline(always)]
 fn vip_flags(dst: &[u8; 16]) -> Result<u32, Outcome> {
+    let bit = vip_filter_bit(dst);
+    match VIP_FILTER.get(bit >> 6) {
+        Some(word) if *word & (1u64 << (bit & 63)) != 0 => {}
+        _ => return Err(Outcome::Pass(stat::PASS_NOT_VIP)),
+    }
     // SAFETY: the value is copied out at once; the agent only replaces whole entries.
     match unsafe { VIP_ADDRS.get(VipAddrKey { addr: *dst }) } {
         Some(v) => Ok(v.flags),

@@ -75,15 +75,15 @@ fn persistent(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend
     let client = mask_addr(&flow.src, prefix);
     let key = AffinityKey { service_id: svc.id, client };
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: copied out at once.
-    if let Some(a) = unsafe { AFFINITY.get(&key) } {
-        let a = *a;
+    if let Some(p) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: a live entry of this LRU map; refreshed in place (a plain store,
+        // no map update) and otherwise copied out at once.
+        let a = unsafe { *p };
         let fresh = now.wrapping_sub(a.last_ns) < svc.persist_timeout_s as u64 * 1_000_000_000;
         if fresh {
             if let Some(b) = backend(a.backend_id, svc.id, Some(a.generation), BACKEND_ACTIVE | BACKEND_ACCEPTS_NEW) {
                 count(stat::PERSIST_HIT);
-                let val = AffinityVal { last_ns: now, ..a };
-                let _ = AFFINITY.insert(&key, &val, BPF_ANY as u64);
+                unsafe { (*p).last_ns = now };
                 return Ok((a.backend_id, b));
             }
         }

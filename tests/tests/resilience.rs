@@ -65,6 +65,8 @@ fn failed_backend_is_taken_out_and_put_back() {
     let detected = t0.elapsed();
     // interval x fall + one interval = 600 ms; the log line comes right after.
     eprintln!("b2 taken out {detected:?} after its server stopped");
+    // A functional bound with room for a loaded machine, not a speed target.
+    assert!(detected < Duration::from_secs(3), "b2 taken out only after {detected:?}");
     std::thread::sleep(Duration::from_millis(300));
     let after_down = Instant::now();
     let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 300, 2, Duration::from_secs(60));

@@ -197,7 +197,8 @@ pub fn bench_apply(p: &Params) -> String {
     let _ = writeln!(
         md,
         "Memory after the apply: agent VmRSS {:.1} MiB (VmHWM {:.1} MiB, which includes \
-        the generated YAML, the parsed configuration and the plan), BPF maps {:.1} MiB (`bytes_memlock` \
+        the generated YAML, the parsed configuration and the plan; both also count the written pages of \
+        the agent's shared mapping of `MAGLEV`, which is the map's own memory, not a copy), BPF maps {:.1} MiB (`bytes_memlock` \
         from `bpftool -j map show id N` for this object's maps):\n",
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0,

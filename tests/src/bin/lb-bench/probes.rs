@@ -357,11 +357,11 @@ pub fn probes_md(r: &ProbeResult, pp: &ProbeParams) -> String {
             "\n*Why the 10% target is missed, and what would close it.* {:.0} probes/s cost {:.1}% of a \
              core, {:.1} µs per probe, {:.0}% of it system time. The bare connect + close at the same rate \
              costs {:.1}% ({:.1} µs each): the kernel's TCP work for both ends of a loopback connection, \
-             {:.0}% of the Checker's figure. A profile of the probing process (`perf record -g`, quick run) \
-             puts about 10% of its samples in `sock_def_readable` (waking the listener process on each \
+             {:.0}% of the Checker's figure. A one-off profile of the probing process (`perf record -g` during a \
+             quick run while this benchmark was written; not part of the run) put about 10% of its samples in `sock_def_readable` (waking the listener process on each \
              connection: a loopback artefact) and about 10% in context switches (`finish_task_switch`: \
              epoll waits and futex wake-ups between the two workers); tokio's own code (timer wheel, \
-             `probe_loop`) is a few percent. The current-thread row ({:.1}%) shows what the cross-thread \
+             `probe_loop`) was a few percent. The current-thread row ({:.1}%) shows what the cross-thread \
              wake-ups cost. What would close it: (1) against remote backends the listener side's kernel \
              work is not on the agent's CPU; (2) one probe per backend address and port even when several \
              services list it; (3) fewer wake-ups: the Checker starts every probe at its own jittered \
