@@ -104,9 +104,22 @@ fn initial_down(config: &Config, checker: &Checker) -> DownSet {
 async fn run_async(args: RunArgs) -> Result<()> {
     let seen = std::fs::read(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-    // Before touching the kernel: a second agent on the same socket stops here.
+    // Before touching the kernel: a second agent on the same socket or port, or a
+    // bad address, stops here.
     let listener = crate::control::bind(&args.control_socket)
         .with_context(|| format!("control socket {}", args.control_socket.display()))?;
+    let metrics_listener = match args.metrics_listen.as_str() {
+        "off" => None,
+        addr => {
+            let addr: std::net::SocketAddr =
+                addr.parse().with_context(|| format!("--metrics-listen {addr}: not an address:port"))?;
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics endpoint {addr}"))?;
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            Some(l)
+        }
+    };
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let nl = Neighbours::connect()?;
     let iface = nl.interface(&args.iface).await?;
     tracing::info!(iface = %iface.name, index = iface.index, mac = %format_mac(&iface.mac), "interface");
@@ -178,21 +191,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
     let control = tokio::spawn(crate::control::run(listener, calls_tx, shutdown_rx.clone()));
-    let metrics = match agent.args.metrics_listen.as_str() {
-        "off" => None,
-        addr => {
-            let addr: std::net::SocketAddr =
-                addr.parse().with_context(|| format!("--metrics-listen {addr}: not an address:port"))?;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("metrics endpoint {addr}"))?;
-            tracing::info!(%addr, "metrics at http://{addr}/metrics");
-            Some(tokio::spawn(crate::metrics::serve_listener(listener, agent.status.clone(), shutdown_rx.clone())))
-        }
-    };
+    let metrics = metrics_listener
+        .map(|l| tokio::spawn(crate::metrics::serve_listener(l, agent.status.clone(), shutdown_rx.clone())));
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut file_tick = tokio::time::interval(Duration::from_secs(1));
     let mut resolve_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
