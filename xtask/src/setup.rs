@@ -23,6 +23,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "fonts-dejavu-core",
     "prometheus",
+    // systemd-analyze, for the unit check in tests/tests/ops_docs.rs.
+    "systemd",
 ];
 
 pub fn setup() -> Result<()> {
