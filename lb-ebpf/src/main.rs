@@ -75,7 +75,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    schedule::forward(ctx, &flow, pkt.vip_flags, pkt.syn)
+    schedule::forward(ctx, &flow, pkt.syn)
 }
 
 #[cfg(not(test))]

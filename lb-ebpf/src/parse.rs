@@ -2,15 +2,15 @@
 //!
 //! Only what the balancer needs is parsed: Ethernet with at most one 802.1Q tag,
 //! IPv4 (any IHL) or IPv6 (fixed header; an extension header counts as "not L4"),
-//! then the TCP or UDP ports. The VIP address filter runs as soon as the
-//! destination address is known, so traffic that is not ours costs one lookup.
+//! then the TCP or UDP ports. The VIP Bloom filter runs as soon as the destination
+//! address is known, so most traffic that is not ours costs one array read.
 
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{stat, v4_mapped, vip_filter_bit, VipAddrKey, PROTO_TCP, PROTO_UDP};
+use lb_common::{stat, v4_mapped, vip_filter_bit, PROTO_TCP, PROTO_UDP};
 
-use crate::maps::{VIP_ADDRS, VIP_FILTER};
+use crate::maps::VIP_FILTER;
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -47,7 +47,6 @@ pub struct Packet {
     /// Host byte order.
     pub dport: u16,
     pub proto: u8,
-    pub vip_flags: u32,
     /// A TCP SYN without ACK: the first packet of a new connection.
     pub syn: bool,
 }
@@ -69,17 +68,14 @@ fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, ()> {
     Ok(u16::from_be_bytes(unsafe { *p }))
 }
 
+/// The VIP_FILTER test: a clear bit means the destination is no VIP (the exact
+/// `VIP_ADDRS` lookup runs later, only for frames that miss the connection table).
 #[inline(always)]
-fn vip_flags(dst: &[u8; 16]) -> Result<u32, Outcome> {
+fn vip_filter(dst: &[u8; 16]) -> Result<(), Outcome> {
     let bit = vip_filter_bit(dst);
     match VIP_FILTER.get(bit >> 6) {
-        Some(word) if *word & (1u64 << (bit & 63)) != 0 => {}
-        _ => return Err(Outcome::Pass(stat::PASS_NOT_VIP)),
-    }
-    // SAFETY: the value is copied out at once; the agent only replaces whole entries.
-    match unsafe { VIP_ADDRS.get(VipAddrKey { addr: *dst }) } {
-        Some(v) => Ok(v.flags),
-        None => Err(Outcome::Pass(stat::PASS_NOT_VIP)),
+        Some(word) if *word & (1u64 << (bit & 63)) != 0 => Ok(()),
+        _ => Err(Outcome::Pass(stat::PASS_NOT_VIP)),
     }
 }
 
@@ -94,7 +90,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
             read_be16(ctx, ETH_HLEN + 2).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L2))?;
         l3 += VLAN_HLEN;
     }
-    let (src, dst, proto, l4, vip_flags) = match ethertype {
+    let (src, dst, proto, l4) = match ethertype {
         ETH_P_IP => parse_v4(ctx, l3)?,
         ETH_P_IPV6 => parse_v6(ctx, l3)?,
         _ => return Err(Outcome::Pass(stat::PASS_NOT_IP)),
@@ -119,12 +115,11 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
         sport: u16::from_be_bytes([ports[0], ports[1]]),
         dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto,
-        vip_flags,
         syn,
     })
 }
 
-type L3 = ([u8; 16], [u8; 16], u8, usize, u32);
+type L3 = ([u8; 16], [u8; 16], u8, usize);
 
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
@@ -137,7 +132,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
     }
     let dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
-    let flags = vip_flags(&dst)?;
+    vip_filter(&dst)?;
     let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
     if tot_len < ihl || ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
@@ -146,7 +141,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
         return Err(Outcome::Pass(stat::PASS_FRAGMENT));
     }
     let src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    Ok((src, dst, hdr[9], l3 + ihl, flags))
+    Ok((src, dst, hdr[9], l3 + ihl))
 }
 
 #[inline(always)]
@@ -164,12 +159,12 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     if dst[..12] == V4_MAPPED_PREFIX {
         return Err(Outcome::Pass(stat::PASS_NOT_VIP));
     }
-    let flags = vip_flags(&dst)?;
+    vip_filter(&dst)?;
     let payload_len = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
     if ctx.data() + l3 + IPV6_HLEN + payload_len > ctx.data_end() {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
     }
     let mut src = [0u8; 16];
     src.copy_from_slice(&hdr[8..24]);
-    Ok((src, dst, hdr[6], l3 + IPV6_HLEN, flags))
+    Ok((src, dst, hdr[6], l3 + IPV6_HLEN))
 }

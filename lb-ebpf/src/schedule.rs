@@ -3,30 +3,38 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
     flow_hash, maglev_slot, mask_addr, stat, AffinityKey, AffinityVal, Backend, FlowKey, FlowVal,
-    Service, VipKey, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, CONFIG_READY, PROTO_TCP,
+    Service, VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, CONFIG_READY, PROTO_TCP,
     SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES},
+    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES, VIP_ADDRS},
     parse::Outcome,
     stats::{count, count_forward},
 };
 
+/// The service of a frame to a VIP, or why there is none.
 #[inline(always)]
-fn find_service(flow: &FlowKey, vip_flags: u32) -> Option<Service> {
-    let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, _pad: 0 };
+fn find_service(flow: &FlowKey) -> Result<Service, Outcome> {
     // SAFETY: copied out at once; the agent replaces whole entries.
+    let vip_flags = match unsafe { VIP_ADDRS.get(VipAddrKey { addr: flow.dst }) } {
+        Some(v) => v.flags,
+        None => return Err(Outcome::Pass(stat::PASS_NOT_VIP)),
+    };
+    let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, _pad: 0 };
+    // SAFETY: as above.
     if let Some(s) = unsafe { SERVICES.get(&key) } {
-        return Some(*s);
+        return Ok(*s);
     }
     let any = if flow.proto == PROTO_TCP { VIP_ANY_PORT_TCP } else { VIP_ANY_PORT_UDP };
-    if vip_flags & any == 0 {
-        return None;
+    if vip_flags & any != 0 {
+        key.port = 0;
+        // SAFETY: as above.
+        if let Some(s) = unsafe { SERVICES.get(&key) } {
+            return Ok(*s);
+        }
     }
-    key.port = 0;
-    // SAFETY: as above.
-    unsafe { SERVICES.get(&key) }.copied()
+    Err(Outcome::Pass(stat::PASS_NO_SERVICE))
 }
 
 /// The backend of `id` if it belongs to `service_id`, is in incarnation
@@ -95,46 +103,58 @@ fn persistent(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend
     Ok((id, b))
 }
 
-/// Connection table first; then persistence or Maglev for new flows and for flows
-/// whose backend went down or was replaced. A TCP SYN always starts a new flow
-/// (its 5-tuple may be a reused one whose old entry is still in the table), as
-/// Katran does.
+/// An established flow: its connection-table entry, while the backend it names
+/// is still active and of the same generation (so in the same service). Needs no
+/// service lookup: the fast path.
 #[inline(always)]
-fn pick(flow: &FlowKey, svc: &Service, syn: bool) -> Result<(u32, Backend, bool), NoBackend> {
+fn established(flow: &FlowKey) -> Option<(u32, u32, Backend)> {
     // SAFETY: the value is copied out at once.
-    if let Some(v) = if syn { None } else { unsafe { CONNTRACK.get(flow) } } {
-        let v = *v;
-        if v.service_id == svc.id {
-            if let Some(b) = backend(v.backend_id, svc.id, Some(v.generation), BACKEND_ACTIVE) {
-                count(stat::CONN_HIT);
-                return Ok((v.backend_id, b, false));
-            }
-        }
-    }
+    let v = unsafe { *CONNTRACK.get(flow)? };
+    let b = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE)?;
+    Some((v.service_id, v.backend_id, b))
+}
+
+/// A new flow (or one whose backend went down or was replaced): persistence or
+/// Maglev, then a connection-table entry.
+#[inline(always)]
+fn schedule(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend> {
     count(stat::CONN_MISS);
     let (id, b) = if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc)? } else { maglev(flow, svc)? };
     let val = FlowVal { backend_id: id, service_id: svc.id, generation: b.generation };
     if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
         count(stat::CONN_INSERT_FAILED);
     }
-    Ok((id, b, true))
+    Ok((id, b))
 }
 
+/// The connection table first (skipped for a TCP SYN: a new connection, maybe on
+/// a reused 5-tuple whose old entry is still there, as Katran does); only frames
+/// that miss it look up their VIP and service and are scheduled.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, flow: &FlowKey, vip_flags: u32, syn: bool) -> Outcome {
-    let Some(svc) = find_service(flow, vip_flags) else {
-        return Outcome::Pass(stat::PASS_NO_SERVICE);
-    };
+pub fn forward(ctx: &XdpContext, flow: &FlowKey, syn: bool) -> Outcome {
     let cfg = match CONFIG.get(0) {
         Some(c) if c.flags & CONFIG_READY != 0 => *c,
         _ => return Outcome::Pass(stat::PASS_NOT_READY),
     };
-    let (backend_id, backend, new_flow) = match pick(flow, &svc, syn) {
-        Ok(chosen) => chosen,
-        Err(NoBackend::Empty) if svc.flags & SERVICE_PASS_ON_EMPTY != 0 => {
-            return Outcome::Pass(stat::PASS_ALL_DOWN);
+    let hit = if syn { None } else { established(flow) };
+    let (service_id, backend_id, backend, new_flow) = match hit {
+        Some((service_id, backend_id, b)) => {
+            count(stat::CONN_HIT);
+            (service_id, backend_id, b, false)
         }
-        Err(_) => return Outcome::Drop(stat::DROP_NO_BACKEND),
+        None => {
+            let svc = match find_service(flow) {
+                Ok(s) => s,
+                Err(outcome) => return outcome,
+            };
+            match schedule(flow, &svc) {
+                Ok((id, b)) => (svc.id, id, b, true),
+                Err(NoBackend::Empty) if svc.flags & SERVICE_PASS_ON_EMPTY != 0 => {
+                    return Outcome::Pass(stat::PASS_ALL_DOWN);
+                }
+                Err(_) => return Outcome::Drop(stat::DROP_NO_BACKEND),
+            }
+        }
     };
     let start = ctx.data();
     let end = ctx.data_end();
@@ -148,6 +168,6 @@ pub fn forward(ctx: &XdpContext, flow: &FlowKey, vip_flags: u32, syn: bool) -> O
         eth[0..6].copy_from_slice(&backend.mac);
         eth[6..12].copy_from_slice(&cfg.iface_mac);
     }
-    count_forward(svc.id, backend_id, (end - start) as u64, new_flow);
+    count_forward(service_id, backend_id, (end - start) as u64, new_flow);
     Outcome::Tx
 }
