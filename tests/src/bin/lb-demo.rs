@@ -84,14 +84,12 @@ fn main() {
     }
     println!();
 
-    println!("\nThe same counters from the command line (reads the pinned maps):");
+    println!("\nThe agent's own view, as an operator sees it (`lb-agent status`, like ipvsadm -Ln --rate):");
     let out = Command::new(agent_bin())
-        .args(["stats", "--config"])
-        .arg(&config_path)
-        .arg("--pin-dir")
-        .arg(&agent.pin_dir)
+        .args(["status", "--socket"])
+        .arg(lab.control_socket())
         .output()
-        .expect("run lb-agent stats");
+        .expect("run lb-agent status");
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
     let (status, _) = agent.stop();
