@@ -16,6 +16,42 @@ use std::{
 
 use crate::netns;
 
+/// A background thread that runs until asked to stop (or its own bound), in a
+/// network namespace; `finish` stops it and returns what it produced, dropping it
+/// stops and joins it.
+pub struct Worker<T: Send + 'static> {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<T>>,
+}
+
+impl<T: Send + 'static> Worker<T> {
+    /// Runs `f` in namespace `ns`; `f` polls the flag it is given and returns once
+    /// it is set.
+    pub fn spawn_in(ns: &str, f: impl FnOnce(Arc<AtomicBool>) -> T + Send + 'static) -> Worker<T> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        Worker { stop, thread: Some(netns::spawn_in(ns, move || f(flag))) }
+    }
+
+    /// Stops the thread and returns its result.
+    pub fn finish(mut self) -> T {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take().expect("not finished").join() {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Worker<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A running server thread; stopped and joined on drop.
 pub struct Server {
     stop: Arc<AtomicBool>,
@@ -229,8 +265,7 @@ pub fn echo_server(ns: &str, port: u16, name: &str) -> Server {
 /// A long-lived connection exchanging a few bytes every 100 ms.
 pub struct LongLived {
     pub backend: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<LongLivedResult>>,
+    worker: Worker<LongLivedResult>,
 }
 
 #[derive(Debug, Clone)]
@@ -255,14 +290,12 @@ impl LongLived {
         }
         let backend = String::from_utf8_lossy(&name).into_owned();
         assert!(!backend.is_empty(), "no greeting on the long-lived connection to {vip}:{port}");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
         let who = backend.clone();
-        let thread = std::thread::spawn(move || {
+        let worker = Worker::spawn_in(ns, move |stop| {
             let mut r = LongLivedResult { backend: who, exchanges: 0, error: None };
             // Bounded: at most 10 minutes of exchanges.
             let end = Instant::now() + Duration::from_secs(600);
-            while !stop2.load(Ordering::SeqCst) && Instant::now() < end {
+            while !stop.load(Ordering::SeqCst) && Instant::now() < end {
                 let msg = r.exchanges.to_be_bytes();
                 let mut back = [0u8; 8];
                 let res = conn.write_all(&msg).and_then(|_| conn.read_exact(&mut back));
@@ -281,22 +314,12 @@ impl LongLived {
             }
             r
         });
-        LongLived { backend, stop, thread: Some(thread) }
+        LongLived { backend, worker }
     }
 
     /// Stops the exchanges and returns what happened.
-    pub fn finish(mut self) -> LongLivedResult {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().expect("not finished").join().expect("long-lived thread panicked")
-    }
-}
-
-impl Drop for LongLived {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn finish(self) -> LongLivedResult {
+        self.worker.finish()
     }
 }
 
@@ -330,44 +353,28 @@ fn http_get_from(src: IpAddr, vip: IpAddr, port: u16, timeout: Duration) -> Resu
     Ok(body.trim().to_string())
 }
 
-/// Steady background load: HTTP requests one after another from namespace `ns`
-/// until stopped (bounded to 10 minutes), each recorded with its time.
 /// When a request started, and its answer (the backend's name) or error.
 pub type Record = (Instant, Result<String, String>);
 
-pub struct Load {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<Record>>>,
-}
+/// Steady background load: HTTP requests one after another from namespace `ns`
+/// until stopped (bounded to 10 minutes), each recorded with its time.
+pub struct Load(Worker<Vec<Record>>);
 
 impl Load {
     pub fn start(ns: &str, vip: IpAddr, port: u16) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = netns::spawn_in(ns, move || {
+        Load(Worker::spawn_in(ns, move |stop| {
             let mut out = Vec::new();
             let end = Instant::now() + Duration::from_secs(600);
-            while !stop2.load(Ordering::SeqCst) && Instant::now() < end {
+            while !stop.load(Ordering::SeqCst) && Instant::now() < end {
                 out.push((Instant::now(), http_get(vip, port, Duration::from_secs(1))));
                 std::thread::sleep(Duration::from_millis(5));
             }
             out
-        });
-        Load { stop, thread: Some(thread) }
+        }))
     }
 
     /// Stops and returns every request's start time and result.
-    pub fn finish(mut self) -> Vec<Record> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().expect("not finished").join().expect("load thread panicked")
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn finish(self) -> Vec<Record> {
+        self.0.finish()
     }
 }

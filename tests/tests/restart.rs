@@ -4,11 +4,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -17,45 +13,30 @@ use lb_common::stat;
 use lb_tests::{
     lab::{Lab, ECHO_PORT, VIP4},
     netns,
-    traffic::{Load, LongLived},
+    traffic::{Load, LongLived, Worker},
 };
 
 /// UDP request/reply over one socket per round, counting what was sent and what
 /// came back (each reply is the backend's name, so it proves the datagram got
 /// through the balancer).
-struct UdpStream {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<(u64, u64)>>,
-}
-
-impl UdpStream {
-    fn start(ns: &str, vip: IpAddr) -> UdpStream {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = netns::spawn_in(ns, move || {
-            let (mut sent, mut answered) = (0u64, 0u64);
-            let end = Instant::now() + Duration::from_secs(120);
-            let mut buf = [0u8; 64];
-            while !stop2.load(Ordering::SeqCst) && Instant::now() < end {
-                let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-                s.connect(SocketAddr::new(vip, 53)).expect("connect");
-                s.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
-                s.send(b"who").expect("send");
-                sent += 1;
-                if s.recv(&mut buf).is_ok() {
-                    answered += 1;
-                }
-                std::thread::sleep(Duration::from_millis(2));
+fn udp_stream(ns: &str, vip: IpAddr) -> Worker<(u64, u64)> {
+    Worker::spawn_in(ns, move |stop| {
+        let (mut sent, mut answered) = (0u64, 0u64);
+        let end = Instant::now() + Duration::from_secs(120);
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.connect(SocketAddr::new(vip, 53)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
+            s.send(b"who").expect("send");
+            sent += 1;
+            if s.recv(&mut buf).is_ok() {
+                answered += 1;
             }
-            (sent, answered)
-        });
-        UdpStream { stop, thread: Some(thread) }
-    }
-
-    fn finish(mut self) -> (u64, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().expect("running").join().expect("udp thread")
-    }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (sent, answered)
+    })
 }
 
 /// The lab's services over its first `n` backends.
@@ -94,7 +75,7 @@ fn xdp_prog_id(lab: &Lab) -> String {
 fn across(lab: &mut Lab, restart: impl FnOnce(&Lab) -> lb_tests::lab::Agent) {
     let conns: Vec<LongLived> = (0..16).map(|_| LongLived::open(&lab.client, IpAddr::V4(VIP4), ECHO_PORT)).collect();
     let load = Load::start(&lab.client, IpAddr::V4(VIP4), 80);
-    let udp = UdpStream::start(&lab.client, IpAddr::V4(VIP4));
+    let udp = udp_stream(&lab.client, IpAddr::V4(VIP4));
     std::thread::sleep(Duration::from_millis(500));
     let before = xdp_prog_id(lab);
 
