@@ -71,32 +71,40 @@ impl Drop for Server {
     }
 }
 
-/// HTTP/1.0 server on `[::]:port` (IPv4 and IPv6) in namespace `ns`: each request
-/// gets `200 OK` with the body `name\n`.
-pub fn http_server(ns: &str, port: u16, name: &str) -> Server {
-    let name = name.to_string();
-    let listener = netns::run_in(ns, move || TcpListener::bind(("::", port)).expect("bind the HTTP server"));
+/// A TCP server on `[::]:port` (IPv4 and IPv6) in namespace `ns`, handing each
+/// accepted connection to `handle` on the accepting thread.
+fn tcp_server(ns: &str, port: u16, handle: impl Fn(TcpStream) + Send + 'static) -> Server {
+    let listener = netns::run_in(ns, move || TcpListener::bind(("::", port)).expect("bind the TCP server"));
     let fd = listener.as_raw_fd();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let thread = std::thread::spawn(move || {
         while !stop2.load(Ordering::SeqCst) {
-            let Ok((mut conn, _)) = listener.accept() else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
+            if let Ok((conn, _)) = listener.accept() {
+                handle(conn);
             }
-            let body = format!("{name}\n");
-            let resp = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-            let _ = conn.write_all(resp.as_bytes());
         }
     });
     Server { stop, fd, thread: Some(thread) }
+}
+
+/// HTTP/1.0 server on `[::]:port` (IPv4 and IPv6) in namespace `ns`: each request
+/// gets `200 OK` with the body `name\n`.
+pub fn http_server(ns: &str, port: u16, name: &str) -> Server {
+    let body = format!("{name}\n");
+    let resp = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    tcp_server(ns, port, move |mut conn| {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = conn.write_all(resp.as_bytes());
+    })
 }
 
 /// UDP server bound to each of `addrs` (the VIPs, so replies leave from the VIP as
@@ -232,34 +240,26 @@ pub fn requests(ns: &str, proto: Proto, vip: IpAddr, port: u16, count: u64, work
 /// echoes what it receives, until the peer closes. Stopping the server (drop) stops
 /// accepting; connections already open keep being served.
 pub fn echo_server(ns: &str, port: u16, name: &str) -> Server {
-    let name = name.to_string();
-    let listener = netns::run_in(ns, move || TcpListener::bind(("::", port)).expect("bind the echo server"));
-    let fd = listener.as_raw_fd();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let thread = std::thread::spawn(move || {
-        while !stop2.load(Ordering::SeqCst) {
-            let Ok((mut conn, _)) = listener.accept() else { continue };
-            let greeting = format!("{name}\n");
-            std::thread::spawn(move || {
-                if conn.write_all(greeting.as_bytes()).is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 256];
-                loop {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if conn.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
+    let greeting = format!("{name}\n");
+    tcp_server(ns, port, move |mut conn| {
+        let greeting = greeting.clone();
+        std::thread::spawn(move || {
+            if conn.write_all(greeting.as_bytes()).is_err() {
+                return;
+            }
+            let mut buf = [0u8; 256];
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if conn.write_all(&buf[..n]).is_err() {
+                            return;
                         }
                     }
                 }
-            });
-        }
-    });
-    Server { stop, fd, thread: Some(thread) }
+            }
+        });
+    })
 }
 
 /// A long-lived connection exchanging a few bytes every 100 ms.
