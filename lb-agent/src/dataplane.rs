@@ -139,7 +139,7 @@ impl Dataplane {
     }
 
     pub fn load_object(object: &[u8], plan: &Plan) -> Result<Self> {
-        Self::load_with(object, plan, None, false)
+        Self::load_with(object, plan, None)
     }
 
     /// Loads the object with every map pinned under `pins`. When an earlier agent
@@ -164,17 +164,17 @@ impl Dataplane {
         if !opened.maps_reused {
             pins.clear_maps().map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
         }
-        let mut dp = Self::load_with(crate::object::OBJECT, plan, Some(pins), opened.maps_reused)?;
+        let mut dp = Self::load_with(crate::object::OBJECT, plan, Some(pins))?;
         if opened.maps_reused {
             dp.adopt_state(plan.conntrack_size)?;
         }
         Ok((dp, opened))
     }
 
-    fn load_with(object: &[u8], plan: &Plan, pins: Option<&PinDir>, reuse: bool) -> Result<Self> {
+    fn load_with(object: &[u8], plan: &Plan, pins: Option<&PinDir>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        let sizes = map_sizes(plan);
-        for (name, size) in sizes {
+        // Ignored for pinned maps that are reused: their sizes are read back below.
+        for (name, size) in map_sizes(plan) {
             loader.map_max_entries(name, size);
         }
         let paths: Vec<(&'static str, PathBuf)> =
@@ -196,9 +196,6 @@ impl Dataplane {
             backends: max_entries(&mut ebpf, names::BACKENDS)?,
             maglev: max_entries(&mut ebpf, names::MAGLEV)?,
         };
-        if !reuse {
-            debug_assert!(sizes.iter().any(|(n, s)| *n == names::MAGLEV && *s == capacity.maglev));
-        }
         let maglev = match map_mut(&mut ebpf, names::MAGLEV)? {
             Map::Array(m) => MaglevMap::new(m.fd().as_fd(), capacity.maglev as usize)
                 .map_err(|source| DataplaneError::PinDir { path: "MAGLEV (mmap)".into(), source })?,
