@@ -434,8 +434,13 @@ impl Capture {
 
     /// Packets in the capture that match a tcpdump filter.
     pub fn count(&self, filter: &str) -> usize {
+        self.lines(filter).len()
+    }
+
+    /// tcpdump's one-line summaries of the packets that match a filter.
+    pub fn lines(&self, filter: &str) -> Vec<String> {
         let out = sh(&["tcpdump", "-r", self.file.to_str().expect("utf-8"), "-n", filter]);
-        String::from_utf8_lossy(&out.stdout).lines().count()
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
     }
 }
 

@@ -73,7 +73,7 @@ impl Drop for Server {
 
 /// A TCP server on `[::]:port` (IPv4 and IPv6) in namespace `ns`, handing each
 /// accepted connection to `handle` on the accepting thread.
-fn tcp_server(ns: &str, port: u16, handle: impl Fn(TcpStream) + Send + 'static) -> Server {
+pub fn tcp_server(ns: &str, port: u16, handle: impl Fn(TcpStream) + Send + 'static) -> Server {
     let listener = netns::run_in(ns, move || TcpListener::bind(("::", port)).expect("bind the TCP server"));
     let fd = listener.as_raw_fd();
     let stop = Arc::new(AtomicBool::new(false));

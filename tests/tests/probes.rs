@@ -8,17 +8,17 @@ use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    lab::{Agent, Lab, VIP4, VIP6},
+    lab::{Agent, Capture, Lab, VIP4, VIP6},
     netns::{self, ns_sh},
     tls::{TestPki, TlsServer, https_server},
-    traffic::{Proto, Tally, requests},
+    traffic::{Proto, Tally, requests, tcp_server},
 };
 
 /// Probe timing shared by the tests: fast, so state changes show within a second.
@@ -640,6 +640,89 @@ fn tcp_probe_and_none() {
         &["b3"],
         &agent,
         "web6: only b3 (not probed) while b1's probe port is closed",
+    );
+}
+
+/// A TCP probe is SYN, SYN-ACK, RST: the handshake is never completed, so the
+/// backend's application never accepts a probe connection, and the agent keeps no
+/// TIME-WAIT socket per probe.
+#[test]
+fn tcp_probe_is_syn_synack_rst_and_never_reaches_the_application() {
+    const PORT: u16 = 8081;
+    let lab = Lab::new(1);
+    let b1 = &lab.backends[0];
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    let _server = tcp_server(&b1.ns, PORT, move |_| {
+        count.fetch_add(1, Ordering::SeqCst);
+    });
+    let mut capture = Capture::start(&b1.ns, "eth0", lab.dir.join("probes.pcap"));
+    let yaml = format!(
+        "services:
+  - name: web
+    vip: {VIP4}
+    port: 80
+    probe: {{kind: tcp, port: {PORT}, interval: 200ms, timeout: 150ms, rise: 2, fall: 1, initial: down}}
+    backends:
+      - address: {v4}
+  - name: web6
+    vip: {VIP6}
+    port: 80
+    probe: {{kind: tcp, port: {PORT}, interval: 200ms, timeout: 150ms, rise: 2, fall: 1, initial: down}}
+    backends:
+      - address: {v6}
+",
+        v4 = b1.v4,
+        v6 = b1.v6,
+    );
+    let cfg = lab.write_config("lb.yaml", &yaml);
+    let mut agent = lab.start_agent(&cfg);
+    for service in ["service=web ", "service=web6 "] {
+        let up = wait_line(&agent, &["backend up", service], Duration::from_secs(5));
+        eprintln!("{up}");
+    }
+    // About ten more probes per family, then no more probes.
+    std::thread::sleep(Duration::from_secs(2));
+    let time_wait = ns_sh(
+        &lab.balancer,
+        &["ss", "-Htan", "state", "time-wait", &format!("( dport = :{PORT} )")],
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success(), "the agent exited with {status}\n{}", agent.log_text());
+    capture.stop();
+
+    let lines = capture.lines(&format!("tcp port {PORT}"));
+    let with = |family: &str, flags: &str| {
+        lines
+            .iter()
+            .filter(|l| l.contains(family) && l.contains(&format!("Flags [{flags}]")))
+            .count()
+    };
+    for (family, what) in [(" IP ", "IPv4"), (" IP6 ", "IPv6")] {
+        let (syn, syn_ack, rst) = (with(family, "S"), with(family, "S."), with(family, "R") + with(family, "R."));
+        let others = lines
+            .iter()
+            .filter(|l| l.contains(family))
+            .count()
+            - syn
+            - syn_ack
+            - rst;
+        assert!(
+            syn >= 10 && syn_ack == syn && rst == syn && others == 0,
+            "{what}: expected only SYN, SYN-ACK, RST, as many of each, at least 10: \
+             {syn} SYN, {syn_ack} SYN-ACK, {rst} RST, {others} others:\n{}",
+            lines.join("\n")
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "the backend's application accepted probe connections"
+    );
+    let time_wait = String::from_utf8_lossy(&time_wait.stdout).to_string();
+    assert!(
+        time_wait.trim().is_empty(),
+        "the agent's namespace holds TIME-WAIT sockets to the probe port:\n{time_wait}"
     );
 }
 

@@ -5,7 +5,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpStream, UdpSocket};
+use socket2::SockRef;
+use tokio::net::{TcpSocket, UdpSocket};
 use tokio::process::Command;
 
 use super::http::HttpClient;
@@ -87,11 +88,34 @@ impl Prober {
     }
 }
 
+/// A TCP probe: the backend's kernel answers the SYN with a SYN-ACK, and the probe
+/// ends the connection with an RST at once, without completing the handshake.
+///
+/// The SYN-ACK shows what a full connect would: a socket listens on the port and its
+/// accept queue has room (Linux drops SYNs to a listener whose queue is full). Ending
+/// there costs each side two packets fewer, the backend's application never sees the
+/// probe, and the agent keeps no TIME-WAIT socket per probe (5,000 probes/s would
+/// otherwise hold 300,000, beyond the kernel's default limit). How: with quick ACKs
+/// off, Linux sends the handshake's last ACK only with data or after a delayed-ACK
+/// timeout (200 ms); the probe closes well before that, with `SO_LINGER` 0, which
+/// sends an RST, which the backend's kernel takes as the end of the half-open
+/// connection. Should the ACK be sent first, the handshake completes and the RST
+/// closes an established connection: the probe succeeds either way.
 async fn tcp(target: SocketAddr) -> Result<(), String> {
-    let stream = TcpStream::connect(target)
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| format!("cannot open a socket: {e}"))?;
+    let options = SockRef::from(&socket);
+    options
+        .set_tcp_quickack(false)
+        .and_then(|()| options.set_linger(Some(Duration::ZERO)))
+        .map_err(|e| format!("cannot set the socket's options: {e}"))?;
+    let stream = socket
+        .connect(target)
         .await
         .map_err(|e| format!("connect to {target}: {e}"))?;
-    // Closing at once is enough: the handshake completed.
     drop(stream);
     Ok(())
 }

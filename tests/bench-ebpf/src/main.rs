@@ -8,6 +8,14 @@
 //!   XDP_TX so the frame leaves the generator's interface.
 //! - `bench_count`: attached to the generator's interface, counts the IPv4 frames
 //!   that come back (forwarded by the program under test) and drops everything.
+//!
+//! And for the liveness-probe benchmark:
+//!
+//! - `bench_synack`: stands in for 5,000 remote backends. Every IPv4 TCP SYN (no IP
+//!   options) is answered in place with a SYN-ACK (XDP_TX); every other TCP segment
+//!   (the probes' RSTs) is dropped; the rest (ARP) goes to the stack. The backends
+//!   then cost next to nothing on the machine, as remote ones would.
+//! - `bench_pass`: XDP_PASS, for the peer of a veth whose program uses XDP_TX.
 #![no_std]
 #![no_main]
 
@@ -81,6 +89,80 @@ pub fn bench_count(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action::XDP_DROP
+}
+
+/// One's-complement update of a checksum (RFC 1624) for 16-bit words changed from
+/// `old` to `new`; all values as they lie in the packet (any byte order, the same
+/// for all).
+#[inline(always)]
+fn csum_update(csum: u16, old: &[u16; 5], new: &[u16; 5]) -> u16 {
+    let mut s = u32::from(!csum);
+    for i in 0..5 {
+        s += u32::from(!old[i]) + u32::from(new[i]);
+    }
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// The 16-bit words of a 4-byte field as they lie in memory.
+#[inline(always)]
+fn words(b: [u8; 4]) -> [u16; 2] {
+    [u16::from_ne_bytes([b[0], b[1]]), u16::from_ne_bytes([b[2], b[3]])]
+}
+
+#[xdp]
+pub fn bench_synack(ctx: XdpContext) -> u32 {
+    const TCP: usize = 34;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + TCP + 20 > end {
+        return xdp_action::XDP_PASS;
+    }
+    let p = start as *mut u8;
+    // SAFETY: the first 54 bytes are within the packet (checked above); all accesses
+    // below are at fixed offsets under 54.
+    unsafe {
+        let at = |off: usize| p.add(off);
+        // IPv4, no options, TCP.
+        if *(at(12) as *const [u8; 2]) != [0x08, 0x00] || *at(14) != 0x45 || *at(23) != 6 {
+            return xdp_action::XDP_PASS;
+        }
+        let flags = *at(TCP + 13);
+        // SYN alone (no ACK, RST or FIN); anything else of TCP is dropped.
+        if flags & 0x17 != 0x02 {
+            return xdp_action::XDP_DROP;
+        }
+        let mac = |off: usize| (at(off) as *const [u8; 6]).read_unaligned();
+        let (dst, src) = (mac(0), mac(6));
+        (at(0) as *mut [u8; 6]).write_unaligned(src);
+        (at(6) as *mut [u8; 6]).write_unaligned(dst);
+        // Swapping addresses and ports leaves both checksums as they are.
+        let four = |off: usize| (at(off) as *const [u8; 4]).read_unaligned();
+        let (saddr, daddr, ports) = (four(26), four(30), four(TCP));
+        (at(26) as *mut [u8; 4]).write_unaligned(daddr);
+        (at(30) as *mut [u8; 4]).write_unaligned(saddr);
+        (at(TCP) as *mut [u8; 4]).write_unaligned([ports[2], ports[3], ports[0], ports[1]]);
+        // seq := a fixed ISN, ack := the SYN's seq + 1, flags += ACK.
+        let (seq, ack) = (four(TCP + 4), four(TCP + 8));
+        let new_seq = [0x5e, 0xed, 0x00, 0x01];
+        let new_ack = u32::from_be_bytes(seq).wrapping_add(1).to_be_bytes();
+        let off_flags = (at(TCP + 12) as *const [u8; 2]).read_unaligned();
+        let new_off_flags = [off_flags[0], flags | 0x10];
+        (at(TCP + 4) as *mut [u8; 4]).write_unaligned(new_seq);
+        (at(TCP + 8) as *mut [u8; 4]).write_unaligned(new_ack);
+        (at(TCP + 12) as *mut [u8; 2]).write_unaligned(new_off_flags);
+        let (s, a, ns, na) = (words(seq), words(ack), words(new_seq), words(new_ack));
+        let old = [s[0], s[1], a[0], a[1], u16::from_ne_bytes(off_flags)];
+        let new = [ns[0], ns[1], na[0], na[1], u16::from_ne_bytes(new_off_flags)];
+        let csum = (at(TCP + 16) as *const u16).read_unaligned();
+        (at(TCP + 16) as *mut u16).write_unaligned(csum_update(csum, &old, &new));
+    }
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[panic_handler]

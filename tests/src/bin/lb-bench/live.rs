@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// The benchmark-only programs (tests/bench-ebpf), built by tests/build.rs.
-static BENCH_OBJECT: &[u8] =
+pub static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));
 
 const FRAME_LEN: usize = 64;
@@ -100,7 +100,7 @@ fn template() -> [u8; FRAME_LEN] {
     f
 }
 
-fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
+pub fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
     ebpf.program_mut(name)
         .unwrap_or_else(|| panic!("{name} in the object"))
         .try_into()

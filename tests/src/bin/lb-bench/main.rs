@@ -58,12 +58,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    // The probe benchmark's listener process (this binary, started by `probes`).
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--probe-listeners") {
-        let n = args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(probes::PORTS);
-        probes::listener_main(n);
-    }
     let quick = std::env::args().any(|a| a == "--quick");
     let p = if quick {
         Params {
@@ -117,6 +111,13 @@ fn main() {
         }
     };
     let started = Instant::now();
+    // Only the probe benchmark, printed and not written (for working on the prober).
+    if std::env::args().any(|a| a == "--probes-only") {
+        let probe = probes::bench_probes(&pp);
+        println!("\n## Liveness probes\n\n{}", probes::probes_md(&probe, &pp));
+        eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
     eprintln!("lb-bench: per-packet cost (BPF_PROG_TEST_RUN) ...");
     let (rows, packets) = packets::bench_packets(&p);
     println!("\n## Per-packet cost (BPF_PROG_TEST_RUN)\n\n{packets}");

@@ -1,125 +1,112 @@
 //! CPU cost of liveness probes: `lb_agent::health::Checker` probing 5,000 TCP
 //! targets at 1 s intervals, in this process, on a tokio runtime shaped like the
-//! agent's (two worker threads). The listeners run in a child process (this binary
-//! with `--probe-listeners`), so this process's CPU time is the prober's alone.
-//! Everything happens on the loopback of a network namespace made for the run:
-//! 100 addresses 127.1.0.1-100 (all local on Linux) x 50 listening ports.
+//! agent's (two worker threads).
+//!
+//! The backends must cost the machine what remote ones would: next to nothing. They
+//! are the XDP program `bench_synack` on the far end of a veth pair: it answers every
+//! SYN with a SYN-ACK in place and drops the probes' RSTs, so no backend kernel, socket
+//! or process takes part. (Listeners on the same machine charge their TCP work to the
+//! prober: on veth and loopback the receiver's softirq runs in the sender's system
+//! call; steering it to another CPU with RPS costs an inter-processor interrupt per
+//! packet instead, which on this virtual machine costs more than the TCP work.) What
+//! remains is the agent machine's own share: the prober's system calls, its TCP
+//! stack sending SYN and RST and receiving the SYN-ACK, and tokio.
+//! Addresses: prober 198.18.100.254, backends 198.18.100.1-100, 50 ports each.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    process::Command,
     time::{Duration, Instant},
 };
 
+use aya::{Ebpf, programs::XdpMode};
 use lb_agent::health::{Checker, Health, ProbeKind, ProbeSpec, Target, TargetKey};
-use lb_tests::netns::{ns_sh, sh};
+use lb_tests::netns::{self, ns_sh, sh};
+
+use crate::live::{BENCH_OBJECT, xdp};
 
 pub const PORTS: usize = 50;
 pub const ADDRESSES: u32 = 100;
 pub const INTERVAL: Duration = Duration::from_secs(1);
+/// The first probed port of each backend.
+const FIRST_PORT: u16 = 8000;
 
 pub struct ProbeParams {
     pub warmup_secs: f64,
     pub secs: f64,
-    /// Each of the two bare-connect comparisons.
+    /// The current-thread run and the bare-connect comparison, each.
     pub bare_secs: f64,
 }
 
-/// The child: `PORTS` listeners on 0.0.0.0 (random ports, printed on one line),
-/// one accepting thread each; every line read on stdin is answered with the
-/// number of connections accepted so far; exits at the end of stdin.
-pub fn listener_main(ports: usize) -> ! {
-    let accepted = Arc::new(AtomicU64::new(0));
-    let mut line = String::from("ports");
-    for _ in 0..ports {
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind a listener");
-        line.push_str(&format!(" {}", l.local_addr().expect("local address").port()));
-        let n = accepted.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                if s.is_ok() {
-                    n.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-    }
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-    for l in std::io::stdin().lock().lines() {
-        if l.is_err() {
-            break;
-        }
-        let _ = writeln!(out, "{}", accepted.load(Ordering::Relaxed));
-        let _ = out.flush();
-    }
-    std::process::exit(0)
+/// The address of backend `i` (0-based).
+fn backend_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 100, (i + 1) as u8)
 }
 
-/// The namespace and the listener process; both removed on drop (also on panic).
+/// The prober's namespace and the backends' (the responder); removed on drop.
 struct Lab {
+    /// Where the prober runs.
     ns: String,
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    ports: Vec<u16>,
+    /// Where the responder runs.
+    backends: String,
+    /// Keeps `bench_synack` and `bench_pass` attached.
+    _bench: Ebpf,
 }
 
 impl Lab {
     fn new() -> Lab {
-        lb_tests::netns::require_root();
-        let ns = format!("lbb{}-probe", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        sh(&["ip", "netns", "add", &ns]);
-        ns_sh(&ns, &["ip", "link", "set", "lo", "up"]);
-        let exe = std::env::current_exe().expect("own executable");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(exe)
-            .args(["--probe-listeners", &PORTS.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the listener process");
-        let stdin = child.stdin.take().expect("stdin");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut first = String::new();
-        stdout.read_line(&mut first).expect("the listeners' ports");
-        let ports: Vec<u16> = first
-            .strip_prefix("ports")
-            .unwrap_or_else(|| panic!("listener process said {first:?}"))
-            .split_whitespace()
-            .map(|p| p.parse().expect("a port"))
-            .collect();
-        assert_eq!(ports.len(), PORTS, "listener ports: {first:?}");
+        netns::require_root();
+        let ns = format!("lbb{}-prober", std::process::id());
+        let backends = format!("lbb{}-backends", std::process::id());
+        for n in [&ns, &backends] {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+            sh(&["ip", "netns", "add", n]);
+            ns_sh(n, &["ip", "link", "set", "lo", "up"]);
+        }
+        sh(&["ip", "-n", &ns, "link", "add", "pa", "type", "veth", "peer", "pb", "netns", &backends]);
+        ns_sh(&ns, &["ip", "addr", "add", "198.18.100.254/24", "dev", "pa"]);
+        // The responder edits frames in place: they must carry complete checksums.
+        ns_sh(&ns, &["ethtool", "-K", "pa", "tx", "off"]);
+        // The backends' addresses answer ARP (the responder passes it to the stack).
+        let mut batch = String::new();
+        for i in 0..ADDRESSES {
+            batch.push_str(&format!("addr add {}/24 dev pb\n", backend_addr(i)));
+        }
+        let path = std::env::temp_dir().join(format!("{backends}.ip"));
+        std::fs::write(&path, batch).expect("write the address batch");
+        ns_sh(&backends, &["ip", "-batch", &path.to_string_lossy()]);
+        let _ = std::fs::remove_file(&path);
+        for (n, dev) in [(&ns, "pa"), (&backends, "pb")] {
+            ns_sh(n, &["ip", "link", "set", dev, "up"]);
+        }
+        let mut bench = Ebpf::load(BENCH_OBJECT).expect("load the bench object");
+        // Native XDP_TX on a veth needs a program on the peer too (TOOLCHAIN.md).
+        for (n, dev, prog) in [(&ns, "pa", "bench_pass"), (&backends, "pb", "bench_synack")] {
+            let p = xdp(&mut bench, prog);
+            p.load().unwrap_or_else(|e| panic!("load {prog}: {e}"));
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    netns::enter(n);
+                    p.attach(dev, XdpMode::Driver)
+                        .unwrap_or_else(|e| panic!("attach {prog} to {dev}: {e}"));
+                })
+                .join()
+                .expect("attach thread")
+            });
+        }
         Lab {
             ns,
-            child,
-            stdin,
-            stdout,
-            ports,
+            backends,
+            _bench: bench,
         }
-    }
-
-    fn accepted(&mut self) -> u64 {
-        writeln!(self.stdin).expect("ask the listener process");
-        let mut l = String::new();
-        self.stdout.read_line(&mut l).expect("listener count");
-        l.trim().parse().unwrap_or_else(|_| panic!("listener count {l:?}"))
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Closing stdin ends the child; kill it in case it does not.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        for n in [&self.ns, &self.backends] {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
     }
 }
 
@@ -136,11 +123,12 @@ fn cpu_secs(who: libc::c_int) -> (f64, f64) {
     (t(ru.ru_utime), t(ru.ru_stime))
 }
 
-/// The kernel's share: blocking connect + close from one plain thread at the same
-/// rate over the same targets (no tokio, no timers, no epoll); with `reset`, closed
-/// with `SO_LINGER` 0 (an RST instead of the FIN exchange). Returns the thread's
-/// CPU in % of one core and the connects per second done.
-fn bare_connects(ns: &str, addrs: &[SocketAddr], secs: f64, reset: bool) -> (f64, f64) {
+/// The kernel's share: the same probes (SYN, SYN-ACK, RST: quick ACKs off,
+/// `SO_LINGER` 0, as `lb_agent`'s TCP probe) by blocking connects from one plain
+/// thread at the same rate over the same targets (no tokio, no timers, no epoll).
+/// Returns the thread's CPU in % of one core and the connects per second done.
+fn bare_connects(ns: &str, addrs: &[SocketAddr], secs: f64) -> (f64, f64) {
+    use socket2::{Domain, Socket, Type};
     let ns = ns.to_string();
     let addrs = addrs.to_vec();
     std::thread::spawn(move || {
@@ -155,10 +143,10 @@ fn bare_connects(ns: &str, addrs: &[SocketAddr], secs: f64, reset: bool) -> (f64
             for _ in 0..per_tick {
                 let a = addrs[i % addrs.len()];
                 i += 1;
-                if let Ok(s) = std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)) {
-                    if reset {
-                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                    }
+                let s = Socket::new(Domain::for_address(a), Type::STREAM, None).expect("a socket");
+                s.set_quickack(false).expect("TCP_QUICKACK");
+                s.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+                if s.connect_timeout(&a.into(), Duration::from_secs(1)).is_ok() {
                     done += 1;
                 }
             }
@@ -195,11 +183,12 @@ pub struct ProbeResult {
 }
 
 pub fn bench_probes(pp: &ProbeParams) -> ProbeResult {
-    let mut lab = Lab::new();
+    let lab = Lab::new();
     let mut targets = Vec::new();
-    for (i, &port) in lab.ports.iter().enumerate() {
+    for i in 0..PORTS {
+        let port = FIRST_PORT + i as u16;
         for a in 0..ADDRESSES {
-            let addr = IpAddr::V4(Ipv4Addr::new(127, 1, (a / 250) as u8, (a % 250 + 1) as u8));
+            let addr = IpAddr::V4(backend_addr(a));
             let spec = ProbeSpec {
                 kind: ProbeKind::Tcp,
                 interval: INTERVAL,
@@ -221,9 +210,9 @@ pub fn bench_probes(pp: &ProbeParams) -> ProbeResult {
     let n = targets.len();
     let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
     // The agent's runtime (two workers, run.rs), then a single-threaded one.
-    let multi = run_checker(&mut lab, targets.clone(), true, pp.warmup_secs, pp.secs);
-    let single = run_checker(&mut lab, targets, false, pp.warmup_secs / 2.0, pp.bare_secs);
-    let bare = bare_connects(&lab.ns, &addrs, pp.bare_secs, false);
+    let multi = run_checker(&lab, targets.clone(), true, pp.warmup_secs, pp.secs);
+    let single = run_checker(&lab, targets, false, pp.warmup_secs / 2.0, pp.bare_secs);
+    let bare = bare_connects(&lab.ns, &addrs, pp.bare_secs);
     drop(lab);
     ProbeResult {
         targets: n,
@@ -234,10 +223,11 @@ pub fn bench_probes(pp: &ProbeParams) -> ProbeResult {
 }
 
 /// Runs the Checker on all `targets` and measures this process's CPU and the
-/// listeners' accepts over `secs` after `warmup` (on a thread inside the namespace;
-/// with `multi`, the runtime's workers enter it too).
-fn run_checker(lab: &mut Lab, targets: Vec<Target>, multi: bool, warmup: f64, secs: f64) -> CheckerRun {
+/// successful probes over `secs` after `warmup` (on a thread inside the prober's
+/// namespace; with `multi`, the runtime's workers enter it too).
+fn run_checker(lab: &Lab, targets: Vec<Target>, multi: bool, warmup: f64, secs: f64) -> CheckerRun {
     let ns = lab.ns.clone();
+    let keys: Vec<TargetKey> = targets.iter().map(|t| t.key.clone()).collect();
     std::thread::scope(|sc| {
         sc.spawn(|| {
             lb_tests::netns::enter(&ns);
@@ -256,24 +246,30 @@ fn run_checker(lab: &mut Lab, targets: Vec<Target>, multi: bool, warmup: f64, se
             let run = rt.block_on(async {
                 let mut c = Checker::new(lb_agent::health::DEFAULT_MAX_CONCURRENT, tx);
                 c.set_targets(targets);
+                let successes = |c: &Checker| -> u64 {
+                    keys.iter()
+                        .filter_map(|k| c.probe_stats(k))
+                        .map(|s| s.successes)
+                        .sum()
+                };
                 tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-                let (a0, c0, t0) = (lab.accepted(), cpu_secs(libc::RUSAGE_SELF), Instant::now());
+                let (p0, c0, t0) = (successes(&c), cpu_secs(libc::RUSAGE_SELF), Instant::now());
                 tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-                let (a1, c1, secs) = (
-                    lab.accepted(),
+                let (p1, c1, secs) = (
+                    successes(&c),
                     cpu_secs(libc::RUSAGE_SELF),
                     t0.elapsed().as_secs_f64(),
                 );
                 c.shutdown();
                 assert!(
-                    a1 > a0,
-                    "probe benchmark: the listeners accepted no connection in {secs:.1} s: broken set-up"
+                    p1 > p0,
+                    "probe benchmark: no probe succeeded in {secs:.1} s: broken set-up"
                 );
                 CheckerRun {
                     cpu_pct: (c1.0 - c0.0 + c1.1 - c0.1) / secs * 100.0,
                     user_pct: (c1.0 - c0.0) / secs * 100.0,
                     sys_pct: (c1.1 - c0.1) / secs * 100.0,
-                    probes_per_sec: (a1 - a0) as f64 / secs,
+                    probes_per_sec: (p1 - p0) as f64 / secs,
                     secs,
                     downs: 0,
                 }
@@ -301,7 +297,7 @@ pub fn probes_md(r: &ProbeResult, pp: &ProbeParams) -> String {
          |---|---:|---:|---:|---|\n\
          | **`Checker`, {} TCP targets, interval {:?}, the agent's runtime (2 workers)** (expected {expected:.0}/s) | {:.0} | **{:.1}%** (user {:.1}, system {:.1}) | {:.1} µs | < 10%: {} |\n\
          | comparison: the same `Checker` on a current-thread runtime | {:.0} | {:.1}% (user {:.1}, system {:.1}) | {:.1} µs | |\n\
-         | comparison: bare blocking connect + close, one thread, same rate and targets | {:.0} | {:.1}% | {:.1} µs | |\n\n",
+         | comparison: the same probes from a plain loop (blocking connect, then close), one thread, same rate and targets | {:.0} | {:.1}% | {:.1} µs | |\n\n",
         r.targets,
         INTERVAL,
         m.probes_per_sec,
@@ -324,23 +320,25 @@ pub fn probes_md(r: &ProbeResult, pp: &ProbeParams) -> String {
         us(r.bare.0, r.bare.1),
     );
     md.push_str(&format!(
-        "`lb_agent::health::Checker` with {} TCP probes ({} listening ports x {} addresses \
-         127.1.0.1-{}, all local on Linux), interval 1 s, timeout 1 s, at most {} probes at once \
-         (the agent's setting). Each probe is a TCP connect that completes the handshake, then a close. \
-         The listeners run in a child process (accepting and counting), so the CPU figure is the probing \
-         process alone: user + system time from `getrusage(RUSAGE_SELF)` over {:.1} s after a {:.1} s \
-         warm-up (the current-thread row: {:.1} s after {:.1} s). Probes/s is what the listeners accepted \
-         per second. Health changes to down: {} and {} (each would be 3 failed probes in a row). The bare \
-         row runs {:.1} s from one plain thread (`getrusage(RUSAGE_THREAD)`). All in a network namespace \
-         made for the run and removed after it.\n\n\
-         On loopback the whole TCP exchange is processed in the sender's context: the listener's SYN \
-         handling, the SYN-ACK, the child socket, waking the listener process, and the FIN exchange on \
-         close all run in the probing process's system calls and softirqs and are charged to it. For \
-         probes to remote backends part of that work is on the backends; these figures are an upper \
-         bound.\n",
+        "`lb_agent::health::Checker` with {} TCP probes ({} ports on each of {} backend addresses), \
+         interval 1 s, timeout 1 s, at most {} probes at once (the agent's setting). A probe is SYN, \
+         SYN-ACK, RST (docs/config.md). CPU is user + system time of the probing process from \
+         `getrusage(RUSAGE_SELF)` over {:.1} s after a {:.1} s warm-up (the current-thread row: {:.1} s \
+         after {:.1} s); probes/s are the successful probes the Checker counted. Health changes to down: \
+         {} and {}. The bare row runs {:.1} s on one plain thread (`getrusage(RUSAGE_THREAD)`).\n\n\
+         The backends are the XDP program `bench_synack` on the far end of a veth pair, in a namespace of \
+         their own: it answers each SYN with a SYN-ACK in place and drops the RSTs, so the backends cost \
+         next to nothing here, as remote ones would. Listeners on this machine would not do: on veth \
+         and loopback the receiver's TCP work runs in the sender's system call and is charged to the \
+         prober, and moving it to the other CPU with receive packet steering costs an inter-processor \
+         interrupt per packet, which on this virtual machine costs the sender more than the TCP work \
+         (both were tried). What is left is the agent machine's own share, and all of it: the system \
+         calls, TCP sending the SYN and the RST, and receiving the SYN-ACK, which here runs inside the \
+         prober's `connect` (the veth pair hands the frame over synchronously). On a machine with a \
+         NIC that receive work runs where the NIC's interrupt lands and is charged to the agent only \
+         when the agent happens to be running there, so these figures are an upper bound.\n",
         r.targets,
         PORTS,
-        ADDRESSES,
         ADDRESSES,
         lb_agent::health::DEFAULT_MAX_CONCURRENT,
         m.secs,
@@ -352,30 +350,25 @@ pub fn probes_md(r: &ProbeResult, pp: &ProbeParams) -> String {
         pp.bare_secs,
     ));
     if m.cpu_pct >= 10.0 {
-        let kernel = r.bare.0 / r.bare.1.max(1.0) * m.probes_per_sec;
         md.push_str(&format!(
             "\n*Why the 10% target is missed, and what would close it.* {:.0} probes/s cost {:.1}% of a \
-             core, {:.1} µs per probe, {:.0}% of it system time. The bare connect + close at the same rate \
-             costs {:.1}% ({:.1} µs each): the kernel's TCP work for both ends of a loopback connection, \
-             {:.0}% of the Checker's figure. A one-off profile of the probing process (`perf record -g` during a \
-             quick run while this benchmark was written; not part of the run) put about 10% of its samples in `sock_def_readable` (waking the listener process on each \
-             connection: a loopback artefact) and about 10% in context switches (`finish_task_switch`: \
-             epoll waits and futex wake-ups between the two workers); tokio's own code (timer wheel, \
-             `probe_loop`) was a few percent. The current-thread row ({:.1}%) shows what the cross-thread \
-             wake-ups cost. What would close it: (1) against remote backends the listener side's kernel \
-             work is not on the agent's CPU; (2) one probe per backend address and port even when several \
-             services list it; (3) fewer wake-ups: the Checker starts every probe at its own jittered \
-             time, so each probe is a separate wake-up of a worker; starting probes in ticks (e.g. all \
-             due within 10 ms together) and running them on one thread would turn 5,000 wake-ups/s into \
-             100; (4) longer intervals for large fleets (2 s halves it).\n",
+             core, {:.1} µs per probe, {:.0}% of it system time. The same probes from a plain blocking \
+             loop cost {:.1}% ({:.1} µs each): the kernel's work per probe (a socket, a connect, the \
+             SYN-ACK received, an RST sent, the socket freed) is on its own about as large as the budget \
+             on this machine, and the Checker adds {:.1} points for tokio, epoll and timers. Earlier \
+             steps already taken: ending probes with an RST instead of a FIN exchange, and starting due \
+             probes together on a 10 ms grid (100 wake-ups a second instead of up to 1,000). What would \
+             close it: sending the SYNs from one raw socket and matching the SYN-ACKs there (no socket, \
+             port or epoll registration per probe; the kernel answers each SYN-ACK with the RST itself); \
+             a one-off trial of that from a plain loop in this rig cost about half of the bare row. Or \
+             longer intervals for very large fleets (2 s halves the cost).\n",
             m.probes_per_sec,
             m.cpu_pct,
             us(m.cpu_pct, m.probes_per_sec),
             m.sys_pct / m.cpu_pct.max(1e-9) * 100.0,
             r.bare.0,
             us(r.bare.0, r.bare.1),
-            (kernel / m.cpu_pct * 100.0).min(100.0),
-            s1.cpu_pct,
+            (m.cpu_pct - r.bare.0 / r.bare.1.max(1.0) * m.probes_per_sec).max(0.0),
         ));
     }
     md

@@ -194,9 +194,10 @@ pub const HOW_MEASURED: &str = "\
   from a second thread over established and new flows of every service; each run's verdict and
   output MAC are checked. Not a live interface: the program, maps and swap are the real ones,
   but frames come one per syscall (a few hundred thousand per second), not at line rate.
-- **Liveness probes.** `lb_agent::health::Checker` in the bench process against listeners in a
-  child process, in a namespace of its own; CPU from `getrusage`, probes from the listeners'
-  accept counts. See the section for the comparison rows.
+- **Liveness probes.** `lb_agent::health::Checker` in the bench process against an XDP program
+  that answers SYNs with SYN-ACKs at the far end of a veth pair (the backends cost next to
+  nothing, as remote ones would); CPU from `getrusage`, probes from the Checker's own success
+  counts. See the section for why and for the comparison rows.
 - **Live rate.** See \"Topology and method\" under the live table. The rate is what came back
   to the generator's interface per second of sending, counted by an XDP program there; the
   program's own ns/frame comes from the kernel's BPF run-time statistics (`BPF_ENABLE_STATS`,
@@ -207,7 +208,8 @@ pub const HOW_MEASURED: &str = "\
 - The live rate on a real NIC (driver XDP, several RX queues and CPUs) with an external
   traffic generator; the figures above are one CPU on veth.
 - A reload under live traffic at line rate (the reload figures use BPF_PROG_TEST_RUN).
-- Probe CPU against remote backends (the figures above are loopback, an upper bound).
+- Probe CPU with a real NIC, where the SYN-ACKs' receive work runs where the NIC's interrupt
+  lands (here it runs inside the prober's `connect`: an upper bound).
 - Behaviour under load: CONNTRACK LRU eviction at a full table, several CPUs at once.
 ";
 
