@@ -270,13 +270,20 @@ fn the_units_capabilities_are_enough() {
     let set: String = caps.iter().map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase())).collect();
     let mut lab = Lab::new(1);
     lab.start_servers();
+    // The demo configuration with tcp probes, which want raw sockets (CAP_NET_RAW).
+    let demo = read("deploy/examples/demo.yaml");
+    assert!(demo.contains("    protocol: tcp\n"), "the demo has tcp services");
+    let config = lab.write_config(
+        "capped.yaml",
+        &demo.replace("    protocol: tcp\n", "    protocol: tcp\n    probe: {kind: tcp, interval: 1s}\n"),
+    );
     let log = lab.dir.join("capped-agent.log");
     let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", lab.balancer))
         .args(["--", "setpriv", &format!("--bounding-set=-all{set}"), "--inh-caps=-all", "--"])
         .arg(agent_bin())
         .args(["run", "--iface", "eth0", "--xdp-mode", "native", "--config"])
-        .arg(demo_config())
+        .arg(&config)
         .arg("--pin-dir")
         .arg(lab.pin_dir())
         .arg("--control-socket")
@@ -289,7 +296,11 @@ fn the_units_capabilities_are_enough() {
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     let result = loop {
-        if text().contains("attached iface") {
+        let t = text();
+        if t.contains("open a socket each") {
+            break Err(format!("the agent with only {caps:?} could not use raw sockets for tcp probes:\n{t}"));
+        }
+        if t.contains("attached iface") && t.contains("tcp probes send their SYNs from raw sockets") {
             break Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{Agent, Capture, Lab, VIP4, VIP6},
+    lab::{Agent, BALANCER4, Capture, Lab, VIP4, VIP6},
     netns::{self, ns_sh},
     tls::{TestPki, TlsServer, https_server},
     traffic::{Proto, Tally, requests, tcp_server},
@@ -645,7 +645,7 @@ fn tcp_probe_and_none() {
 
 /// A TCP probe is SYN, SYN-ACK, RST: the handshake is never completed, so the
 /// backend's application never accepts a probe connection, and the agent keeps no
-/// TIME-WAIT socket per probe.
+/// TIME-WAIT socket per probe. The SYNs come from the agent's raw sockets.
 #[test]
 fn tcp_probe_is_syn_synack_rst_and_never_reaches_the_application() {
     const PORT: u16 = 8081;
@@ -714,6 +714,20 @@ fn tcp_probe_is_syn_synack_rst_and_never_reaches_the_application() {
             lines.join("\n")
         );
     }
+    // The SYNs come from the agent's raw sockets, whose few source ports take turns
+    // (a socket per probe would take a new ephemeral port each time).
+    for family in ["IP", "IP6"] {
+        let ports: std::collections::BTreeSet<&str> = lines
+            .iter()
+            .filter(|l| l.contains(&format!(" {family} ")) && l.contains("Flags [S],"))
+            .filter_map(|l| l.split_whitespace().nth(2)?.rsplit('.').next())
+            .collect();
+        assert!(
+            !ports.is_empty() && ports.len() <= 8,
+            "{family}: SYNs from {} source ports {ports:?}, expected the agent's pool of 8",
+            ports.len()
+        );
+    }
     assert_eq!(
         accepted.load(Ordering::SeqCst),
         0,
@@ -724,6 +738,55 @@ fn tcp_probe_is_syn_synack_rst_and_never_reaches_the_application() {
         time_wait.trim().is_empty(),
         "the agent's namespace holds TIME-WAIT sockets to the probe port:\n{time_wait}"
     );
+}
+
+/// IPv4 SYNs carry the source address of the route to the backend (the TCP checksum
+/// covers it); the agent keeps it per backend and finds it again when the routes
+/// change, so probes follow a new preferred source at once and never fail for it.
+#[test]
+fn tcp_probe_source_follows_a_route_change() {
+    const NEW_SOURCE: &str = "198.18.0.99";
+    let mut lab = Lab::new(1);
+    lab.start_servers();
+    let b1 = &lab.backends[0];
+    let yaml = format!(
+        "services:
+  - name: web
+    vip: {VIP4}
+    port: 80
+    probe: {{kind: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 1, initial: down}}
+    backends:
+      - address: {v4}
+",
+        v4 = b1.v4,
+    );
+    let cfg = lab.write_config("lb.yaml", &yaml);
+    let agent = lab.start_agent(&cfg);
+    wait_line(&agent, &["backend up", "service=web "], Duration::from_secs(5));
+    let mut capture = Capture::start(&b1.ns, "eth0", lab.dir.join("sources.pcap"));
+    std::thread::sleep(Duration::from_millis(600));
+    ns_sh(&lab.balancer, &["ip", "addr", "add", &format!("{NEW_SOURCE}/32"), "dev", "eth0"]);
+    ns_sh(
+        &lab.balancer,
+        &["ip", "route", "replace", "198.18.0.0/24", "dev", "eth0", "src", NEW_SOURCE],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    capture.stop();
+    let sources: Vec<String> = capture
+        .lines("tcp port 80")
+        .iter()
+        .filter(|l| l.contains("Flags [S],"))
+        .filter_map(|l| {
+            let from = l.split_whitespace().nth(2)?;
+            Some(from.rsplit_once('.')?.0.to_string())
+        })
+        .collect();
+    let old = BALANCER4.to_string();
+    assert!(
+        sources.first() == Some(&old) && sources.iter().rev().take(4).all(|s| s == NEW_SOURCE),
+        "SYN sources, in order: expected {old} first and {NEW_SOURCE} last: {sources:?}"
+    );
+    assert_no_line(&agent, &["backend down"], "a probe failed across the route change");
 }
 
 /// Backend `ns`'s eth0 MAC.

@@ -2,10 +2,9 @@
 //! how many probes run at once, jittered schedules, and the rise/fall state machine.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -14,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::probe::{ProbeContext, Prober};
+use super::syn::SynProber;
 use super::tracker::Tracker;
 use super::{Health, ProbeKind, ProbeSpec};
 
@@ -112,6 +112,9 @@ pub struct Checker {
     semaphore: Arc<Semaphore>,
     events: UnboundedSender<HealthEvent>,
     running: HashMap<TargetKey, Running>,
+    /// Sends the SYNs of tcp probes (opened with the first tcp target); `None` if raw
+    /// sockets are not available, and tcp probes open a socket each.
+    syn: OnceLock<Option<Arc<SynProber>>>,
 }
 
 impl Checker {
@@ -123,6 +126,7 @@ impl Checker {
             semaphore: Arc::new(Semaphore::new(max_concurrent.max(1))),
             events,
             running: HashMap::new(),
+            syn: OnceLock::new(),
         }
     }
 
@@ -194,6 +198,28 @@ impl Checker {
         self.running.clear();
     }
 
+    /// The raw-socket SYN sender for a probe of `kind`, opened on first use.
+    fn syn_prober(&self, kind: &ProbeKind) -> Option<Arc<SynProber>> {
+        if !matches!(kind, ProbeKind::Tcp) {
+            return None;
+        }
+        self.syn
+            .get_or_init(|| match SynProber::new() {
+                Ok(syn) => {
+                    let (v4, v6) = syn.ports();
+                    tracing::info!(
+                        "tcp probes send their SYNs from raw sockets (source ports: IPv4 {v4:?}, IPv6 {v6:?})"
+                    );
+                    Some(Arc::new(syn))
+                }
+                Err(e) => {
+                    tracing::warn!("tcp probes open a socket each: {e}");
+                    None
+                }
+            })
+            .clone()
+    }
+
     fn start(&self, target: Target, stats: Arc<Mutex<ProbeStats>>) -> Running {
         let up = Arc::new(AtomicBool::new(target.spec.initial == Health::Up));
         let task = match target.spec.kind {
@@ -203,6 +229,7 @@ impl Checker {
             }
             _ => Some(tokio::spawn(probe_loop(
                 self.origin,
+                Prober::new(&target.spec, target.addr, self.syn_prober(&target.spec.kind)),
                 target.clone(),
                 self.semaphore.clone(),
                 self.events.clone(),
@@ -230,6 +257,7 @@ impl Drop for Checker {
 /// rounded up to the checker's grid of [`TICK`].
 async fn probe_loop(
     origin: Instant,
+    prober: Prober,
     target: Target,
     semaphore: Arc<Semaphore>,
     events: UnboundedSender<HealthEvent>,
@@ -237,7 +265,6 @@ async fn probe_loop(
     stats: Arc<Mutex<ProbeStats>>,
 ) {
     let spec = &target.spec;
-    let prober = Prober::new(spec, target.addr);
     let ctx = ProbeContext {
         service: target.service.clone(),
     };
@@ -289,10 +316,9 @@ fn on_tick(origin: Instant, t: Instant) -> Instant {
     u64::try_from(ticks * step).map_or(t, |n| (origin + Duration::from_nanos(n)).max(t))
 }
 
-/// A random number in `[0, 1)` (from the standard library's randomly keyed hasher).
+/// A random number in `[0, 1)`.
 fn random_unit() -> f64 {
-    let bits = RandomState::new().hash_one(std::time::SystemTime::now());
-    (bits >> 11) as f64 / (1u64 << 53) as f64
+    rand::random()
 }
 
 #[cfg(test)]

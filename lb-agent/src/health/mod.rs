@@ -15,6 +15,7 @@ use std::time::Duration;
 mod checker;
 mod http;
 mod probe;
+mod syn;
 mod tracker;
 
 #[cfg(test)]

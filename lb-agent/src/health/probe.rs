@@ -3,6 +3,8 @@
 use std::error::Error;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
@@ -10,6 +12,7 @@ use tokio::net::{TcpSocket, UdpSocket};
 use tokio::process::Command;
 
 use super::http::HttpClient;
+use super::syn::SynProber;
 use super::{ExecProbe, ProbeKind, ProbeSpec, UdpProbe};
 
 /// What a probe needs to know besides its target.
@@ -30,7 +33,7 @@ pub async fn probe_once(
     target: SocketAddr,
     ctx: &ProbeContext,
 ) -> Result<Duration, String> {
-    Prober::new(spec, target).run(ctx).await
+    Prober::new(spec, target, None).run(ctx).await
 }
 
 /// A probe prepared for repeated use against one target (an HTTP client is built once).
@@ -39,19 +42,29 @@ pub(super) struct Prober {
     target: SocketAddr,
     /// The HTTP client for http/https probes, or why it could not be built.
     http: Option<Result<HttpClient, String>>,
+    /// For tcp probes: sends the SYNs from a raw socket, if it can reach `target`.
+    syn: Option<Arc<SynProber>>,
+    /// Counts the probes through `syn` (picks their source ports in turn); starts
+    /// anywhere, so that targets spread over the ports.
+    turn: AtomicUsize,
 }
 
 impl Prober {
-    pub(super) fn new(spec: &ProbeSpec, target: SocketAddr) -> Prober {
+    /// With `syn`, tcp probes to the families it handles go through it; others open a
+    /// socket each.
+    pub(super) fn new(spec: &ProbeSpec, target: SocketAddr, syn: Option<Arc<SynProber>>) -> Prober {
         let http = match &spec.kind {
             ProbeKind::Http(http) => Some(HttpClient::new(http, false, target, spec.timeout)),
             ProbeKind::Https(http) => Some(HttpClient::new(http, true, target, spec.timeout)),
             _ => None,
         };
+        let syn = syn.filter(|syn| matches!(spec.kind, ProbeKind::Tcp) && syn.handles(target));
         Prober {
             spec: spec.clone(),
             target,
             http,
+            syn,
+            turn: AtomicUsize::new(rand::random::<u8>().into()),
         }
     }
 
@@ -67,7 +80,19 @@ impl Prober {
             other => {
                 let attempt = async {
                     match other {
-                        ProbeKind::Tcp => tcp(self.target).await,
+                        ProbeKind::Tcp => {
+                            let raw = match &self.syn {
+                                Some(syn) => {
+                                    let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+                                    syn.probe(self.target, turn).await
+                                }
+                                None => None,
+                            };
+                            match raw {
+                                Some(result) => result,
+                                None => tcp(self.target).await,
+                            }
+                        }
                         ProbeKind::Udp(udp) => run_udp(udp, self.target).await,
                         ProbeKind::Http(_) | ProbeKind::Https(_) => match &self.http {
                             Some(Ok(client)) => client.get().await,
@@ -89,7 +114,8 @@ impl Prober {
 }
 
 /// A TCP probe: the backend's kernel answers the SYN with a SYN-ACK, and the probe
-/// ends the connection with an RST at once, without completing the handshake.
+/// ends the connection with an RST at once, without completing the handshake. (This
+/// is the probe with a socket of its own; `syn.rs` sends the same packets without.)
 ///
 /// The SYN-ACK shows what a full connect would: a socket listens on the port and its
 /// accept queue has room (Linux drops SYNs to a listener whose queue is full). Ending
