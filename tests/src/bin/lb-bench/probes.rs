@@ -34,7 +34,7 @@ const FIRST_PORT: u16 = 8000;
 pub struct ProbeParams {
     pub warmup_secs: f64,
     pub secs: f64,
-    /// The current-thread run and the bare-connect comparison, each.
+    /// The run without `CAP_NET_RAW` and the plain loop, each.
     pub bare_secs: f64,
 }
 
@@ -170,13 +170,18 @@ pub struct CheckerRun {
     pub probes_per_sec: f64,
     pub secs: f64,
     pub downs: usize,
+    /// CPU, % of one core, in each of [`WINDOWS`] equal parts of the run.
+    pub windows: Vec<f64>,
 }
+
+/// Parts each measured run is split into, to show the spread.
+const WINDOWS: usize = 5;
 
 pub struct ProbeResult {
     pub targets: usize,
-    /// The agent's runtime: two worker threads.
+    /// The agent's runtime (two worker threads), raw sockets.
     pub multi: CheckerRun,
-    /// A current-thread runtime, for comparison.
+    /// The same without `CAP_NET_RAW`: a socket per probe.
     pub single: CheckerRun,
     /// Bare blocking connect + close at the same rate: (CPU %, connects/s).
     pub bare: (f64, f64),
@@ -209,7 +214,7 @@ pub fn bench_probes(pp: &ProbeParams) -> ProbeResult {
     }
     let n = targets.len();
     let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
-    // The agent's runtime (two workers, run.rs), then a single-threaded one.
+    // The agent's runtime (two workers, run.rs), with and without CAP_NET_RAW.
     let multi = run_checker(&lab, targets.clone(), true, pp.warmup_secs, pp.secs);
     let single = run_checker(&lab, targets, false, pp.warmup_secs / 2.0, pp.bare_secs);
     let bare = bare_connects(&lab.ns, &addrs, pp.bare_secs);
@@ -222,24 +227,57 @@ pub fn bench_probes(pp: &ProbeParams) -> ProbeResult {
     }
 }
 
-/// Runs the Checker on all `targets` and measures this process's CPU and the
-/// successful probes over `secs` after `warmup` (on a thread inside the prober's
-/// namespace; with `multi`, the runtime's workers enter it too).
-fn run_checker(lab: &Lab, targets: Vec<Target>, multi: bool, warmup: f64, secs: f64) -> CheckerRun {
+/// Drops `CAP_NET_RAW` from the calling thread's effective and permitted sets
+/// (capabilities are per thread; the Checker opens its raw sockets on the thread
+/// that sets its first tcp targets).
+fn drop_net_raw() {
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_NET_RAW: u32 = 13;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    let mut data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capget/capset with a version-3 header and two data elements.
+    unsafe {
+        let rc = libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr());
+        assert_eq!(rc, 0, "capget: {}", std::io::Error::last_os_error());
+        data[0].effective &= !(1 << CAP_NET_RAW);
+        data[0].permitted &= !(1 << CAP_NET_RAW);
+        let rc = libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr());
+        assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Runs the Checker on all `targets` on the agent's runtime (two workers) and
+/// measures this process's CPU and the successful probes over `secs` after `warmup`
+/// (on a thread inside the prober's namespace, whose workers enter it too); without
+/// `raw`, that thread lacks `CAP_NET_RAW`, so every probe opens a socket.
+fn run_checker(lab: &Lab, targets: Vec<Target>, raw: bool, warmup: f64, secs: f64) -> CheckerRun {
     let ns = lab.ns.clone();
     let keys: Vec<TargetKey> = targets.iter().map(|t| t.key.clone()).collect();
     std::thread::scope(|sc| {
         sc.spawn(|| {
             lb_tests::netns::enter(&ns);
-            let rt = if multi {
+            if !raw {
+                drop_net_raw();
+            }
+            let rt = {
                 let ns = ns.clone();
                 tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()
                     .on_thread_start(move || lb_tests::netns::enter(&ns))
                     .build()
-            } else {
-                tokio::runtime::Builder::new_current_thread().enable_all().build()
             }
             .expect("tokio runtime");
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -254,7 +292,17 @@ fn run_checker(lab: &Lab, targets: Vec<Target>, multi: bool, warmup: f64, secs: 
                 };
                 tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
                 let (p0, c0, t0) = (successes(&c), cpu_secs(libc::RUSAGE_SELF), Instant::now());
-                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                // The CPU of each of WINDOWS equal parts too: a shared machine's noise
+                // shows as their spread.
+                let mut windows = Vec::with_capacity(WINDOWS);
+                let mut last = (c0, Instant::now());
+                for _ in 0..WINDOWS {
+                    tokio::time::sleep(Duration::from_secs_f64(secs / WINDOWS as f64)).await;
+                    let now = (cpu_secs(libc::RUSAGE_SELF), Instant::now());
+                    let cpu = now.0.0 - last.0.0 + now.0.1 - last.0.1;
+                    windows.push(cpu / now.1.duration_since(last.1).as_secs_f64() * 100.0);
+                    last = now;
+                }
                 let (p1, c1, secs) = (
                     successes(&c),
                     cpu_secs(libc::RUSAGE_SELF),
@@ -272,6 +320,7 @@ fn run_checker(lab: &Lab, targets: Vec<Target>, multi: bool, warmup: f64, secs: 
                     probes_per_sec: (p1 - p0) as f64 / secs,
                     secs,
                     downs: 0,
+                    windows,
                 }
             });
             let mut downs = 0;
@@ -293,11 +342,11 @@ pub fn probes_md(r: &ProbeResult, pp: &ProbeParams) -> String {
     let us = |pct: f64, rate: f64| pct / 100.0 / rate.max(1.0) * 1e6;
     let (m, s1) = (&r.multi, &r.single);
     let mut md = format!(
-        "| what | connects/s | CPU, % of one core | CPU per probe | target |\n\
+        "| what | probes/s | CPU, % of one core | CPU per probe | target |\n\
          |---|---:|---:|---:|---|\n\
          | **`Checker`, {} TCP targets, interval {:?}, the agent's runtime (2 workers)** (expected {expected:.0}/s) | {:.0} | **{:.1}%** (user {:.1}, system {:.1}) | {:.1} µs | < 10%: {} |\n\
-         | comparison: the same `Checker` on a current-thread runtime | {:.0} | {:.1}% (user {:.1}, system {:.1}) | {:.1} µs | |\n\
-         | comparison: the same probes from a plain loop (blocking connect, then close), one thread, same rate and targets | {:.0} | {:.1}% | {:.1} µs | |\n\n",
+         | comparison: the same `Checker` without `CAP_NET_RAW` (a socket per probe) | {:.0} | {:.1}% (user {:.1}, system {:.1}) | {:.1} µs | |\n\
+         | comparison: a socket per probe from a plain loop of blocking connects, one thread, same rate and targets | {:.0} | {:.1}% | {:.1} µs | |\n\n",
         r.targets,
         INTERVAL,
         m.probes_per_sec,
@@ -319,24 +368,38 @@ pub fn probes_md(r: &ProbeResult, pp: &ProbeParams) -> String {
         r.bare.0,
         us(r.bare.0, r.bare.1),
     );
+    let parts = |r: &CheckerRun| {
+        r.windows.iter().map(|w| format!("{w:.1}")).collect::<Vec<_>>().join(", ")
+    };
+    md.push_str(&format!(
+        "The CPU figure is the whole run's; its {WINDOWS} equal parts measured {}% (without \
+         `CAP_NET_RAW`: {}%), which shows how much this shared machine moves from second to \
+         second.\n\n",
+        parts(m),
+        parts(s1),
+    ));
     md.push_str(&format!(
         "`lb_agent::health::Checker` with {} TCP probes ({} ports on each of {} backend addresses), \
          interval 1 s, timeout 1 s, at most {} probes at once (the agent's setting). A probe is SYN, \
-         SYN-ACK, RST (docs/config.md). CPU is user + system time of the probing process from \
-         `getrusage(RUSAGE_SELF)` over {:.1} s after a {:.1} s warm-up (the current-thread row: {:.1} s \
-         after {:.1} s); probes/s are the successful probes the Checker counted. Health changes to down: \
-         {} and {}. The bare row runs {:.1} s on one plain thread (`getrusage(RUSAGE_THREAD)`).\n\n\
+         SYN-ACK, RST (docs/config.md): the Checker sends the SYN from a raw socket and matches the \
+         SYN-ACK there, and the kernel sends the RST itself, since no socket owns the probe's port \
+         (`lb-agent/src/health/syn.rs`). CPU is user + system time of the probing process from \
+         `getrusage(RUSAGE_SELF)` over {:.1} s after a {:.1} s warm-up (the row without `CAP_NET_RAW`: \
+         {:.1} s after {:.1} s); probes/s are the successful probes the Checker counted. Health changes to down: \
+         {} and {}. The plain-loop row runs {:.1} s on one thread \
+         (`getrusage(RUSAGE_THREAD)`), without tokio, timers or epoll: the least a socket per probe \
+         costs.\n\n\
          The backends are the XDP program `bench_synack` on the far end of a veth pair, in a namespace of \
          their own: it answers each SYN with a SYN-ACK in place and drops the RSTs, so the backends cost \
          next to nothing here, as remote ones would. Listeners on this machine would not do: on veth \
          and loopback the receiver's TCP work runs in the sender's system call and is charged to the \
          prober, and moving it to the other CPU with receive packet steering costs an inter-processor \
          interrupt per packet, which on this virtual machine costs the sender more than the TCP work \
-         (both were tried). What is left is the agent machine's own share, and all of it: the system \
-         calls, TCP sending the SYN and the RST, and receiving the SYN-ACK, which here runs inside the \
-         prober's `connect` (the veth pair hands the frame over synchronously). On a machine with a \
-         NIC that receive work runs where the NIC's interrupt lands and is charged to the agent only \
-         when the agent happens to be running there, so these figures are an upper bound.\n",
+         (both were tried). What is left is the agent machine's own share, all of it: the system calls, \
+         sending the SYN, receiving the SYN-ACK and sending the RST. The receiving runs here inside the \
+         prober's `sendto` (the veth pair hands the frame over synchronously); on a machine with a NIC \
+         it runs where the NIC's interrupt lands and is charged to the agent only when the agent happens \
+         to be running there, so these figures are an upper bound.\n",
         r.targets,
         PORTS,
         ADDRESSES,
@@ -351,24 +414,14 @@ pub fn probes_md(r: &ProbeResult, pp: &ProbeParams) -> String {
     ));
     if m.cpu_pct >= 10.0 {
         md.push_str(&format!(
-            "\n*Why the 10% target is missed, and what would close it.* {:.0} probes/s cost {:.1}% of a \
-             core, {:.1} µs per probe, {:.0}% of it system time. The same probes from a plain blocking \
-             loop cost {:.1}% ({:.1} µs each): the kernel's work per probe (a socket, a connect, the \
-             SYN-ACK received, an RST sent, the socket freed) is on its own about as large as the budget \
-             on this machine, and the Checker adds {:.1} points for tokio, epoll and timers. Earlier \
-             steps already taken: ending probes with an RST instead of a FIN exchange, and starting due \
-             probes together on a 10 ms grid (100 wake-ups a second instead of up to 1,000). What would \
-             close it: sending the SYNs from one raw socket and matching the SYN-ACKs there (no socket, \
-             port or epoll registration per probe; the kernel answers each SYN-ACK with the RST itself); \
-             a one-off trial of that from a plain loop in this rig cost about half of the bare row. Or \
-             longer intervals for very large fleets (2 s halves the cost).\n",
+            "\n*The 10% target is missed in this run.* {:.0} probes/s cost {:.1}% of a core, {:.1} µs per \
+             probe, {:.0}% of it system time. What would lower it: sending the SYNs of one 10 ms tick with \
+             one `sendmmsg` call instead of one `sendto` each; or longer intervals for very large fleets \
+             (2 s halves the cost).\n",
             m.probes_per_sec,
             m.cpu_pct,
             us(m.cpu_pct, m.probes_per_sec),
             m.sys_pct / m.cpu_pct.max(1e-9) * 100.0,
-            r.bare.0,
-            us(r.bare.0, r.bare.1),
-            (m.cpu_pct - r.bare.0 / r.bare.1.max(1.0) * m.probes_per_sec).max(0.0),
         ));
     }
     md

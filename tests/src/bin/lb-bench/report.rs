@@ -209,7 +209,7 @@ pub const HOW_MEASURED: &str = "\
   traffic generator; the figures above are one CPU on veth.
 - A reload under live traffic at line rate (the reload figures use BPF_PROG_TEST_RUN).
 - Probe CPU with a real NIC, where the SYN-ACKs' receive work runs where the NIC's interrupt
-  lands (here it runs inside the prober's `connect`: an upper bound).
+  lands (here it runs inside the prober's system calls: an upper bound).
 - Behaviour under load: CONNTRACK LRU eviction at a full table, several CPUs at once.
 ";
 
