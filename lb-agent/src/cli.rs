@@ -59,6 +59,13 @@ pub enum Commands {
         #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Make the running agent re-read its configuration file now (as SIGHUP does)
+    /// and print the outcome: what changed, or every error as FILE:LINE:COLUMN with
+    /// exit status 1 (the running configuration then stays in force).
+    Reload {
+        #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Print the counters of a running agent (read from its pinned maps).
     Stats {
         /// The configuration the agent runs with (labels ids with names).
@@ -156,10 +163,13 @@ pub fn main(cli: Cli) -> ExitCode {
         },
         Commands::Status { json, watch, socket } => client_status(&socket, json, watch),
         Commands::Drain { backend, service, socket } => {
-            client_call(&socket, &crate::control::Request::Drain { backend, service })
+            client_call(&socket, &crate::control::Request::Drain { backend, service }, crate::control::TIMEOUT)
         }
         Commands::Undrain { backend, service, socket } => {
-            client_call(&socket, &crate::control::Request::Undrain { backend, service })
+            client_call(&socket, &crate::control::Request::Undrain { backend, service }, crate::control::TIMEOUT)
+        }
+        Commands::Reload { socket } => {
+            client_call(&socket, &crate::control::Request::Reload, crate::control::RELOAD_TIMEOUT)
         }
         Commands::Stats { config, pin_dir } => match crate::report::print_stats(&config, &pin_dir) {
             Ok(()) => ExitCode::SUCCESS,
@@ -171,9 +181,9 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn client_call(socket: &std::path::Path, request: &crate::control::Request) -> ExitCode {
+fn client_call(socket: &std::path::Path, request: &crate::control::Request, timeout: std::time::Duration) -> ExitCode {
     use crate::control::Response;
-    match crate::control::call(socket, request) {
+    match crate::control::call_with_timeout(socket, request, timeout) {
         Ok(Response::Done { message }) => {
             println!("{message}");
             ExitCode::SUCCESS

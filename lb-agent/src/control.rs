@@ -44,6 +44,10 @@ pub const DEFAULT_SOCKET: &str = "/run/lb-agent.sock";
 /// How long one exchange may take, on either side.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a reload may take before the client gives up waiting (it may resolve
+/// new backends' MACs, `--resolve-timeout-secs`, and rewrite large tables).
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Longest request or response line accepted (a status of thousands of backends
 /// fits easily).
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -58,6 +62,9 @@ pub enum Request {
     Drain { backend: IpAddr, service: Option<String> },
     /// Give a drained backend its configured weight back.
     Undrain { backend: IpAddr, service: Option<String> },
+    /// Re-read the configuration file now (as SIGHUP does) and answer with the
+    /// outcome: the summary of what changed, or every error.
+    Reload,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -247,7 +254,8 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
 
 /// One connection: one request line in, one response line out, within `timeout`.
 async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     // The socket file's mode already keeps other users out; this is a second check.
     if let Ok(cred) = stream.peer_cred() {
         let me = unsafe { libc::geteuid() };
@@ -283,6 +291,10 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>, timeout: Duration
         Err(e) => Response::Error { message: format!("invalid request: {e}") },
         Ok(request) => {
             tracing::debug!("control socket: {request:?}");
+            let deadline = match request {
+                Request::Reload => Instant::now() + RELOAD_TIMEOUT,
+                _ => deadline,
+            };
             let (reply, answer) = oneshot::channel();
             let exchange = async {
                 if calls.send(Call { request, reply }).await.is_err() {
@@ -292,7 +304,9 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>, timeout: Duration
             };
             match tokio::time::timeout_at(deadline, exchange).await {
                 Ok(response) => response,
-                Err(_) => Response::Error { message: format!("the agent did not answer within {} s", timeout.as_secs_f64()) },
+                Err(_) => Response::Error {
+                    message: format!("the agent did not answer within {} s", deadline.duration_since(started).as_secs_f64()),
+                },
             }
         }
     };

@@ -200,17 +200,17 @@ async fn run_async(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = hup.recv() => agent.reload("SIGHUP").await,
+            _ = hup.recv() => { let _ = agent.reload("SIGHUP").await; }
             _ = file_tick.tick() => {
                 if std::fs::read(&agent.args.config).is_ok_and(|bytes| bytes != agent.seen) {
-                    agent.reload("the file changed").await;
+                    let _ = agent.reload("the file changed").await;
                 }
             }
             Some(ev) = health_rx.recv() => agent.on_health(ev),
             Some(ev) = neigh_events.recv() => agent.on_neighbour(ev),
             _ = resolve_tick.tick() => agent.resolve_missing().await,
             _ = status_tick.tick() => agent.refresh_status(),
-            Some(call) = calls.recv() => agent.on_call(call),
+            Some(call) = calls.recv() => agent.on_call(call).await,
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -292,7 +292,7 @@ impl Agent {
         }
     }
 
-    fn on_call(&mut self, call: Call) {
+    async fn on_call(&mut self, call: Call) {
         let response = match call.request {
             Request::Status => {
                 self.refresh_status();
@@ -300,6 +300,10 @@ impl Agent {
             }
             Request::Drain { backend, service } => self.set_drain(backend, service, true),
             Request::Undrain { backend, service } => self.set_drain(backend, service, false),
+            Request::Reload => match self.reload("lb-agent reload").await {
+                Ok(message) => Response::Done { message },
+                Err(message) => Response::Error { message },
+            },
         };
         let _ = call.reply.send(response);
     }
@@ -419,7 +423,9 @@ impl Agent {
         }
     }
 
-    async fn reload(&mut self, why: &str) {
+    /// Re-reads the configuration file and applies what changed; returns the log
+    /// line's summary, or why the running configuration stays in force.
+    async fn reload(&mut self, why: &str) -> Result<String, String> {
         let path = self.args.config.clone();
         let bytes = std::fs::read(&path).unwrap_or_default();
         self.seen = bytes;
@@ -459,18 +465,20 @@ impl Agent {
                 self.down = down;
                 self.plan = plan;
                 report_unusable(&self.plan, &self.iface);
+                Ok(format!("reload applied: {diff}"))
             }
             Err(e) => {
                 self.checker.set_targets(probe_targets(&self.config));
-                self.reload_failed(why, &e.to_string());
+                self.reload_failed(why, &e.to_string())
             }
         }
     }
 
-    fn reload_failed(&mut self, why: &str, error: &str) {
+    fn reload_failed(&mut self, why: &str, error: &str) -> Result<String, String> {
         self.reloads_failed += 1;
         tracing::error!(why, failed_reloads = self.reloads_failed,
             "reload failed, the running configuration stays in force: {error}");
+        Err(format!("reload failed, the running configuration stays in force: {error}"))
     }
 }
 

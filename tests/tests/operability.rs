@@ -99,6 +99,51 @@ fn status_and_metrics_match_the_traffic() {
 }
 
 #[test]
+fn reload_command_reports_the_outcome() {
+    let mut lab = Lab::new(3);
+    lab.start_servers();
+    let demo = std::fs::read_to_string(demo_config()).unwrap();
+    let cfg = lab.write_config("lb.yaml", &demo);
+    let _agent = lab.start_agent(&cfg);
+    let socket = lab.control_socket();
+
+    let (code, out, err) = cli(&["reload"], &socket);
+    assert_eq!(code, 0, "reload of an unchanged file: {err}");
+    assert!(out.starts_with("reload applied: "), "{out}");
+
+    // An invalid file: exit 1 with the file's line and column; nothing changes.
+    assert!(demo.contains("        weight: 2\n"));
+    std::fs::write(&cfg, demo.replacen("        weight: 2\n", "        weight: lots\n", 1)).unwrap();
+    let (code, out, err) = cli(&["reload"], &socket);
+    assert_eq!(code, 1, "reload of an invalid file: {out}");
+    let line = demo.lines().position(|l| l == "        weight: 2").unwrap() + 1;
+    assert!(
+        err.contains("reload failed, the running configuration stays in force")
+            && err.contains(&format!("lb.yaml:{line}:")),
+        "{err}"
+    );
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 200, 2, Duration::from_secs(60));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    assert_eq!(t.by_backend.len(), 3, "{:?}", t.by_backend);
+
+    // A valid change: 198.18.0.13 leaves web (the file watch may apply it first;
+    // either way it is in force when the command returns).
+    let without_b3 = demo.replacen("      - address: 198.18.0.13\n        weight: 2\n", "", 1);
+    assert_ne!(without_b3, demo);
+    std::fs::write(&cfg, &without_b3).unwrap();
+    let (code, out, err) = cli(&["reload"], &socket);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("reload applied: "), "{out}");
+    let st = status(&lab);
+    let web = st.services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web.backends.len(), 2, "{:?}", web.backends);
+    assert!(st.reloads_failed >= 1, "failed reloads counted: {}", st.reloads_failed);
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 200, 2, Duration::from_secs(60));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    assert!(!t.by_backend.contains_key("b3"), "{:?}", t.by_backend);
+}
+
+#[test]
 fn drain_and_undrain_at_run_time() {
     let mut lab = Lab::new(3);
     lab.start_servers();
