@@ -57,7 +57,8 @@ type Key = (IpAddr, u16, u16);
 type Pending = Arc<Mutex<HashMap<Key, (u32, oneshot::Sender<Answer>)>>>;
 
 /// Sends the SYNs of TCP probes and matches their answers (see the module's text).
-/// Must be created within a Tokio runtime; dropping it stops its receiving tasks.
+/// Must be created within a Tokio runtime; dropping it stops its receiving tasks
+/// (each [`Family`]'s).
 pub(super) struct SynProber {
     v4: Option<Family>,
     v6: Option<Family>,
@@ -114,14 +115,6 @@ impl SynProber {
         turn: usize,
     ) -> Option<Result<(), String>> {
         self.family(target)?.probe(target, turn).await
-    }
-}
-
-impl Drop for SynProber {
-    fn drop(&mut self) {
-        for family in [&self.v4, &self.v6].into_iter().flatten() {
-            family.receiver.abort();
-        }
     }
 }
 
@@ -228,6 +221,12 @@ impl Drop for Sources {
     }
 }
 
+impl Drop for Family {
+    fn drop(&mut self) {
+        self.receiver.abort();
+    }
+}
+
 impl Family {
     fn open(v6: bool) -> io::Result<Family> {
         let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
@@ -269,20 +268,9 @@ impl Family {
         raw.attach_filter(&filter(v6, &ports))
             .map_err(context("cannot attach the socket filter"))?;
         if v6 {
-            let offset: libc::c_int = 16; // the TCP checksum's offset
-            // SAFETY: setsockopt with a pointer to a c_int and its size, on an open fd.
-            let rc = unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&raw),
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_CHECKSUM,
-                    (&raw const offset).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(context("IPV6_CHECKSUM")(io::Error::last_os_error()));
-            }
+            // The offset of the TCP checksum.
+            set_int_option(&raw, libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, 16)
+                .map_err(context("IPV6_CHECKSUM"))?;
         } else {
             raw.set_header_included_v4(true)
                 .map_err(context("IP_HDRINCL"))?;
@@ -290,12 +278,12 @@ impl Family {
         // Room for the answers to a burst of SYNs (up to the checker's concurrency,
         // 256 at once by default): a full receive buffer drops answers, and their
         // probes fail. Beyond net.core.rmem_max/wmem_max where CAP_NET_ADMIN allows.
-        set_buffer(&raw, libc::SO_RCVBUFFORCE, BUFFER, |b| {
-            raw.set_recv_buffer_size(b)
-        });
-        set_buffer(&raw, libc::SO_SNDBUFFORCE, BUFFER, |b| {
-            raw.set_send_buffer_size(b)
-        });
+        if set_int_option(&raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, BUFFER).is_err() {
+            let _ = raw.set_recv_buffer_size(BUFFER as usize);
+        }
+        if set_int_option(&raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, BUFFER).is_err() {
+            let _ = raw.set_send_buffer_size(BUFFER as usize);
+        }
         raw.set_nonblocking(true).map_err(context("O_NONBLOCK"))?;
         let route = if v6 {
             None
@@ -384,30 +372,29 @@ impl Family {
 }
 
 /// Socket buffer size of the raw sockets.
-const BUFFER: usize = 4 << 20;
+const BUFFER: libc::c_int = 4 << 20;
 
-/// Sets a socket buffer to `size` with `force_option` (`SO_RCVBUFFORCE` or
-/// `SO_SNDBUFFORCE`, which need CAP_NET_ADMIN), else with `fallback`, which the
-/// kernel caps at its maximum.
-fn set_buffer(
+/// `setsockopt` of an integer option (one socket2 does not offer).
+fn set_int_option(
     socket: &Socket,
-    force_option: libc::c_int,
-    size: usize,
-    fallback: impl Fn(usize) -> io::Result<()>,
-) {
-    let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: setsockopt with a pointer to a c_int and its size, on an open fd.
     let rc = unsafe {
         libc::setsockopt(
             std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::SOL_SOCKET,
-            force_option,
+            level,
+            name,
             (&raw const value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        let _ = fallback(size);
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
