@@ -9,7 +9,6 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr, UdpSocket},
-    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
@@ -160,18 +159,7 @@ fn probe(iface: &str, addr: IpAddr) {
         IpAddr::V6(_) => "[::]:0".parse().expect("literal"),
     };
     let Ok(sock) = UdpSocket::bind(bind) else { return };
-    let name = iface.as_bytes();
-    // SAFETY: the fd is valid for the call and the name buffer outlives it.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
+    if socket2::SockRef::from(&sock).bind_device(Some(iface.as_bytes())).is_err() {
         tracing::debug!(%addr, iface, "SO_BINDTODEVICE failed for the neighbour probe");
     }
     if let Err(e) = sock.send_to(&[0], SocketAddr::new(addr, 9)) {
