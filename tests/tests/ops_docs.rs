@@ -21,7 +21,7 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{agent_bin, Lab, VIP4},
+    lab::{agent_bin, terminate, Lab, VIP4},
     traffic::{requests, Proto},
 };
 
@@ -312,14 +312,8 @@ fn the_units_capabilities_are_enough() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let tally = result.is_ok().then(|| requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 20, 1, Duration::from_secs(30)));
-    // SAFETY: kill(2) on our own child; SIGTERM detaches and removes the pins.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    // SIGTERM detaches and removes the pins.
+    terminate(&mut child, Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(lab.pin_dir());
     result.unwrap_or_else(|e| panic!("{e}"));
     let tally = tally.unwrap();

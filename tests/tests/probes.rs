@@ -717,11 +717,8 @@ fn tcp_probe_is_syn_synack_rst_and_never_reaches_the_application() {
     // The SYNs come from the agent's raw sockets, whose few source ports take turns
     // (a socket per probe would take a new ephemeral port each time).
     for family in ["IP", "IP6"] {
-        let ports: std::collections::BTreeSet<&str> = lines
-            .iter()
-            .filter(|l| l.contains(&format!(" {family} ")) && l.contains("Flags [S],"))
-            .filter_map(|l| l.split_whitespace().nth(2)?.rsplit('.').next())
-            .collect();
+        let ports: std::collections::BTreeSet<&str> =
+            syn_sources(&lines, family).into_iter().map(|(_, port)| port).collect();
         assert!(
             !ports.is_empty() && ports.len() <= 8,
             "{family}: SYNs from {} source ports {ports:?}, expected the agent's pool of 8",
@@ -772,21 +769,24 @@ fn tcp_probe_source_follows_a_route_change() {
     );
     std::thread::sleep(Duration::from_millis(1500));
     capture.stop();
-    let sources: Vec<String> = capture
-        .lines("tcp port 80")
-        .iter()
-        .filter(|l| l.contains("Flags [S],"))
-        .filter_map(|l| {
-            let from = l.split_whitespace().nth(2)?;
-            Some(from.rsplit_once('.')?.0.to_string())
-        })
-        .collect();
+    let lines = capture.lines("tcp port 80");
+    let sources: Vec<&str> = syn_sources(&lines, "IP").into_iter().map(|(addr, _)| addr).collect();
     let old = BALANCER4.to_string();
     assert!(
-        sources.first() == Some(&old) && sources.iter().rev().take(4).all(|s| s == NEW_SOURCE),
+        sources.first() == Some(&old.as_str()) && sources.iter().rev().take(4).all(|s| *s == NEW_SOURCE),
         "SYN sources, in order: expected {old} first and {NEW_SOURCE} last: {sources:?}"
     );
     assert_no_line(&agent, &["backend down"], "a probe failed across the route change");
+}
+
+/// The source (address, port) of each SYN of `family` (`IP` or `IP6`) among tcpdump's
+/// one-line summaries, in order.
+fn syn_sources<'a>(lines: &'a [String], family: &str) -> Vec<(&'a str, &'a str)> {
+    lines
+        .iter()
+        .filter(|l| l.contains(&format!(" {family} ")) && l.contains("Flags [S],"))
+        .filter_map(|l| l.split_whitespace().nth(2)?.rsplit_once('.'))
+        .collect()
 }
 
 /// Backend `ns`'s eth0 MAC.

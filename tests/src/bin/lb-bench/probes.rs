@@ -180,9 +180,9 @@ const WINDOWS: usize = 5;
 pub struct ProbeResult {
     pub targets: usize,
     /// The agent's runtime (two worker threads), raw sockets.
-    pub multi: CheckerRun,
+    pub raw: CheckerRun,
     /// The same without `CAP_NET_RAW`: a socket per probe.
-    pub single: CheckerRun,
+    pub sockets: CheckerRun,
     /// Bare blocking connect + close at the same rate: (CPU %, connects/s).
     pub bare: (f64, f64),
 }
@@ -215,14 +215,14 @@ pub fn bench_probes(pp: &ProbeParams) -> ProbeResult {
     let n = targets.len();
     let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
     // The agent's runtime (two workers, run.rs), with and without CAP_NET_RAW.
-    let multi = run_checker(&lab, targets.clone(), true, pp.warmup_secs, pp.secs);
-    let single = run_checker(&lab, targets, false, pp.warmup_secs / 2.0, pp.bare_secs);
+    let raw = run_checker(&lab, targets.clone(), true, pp.warmup_secs, pp.secs);
+    let sockets = run_checker(&lab, targets, false, pp.warmup_secs / 2.0, pp.bare_secs);
     let bare = bare_connects(&lab.ns, &addrs, pp.bare_secs);
     drop(lab);
     ProbeResult {
         targets: n,
-        multi,
-        single,
+        raw,
+        sockets,
         bare,
     }
 }
@@ -340,7 +340,7 @@ fn run_checker(lab: &Lab, targets: Vec<Target>, raw: bool, warmup: f64, secs: f6
 pub fn probes_md(r: &ProbeResult, pp: &ProbeParams) -> String {
     let expected = r.targets as f64 / INTERVAL.as_secs_f64();
     let us = |pct: f64, rate: f64| pct / 100.0 / rate.max(1.0) * 1e6;
-    let (m, s1) = (&r.multi, &r.single);
+    let (m, s1) = (&r.raw, &r.sockets);
     let mut md = format!(
         "| what | probes/s | CPU, % of one core | CPU per probe | target |\n\
          |---|---:|---:|---:|---|\n\
