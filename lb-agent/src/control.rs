@@ -544,6 +544,21 @@ pub fn render_table(status: &Status) -> String {
         out.push_str("(no services)\n");
     }
 
+    let ct = &status.conntrack;
+    if ct.new_capacity > 0 {
+        let protected = if ct.established_capacity == 0 {
+            "established table off".to_string()
+        } else {
+            format!(
+                "established {}/{} ({} closing), expired {}",
+                ct.established + ct.closing,
+                ct.established_capacity,
+                ct.closing,
+                ct.expired_total
+            )
+        };
+        let _ = writeln!(out, "conntrack: new-flow LRU {} entries; {protected}", ct.new_capacity);
+    }
     let outcomes: Vec<String> = status.outcomes.iter().filter(|(_, v)| *v != 0).map(|(k, v)| format!("{k}={v}")).collect();
     if !outcomes.is_empty() {
         let _ = writeln!(out, "outcomes: {}", outcomes.join(" "));

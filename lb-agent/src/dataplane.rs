@@ -14,7 +14,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    map_names as names, stat, Backend, Config, Counters, Service, VipAddrKey, VipAddrVal, VipKey, CONFIG_READY,
+    map_names as names, stat, Backend, Config, Counters, Service, VipAddrKey, VipAddrVal, VipKey, CONFIG_CT_PROTECT,
+    CONFIG_READY,
 };
 
 use crate::{
@@ -76,7 +77,7 @@ impl std::fmt::Display for AttachMode {
 /// Map sizes for a plan, with room for the configuration to grow: twice the
 /// services and backends, and for `MAGLEV` two tables per service (the double
 /// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 8] {
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 9] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
@@ -91,6 +92,7 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 8] {
         (names::BACKEND_STATS, backends),
         (names::MAGLEV, maglev),
         (names::CONNTRACK, plan.conntrack_size.max(1)),
+        (names::CT_ESTABLISHED, plan.established_size.max(1)),
         (names::AFFINITY, (plan.conntrack_size / 4).max(1024)),
     ]
 }
@@ -166,7 +168,7 @@ impl Dataplane {
         }
         let mut dp = Self::load_with(crate::object::OBJECT, plan, Some(pins))?;
         if opened.maps_reused {
-            dp.adopt_state(plan.conntrack_size)?;
+            dp.adopt_state(plan)?;
         }
         Ok((dp, opened))
     }
@@ -216,7 +218,7 @@ impl Dataplane {
 
     /// Rebuilds what was applied (ids, generations, table placement) from maps an
     /// earlier agent filled, so the next apply only writes what changed.
-    fn adopt_state(&mut self, conntrack_size: u32) -> Result<()> {
+    fn adopt_state(&mut self, plan: &Plan) -> Result<()> {
         let m: Array<_, Config> =
             Array::try_from(map_mut(&mut self.ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         self.config = m.get(&0, 0).map_err(map_err(names::CONFIG))?;
@@ -255,7 +257,7 @@ impl Dataplane {
             with_tables.push((*key, *value, self.maglev.read(value.table_offset as usize, size as usize)));
         }
         self.regions = Regions::with_used(self.capacity.maglev, &used);
-        self.applied = Some(crate::plan::from_maps(&with_tables, &backends, vip_addrs, conntrack_size));
+        self.applied = Some(crate::plan::from_maps(&with_tables, &backends, vip_addrs, plan));
         Ok(())
     }
 
@@ -263,7 +265,12 @@ impl Dataplane {
     pub fn write(&mut self, plan: &Plan, iface_mac: Mac) -> Result<Summary> {
         // An adopted data plane stays ready (it is forwarding); a fresh one becomes
         // ready once the maps are filled.
-        let flags = self.config.flags;
+        let protect = if plan.established_size > 0 { CONFIG_CT_PROTECT } else { 0 };
+        let flags = (self.config.flags & !CONFIG_CT_PROTECT) | protect;
+        // Entries are stamped with the published clock: publish it before any.
+        let mut clock: Array<_, u32> =
+            Array::try_from(map_mut(&mut self.ebpf, names::CT_CLOCK)?).map_err(map_err(names::CT_CLOCK))?;
+        crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
         self.set_config(Config { iface_mac, _pad: [0; 2], flags })?;
         let summary = apply::apply(self, plan)?;
         self.set_config(Config { flags: flags | CONFIG_READY, ..self.config })?;
@@ -400,6 +407,20 @@ impl Dataplane {
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// Entries of `CONNTRACK` and `CT_ESTABLISHED` as the maps were created (the
+    /// latter 0 when `plan` turns protection off).
+    pub fn conntrack_capacity(&mut self, plan: &Plan) -> Result<(u32, u32)> {
+        let mut size = |name| -> Result<u32> { Ok(map_data(&mut self.ebpf, name)?.info().map_err(map_err(name))?.max_entries()) };
+        let lru = size(names::CONNTRACK)?;
+        let est = if plan.established_size > 0 { size(names::CT_ESTABLISHED)? } else { 0 };
+        Ok((lru, est))
+    }
+
+    /// A handle of its own on map `name` (for a task that reads or sweeps it).
+    pub fn map_handle(&mut self, name: &'static str) -> Result<MapData> {
+        map_data(&mut self.ebpf, name)
     }
 
     /// Current counters, summed over CPUs.

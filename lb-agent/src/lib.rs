@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod control;
 pub mod dataplane;
 pub mod health;

@@ -23,6 +23,9 @@
 //! | `lb_backend_probe_successes_total`, `lb_backend_probe_failures_total` | counter | the service's and `backend` |
 //! | `lb_packets_total` (one series per verdict: `forwarded`, `pass_*`, `drop_*`) | counter | `outcome` |
 //! | `lb_conntrack_hits_total`, `lb_conntrack_misses_total`, `lb_conntrack_insert_failures_total` | counter | |
+//! | `lb_conntrack_promotions_total`, `lb_conntrack_established_full_total`, `lb_conntrack_midflow_misses_total`, `lb_conntrack_expired_total` | counter | |
+//! | `lb_conntrack_established_entries` | gauge | `state` (`established`, `closing`) |
+//! | `lb_conntrack_established_capacity`, `lb_conntrack_new_capacity` | gauge | |
 //! | `lb_persistence_hits_total` | counter | |
 //! | `lb_reloads_total` | counter | `result` (`ok`, `failed`) |
 //! | `lb_xdp_attach_mode` (1 for the mode in use) | gauge | `mode` (`native`, `generic`) |
@@ -31,7 +34,8 @@
 //! Every packet the XDP program sees ends in exactly one verdict, so
 //! `sum(rate(lb_packets_total[1m]))` is the packet rate on the interface. The
 //! outcome counters that are not verdicts (`conn_hit`, `conn_miss`,
-//! `conn_insert_failed`, `persist_hit`: a forwarded packet also counts one of them)
+//! `conn_insert_failed`, `persist_hit`, `ct_*`: a forwarded packet also counts
+//! them)
 //! have their own families instead. Backends without a probe have no probe series;
 //! a service without a VIP or a backend without an address gets an empty label, and
 //! of several backends of a service with the same labels only the first is exported.
@@ -73,7 +77,7 @@ pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Outcome counters that are not a packet's verdict, and the family each goes to.
-const NOT_VERDICTS: [(&str, &str, &str); 4] = [
+const NOT_VERDICTS: [(&str, &str, &str); 7] = [
     (
         "conn_hit",
         "lb_conntrack_hits",
@@ -93,6 +97,21 @@ const NOT_VERDICTS: [(&str, &str, &str); 4] = [
         "persist_hit",
         "lb_persistence_hits",
         "New flows sent to their client's backend by persistence.",
+    ),
+    (
+        "ct_promoted",
+        "lb_conntrack_promotions",
+        "Flows moved to the established table (their second packet); floods of new flows cannot evict them there.",
+    ),
+    (
+        "ct_established_full",
+        "lb_conntrack_established_full",
+        "Packets of flows that could not move to the established table because it was full (they stay evictable).",
+    ),
+    (
+        "ct_midflow_miss",
+        "lb_conntrack_midflow_misses",
+        "TCP packets without SYN whose flow was in no table (evicted, expired or started elsewhere): scheduled again.",
     ),
 ];
 
@@ -432,6 +451,40 @@ impl Collector for StatusCollector {
             single(e, name, help, None, value.map(|(_, n)| counter(*n)))?;
         }
 
+        let ct = &status.conntrack;
+        let entries = [
+            (vec![("state", "established".to_string())], ct.established),
+            (vec![("state", "closing".to_string())], ct.closing),
+        ];
+        family(
+            e,
+            "lb_conntrack_established_entries",
+            "Entries of the established-flow table at the last sweep, by TCP state (UDP counts as established).",
+            None,
+            entries.iter().map(|(l, n)| (l, gauge(i64::try_from(*n).unwrap_or(i64::MAX)))),
+        )?;
+        single(
+            e,
+            "lb_conntrack_established_capacity",
+            "Entries the established-flow table can hold (0: protection off).",
+            None,
+            Some(gauge(i64::from(ct.established_capacity))),
+        )?;
+        single(
+            e,
+            "lb_conntrack_new_capacity",
+            "Entries of the LRU table that holds flows until their second packet.",
+            None,
+            Some(gauge(i64::from(ct.new_capacity))),
+        )?;
+        single(
+            e,
+            "lb_conntrack_expired",
+            "Established-table entries the agent removed after their idle timeout.",
+            None,
+            Some(counter(ct.expired_total)),
+        )?;
+
         let reloads = [
             (vec![("result", "ok".to_string())], status.reloads_ok),
             (
@@ -520,6 +573,14 @@ mod tests {
                 .enumerate()
                 .map(|(i, n)| (n.to_string(), 1000 + i as u64))
                 .collect(),
+            conntrack: crate::conntrack::TableStatus {
+                new_capacity: 1024,
+                established_capacity: 2048,
+                established: 30,
+                closing: 4,
+                expired_total: 7,
+                sweep_secs: 0.001,
+            },
             services: vec![
                 ServiceStatus {
                     name: "web".to_string(),
@@ -589,6 +650,14 @@ mod tests {
             "lb_conntrack_hits_total 1011".to_string(),
             "lb_conntrack_misses_total 1012".to_string(),
             "lb_conntrack_insert_failures_total 1013".to_string(),
+            "lb_conntrack_promotions_total 1016".to_string(),
+            "lb_conntrack_established_full_total 1017".to_string(),
+            "lb_conntrack_midflow_misses_total 1018".to_string(),
+            r#"lb_conntrack_established_entries{state="established"} 30"#.to_string(),
+            r#"lb_conntrack_established_entries{state="closing"} 4"#.to_string(),
+            "lb_conntrack_established_capacity 2048".to_string(),
+            "lb_conntrack_new_capacity 1024".to_string(),
+            "lb_conntrack_expired_total 7".to_string(),
             "lb_persistence_hits_total 1015".to_string(),
             r#"lb_reloads_total{result="ok"} 3"#.to_string(),
             r#"lb_reloads_total{result="failed"} 1"#.to_string(),
@@ -609,6 +678,7 @@ mod tests {
         for absent in [
             "outcome=\"conn_hit\"",
             "outcome=\"persist_hit\"",
+            "outcome=\"ct_promoted\"",
             "# EOF",
             "# UNIT",
         ] {
@@ -617,7 +687,7 @@ mod tests {
         // Every family has one HELP and one TYPE line, and each series one family.
         let helps = lines.iter().filter(|l| l.starts_with("# HELP ")).count();
         let types = lines.iter().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!((helps, types), (19, 19), "{text}");
+        assert_eq!((helps, types), (26, 26), "{text}");
     }
 
     #[test]

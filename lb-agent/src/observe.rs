@@ -65,6 +65,7 @@ impl Sampler {
             reloads_ok: ctx.reloads_ok,
             reloads_failed: ctx.reloads_failed,
             outcomes: stat::NAMES.iter().enumerate().map(|(i, n)| (n.to_string(), stats.get(i as u32))).collect(),
+            conntrack: Default::default(),
             services: Vec::new(),
         };
         for s in &plan.services {

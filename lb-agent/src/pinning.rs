@@ -29,7 +29,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 11] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 13] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -37,6 +37,8 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 11] {
         (names::MAGLEV, 4, 4, MMAPABLE),
         (names::BACKENDS, 4, size_of::<Backend>(), 0),
         (names::CONNTRACK, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),
+        (names::CT_ESTABLISHED, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),
+        (names::CT_CLOCK, 4, 4, 0),
         (names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityVal>(), 0),
         (names::SERVICE_STATS, 4, size_of::<Counters>(), 0),
         (names::BACKEND_STATS, 4, size_of::<Counters>(), 0),

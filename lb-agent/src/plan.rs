@@ -122,6 +122,8 @@ pub struct Plan {
     /// `VIP_ADDRS` contents: address -> any-port flags.
     pub vip_addrs: BTreeMap<[u8; 16], u32>,
     pub conntrack_size: u32,
+    /// Size of `CT_ESTABLISHED`; 0: flows stay in `CONNTRACK` (no protection).
+    pub established_size: u32,
     pub service_ids: IdAlloc,
     pub backend_ids: IdAlloc,
 }
@@ -147,7 +149,11 @@ impl Plan {
             })
             .unwrap_or_default();
 
-        let mut plan = Plan { conntrack_size: config.conntrack_size, ..Plan::default() };
+        let mut plan = Plan {
+            conntrack_size: config.conntrack_size,
+            established_size: config.established_size,
+            ..Plan::default()
+        };
         let mut kept_services = BTreeSet::new();
         let mut kept_backends = BTreeSet::new();
         for (index, svc) in config.services.iter().enumerate() {
@@ -291,14 +297,20 @@ impl Plan {
 
 /// The state an earlier agent left in the maps, as a plan, so the next plan keeps
 /// its ids: services from `SERVICES` (with their current tables), backends from
-/// `BACKENDS` (every id ever handed out keeps its generation).
+/// `BACKENDS` (every id ever handed out keeps its generation); table sizes from
+/// `sizes`.
 pub fn from_maps(
     services: &[(VipKey, Service, Vec<u32>)],
     backends: &[(u32, Backend)],
     vip_addrs: BTreeMap<[u8; 16], u32>,
-    conntrack_size: u32,
+    sizes: &Plan,
 ) -> Plan {
-    let mut plan = Plan { conntrack_size, vip_addrs, ..Plan::default() };
+    let mut plan = Plan {
+        conntrack_size: sizes.conntrack_size,
+        established_size: sizes.established_size,
+        vip_addrs,
+        ..Plan::default()
+    };
     let mut index_of = BTreeMap::new();
     for (key, value, table) in services {
         index_of.insert(value.id, plan.services.len());

@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::Path,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -23,6 +23,7 @@ use tokio::{
 use crate::{
     cli::RunArgs,
     config::{self, Config},
+    conntrack::TableStatus,
     dataplane::Dataplane,
     health::{Checker, Health, HealthEvent, ProbeKind, Target, TargetKey},
     neigh::{format_mac, Interface, Mac, NeighUpdate, Neighbours},
@@ -66,6 +67,11 @@ struct Agent {
     drained: BTreeSet<(String, IpAddr)>,
     status: Arc<RwLock<Status>>,
     sampler: Sampler,
+    /// Published by the connection-table sweeper.
+    conntrack: Arc<Mutex<TableStatus>>,
+    timeouts: tokio::sync::watch::Sender<config::Timeouts>,
+    /// Entries of CONNTRACK and CT_ESTABLISHED as created (0: protection off).
+    ct_capacity: (u32, u32),
 }
 
 /// Probe targets of a configuration.
@@ -164,6 +170,11 @@ async fn run_async(args: RunArgs) -> Result<()> {
     tracing::info!(iface = %iface.name, %mode, services = plan.services.len(),
         backends = plan.backends.len(), pin_dir = %args.pin_dir.display(), "{how}");
 
+    let ct_map = dp.map_handle(lb_common::map_names::CT_ESTABLISHED).context("opening CT_ESTABLISHED")?;
+    let ct_clock = dp.map_handle(lb_common::map_names::CT_CLOCK).context("opening CT_CLOCK")?;
+    let ct_capacity = dp.conntrack_capacity(&plan).context("reading the connection-table sizes")?;
+    let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);
+    let conntrack = Arc::new(Mutex::new(TableStatus::default()));
     let mut agent = Agent {
         args,
         config: cfg,
@@ -182,6 +193,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
         drained: BTreeSet::new(),
         status: Arc::new(RwLock::new(Status::default())),
         sampler: Sampler::default(),
+        conntrack: conntrack.clone(),
+        timeouts,
+        ct_capacity,
     };
     agent.refresh_status();
     // systemd Type=notify: ready once the maps are filled and the program attached.
@@ -191,6 +205,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
     let control = tokio::spawn(crate::control::run(listener, calls_tx, shutdown_rx.clone()));
+    let sweeper = tokio::spawn(crate::conntrack::run(ct_map, ct_clock, timeouts_rx, conntrack, shutdown_rx.clone()));
     let metrics = metrics_listener
         .map(|l| tokio::spawn(crate::metrics::serve_listener(l, agent.status.clone(), shutdown_rx.clone())));
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
@@ -216,6 +231,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
     let _ = control.await;
+    let _ = sweeper.await;
     if let Some(m) = metrics {
         let _ = m.await;
     }
@@ -286,7 +302,9 @@ impl Agent {
             drained: &self.drained,
             checker: &self.checker,
         };
-        let status = self.sampler.status(&ctx, &self.plan, stats);
+        let mut status = self.sampler.status(&ctx, &self.plan, stats);
+        status.conntrack = self.conntrack.lock().map(|c| c.clone()).unwrap_or_default();
+        (status.conntrack.new_capacity, status.conntrack.established_capacity) = self.ct_capacity;
         if let Ok(mut s) = self.status.write() {
             *s = status;
         }
@@ -433,8 +451,8 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return self.reload_failed(why, &format!("invalid configuration:\n{e}")),
         };
-        if new.conntrack_size != self.config.conntrack_size {
-            tracing::warn!("conntrack_size changes take effect at the next start");
+        if new.conntrack_size != self.config.conntrack_size || new.established_size != self.config.established_size {
+            tracing::warn!("conntrack_size and established_size changes take effect at the next start");
         }
         let wanted = Plan::backend_addresses(&new);
         let missing: Vec<IpAddr> = wanted.into_iter().filter(|a| !self.macs.contains_key(a)).collect();
@@ -461,6 +479,7 @@ impl Agent {
                 let diff = reload::describe(&self.config, &new);
                 self.reloads_ok += 1;
                 tracing::info!(why, reloads = self.reloads_ok, "reload applied: {diff}");
+                self.timeouts.send_replace(new.timeouts);
                 self.config = new;
                 self.down = down;
                 self.plan = plan;

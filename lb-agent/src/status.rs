@@ -17,6 +17,9 @@ pub struct Status {
     pub reloads_failed: u64,
     /// Global outcome counters by name (`lb_common::stat::NAMES`), in that order.
     pub outcomes: Vec<(String, u64)>,
+    /// The connection table: sizes, established entries, expiries.
+    #[serde(default)]
+    pub conntrack: crate::conntrack::TableStatus,
     pub services: Vec<ServiceStatus>,
 }
 

@@ -25,6 +25,8 @@ pub mod map_names {
     pub const MAGLEV: &str = "MAGLEV";
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CT_ESTABLISHED: &str = "CT_ESTABLISHED";
+    pub const CT_CLOCK: &str = "CT_CLOCK";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const STATS: &str = "STATS";
@@ -169,7 +171,8 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of `CONNTRACK`.
+/// Value of `CONNTRACK` (flows not yet proven) and `CT_ESTABLISHED` (flows that
+/// showed a second packet: floods of new flows cannot evict them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowVal {
@@ -179,7 +182,23 @@ pub struct FlowVal {
     pub service_id: u32,
     /// `Backend::generation` when the flow was scheduled.
     pub generation: u32,
+    /// `CT_CLOCK` (whole seconds of CLOCK_MONOTONIC, published by the agent) at the
+    /// flow's last packet; in `CONNTRACK`, at its first. The agent expires idle
+    /// `CT_ESTABLISHED` entries by it.
+    pub last_seen: u32,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    pub _pad: [u8; 3],
 }
+
+/// A flow seen once (or a TCP SYN): in `CONNTRACK`, the LRU table.
+pub const CT_STATE_NEW: u8 = 0;
+/// A flow that sent a second packet (TCP: a non-SYN after the SYN; UDP: any):
+/// in `CT_ESTABLISHED`, expired by the agent after the `tcp`/`udp` timeout.
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// A TCP flow whose client sent FIN or RST: expired after the `tcp_fin` timeout,
+/// and a SYN on its 5-tuple starts a new connection (scheduled afresh).
+pub const CT_STATE_CLOSING: u8 = 2;
 
 /// Key of `AFFINITY`: the service and the client address masked to the service's
 /// persistence prefix.
@@ -241,6 +260,10 @@ pub struct Config {
 pub const CONFIG_READY: u32 = 1;
 /// The balancer is attached in generic (skb) mode; without it, native.
 pub const CONFIG_GENERIC: u32 = 2;
+/// Flows that sent a second packet move from `CONNTRACK` (LRU) to `CT_ESTABLISHED`,
+/// where new flows cannot evict them (`established_size` > 0). Without it every
+/// flow stays in the LRU table.
+pub const CONFIG_CT_PROTECT: u32 = 4;
 
 /// Indices into the per-CPU `STATS` array: one counter per packet outcome.
 pub mod stat {
@@ -276,7 +299,16 @@ pub mod stat {
     pub const PASS_ALL_DOWN: u32 = 14;
     /// New flow sent to its client's backend by persistence (`AFFINITY` hit).
     pub const PERSIST_HIT: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// Flow moved from `CONNTRACK` to `CT_ESTABLISHED` (its second packet).
+    pub const CT_PROMOTED: u32 = 16;
+    /// Packet of a flow that should move to `CT_ESTABLISHED` but that table is
+    /// full: the flow stays in the LRU table (forwarded; evictable by new flows).
+    pub const CT_ESTABLISHED_FULL: u32 = 17;
+    /// TCP packet without SYN whose flow is in neither table: the visible sign of
+    /// an evicted or expired entry (or of a flow that started elsewhere). Scheduled
+    /// as a new flow.
+    pub const CT_MIDFLOW_MISS: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Names for metrics and `lb-agent`, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -296,6 +328,9 @@ pub mod stat {
         "conn_insert_failed",
         "pass_all_down",
         "persist_hit",
+        "ct_promoted",
+        "ct_established_full",
+        "ct_midflow_miss",
     ];
 }
 
@@ -306,7 +341,7 @@ const _: () = {
     assert!(core::mem::size_of::<Service>() == 28);
     assert!(core::mem::size_of::<Backend>() == 36);
     assert!(core::mem::size_of::<FlowKey>() == 40);
-    assert!(core::mem::size_of::<FlowVal>() == 12);
+    assert!(core::mem::size_of::<FlowVal>() == 20);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityVal>() == 16);
     assert!(core::mem::size_of::<Counters>() == 24);

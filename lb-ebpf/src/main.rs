@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 
+mod backend;
+mod conntrack;
 mod maps;
 mod parse;
 mod schedule;
@@ -75,7 +77,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    schedule::forward(ctx, &flow, pkt.syn)
+    schedule::forward(ctx, &flow, pkt.syn, pkt.fin)
 }
 
 #[cfg(not(test))]

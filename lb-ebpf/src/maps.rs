@@ -38,6 +38,17 @@ pub static BACKENDS: Array<Backend, { MB as usize }> = Array::new();
 #[btf_map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowVal, { CT as usize }> = LruHashMap::new();
 
+/// Flows that sent a second packet: a plain hash, so new flows cannot evict them
+/// (see `conntrack.rs`). The agent expires idle entries.
+#[btf_map]
+pub static CT_ESTABLISHED: HashMap<FlowKey, FlowVal, { CT as usize }> = HashMap::new();
+
+/// The connection table's clock: whole seconds of CLOCK_MONOTONIC, written by the
+/// agent every second (one array read per packet, where a clock helper costs
+/// more than the rest of an established packet's table work).
+#[btf_map]
+pub static CT_CLOCK: Array<u32, 1> = Array::new();
+
 #[btf_map]
 pub static SERVICE_STATS: PerCpuArray<Counters, { MS as usize }> = PerCpuArray::new();
 

@@ -22,7 +22,9 @@ const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 /// IPv4 flags/fragment offset: More Fragments bit and the offset field.
@@ -49,6 +51,8 @@ pub struct Packet {
     pub proto: u8,
     /// A TCP SYN without ACK: the first packet of a new connection.
     pub syn: bool,
+    /// A TCP FIN or RST: the client is closing the connection.
+    pub fin: bool,
 }
 
 #[inline(always)]
@@ -104,10 +108,11 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
     .map_err(|_| malformed_l4)?;
     // SAFETY: at least the full L4 header is within bounds (20 bytes for TCP).
     let ports = unsafe { *ports_ptr };
-    let syn = proto == PROTO_TCP && {
+    let flags = if proto == PROTO_TCP {
         // SAFETY: the TCP header (20 bytes) was bounds-checked above; flags are byte 13.
-        let flags = unsafe { *((ports_ptr as *const u8).add(13)) };
-        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        unsafe { *((ports_ptr as *const u8).add(13)) }
+    } else {
+        0
     };
     Ok(Packet {
         src,
@@ -115,7 +120,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
         sport: u16::from_be_bytes([ports[0], ports[1]]),
         dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto,
-        syn,
+        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        fin: flags & (TCP_FIN | TCP_RST) != 0,
     })
 }
 

@@ -1,14 +1,17 @@
-//! Service lookup, connection table, persistence, Maglev, and the DR rewrite.
+//! Service lookup, persistence, Maglev, and the DR rewrite; the connection table
+//! is `conntrack.rs`.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
-    flow_hash, maglev_slot, mask_addr, stat, AffinityKey, AffinityVal, Backend, FlowKey, FlowVal,
-    Service, VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, CONFIG_READY, PROTO_TCP,
-    SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
+    flow_hash, maglev_slot, mask_addr, stat, AffinityKey, AffinityVal, Backend, FlowKey, Service,
+    VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY,
+    PROTO_TCP, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES, VIP_ADDRS},
+    backend::backend,
+    conntrack::{self, Lookup},
+    maps::{AFFINITY, CONFIG, MAGLEV, SERVICES, VIP_ADDRS},
     parse::Outcome,
     stats::{count, count_forward},
 };
@@ -35,22 +38,6 @@ fn find_service(flow: &FlowKey) -> Result<Service, Outcome> {
         }
     }
     Err(Outcome::Pass(stat::PASS_NO_SERVICE))
-}
-
-/// The backend of `id` if it belongs to `service_id`, is in incarnation
-/// `generation` (when given) and has all of `need` flags.
-#[inline(always)]
-fn backend(id: u32, service_id: u32, generation: Option<u32>, need: u32) -> Option<Backend> {
-    let b = BACKENDS.get(id)?;
-    if b.flags & need != need || b.service_id != service_id {
-        return None;
-    }
-    if let Some(g) = generation {
-        if b.generation != g {
-            return None;
-        }
-    }
-    Some(*b)
 }
 
 /// Why no backend was chosen.
@@ -103,52 +90,41 @@ fn persistent(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend
     Ok((id, b))
 }
 
-/// An established flow: its connection-table entry, while the backend it names
-/// is still active and of the same generation (so in the same service). Needs no
-/// service lookup: the fast path.
-#[inline(always)]
-fn established(flow: &FlowKey) -> Option<(u32, u32, Backend)> {
-    // SAFETY: the value is copied out at once.
-    let v = unsafe { *CONNTRACK.get(flow)? };
-    let b = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE)?;
-    Some((v.service_id, v.backend_id, b))
-}
-
 /// A new flow (or one whose backend went down or was replaced): persistence or
-/// Maglev, then a connection-table entry.
+/// Maglev.
 #[inline(always)]
 fn schedule(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend> {
     count(stat::CONN_MISS);
-    let (id, b) = if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc)? } else { maglev(flow, svc)? };
-    let val = FlowVal { backend_id: id, service_id: svc.id, generation: b.generation };
-    if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
-        count(stat::CONN_INSERT_FAILED);
-    }
-    Ok((id, b))
+    if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc) } else { maglev(flow, svc) }
 }
 
-/// The connection table first (skipped for a TCP SYN: a new connection, maybe on
-/// a reused 5-tuple whose old entry is still there, as Katran does); only frames
-/// that miss it look up their VIP and service and are scheduled.
+/// The connection table first (`conntrack::lookup`); only frames that miss it look
+/// up their VIP and service and are scheduled, and the choice is recorded.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, flow: &FlowKey, syn: bool) -> Outcome {
+pub fn forward(ctx: &XdpContext, flow: &FlowKey, syn: bool, fin: bool) -> Outcome {
     let cfg = match CONFIG.get(0) {
         Some(c) if c.flags & CONFIG_READY != 0 => *c,
         _ => return Outcome::Pass(stat::PASS_NOT_READY),
     };
-    let hit = if syn { None } else { established(flow) };
-    let (service_id, backend_id, backend, new_flow) = match hit {
-        Some((service_id, backend_id, b)) => {
+    let protect = cfg.flags & CONFIG_CT_PROTECT != 0;
+    let (service_id, backend_id, backend, new_flow) = match conntrack::lookup(flow, syn, fin, protect) {
+        Lookup::Hit { service_id, backend_id, backend } => {
             count(stat::CONN_HIT);
-            (service_id, backend_id, b, false)
+            (service_id, backend_id, backend, false)
         }
-        None => {
+        Lookup::Miss(slot) => {
             let svc = match find_service(flow) {
                 Ok(s) => s,
                 Err(outcome) => return outcome,
             };
+            if let conntrack::Slot::New { midflow: true } = slot {
+                count(stat::CT_MIDFLOW_MISS);
+            }
             match schedule(flow, &svc) {
-                Ok((id, b)) => (svc.id, id, b, true),
+                Ok((id, b)) => {
+                    conntrack::record(flow, slot, id, svc.id, b.generation);
+                    (svc.id, id, b, true)
+                }
                 Err(NoBackend::Empty) if svc.flags & SERVICE_PASS_ON_EMPTY != 0 => {
                     return Outcome::Pass(stat::PASS_ALL_DOWN);
                 }

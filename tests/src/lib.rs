@@ -4,5 +4,6 @@
 pub mod lab;
 pub mod netns;
 pub mod traffic;
+pub mod flood;
 pub mod frames;
 pub mod tls;

@@ -262,7 +262,8 @@ pub fn echo_server(ns: &str, port: u16, name: &str) -> Server {
     })
 }
 
-/// A long-lived connection exchanging a few bytes every 100 ms.
+/// A long-lived connection exchanging a few bytes every 100 ms (or, idle, only
+/// once when it is finished).
 pub struct LongLived {
     pub backend: String,
     worker: Worker<LongLivedResult>,
@@ -280,6 +281,17 @@ impl LongLived {
     /// Connects from namespace `ns` to `vip:port` (an echo server) and starts the
     /// exchanges in the background.
     pub fn open(ns: &str, vip: IpAddr, port: u16) -> LongLived {
+        Self::open_every(ns, vip, port, Some(Duration::from_millis(100)))
+    }
+
+    /// An idle connection: after the greeting it sends nothing until `finish`,
+    /// which makes one exchange (so an entry lost meanwhile shows).
+    pub fn open_idle(ns: &str, vip: IpAddr, port: u16) -> LongLived {
+        Self::open_every(ns, vip, port, None)
+    }
+
+    /// A connection that exchanges every `period` (`None`: only at the end).
+    pub fn open_every(ns: &str, vip: IpAddr, port: u16, period: Option<Duration>) -> LongLived {
         let conn = netns::run_in(ns, move || TcpStream::connect_timeout(&SocketAddr::new(vip, port), Duration::from_secs(3)));
         let mut conn = conn.unwrap_or_else(|e| panic!("long-lived connection to {vip}:{port}: {e}"));
         conn.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
@@ -295,7 +307,16 @@ impl LongLived {
             let mut r = LongLivedResult { backend: who, exchanges: 0, error: None };
             // Bounded: at most 10 minutes of exchanges.
             let end = Instant::now() + Duration::from_secs(600);
-            while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+            let mut last = false;
+            while !last && Instant::now() < end {
+                last = stop.load(Ordering::SeqCst);
+                if last && period.is_some() {
+                    break;
+                }
+                if period.is_none() && !last {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
                 let msg = r.exchanges.to_be_bytes();
                 let mut back = [0u8; 8];
                 let res = conn.write_all(&msg).and_then(|_| conn.read_exact(&mut back));
@@ -310,7 +331,7 @@ impl LongLived {
                         break;
                     }
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(period.unwrap_or_default());
             }
             r
         });

@@ -158,6 +158,10 @@ fn bpftool_recipes_in_operations_md_work() {
     let agent = lab.start_agent(&demo_config());
     let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 30, 2, Duration::from_secs(60));
     assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    // One datagram per flow: these stay in CONNTRACK (TCP flows move to
+    // CT_ESTABLISHED at their second packet).
+    let t = requests(&lab.client, Proto::Udp, IpAddr::V4(VIP4), 53, 10, 1, Duration::from_secs(30));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
 
     let mut failures = Vec::new();
     for r in &recipes {

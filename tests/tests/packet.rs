@@ -216,20 +216,22 @@ impl Lab {
         b.id
     }
 
-    /// Forwards `frame` and checks it reached backend `want`, counted as `counter`
-    /// (conn_hit or conn_miss) plus `forwarded`.
-    fn expect_fwd(&mut self, svc: usize, frame: &[u8], want: u32, counter: u32, what: &str) {
+    /// Forwards `frame` and checks it reached backend `want`, counted as `counters`
+    /// (conn_hit or conn_miss, and the connection-table events) plus `forwarded`.
+    fn expect_fwd(&mut self, svc: usize, frame: &[u8], want: u32, counters: &[u32], what: &str) {
         let before = self.global();
         let got = self.forward(svc, frame, what);
         let (a, b) = (self.addr(got), self.addr(want));
         assert!(got == want, "{what}: sent to {a}, expected {b}");
-        self.expect_delta(&before, &[(FORWARDED, 1), (counter, 1)], what);
+        let mut expected = vec![(FORWARDED, 1)];
+        expected.extend(counters.iter().map(|&c| (c, 1)));
+        self.expect_delta(&before, &expected, what);
     }
 
     /// A new flow's first frame: forwarded to the predicted backend. Returns it.
     fn new_flow(&mut self, svc: usize, flow: &Flow, frame: &[u8], what: &str) -> u32 {
         let want = self.predict(svc, flow);
-        self.expect_fwd(svc, frame, want, CONN_MISS, what);
+        self.expect_fwd(svc, frame, want, &miss_counters(frame), what);
         want
     }
 
@@ -261,6 +263,31 @@ impl Lab {
         let before = self.global();
         self.untouched(frame, XDP_PASS, what);
         self.expect_delta(&before, &[(counter, 1)], what);
+    }
+}
+
+/// The TCP flags of a TCP frame (Ethernet, at most one tag, IPv4 or IPv6).
+fn tcp_flags(frame: &[u8]) -> Option<u8> {
+    let mut l3 = ETH_HLEN;
+    let mut ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = u16::from_be_bytes([frame[16], frame[17]]);
+        l3 += VLAN_HLEN;
+    }
+    let (proto, l4) = match ethertype {
+        ETH_P_IP => (frame[l3 + 9], l3 + usize::from(frame[l3] & 0x0f) * 4),
+        ETH_P_IPV6 => (frame[l3 + 6], l3 + IPV6_HLEN),
+        _ => return None,
+    };
+    (proto == PROTO_TCP).then(|| frame[l4 + 13])
+}
+
+/// Counters of a flow's first frame: scheduled, and for TCP without SYN also a
+/// mid-flow miss (no entry for a packet that is not a connection's first).
+fn miss_counters(frame: &[u8]) -> Vec<u32> {
+    match tcp_flags(frame) {
+        Some(flags) if flags & 0x02 == 0 => vec![CONN_MISS, CT_MIDFLOW_MISS],
+        _ => vec![CONN_MISS],
     }
 }
 
@@ -324,12 +351,12 @@ fn connection_table_keeps_flows_on_their_backend() {
     let f = flows(40000).find(moves).expect("no flow moves");
     let frame = f.frame(None, 10);
     let first = lab.new_flow(0, &f, &frame, "first frame");
-    lab.expect_fwd(0, &frame, first, CONN_HIT, "second frame");
+    lab.expect_fwd(0, &frame, first, &[CONN_HIT, CT_PROMOTED], "second frame");
 
     lab.rewrite(std::slice::from_ref(&b), &[]);
     assert_eq!(lab.addr(first), ip(old[first as usize]), "id changed");
     assert_ne!(lab.predict(0, &f), first, "set-up: flow should move");
-    lab.expect_fwd(0, &frame, first, CONN_HIT, "after adding backends");
+    lab.expect_fwd(0, &frame, first, &[CONN_HIT], "after adding backends");
     let g = flows(41000).find(|g| lab.predict(0, g) >= 3).unwrap();
     lab.new_flow(0, &g, &g.frame(None, 0), "new flow after the change");
 
@@ -337,8 +364,8 @@ fn connection_table_keeps_flows_on_their_backend() {
     lab.rewrite(&[b], &[old[first as usize]]);
     let next = lab.predict(0, &f);
     assert_ne!(next, first, "Maglev still picks the inactive backend");
-    lab.expect_fwd(0, &frame, next, CONN_MISS, "after its backend left");
-    lab.expect_fwd(0, &frame, next, CONN_HIT, "after rescheduling");
+    lab.expect_fwd(0, &frame, next, &[CONN_MISS], "after its backend left");
+    lab.expect_fwd(0, &frame, next, &[CONN_HIT], "after rescheduling");
 }
 
 #[test]
@@ -353,7 +380,7 @@ fn backends_keep_their_ids_across_reloads() {
     lab.new_flow(0, &f, &frame, "first frame");
     lab.rewrite(&[web_of(&["198.18.0.10", "198.18.0.11", "198.18.0.12", "198.18.0.13"])], &[]);
     assert_eq!(lab.addr(1), ip("198.18.0.12"), "ids are stable across reloads");
-    lab.expect_fwd(0, &frame, 1, CONN_HIT, "after a lower address joined");
+    lab.expect_fwd(0, &frame, 1, &[CONN_HIT, CT_PROMOTED], "after a lower address joined");
 }
 
 #[test]
@@ -369,7 +396,7 @@ fn a_reused_backend_id_never_receives_old_flows() {
     lab.rewrite(&[web_of(&["198.18.0.11", "198.18.0.13", "198.18.0.30"])], &[]);
     assert_eq!(lab.addr(1), ip("198.18.0.30"), "set-up: the newcomer took id 1");
     let want = lab.predict(0, &f);
-    lab.expect_fwd(0, &frame, want, CONN_MISS, "old flow after its id was reused");
+    lab.expect_fwd(0, &frame, want, &[CONN_MISS], "old flow after its id was reused");
 }
 
 #[test]
@@ -384,13 +411,13 @@ fn a_syn_starts_a_new_flow_even_on_a_known_five_tuple() {
     let ack = f.frame(None, 0);
     let first = lab.new_flow(0, &f, &ack, "first connection");
     lab.rewrite(&[web_of(&more)], &[]);
-    lab.expect_fwd(0, &ack, first, CONN_HIT, "the old connection stays");
+    lab.expect_fwd(0, &ack, first, &[CONN_HIT, CT_PROMOTED], "the old connection stays");
     let mut syn = ack.clone();
     syn[14 + 20 + 13] = 0x02; // TCP flags: SYN only
     let want = lab.predict(0, &f);
     assert_ne!(want, first, "set-up: Maglev moved the flow");
-    lab.expect_fwd(0, &syn, want, CONN_MISS, "a new connection on the same 5-tuple");
-    lab.expect_fwd(0, &ack, want, CONN_HIT, "and its later packets follow it");
+    lab.expect_fwd(0, &syn, want, &[CONN_MISS], "a new connection on the same 5-tuple");
+    lab.expect_fwd(0, &ack, want, &[CONN_HIT], "and its later packets follow it");
 }
 
 #[test]
@@ -409,7 +436,7 @@ fn a_backend_that_goes_down_and_up_takes_new_flows_again() {
         lab.dp.apply(&lab.plan).expect("apply");
         let want = lab.predict(0, &f);
         assert_eq!(want == 1, !down, "round {round}: the plan follows health");
-        lab.expect_fwd(0, &syn, want, CONN_MISS, &format!("round {round}, down={down}"));
+        lab.expect_fwd(0, &syn, want, &[CONN_MISS], &format!("round {round}, down={down}"));
     }
 }
 
@@ -639,7 +666,7 @@ fn service_without_resolved_backends_drops() {
         assert_eq!(lab.plan.backend_for(s_dead, &f.key()), None, "{f:?}");
         let before = lab.global();
         lab.untouched(&f.frame(None, 8), XDP_DROP, &format!("dead service, {f:?}"));
-        let want = [(DROP_NO_BACKEND, 1), (CONN_MISS, 1)];
+        let want = [(DROP_NO_BACKEND, 1), (CONN_MISS, 1), (CT_MIDFLOW_MISS, 1)];
         lab.expect_delta(&before, &want, "dead service");
     }
     let mut used = BTreeSet::new();
@@ -693,6 +720,10 @@ fn service_and_backend_counters_are_exact() {
         (FORWARDED, n),
         (CONN_MISS, flows),
         (CONN_HIT, n - flows),
+        // TCP flows start with an ACK here (no SYN seen): a mid-flow miss each.
+        (CT_MIDFLOW_MISS, 20),
+        // Every flow's second frame moves it to CT_ESTABLISHED.
+        (CT_PROMOTED, flows),
         (PASS_NOT_VIP, passed),
     ];
     lab.expect_delta(&before, &expected, "after all frames");

@@ -55,10 +55,36 @@ pub const DEFAULT_PERSISTENCE_TIMEOUT: std::time::Duration = std::time::Duration
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Number of entries in the (global) connection-tracking table.
+    /// Number of entries in the (global) connection-tracking table for new flows
+    /// (an LRU: new flows evict the least recently used).
     pub conntrack_size: u32,
+    /// Number of entries of the table of established flows (those that sent a
+    /// second packet), which new flows cannot evict; 0 turns it off.
+    pub established_size: u32,
+    /// Idle timeouts of established flows.
+    pub timeouts: Timeouts,
     /// The virtual services, in file order.
     pub services: Vec<ServiceConfig>,
+}
+
+/// How long an established flow may stay idle before the agent removes its
+/// entry (as `ipvsadm --set tcp tcpfin udp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP flows.
+    pub tcp: std::time::Duration,
+    /// TCP flows whose client sent FIN or RST.
+    pub tcp_fin: std::time::Duration,
+    /// UDP flows.
+    pub udp: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    /// IPVS's defaults: 900 s, 120 s, 300 s.
+    fn default() -> Self {
+        use std::time::Duration;
+        Timeouts { tcp: Duration::from_secs(900), tcp_fin: Duration::from_secs(120), udp: Duration::from_secs(300) }
+    }
 }
 
 /// One virtual service: a (vip, port, protocol) triple balanced over a set of backends.

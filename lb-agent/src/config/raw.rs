@@ -11,7 +11,18 @@ use serde::de::{self, Deserializer, Visitor};
 #[serde(deny_unknown_fields, expecting = "a mapping with a `services` list")]
 pub(super) struct RawConfig {
     pub conntrack_size: Option<Int>,
+    pub established_size: Option<Int>,
+    pub timeouts: Option<RawTimeouts>,
     pub services: Option<Vec<RawService>>,
+}
+
+/// `timeouts:`, the idle timeouts of established connection-table entries.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of tcp, tcp_fin and udp durations")]
+pub(super) struct RawTimeouts {
+    pub tcp: Option<String>,
+    pub tcp_fin: Option<String>,
+    pub udp: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

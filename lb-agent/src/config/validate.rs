@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+mod conntrack;
 mod policy;
 mod probe;
 
@@ -110,6 +111,8 @@ impl Checker<'_> {
                 MAX_CONNTRACK_SIZE,
             ),
         };
+        let established_size = self.established_size(raw.established_size, conntrack_size);
+        let timeouts = self.timeouts(raw.timeouts.as_ref());
         let raw_services = self.required(raw.services, "services", "services");
         let mut services = Some(Vec::new());
         for (index, raw_service) in raw_services.into_iter().flatten().enumerate() {
@@ -121,6 +124,8 @@ impl Checker<'_> {
         }
         Some(Config {
             conntrack_size: conntrack_size?,
+            established_size: established_size?,
+            timeouts: timeouts?,
             services: services?,
         })
     }

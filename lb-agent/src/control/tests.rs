@@ -110,6 +110,7 @@ fn sample_status() -> Status {
         reloads_ok: 2,
         reloads_failed: 1,
         outcomes: vec![("forwarded".into(), 42), ("pass_not_ip".into(), 0), ("drop_no_backend".into(), 3)],
+        conntrack: Default::default(),
         services: vec![web, dns, any],
     }
 }

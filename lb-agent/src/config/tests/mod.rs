@@ -103,6 +103,8 @@ fn defaults_are_applied() {
     ]));
     let expected = Config {
         conntrack_size: DEFAULT_CONNTRACK_SIZE,
+        established_size: DEFAULT_CONNTRACK_SIZE,
+        timeouts: Timeouts::default(),
         services: vec![ServiceConfig {
             name: "web".to_string(),
             vip: "198.18.1.10".parse().unwrap(),

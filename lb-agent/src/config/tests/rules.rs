@@ -6,7 +6,8 @@ use super::{assert_errors, lines, parse_ok, service};
 fn unknown_fields_are_rejected_everywhere() {
     assert_errors(
         &lines(&["services: []", "conntrack: 5"]),
-        &["test.yaml:2:1: unknown field `conntrack`, expected `conntrack_size` or `services`"],
+        &["test.yaml:2:1: unknown field `conntrack`, expected one of `conntrack_size`, `established_size`, \
+           `timeouts`, `services`"],
     );
     assert_errors(
         &service(&["    port: 80", "    backend: []"]),

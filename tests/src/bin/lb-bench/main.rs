@@ -8,6 +8,7 @@
 //! `docs/benchmarks.png`; with `--quick` fewer repetitions and sizes are used, the
 //! plot is drawn to a temporary file and removed, and nothing is written.
 
+mod conntrack;
 mod control;
 mod frames;
 mod live;
@@ -121,6 +122,9 @@ fn main() {
     eprintln!("lb-bench: per-packet cost (BPF_PROG_TEST_RUN) ...");
     let (rows, packets) = packets::bench_packets(&p);
     println!("\n## Per-packet cost (BPF_PROG_TEST_RUN)\n\n{packets}");
+    eprintln!("lb-bench: connection-table protection, off vs on ...");
+    let protection = conntrack::bench_protection(&p);
+    println!("\n## Established-flow table: cost\n\n{protection}");
     eprintln!(
         "lb-bench: live forwarding rate on veth, native XDP ({} x {} s per path) ...",
         lp.runs, lp.secs
@@ -195,6 +199,7 @@ fn main() {
          - date: {}\n- machine: {nproc} CPUs, `{cpu}`, kernel `{}`\n- command: `cargo xtask bench` (release build), total run time {:.0} s\n\n\
          ![Live forwarding rate of (a), (b), (c), and per-packet cost by frame class](benchmarks.png)\n\n\
          ## Per-packet cost of the XDP program\n\n{packets}\n\
+         ### Established-flow table: cost per packet, off vs on\n\n{protection}\n\
          ## Live forwarding rate (veth, native XDP)\n\n{live_md}\n{}\n\
          ## Control plane\n\n### Maglev table build (`lb_agent::maglev::build_table`)\n\n{maglev}\n\
          ### Plan and full apply, 1,000 services x 32 backends\n\n{apply}\n\

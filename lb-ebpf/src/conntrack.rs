@@ -1,0 +1,144 @@
+//! The connection table, in two parts (see docs/architecture.md, "Connection
+//! table"):
+//!
+//! - `CONNTRACK`, an LRU hash, holds flows seen once (and every TCP SYN). A flood
+//!   of new flows churns it; that is what it is for.
+//! - `CT_ESTABLISHED`, a plain hash, holds flows that sent a second packet (TCP: a
+//!   packet without SYN after the SYN; UDP: a second datagram). New flows never
+//!   evict an entry there: entries leave when the agent expires them (idle past
+//!   their timeout) or when their backend is gone. When it is full, flows stay in
+//!   `CONNTRACK` (counted as `ct_established_full`).
+//!
+//! Without `CONFIG_CT_PROTECT` (`established_size: 0`) only `CONNTRACK` is used.
+
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use lb_common::{
+    stat, Backend, FlowKey, FlowVal, BACKEND_ACTIVE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
+    PROTO_TCP,
+};
+
+use crate::{
+    backend::backend,
+    maps::{CONNTRACK, CT_CLOCK, CT_ESTABLISHED},
+    stats::count,
+};
+
+/// What the tables say about a packet's flow.
+pub enum Lookup {
+    /// A live entry: forward to this backend.
+    Hit { service_id: u32, backend_id: u32, backend: Backend },
+    /// Schedule the flow, then `record` the choice where `Slot` says.
+    Miss(Slot),
+}
+
+/// Where a scheduling decision is recorded.
+pub enum Slot {
+    /// A new entry in `CONNTRACK`. `midflow`: a TCP packet without SYN found in
+    /// neither table (counted once the packet turns out to be for a service).
+    New { midflow: bool },
+    /// In place, in this `CT_ESTABLISHED` entry (its backend went away, or a SYN
+    /// reuses its 5-tuple): the flow stays protected on its new backend.
+    Established(*mut FlowVal),
+}
+
+const EEXIST: i32 = 17;
+
+/// The agent's clock (`CT_CLOCK`): seconds, as `FlowVal::last_seen` keeps them.
+#[inline(always)]
+fn now() -> u32 {
+    CT_CLOCK.get(0).copied().unwrap_or(0)
+}
+
+/// Looks the flow up. `syn`: a TCP SYN without ACK; `fin`: a TCP FIN or RST.
+#[inline(always)]
+pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool) -> Lookup {
+    if protect {
+        if let Some(p) = CT_ESTABLISHED.get_ptr_mut(flow) {
+            // SAFETY: a live entry; copied out, fields written back one by one.
+            let v = unsafe { *p };
+            if syn {
+                // A new connection on the 5-tuple of an established one (a reused
+                // client port): scheduled afresh, as Katran does, and recorded in
+                // this entry so its later packets follow it.
+                return Lookup::Miss(Slot::Established(p));
+            }
+            let usable = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE);
+            return match usable {
+                Some(b) => {
+                    let now = now();
+                    // SAFETY: as above; plain stores, only when something changed.
+                    unsafe {
+                        if v.last_seen != now {
+                            (*p).last_seen = now;
+                        }
+                        if fin && v.state != CT_STATE_CLOSING {
+                            (*p).state = CT_STATE_CLOSING;
+                        }
+                    }
+                    Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b }
+                }
+                None => Lookup::Miss(Slot::Established(p)),
+            };
+        }
+    }
+    if syn {
+        // A new connection (maybe on a reused 5-tuple whose LRU entry is still
+        // there), scheduled afresh.
+        return Lookup::Miss(Slot::New { midflow: false });
+    }
+    // SAFETY: copied out at once.
+    let Some(v) = (unsafe { CONNTRACK.get(flow) }).copied() else {
+        return Lookup::Miss(Slot::New { midflow: flow.proto == PROTO_TCP });
+    };
+    let Some(b) = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE) else {
+        return Lookup::Miss(Slot::New { midflow: false });
+    };
+    if protect {
+        promote(flow, &v, fin);
+    }
+    Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b }
+}
+
+/// The flow's second packet: move it to `CT_ESTABLISHED`.
+#[inline(always)]
+fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) {
+    let state = if fin { CT_STATE_CLOSING } else { CT_STATE_ESTABLISHED };
+    let est = FlowVal { last_seen: now(), state, ..*v };
+    match CT_ESTABLISHED.insert(flow, &est, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            count(stat::CT_PROMOTED);
+            let _ = CONNTRACK.remove(flow);
+        }
+        // Another CPU promoted it first.
+        Err(e) if e == -EEXIST => {
+            let _ = CONNTRACK.remove(flow);
+        }
+        Err(_) => count(stat::CT_ESTABLISHED_FULL),
+    }
+}
+
+/// Records a scheduling decision.
+#[inline(always)]
+pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, generation: u32) {
+    let now = now();
+    match slot {
+        Slot::New { .. } => {
+            let val = FlowVal { backend_id, service_id, generation, last_seen: now, state: CT_STATE_NEW, _pad: [0; 3] };
+            if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
+                count(stat::CONN_INSERT_FAILED);
+            }
+        }
+        Slot::Established(p) => {
+            // SAFETY: the live entry `lookup` found; other CPUs reading it half
+            // written see a generation that does not match and schedule the flow
+            // themselves, to the same backend.
+            unsafe {
+                (*p).backend_id = backend_id;
+                (*p).service_id = service_id;
+                (*p).generation = generation;
+                (*p).last_seen = now;
+                (*p).state = CT_STATE_ESTABLISHED;
+            }
+        }
+    }
+}

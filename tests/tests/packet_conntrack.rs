@@ -1,0 +1,209 @@
+//! The two-part connection table at packet level (BPF_PROG_TEST_RUN): flows move
+//! from `CONNTRACK` (LRU) to `CT_ESTABLISHED` at their second packet, keep their
+//! backend there through an LRU flood and a table change, record FIN/RST and their
+//! last-seen time, and stay forwarded (from the LRU) when `CT_ESTABLISHED` is full.
+//!
+//! Needs root: `cargo test -p lb-tests --test packet_conntrack -- --test-threads=1`.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{TestRun, TestRunOptions},
+};
+use lb_agent::{config, conntrack::now_s, dataplane::Dataplane, plan::Plan};
+use lb_common::{
+    map_names, stat, FlowKey, FlowVal, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
+};
+use lb_tests::frames::{addr16, Flow, ETH_HLEN, IPV4_HLEN};
+
+const XDP_TX: u32 = 3;
+const IFACE_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0xee];
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 10));
+const TABLE: u32 = 1024;
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(unsafe { libc::geteuid() } == 0, "the packet tests load XDP programs and need root");
+}
+
+fn yaml(backends: &[&str], established: u32) -> String {
+    let list: String = backends.iter().map(|b| format!("      - address: {b}\n")).collect();
+    format!(
+        "conntrack_size: {TABLE}\nestablished_size: {established}\nservices:\n  - name: web\n    vip: {VIP}\n    port: 80\n    backends:\n{list}\
+         \x20 - name: dns\n    vip: {VIP}\n    port: 53\n    protocol: udp\n    backends:\n{list}"
+    )
+}
+
+/// Each backend's MAC names it: 02:be + its IPv4 address.
+fn mac_of(a: IpAddr) -> [u8; 6] {
+    let o = addr16(a);
+    [0x02, 0xbe, o[12], o[13], o[14], o[15]]
+}
+
+struct Bench {
+    dp: Dataplane,
+    plan: Plan,
+    established: u32,
+}
+
+impl Bench {
+    fn new(backends: &[&str], established: u32) -> Bench {
+        require_root();
+        let plan = Self::plan(backends, established, None);
+        let mut dp = Dataplane::load(&plan).expect("load the XDP object");
+        dp.write(&plan, IFACE_MAC).expect("fill the maps");
+        Bench { dp, plan, established }
+    }
+
+    fn plan(backends: &[&str], established: u32, prev: Option<&Plan>) -> Plan {
+        let cfg = config::parse(&yaml(backends, established), "packet_conntrack.rs").expect("test config");
+        let macs: BTreeMap<IpAddr, [u8; 6]> = Plan::backend_addresses(&cfg).into_iter().map(|a| (a, mac_of(a))).collect();
+        Plan::next(&cfg, &macs, &Default::default(), prev)
+    }
+
+    /// As a reload: the new backend set in the same maps, ids kept.
+    fn reload(&mut self, backends: &[&str]) {
+        self.plan = Self::plan(backends, self.established, Some(&self.plan));
+        self.dp.apply(&self.plan).expect("apply");
+    }
+
+    /// Runs a frame that must be forwarded; returns the backend address it went to.
+    fn fwd(&mut self, frame: &[u8]) -> IpAddr {
+        let mut out = vec![0u8; frame.len() + 64];
+        let prog = self.dp.balancer().expect("balancer");
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(r.return_value, XDP_TX, "frame not forwarded");
+        let mac = &out[0..6];
+        let b = self.plan.backends.iter().find(|b| b.mac.is_some_and(|m| m == mac));
+        b.unwrap_or_else(|| panic!("sent to {mac:02x?}, no backend")).address
+    }
+
+    fn count(&mut self, i: u32) -> u64 {
+        self.dp.stats().expect("counters").get(i)
+    }
+
+    fn table(&mut self, name: &'static str) -> HashMap<MapData, FlowKey, FlowVal> {
+        let m = self.dp.map_handle(name).expect("map handle");
+        HashMap::try_from(aya::maps::Map::HashMap(m)).expect("hash map")
+    }
+
+    fn entry(&mut self, name: &'static str, f: &Flow) -> Option<FlowVal> {
+        // The LRU map is read through the same syscall; its type tag does not matter.
+        self.table(name).get(&f.key(), 0).ok()
+    }
+}
+
+fn tcp(src_last: u8, sport: u16) -> Flow {
+    Flow::tcp(IpAddr::V4(Ipv4Addr::new(203, 0, 113, src_last)), VIP, sport, 80)
+}
+
+/// A flow's frame with TCP flags `flags`.
+fn with_flags(f: &Flow, flags: u8) -> Vec<u8> {
+    let mut frame = f.frame(None, 0);
+    frame[ETH_HLEN + IPV4_HLEN + 13] = flags;
+    frame
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+
+#[test]
+fn second_packet_moves_the_flow_to_the_established_table() {
+    let mut b = Bench::new(&["198.18.0.11", "198.18.0.12", "198.18.0.13"], TABLE);
+    let f = tcp(7, 40000);
+    let first = b.fwd(&with_flags(&f, SYN));
+    let lru = b.entry(map_names::CONNTRACK, &f).expect("the SYN's entry is in CONNTRACK");
+    assert_eq!(lru.state, CT_STATE_NEW);
+    assert!(b.entry(map_names::CT_ESTABLISHED, &f).is_none(), "established after one packet");
+    assert_eq!(b.fwd(&with_flags(&f, ACK)), first, "the ACK follows the SYN");
+    let est = b.entry(map_names::CT_ESTABLISHED, &f).expect("established after the ACK");
+    assert_eq!(est.state, CT_STATE_ESTABLISHED);
+    assert!(now_s().abs_diff(est.last_seen) <= 1, "last_seen {} vs now {}", est.last_seen, now_s());
+    assert!(b.entry(map_names::CONNTRACK, &f).is_none(), "the LRU entry is removed once promoted");
+    assert_eq!(b.count(stat::CT_PROMOTED), 1);
+
+    // Later packets refresh last_seen (written back as 0 here to see it move).
+    b.table(map_names::CT_ESTABLISHED).insert(f.key(), FlowVal { last_seen: 0, ..est }, 0).expect("age the entry");
+    assert_eq!(b.fwd(&with_flags(&f, ACK)), first);
+    let est = b.entry(map_names::CT_ESTABLISHED, &f).expect("still established");
+    assert!(now_s().abs_diff(est.last_seen) <= 1, "last_seen not refreshed: {}", est.last_seen);
+
+    // The client's FIN marks it closing (shorter timeout); so does an RST.
+    assert_eq!(b.fwd(&with_flags(&f, FIN_ACK)), first);
+    assert_eq!(b.entry(map_names::CT_ESTABLISHED, &f).expect("entry").state, CT_STATE_CLOSING);
+    let g = tcp(8, 40000);
+    let to = b.fwd(&with_flags(&g, SYN));
+    b.fwd(&with_flags(&g, ACK));
+    assert_eq!(b.fwd(&with_flags(&g, RST)), to);
+    assert_eq!(b.entry(map_names::CT_ESTABLISHED, &g).expect("entry").state, CT_STATE_CLOSING);
+
+    // UDP: the second datagram.
+    let u = Flow::udp(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), VIP, 5353, 53);
+    b.fwd(&u.frame(None, 4));
+    assert!(b.entry(map_names::CT_ESTABLISHED, &u).is_none());
+    b.fwd(&u.frame(None, 4));
+    assert!(b.entry(map_names::CT_ESTABLISHED, &u).is_some(), "UDP established at its second datagram");
+}
+
+/// A flow established before a flood of two-packet flows (SYN, ACK) 20 times the
+/// LRU's size keeps its backend after a table change; with `established_size: 0`
+/// it moves. (One-packet floods do not evict it even then: the kernel's LRU keeps
+/// referenced entries on its active list and evicts unreferenced ones first.)
+fn flood_then_change(established: u32) -> (IpAddr, IpAddr) {
+    let old = ["198.18.0.11", "198.18.0.12"];
+    let new = ["198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14"];
+    let mut b = Bench::new(&old, established);
+    // A flow that Maglev moves once the new backends are there.
+    let after = Bench::plan(&new, established, Some(&b.plan));
+    let f = (40000..41000)
+        .map(|p| tcp(7, p))
+        .find(|f| {
+            let web = |p: &Plan| p.backend_for(0, &f.key()).and_then(|id| p.backend(id)).map(|x| x.address);
+            web(&b.plan) != web(&after)
+        })
+        .expect("a flow that moves");
+    let first = b.fwd(&with_flags(&f, SYN));
+    b.fwd(&with_flags(&f, ACK));
+    for i in 0..20 * TABLE {
+        let g = Flow::tcp(IpAddr::V4(Ipv4Addr::from(0x6440_0000 + i)), VIP, 1024 + (i % 60000) as u16, 80);
+        b.fwd(&with_flags(&g, SYN));
+        b.fwd(&with_flags(&g, ACK));
+    }
+    b.reload(&new);
+    (first, b.fwd(&with_flags(&f, ACK)))
+}
+
+#[test]
+fn established_flows_keep_their_backend_through_an_lru_flood() {
+    let (before, after) = flood_then_change(TABLE);
+    assert_eq!(before, after, "the established flow moved after the flood and the table change");
+    // The control: without the established table the flood evicts the flow.
+    let (before, after) = flood_then_change(0);
+    assert_ne!(before, after, "without protection the flow should have been evicted and moved");
+}
+
+#[test]
+fn a_full_established_table_leaves_new_flows_in_the_lru() {
+    let mut b = Bench::new(&["198.18.0.11", "198.18.0.12", "198.18.0.13"], TABLE);
+    for i in 0..TABLE {
+        let f = Flow::tcp(IpAddr::V4(Ipv4Addr::from(0x6440_0000 + i)), VIP, 2000, 80);
+        b.fwd(&with_flags(&f, SYN));
+        b.fwd(&with_flags(&f, ACK));
+    }
+    assert_eq!(b.count(stat::CT_PROMOTED), u64::from(TABLE), "every flow promoted while there was room");
+    let f = tcp(7, 40000);
+    let to = b.fwd(&with_flags(&f, SYN));
+    assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "forwarded from the LRU all the same");
+    assert_eq!(b.fwd(&with_flags(&f, ACK)), to);
+    assert_eq!(b.count(stat::CT_ESTABLISHED_FULL), 2, "each packet that could not be promoted is counted");
+    assert!(b.entry(map_names::CONNTRACK, &f).is_some(), "the flow stays in the LRU");
+    assert!(b.entry(map_names::CT_ESTABLISHED, &f).is_none());
+}
