@@ -16,5 +16,6 @@ pub mod pinning;
 pub mod plan;
 pub mod reload;
 pub mod report;
+pub mod resolve;
 pub mod run;
 pub mod status;

@@ -152,8 +152,9 @@ fn usable_entry(msg: &NeighbourMessage) -> Option<(IpAddr, Mac)> {
 }
 
 /// Makes the kernel resolve `addr` on `iface`: a one-byte datagram to the discard
-/// port from a socket bound to the interface. Failures only mean no probe.
-fn probe(iface: &str, addr: IpAddr) {
+/// port from a socket bound to the interface. Failures only mean no probe. The
+/// kernel tries again even when the neighbour entry is FAILED.
+pub fn probe(iface: &str, addr: IpAddr) {
     let bind: SocketAddr = match addr {
         IpAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
         IpAddr::V6(_) => "[::]:0".parse().expect("literal"),

@@ -66,6 +66,8 @@ struct Agent {
     drained: BTreeSet<(String, IpAddr)>,
     status: Arc<RwLock<Status>>,
     sampler: Sampler,
+    /// Retry schedule of the backends whose MAC is not known.
+    backoff: crate::resolve::Backoff,
 }
 
 /// Probe targets of a configuration.
@@ -182,6 +184,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         drained: BTreeSet::new(),
         status: Arc::new(RwLock::new(Status::default())),
         sampler: Sampler::default(),
+        backoff: Default::default(),
     };
     agent.refresh_status();
     // systemd Type=notify: ready once the maps are filled and the program attached.
@@ -195,7 +198,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         .map(|l| tokio::spawn(crate::metrics::serve_listener(l, agent.status.clone(), shutdown_rx.clone())));
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
     let mut file_tick = tokio::time::interval(Duration::from_secs(1));
-    let mut resolve_tick = tokio::time::interval(Duration::from_secs(2));
+    let mut resolve_tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break; }
@@ -244,7 +247,7 @@ fn resolve_timeout(args: &RunArgs) -> Duration {
 fn report_unusable(plan: &Plan, iface: &Interface) {
     for (service, addr) in plan.unresolved() {
         tracing::error!(service, backend = %addr, iface = %iface.name,
-            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table");
+            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table until it answers (probed again every 1-4 s)");
     }
     for s in &plan.services {
         if s.table.is_empty() {
@@ -392,6 +395,8 @@ impl Agent {
         }
     }
 
+    /// A neighbour entry changed: a backend's MAC changed, or an unresolved backend
+    /// answered (usually to `resolve_missing`'s probe) and goes into the tables.
     fn on_neighbour(&mut self, ev: NeighUpdate) {
         if ev.ifindex != self.iface.index || !self.plan.backends.iter().any(|b| b.address == ev.addr) {
             return;
@@ -400,25 +405,37 @@ impl Agent {
             tracing::warn!(backend = %ev.addr, iface = %self.iface.name, "backend unreachable: no ARP/ND answer");
         }
         let Some(mac) = ev.mac else { return };
-        if self.macs.insert(ev.addr, mac) != Some(mac) && self.replan("neighbour") {
-            tracing::info!(backend = %ev.addr, mac = %format_mac(&mac), "backend MAC changed");
+        let old = self.macs.insert(ev.addr, mac);
+        if old != Some(mac) && self.replan("neighbour") {
+            let what = if old.is_none() { "backend MAC resolved" } else { "backend MAC changed" };
+            tracing::info!(backend = %ev.addr, mac = %format_mac(&mac), "{what}");
         }
     }
 
+    /// Re-reads the neighbour table for the backends still unresolved and probes
+    /// them again, each on its backoff (`resolve`: 1 s doubling to 4 s).
     async fn resolve_missing(&mut self) {
-        let missing: Vec<IpAddr> = self.plan.unresolved().iter().map(|(_, a)| *a).collect();
-        if missing.is_empty() {
+        let missing: BTreeSet<IpAddr> = self.plan.unresolved().iter().map(|(_, a)| *a).collect();
+        let missing: Vec<IpAddr> = missing.into_iter().collect();
+        let due = self.backoff.due(&missing, std::time::Instant::now());
+        if due.is_empty() {
             return;
         }
-        match self.nl.resolve(&self.iface, &missing, Duration::ZERO).await {
-            Ok(found) if !found.is_empty() => {
+        match self.nl.resolve(&self.iface, &due, Duration::ZERO).await {
+            Ok(found) => {
+                for addr in due.iter().filter(|a| !found.contains_key(a)) {
+                    tracing::debug!(backend = %addr, iface = %self.iface.name, "probing an unresolved backend again");
+                    crate::neigh::probe(&self.iface.name, *addr);
+                }
+                if found.is_empty() {
+                    return;
+                }
                 for (addr, mac) in found {
                     tracing::info!(backend = %addr, mac = %format_mac(&mac), "backend MAC resolved");
                     self.macs.insert(addr, mac);
                 }
                 let _ = self.replan("resolved");
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reading the neighbour table"),
         }
     }
