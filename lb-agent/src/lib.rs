@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod neigh;
 pub mod object;
 pub mod observe;
+pub mod ownership;
 pub mod pinning;
 pub mod plan;
 pub mod reload;

@@ -14,7 +14,7 @@ use std::{
 
 use futures::TryStreamExt;
 use netlink_packet_route::{
-    link::LinkAttribute,
+    link::{LinkAttribute, LinkXdp},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
 };
 use rtnetlink::{Handle, IpVersion};
@@ -41,6 +41,8 @@ pub struct Interface {
     pub name: String,
     pub index: u32,
     pub mac: Mac,
+    /// Id of the XDP program attached to it when it was looked up, if any.
+    pub xdp_prog: Option<u32>,
 }
 
 /// A live rtnetlink connection.
@@ -75,7 +77,18 @@ impl Neighbours {
                 _ => None,
             })
             .ok_or_else(|| NeighError::NoMac { iface: name.into() })?;
-        Ok(Interface { name: name.into(), index: link.header.index, mac })
+        let xdp_prog = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) | LinkXdp::HwProgId(id)
+                    if *id != 0 =>
+                {
+                    Some(*id)
+                }
+                _ => None,
+            }),
+            _ => None,
+        });
+        Ok(Interface { name: name.into(), index: link.header.index, mac, xdp_prog })
     }
 
     /// The usable neighbour entries on `ifindex`: address -> MAC.

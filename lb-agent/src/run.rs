@@ -106,8 +106,10 @@ fn initial_down(config: &Config, checker: &Checker) -> DownSet {
 async fn run_async(args: RunArgs) -> Result<()> {
     let seen = std::fs::read(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-    // Before touching the kernel: a second agent on the same socket or port, or a
-    // bad address, stops here.
+    // Before touching the kernel: a second agent on the same pin directory, socket or
+    // port, or a bad address, stops here. The pin directory stays ours until we exit.
+    ensure_bpffs(&args.pin_dir)?;
+    let _owner = crate::ownership::lock_pin_dir(&args.pin_dir)?;
     let listener = crate::control::bind(&args.control_socket)
         .with_context(|| format!("control socket {}", args.control_socket.display()))?;
     let metrics_listener = match args.metrics_listen.as_str() {
@@ -125,6 +127,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let nl = Neighbours::connect()?;
     let iface = nl.interface(&args.iface).await?;
     tracing::info!(iface = %iface.name, index = iface.index, mac = %format_mac(&iface.mac), "interface");
+    let pins = PinDir::new(&args.pin_dir);
+    crate::ownership::check_interface(&iface, &pins)?;
     let mut neigh_events = crate::neigh::watch()?;
 
     let wanted = Plan::backend_addresses(&cfg);
@@ -136,8 +140,6 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let plan = Plan::next(&cfg, &macs, &down, None);
     report_unusable(&plan, &iface);
 
-    ensure_bpffs(&args.pin_dir)?;
-    let pins = PinDir::new(&args.pin_dir);
     let (mut dp, opened) = Dataplane::open(&plan, &pins).context("loading the XDP program")?;
     match (&opened.maps_reused, &opened.why_not) {
         (true, _) => tracing::info!(pin_dir = %args.pin_dir.display(),
