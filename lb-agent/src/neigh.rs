@@ -45,7 +45,8 @@ pub struct Interface {
     pub xdp_prog: Option<u32>,
 }
 
-/// A live rtnetlink connection.
+/// A live rtnetlink connection (clones share it).
+#[derive(Clone)]
 pub struct Neighbours {
     handle: Handle,
 }

@@ -30,9 +30,10 @@ use crate::{
     plan::{DownSet, Plan},
     control::{Call, Request, Response},
     observe::{Context as StatusContext, Sampler},
-    reload,
     status::Status,
 };
+
+mod reloading;
 
 pub fn run(args: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -40,7 +41,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting tokio")?;
-    rt.block_on(run_async(args))
+    let result = rt.block_on(run_async(args));
+    // A parse still running on the blocking pool (the agent stopped during a
+    // reload) is not waited for.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    result
 }
 
 /// Concurrent probes at most (the rest wait their turn).
@@ -68,6 +73,8 @@ struct Agent {
     sampler: Sampler,
     /// Retry schedule of the backends whose MAC is not known.
     backoff: crate::resolve::Backoff,
+    /// Reloads in progress (parsed off the loop).
+    reloads: reloading::Reloads,
 }
 
 /// Probe targets of a configuration.
@@ -168,6 +175,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     tracing::info!(iface = %iface.name, %mode, services = plan.services.len(),
         backends = plan.backends.len(), pin_dir = %args.pin_dir.display(), "{how}");
 
+    let (reloads, mut parsed) = reloading::Reloads::new();
     let mut agent = Agent {
         args,
         config: cfg,
@@ -187,6 +195,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         status: Arc::new(RwLock::new(Status::default())),
         sampler: Sampler::default(),
         backoff: Default::default(),
+        reloads,
     };
     agent.refresh_status();
     // systemd Type=notify: ready once the maps are filled and the program attached.
@@ -205,17 +214,18 @@ async fn run_async(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = hup.recv() => { let _ = agent.reload("SIGHUP").await; }
+            _ = hup.recv() => agent.request_reload("SIGHUP", None),
             _ = file_tick.tick() => {
-                if std::fs::read(&agent.args.config).is_ok_and(|bytes| bytes != agent.seen) {
-                    let _ = agent.reload("the file changed").await;
+                if let Ok(bytes) = std::fs::read(&agent.args.config) && bytes != agent.seen {
+                    agent.reload_bytes(bytes, "the file changed", None);
                 }
             }
+            Some(p) = parsed.recv() => agent.on_parsed(p),
             Some(ev) = health_rx.recv() => agent.on_health(ev),
             Some(ev) = neigh_events.recv() => agent.on_neighbour(ev),
             _ = resolve_tick.tick() => agent.resolve_missing().await,
             _ = status_tick.tick() => agent.refresh_status(),
-            Some(call) = calls.recv() => agent.on_call(call).await,
+            Some(call) = calls.recv() => agent.on_call(call),
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -297,7 +307,9 @@ impl Agent {
         }
     }
 
-    async fn on_call(&mut self, call: Call) {
+    /// Answers a control-socket call; a reload is answered once its file has been
+    /// parsed and applied (`reloading`).
+    fn on_call(&mut self, call: Call) {
         let response = match call.request {
             Request::Status => {
                 self.refresh_status();
@@ -305,10 +317,7 @@ impl Agent {
             }
             Request::Drain { backend, service } => self.set_drain(backend, service, true),
             Request::Undrain { backend, service } => self.set_drain(backend, service, false),
-            Request::Reload => match self.reload("lb-agent reload").await {
-                Ok(message) => Response::Done { message },
-                Err(message) => Response::Error { message },
-            },
+            Request::Reload => return self.request_reload("lb-agent reload", Some(call.reply)),
         };
         let _ = call.reply.send(response);
     }
@@ -440,64 +449,6 @@ impl Agent {
             }
             Err(e) => tracing::warn!(error = %e, "reading the neighbour table"),
         }
-    }
-
-    /// Re-reads the configuration file and applies what changed; returns the log
-    /// line's summary, or why the running configuration stays in force.
-    async fn reload(&mut self, why: &str) -> Result<String, String> {
-        let path = self.args.config.clone();
-        let bytes = std::fs::read(&path).unwrap_or_default();
-        self.seen = bytes;
-        let new = match config::load(&path) {
-            Ok(c) => c,
-            Err(e) => return self.reload_failed(why, &format!("invalid configuration:\n{e}")),
-        };
-        if new.conntrack_size != self.config.conntrack_size {
-            tracing::warn!("conntrack_size changes take effect at the next start");
-        }
-        let wanted = Plan::backend_addresses(&new);
-        let missing: Vec<IpAddr> = wanted.into_iter().filter(|a| !self.macs.contains_key(a)).collect();
-        if !missing.is_empty() {
-            match self.nl.resolve(&self.iface, &missing, resolve_timeout(&self.args)).await {
-                Ok(found) => self.macs.extend(found),
-                Err(e) => tracing::warn!(error = %e, "resolving new backends"),
-            }
-        }
-        // Unchanged probes keep their state; new ones start in their initial state.
-        self.checker.set_targets(probe_targets(&new));
-        let down = initial_down(&new, &self.checker);
-        // Run-time drains of backends that are still there stay in force.
-        self.drained.retain(|(svc, addr)| {
-            new.services.iter().any(|s| s.name == *svc && s.backends.iter().any(|b| b.address == *addr))
-        });
-        let plan = Plan::next(&self.effective(&new), &self.macs, &down, Some(&self.plan));
-        if let Err(e) = self.dp.check_fits(&plan) {
-            self.checker.set_targets(probe_targets(&self.config));
-            return self.reload_failed(why, &e.to_string());
-        }
-        match self.dp.apply(&plan) {
-            Ok(_) => {
-                let diff = reload::describe(&self.config, &new);
-                self.reloads_ok += 1;
-                tracing::info!(why, reloads = self.reloads_ok, "reload applied: {diff}");
-                self.config = new;
-                self.down = down;
-                self.plan = plan;
-                report_unusable(&self.plan, &self.iface);
-                Ok(format!("reload applied: {diff}"))
-            }
-            Err(e) => {
-                self.checker.set_targets(probe_targets(&self.config));
-                self.reload_failed(why, &e.to_string())
-            }
-        }
-    }
-
-    fn reload_failed(&mut self, why: &str, error: &str) -> Result<String, String> {
-        self.reloads_failed += 1;
-        tracing::error!(why, failed_reloads = self.reloads_failed,
-            "reload failed, the running configuration stays in force: {error}");
-        Err(format!("reload failed, the running configuration stays in force: {error}"))
     }
 }
 
