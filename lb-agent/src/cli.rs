@@ -91,7 +91,8 @@ pub struct RunArgs {
     /// auto: native, falling back to generic with a warning.
     #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
     pub xdp_mode: ModeArg,
-    /// Directory on a bpffs where the maps are pinned for bpftool and `stats`.
+    /// Directory on a bpffs where the maps are pinned for bpftool and `stats`. One
+    /// agent per directory: it is locked while the agent runs.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     /// On SIGTERM/SIGINT leave the balancer attached and its maps pinned, so it keeps

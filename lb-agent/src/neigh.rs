@@ -14,7 +14,7 @@ use std::{
 
 use futures::TryStreamExt;
 use netlink_packet_route::{
-    link::LinkAttribute,
+    link::{LinkAttribute, LinkXdp},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
 };
 use rtnetlink::{Handle, IpVersion};
@@ -41,9 +41,12 @@ pub struct Interface {
     pub name: String,
     pub index: u32,
     pub mac: Mac,
+    /// Id of the XDP program attached to it when it was looked up, if any.
+    pub xdp_prog: Option<u32>,
 }
 
-/// A live rtnetlink connection.
+/// A live rtnetlink connection (clones share it).
+#[derive(Clone)]
 pub struct Neighbours {
     handle: Handle,
 }
@@ -75,7 +78,18 @@ impl Neighbours {
                 _ => None,
             })
             .ok_or_else(|| NeighError::NoMac { iface: name.into() })?;
-        Ok(Interface { name: name.into(), index: link.header.index, mac })
+        let xdp_prog = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) | LinkXdp::HwProgId(id)
+                    if *id != 0 =>
+                {
+                    Some(*id)
+                }
+                _ => None,
+            }),
+            _ => None,
+        });
+        Ok(Interface { name: name.into(), index: link.header.index, mac, xdp_prog })
     }
 
     /// The usable neighbour entries on `ifindex`: address -> MAC.
@@ -152,8 +166,9 @@ fn usable_entry(msg: &NeighbourMessage) -> Option<(IpAddr, Mac)> {
 }
 
 /// Makes the kernel resolve `addr` on `iface`: a one-byte datagram to the discard
-/// port from a socket bound to the interface. Failures only mean no probe.
-fn probe(iface: &str, addr: IpAddr) {
+/// port from a socket bound to the interface. Failures only mean no probe. The
+/// kernel tries again even when the neighbour entry is FAILED.
+pub fn probe(iface: &str, addr: IpAddr) {
     let bind: SocketAddr = match addr {
         IpAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
         IpAddr::V6(_) => "[::]:0".parse().expect("literal"),

@@ -31,9 +31,10 @@ use crate::{
     plan::{DownSet, Plan},
     control::{Call, Request, Response},
     observe::{Context as StatusContext, Sampler},
-    reload,
     status::Status,
 };
+
+mod reloading;
 
 pub fn run(args: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -41,7 +42,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting tokio")?;
-    rt.block_on(run_async(args))
+    let result = rt.block_on(run_async(args));
+    // A parse still running on the blocking pool (the agent stopped during a
+    // reload) is not waited for.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    result
 }
 
 /// Concurrent probes at most (the rest wait their turn).
@@ -72,6 +77,10 @@ struct Agent {
     timeouts: tokio::sync::watch::Sender<config::Timeouts>,
     /// Entries of CONNTRACK and CT_ESTABLISHED as created (0: protection off).
     ct_capacity: (u32, u32),
+    /// Retry schedule of the backends whose MAC is not known.
+    backoff: crate::resolve::Backoff,
+    /// Reloads in progress (parsed off the loop).
+    reloads: reloading::Reloads,
 }
 
 /// Probe targets of a configuration.
@@ -110,8 +119,10 @@ fn initial_down(config: &Config, checker: &Checker) -> DownSet {
 async fn run_async(args: RunArgs) -> Result<()> {
     let seen = std::fs::read(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-    // Before touching the kernel: a second agent on the same socket or port, or a
-    // bad address, stops here.
+    // Before touching the kernel: a second agent on the same pin directory, socket or
+    // port, or a bad address, stops here. The pin directory stays ours until we exit.
+    ensure_bpffs(&args.pin_dir)?;
+    let _owner = crate::ownership::lock_pin_dir(&args.pin_dir)?;
     let listener = crate::control::bind(&args.control_socket)
         .with_context(|| format!("control socket {}", args.control_socket.display()))?;
     let metrics_listener = match args.metrics_listen.as_str() {
@@ -129,6 +140,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let nl = Neighbours::connect()?;
     let iface = nl.interface(&args.iface).await?;
     tracing::info!(iface = %iface.name, index = iface.index, mac = %format_mac(&iface.mac), "interface");
+    let pins = PinDir::new(&args.pin_dir);
+    crate::ownership::check_interface(&iface, &pins)?;
     let mut neigh_events = crate::neigh::watch()?;
 
     let wanted = Plan::backend_addresses(&cfg);
@@ -140,8 +153,6 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let plan = Plan::next(&cfg, &macs, &down, None);
     report_unusable(&plan, &iface);
 
-    ensure_bpffs(&args.pin_dir)?;
-    let pins = PinDir::new(&args.pin_dir);
     let (mut dp, opened) = Dataplane::open(&plan, &pins).context("loading the XDP program")?;
     match (&opened.maps_reused, &opened.why_not) {
         (true, _) => tracing::info!(pin_dir = %args.pin_dir.display(),
@@ -175,6 +186,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let ct_capacity = dp.conntrack_capacity(&plan).context("reading the connection-table sizes")?;
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);
     let conntrack = Arc::new(Mutex::new(TableStatus::default()));
+    let (reloads, mut parsed) = reloading::Reloads::new();
     let mut agent = Agent {
         args,
         config: cfg,
@@ -196,6 +208,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
         conntrack: conntrack.clone(),
         timeouts,
         ct_capacity,
+        backoff: Default::default(),
+        reloads,
     };
     agent.refresh_status();
     // systemd Type=notify: ready once the maps are filled and the program attached.
@@ -210,22 +224,23 @@ async fn run_async(args: RunArgs) -> Result<()> {
         .map(|l| tokio::spawn(crate::metrics::serve_listener(l, agent.status.clone(), shutdown_rx.clone())));
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
     let mut file_tick = tokio::time::interval(Duration::from_secs(1));
-    let mut resolve_tick = tokio::time::interval(Duration::from_secs(2));
+    let mut resolve_tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = hup.recv() => { let _ = agent.reload("SIGHUP").await; }
+            _ = hup.recv() => agent.request_reload("SIGHUP", None),
             _ = file_tick.tick() => {
-                if std::fs::read(&agent.args.config).is_ok_and(|bytes| bytes != agent.seen) {
-                    let _ = agent.reload("the file changed").await;
+                if let Ok(bytes) = std::fs::read(&agent.args.config) && bytes != agent.seen {
+                    agent.reload_bytes(bytes, "the file changed", None);
                 }
             }
+            Some(p) = parsed.recv() => agent.on_parsed(p),
             Some(ev) = health_rx.recv() => agent.on_health(ev),
             Some(ev) = neigh_events.recv() => agent.on_neighbour(ev),
             _ = resolve_tick.tick() => agent.resolve_missing().await,
             _ = status_tick.tick() => agent.refresh_status(),
-            Some(call) = calls.recv() => agent.on_call(call).await,
+            Some(call) = calls.recv() => agent.on_call(call),
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -260,7 +275,7 @@ fn resolve_timeout(args: &RunArgs) -> Duration {
 fn report_unusable(plan: &Plan, iface: &Interface) {
     for (service, addr) in plan.unresolved() {
         tracing::error!(service, backend = %addr, iface = %iface.name,
-            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table");
+            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table until it answers (probed again every 1-4 s)");
     }
     for s in &plan.services {
         if s.table.is_empty() {
@@ -310,7 +325,9 @@ impl Agent {
         }
     }
 
-    async fn on_call(&mut self, call: Call) {
+    /// Answers a control-socket call; a reload is answered once its file has been
+    /// parsed and applied (`reloading`).
+    fn on_call(&mut self, call: Call) {
         let response = match call.request {
             Request::Status => {
                 self.refresh_status();
@@ -318,10 +335,7 @@ impl Agent {
             }
             Request::Drain { backend, service } => self.set_drain(backend, service, true),
             Request::Undrain { backend, service } => self.set_drain(backend, service, false),
-            Request::Reload => match self.reload("lb-agent reload").await {
-                Ok(message) => Response::Done { message },
-                Err(message) => Response::Error { message },
-            },
+            Request::Reload => return self.request_reload("lb-agent reload", Some(call.reply)),
         };
         let _ = call.reply.send(response);
     }
@@ -410,6 +424,8 @@ impl Agent {
         }
     }
 
+    /// A neighbour entry changed: a backend's MAC changed, or an unresolved backend
+    /// answered (usually to `resolve_missing`'s probe) and goes into the tables.
     fn on_neighbour(&mut self, ev: NeighUpdate) {
         if ev.ifindex != self.iface.index || !self.plan.backends.iter().any(|b| b.address == ev.addr) {
             return;
@@ -418,86 +434,39 @@ impl Agent {
             tracing::warn!(backend = %ev.addr, iface = %self.iface.name, "backend unreachable: no ARP/ND answer");
         }
         let Some(mac) = ev.mac else { return };
-        if self.macs.insert(ev.addr, mac) != Some(mac) && self.replan("neighbour") {
-            tracing::info!(backend = %ev.addr, mac = %format_mac(&mac), "backend MAC changed");
+        let old = self.macs.insert(ev.addr, mac);
+        if old != Some(mac) && self.replan("neighbour") {
+            let what = if old.is_none() { "backend MAC resolved" } else { "backend MAC changed" };
+            tracing::info!(backend = %ev.addr, mac = %format_mac(&mac), "{what}");
         }
     }
 
+    /// Re-reads the neighbour table for the backends still unresolved and probes
+    /// them again, each on its backoff (`resolve`: 1 s doubling to 4 s).
     async fn resolve_missing(&mut self) {
-        let missing: Vec<IpAddr> = self.plan.unresolved().iter().map(|(_, a)| *a).collect();
-        if missing.is_empty() {
+        let missing: BTreeSet<IpAddr> = self.plan.unresolved().iter().map(|(_, a)| *a).collect();
+        let missing: Vec<IpAddr> = missing.into_iter().collect();
+        let due = self.backoff.due(&missing, std::time::Instant::now());
+        if due.is_empty() {
             return;
         }
-        match self.nl.resolve(&self.iface, &missing, Duration::ZERO).await {
-            Ok(found) if !found.is_empty() => {
+        match self.nl.resolve(&self.iface, &due, Duration::ZERO).await {
+            Ok(found) => {
+                for addr in due.iter().filter(|a| !found.contains_key(a)) {
+                    tracing::debug!(backend = %addr, iface = %self.iface.name, "probing an unresolved backend again");
+                    crate::neigh::probe(&self.iface.name, *addr);
+                }
+                if found.is_empty() {
+                    return;
+                }
                 for (addr, mac) in found {
                     tracing::info!(backend = %addr, mac = %format_mac(&mac), "backend MAC resolved");
                     self.macs.insert(addr, mac);
                 }
                 let _ = self.replan("resolved");
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reading the neighbour table"),
         }
-    }
-
-    /// Re-reads the configuration file and applies what changed; returns the log
-    /// line's summary, or why the running configuration stays in force.
-    async fn reload(&mut self, why: &str) -> Result<String, String> {
-        let path = self.args.config.clone();
-        let bytes = std::fs::read(&path).unwrap_or_default();
-        self.seen = bytes;
-        let new = match config::load(&path) {
-            Ok(c) => c,
-            Err(e) => return self.reload_failed(why, &format!("invalid configuration:\n{e}")),
-        };
-        if new.conntrack_size != self.config.conntrack_size || new.established_size != self.config.established_size {
-            tracing::warn!("conntrack_size and established_size changes take effect at the next start");
-        }
-        let wanted = Plan::backend_addresses(&new);
-        let missing: Vec<IpAddr> = wanted.into_iter().filter(|a| !self.macs.contains_key(a)).collect();
-        if !missing.is_empty() {
-            match self.nl.resolve(&self.iface, &missing, resolve_timeout(&self.args)).await {
-                Ok(found) => self.macs.extend(found),
-                Err(e) => tracing::warn!(error = %e, "resolving new backends"),
-            }
-        }
-        // Unchanged probes keep their state; new ones start in their initial state.
-        self.checker.set_targets(probe_targets(&new));
-        let down = initial_down(&new, &self.checker);
-        // Run-time drains of backends that are still there stay in force.
-        self.drained.retain(|(svc, addr)| {
-            new.services.iter().any(|s| s.name == *svc && s.backends.iter().any(|b| b.address == *addr))
-        });
-        let plan = Plan::next(&self.effective(&new), &self.macs, &down, Some(&self.plan));
-        if let Err(e) = self.dp.check_fits(&plan) {
-            self.checker.set_targets(probe_targets(&self.config));
-            return self.reload_failed(why, &e.to_string());
-        }
-        match self.dp.apply(&plan) {
-            Ok(_) => {
-                let diff = reload::describe(&self.config, &new);
-                self.reloads_ok += 1;
-                tracing::info!(why, reloads = self.reloads_ok, "reload applied: {diff}");
-                self.timeouts.send_replace(new.timeouts);
-                self.config = new;
-                self.down = down;
-                self.plan = plan;
-                report_unusable(&self.plan, &self.iface);
-                Ok(format!("reload applied: {diff}"))
-            }
-            Err(e) => {
-                self.checker.set_targets(probe_targets(&self.config));
-                self.reload_failed(why, &e.to_string())
-            }
-        }
-    }
-
-    fn reload_failed(&mut self, why: &str, error: &str) -> Result<String, String> {
-        self.reloads_failed += 1;
-        tracing::error!(why, failed_reloads = self.reloads_failed,
-            "reload failed, the running configuration stays in force: {error}");
-        Err(format!("reload failed, the running configuration stays in force: {error}"))
     }
 }
 

@@ -321,6 +321,11 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The agent's pid (nsenter execs it, so it is the child's).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
     /// SIGKILL, as a crash would: the balancer stays attached from its pins.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("agent running");

@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, TcpStream},
     path::Path,
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lb_agent::status::Status;
@@ -207,4 +207,83 @@ fn readiness_is_notified_after_the_maps_are_filled() {
     let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 20, 1, Duration::from_secs(30));
     assert_eq!(t.failures, 0, "{:?}", t.first_errors);
     drop(agent);
+}
+
+/// `bulk` more services of 50 backends each (weight 0 but one, small tables), after
+/// `yaml`: valid, megabytes long, seconds to parse in a debug build.
+fn with_bulk(yaml: &str, bulk: usize) -> String {
+    let mut out = String::from(yaml);
+    for i in 0..bulk {
+        out += &format!(
+            "  - name: bulk{i}\n    vip: 198.18.{}.{}\n    port: {}\n    table_size: 53\n    backends:\n",
+            100 + i / 250,
+            i % 250 + 1,
+            1000 + i
+        );
+        for j in 0..50 {
+            out += &format!("      - address: 198.19.{}.{}\n        weight: {}\n", j / 250, j % 250 + 1, u32::from(j == 0));
+        }
+    }
+    out
+}
+
+#[test]
+fn status_answers_while_a_large_file_is_parsed() {
+    let mut lab = Lab::new(2);
+    lab.start_servers();
+    let small = format!(
+        "services:\n  - name: web\n    vip: {VIP4}\n    port: 80\n    backends:\n      - address: {}\n      - address: {}\n",
+        lab.backends[0].v4, lab.backends[1].v4
+    );
+    let cfg = lab.write_config("lb.yaml", &small);
+    let agent = lab.start_agent(&cfg);
+    let socket = lab.control_socket();
+
+    // About 6 MB of valid YAML; the file watch and `lb-agent reload` both see it.
+    let big = with_bulk(&small, 2500);
+    assert!(big.len() > 5_000_000, "{} bytes", big.len());
+    lab.write_config("lb.yaml", &big);
+    let reload = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let r = cli(&["reload"], &socket);
+            (r, t0.elapsed())
+        })
+    };
+    let mut answered = Vec::new();
+    while !reload.is_finished() {
+        let t0 = Instant::now();
+        let (code, out, err) = cli(&["status", "--json"], &socket);
+        let took = t0.elapsed();
+        assert_eq!(code, 0, "lb-agent status during the parse ({took:?}): {err}\n{}", agent.log_text());
+        assert!(out.contains("\"web\""), "{out}");
+        answered.push(took);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ((code, out, err), reload_took) = reload.join().expect("reload thread");
+    eprintln!(
+        "reload answered after {reload_took:?}; {} status calls meanwhile, the slowest {:?}",
+        answered.len(),
+        answered.iter().max()
+    );
+    for line in agent.log_text().lines().filter(|l| l.contains("pars") || l.contains("reload")) {
+        eprintln!("  {line}");
+    }
+    // Status must have been asked while the parse ran, or this shows nothing.
+    assert!(
+        answered.len() >= 3,
+        "the reload took only {reload_took:?} ({} status calls meanwhile): too short for this test; make the file larger",
+        answered.len()
+    );
+    let slowest = answered.iter().max().copied().unwrap_or_default();
+    assert!(slowest < Duration::from_secs(1), "status took {slowest:?} while the file was parsed: {answered:?}");
+
+    // The caller got the outcome when the parse was done: 2,500 more services do
+    // not fit the maps sized at start, so the running configuration stays.
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("does not fit the maps"), "{err}");
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 40, 2, Duration::from_secs(30));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    assert_eq!(t.by_backend.len(), 2, "{:?}", t.by_backend);
 }

@@ -10,7 +10,8 @@ use std::{
 use lb_agent::dataplane::Stats;
 use lb_common::stat;
 use lb_tests::{
-    lab::{Lab, ECHO_PORT, VIP4, VIP6},
+    lab::{agent_bin, Lab, ECHO_PORT, VIP4, VIP6},
+    netns::ns_sh,
     traffic::{requests, requests_from, Load, LongLived, Proto, Tally},
 };
 
@@ -240,4 +241,63 @@ fn on_all_down_drop_pass_and_backup() {
     let after = Stats::read_pinned(&agent.pin_dir).expect("read maps");
     assert!(after.get(stat::DROP_NO_BACKEND) > before.get(stat::DROP_NO_BACKEND), "drop is counted");
     assert!(after.get(stat::PASS_ALL_DOWN) > before.get(stat::PASS_ALL_DOWN), "pass is counted");
+}
+
+/// A backend that is off while the agent starts (a rack powered on after the
+/// balancer) is left out, and taken in within seconds of coming up: the agent keeps
+/// probing unresolved backends (1 s doubling to 4 s), not only re-reading the
+/// neighbour table, which would never learn its MAC.
+#[test]
+fn backend_down_at_start_is_taken_in_when_it_comes_up() {
+    let mut lab = Lab::new(2);
+    lab.start_servers();
+    let b2 = lab.backends[1].v4.to_string();
+    // No probe: nothing but the neighbour resolution decides whether b2 is used.
+    let cfg = lab.write_config(
+        "lb.yaml",
+        &format!("services:\n  - name: web\n    vip: {VIP4}\n    port: 80\n    backends:\n{}", backends(&lab, &[(0, 1), (1, 1)], "")),
+    );
+    ns_sh(&lab.backends[1].ns, &["ip", "link", "set", "eth0", "down"]);
+    let agent = lab.start_agent(&cfg);
+    let log = agent.log_text();
+    assert!(log.lines().any(|l| l.contains("not resolved") && l.contains(&b2)), "b2 reported unresolved:\n{log}");
+    assert_eq!(backend_health(&lab, &b2), "unresolved");
+    // Long enough for the retries to back off to their longest interval.
+    std::thread::sleep(Duration::from_secs(8));
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 40, 2, Duration::from_secs(30));
+    assert_eq!((t.failures, t.by_backend.get("b1")), (0, Some(&40)), "all on b1 while b2 is off: {}", spread(&t));
+
+    let up = Instant::now();
+    ns_sh(&lab.backends[1].ns, &["ip", "link", "set", "eth0", "up"]);
+    let bound = Duration::from_secs(10);
+    let mut last = Tally::default();
+    while !last.by_backend.contains_key("b2") {
+        assert!(
+            up.elapsed() < bound,
+            "b2 got no traffic within {bound:?} of coming up: {}\n{}",
+            spread(&last),
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        last = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 20, 2, Duration::from_secs(10));
+    }
+    eprintln!("b2 served {:?} after its link came up", up.elapsed());
+    assert_eq!(last.failures, 0, "{}", spread(&last));
+    let log = agent.log_text();
+    assert!(log.lines().any(|l| l.contains("backend MAC resolved") && l.contains(&b2)), "{log}");
+    assert_eq!(backend_health(&lab, &b2), "up");
+}
+
+/// `health` of backend `addr` in `lb-agent status --json`.
+fn backend_health(lab: &Lab, addr: &str) -> String {
+    let out = std::process::Command::new(agent_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(lab.control_socket())
+        .output()
+        .expect("run lb-agent status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "lb-agent status: {}", String::from_utf8_lossy(&out.stderr));
+    let status: lb_agent::status::Status = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let b = status.services.iter().flat_map(|s| &s.backends).find(|b| b.address.map(|a| a.to_string()).as_deref() == Some(addr));
+    b.unwrap_or_else(|| panic!("{addr} not in the status: {text}")).health.clone()
 }

@@ -4,6 +4,8 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
+    path::Path,
+    process::{Command, Stdio},
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
@@ -11,9 +13,9 @@ use std::{
 use lb_agent::dataplane::Stats;
 use lb_common::stat;
 use lb_tests::{
-    lab::{Lab, ECHO_PORT, VIP4},
+    lab::{agent_bin, terminate, Lab, ECHO_PORT, VIP4},
     netns,
-    traffic::{Load, LongLived, Worker},
+    traffic::{requests, Load, LongLived, Proto, Worker},
 };
 
 /// UDP request/reply over one socket per round, counting what was sent and what
@@ -132,4 +134,105 @@ fn keep_on_exit_then_replacement_loses_nothing() {
         assert!(log.contains("left attached"), "{log}");
         lab.start_agent(&config(lab, 4))
     });
+}
+
+/// Starts another `lb-agent run` on the balancer's eth0 with `pin_dir` and its own
+/// control socket and metrics port (so only the pin directory or the interface can
+/// collide), and waits up to 15 s for it to exit: (exit code, how long it ran,
+/// stderr). A process still running then is stopped and reported as `None`.
+fn second_agent(lab: &Lab, config: &Path, pin_dir: &Path) -> (Option<i32>, Duration, String) {
+    let err = lab.dir.join("second-agent.log");
+    let started = Instant::now();
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.balancer))
+        .arg("--")
+        .arg(agent_bin())
+        .args(["run", "--iface", "eth0", "--xdp-mode", "native", "--metrics-listen", "127.0.0.1:9643", "--config"])
+        .arg(config)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .arg("--control-socket")
+        .arg(lab.dir.join("second.sock"))
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("second agent's log"))
+        .spawn()
+        .expect("start a second lb-agent");
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait for the second agent") {
+            break status.code();
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            terminate(&mut child, Duration::from_secs(5));
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&err).unwrap_or_default();
+    eprintln!("second agent: exit {code:?} after {:?}:\n{text}", started.elapsed());
+    (code, started.elapsed(), text)
+}
+
+/// What proves the first agent's balancer is intact: its program still attached,
+/// its pins in place, traffic forwarded, its control socket answering.
+fn assert_first_intact(lab: &Lab, prog_before: &str) {
+    assert_eq!(xdp_prog_id(lab), prog_before, "the running balancer's program was replaced");
+    for pin in ["link", "CONFIG", "CONNTRACK", lb_common::PROG_BALANCER] {
+        assert!(lab.pin_dir().join(pin).exists(), "pin {pin} is gone");
+    }
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 60, 2, Duration::from_secs(30));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    let out = Command::new(agent_bin()).args(["status", "--socket"]).arg(lab.control_socket()).output().unwrap();
+    assert!(out.status.success(), "the first agent answers: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_second_agent_on_the_same_pin_dir_is_refused_and_adopts_once_the_first_is_gone() {
+    let mut lab = Lab::new(3);
+    lab.start_servers();
+    let cfg = config(&lab, 3);
+    let mut first = lab.start_agent(&cfg);
+    let prog = xdp_prog_id(&lab);
+
+    let (code, took, err) = second_agent(&lab, &cfg, &lab.pin_dir());
+    assert_eq!(code, Some(1), "a second agent on the same pin directory must exit 1 (None: it kept running):\n{err}");
+    assert!(took < Duration::from_secs(5), "refused only after {took:?}:\n{err}");
+    let pid = first.pid();
+    assert!(
+        err.contains(&format!("pin directory {} is in use by another lb-agent (pid {pid}: ", lab.pin_dir().display()))
+            && err.contains("lb-agent run --iface eth0"),
+        "the refusal names the owner (pid {pid}) and its command line:\n{err}"
+    );
+    assert!(!err.contains("attached") && !err.contains("adopting"), "it touched the balancer:\n{err}");
+    assert_first_intact(&lab, &prog);
+
+    // The owner crashes: the kernel drops its lock, the next agent adopts.
+    first.kill();
+    let next = lab.start_agent(&cfg);
+    let log = next.log_text();
+    assert!(log.contains("maps reused, connection table kept"), "{log}");
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 60, 2, Duration::from_secs(30));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+}
+
+#[test]
+fn an_agent_with_another_pin_dir_is_refused_the_interface() {
+    let mut lab = Lab::new(2);
+    lab.start_servers();
+    let cfg = config(&lab, 2);
+    let _first = lab.start_agent(&cfg);
+    let prog = xdp_prog_id(&lab);
+
+    let other = Path::new("/sys/fs/bpf").join(format!("{}-other", lab.id));
+    let (code, took, err) = second_agent(&lab, &cfg, &other);
+    let leftover = other.exists();
+    let _ = std::fs::remove_dir_all(&other);
+    assert_eq!(code, Some(1), "an agent on an interface another balancer holds must exit 1:\n{err}");
+    assert!(took < Duration::from_secs(5), "refused only after {took:?}:\n{err}");
+    assert!(
+        err.contains(&format!("interface eth0 already carries XDP program {prog} (lb_xdp)")),
+        "the refusal names the program on the interface ({prog}):\n{err}"
+    );
+    assert!(!leftover, "the refused agent left {} behind", other.display());
+    assert_first_intact(&lab, &prog);
 }
