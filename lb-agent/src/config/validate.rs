@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+mod address;
 mod policy;
 mod probe;
 
@@ -237,33 +238,6 @@ impl Checker<'_> {
         };
         self.at_value(path, message);
         None
-    }
-
-    /// Parses a vip or backend address and checks that it is unicast. `what` names the
-    /// address in messages ("the vip", "a backend").
-    fn address(&mut self, text: &str, path: &str, field: &str, what: &str) -> Option<IpAddr> {
-        let Ok(address) = text.parse::<IpAddr>() else {
-            self.at_value(
-                path,
-                format!("{field} '{text}' is not a valid IPv4 or IPv6 address"),
-            );
-            return None;
-        };
-        let kind = match address {
-            _ if address.is_unspecified() => Some("the unspecified address"),
-            _ if address.is_loopback() => Some("a loopback address"),
-            _ if address.is_multicast() => Some("a multicast address"),
-            IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
-            _ => None,
-        };
-        if let Some(kind) = kind {
-            self.at_value(
-                path,
-                format!("{field} {address} is {kind}; {what} must be a unicast address"),
-            );
-            return None;
-        }
-        Some(address)
     }
 
     fn protocol(&mut self, text: &str, path: &str) -> Option<Protocol> {
