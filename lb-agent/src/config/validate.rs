@@ -9,6 +9,7 @@ mod policy;
 mod probe;
 
 use self::probe::{Level, ProbeFields};
+use super::limits::MAX_ERRORS;
 use super::positions::{Pos, Positions};
 use super::raw::{Int, RawBackend, RawConfig, RawService};
 use super::{
@@ -29,6 +30,7 @@ pub(super) fn validate(
         errors: Vec::new(),
         names: HashMap::new(),
         triples: HashMap::new(),
+        not_shown: 0,
     };
     let config = checker.config(raw);
     let mut errors = checker.errors;
@@ -39,6 +41,18 @@ pub(super) fn validate(
         }
     }
     errors.sort_by_key(|d| (d.line, d.column));
+    if checker.not_shown > 0 {
+        errors.push(Diagnostic {
+            origin: origin.to_string(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!(
+                "{} more errors not shown (at most {MAX_ERRORS} are reported)",
+                checker.not_shown
+            ),
+        });
+    }
     Err(errors)
 }
 
@@ -50,11 +64,16 @@ struct Checker<'a> {
     names: HashMap<String, usize>,
     /// First use of each (vip, port, protocol): a description of that service.
     triples: HashMap<(IpAddr, u16, Protocol), String>,
+    /// Errors found after the first [`MAX_ERRORS`], only counted.
+    not_shown: usize,
 }
 
 impl Checker<'_> {
     /// Reports `message` about the field at `path`, located at `pos`.
     fn report(&mut self, path: &str, pos: Pos, message: String) {
+        if self.full() {
+            return;
+        }
         self.errors.push(Diagnostic {
             origin: self.origin.to_string(),
             line: pos.line,
@@ -64,16 +83,27 @@ impl Checker<'_> {
         });
     }
 
+    /// Whether [`MAX_ERRORS`] have been reported; if so, counts one more not shown.
+    fn full(&mut self) -> bool {
+        let full = self.errors.len() >= MAX_ERRORS;
+        self.not_shown += usize::from(full);
+        full
+    }
+
     /// Reports a problem with the value at `path`.
     fn at_value(&mut self, path: &str, message: String) {
-        let pos = self.positions.value(path);
-        self.report(path, pos, message);
+        if !self.full() {
+            let pos = self.positions.value(path);
+            self.report(path, pos, message);
+        }
     }
 
     /// Reports a problem with the field at `path` as a whole (at its key).
     fn at_key(&mut self, path: &str, message: String) {
-        let pos = self.positions.key(path);
-        self.report(path, pos, message);
+        if !self.full() {
+            let pos = self.positions.key(path);
+            self.report(path, pos, message);
+        }
     }
 
     /// A required field: reports it missing (at its key if it is there but empty, else at
@@ -168,7 +198,7 @@ impl Checker<'_> {
         }
 
         let count = raw.backends.as_ref().map_or(0, Vec::len);
-        let probe = self.probe_fields(raw.probe.as_ref(), &field("probe"), false);
+        let probe = self.probe_fields(raw.probe.as_deref(), &field("probe"), false);
         // The service's own probe must be valid (it is every backend's default).
         let probe_ok = self.probe_spec(&probe, port, Level::Service).is_some();
         let on_all_down = self.on_all_down(
@@ -176,7 +206,7 @@ impl Checker<'_> {
             &field("on_all_down"),
             raw.backends.as_ref(),
         );
-        let persistence = self.persistence(raw.persistence.as_ref(), &field("persistence"));
+        let persistence = self.persistence(raw.persistence.as_deref(), &field("persistence"));
         let backends = self
             .backends(raw.backends, &path, &label, vip, &probe, port)
             .filter(|_| probe_ok);
@@ -335,7 +365,7 @@ impl Checker<'_> {
         index: usize,
         (service_probe, service_port): (&ProbeFields, Option<u16>),
     ) -> Option<BackendConfig> {
-        let own_probe = self.probe_fields(raw.probe.as_ref(), &format!("{path}.probe"), true);
+        let own_probe = self.probe_fields(raw.probe.as_deref(), &format!("{path}.probe"), true);
         let probe = self.probe_spec(&own_probe.over(service_probe), service_port, Level::Backend);
         let address_path = format!("{path}.address");
         let address = self
