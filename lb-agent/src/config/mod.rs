@@ -272,7 +272,7 @@ fn display_lines(errors: &[Diagnostic]) -> String {
 ///
 /// The path, as given, is the origin named in every diagnostic; a file that cannot be
 /// read, or is larger than [`MAX_FILE_SIZE`], is reported as a diagnostic without a
-/// position.
+/// position; a file that is not UTF-8 at the line and column of its first bad byte.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
     let text = read::read(path, &origin)?;

@@ -214,6 +214,33 @@ fn a_file_larger_than_the_limit_is_refused_without_reading_it() {
     assert_eq!(err.to_string(), format!("{}: {message}", path.display()));
 }
 
+#[test]
+fn a_file_that_is_not_utf8_is_reported_at_the_first_bad_byte() {
+    let dir = TempDir::new("utf8");
+    let cases: [(&[u8], &str); 3] = [
+        (
+            b"services:\n  - name: w\xc3\xa9b\xff\n",
+            "2:14: the file is not UTF-8 text: invalid byte sequence 0xff",
+        ),
+        // Latin-1 after a byte-order mark, which is not counted.
+        (
+            b"\xef\xbb\xbf# caf\xe9\n",
+            "1:6: the file is not UTF-8 text: invalid byte sequence 0xe9",
+        ),
+        (
+            b"services: []\n# \xe2\x82",
+            "2:3: the file is not UTF-8 text: truncated byte sequence 0xe2 0x82",
+        ),
+    ];
+    for (bytes, expected) in cases {
+        let path = dir.0.join("bad.yaml");
+        std::fs::write(&path, bytes).unwrap();
+        let err = load(&path).expect_err("must be refused");
+        assert_eq!(err.to_string(), format!("{}:{expected}", path.display()));
+        assert_eq!(err.errors[0].path, "");
+    }
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(std::path::PathBuf);
 
