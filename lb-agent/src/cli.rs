@@ -66,11 +66,13 @@ pub enum Commands {
         #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Print the counters of a running agent (read from its pinned maps).
+    /// Print the counters of a running agent (read from its pinned maps, which also
+    /// say which backend each counter belongs to).
     Stats {
-        /// The configuration the agent runs with (labels ids with names).
+        /// The configuration the agent runs with: names the services (matched by vip,
+        /// port and protocol). Without it, services are shown by protocol and vip:port.
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Where the agent pins its maps.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -172,7 +174,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Commands::Reload { socket } => {
             client_call(&socket, &crate::control::Request::Reload, crate::control::RELOAD_TIMEOUT)
         }
-        Commands::Stats { config, pin_dir } => match crate::report::print_stats(&config, &pin_dir) {
+        Commands::Stats { config, pin_dir } => match crate::report::print_stats(config.as_deref(), &pin_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

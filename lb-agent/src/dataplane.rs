@@ -222,30 +222,9 @@ impl Dataplane {
         let m: Array<_, Config> =
             Array::try_from(map_mut(&mut self.ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         self.config = m.get(&0, 0).map_err(map_err(names::CONFIG))?;
-        let services: Vec<(VipKey, Service)> = {
-            let m: HashMap<_, VipKey, Service> =
-                HashMap::try_from(map_mut(&mut self.ebpf, names::SERVICES)?).map_err(map_err(names::SERVICES))?;
-            m.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::SERVICES))?
-        };
-        let vip_addrs: BTreeMap<[u8; 16], u32> = {
-            let m: HashMap<_, VipAddrKey, VipAddrVal> =
-                HashMap::try_from(map_mut(&mut self.ebpf, names::VIP_ADDRS)?).map_err(map_err(names::VIP_ADDRS))?;
-            let all: Vec<(VipAddrKey, VipAddrVal)> =
-                m.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::VIP_ADDRS))?;
-            all.into_iter().map(|(k, v)| (k.addr, v.flags)).collect()
-        };
-        let backends: Vec<(u32, Backend)> = {
-            let m: Array<_, Backend> =
-                Array::try_from(map_mut(&mut self.ebpf, names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-            let mut out = Vec::new();
-            for (id, b) in m.iter().enumerate() {
-                let b = b.map_err(map_err(names::BACKENDS))?;
-                if b.generation > 0 {
-                    out.push((id as u32, b));
-                }
-            }
-            out
-        };
+        let map = |name| self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name });
+        let State { services, backends, vip_addrs } =
+            read_state(map(names::SERVICES)?, map(names::BACKENDS)?, map(names::VIP_ADDRS)?)?;
         let mut used = Vec::new();
         let mut with_tables = Vec::new();
         for (key, value) in &services {
@@ -441,6 +420,48 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     };
     let prog = ebpf.program_mut(name).ok_or_else(missing)?;
     prog.try_into().map_err(|_| missing())
+}
+
+/// What `SERVICES`, `BACKENDS` (every id ever handed out: generation above 0) and
+/// `VIP_ADDRS` hold.
+struct State {
+    services: Vec<(VipKey, Service)>,
+    backends: Vec<(u32, Backend)>,
+    vip_addrs: BTreeMap<[u8; 16], u32>,
+}
+
+fn read_state(services: &Map, backends: &Map, vip_addrs: &Map) -> Result<State> {
+    let m: HashMap<_, VipKey, Service> = HashMap::try_from(services).map_err(map_err(names::SERVICES))?;
+    let services = m.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::SERVICES))?;
+    let m: HashMap<_, VipAddrKey, VipAddrVal> = HashMap::try_from(vip_addrs).map_err(map_err(names::VIP_ADDRS))?;
+    let all: Vec<(VipAddrKey, VipAddrVal)> =
+        m.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::VIP_ADDRS))?;
+    let vip_addrs = all.into_iter().map(|(k, v)| (k.addr, v.flags)).collect();
+    let m: Array<_, Backend> = Array::try_from(backends).map_err(map_err(names::BACKENDS))?;
+    let mut out = Vec::new();
+    for (id, b) in m.iter().enumerate() {
+        let b = b.map_err(map_err(names::BACKENDS))?;
+        if b.generation > 0 {
+            out.push((id as u32, b));
+        }
+    }
+    Ok(State { services, backends: out, vip_addrs })
+}
+
+/// What a running agent applied, read back from the maps it pinned under `dir` as a
+/// restarting agent adopts them (`plan::from_maps`): every service with its id, every
+/// backend with its id, address, service and flags. The maps hold no names, weights or
+/// conntrack size, and the Maglev tables are not read: names are empty, weights and
+/// the conntrack size 0, tables empty.
+pub fn read_pinned_plan(dir: &Path) -> Result<Plan> {
+    let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(map_err(name));
+    let State { services, backends, vip_addrs } = read_state(
+        &Map::HashMap(open(names::SERVICES)?),
+        &Map::Array(open(names::BACKENDS)?),
+        &Map::HashMap(open(names::VIP_ADDRS)?),
+    )?;
+    let services: Vec<_> = services.into_iter().map(|(key, value)| (key, value, Vec::new())).collect();
+    Ok(crate::plan::from_maps(&services, &backends, vip_addrs, &Plan::default()))
 }
 
 /// Counters summed over CPUs.

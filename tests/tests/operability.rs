@@ -2,6 +2,7 @@
 //! socket, the Prometheus endpoint, checked against the traffic actually sent.
 
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
     net::{IpAddr, TcpStream},
     path::Path,
@@ -286,4 +287,81 @@ fn status_answers_while_a_large_file_is_parsed() {
     let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 40, 2, Duration::from_secs(30));
     assert_eq!(t.failures, 0, "{:?}", t.first_errors);
     assert_eq!(t.by_backend.len(), 2, "{:?}", t.by_backend);
+}
+
+/// `lb-agent stats --pin-dir DIR [--config FILE]`: (exit code, stdout, stderr).
+fn stats_cli(lab: &Lab, config: Option<&Path>) -> (i32, String, String) {
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("stats").arg("--pin-dir").arg(lab.pin_dir());
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let out = cmd.output().expect("run lb-agent stats");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The new flows `lb-agent stats` gives each backend address (`  -> ADDR ... new_flows N`).
+fn stats_new_flows(out: &str) -> BTreeMap<IpAddr, u64> {
+    out.lines()
+        .filter_map(|l| l.trim_start().strip_prefix("-> "))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let flows = words.iter().position(|w| *w == "new_flows").map(|i| words[i + 1]);
+            let flows = flows.unwrap_or_else(|| panic!("no new_flows in {l:?}"));
+            (words[0].parse().expect("an address"), flows.parse().expect("a number"))
+        })
+        .collect()
+}
+
+#[test]
+fn stats_attribute_counters_to_the_right_backends_after_a_reload_adds_one() {
+    let mut lab = Lab::new(3);
+    lab.start_servers();
+    let config = |backends: &[&str]| {
+        let list: Vec<String> = backends.iter().map(|a| format!("{{address: {a}}}")).collect();
+        format!("services:\n  - name: web\n    vip: {VIP4}\n    port: 80\n    backends: [{}]\n", list.join(", "))
+    };
+    // b1 and b3 get ids 0 and 1; b2, added by the reload, id 2 (ids are stable, new
+    // ones appended), while the new file's order would number b1, b2, b3 as 0, 1, 2.
+    let cfg = lab.write_config("lb.yaml", &config(&["198.18.0.11", "198.18.0.13"]));
+    let _agent = lab.start_agent(&cfg);
+    let before = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 200, 2, Duration::from_secs(60));
+    assert_eq!(before.failures, 0, "{:?}", before.first_errors);
+    assert!(!before.by_backend.contains_key("b2"), "{:?}", before.by_backend);
+
+    lab.write_config("lb.yaml", &config(&["198.18.0.11", "198.18.0.12", "198.18.0.13"]));
+    let (code, out, err) = cli(&["reload"], &lab.control_socket());
+    assert_eq!(code, 0, "reload: {out}{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = status(&lab);
+        let web = st.services.iter().find(|s| s.name == "web").expect("web in status");
+        if web.backends.len() == 3 && web.backends.iter().all(|b| b.health == "up") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "b2 did not come up: {web:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 300, 2, Duration::from_secs(60));
+    assert_eq!(after.failures, 0, "{:?}", after.first_errors);
+    assert!(after.by_backend.get("b2").copied().unwrap_or(0) > 0, "{:?}", after.by_backend);
+
+    // Every request is a new connection, so a backend's new flows are the requests it
+    // answered (its HTTP server answers with its name).
+    let by = |t: &lb_tests::traffic::Tally, name: &str| t.by_backend.get(name).copied().unwrap_or(0);
+    let answered: BTreeMap<IpAddr, u64> =
+        lab.backends.iter().map(|b| (IpAddr::V4(b.v4), by(&before, &b.name) + by(&after, &b.name))).collect();
+    let (code, named, err) = stats_cli(&lab, Some(&cfg));
+    assert_eq!(code, 0, "lb-agent stats --config: {err}");
+    assert_eq!(stats_new_flows(&named), answered, "lb-agent stats --config:\n{named}");
+    assert!(named.contains(&format!("web tcp {VIP4}:80  packets ")), "{named}");
+    // Without the file: the same counters, the service shown by its address.
+    let (code, unnamed, err) = stats_cli(&lab, None);
+    assert_eq!(code, 0, "lb-agent stats: {err}");
+    assert_eq!(stats_new_flows(&unnamed), answered, "lb-agent stats:\n{unnamed}");
+    assert!(unnamed.starts_with(&format!("tcp {VIP4}:80  packets ")), "{unnamed}");
 }

@@ -8,28 +8,34 @@
 //! deploy/examples/demo.yaml:14:17: services[1].backends[0].weight: weight 70000 is out of range 0..=65535
 //! ```
 //!
-//! Parsing happens in three steps:
-//! 1. `serde_yaml` reads the text into private "raw" structs (`raw.rs`) that reject unknown
+//! Parsing happens in four steps:
+//! 1. a pre-pass bounds what the text may expand to: size, YAML nodes with aliases
+//!    expanded, nesting (`limits.rs`);
+//! 2. `serde_yaml` reads the text into private "raw" structs (`raw.rs`) that reject unknown
 //!    fields and wrong types but keep every value loose (integers as wide integers,
 //!    addresses and enums as strings) so that range and format problems can all be
 //!    reported together;
-//! 2. a marked YAML event parser builds an index from field path to line and column
+//! 3. a marked YAML event parser builds an index from field path to line and column
 //!    (`positions.rs`);
-//! 3. `validate.rs` checks every rule, collects all violations and builds the public types.
+//! 4. `validate.rs` checks every rule, collects all violations and builds the public types.
 //!
 //! The file format is documented in `docs/config.md`.
 
 use std::fmt;
 use std::path::Path;
 
+mod limits;
 mod positions;
 mod raw;
+mod read;
 mod validate;
 
 #[cfg(test)]
 mod tests;
 
 pub use std::net::IpAddr;
+
+pub use self::limits::{MAX_DEPTH, MAX_ERRORS, MAX_FILE_SIZE, MAX_NODES};
 
 /// Default size of a service's Maglev lookup table (a prime).
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;
@@ -291,24 +297,20 @@ fn display_lines(errors: &[Diagnostic]) -> String {
 /// Reads and validates the configuration file at `path`.
 ///
 /// The path, as given, is the origin named in every diagnostic; a file that cannot be
-/// read is reported as a diagnostic without a position.
+/// read, or is larger than [`MAX_FILE_SIZE`], is reported as a diagnostic without a
+/// position; a file that is not UTF-8 at the line and column of its first bad byte.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, &origin),
-        Err(err) => Err(Diagnostic {
-            origin,
-            line: 0,
-            column: 0,
-            path: String::new(),
-            message: format!("cannot read the file: {}", lower_first(&err.to_string())),
-        }
-        .into()),
-    }
+    let text = read::read(path, &origin)?;
+    parse(&text, &origin)
 }
 
 /// Parses and validates configuration text; `origin` is the file name used in messages.
+///
+/// The text is first checked against the limits of `limits.rs` (size, nodes with
+/// aliases expanded, nesting), so that no file can make parsing slow or large.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    limits::check(text, origin)?;
     let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| serde_error(&e, origin))?;
     let positions = positions::Positions::build(text);
     validate::validate(raw, &positions, origin).map_err(|errors| ConfigError { errors })

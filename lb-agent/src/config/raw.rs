@@ -35,9 +35,11 @@ pub(super) struct RawService {
     pub scheduler: Option<String>,
     pub table_size: Option<Int>,
     pub backends: Option<Vec<RawBackend>>,
-    pub probe: Option<RawProbe>,
+    /// Boxed, as in `RawBackend`.
+    pub probe: Option<Box<RawProbe>>,
     pub on_all_down: Option<String>,
-    pub persistence: Option<RawPersistence>,
+    /// Boxed, as `probe`.
+    pub persistence: Option<Box<RawPersistence>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,7 +48,9 @@ pub(super) struct RawBackend {
     pub address: Option<String>,
     pub weight: Option<Int>,
     pub backup: Option<bool>,
-    pub probe: Option<RawProbe>,
+    /// Boxed: a file may hold hundreds of thousands of backends, most without a probe
+    /// of their own, and a `RawProbe` is about 500 bytes.
+    pub probe: Option<Box<RawProbe>>,
 }
 
 /// A `probe:` block, of a service or of a backend (whose fields override the service's).

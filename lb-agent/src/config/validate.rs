@@ -4,11 +4,13 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+mod address;
 mod conntrack;
 mod policy;
 mod probe;
 
 use self::probe::{Level, ProbeFields};
+use super::limits::MAX_ERRORS;
 use super::positions::{Pos, Positions};
 use super::raw::{Int, RawBackend, RawConfig, RawService};
 use super::{
@@ -29,6 +31,7 @@ pub(super) fn validate(
         errors: Vec::new(),
         names: HashMap::new(),
         triples: HashMap::new(),
+        not_shown: 0,
     };
     let config = checker.config(raw);
     let mut errors = checker.errors;
@@ -39,6 +42,18 @@ pub(super) fn validate(
         }
     }
     errors.sort_by_key(|d| (d.line, d.column));
+    if checker.not_shown > 0 {
+        errors.push(Diagnostic {
+            origin: origin.to_string(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!(
+                "{} more errors not shown (at most {MAX_ERRORS} are reported)",
+                checker.not_shown
+            ),
+        });
+    }
     Err(errors)
 }
 
@@ -50,11 +65,16 @@ struct Checker<'a> {
     names: HashMap<String, usize>,
     /// First use of each (vip, port, protocol): a description of that service.
     triples: HashMap<(IpAddr, u16, Protocol), String>,
+    /// Errors found after the first [`MAX_ERRORS`], only counted.
+    not_shown: usize,
 }
 
 impl Checker<'_> {
     /// Reports `message` about the field at `path`, located at `pos`.
     fn report(&mut self, path: &str, pos: Pos, message: String) {
+        if self.full() {
+            return;
+        }
         self.errors.push(Diagnostic {
             origin: self.origin.to_string(),
             line: pos.line,
@@ -64,16 +84,27 @@ impl Checker<'_> {
         });
     }
 
+    /// Whether [`MAX_ERRORS`] have been reported; if so, counts one more not shown.
+    fn full(&mut self) -> bool {
+        let full = self.errors.len() >= MAX_ERRORS;
+        self.not_shown += usize::from(full);
+        full
+    }
+
     /// Reports a problem with the value at `path`.
     fn at_value(&mut self, path: &str, message: String) {
-        let pos = self.positions.value(path);
-        self.report(path, pos, message);
+        if !self.full() {
+            let pos = self.positions.value(path);
+            self.report(path, pos, message);
+        }
     }
 
     /// Reports a problem with the field at `path` as a whole (at its key).
     fn at_key(&mut self, path: &str, message: String) {
-        let pos = self.positions.key(path);
-        self.report(path, pos, message);
+        if !self.full() {
+            let pos = self.positions.key(path);
+            self.report(path, pos, message);
+        }
     }
 
     /// A required field: reports it missing (at its key if it is there but empty, else at
@@ -172,7 +203,7 @@ impl Checker<'_> {
         }
 
         let count = raw.backends.as_ref().map_or(0, Vec::len);
-        let probe = self.probe_fields(raw.probe.as_ref(), &field("probe"), false);
+        let probe = self.probe_fields(raw.probe.as_deref(), &field("probe"), false);
         // The service's own probe must be valid (it is every backend's default).
         let probe_ok = self.probe_spec(&probe, port, Level::Service).is_some();
         let on_all_down = self.on_all_down(
@@ -180,7 +211,7 @@ impl Checker<'_> {
             &field("on_all_down"),
             raw.backends.as_ref(),
         );
-        let persistence = self.persistence(raw.persistence.as_ref(), &field("persistence"));
+        let persistence = self.persistence(raw.persistence.as_deref(), &field("persistence"));
         let backends = self
             .backends(raw.backends, &path, &label, vip, &probe, port)
             .filter(|_| probe_ok);
@@ -242,33 +273,6 @@ impl Checker<'_> {
         };
         self.at_value(path, message);
         None
-    }
-
-    /// Parses a vip or backend address and checks that it is unicast. `what` names the
-    /// address in messages ("the vip", "a backend").
-    fn address(&mut self, text: &str, path: &str, field: &str, what: &str) -> Option<IpAddr> {
-        let Ok(address) = text.parse::<IpAddr>() else {
-            self.at_value(
-                path,
-                format!("{field} '{text}' is not a valid IPv4 or IPv6 address"),
-            );
-            return None;
-        };
-        let kind = match address {
-            _ if address.is_unspecified() => Some("the unspecified address"),
-            _ if address.is_loopback() => Some("a loopback address"),
-            _ if address.is_multicast() => Some("a multicast address"),
-            IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
-            _ => None,
-        };
-        if let Some(kind) = kind {
-            self.at_value(
-                path,
-                format!("{field} {address} is {kind}; {what} must be a unicast address"),
-            );
-            return None;
-        }
-        Some(address)
     }
 
     fn protocol(&mut self, text: &str, path: &str) -> Option<Protocol> {
@@ -366,7 +370,7 @@ impl Checker<'_> {
         index: usize,
         (service_probe, service_port): (&ProbeFields, Option<u16>),
     ) -> Option<BackendConfig> {
-        let own_probe = self.probe_fields(raw.probe.as_ref(), &format!("{path}.probe"), true);
+        let own_probe = self.probe_fields(raw.probe.as_deref(), &format!("{path}.probe"), true);
         let probe = self.probe_spec(&own_probe.over(service_probe), service_port, Level::Backend);
         let address_path = format!("{path}.address");
         let address = self

@@ -1,7 +1,7 @@
 //! One test per address and backend rule: each asserts the exact message, line and
 //! column.
 
-use super::{assert_errors, lines, service};
+use super::{assert_errors, lines, parse_ok, service};
 
 #[test]
 fn duplicate_services_same_vip_port_protocol() {
@@ -209,4 +209,144 @@ fn addresses_must_parse_and_backends_be_unicast() {
              a backend must be a unicast address",
         ],
     );
+}
+
+#[test]
+fn ipv4_mapped_vip_beside_the_ipv4_vip_is_refused() {
+    // Both would share one map key (IPv4 is stored IPv4-mapped) and the IPv4 service
+    // would be silently blackholed.
+    assert_errors(
+        &lines(&[
+            "services:",
+            "  - name: web",
+            "    vip: 198.18.1.10",
+            "    port: 80",
+            "    backends: [{address: 198.18.0.11}]",
+            "  - name: web-mapped",
+            "    vip: \"::ffff:198.18.1.10\"",
+            "    port: 80",
+            "    backends: [{address: 2001:db8::11}]",
+        ]),
+        &[
+            "test.yaml:7:10: services[1].vip: vip ::ffff:198.18.1.10 is an IPv4-mapped IPv6 address; \
+             write the IPv4 address 198.18.1.10 instead",
+        ],
+    );
+}
+
+#[test]
+fn ipv6_spellings_of_ipv4_addresses_are_refused_everywhere() {
+    let mapped = "is an IPv4-mapped IPv6 address; write the IPv4 address 198.18.0.11 instead";
+    let compatible = "is an IPv4-compatible IPv6 address (::/96, deprecated); write the IPv4 \
+                      address 198.18.0.11 instead";
+    let cases = [
+        ("::ffff:198.18.0.11", format!("::ffff:198.18.0.11 {mapped}")),
+        ("::FFFF:c612:000b", format!("::ffff:198.18.0.11 {mapped}")),
+        ("::198.18.0.11", format!("::c612:b {compatible}")),
+    ];
+    for (text, problem) in &cases {
+        assert_everywhere(text, problem);
+    }
+}
+
+#[test]
+fn link_local_addresses_are_refused_everywhere() {
+    assert_everywhere(
+        "fe80::11",
+        "fe80::11 is a link-local address (fe80::/10), which needs an interface the file \
+         cannot name; WHAT must be a global or unique-local unicast address",
+    );
+    assert_everywhere(
+        "febf:ffff::1",
+        "febf:ffff::1 is a link-local address (fe80::/10), which needs an interface the file \
+         cannot name; WHAT must be a global or unique-local unicast address",
+    );
+}
+
+#[test]
+fn addresses_in_this_network_are_refused() {
+    assert_errors(
+        &service(&["    port: 80", "    backends: [{address: 0.1.2.3}]"]),
+        &[
+            "test.yaml:5:26: services[0].backends[0].address: address 0.1.2.3 is in 0.0.0.0/8 \
+             (\"this network\", never a destination); a backend must be a unicast address",
+        ],
+    );
+}
+
+/// Asserts that `text`, used in turn as an IPv6 service's vip, backend address and
+/// probe address, is refused there with `problem` (`WHAT` replaced by the role).
+#[track_caller]
+fn assert_everywhere(text: &str, problem: &str) {
+    let roles = [
+        ("vip: V", "vip", "services[0].vip", "the vip"),
+        (
+            "address: B",
+            "address",
+            "services[0].backends[0].address",
+            "a backend",
+        ),
+        (
+            "address: P",
+            "address",
+            "services[0].backends[0].probe.address",
+            "a probe address",
+        ),
+    ];
+    let template = [
+        "services:",
+        "  - name: web6",
+        "    vip: V",
+        "    port: 80",
+        "    backends:",
+        "      - address: B",
+        "        probe: {kind: tcp, address: P}",
+    ];
+    for (placeholder, field, path, what) in roles {
+        let quoted = format!("\"{text}\"");
+        let yaml: Vec<String> = template
+            .iter()
+            .map(|l| {
+                l.replace(placeholder, &placeholder.replace(['V', 'B', 'P'], &quoted))
+                    .replace('V', "2001:db8:1::10")
+                    .replace('B', "2001:db8::11")
+                    .replace('P', "2001:db8::99")
+            })
+            .collect();
+        let line = yaml.iter().position(|l| l.contains(&quoted)).unwrap();
+        let column = yaml[line].find(&quoted).unwrap() + 1;
+        let yaml: Vec<&str> = yaml.iter().map(String::as_str).collect();
+        let problem = problem.replace("WHAT", what);
+        assert_errors(
+            &lines(&yaml),
+            &[&format!(
+                "test.yaml:{}:{column}: {path}: {field} {problem}",
+                line + 1
+            )],
+        );
+    }
+}
+
+#[test]
+fn addresses_have_one_spelling() {
+    // IPv4 octets with leading zeros (read as octal by some tools) are not addresses.
+    assert_errors(
+        &service(&["    port: 80", "    backends: [{address: 198.18.0.011}]"]),
+        &[
+            "test.yaml:5:26: services[0].backends[0].address: address '198.18.0.011' is not a \
+             valid IPv4 or IPv6 address",
+        ],
+    );
+    // Every other spelling of an IPv6 address is the same address (see also
+    // duplicate_services_ipv6_vip_spelled_differently and duplicate_backends).
+    let config = parse_ok(&lines(&[
+        "services:",
+        "  - name: web6",
+        "    vip: 2001:DB8:1:0:0:0:0:10",
+        "    port: 80",
+        "    backends: [{address: \"2001:db8::0.0.0.17\"}]",
+    ]));
+    let service = &config.services[0];
+    assert_eq!(service.vip.to_string(), "2001:db8:1::10");
+    assert_eq!(service.backends[0].address.to_string(), "2001:db8::11");
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use super::*;
 
 mod addresses;
+mod limits;
 mod policy;
 mod probes;
 mod rules;

@@ -35,7 +35,7 @@ fn unknown_fields_are_rejected_everywhere() {
 fn syntax_and_type_errors_carry_their_location() {
     assert_errors(
         "services: [\n",
-        &["test.yaml:2:1: did not find expected node content, while parsing a flow node"],
+        &["test.yaml:2:1: while parsing a node, did not find expected node content"],
     );
     assert_errors(
         &service(&["    port: \"80\"", "    backends: [{address: 198.18.0.11}]"]),
