@@ -341,6 +341,9 @@ impl Agent {
     }
 
     fn set_drain(&mut self, backend: IpAddr, service: Option<String>, drain: bool) -> Response {
+        // `::ffff:198.18.0.12` names the backend 198.18.0.12 (the file cannot hold
+        // the mapped form).
+        let backend = backend.to_canonical();
         let hits: Vec<(String, u32)> = self
             .config
             .services

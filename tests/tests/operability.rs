@@ -162,7 +162,8 @@ fn drain_and_undrain_at_run_time() {
         .find(|b| b.address == Some("198.18.0.12".parse().unwrap())).unwrap().clone();
     assert!(b2.drained && b2.weight == 0 && b2.config_weight == 1, "{b2:?}");
 
-    let (code, out, err) = cli(&["undrain", "198.18.0.12"], &socket);
+    // The IPv6 spelling of an IPv4 address names the same backend.
+    let (code, out, err) = cli(&["undrain", "::ffff:198.18.0.12"], &socket);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("undrained 198.18.0.12 in web"), "{out}");
     let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 300, 2, Duration::from_secs(60));
