@@ -66,6 +66,36 @@ pub enum Commands {
         #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Show, live, what the running agent's XDP program decides for chosen packets:
+    /// one line per packet (flow, service, connection table, Maglev slot,
+    /// persistence, backend and MAC, verdict and counter) until Ctrl-C or --count.
+    /// With no filter every packet is traced (within --budget). One trace at a time.
+    Trace {
+        /// Client address or prefix (198.51.100.7, 198.51.100.0/24, 2001:db8::/64).
+        #[arg(long)]
+        client: Option<String>,
+        /// VIP address, optionally with the port: 198.18.1.10, 198.18.1.10:80,
+        /// [2001:db8::10]:80.
+        #[arg(long)]
+        vip: Option<String>,
+        /// Only packets sent to this backend.
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+        /// tcp or udp.
+        #[arg(long)]
+        proto: Option<String>,
+        /// Stop after this many packets.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Records per second and CPU at most (the rest are counted and reported).
+        #[arg(long, default_value_t = crate::trace::DEFAULT_BUDGET)]
+        budget: u32,
+        /// One JSON object per packet.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Print the counters of a running agent (read from its pinned maps, which also
     /// say which backend each counter belongs to).
     Stats {
@@ -174,6 +204,17 @@ pub fn main(cli: Cli) -> ExitCode {
         Commands::Reload { socket } => {
             client_call(&socket, &crate::control::Request::Reload, crate::control::RELOAD_TIMEOUT)
         }
+        Commands::Trace { client, vip, backend, proto, count, budget, json, socket } => {
+            let (vip, port) = match vip.as_deref().map(parse_vip).transpose() {
+                Ok(v) => v.map_or((None, None), |(a, p)| (Some(a), p)),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let request = crate::trace::TraceRequest { client, vip, port, backend, proto, count, budget: Some(budget) };
+            crate::trace::client::run(&socket, request, json)
+        }
         Commands::Stats { config, pin_dir } => match crate::report::print_stats(config.as_deref(), &pin_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -195,7 +236,7 @@ fn client_call(socket: &std::path::Path, request: &crate::control::Request, time
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
-        Ok(Response::Status(_)) => {
+        Ok(Response::Status(_) | Response::TraceLine(_) | Response::TraceNote { .. }) => {
             eprintln!("error: unexpected answer from the agent");
             ExitCode::FAILURE
         }
@@ -236,4 +277,14 @@ fn client_status(socket: &std::path::Path, json: bool, watch: bool) -> ExitCode 
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
+}
+
+/// `--vip`: an address, or an address and a port.
+fn parse_vip(text: &str) -> Result<(std::net::IpAddr, Option<u16>), String> {
+    if let Ok(a) = text.parse::<std::net::IpAddr>() {
+        return Ok((a, None));
+    }
+    text.parse::<std::net::SocketAddr>()
+        .map(|s| (s.ip(), Some(s.port())))
+        .map_err(|_| format!("--vip {text}: expected ADDR or ADDR:PORT ([ADDR]:PORT for IPv6)"))
 }

@@ -39,6 +39,8 @@ use tokio::{
 
 use crate::status::{BackendStatus, ServiceStatus, Status};
 
+mod trace_stream;
+
 pub const DEFAULT_SOCKET: &str = "/run/lb-agent.sock";
 
 /// How long one exchange may take, on either side.
@@ -65,6 +67,11 @@ pub enum Request {
     /// Re-read the configuration file now (as SIGHUP does) and answer with the
     /// outcome: the summary of what changed, or every error.
     Reload,
+    /// Trace matching packets: a `Done` (started) or `Error` line, then one
+    /// `TraceLine` per packet and `TraceNote`s, until either side closes.
+    Trace(crate::trace::TraceRequest),
+    /// End the running trace (sent by the connection task when its client leaves).
+    TraceStop,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -73,6 +80,8 @@ pub enum Response {
     Status(Status),
     Done { message: String },
     Error { message: String },
+    TraceLine(crate::trace::TraceLine),
+    TraceNote { message: String },
 }
 
 /// A request from a client with the way to answer it; the agent's event loop
@@ -81,6 +90,8 @@ pub enum Response {
 pub struct Call {
     pub request: Request,
     pub reply: oneshot::Sender<Response>,
+    /// For `Trace`: where the agent sends the traced packets.
+    pub stream: Option<mpsc::Sender<Response>>,
 }
 
 // ---------------------------------------------------------------------------------
@@ -289,6 +300,7 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>, timeout: Duration
             Response::Error { message: format!("request longer than {MAX_REQUEST} bytes ({e})") }
         }
         Err(e) => Response::Error { message: format!("invalid request: {e}") },
+        Ok(Request::Trace(req)) => return trace_stream::serve(stream, calls, req).await,
         Ok(request) => {
             tracing::debug!("control socket: {request:?}");
             let deadline = match request {
@@ -297,7 +309,7 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>, timeout: Duration
             };
             let (reply, answer) = oneshot::channel();
             let exchange = async {
-                if calls.send(Call { request, reply }).await.is_err() {
+                if calls.send(Call { request, reply, stream: None }).await.is_err() {
                     return Response::Error { message: "the agent is shutting down".into() };
                 }
                 answer.await.unwrap_or_else(|_| Response::Error { message: "the agent dropped the request".into() })

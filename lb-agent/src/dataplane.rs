@@ -185,7 +185,7 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object)?;
-        for name in [lb_common::PROG_BALANCER, lb_common::PROG_PASS] {
+        for name in [lb_common::PROG_BALANCER, lb_common::PROG_BALANCER_TRACE, lb_common::PROG_PASS] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             prog.load().map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
         }
@@ -252,6 +252,8 @@ impl Dataplane {
         crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
         self.set_config(Config { iface_mac, _pad: [0; 2], flags })?;
         let summary = apply::apply(self, plan)?;
+        // A trace an earlier agent left running ends here.
+        self.set_trace_filter(lb_common::TraceFilter::default())?;
         self.set_config(Config { flags: flags | CONFIG_READY, ..self.config })?;
         Ok(summary)
     }
@@ -397,6 +399,60 @@ impl Dataplane {
         Ok((lru, est))
     }
 
+    /// Sets the program's trace filter (`TraceFilter::default()`: no trace, the
+    /// program back to one array read and a branch per packet).
+    pub fn set_trace_filter(&mut self, filter: lb_common::TraceFilter) -> Result<()> {
+        let name = names::TRACE_FILTER;
+        let mut m: Array<_, lb_common::TraceFilter> = Array::try_from(map_mut(&mut self.ebpf, name)?).map_err(map_err(name))?;
+        m.set(0, filter, 0).map_err(map_err(name))
+    }
+
+    /// Puts the balancer with the trace hook (`on`) or without it into the XDP
+    /// link, atomically (`bpf_link_update`): tracing costs nothing while off.
+    pub fn set_tracing(&mut self, on: bool) -> Result<()> {
+        let name = if on { lb_common::PROG_BALANCER_TRACE } else { lb_common::PROG_BALANCER };
+        let link_err = |error: String| DataplaneError::Link { path: "XDP link".into(), error };
+        let link = self.link.take().ok_or_else(|| link_err("the balancer is not attached".into()))?;
+        let link = XdpLink::try_from(link).map_err(|e| link_err(e.to_string()))?;
+        let prog_err = |source| DataplaneError::Program { name: prog_name(name), source };
+        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+        let swapped = prog.attach_to_link(link).and_then(|id| prog.take_link(id)).map_err(prog_err);
+        match swapped {
+            Ok(link) => {
+                self.link = Some(FdLink::try_from(link).map_err(|e| link_err(e.to_string()))?);
+                Ok(())
+            }
+            Err(e) => {
+                // The link itself stays in the kernel (pinned); take our handle back.
+                if let Some(pins) = &self.pins {
+                    self.link = PinnedLink::from_pin(pins.link()).ok().map(FdLink::from);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Trace records the per-second budget refused, summed over CPUs; `reset`
+    /// zeroes the counts (at the start of a trace).
+    pub fn trace_dropped(&mut self, reset: bool) -> Result<u64> {
+        let name = names::TRACE_BUDGET;
+        let mut m: PerCpuArray<_, lb_common::TraceBudget> =
+            PerCpuArray::try_from(map_mut(&mut self.ebpf, name)?).map_err(map_err(name))?;
+        let values = m.get(&0, 0).map_err(map_err(name))?;
+        let dropped = values.iter().map(|b| b.dropped).sum();
+        if reset {
+            let zero = PerCpuValues::try_from(vec![lb_common::TraceBudget::default(); values.len()])
+                .map_err(|source| DataplaneError::PinDir { path: "TRACE_BUDGET (per-CPU values)".into(), source })?;
+            m.set(0, zero, 0).map_err(map_err(name))?;
+        }
+        Ok(dropped)
+    }
+
+    /// Starts reading the program's aya-log records into `sink` (once per load).
+    pub fn trace_logger(&mut self, sink: crate::trace::Sink) -> std::result::Result<aya_log::EbpfLogger<crate::trace::Sink>, aya_log::Error> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, sink)
+    }
+
     /// A handle of its own on map `name` (for a task that reads or sweeps it).
     pub fn map_handle(&mut self, name: &'static str) -> Result<MapData> {
         map_data(&mut self.ebpf, name)
@@ -410,7 +466,11 @@ impl Dataplane {
 }
 
 fn prog_name(name: &str) -> &'static str {
-    if name == lb_common::PROG_PASS { lb_common::PROG_PASS } else { lb_common::PROG_BALANCER }
+    match name {
+        lb_common::PROG_PASS => lb_common::PROG_PASS,
+        lb_common::PROG_BALANCER_TRACE => lb_common::PROG_BALANCER_TRACE,
+        _ => lb_common::PROG_BALANCER,
+    }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {

@@ -21,3 +21,4 @@ pub mod report;
 pub mod resolve;
 pub mod run;
 pub mod status;
+pub mod trace;

@@ -15,7 +15,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
-    map_names as names, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service,
+    map_names as names, TraceBudget, TraceFilter, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service,
     VipAddrKey, VipAddrVal, VipKey,
 };
 
@@ -29,7 +29,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 13] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 15] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -39,6 +39,8 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 13] {
         (names::CONNTRACK, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),
         (names::CT_ESTABLISHED, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),
         (names::CT_CLOCK, 4, 4, 0),
+        (names::TRACE_FILTER, 4, size_of::<TraceFilter>(), 0),
+        (names::TRACE_BUDGET, 4, size_of::<TraceBudget>(), 0),
         (names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityVal>(), 0),
         (names::SERVICE_STATS, 4, size_of::<Counters>(), 0),
         (names::BACKEND_STATS, 4, size_of::<Counters>(), 0),

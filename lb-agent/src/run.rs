@@ -35,6 +35,7 @@ use crate::{
 };
 
 mod reloading;
+mod trace_session;
 
 pub fn run(args: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -79,6 +80,8 @@ struct Agent {
     ct_capacity: (u32, u32),
     /// Retry schedule of the backends whose MAC is not known.
     backoff: crate::resolve::Backoff,
+    /// The running `lb-agent trace`, if any.
+    trace: Option<trace_session::Session>,
     /// Reloads in progress (parsed off the loop).
     reloads: reloading::Reloads,
 }
@@ -209,6 +212,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         timeouts,
         ct_capacity,
         backoff: Default::default(),
+        trace: None,
         reloads,
     };
     agent.refresh_status();
@@ -220,6 +224,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
     let control = tokio::spawn(crate::control::run(listener, calls_tx, shutdown_rx.clone()));
     let sweeper = tokio::spawn(crate::conntrack::run(ct_map, ct_clock, timeouts_rx, conntrack, shutdown_rx.clone()));
+    let (mut trace_records, trace_reader) = trace_session::start_reader(&mut agent.dp, shutdown_rx.clone())?;
     let metrics = metrics_listener
         .map(|l| tokio::spawn(crate::metrics::serve_listener(l, agent.status.clone(), shutdown_rx.clone())));
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
@@ -239,14 +244,20 @@ async fn run_async(args: RunArgs) -> Result<()> {
             Some(ev) = health_rx.recv() => agent.on_health(ev),
             Some(ev) = neigh_events.recv() => agent.on_neighbour(ev),
             _ = resolve_tick.tick() => agent.resolve_missing().await,
-            _ = status_tick.tick() => agent.refresh_status(),
+            _ = status_tick.tick() => {
+                agent.refresh_status();
+                agent.trace_tick();
+            }
             Some(call) = calls.recv() => agent.on_call(call),
+            Some(raw) = trace_records.recv() => agent.on_trace_record(raw),
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
     let _ = control.await;
     let _ = sweeper.await;
+    let _ = trace_reader.await;
+    agent.trace_stop("the agent is stopping");
     if let Some(m) = metrics {
         let _ = m.await;
     }
@@ -336,6 +347,11 @@ impl Agent {
             Request::Drain { backend, service } => self.set_drain(backend, service, true),
             Request::Undrain { backend, service } => self.set_drain(backend, service, false),
             Request::Reload => return self.request_reload("lb-agent reload", Some(call.reply)),
+            Request::Trace(request) => self.trace_start(request, call.stream),
+            Request::TraceStop => {
+                self.trace_client_left();
+                Response::Done { message: "trace stopped".into() }
+            }
         };
         let _ = call.reply.send(response);
     }

@@ -27,6 +27,8 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const CT_ESTABLISHED: &str = "CT_ESTABLISHED";
     pub const CT_CLOCK: &str = "CT_CLOCK";
+    pub const TRACE_FILTER: &str = "TRACE_FILTER";
+    pub const TRACE_BUDGET: &str = "TRACE_BUDGET";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const STATS: &str = "STATS";
@@ -54,6 +56,8 @@ pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
 
 /// Name of the balancer's XDP program in the object.
 pub const PROG_BALANCER: &str = "lb_xdp";
+/// Name of the balancer with the trace hook (attached while `lb-agent trace` runs).
+pub const PROG_BALANCER_TRACE: &str = "lb_xdp_trace";
 /// Name of a program that only returns XDP_PASS. Attached to the far end of a veth
 /// so that native XDP_TX frames are delivered (see docs/architecture.md).
 pub const PROG_PASS: &str = "lb_pass";
@@ -265,6 +269,9 @@ pub const CONFIG_GENERIC: u32 = 2;
 /// flow stays in the LRU table.
 pub const CONFIG_CT_PROTECT: u32 = 4;
 
+pub mod trace;
+pub use trace::{TraceBudget, TraceFilter};
+
 /// Indices into the per-CPU `STATS` array: one counter per packet outcome.
 pub mod stat {
     /// Not IPv4/IPv6 (ARP, LLDP, ...): passed.
@@ -364,4 +371,6 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityVal {}
+    unsafe impl aya::Pod for TraceFilter {}
+    unsafe impl aya::Pod for TraceBudget {}
 }

@@ -13,7 +13,7 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    stat, Backend, FlowKey, FlowVal, BACKEND_ACTIVE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
+    stat, trace::ct_step, Backend, FlowKey, FlowVal, BACKEND_ACTIVE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
     PROTO_TCP,
 };
 
@@ -21,6 +21,7 @@ use crate::{
     backend::backend,
     maps::{CONNTRACK, CT_CLOCK, CT_ESTABLISHED},
     stats::count,
+    trace::Decision,
 };
 
 /// What the tables say about a packet's flow.
@@ -51,7 +52,7 @@ fn now() -> u32 {
 
 /// Looks the flow up. `syn`: a TCP SYN without ACK; `fin`: a TCP FIN or RST.
 #[inline(always)]
-pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool) -> Lookup {
+pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decision) -> Lookup {
     if protect {
         if let Some(p) = CT_ESTABLISHED.get_ptr_mut(flow) {
             // SAFETY: a live entry; copied out, fields written back one by one.
@@ -60,6 +61,7 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool) -> Lookup {
                 // A new connection on the 5-tuple of an established one (a reused
                 // client port): scheduled afresh, as Katran does, and recorded in
                 // this entry so its later packets follow it.
+                d.ct = ct_step::RESCHEDULED;
                 return Lookup::Miss(Slot::Established(p));
             }
             let usable = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE);
@@ -75,45 +77,56 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool) -> Lookup {
                             (*p).state = CT_STATE_CLOSING;
                         }
                     }
+                    d.ct = ct_step::HIT_ESTABLISHED;
                     Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b }
                 }
-                None => Lookup::Miss(Slot::Established(p)),
+                None => {
+                    d.ct = ct_step::RESCHEDULED;
+                    Lookup::Miss(Slot::Established(p))
+                }
             };
         }
     }
     if syn {
         // A new connection (maybe on a reused 5-tuple whose LRU entry is still
         // there), scheduled afresh.
+        d.ct = ct_step::MISS;
         return Lookup::Miss(Slot::New { midflow: false });
     }
     // SAFETY: copied out at once.
     let Some(v) = (unsafe { CONNTRACK.get(flow) }).copied() else {
-        return Lookup::Miss(Slot::New { midflow: flow.proto == PROTO_TCP });
+        let midflow = flow.proto == PROTO_TCP;
+        d.ct = if midflow { ct_step::MIDFLOW_MISS } else { ct_step::MISS };
+        return Lookup::Miss(Slot::New { midflow });
     };
     let Some(b) = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE) else {
+        d.ct = ct_step::RESCHEDULED;
         return Lookup::Miss(Slot::New { midflow: false });
     };
-    if protect {
-        promote(flow, &v, fin);
-    }
+    d.ct = if protect { promote(flow, &v, fin) } else { ct_step::HIT_NEW };
     Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b }
 }
 
-/// The flow's second packet: move it to `CT_ESTABLISHED`.
+/// The flow's second packet: move it to `CT_ESTABLISHED`. Returns the `ct_step`.
 #[inline(always)]
-fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) {
+fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) -> u8 {
     let state = if fin { CT_STATE_CLOSING } else { CT_STATE_ESTABLISHED };
     let est = FlowVal { last_seen: now(), state, ..*v };
     match CT_ESTABLISHED.insert(flow, &est, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(stat::CT_PROMOTED);
             let _ = CONNTRACK.remove(flow);
+            ct_step::PROMOTED
         }
         // Another CPU promoted it first.
         Err(e) if e == -EEXIST => {
             let _ = CONNTRACK.remove(flow);
+            ct_step::HIT_ESTABLISHED
         }
-        Err(_) => count(stat::CT_ESTABLISHED_FULL),
+        Err(_) => {
+            count(stat::CT_ESTABLISHED_FULL);
+            ct_step::ESTABLISHED_FULL
+        }
     }
 }
 

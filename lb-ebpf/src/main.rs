@@ -13,28 +13,44 @@ mod maps;
 mod parse;
 mod schedule;
 mod stats;
+mod trace;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{stat, FlowKey};
 
-use crate::{parse::Outcome, stats::count};
+use crate::{parse::Outcome, stats::count, trace::Decision};
 
 /// The balancer. Errors never escape: each parse failure maps to a counted outcome.
+/// Attached while no trace runs: the decision record it fills is never read, so
+/// the compiler drops it.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    match balance(&ctx) {
-        Outcome::Pass(reason) => {
-            count(reason);
-            xdp_action::XDP_PASS
-        }
-        Outcome::Drop(reason) => {
-            count(reason);
-            xdp_action::XDP_DROP
-        }
-        Outcome::Tx => {
-            count(stat::FORWARDED);
-            xdp_action::XDP_TX
-        }
+    let mut d = Decision::new();
+    let (action, counter) = verdict(balance(&ctx, &mut d));
+    count(counter);
+    action
+}
+
+/// `lb_xdp` with the trace hook: the agent swaps it into the XDP link while an
+/// `lb-agent trace` runs (and back afterwards), so tracing costs nothing while off.
+#[xdp]
+pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
+    let mut d = Decision::new();
+    let (action, counter) = verdict(balance(&ctx, &mut d));
+    count(counter);
+    if let Some(filter) = trace::active() {
+        trace::record(&ctx, filter, &d, action, counter);
+    }
+    action
+}
+
+/// The XDP action of an outcome and the `STATS` counter it moves.
+#[inline(always)]
+fn verdict(outcome: Outcome) -> (u32, u32) {
+    match outcome {
+        Outcome::Pass(reason) => (xdp_action::XDP_PASS, reason),
+        Outcome::Drop(reason) => (xdp_action::XDP_DROP, reason),
+        Outcome::Tx => (xdp_action::XDP_TX, stat::FORWARDED),
     }
 }
 
@@ -64,7 +80,7 @@ pub fn bench_macswap(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> Outcome {
+fn balance(ctx: &XdpContext, d: &mut Decision) -> Outcome {
     let pkt = match parse::parse(ctx) {
         Ok(pkt) => pkt,
         Err(outcome) => return outcome,
@@ -77,7 +93,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    schedule::forward(ctx, &flow, pkt.syn, pkt.fin)
+    schedule::forward(ctx, &flow, pkt.syn, pkt.fin, d)
 }
 
 #[cfg(not(test))]

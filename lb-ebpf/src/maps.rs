@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    stat, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service,
+    stat, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service, TraceBudget, TraceFilter,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
     DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
@@ -62,6 +62,14 @@ pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new(
 /// (service, masked client address) -> backend, for services with persistence.
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityVal, { CT as usize }> = LruHashMap::new();
+
+/// The running trace's filter (`lb-agent trace`); flags 0 while none runs.
+#[btf_map]
+pub static TRACE_FILTER: Array<TraceFilter, 1> = Array::new();
+
+/// Per CPU: trace records written this second, and those the budget refused.
+#[btf_map]
+pub static TRACE_BUDGET: PerCpuArray<TraceBudget, 1> = PerCpuArray::new();
 
 /// Interface MAC and readiness, written by the agent.
 #[btf_map]

@@ -56,7 +56,7 @@ pub struct Packet {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
+pub(crate) fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -66,7 +66,7 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
 }
 
 #[inline(always)]
-fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, ()> {
+pub(crate) fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, ()> {
     let p = ptr_at::<[u8; 2]>(ctx, offset)?;
     // SAFETY: bounds checked by ptr_at.
     Ok(u16::from_be_bytes(unsafe { *p }))

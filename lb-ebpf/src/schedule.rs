@@ -14,6 +14,7 @@ use crate::{
     maps::{AFFINITY, CONFIG, MAGLEV, SERVICES, VIP_ADDRS},
     parse::Outcome,
     stats::{count, count_forward},
+    trace::Decision,
 };
 
 /// The service of a frame to a VIP, or why there is none.
@@ -50,11 +51,13 @@ enum NoBackend {
 
 /// Maglev slot for `flow` in the service's current table.
 #[inline(always)]
-fn maglev(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend> {
+fn maglev(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, Backend), NoBackend> {
     if svc.table_size == 0 {
         return Err(NoBackend::Empty);
     }
-    let slot = svc.table_offset.wrapping_add(maglev_slot(flow_hash(flow), svc.table_size));
+    let in_table = maglev_slot(flow_hash(flow), svc.table_size);
+    d.slot = in_table;
+    let slot = svc.table_offset.wrapping_add(in_table);
     let id = *MAGLEV.get(slot).ok_or(NoBackend::Gone)?;
     let b = backend(id, svc.id, None, BACKEND_ACTIVE | BACKEND_ACCEPTS_NEW).ok_or(NoBackend::Gone)?;
     Ok((id, b))
@@ -64,7 +67,7 @@ fn maglev(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend> {
 /// affinity is fresh, else Maglev on the masked client address (so one client's
 /// connections land together even before any affinity exists).
 #[inline(always)]
-fn persistent(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend> {
+fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, Backend), NoBackend> {
     let v4 = flow.src[..12] == lb_common::v4_mapped([0; 4])[..12];
     let prefix = if v4 { 96 + svc.persist_prefix_v4 as u32 } else { svc.persist_prefix_v6 as u32 };
     let client = mask_addr(&flow.src, prefix);
@@ -78,13 +81,14 @@ fn persistent(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend
         if fresh {
             if let Some(b) = backend(a.backend_id, svc.id, Some(a.generation), BACKEND_ACTIVE | BACKEND_ACCEPTS_NEW) {
                 count(stat::PERSIST_HIT);
+                d.persist = 1;
                 unsafe { (*p).last_ns = now };
                 return Ok((a.backend_id, b));
             }
         }
     }
     let client_flow = FlowKey { src: client, sport: 0, ..*flow };
-    let (id, b) = maglev(&client_flow, svc)?;
+    let (id, b) = maglev(&client_flow, svc, d)?;
     let val = AffinityVal { backend_id: id, generation: b.generation, last_ns: now };
     let _ = AFFINITY.insert(&key, &val, BPF_ANY as u64);
     Ok((id, b))
@@ -93,23 +97,24 @@ fn persistent(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend
 /// A new flow (or one whose backend went down or was replaced): persistence or
 /// Maglev.
 #[inline(always)]
-fn schedule(flow: &FlowKey, svc: &Service) -> Result<(u32, Backend), NoBackend> {
+fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, Backend), NoBackend> {
     count(stat::CONN_MISS);
-    if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc) } else { maglev(flow, svc) }
+    if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc, d) } else { maglev(flow, svc, d) }
 }
 
 /// The connection table first (`conntrack::lookup`); only frames that miss it look
 /// up their VIP and service and are scheduled, and the choice is recorded.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, flow: &FlowKey, syn: bool, fin: bool) -> Outcome {
+pub fn forward(ctx: &XdpContext, flow: &FlowKey, syn: bool, fin: bool, d: &mut Decision) -> Outcome {
     let cfg = match CONFIG.get(0) {
         Some(c) if c.flags & CONFIG_READY != 0 => *c,
         _ => return Outcome::Pass(stat::PASS_NOT_READY),
     };
     let protect = cfg.flags & CONFIG_CT_PROTECT != 0;
-    let (service_id, backend_id, backend, new_flow) = match conntrack::lookup(flow, syn, fin, protect) {
+    let (service_id, backend_id, backend, new_flow) = match conntrack::lookup(flow, syn, fin, protect, d) {
         Lookup::Hit { service_id, backend_id, backend } => {
             count(stat::CONN_HIT);
+            d.service = service_id;
             (service_id, backend_id, backend, false)
         }
         Lookup::Miss(slot) => {
@@ -117,10 +122,11 @@ pub fn forward(ctx: &XdpContext, flow: &FlowKey, syn: bool, fin: bool) -> Outcom
                 Ok(s) => s,
                 Err(outcome) => return outcome,
             };
+            d.service = svc.id;
             if let conntrack::Slot::New { midflow: true } = slot {
                 count(stat::CT_MIDFLOW_MISS);
             }
-            match schedule(flow, &svc) {
+            match schedule(flow, &svc, d) {
                 Ok((id, b)) => {
                     conntrack::record(flow, slot, id, svc.id, b.generation);
                     (svc.id, id, b, true)
@@ -132,6 +138,7 @@ pub fn forward(ctx: &XdpContext, flow: &FlowKey, syn: bool, fin: bool) -> Outcom
             }
         }
     };
+    d.backend = backend_id;
     let start = ctx.data();
     let end = ctx.data_end();
     if start + 12 > end {

@@ -126,6 +126,18 @@ fn spawn_agent(status: Status) -> (mpsc::Sender<Call>, tokio::task::JoinHandle<V
                 Request::Drain { backend, .. } => Response::Done { message: format!("drained {backend}") },
                 Request::Undrain { backend, .. } => Response::Error { message: format!("{backend} is not drained") },
                 Request::Reload => Response::Done { message: "reload applied: no change".into() },
+                Request::Trace(_) => {
+                    // Started; two packets; then the trace ends (as --count does).
+                    let out = call.stream.clone().expect("a trace call carries its stream");
+                    tokio::spawn(async move {
+                        for port in [1000, 1001] {
+                            let line = crate::trace::TraceLine { client_port: port, ..Default::default() };
+                            let _ = out.send(Response::TraceLine(line)).await;
+                        }
+                    });
+                    Response::Done { message: "tracing every packet".into() }
+                }
+                Request::TraceStop => Response::Done { message: "trace stopped".into() },
             };
             seen.push(call.request);
             let _ = call.reply.send(response);
@@ -185,6 +197,50 @@ async fn control_round_trip() {
 
 async fn blocking_call_owned(path: PathBuf) -> Result<Response, ControlError> {
     blocking_call(&path, Request::Status).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_streams_lines_until_the_agent_ends_it() {
+    let dir = TempDir::new();
+    let path = dir.sock();
+    let (calls, agent) = spawn_agent(sample_status());
+    let (stop, shutdown) = watch::channel(false);
+    let server = tokio::spawn({
+        let path = path.clone();
+        async move { serve(&path, calls, shutdown).await }
+    });
+    for _ in 0..200 {
+        if path.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lines = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || {
+            use std::io::{BufRead, Write};
+            let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            c.write_all(b"{\"cmd\":\"trace\",\"client\":\"198.51.100.7\"}\n").unwrap();
+            std::io::BufReader::new(c).lines().map(|l| l.unwrap()).collect::<Vec<String>>()
+        }
+    })
+    .await
+    .unwrap();
+    let parsed: Vec<Response> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(parsed[0], Response::Done { message: "tracing every packet".into() }, "{lines:?}");
+    let ports: Vec<u16> = parsed[1..]
+        .iter()
+        .map(|r| match r {
+            Response::TraceLine(l) => l.client_port,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ports, [1000, 1001]);
+    stop.send(true).unwrap();
+    server.await.unwrap().unwrap();
+    let seen = agent.await.unwrap();
+    // The connection told the agent its trace ended.
+    assert!(matches!(seen.as_slice(), [Request::Trace(r), Request::TraceStop] if r.client.as_deref() == Some("198.51.100.7")), "{seen:?}");
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ mod probes;
 mod reload;
 mod report;
 mod topo;
+mod trace;
 
 use std::{fmt::Write as _, path::Path, time::Instant};
 
@@ -125,6 +126,9 @@ fn main() {
     eprintln!("lb-bench: connection-table protection, off vs on ...");
     let protection = conntrack::bench_protection(&p);
     println!("\n## Established-flow table: cost\n\n{protection}");
+    eprintln!("lb-bench: the trace hook with no trace running ...");
+    let trace_hook = trace::bench_trace_hook(&p);
+    println!("\n## Trace hook, no trace running\n\n{trace_hook}");
     eprintln!(
         "lb-bench: live forwarding rate on veth, native XDP ({} x {} s per path) ...",
         lp.runs, lp.secs
@@ -200,6 +204,7 @@ fn main() {
          ![Live forwarding rate of (a), (b), (c), and per-packet cost by frame class](benchmarks.png)\n\n\
          ## Per-packet cost of the XDP program\n\n{packets}\n\
          ### Established-flow table: cost per packet, off vs on\n\n{protection}\n\
+         ### `lb-agent trace` hook: cost while no trace runs\n\n{trace_hook}\n\
          ## Live forwarding rate (veth, native XDP)\n\n{live_md}\n{}\n\
          ## Control plane\n\n### Maglev table build (`lb_agent::maglev::build_table`)\n\n{maglev}\n\
          ### Plan and full apply, 1,000 services x 32 backends\n\n{apply}\n\
