@@ -212,7 +212,7 @@ impl Dataplane {
             regions: Regions::new(capacity.maglev),
             placed: BTreeMap::new(),
             applied: None,
-            config: Config::default(),
+            config: Config { mtu: 1500, ..Config::default() },
         })
     }
 
@@ -250,12 +250,19 @@ impl Dataplane {
         let mut clock: Array<_, u32> =
             Array::try_from(map_mut(&mut self.ebpf, names::CT_CLOCK)?).map_err(map_err(names::CT_CLOCK))?;
         crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
-        self.set_config(Config { iface_mac, _pad: [0; 2], flags })?;
+        self.set_config(Config { iface_mac, _pad: [0; 2], flags, ..self.config })?;
         let summary = apply::apply(self, plan)?;
         // A trace an earlier agent left running ends here.
         self.set_trace_filter(lb_common::TraceFilter::default())?;
         self.set_config(Config { flags: flags | CONFIG_READY, ..self.config })?;
         Ok(summary)
+    }
+
+    /// The tunnel modes' outer source addresses and the MTU encapsulated packets
+    /// must fit (written with the next `write`, or at once when already written).
+    pub fn set_tunnel(&mut self, source_v4: [u8; 4], source_v6: [u8; 16], mtu: u32) -> Result<()> {
+        let cfg = Config { tunnel_source_v4: source_v4, tunnel_source_v6: source_v6, mtu, ..self.config };
+        self.set_config(cfg)
     }
 
     /// Moves the maps from the last applied plan to `plan` (see `apply`).

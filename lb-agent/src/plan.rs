@@ -98,17 +98,23 @@ pub struct PlannedBackend {
     pub up: bool,
     /// `BACKEND_ACTIVE` / `BACKEND_ACCEPTS_NEW`.
     pub flags: u32,
+    /// The service's forwarding mode (`lb_common::FORWARD_*`) and GUE port.
+    pub forward: u8,
+    pub gue_port: u16,
 }
 
 impl PlannedBackend {
     pub fn map_value(&self, service_id: u32) -> Backend {
         Backend {
             mac: self.mac.unwrap_or([0; 6]),
-            _pad: [0; 2],
+            forward: self.forward,
+            _pad: 0,
             flags: self.flags,
             service_id,
             generation: self.generation,
             addr: addr_key(self.address),
+            gue_port: self.gue_port,
+            _pad2: [0; 2],
         }
     }
 }
@@ -188,6 +194,8 @@ impl Plan {
                     mac,
                     up,
                     flags: if mac.is_some() && up { BACKEND_ACTIVE } else { 0 },
+                    forward: svc.forwarding.number(),
+                    gue_port: svc.gue_port,
                 });
             }
             let members = &mut plan.backends[first..];
@@ -366,6 +374,8 @@ pub fn from_maps(
             mac: (b.flags != 0).then_some(b.mac),
             up: b.flags != 0,
             flags: b.flags,
+            forward: b.forward,
+            gue_port: b.gue_port,
         });
     }
     let used_backends: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();

@@ -29,6 +29,7 @@ pub mod map_names {
     pub const CT_CLOCK: &str = "CT_CLOCK";
     pub const TRACE_FILTER: &str = "TRACE_FILTER";
     pub const TRACE_BUDGET: &str = "TRACE_BUDGET";
+    pub const TRACE_SCRATCH: &str = "TRACE_SCRATCH";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const STATS: &str = "STATS";
@@ -135,12 +136,18 @@ pub const SERVICE_PASS_ON_EMPTY: u32 = 1;
 pub const SERVICE_PERSIST: u32 = 2;
 
 /// Value of `BACKENDS`, indexed by backend id. A backend id names one backend of
-/// one service (like an IPVS destination), so its counters are per service.
+/// one service (like an IPVS destination), so its counters are per service, and it
+/// carries what forwarding to it needs (the service's mode), so the established
+/// fast path needs no service lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
+    /// Destination MAC of frames to it: its own (DR, or a tunnel backend on-link),
+    /// or its next hop's (a tunnel backend behind a router).
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `FORWARD_DR`, `FORWARD_IPIP`, `FORWARD_GUE`: the service's mode.
+    pub forward: u8,
+    pub _pad: u8,
     /// `BACKEND_ACTIVE` when the slot holds a usable backend.
     pub flags: u32,
     /// The service this backend belongs to.
@@ -148,9 +155,22 @@ pub struct Backend {
     /// Incarnation of this id: bumped whenever the agent gives the id to another
     /// backend, so a flow recorded for the old one is never sent to the new one.
     pub generation: u32,
-    /// The backend's address (for operators and for an agent adopting the maps).
+    /// The backend's address: the outer destination in tunnel modes (also for
+    /// operators and for an agent adopting the maps).
     pub addr: [u8; 16],
+    /// GUE destination port (host byte order), for `FORWARD_GUE`.
+    pub gue_port: u16,
+    pub _pad2: [u8; 2],
 }
+
+/// LVS-DR: only the MACs change.
+pub const FORWARD_DR: u8 = 0;
+/// IPIP (IPv4 in IPv4, protocol 4) or IP6IP6 (IPv6 in IPv6, next header 41).
+pub const FORWARD_IPIP: u8 = 1;
+/// GUE variant 1: the inner IP packet in UDP (any family in either).
+pub const FORWARD_GUE: u8 = 2;
+/// Default GUE destination port.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 /// Established flows may use the backend (it is up).
 pub const BACKEND_ACTIVE: u32 = 1;
@@ -259,6 +279,12 @@ pub struct Config {
     pub _pad: [u8; 2],
     /// Set to `CONFIG_READY` once the agent has filled the maps.
     pub flags: u32,
+    /// Outer source addresses of tunnelled packets (network order).
+    pub tunnel_source_v4: [u8; 4],
+    pub tunnel_source_v6: [u8; 16],
+    /// Largest frame payload (IP packet) the interface sends: an encapsulated
+    /// packet that would exceed it is answered with ICMP "too big" (or dropped).
+    pub mtu: u32,
 }
 
 pub const CONFIG_READY: u32 = 1;
@@ -270,7 +296,7 @@ pub const CONFIG_GENERIC: u32 = 2;
 pub const CONFIG_CT_PROTECT: u32 = 4;
 
 pub mod trace;
-pub use trace::{TraceBudget, TraceFilter};
+pub use trace::{Decision, TraceBudget, TraceFilter, TraceRecord};
 
 /// Indices into the per-CPU `STATS` array: one counter per packet outcome.
 pub mod stat {
@@ -315,7 +341,19 @@ pub mod stat {
     /// an evicted or expired entry (or of a flow that started elsewhere). Scheduled
     /// as a new flow.
     pub const CT_MIDFLOW_MISS: u32 = 18;
-    pub const COUNT: u32 = 19;
+    /// Forwarded in an IPIP or IP6IP6 tunnel (also counts `forwarded`).
+    pub const ENCAP_IPIP: u32 = 19;
+    /// Forwarded in GUE (also counts `forwarded`).
+    pub const ENCAP_GUE: u32 = 20;
+    /// Too large to encapsulate within the MTU, IPv4 with DF or IPv6: answered
+    /// with ICMP "fragmentation needed" / ICMPv6 "packet too big" (XDP_TX).
+    pub const ICMP_TOO_BIG: u32 = 21;
+    /// Too large to encapsulate within the MTU, IPv4 without DF: dropped.
+    pub const DROP_TOO_BIG: u32 = 22;
+    /// The outer headers could not be added (the driver leaves XDP too little
+    /// headroom): dropped.
+    pub const DROP_ENCAP_FAILED: u32 = 23;
+    pub const COUNT: u32 = 24;
 
     /// Names for metrics and `lb-agent`, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -338,6 +376,11 @@ pub mod stat {
         "ct_promoted",
         "ct_established_full",
         "ct_midflow_miss",
+        "encap_ipip",
+        "encap_gue",
+        "icmp_too_big",
+        "drop_too_big",
+        "drop_encap_failed",
     ];
 }
 
@@ -346,13 +389,13 @@ const _: () = {
     assert!(core::mem::size_of::<VipAddrVal>() == 4);
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<Service>() == 28);
-    assert!(core::mem::size_of::<Backend>() == 36);
+    assert!(core::mem::size_of::<Backend>() == 40);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowVal>() == 20);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityVal>() == 16);
     assert!(core::mem::size_of::<Counters>() == 24);
-    assert!(core::mem::size_of::<Config>() == 12);
+    assert!(core::mem::size_of::<Config>() == 36);
 };
 
 #[cfg(feature = "user")]
@@ -373,4 +416,5 @@ mod pod {
     unsafe impl aya::Pod for AffinityVal {}
     unsafe impl aya::Pod for TraceFilter {}
     unsafe impl aya::Pod for TraceBudget {}
+    unsafe impl aya::Pod for TraceRecord {}
 }

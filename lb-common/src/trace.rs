@@ -46,15 +46,61 @@ pub struct TraceBudget {
     pub dropped: u64,
 }
 
-/// First word of every trace record's message. The record then carries, separated
-/// by single spaces: protocol, source address, source port, destination address,
-/// destination port, TCP flags, service id, connection-table step (`CtStep`), Maglev
-/// slot, persistence hit (0/1), backend id, XDP action, outcome counter (`stat`),
-/// frame length. Ids and the slot are `u32::MAX` when there is none; addresses are
-/// 16-byte (IPv4-mapped) and printed as IPv6.
-pub const RECORD_TAG: &str = "lbtrace1";
-/// Fields after the tag.
-pub const RECORD_WORDS: usize = 14;
+/// First word of every trace record's message; the second is the [`TraceRecord`]
+/// in lower-case hex (its bytes in memory order).
+pub const RECORD_TAG: &str = "lbtrace2";
+
+/// What the program decided for one packet, filled in along the way. In `lb_xdp`
+/// it is a local the compiler removes; in `lb_xdp_trace` it lives in the per-CPU
+/// `TRACE_SCRATCH` record, off the 512-byte stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Service id, `u32::MAX` when none was found.
+    pub service: u32,
+    /// Maglev slot in the service's table, `u32::MAX` when Maglev did not choose.
+    pub slot: u32,
+    /// Backend id, `u32::MAX` when none was chosen.
+    pub backend: u32,
+    /// `ct_step`.
+    pub ct: u8,
+    /// 1: persistence chose the backend.
+    pub persist: u8,
+    pub _pad: [u8; 2],
+}
+
+impl Decision {
+    pub const fn new() -> Self {
+        Decision { service: u32::MAX, slot: u32::MAX, backend: u32::MAX, ct: ct_step::NONE, persist: 0, _pad: [0; 2] }
+    }
+}
+
+impl Default for Decision {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One trace record: the packet's flow as far as it could be read, the decision,
+/// the XDP action and the outcome counter (`stat`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceRecord {
+    /// 16-byte form (IPv4 as `::ffff:a.b.c.d`); zero when not read.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub _pad: [u8; 2],
+    pub decision: Decision,
+    pub action: u32,
+    pub counter: u32,
+    /// Frame length in bytes.
+    pub len: u32,
+}
 
 /// What the connection table said about a packet (`ct` field of a record).
 pub mod ct_step {
@@ -81,6 +127,8 @@ pub mod ct_step {
 }
 
 const _: () = {
+    assert!(core::mem::size_of::<Decision>() == 16);
+    assert!(core::mem::size_of::<TraceRecord>() == 68);
     assert!(core::mem::size_of::<TraceFilter>() == 60);
     assert!(core::mem::size_of::<TraceBudget>() == 16);
 };

@@ -27,7 +27,7 @@ use crate::{
 /// What the tables say about a packet's flow.
 pub enum Lookup {
     /// A live entry: forward to this backend.
-    Hit { service_id: u32, backend_id: u32, backend: Backend },
+    Hit { service_id: u32, backend_id: u32, backend: &'static Backend },
     /// Schedule the flow, then `record` the choice where `Slot` says.
     Miss(Slot),
 }

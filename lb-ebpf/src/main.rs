@@ -9,6 +9,7 @@
 
 mod backend;
 mod conntrack;
+mod forward;
 mod maps;
 mod parse;
 mod schedule;
@@ -35,13 +36,26 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// `lb-agent trace` runs (and back afterwards), so tracing costs nothing while off.
 #[xdp]
 pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
-    let mut d = Decision::new();
-    let (action, counter) = verdict(balance(&ctx, &mut d));
+    let Some(r) = trace::scratch() else {
+        // Cannot happen (a one-entry per-CPU array): pass rather than inline a
+        // second copy of the balancer.
+        count(stat::PASS_NOT_READY);
+        return xdp_action::XDP_PASS;
+    };
+    let (action, counter) = verdict(balance_call(&ctx, &mut r.decision));
     count(counter);
     if let Some(filter) = trace::active() {
-        trace::record(&ctx, filter, &d, action, counter);
+        trace::record(&ctx, filter, r, action, counter);
     }
     action
+}
+
+/// `balance` as a call of its own (BPF-to-BPF) for `lb_xdp_trace`: the verifier
+/// allows 512 bytes of stack for a whole call chain, and the balancer's frame plus
+/// the trace record's would not fit in one frame.
+#[inline(never)]
+fn balance_call(ctx: &XdpContext, d: &mut Decision) -> Outcome {
+    balance(ctx, d)
 }
 
 /// The XDP action of an outcome and the `STATS` counter it moves.
@@ -51,6 +65,7 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         Outcome::Pass(reason) => (xdp_action::XDP_PASS, reason),
         Outcome::Drop(reason) => (xdp_action::XDP_DROP, reason),
         Outcome::Tx => (xdp_action::XDP_TX, stat::FORWARDED),
+        Outcome::TxAs(reason) => (xdp_action::XDP_TX, reason),
     }
 }
 
@@ -93,7 +108,7 @@ fn balance(ctx: &XdpContext, d: &mut Decision) -> Outcome {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    schedule::forward(ctx, &flow, pkt.syn, pkt.fin, d)
+    schedule::forward(ctx, &pkt, &flow, d)
 }
 
 #[cfg(not(test))]

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    stat, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service, TraceBudget, TraceFilter,
+    stat, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service, TraceBudget, TraceFilter, TraceRecord,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
     DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
@@ -70,6 +70,11 @@ pub static TRACE_FILTER: Array<TraceFilter, 1> = Array::new();
 /// Per CPU: trace records written this second, and those the budget refused.
 #[btf_map]
 pub static TRACE_BUDGET: PerCpuArray<TraceBudget, 1> = PerCpuArray::new();
+
+/// Per CPU: the record `lb_xdp_trace` fills for the packet at hand (kept off the
+/// stack).
+#[btf_map]
+pub static TRACE_SCRATCH: PerCpuArray<TraceRecord, 1> = PerCpuArray::new();
 
 /// Interface MAC and readiness, written by the agent.
 #[btf_map]

@@ -36,8 +36,11 @@ pub enum Outcome {
     Pass(u32),
     /// XDP_DROP, counted under the given `stat` index.
     Drop(u32),
-    /// Rewritten and sent back out (XDP_TX).
+    /// Rewritten and sent back out (XDP_TX) to a backend: `forwarded`.
     Tx,
+    /// Sent back out (XDP_TX) as something else (an ICMP error to the client),
+    /// counted under the given `stat` index.
+    TxAs(u32),
 }
 
 /// The parts of a frame to a VIP address that scheduling needs.
@@ -53,6 +56,17 @@ pub struct Packet {
     pub syn: bool,
     /// A TCP FIN or RST: the client is closing the connection.
     pub fin: bool,
+    /// Offset of the IP header (after Ethernet and any tag).
+    pub l3: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4: usize,
+    pub v6: bool,
+    /// The IP packet's length (IPv4 total length, IPv6 40 + payload length).
+    pub ip_len: usize,
+    /// DSCP/ECN (IPv4 TOS, IPv6 traffic class).
+    pub tos: u8,
+    /// IPv4 "don't fragment" (always true for IPv6: routers never fragment it).
+    pub df: bool,
 }
 
 #[inline(always)]
@@ -94,7 +108,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
             read_be16(ctx, ETH_HLEN + 2).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L2))?;
         l3 += VLAN_HLEN;
     }
-    let (src, dst, proto, l4) = match ethertype {
+    let (src, dst, proto, l4, ip_len, tos, df) = match ethertype {
         ETH_P_IP => parse_v4(ctx, l3)?,
         ETH_P_IPV6 => parse_v6(ctx, l3)?,
         _ => return Err(Outcome::Pass(stat::PASS_NOT_IP)),
@@ -122,10 +136,17 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
         proto,
         syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         fin: flags & (TCP_FIN | TCP_RST) != 0,
+        l3,
+        l4,
+        v6: ethertype == ETH_P_IPV6,
+        ip_len,
+        tos,
+        df,
     })
 }
 
-type L3 = ([u8; 16], [u8; 16], u8, usize);
+/// Source, destination, protocol, L4 offset, IP length, TOS, DF.
+type L3 = ([u8; 16], [u8; 16], u8, usize, usize, u8, bool);
 
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
@@ -147,7 +168,8 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
         return Err(Outcome::Pass(stat::PASS_FRAGMENT));
     }
     let src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    Ok((src, dst, hdr[9], l3 + ihl))
+    let df = hdr[6] & 0x40 != 0;
+    Ok((src, dst, hdr[9], l3 + ihl, tot_len, hdr[1], df))
 }
 
 #[inline(always)]
@@ -172,5 +194,6 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     }
     let mut src = [0u8; 16];
     src.copy_from_slice(&hdr[8..24]);
-    Ok((src, dst, hdr[6], l3 + IPV6_HLEN))
+    let tclass = (hdr[0] << 4) | (hdr[1] >> 4);
+    Ok((src, dst, hdr[6], l3 + IPV6_HLEN, IPV6_HLEN + payload_len, tclass, true))
 }

@@ -1,5 +1,5 @@
-//! Service lookup, persistence, Maglev, and the DR rewrite; the connection table
-//! is `conntrack.rs`.
+//! Service lookup, persistence and Maglev; the connection table is `conntrack.rs`,
+//! sending the frame to its backend `forward/`.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
@@ -12,7 +12,8 @@ use crate::{
     backend::backend,
     conntrack::{self, Lookup},
     maps::{AFFINITY, CONFIG, MAGLEV, SERVICES, VIP_ADDRS},
-    parse::Outcome,
+    forward,
+    parse::{Outcome, Packet},
     stats::{count, count_forward},
     trace::Decision,
 };
@@ -51,7 +52,7 @@ enum NoBackend {
 
 /// Maglev slot for `flow` in the service's current table.
 #[inline(always)]
-fn maglev(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, Backend), NoBackend> {
+fn maglev(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'static Backend), NoBackend> {
     if svc.table_size == 0 {
         return Err(NoBackend::Empty);
     }
@@ -67,7 +68,7 @@ fn maglev(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, Backe
 /// affinity is fresh, else Maglev on the masked client address (so one client's
 /// connections land together even before any affinity exists).
 #[inline(always)]
-fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, Backend), NoBackend> {
+fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'static Backend), NoBackend> {
     let v4 = flow.src[..12] == lb_common::v4_mapped([0; 4])[..12];
     let prefix = if v4 { 96 + svc.persist_prefix_v4 as u32 } else { svc.persist_prefix_v6 as u32 };
     let client = mask_addr(&flow.src, prefix);
@@ -97,7 +98,7 @@ fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, B
 /// A new flow (or one whose backend went down or was replaced): persistence or
 /// Maglev.
 #[inline(always)]
-fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, Backend), NoBackend> {
+fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'static Backend), NoBackend> {
     count(stat::CONN_MISS);
     if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc, d) } else { maglev(flow, svc, d) }
 }
@@ -105,9 +106,10 @@ fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, Bac
 /// The connection table first (`conntrack::lookup`); only frames that miss it look
 /// up their VIP and service and are scheduled, and the choice is recorded.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, flow: &FlowKey, syn: bool, fin: bool, d: &mut Decision) -> Outcome {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision) -> Outcome {
+    let (syn, fin) = (pkt.syn, pkt.fin);
     let cfg = match CONFIG.get(0) {
-        Some(c) if c.flags & CONFIG_READY != 0 => *c,
+        Some(c) if c.flags & CONFIG_READY != 0 => c,
         _ => return Outcome::Pass(stat::PASS_NOT_READY),
     };
     let protect = cfg.flags & CONFIG_CT_PROTECT != 0;
@@ -139,18 +141,10 @@ pub fn forward(ctx: &XdpContext, flow: &FlowKey, syn: bool, fin: bool, d: &mut D
         }
     };
     d.backend = backend_id;
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + 12 > end {
-        // Cannot happen after a successful parse; keeps the verifier informed.
-        return Outcome::Pass(stat::PASS_MALFORMED_L2);
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let outcome = forward::deliver(ctx, pkt, flow, backend, cfg);
+    if let Outcome::Tx = outcome {
+        count_forward(service_id, backend_id, bytes, new_flow);
     }
-    // SAFETY: 12 bytes (both MAC addresses) are within bounds.
-    unsafe {
-        let eth = &mut *(start as *mut [u8; 12]);
-        eth[0..6].copy_from_slice(&backend.mac);
-        eth[6..12].copy_from_slice(&cfg.iface_mac);
-    }
-    count_forward(service_id, backend_id, (end - start) as u64, new_flow);
-    Outcome::Tx
+    outcome
 }

@@ -69,6 +69,12 @@ pub struct Config {
     pub established_size: u32,
     /// Idle timeouts of established flows.
     pub timeouts: Timeouts,
+    /// Outer source addresses of tunnelled packets; `None`: the interface's
+    /// primary address of that family (needed only by tunnel services).
+    pub tunnel_source_v4: Option<std::net::Ipv4Addr>,
+    pub tunnel_source_v6: Option<std::net::Ipv6Addr>,
+    /// Largest IP packet the interface sends; `None`: the interface's MTU.
+    pub mtu: Option<u32>,
     /// The virtual services, in file order.
     pub services: Vec<ServiceConfig>,
 }
@@ -104,6 +110,10 @@ pub struct ServiceConfig {
     pub port: u16,
     pub protocol: Protocol,
     pub scheduler: Scheduler,
+    /// How frames reach the backends.
+    pub forwarding: Forwarding,
+    /// GUE destination port (with `Forwarding::Gue`).
+    pub gue_port: u16,
     /// Size of the Maglev lookup table: a prime larger than the number of backends.
     pub table_size: u32,
     /// The backends, in file order; all of the same address family as `vip`.
@@ -126,6 +136,55 @@ pub struct BackendConfig {
     /// backend's own `probe` replacing the service's, defaults filled in.
     pub probe: crate::health::ProbeSpec,
 }
+
+/// How a service's frames reach its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarding {
+    /// LVS-DR: the frame goes to the backend's MAC on the same segment.
+    Dr,
+    /// IPIP / IP6IP6 to the backend's address, wherever it is routed.
+    Ipip,
+    /// GUE (the inner packet in UDP); backends may be of the other family.
+    Gue,
+}
+
+impl Forwarding {
+    pub const ALL: [Forwarding; 3] = [Forwarding::Dr, Forwarding::Ipip, Forwarding::Gue];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forwarding::Dr => "dr",
+            Forwarding::Ipip => "ipip",
+            Forwarding::Gue => "gue",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Forwarding> {
+        Forwarding::ALL.into_iter().find(|f| f.as_str() == name)
+    }
+
+    /// The data plane's `lb_common::FORWARD_*`.
+    pub fn number(self) -> u8 {
+        match self {
+            Forwarding::Dr => lb_common::FORWARD_DR,
+            Forwarding::Ipip => lb_common::FORWARD_IPIP,
+            Forwarding::Gue => lb_common::FORWARD_GUE,
+        }
+    }
+
+    pub fn is_tunnel(self) -> bool {
+        self != Forwarding::Dr
+    }
+}
+
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Default GUE destination port.
+pub const DEFAULT_GUE_PORT: u16 = lb_common::DEFAULT_GUE_PORT;
 
 /// What a service does with new flows while none of its backends is up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,6 +13,9 @@ pub(super) struct RawConfig {
     pub conntrack_size: Option<Int>,
     pub established_size: Option<Int>,
     pub timeouts: Option<RawTimeouts>,
+    pub tunnel_source_v4: Option<String>,
+    pub tunnel_source_v6: Option<String>,
+    pub mtu: Option<Int>,
     pub services: Option<Vec<RawService>>,
 }
 
@@ -33,6 +36,8 @@ pub(super) struct RawService {
     pub port: Option<Int>,
     pub protocol: Option<String>,
     pub scheduler: Option<String>,
+    pub forwarding: Option<String>,
+    pub gue_port: Option<Int>,
     pub table_size: Option<Int>,
     pub backends: Option<Vec<RawBackend>>,
     /// Boxed, as in `RawBackend`.

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 mod address;
 mod conntrack;
+mod forwarding;
 mod policy;
 mod probe;
 
@@ -16,7 +17,7 @@ use super::raw::{Int, RawBackend, RawConfig, RawService};
 use super::{
     BackendConfig, Config, DEFAULT_CONNTRACK_SIZE, DEFAULT_TABLE_SIZE, DEFAULT_WEIGHT, Diagnostic,
     MAX_CONNTRACK_SIZE, MAX_NAME_LEN, MAX_TABLE_SIZE, MAX_WEIGHT, MIN_CONNTRACK_SIZE,
-    MIN_TABLE_SIZE, Protocol, Scheduler, ServiceConfig,
+    MIN_TABLE_SIZE, Forwarding, Protocol, Scheduler, ServiceConfig,
 };
 
 /// Validates `raw`, returning every violation sorted by position.
@@ -143,6 +144,9 @@ impl Checker<'_> {
             ),
         };
         let established_size = self.established_size(raw.established_size, conntrack_size);
+        let tunnel_source_v4 = self.tunnel_source_v4(raw.tunnel_source_v4.as_deref());
+        let tunnel_source_v6 = self.tunnel_source_v6(raw.tunnel_source_v6.as_deref());
+        let mtu = self.mtu(raw.mtu);
         let timeouts = self.timeouts(raw.timeouts.as_ref());
         let raw_services = self.required(raw.services, "services", "services");
         let mut services = Some(Vec::new());
@@ -157,6 +161,9 @@ impl Checker<'_> {
             conntrack_size: conntrack_size?,
             established_size: established_size?,
             timeouts: timeouts?,
+            tunnel_source_v4: tunnel_source_v4?,
+            tunnel_source_v6: tunnel_source_v6?,
+            mtu: mtu?,
             services: services?,
         })
     }
@@ -184,6 +191,8 @@ impl Checker<'_> {
             None => Some(Scheduler::Maglev),
             Some(text) => self.scheduler(&text, &field("scheduler")),
         };
+        let forwarding = self.forwarding(raw.forwarding.as_deref(), &field("forwarding"));
+        let gue_port = self.gue_port(raw.gue_port, forwarding, &field("gue_port"));
 
         if let (Some(vip), Some(port), Some(protocol)) = (vip, port, protocol) {
             if let Some(first) = self.triples.get(&(vip, port, protocol)) {
@@ -212,8 +221,11 @@ impl Checker<'_> {
             raw.backends.as_ref(),
         );
         let persistence = self.persistence(raw.persistence.as_deref(), &field("persistence"));
+        // GUE carries either family in either: its backends may be of the other
+        // family than the vip.
+        let family_of = vip.filter(|_| forwarding != Some(Forwarding::Gue));
         let backends = self
-            .backends(raw.backends, &path, &label, vip, &probe, port)
+            .backends(raw.backends, &path, &label, family_of, &probe, port)
             .filter(|_| probe_ok);
         let table_size = match raw.table_size {
             None => Some(DEFAULT_TABLE_SIZE),
@@ -238,6 +250,8 @@ impl Checker<'_> {
             port: port?,
             protocol: protocol?,
             scheduler: scheduler?,
+            forwarding: forwarding?,
+            gue_port: gue_port?,
             table_size: table_size?,
             backends: backends?,
             on_all_down: on_all_down?,
@@ -387,7 +401,8 @@ impl Checker<'_> {
                     &address_path,
                     format!(
                         "backend {address} is {} but the vip {vip} is {}; a service's \
-                         backends must have the vip's address family",
+                         backends must have the vip's address family (only forwarding: gue \
+                         carries one family in the other)",
                         family(address),
                         family(vip)
                     ),

@@ -2,7 +2,11 @@
 
 use std::net::IpAddr;
 
-use lb_common::{stat, trace::{ct_step, RECORD_WORDS}};
+use lb_common::{
+    stat,
+    trace::{ct_step, RECORD_TAG},
+    TraceRecord,
+};
 
 use super::TraceLine;
 use crate::{neigh::format_mac, plan::Plan};
@@ -26,34 +30,51 @@ pub struct RawRecord {
     pub len: u32,
 }
 
-/// Parses a record's message; `None` for any other log message.
+/// Parses a record's message (`RECORD_TAG` and the record in hex); `None` for any
+/// other log message.
 pub fn parse_record(text: &str) -> Option<RawRecord> {
     let mut w = text.split_ascii_whitespace();
-    if w.next()? != lb_common::trace::RECORD_TAG {
+    if w.next()? != RECORD_TAG {
         return None;
     }
-    let words: Vec<&str> = w.collect();
-    if words.len() != RECORD_WORDS {
+    let hex = w.next()?;
+    let size = std::mem::size_of::<TraceRecord>();
+    if hex.len() != 2 * size || w.next().is_some() {
         return None;
     }
-    let n = |i: usize| words[i].parse::<u64>().ok();
-    let addr = |i: usize| words[i].parse::<IpAddr>().ok().map(|a| a.to_canonical());
+    let mut bytes = vec![0u8; size];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    // SAFETY: `bytes` holds exactly one TraceRecord, a plain-data repr(C) struct
+    // (every bit pattern valid); read unaligned.
+    let r: TraceRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const TraceRecord) };
+    let addr = |a: [u8; 16]| IpAddr::from(a).to_canonical();
     Some(RawRecord {
-        proto: n(0)? as u8,
-        src: addr(1)?,
-        sport: n(2)? as u16,
-        dst: addr(3)?,
-        dport: n(4)? as u16,
-        tcp_flags: n(5)? as u8,
-        service: n(6)? as u32,
-        ct: n(7)? as u8,
-        slot: n(8)? as u32,
-        persist: n(9)? as u8,
-        backend: n(10)? as u32,
-        action: n(11)? as u32,
-        counter: n(12)? as u32,
-        len: n(13)? as u32,
+        proto: r.proto,
+        src: addr(r.src),
+        sport: r.sport,
+        dst: addr(r.dst),
+        dport: r.dport,
+        tcp_flags: r.tcp_flags,
+        service: r.decision.service,
+        ct: r.decision.ct,
+        slot: r.decision.slot,
+        persist: r.decision.persist,
+        backend: r.decision.backend,
+        action: r.action,
+        counter: r.counter,
+        len: r.len,
     })
+}
+
+/// The message the program writes for `r` (for tests).
+#[cfg(test)]
+pub fn format_record(r: &TraceRecord) -> String {
+    // SAFETY: a plain-data struct viewed as its bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(r as *const TraceRecord as *const u8, std::mem::size_of::<TraceRecord>()) };
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{RECORD_TAG} {hex}")
 }
 
 fn flags(f: u8) -> String {
@@ -156,14 +177,28 @@ pub fn render_text(l: &TraceLine) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::trace::Decision;
 
     #[test]
     fn records_parse_and_other_messages_do_not() {
-        let text = "lbtrace1 6 ::ffff:198.51.100.7 40312 ::ffff:198.18.1.10 80 2 0 5 1234 0 3 3 8 74";
-        let r = parse_record(text).expect("a record");
+        let rec = TraceRecord {
+            src: lb_common::v4_mapped([198, 51, 100, 7]),
+            dst: lb_common::v4_mapped([198, 18, 1, 10]),
+            sport: 40312,
+            dport: 80,
+            proto: 6,
+            tcp_flags: 2,
+            decision: Decision { service: 0, slot: 1234, backend: 3, ct: 5, persist: 0, _pad: [0; 2] },
+            action: 3,
+            counter: 8,
+            len: 74,
+            ..Default::default()
+        };
+        let text = format_record(&rec);
+        let r = parse_record(&text).expect("a record");
         assert_eq!(r.src, "198.51.100.7".parse::<IpAddr>().unwrap());
         assert_eq!((r.sport, r.dport, r.tcp_flags, r.ct, r.slot, r.backend, r.counter), (40312, 80, 2, 5, 1234, 3, 8));
-        assert!(parse_record("lbtrace1 6 1 2").is_none());
+        assert!(parse_record("lbtrace2 0011").is_none());
         assert!(parse_record("something else").is_none());
         let line = describe(&r, &Plan::default(), &|_, _| false, 0.5);
         assert_eq!((line.conntrack.as_str(), line.outcome.as_str(), line.verdict.as_str()), ("conn_miss", "forwarded", "tx"));

@@ -95,7 +95,7 @@ fn backend_family_must_match_the_vip() {
         ]),
         &[
             "test.yaml:7:18: services[0].backends[1].address: backend 2001:db8::11 is IPv6 but the vip \
-           198.18.1.10 is IPv4; a service's backends must have the vip's address family",
+           198.18.1.10 is IPv4; a service's backends must have the vip's address family (only forwarding: gue carries one family in the other)",
         ],
     );
     assert_errors(
@@ -108,7 +108,7 @@ fn backend_family_must_match_the_vip() {
         ]),
         &[
             "test.yaml:5:51: services[0].backends[1].address: backend 198.18.0.11 is IPv4 but the vip \
-           2001:db8:1::10 is IPv6; a service's backends must have the vip's address family",
+           2001:db8:1::10 is IPv6; a service's backends must have the vip's address family (only forwarding: gue carries one family in the other)",
         ],
     );
 }

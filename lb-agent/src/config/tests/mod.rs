@@ -6,6 +6,7 @@ use std::path::Path;
 use super::*;
 
 mod addresses;
+mod forwarding;
 mod limits;
 mod policy;
 mod probes;
@@ -106,12 +107,17 @@ fn defaults_are_applied() {
         conntrack_size: DEFAULT_CONNTRACK_SIZE,
         established_size: DEFAULT_CONNTRACK_SIZE,
         timeouts: Timeouts::default(),
+        tunnel_source_v4: None,
+        tunnel_source_v6: None,
+        mtu: None,
         services: vec![ServiceConfig {
             name: "web".to_string(),
             vip: "198.18.1.10".parse().unwrap(),
             port: 80,
             protocol: Protocol::Tcp,
             scheduler: Scheduler::Maglev,
+            forwarding: Forwarding::Dr,
+            gue_port: DEFAULT_GUE_PORT,
             table_size: DEFAULT_TABLE_SIZE,
             backends: vec![BackendConfig {
                 address: "198.18.0.11".parse().unwrap(),
@@ -187,7 +193,7 @@ fn several_errors_are_all_reported() {
             "test.yaml:6:15: services[0].protocol: unknown protocol 'sctp'; supported protocols: tcp, udp",
             "test.yaml:7:17: services[0].table_size: table_size 100 is not a prime number (the next prime is 101)",
             "test.yaml:10:17: services[0].backends[0].weight: weight 70000 is out of range 0..=65535",
-            "test.yaml:11:18: services[0].backends[1].address: backend 2001:db8::1 is IPv6 but the vip 198.18.1.10 is IPv4; a service's backends must have the vip's address family",
+            "test.yaml:11:18: services[0].backends[1].address: backend 2001:db8::1 is IPv6 but the vip 198.18.1.10 is IPv4; a service's backends must have the vip's address family (only forwarding: gue carries one family in the other)",
             "test.yaml:12:11: services[1].name: duplicate service name 'web' (first used by services[0] at line 3)",
             "test.yaml:13:10: services[1].vip: vip 224.0.0.1 is a multicast address; the vip must be a unicast address",
             "test.yaml:14:11: services[1].port: port 99999 is out of range 0..=65535",

@@ -7,14 +7,14 @@ fn unknown_fields_are_rejected_everywhere() {
     assert_errors(
         &lines(&["services: []", "conntrack: 5"]),
         &["test.yaml:2:1: unknown field `conntrack`, expected one of `conntrack_size`, `established_size`, \
-           `timeouts`, `services`"],
+           `timeouts`, `tunnel_source_v4`, `tunnel_source_v6`, `mtu`, `services`"],
     );
     assert_errors(
         &service(&["    port: 80", "    backend: []"]),
         &[
             "test.yaml:5:5: services[0]: unknown field `backend`, expected one of `name`, `vip`, \
-           `port`, `protocol`, `scheduler`, `table_size`, `backends`, `probe`, `on_all_down`, \
-           `persistence`",
+           `port`, `protocol`, `scheduler`, `forwarding`, `gue_port`, `table_size`, `backends`, `probe`, \
+           `on_all_down`, `persistence`",
         ],
     );
     assert_errors(

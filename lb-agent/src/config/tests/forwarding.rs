@@ -1,0 +1,58 @@
+//! `forwarding`, `gue_port` and the global tunnel fields.
+
+use super::{assert_errors, lines, parse_ok, service};
+use crate::config::{Forwarding, DEFAULT_GUE_PORT};
+
+#[test]
+fn forwarding_defaults_to_dr_and_takes_ipip_and_gue() {
+    let c = parse_ok(&service(&["    port: 80", "    backends: [{address: 198.18.0.11}]"]));
+    assert_eq!((c.services[0].forwarding, c.services[0].gue_port), (Forwarding::Dr, DEFAULT_GUE_PORT));
+    let c = parse_ok(&service(&["    port: 80", "    forwarding: ipip", "    backends: [{address: 198.18.5.11}]"]));
+    assert_eq!(c.services[0].forwarding, Forwarding::Ipip);
+    // GUE carries IPv4 backends for an IPv6 vip (and the other way round).
+    let c = parse_ok(&lines(&[
+        "tunnel_source_v4: 198.18.20.2",
+        "tunnel_source_v6: 2001:db8:20::2",
+        "mtu: 1500",
+        "services:",
+        "  - name: web6",
+        "    vip: 2001:db8:1::10",
+        "    port: 80",
+        "    forwarding: gue",
+        "    gue_port: 7777",
+        "    backends: [{address: 198.18.5.11}, {address: \"2001:db8:5::11\"}]",
+    ]));
+    assert_eq!((c.services[0].forwarding, c.services[0].gue_port), (Forwarding::Gue, 7777));
+    assert_eq!(c.tunnel_source_v4, Some("198.18.20.2".parse().unwrap()));
+    assert_eq!(c.mtu, Some(1500));
+}
+
+#[test]
+fn bad_tunnel_fields_are_refused_with_their_position() {
+    assert_errors(
+        &service(&["    port: 80", "    forwarding: ipip", "    backends: [{address: \"2001:db8::11\"}]"]),
+        &["test.yaml:6:26: services[0].backends[0].address: backend 2001:db8::11 is IPv6 but the vip \
+           198.18.1.10 is IPv4; a service's backends must have the vip's address family (only \
+           forwarding: gue carries one family in the other)"],
+    );
+    assert_errors(
+        &service(&["    port: 80", "    forwarding: gre", "    backends: [{address: 198.18.0.11}]"]),
+        &["test.yaml:5:17: services[0].forwarding: unknown forwarding \"gre\"; expected one of dr, ipip, gue"],
+    );
+    assert_errors(
+        &service(&["    port: 80", "    forwarding: gue", "    gue_port: 0", "    backends: [{address: 198.18.0.11}]"]),
+        &["test.yaml:6:15: services[0].gue_port: gue_port 0 is not a port; give 1..=65535 (default 6080)"],
+    );
+    assert_errors(
+        &service(&["    port: 80", "    gue_port: 7777", "    backends: [{address: 198.18.0.11}]"]),
+        &["test.yaml:5:15: services[0].gue_port: gue_port applies only to forwarding: gue"],
+    );
+    assert_errors(
+        &lines(&["tunnel_source_v4: 2001:db8::1", "tunnel_source_v6: 198.18.0.1", "mtu: 100", "services: []"]),
+        &[
+            "test.yaml:1:19: tunnel_source_v4: tunnel_source_v4 2001:db8::1 is an IPv6 address; give an IPv4 one (tunnel_source_v6 takes IPv6)",
+            "test.yaml:2:19: tunnel_source_v6: tunnel_source_v6 198.18.0.1 is an IPv4 address; give an IPv6 one (tunnel_source_v4 takes IPv4)",
+            "test.yaml:3:6: mtu: mtu 100 is out of range 576..=65535",
+        ],
+    );
+}

@@ -1,0 +1,39 @@
+//! Sending a frame to its backend, by the service's forwarding mode (carried in
+//! the backend's entry): `dr` rewrites the MACs, `ipip` and `gue` encapsulate.
+
+mod dr;
+mod too_big;
+mod tunnel;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{Backend, Config, FlowKey, FORWARD_DR, FORWARD_GUE};
+
+use crate::parse::{Outcome, Packet};
+
+/// Mutable access to `N` bytes at `offset` of the frame, bounds-checked.
+#[inline(always)]
+pub(crate) fn bytes_mut<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&mut [u8; N]> {
+    let start = ctx.data();
+    if start + offset + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bounds checked just above; XDP frames are writable.
+    Some(unsafe { &mut *((start + offset) as *mut [u8; N]) })
+}
+
+/// RFC 1071 one's-complement sum folded to 16 bits and inverted.
+#[inline(always)]
+pub(crate) fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Forwards the frame of `flow` to `b`.
+#[inline(always)]
+pub fn deliver(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, b: &Backend, cfg: &Config) -> Outcome {
+    match b.forward {
+        FORWARD_DR => dr::rewrite(ctx, b, cfg),
+        mode => tunnel::encapsulate(ctx, pkt, b, cfg, tunnel::flow_mix(flow), mode == FORWARD_GUE),
+    }
+}
