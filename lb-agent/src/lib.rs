@@ -11,6 +11,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;
+pub mod nexthop;
 pub mod object;
 pub mod observe;
 pub mod ownership;

@@ -43,6 +43,8 @@ pub struct Interface {
     pub mac: Mac,
     /// Id of the XDP program attached to it when it was looked up, if any.
     pub xdp_prog: Option<u32>,
+    /// The interface's MTU (0 when the kernel did not say).
+    pub mtu: u32,
 }
 
 /// A live rtnetlink connection (clones share it).
@@ -89,7 +91,39 @@ impl Neighbours {
             }),
             _ => None,
         });
-        Ok(Interface { name: name.into(), index: link.header.index, mac, xdp_prog })
+        let mtu = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Ok(Interface { name: name.into(), index: link.header.index, mac, xdp_prog, mtu })
+    }
+
+    /// A clone of the rtnetlink handle (for requests of other kinds).
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// The interface's global addresses, in the kernel's order (the first of a
+    /// family is its primary address).
+    pub async fn addresses(&self, ifindex: u32) -> Result<Vec<IpAddr>, NeighError> {
+        use netlink_packet_route::address::{AddressAttribute, AddressScope};
+        let mut out = Vec::new();
+        let mut dump = self.handle.address().get().set_link_index_filter(ifindex).execute();
+        while let Some(msg) = dump.try_next().await.map_err(|e| NeighError::Dump(Box::new(e)))? {
+            if msg.header.scope != AddressScope::Universe {
+                continue;
+            }
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    out.push(*ip);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The usable neighbour entries on `ifindex`: address -> MAC.

@@ -1,0 +1,146 @@
+//! Where a tunnel service's backends are reached: the kernel's route to each
+//! backend (RTM_GETROUTE, the same lookup `ip route get` does) gives the next hop,
+//! the backend itself when it is on-link or its gateway otherwise, and the frame
+//! goes to that next hop's MAC (resolved like a DR backend's, `neigh.rs`). A
+//! backend whose route leaves by another interface, or that has no route, is
+//! reported and gets no traffic, like an unresolved one. DR backends are their
+//! own next hop (they must be on the interface's segment).
+//!
+//! The agent looks the routes up again every 2 s and on reloads, so a route that
+//! changes moves the backends' frames to the new next hop.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use futures::StreamExt;
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+use netlink_packet_route::{
+    route::{RouteAddress, RouteAttribute, RouteMessage},
+    AddressFamily, RouteNetlinkMessage,
+};
+
+use crate::{
+    config::Config,
+    neigh::{Interface, Mac, Neighbours},
+};
+
+/// Why a tunnel backend has no next hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRoute {
+    /// The kernel has no route to it.
+    Unreachable(String),
+    /// Its route leaves by another interface (index).
+    OtherInterface(u32),
+}
+
+impl std::fmt::Display for NoRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoRoute::Unreachable(e) => write!(f, "no route ({e})"),
+            NoRoute::OtherInterface(i) => write!(f, "its route leaves by another interface (index {i})"),
+        }
+    }
+}
+
+/// The next hop of every backend of a configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NextHops {
+    /// Tunnel backends: the neighbour their frames go to, or why none.
+    via: BTreeMap<IpAddr, Result<IpAddr, NoRoute>>,
+}
+
+impl NextHops {
+    /// Looks up the route of every tunnel backend of `config` (DR backends need
+    /// none).
+    pub async fn lookup(nl: &Neighbours, iface: &Interface, config: &Config) -> NextHops {
+        let tunnel: BTreeSet<IpAddr> = config
+            .services
+            .iter()
+            .filter(|s| s.forwarding.is_tunnel())
+            .flat_map(|s| s.backends.iter().map(|b| b.address))
+            .collect();
+        let mut via = BTreeMap::new();
+        for addr in tunnel {
+            let hop = match route_to(nl, addr).await {
+                Ok((_, oif)) if oif != iface.index => Err(NoRoute::OtherInterface(oif)),
+                Ok((gateway, _)) => Ok(gateway.unwrap_or(addr)),
+                Err(e) => Err(NoRoute::Unreachable(e)),
+            };
+            via.insert(addr, hop);
+        }
+        NextHops { via }
+    }
+
+    /// The neighbour `backend`'s frames go to: itself (DR, or on-link), its
+    /// gateway, or `None` when it has no usable route.
+    pub fn neighbour(&self, backend: IpAddr) -> Option<IpAddr> {
+        match self.via.get(&backend) {
+            None => Some(backend),
+            Some(hop) => hop.as_ref().ok().copied(),
+        }
+    }
+
+    /// The backends without a usable route, and why.
+    pub fn unroutable(&self) -> impl Iterator<Item = (IpAddr, &NoRoute)> {
+        self.via.iter().filter_map(|(a, hop)| hop.as_ref().err().map(|e| (*a, e)))
+    }
+
+    /// The neighbours to resolve for `backends`.
+    pub fn neighbours(&self, backends: &[IpAddr]) -> Vec<IpAddr> {
+        let set: BTreeSet<IpAddr> = backends.iter().filter_map(|b| self.neighbour(*b)).collect();
+        set.into_iter().collect()
+    }
+
+    /// Each backend's MAC (its next hop's), from the neighbours' MACs.
+    pub fn backend_macs(&self, backends: &[IpAddr], neighbours: &BTreeMap<IpAddr, Mac>) -> BTreeMap<IpAddr, Mac> {
+        backends.iter().filter_map(|b| Some((*b, *neighbours.get(&self.neighbour(*b)?)?))).collect()
+    }
+
+    /// Whether `addr` is the next hop of some backend in `backends`.
+    pub fn is_neighbour_of(&self, addr: IpAddr, backends: impl IntoIterator<Item = IpAddr>) -> bool {
+        backends.into_iter().any(|b| self.neighbour(b) == Some(addr))
+    }
+}
+
+/// The kernel's route to `addr`: (gateway, output interface).
+pub async fn route_to(nl: &Neighbours, addr: IpAddr) -> Result<(Option<IpAddr>, u32), String> {
+    let mut msg = RouteMessage::default();
+    match addr {
+        IpAddr::V4(a) => {
+            msg.header.address_family = AddressFamily::Inet;
+            msg.header.destination_prefix_length = 32;
+            msg.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(a)));
+        }
+        IpAddr::V6(a) => {
+            msg.header.address_family = AddressFamily::Inet6;
+            msg.header.destination_prefix_length = 128;
+            msg.attributes.push(RouteAttribute::Destination(RouteAddress::Inet6(a)));
+        }
+    }
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
+    req.header.flags = NLM_F_REQUEST;
+    let mut handle = nl.handle();
+    let mut answers = handle.request(req).map_err(|e| e.to_string())?;
+    while let Some(answer) = answers.next().await {
+        match answer.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
+                let mut gateway = None;
+                let mut oif = 0;
+                for a in r.attributes {
+                    match a {
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(g)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(g)),
+                        RouteAttribute::Oif(i) => oif = i,
+                        _ => {}
+                    }
+                }
+                return Ok((gateway, oif));
+            }
+            NetlinkPayload::Error(e) => return Err(e.to_io().to_string()),
+            _ => {}
+        }
+    }
+    Err("no answer".into())
+}
