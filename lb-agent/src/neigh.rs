@@ -59,6 +59,11 @@ impl Neighbours {
         Ok(Self { handle })
     }
 
+    /// The rtnetlink handle (for other requests on the same connection).
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// Index and MAC of `name`.
     pub async fn interface(&self, name: &str) -> Result<Interface, NeighError> {
         let mut links = self.handle.link().get().match_name(name.to_string()).execute();

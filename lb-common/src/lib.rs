@@ -10,8 +10,10 @@
 //! (`::ffff:a.b.c.d`), so one key type serves both families without ambiguity.
 #![no_std]
 
+pub mod decap;
 pub mod hash;
 
+pub use decap::{decap_stat, DecapAddrKey, DecapAddrVal, DecapConfig, DEFAULT_GUE_PORT, PROG_DECAP};
 pub use hash::{flow_hash, maglev_slot};
 
 /// IP protocol numbers the data plane balances.
@@ -35,6 +37,7 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const AFFINITY: &str = "AFFINITY";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub use crate::decap::names::*;
 }
 
 /// Bits in `VIP_FILTER`, a one-hash Bloom filter over the VIP addresses kept in a

@@ -9,6 +9,7 @@
 
 mod backend;
 mod conntrack;
+mod decap;
 mod maps;
 mod parse;
 mod schedule;
@@ -52,6 +53,12 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         Outcome::Drop(reason) => (xdp_action::XDP_DROP, reason),
         Outcome::Tx => (xdp_action::XDP_TX, stat::FORWARDED),
     }
+}
+
+/// The real servers' decapsulator (`lb-agent decap`): see `decap.rs`.
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    decap::run(&ctx)
 }
 
 /// Returns XDP_PASS for everything. Attached to the far end of a veth pair so that
