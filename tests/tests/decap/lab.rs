@@ -163,6 +163,14 @@ fn ask(lab: &TunnelLab, what: &str, client: IpAddr, sport: u16, frame: Vec<u8>, 
     })
 }
 
+fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !ok() {
+        assert!(std::time::Instant::now() < deadline, "waited 5 s for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn real_server_answers_gue_and_ipip_requests_to_its_vip() {
     let mut lab = TunnelLab::new();
@@ -189,6 +197,26 @@ fn real_server_answers_gue_and_ipip_requests_to_its_vip() {
         assert_eq!(answer, "rs1", "{what}: reply");
         assert_eq!(from, SocketAddr::new(vip, 53), "{what}: the reply comes from the VIP, unencapsulated");
     }
+
+    // An address added to the interface while the agent runs is decapsulated for
+    // within a second or so (rtnetlink address events); a removed one no longer is.
+    let extra = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 111));
+    ns_sh(&lab.rs, &["ip", "addr", "add", "198.18.0.111/24", "dev", "eth0"]);
+    wait_for(|| lab.agent_log().contains("198.18.0.111"), "the agent to log the new address");
+    let frame = ipip(None, lb4, extra, &inner_udp(c4, v4, 40006, 53, b"q"));
+    let (answer, _) = ask(&lab, "ipip to an added address", c4, 40006, frame, mac);
+    assert_eq!(answer, "rs1", "ipip to an added address");
+    ns_sh(&lab.rs, &["ip", "addr", "del", "198.18.0.111/24", "dev", "eth0"]);
+    wait_for(|| lab.agent_log().matches("addresses changed").count() >= 2, "the agent to log the removal");
+    let before = lb_agent::decap::read_pinned_stats(&lab.pin_dir()).expect("DECAP_STATS")[ds::PASS_NOT_LOCAL as usize];
+    netns::run_in(&lab.lb, move || {
+        let mut f = ipip(None, lb4, extra, &inner_udp(c4, v4, 40007, 53, b"q"));
+        assert!(Injector::open("eth0", mac).send(&mut f), "send to the removed address");
+    });
+    wait_for(
+        || lb_agent::decap::read_pinned_stats(&lab.pin_dir()).expect("DECAP_STATS")[ds::PASS_NOT_LOCAL as usize] > before,
+        "pass_not_local to count the frame to the removed address",
+    );
 
     let stats = lb_agent::decap::read_pinned_stats(&lab.pin_dir()).expect("read the pinned DECAP_STATS");
     for (counter, at_least) in [(ds::DECAP_GUE, 3), (ds::DECAP_IPIP, 1), (ds::DECAP_IP6IP6, 1)] {
