@@ -121,6 +121,15 @@ impl Decap {
         read_stats(PerCpuArray::try_from(map_mut(&mut self.ebpf, name)?).map_err(map_err(name))?)
     }
 
+    /// Entries of map `name` as created (every balancer map: 1).
+    pub fn max_entries(&mut self, name: &'static str) -> Result<u32, DataplaneError> {
+        let data: &MapData = match map_mut(&mut self.ebpf, name)? {
+            Map::HashMap(m) | Map::Array(m) | Map::PerCpuArray(m) | Map::LruHashMap(m) => m,
+            _ => return Err(DataplaneError::MissingMap { name }),
+        };
+        Ok(data.info().map_err(map_err(name))?.max_entries())
+    }
+
     /// Pins the decapsulator's maps under `dir` (replacing stale pins).
     pub fn pin(&mut self, dir: &Path) -> Result<(), DataplaneError> {
         for name in PINNED {

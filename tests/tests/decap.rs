@@ -167,6 +167,16 @@ fn what_is_not_a_tunnel_packet_to_this_host_passes_untouched() {
 }
 
 #[test]
+fn a_real_server_allocates_none_of_the_balancers_tables() {
+    let mut p = Prog::new();
+    for (name, ..) in lb_agent::pinning::layout() {
+        assert_eq!(p.dp.max_entries(name).expect(name), 1, "balancer map {name} in the decapsulator's load");
+    }
+    let addrs = lb_common::map_names::DECAP_ADDRS;
+    assert_eq!(p.dp.max_entries(addrs).expect(addrs), lb_common::decap::DECAP_MAX_ADDRS);
+}
+
+#[test]
 fn gue_port_zero_turns_gue_off() {
     let mut p = Prog::new();
     p.dp.set_gue_port(0).expect("GUE off");
