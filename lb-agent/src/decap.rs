@@ -232,6 +232,10 @@ async fn run(args: DecapArgs) -> Result<()> {
     let gue = if args.gue_port == 0 { "off".to_string() } else { args.gue_port.to_string() };
     tracing::info!(iface = %iface_name, %mode, gue_port = %gue, addresses = %addrs::describe(&wanted),
         pin_dir = %pin_dir.as_deref().map_or("none".into(), |d| d.display().to_string()), "decapsulator attached");
+    warn_strict_rp_filter(&iface_name);
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not notify systemd of readiness");
+    }
     let mut poll = tokio::time::interval(Duration::from_secs(10));
     let result = loop {
         tokio::select! {
@@ -259,6 +263,17 @@ async fn run(args: DecapArgs) -> Result<()> {
     unpin(pin_dir.as_deref());
     tracing::info!(iface = %iface_name, "detached");
     result
+}
+
+/// Strict reverse-path filtering (1, the larger of `all` and the interface's
+/// setting) drops decapsulated packets from clients this host does not route back
+/// through the interface: say so.
+fn warn_strict_rp_filter(iface: &str) {
+    let read = |dev: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter")).ok()?.trim().parse::<u8>().ok();
+    if read("all").max(read(iface)) == Some(1) {
+        tracing::warn!(iface, "rp_filter is strict on {iface}: decapsulated packets from clients not routed back through it \
+            are dropped; set net.ipv4.conf.all.rp_filter and net.ipv4.conf.{iface}.rp_filter to 2 (lb-realserver.sh up-tunnel does)");
+    }
 }
 
 fn unpin(dir: Option<&Path>) {
