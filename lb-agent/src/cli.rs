@@ -1,4 +1,4 @@
-//! Command line: `run`, `check`, `stats`.
+//! Command line: `run`, `check`, `stats`, `decap`, ...
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -107,6 +107,10 @@ pub enum Commands {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// On a real server: take the balancer's tunnelled packets (IPIP, IP6IP6, their
+    /// cross forms, GUE) apart with the lb_decap XDP program on an interface until
+    /// SIGINT/SIGTERM; with --stats, print its counters.
+    Decap(crate::decap::DecapArgs),
 }
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -215,6 +219,13 @@ pub fn main(cli: Cli) -> ExitCode {
             let request = crate::trace::TraceRequest { client, vip, port, backend, proto, count, budget: Some(budget) };
             crate::trace::client::run(&socket, request, json)
         }
+        Commands::Decap(args) => match crate::decap::main(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Commands::Stats { config, pin_dir } => match crate::report::print_stats(config.as_deref(), &pin_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

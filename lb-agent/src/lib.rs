@@ -7,6 +7,7 @@ pub mod config;
 pub mod conntrack;
 pub mod control;
 pub mod dataplane;
+pub mod decap;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

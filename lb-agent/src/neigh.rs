@@ -61,6 +61,11 @@ impl Neighbours {
         Ok(Self { handle })
     }
 
+    /// The rtnetlink handle (for other requests on the same connection).
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// Index and MAC of `name`.
     pub async fn interface(&self, name: &str) -> Result<Interface, NeighError> {
         let mut links = self.handle.link().get().match_name(name.to_string()).execute();
@@ -102,10 +107,6 @@ impl Neighbours {
         Ok(Interface { name: name.into(), index: link.header.index, mac, xdp_prog, mtu })
     }
 
-    /// A clone of the rtnetlink handle (for requests of other kinds).
-    pub fn handle(&self) -> Handle {
-        self.handle.clone()
-    }
 
     /// The interface's global addresses, in the kernel's order (the first of a
     /// family is its primary address).

@@ -121,7 +121,7 @@ pub async fn route_to(nl: &Neighbours, addr: IpAddr) -> Result<(Option<IpAddr>, 
     }
     let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
     req.header.flags = NLM_F_REQUEST;
-    let mut handle = nl.handle();
+    let mut handle = nl.handle().clone();
     let mut answers = handle.request(req).map_err(|e| e.to_string())?;
     while let Some(answer) = answers.next().await {
         match answer.payload {

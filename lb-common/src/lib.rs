@@ -10,8 +10,10 @@
 //! (`::ffff:a.b.c.d`), so one key type serves both families without ambiguity.
 #![no_std]
 
+pub mod decap;
 pub mod hash;
 
+pub use decap::{decap_stat, DecapAddrKey, DecapAddrVal, DecapConfig, DEFAULT_GUE_PORT, PROG_DECAP};
 pub use hash::{flow_hash, maglev_slot};
 
 /// IP protocol numbers the data plane balances.
@@ -36,6 +38,7 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const AFFINITY: &str = "AFFINITY";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub use crate::decap::names::*;
 }
 
 /// Bits in `VIP_FILTER`, a one-hash Bloom filter over the VIP addresses kept in a
@@ -169,8 +172,6 @@ pub const FORWARD_DR: u8 = 0;
 pub const FORWARD_IPIP: u8 = 1;
 /// GUE variant 1: the inner IP packet in UDP (any family in either).
 pub const FORWARD_GUE: u8 = 2;
-/// Default GUE destination port.
-pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 /// Established flows may use the backend (it is up).
 pub const BACKEND_ACTIVE: u32 = 1;

@@ -9,6 +9,7 @@
 
 mod backend;
 mod conntrack;
+mod decap;
 mod forward;
 mod maps;
 mod parse;
@@ -67,6 +68,12 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         Outcome::Tx => (xdp_action::XDP_TX, stat::FORWARDED),
         Outcome::TxAs(reason) => (xdp_action::XDP_TX, reason),
     }
+}
+
+/// The real servers' decapsulator (`lb-agent decap`): see `decap.rs`.
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    decap::run(&ctx)
 }
 
 /// Returns XDP_PASS for everything. Attached to the far end of a veth pair so that

@@ -7,3 +7,4 @@ pub mod traffic;
 pub mod flood;
 pub mod frames;
 pub mod tls;
+pub mod tunnel;

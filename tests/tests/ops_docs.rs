@@ -145,6 +145,43 @@ fn bpftool(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A running `lb-agent decap`, stopped on drop (even when a recipe panics).
+struct Decap(std::process::Child);
+
+impl Drop for Decap {
+    fn drop(&mut self) {
+        terminate(&mut self.0, Duration::from_secs(5));
+    }
+}
+
+/// `lb-agent decap` on backend b1's eth0, pinned where the doc's
+/// `/sys/fs/bpf/lb-decap` lands after `substitute` (the lab's pin dir + `-decap`).
+fn start_decap(lab: &Lab) -> Decap {
+    let log = lab.dir.join("decap.log");
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.backends[0].ns))
+        .arg("--")
+        .arg(agent_bin())
+        .args(["decap", "--iface", "eth0", "--xdp-mode", "generic", "--pin-dir"])
+        .arg(format!("{}-decap", lab.pin_dir().display()))
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log).expect("decap log"))
+        .spawn()
+        .expect("start lb-agent decap");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("decapsulator attached") {
+            return Decap(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("lb-agent decap exited ({status}):\n{text}");
+        }
+        assert!(Instant::now() < deadline, "lb-agent decap did not attach within 20 s:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn bpftool_recipes_in_operations_md_work() {
     let doc = read("docs/operations.md");
@@ -163,6 +200,10 @@ fn bpftool_recipes_in_operations_md_work() {
     let t = requests(&lab.client, Proto::Udp, IpAddr::V4(VIP4), 53, 10, 1, Duration::from_secs(30));
     assert_eq!(t.failures, 0, "{:?}", t.first_errors);
 
+    // The real-server recipes (`/sys/fs/bpf/lb-decap`, "Real servers in tunnel
+    // mode") read the pins of an `lb-agent decap` on backend b1.
+    let decap = start_decap(&lab);
+
     let mut failures = Vec::new();
     for r in &recipes {
         let command = substitute(&r.command, &lab);
@@ -180,6 +221,7 @@ fn bpftool_recipes_in_operations_md_work() {
             }
         }
     }
+    drop(decap);
     assert!(failures.is_empty(), "{} of {} recipes fail:\n\n{}", failures.len(), recipes.len(), failures.join("\n\n"));
 
     // Every map the agent pins carries BTF: key and value types, and a `formatted`
