@@ -144,3 +144,56 @@ pub async fn route_to(nl: &Neighbours, addr: IpAddr) -> Result<(Option<IpAddr>, 
     }
     Err("no answer".into())
 }
+
+/// The tunnel settings the data plane needs: outer source addresses and the MTU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelParams {
+    pub source_v4: Option<std::net::Ipv4Addr>,
+    pub source_v6: Option<std::net::Ipv6Addr>,
+    pub mtu: u32,
+}
+
+impl TunnelParams {
+    /// From the configuration, defaulting to the interface's primary address of
+    /// each family (`addresses`, in the kernel's order) and its MTU. Fails when a
+    /// tunnel service has backends of a family with no source address.
+    pub fn resolve(config: &Config, iface: &Interface, addresses: &[IpAddr]) -> Result<TunnelParams, String> {
+        let first_v4 = addresses.iter().find_map(|a| match a {
+            IpAddr::V4(v) => Some(*v),
+            _ => None,
+        });
+        let first_v6 = addresses.iter().find_map(|a| match a {
+            IpAddr::V6(v) if (v.segments()[0] & 0xffc0) != 0xfe80 => Some(*v),
+            _ => None,
+        });
+        let p = TunnelParams {
+            source_v4: config.tunnel_source_v4.or(first_v4),
+            source_v6: config.tunnel_source_v6.or(first_v6),
+            mtu: config.mtu.unwrap_or(if iface.mtu == 0 { 1500 } else { iface.mtu }),
+        };
+        for s in config.services.iter().filter(|s| s.forwarding.is_tunnel()) {
+            for b in &s.backends {
+                let (missing, field) = match b.address {
+                    IpAddr::V4(_) => (p.source_v4.is_none(), "tunnel_source_v4"),
+                    IpAddr::V6(_) => (p.source_v6.is_none(), "tunnel_source_v6"),
+                };
+                if missing {
+                    return Err(format!(
+                        "service {} forwards over {} to {}, but interface {} has no address of that family: set {field}",
+                        s.name, s.forwarding, b.address, iface.name
+                    ));
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// The values `Dataplane::set_tunnel` takes.
+    pub fn for_dataplane(&self) -> ([u8; 4], [u8; 16], u32) {
+        (
+            self.source_v4.map(|a| a.octets()).unwrap_or_default(),
+            self.source_v6.map(|a| a.octets()).unwrap_or_default(),
+            self.mtu,
+        )
+    }
+}

@@ -27,6 +27,7 @@ use crate::{
     dataplane::Dataplane,
     health::{Checker, Health, HealthEvent, ProbeKind, Target, TargetKey},
     neigh::{format_mac, Interface, Mac, NeighUpdate, Neighbours},
+    nexthop::{NextHops, TunnelParams},
     pinning::PinDir,
     plan::{DownSet, Plan},
     control::{Call, Request, Response},
@@ -35,6 +36,7 @@ use crate::{
 };
 
 mod reloading;
+mod routes;
 mod trace_session;
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -60,7 +62,16 @@ struct Agent {
     seen: Vec<u8>,
     iface: Interface,
     nl: Neighbours,
+    /// MACs of the neighbours frames go to (DR backends, tunnel next hops).
     macs: BTreeMap<IpAddr, Mac>,
+    /// Each tunnel backend's next hop (from the kernel's routes).
+    nexthops: NextHops,
+    /// Tunnel sources and MTU in force, and the interface's addresses they
+    /// default to.
+    tunnel: TunnelParams,
+    addresses: Vec<IpAddr>,
+    /// When the tunnel backends' routes were last looked up.
+    routes_checked: std::time::Instant,
     down: DownSet,
     plan: Plan,
     dp: Dataplane,
@@ -147,14 +158,17 @@ async fn run_async(args: RunArgs) -> Result<()> {
     crate::ownership::check_interface(&iface, &pins)?;
     let mut neigh_events = crate::neigh::watch()?;
 
-    let wanted = Plan::backend_addresses(&cfg);
-    let macs = nl.resolve(&iface, &wanted, resolve_timeout(&args)).await?;
+    let addresses = nl.addresses(iface.index).await?;
+    let tunnel = TunnelParams::resolve(&cfg, &iface, &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let nexthops = NextHops::lookup(&nl, &iface, &cfg).await;
+    let backends = Plan::backend_addresses(&cfg);
+    let macs = nl.resolve(&iface, &nexthops.neighbours(&backends), resolve_timeout(&args)).await?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthEvent>();
     let mut checker = Checker::new(MAX_CONCURRENT_PROBES, health_tx);
     checker.set_targets(probe_targets(&cfg));
     let down = initial_down(&cfg, &checker);
-    let plan = Plan::next(&cfg, &macs, &down, None);
-    report_unusable(&plan, &iface);
+    let plan = Plan::next(&cfg, &nexthops.backend_macs(&backends, &macs), &down, None);
+    report_unusable(&plan, &iface, &nexthops);
 
     let (mut dp, opened) = Dataplane::open(&plan, &pins).context("loading the XDP program")?;
     match (&opened.maps_reused, &opened.why_not) {
@@ -167,9 +181,11 @@ async fn run_async(args: RunArgs) -> Result<()> {
     // Adopting: keep the ids the running balancer's maps use (its connection table
     // refers to them).
     let plan = match dp.applied() {
-        Some(running) => Plan::next(&cfg, &macs, &down, Some(running)),
+        Some(running) => Plan::next(&cfg, &nexthops.backend_macs(&backends, &macs), &down, Some(running)),
         None => plan,
     };
+    let (source_v4, source_v6, mtu) = tunnel.for_dataplane();
+    dp.set_tunnel(source_v4, source_v6, mtu).context("writing the tunnel settings")?;
     dp.write(&plan, iface.mac).context("filling the maps")?;
     let mode = match dp.attach(&iface.name, args.xdp_mode.mode()) {
         Ok(mode) => mode,
@@ -197,6 +213,10 @@ async fn run_async(args: RunArgs) -> Result<()> {
         iface,
         nl,
         macs,
+        nexthops,
+        tunnel,
+        addresses,
+        routes_checked: std::time::Instant::now(),
         down,
         plan,
         dp,
@@ -283,10 +303,16 @@ fn resolve_timeout(args: &RunArgs) -> Duration {
     Duration::from_secs_f64(args.resolve_timeout_secs.max(0.0))
 }
 
-fn report_unusable(plan: &Plan, iface: &Interface) {
+fn report_unusable(plan: &Plan, iface: &Interface, nexthops: &NextHops) {
+    for (addr, why) in nexthops.unroutable() {
+        tracing::error!(backend = %addr, iface = %iface.name, "tunnel backend unreachable: {why}; left out of the tables");
+    }
     for (service, addr) in plan.unresolved() {
+        if nexthops.neighbour(addr).is_none() {
+            continue;
+        }
         tracing::error!(service, backend = %addr, iface = %iface.name,
-            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table until it answers (probed again every 1-4 s)");
+            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table");
     }
     for s in &plan.services {
         if s.table.is_empty() {
@@ -401,7 +427,7 @@ impl Agent {
     /// when the maps could not take it.
     fn replan(&mut self, why: &str) -> bool {
         let config = self.effective(&self.config);
-        let plan = Plan::next(&config, &self.macs, &self.down, Some(&self.plan));
+        let plan = Plan::next(&config, &self.backend_macs(&config), &self.down, Some(&self.plan));
         match self.dp.apply(&plan) {
             Ok(summary) => {
                 tracing::debug!(why, %summary, "maps updated");
@@ -446,7 +472,8 @@ impl Agent {
     /// A neighbour entry changed: a backend's MAC changed, or an unresolved backend
     /// answered (usually to `resolve_missing`'s probe) and goes into the tables.
     fn on_neighbour(&mut self, ev: NeighUpdate) {
-        if ev.ifindex != self.iface.index || !self.plan.backends.iter().any(|b| b.address == ev.addr) {
+        let backends = self.plan.backends.iter().map(|b| b.address);
+        if ev.ifindex != self.iface.index || !self.nexthops.is_neighbour_of(ev.addr, backends) {
             return;
         }
         if ev.failed {
@@ -463,8 +490,9 @@ impl Agent {
     /// Re-reads the neighbour table for the backends still unresolved and probes
     /// them again, each on its backoff (`resolve`: 1 s doubling to 4 s).
     async fn resolve_missing(&mut self) {
-        let missing: BTreeSet<IpAddr> = self.plan.unresolved().iter().map(|(_, a)| *a).collect();
-        let missing: Vec<IpAddr> = missing.into_iter().collect();
+        self.refresh_routes().await;
+        let unresolved: Vec<IpAddr> = self.plan.unresolved().iter().map(|(_, a)| *a).collect();
+        let missing = self.nexthops.neighbours(&unresolved);
         let due = self.backoff.due(&missing, std::time::Instant::now());
         if due.is_empty() {
             return;

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{initial_down, probe_targets, report_unusable, resolve_timeout, Agent};
 use crate::{
+    nexthop::NextHops,
     config::{self, Config},
     control::Response,
     neigh::Mac,
@@ -41,7 +42,9 @@ pub(super) struct Job {
 pub(super) struct Parsed {
     generation: u64,
     why: String,
-    result: Result<(Config, BTreeMap<IpAddr, Mac>), String>,
+    /// The configuration, its tunnel backends' next hops, and the MACs of the
+    /// neighbours that were not known.
+    result: Result<(Config, NextHops, BTreeMap<IpAddr, Mac>), String>,
 }
 
 /// What to do with a finished parse.
@@ -181,8 +184,12 @@ impl Agent {
             }
             let result = match parsed {
                 Ok(config) => {
-                    let missing: Vec<IpAddr> =
-                        Plan::backend_addresses(&config).into_iter().filter(|a| !known.contains(a)).collect();
+                    let nexthops = NextHops::lookup(&nl, &iface, &config).await;
+                    let missing: Vec<IpAddr> = nexthops
+                        .neighbours(&Plan::backend_addresses(&config))
+                        .into_iter()
+                        .filter(|a| !known.contains(a))
+                        .collect();
                     let found = if missing.is_empty() {
                         BTreeMap::new()
                     } else {
@@ -191,7 +198,7 @@ impl Agent {
                             BTreeMap::new()
                         })
                     };
-                    Ok((config, found))
+                    Ok((config, nexthops, found))
                 }
                 Err(e) => Err(e),
             };
@@ -210,7 +217,7 @@ impl Agent {
             }
             Finished::Apply(waiters) => {
                 let outcome = match parsed.result {
-                    Ok((config, found)) => self.apply_reload(&parsed.why, config, found),
+                    Ok((config, nexthops, found)) => self.apply_reload(&parsed.why, config, nexthops, found),
                     Err(e) => self.reload_failed(&parsed.why, &e),
                 };
                 let answer = response(outcome);
@@ -223,7 +230,13 @@ impl Agent {
 
     /// Applies a parsed configuration: returns the log line's summary, or why the
     /// running configuration stays in force.
-    fn apply_reload(&mut self, why: &str, new: Config, found: BTreeMap<IpAddr, Mac>) -> Result<String, String> {
+    fn apply_reload(
+        &mut self,
+        why: &str,
+        new: Config,
+        nexthops: NextHops,
+        found: BTreeMap<IpAddr, Mac>,
+    ) -> Result<String, String> {
         if new.conntrack_size != self.config.conntrack_size || new.established_size != self.config.established_size {
             tracing::warn!("conntrack_size and established_size changes take effect at the next start");
         }
@@ -238,10 +251,29 @@ impl Agent {
         self.drained.retain(|(svc, addr)| {
             new.services.iter().any(|s| s.name == *svc && s.backends.iter().any(|b| b.address == *addr))
         });
-        let plan = Plan::next(&self.effective(&new), &self.macs, &down, Some(&self.plan));
+        let tunnel = match self.tunnel_params(&new) {
+            Ok(t) => t,
+            Err(e) => {
+                self.checker.set_targets(probe_targets(&self.config));
+                return self.reload_failed(why, &e);
+            }
+        };
+        let old_hops = std::mem::replace(&mut self.nexthops, nexthops);
+        let macs = self.backend_macs(&new);
+        let plan = Plan::next(&self.effective(&new), &macs, &down, Some(&self.plan));
         if let Err(e) = self.dp.check_fits(&plan) {
             self.checker.set_targets(probe_targets(&self.config));
+            self.nexthops = old_hops;
             return self.reload_failed(why, &e.to_string());
+        }
+        if tunnel != self.tunnel {
+            let (v4, v6, mtu) = tunnel.for_dataplane();
+            if let Err(e) = self.dp.set_tunnel(v4, v6, mtu) {
+                self.checker.set_targets(probe_targets(&self.config));
+                self.nexthops = old_hops;
+                return self.reload_failed(why, &format!("writing the tunnel settings: {e}"));
+            }
+            self.tunnel = tunnel;
         }
         match self.dp.apply(&plan) {
             Ok(_) => {
@@ -252,11 +284,12 @@ impl Agent {
                 self.config = new;
                 self.down = down;
                 self.plan = plan;
-                report_unusable(&self.plan, &self.iface);
+                report_unusable(&self.plan, &self.iface, &self.nexthops);
                 Ok(format!("reload applied: {diff}"))
             }
             Err(e) => {
                 self.checker.set_targets(probe_targets(&self.config));
+                self.nexthops = old_hops;
                 self.reload_failed(why, &e.to_string())
             }
         }

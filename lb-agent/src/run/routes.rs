@@ -1,0 +1,53 @@
+//! Following the kernel's routes for tunnel backends: their next hops are looked up
+//! again every `EVERY`, and a change re-plans (frames go to the new next hop's MAC
+//! once it is resolved).
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use super::Agent;
+use crate::{
+    config::Config,
+    neigh::Mac,
+    nexthop::{NextHops, TunnelParams},
+    plan::Plan,
+};
+
+/// How often tunnel backends' routes are looked up again.
+const EVERY: Duration = Duration::from_secs(2);
+
+impl Agent {
+    /// Each backend's MAC for a plan of `config`: its next hop's.
+    pub(super) fn backend_macs(&self, config: &Config) -> BTreeMap<IpAddr, Mac> {
+        self.nexthops.backend_macs(&Plan::backend_addresses(config), &self.macs)
+    }
+
+    /// The tunnel settings for `config` on this interface.
+    pub(super) fn tunnel_params(&self, config: &Config) -> Result<TunnelParams, String> {
+        TunnelParams::resolve(config, &self.iface, &self.addresses)
+    }
+
+    /// Looks the tunnel backends' routes up again when due; re-plans on a change.
+    pub(super) async fn refresh_routes(&mut self) {
+        if !self.config.services.iter().any(|s| s.forwarding.is_tunnel()) || self.routes_checked.elapsed() < EVERY {
+            return;
+        }
+        self.routes_checked = Instant::now();
+        if let Ok(addresses) = self.nl.addresses(self.iface.index).await {
+            self.addresses = addresses;
+        }
+        let fresh = NextHops::lookup(&self.nl, &self.iface, &self.config).await;
+        if fresh == self.nexthops {
+            return;
+        }
+        tracing::info!("a tunnel backend's route changed: following it");
+        self.nexthops = fresh;
+        for (addr, why) in self.nexthops.unroutable() {
+            tracing::error!(backend = %addr, "tunnel backend unreachable: {why}; left out of the tables");
+        }
+        let _ = self.replan("route");
+    }
+}
