@@ -81,6 +81,8 @@ struct Agent {
     backoff: crate::resolve::Backoff,
     /// Reloads in progress (parsed off the loop).
     reloads: reloading::Reloads,
+    /// VIP routes for the BGP speaker (`--announce-table`).
+    announce: crate::announce::Announcer,
 }
 
 /// Probe targets of a configuration.
@@ -187,6 +189,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);
     let conntrack = Arc::new(Mutex::new(TableStatus::default()));
     let (reloads, mut parsed) = reloading::Reloads::new();
+    let mut announce = crate::announce::Announcer::start(args.announce_table).context("starting the announcements")?;
+    announce.update(&plan);
     let mut agent = Agent {
         args,
         config: cfg,
@@ -210,6 +214,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         ct_capacity,
         backoff: Default::default(),
         reloads,
+        announce,
     };
     agent.refresh_status();
     // systemd Type=notify: ready once the maps are filled and the program attached.
@@ -255,6 +260,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     if let Ok(stats) = &stats {
         crate::report::log_totals(&agent.plan, stats);
     }
+    let converge = Duration::from_secs_f64(agent.args.withdraw_wait_secs.max(0.0));
+    std::mem::take(&mut agent.announce).stop(!agent.args.keep_on_exit, converge).await;
     if agent.args.keep_on_exit {
         tracing::info!(iface = %agent.iface.name, pin_dir = %agent.args.pin_dir.display(),
             "exiting with the balancer left attached (--keep-on-exit): the next agent adopts it");
@@ -397,6 +404,7 @@ impl Agent {
                     }
                 }
                 self.plan = plan;
+                self.announce.update(&self.plan);
                 true
             }
             Err(e) => {
