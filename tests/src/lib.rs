@@ -1,6 +1,8 @@
 //! Shared helpers for the privileged tests and the demo: network-namespace labs,
 //! traffic, and frame builders.
 
+pub mod daemon;
+pub mod ecmp;
 pub mod lab;
 pub mod netns;
 pub mod traffic;
