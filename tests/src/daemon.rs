@@ -3,6 +3,7 @@
 //! install it: these labs never skip.
 
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -25,7 +26,10 @@ impl Daemon {
     /// Runs `args` in namespace `ns` (through `ip netns exec`), stdout and stderr to `log`.
     pub fn start(ns: &str, name: &str, args: &[&str], log: PathBuf) -> Daemon {
         let out = std::fs::File::create(&log).expect("daemon log");
+        // A process group of its own: keepalived forks its VRRP child even with
+        // --dont-fork, and a kill must reach every process.
         let child = Command::new("ip")
+            .process_group(0)
             .args(["netns", "exec", ns])
             .args(args)
             .stdin(Stdio::null())
@@ -47,10 +51,11 @@ impl Daemon {
         }
     }
 
-    /// SIGKILL, as a machine dying would.
+    /// SIGKILL to the whole process group, as a machine dying would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
+            // SAFETY: kill(2) on the process group our own child leads.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
             let _ = c.wait();
         }
     }

@@ -17,7 +17,6 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    process::Command,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -26,6 +25,7 @@ use crate::{
     daemon::{self, Daemon},
     lab::{self, Agent, Backend},
     netns::{self, ns_sh, sh},
+    segment::{self, Namespaces},
     traffic::{self, Server},
 };
 
@@ -71,7 +71,7 @@ pub struct EcmpLab {
     router_bird: Option<Daemon>,
     servers: Vec<(usize, u16, Server)>,
     pass: Option<aya::Ebpf>,
-    namespaces: Vec<String>,
+    namespaces: Namespaces,
     agents_started: u32,
 }
 
@@ -115,48 +115,23 @@ impl EcmpLab {
             router_bird: None,
             servers: Vec::new(),
             pass: None,
-            namespaces: Vec::new(),
+            namespaces: Namespaces::default(),
             agents_started: 0,
         };
         lab.build();
         lab
     }
 
-    fn add_ns(&mut self, ns: &str) {
-        let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        sh(&["ip", "netns", "add", ns]);
-        self.namespaces.push(ns.to_string());
-        ns_sh(ns, &["ip", "link", "set", "lo", "up"]);
-    }
-
-    fn addresses(ns: &str, dev: &str, v4: &str, v6: &str) {
-        ns_sh(ns, &["sysctl", "-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")]);
-        ns_sh(ns, &["ip", "addr", "add", v4, "dev", dev]);
-        ns_sh(ns, &["ip", "addr", "add", v6, "dev", dev, "nodad"]);
-        ns_sh(ns, &["ip", "link", "set", dev, "up"]);
-        // Lab-only: full checksums on the wire (native XDP on veth loses offload state).
-        ns_sh(ns, &["ethtool", "-K", dev, "tx", "off"]);
-    }
-
-    /// A host on the switch: `dev` in `ns`, `port` on br0.
-    fn plug(&mut self, ns: &str, dev: &str, port: &str, v4: Ipv4Addr, v6: Ipv6Addr) {
-        sh(&["ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port, "netns", &self.switch]);
-        ns_sh(&self.switch, &["ip", "link", "set", port, "master", "br0", "up"]);
-        Self::addresses(ns, dev, &format!("{v4}/24"), &format!("{v6}/64"));
-    }
-
     fn build(&mut self) {
         let (switch, client, router) = (self.switch.clone(), self.client.clone(), self.router.clone());
-        self.add_ns(&switch);
-        ns_sh(&switch, &["ip", "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
-        ns_sh(&switch, &["ip", "link", "set", "br0", "up"]);
+        self.namespaces.add_switch(&switch);
 
         // Client <-> router, a point-to-point link of its own.
-        self.add_ns(&client);
-        self.add_ns(&router);
+        self.namespaces.add(&client);
+        self.namespaces.add(&router);
         sh(&["ip", "link", "add", "eth0", "netns", &client, "type", "veth", "peer", "name", "eth0", "netns", &router]);
-        Self::addresses(&client, "eth0", "198.18.2.2/24", "2001:db8:2::2/64");
-        Self::addresses(&router, "eth0", "198.18.2.1/24", "2001:db8:2::1/64");
+        segment::addresses(&client, "eth0", "198.18.2.2/24", "2001:db8:2::2/64");
+        segment::addresses(&router, "eth0", "198.18.2.1/24", "2001:db8:2::1/64");
         ns_sh(&client, &["ip", "route", "add", "default", "via", "198.18.2.1"]);
         ns_sh(&client, &["ip", "-6", "route", "add", "default", "via", "2001:db8:2::1"]);
         for k in 0..30u8 {
@@ -166,7 +141,7 @@ impl EcmpLab {
         }
 
         // The router: forwards, hashes ECMP on ports (deploy/bird/router.conf).
-        self.plug(&router, "eth1", "p-rt", ROUTER4, ROUTER6);
+        segment::plug(&switch, &router, "eth1", "p-rt", ROUTER4, ROUTER6);
         for s in [
             "net.ipv4.ip_forward=1",
             "net.ipv6.conf.all.forwarding=1",
@@ -178,45 +153,22 @@ impl EcmpLab {
 
         for i in 0..self.nodes.len() {
             let (ns, port, v4, v6) = (self.nodes[i].ns.clone(), self.nodes[i].port.clone(), self.nodes[i].v4, self.nodes[i].v6);
-            self.add_ns(&ns);
-            self.plug(&ns, "eth0", &port, v4, v6);
-            // A NIC drops unicast frames for other MACs; a veth does not, and the XDP
-            // program runs before the stack would. Without this, frames for a dead
-            // node (its MAC forgotten by the bridge, so flooded) would be forwarded
-            // by the others and hide the real convergence time.
-            ns_sh(&self.switch, &["bridge", "link", "set", "dev", &port, "flood", "off"]);
-            // The node must not answer for the VIPs itself nor route them.
-            ns_sh(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+            self.namespaces.add(&ns);
+            segment::plug_balancer(&switch, &ns, &port, v4, v6);
         }
 
         let script = lab::realserver_script();
         let script = script.to_str().expect("utf-8 path");
         for i in 0..self.backends.len() {
             let (ns, v4, v6) = (self.backends[i].ns.clone(), self.backends[i].v4, self.backends[i].v6);
-            self.add_ns(&ns);
-            self.plug(&ns, "eth0", &format!("p-b{}", i + 1), v4, v6);
+            self.namespaces.add(&ns);
+            segment::plug(&switch, &ns, "eth0", &format!("p-b{}", i + 1), v4, v6);
             ns_sh(&ns, &["bash", script, "up", &VIP4.to_string(), &VIP6.to_string(), &VIP4_B.to_string()]);
             ns_sh(&ns, &["ip", "route", "add", "default", "via", &ROUTER4.to_string()]);
             ns_sh(&ns, &["ip", "-6", "route", "add", "default", "via", &ROUTER6.to_string()]);
         }
-        self.attach_pass_programs();
+        self.pass = Some(segment::pass_on_ports(&switch, self.nodes.iter().map(|n| n.port.clone()).collect()));
         self.router_bird = Some(daemon::bird(&router, &self.dir, "bird-router", &deploy_file("bird/router.conf")));
-    }
-
-    /// Native XDP_TX on a veth needs an XDP program on the receiving end.
-    fn attach_pass_programs(&mut self) {
-        let ports: Vec<String> = self.nodes.iter().map(|n| n.port.clone()).collect();
-        let ebpf = netns::run_in(&self.switch, move || {
-            let mut ebpf = aya::Ebpf::load(lb_agent::object::OBJECT).expect("load the XDP object");
-            let prog: &mut aya::programs::Xdp =
-                ebpf.program_mut(lb_common::PROG_PASS).expect("lb_pass").try_into().expect("lb_pass is XDP");
-            prog.load().expect("load lb_pass");
-            for port in &ports {
-                prog.attach(port, aya::programs::XdpMode::Driver).expect("attach lb_pass to a switch port");
-            }
-            ebpf
-        });
-        self.pass = Some(ebpf);
     }
 
     /// Node `i`'s BIRD configuration: deploy/bird/balancer.conf with its addresses.
@@ -363,9 +315,7 @@ impl Drop for EcmpLab {
         self.router_bird = None;
         self.servers.clear();
         self.pass = None;
-        for ns in self.namespaces.drain(..).rev() {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        }
+        self.namespaces = Namespaces::default();
         for n in &self.nodes {
             let _ = std::fs::remove_dir_all(&n.pin_dir);
         }

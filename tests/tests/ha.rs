@@ -14,6 +14,7 @@ use lb_tests::{
     ecmp::{pinned_tables, EcmpLab, VIP4, VIP4_B, VIP6},
     lab::ECHO_PORT,
     traffic::{requests_from, Load, LongLived, LongLivedResult, Record},
+    vrrp::VrrpLab,
 };
 
 const PROBE: &str = "interval: 200ms\n        timeout: 150ms\n        rise: 2\n        fall: 2";
@@ -182,4 +183,74 @@ fn ecmp_withdraws_a_vip_without_backends_and_survives_rolling_restarts() {
     );
     assert!(failed.is_empty(), "short connections failed during the rolling restart: {:?}", &failed[..failed.len().min(5)]);
     assert!(broken(&results).is_empty(), "long-lived connections broke: {:?}", broken(&results));
+}
+
+/// Two balancers with keepalived, lb1 the master, and traffic flowing.
+fn vrrp_pair() -> VrrpLab {
+    let mut lab = VrrpLab::new(3);
+    lab.start_servers();
+    let backends: String = lab.backends.iter().map(|b| format!("      - address: {}\n", b.v4)).collect();
+    let svc = |name: &str, port: u16, kind: &str| {
+        format!("  - name: {name}\n    vip: {VIP4}\n    port: {port}\n    table_size: 251\n    probe:\n        kind: {kind}\n        {PROBE}\n    backends:\n{backends}")
+    };
+    let cfg = lab.write_config("lb.yaml", &format!("services:\n{}{}", svc("web", 80, "http"), svc("echo", ECHO_PORT, "tcp")));
+    for i in 0..2 {
+        lab.start_agent(i, &cfg);
+    }
+    lab.start_keepalived(0);
+    lab.start_keepalived(1);
+    lab.wait_master(0, Duration::from_secs(15));
+    let t = requests_from(&lab.client, &[IpAddr::V4(lb_tests::lab::CLIENT4)], IpAddr::V4(VIP4), 80, 20);
+    assert_eq!(t.failures, 0, "requests through the master failed: {:?}", t.first_errors);
+    lab
+}
+
+/// Under load, `fail` takes lb1 out; lb2 must take the VIP with no long-lived
+/// connection broken. Returns the takeover time.
+fn vrrp_takeover(what: &str, fail: impl FnOnce(&mut VrrpLab)) -> Duration {
+    let mut lab = vrrp_pair();
+    let conns: Vec<LongLived> = (0..30).map(|_| LongLived::open(&lab.client, IpAddr::V4(VIP4), ECHO_PORT)).collect();
+    let loads: Vec<Load> = (0..2).map(|_| Load::start(&lab.client, IpAddr::V4(VIP4), 80)).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let failed_at = Instant::now();
+    fail(&mut lab);
+    let takeover = lab.wait_master(1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(3));
+    let per_load: Vec<Vec<Record>> = loads.into_iter().map(Load::finish).collect();
+    let stall = per_load.iter().map(|r| longest_stall(r)).max().unwrap_or_default();
+    let records: Vec<Record> = per_load.into_iter().flatten().collect();
+    let results: Vec<LongLivedResult> = conns.into_iter().map(LongLived::finish).collect();
+    let failed = failures(&records);
+    println!(
+        "VRRP ({what}): backup took the VIP in {} ms; {} of {} short connections failed, slowest request {} ms; \
+         long-lived: {} of {} broken",
+        takeover.as_millis(),
+        failed.len(),
+        records.len(),
+        stall.as_millis(),
+        broken(&results).len(),
+        results.len()
+    );
+    assert!(broken(&results).is_empty(), "long-lived connections broke: {:?}", broken(&results));
+    for (t, e) in &failed {
+        let at = t.saturating_duration_since(failed_at);
+        assert!(at < takeover + Duration::from_millis(200), "a short connection failed {at:?} after the failure, past the takeover: {e}");
+    }
+    let after = records.iter().filter(|(t, r)| *t > failed_at + takeover + Duration::from_millis(500) && r.is_ok()).count();
+    assert!(after > 50, "too few requests served by the new master: {after}");
+    takeover
+}
+
+#[test]
+fn vrrp_backup_takes_over_when_the_master_dies() {
+    let takeover = vrrp_takeover("master dies hard", |lab| lab.kill_peer(0));
+    assert!(takeover < Duration::from_secs(3), "takeover took {takeover:?}");
+}
+
+#[test]
+fn vrrp_master_gives_up_when_its_agent_dies() {
+    // The program keeps forwarding from its pins, but the agent is gone: the
+    // track_script fails twice (1 s apart) and the master steps down.
+    let takeover = vrrp_takeover("master's agent killed", |lab| lab.peers[0].agent.as_mut().expect("agent").kill());
+    assert!(takeover < Duration::from_secs(6), "takeover took {takeover:?}");
 }
