@@ -174,3 +174,19 @@ fn off_means_no_task_and_no_routes() {
         assert!(t.elapsed() < Duration::from_secs(1));
     });
 }
+
+#[test]
+fn the_table_is_the_agents_own() {
+    use clap::Parser;
+    let parse = |t: &str| {
+        crate::cli::Cli::try_parse_from(["lb-agent", "run", "--config", "x.yaml", "--iface", "eth0", "--announce-table", t])
+    };
+    for bad in ["0", "253", "254", "255", "main", "4294967296"] {
+        let e = parse(bad).expect_err(bad).to_string();
+        assert!(e.contains("--announce-table"), "{bad}: {e}");
+    }
+    let ok = parse("100").expect("table 100");
+    let crate::cli::Commands::Run(args) = ok.command else { panic!("not run") };
+    assert_eq!(args.announce_table, Some(100));
+    assert_eq!(args.withdraw_wait_secs, 2.0);
+}
