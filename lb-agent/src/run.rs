@@ -247,6 +247,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
             _ = status_tick.tick() => agent.refresh_status(),
             Some(call) = calls.recv() => agent.on_call(call),
         }
+        // Whatever the event, the announcements follow the plan now in the maps.
+        agent.announce.update(&agent.plan);
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
@@ -404,7 +406,6 @@ impl Agent {
                     }
                 }
                 self.plan = plan;
-                self.announce.update(&self.plan);
                 true
             }
             Err(e) => {

@@ -113,7 +113,10 @@ impl VrrpLab {
 
     pub fn write_config(&self, name: &str, yaml: &str) -> PathBuf {
         let path = self.dir.join(name);
-        std::fs::write(&path, yaml).expect("write config");
+        // Write then rename, so a running agent never reads half a file.
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, &path).expect("rename config");
         path
     }
 

@@ -150,11 +150,18 @@ fn ecmp_withdraws_a_vip_without_backends_and_survives_rolling_restarts() {
     let back = lab.wait_nexthops(solo, 3, Duration::from_secs(10));
     println!("solo's backend back: announced again by all nodes within {} ms", back.as_millis());
 
+    // A reload that adds a VIP: every node announces it once the maps have it.
+    let more: IpAddr = "198.18.1.30".parse().unwrap();
+    let extra: String = lab.backends.iter().map(|b| format!("      - address: {}\n", b.v4)).collect();
+    let yaml = format!("{}  - name: more\n    vip: {more}\n    port: 80\n    table_size: 251\n    backends:\n{extra}", config(&lab));
+    let cfg = lab.write_config("lb.yaml", &yaml);
+    let added = lab.wait_nexthops(more, 3, Duration::from_secs(10));
+    println!("reload adding {more}: announced by all nodes within {} ms of the write", added.as_millis());
+
     // Rolling restart: each agent stops cleanly (withdraw, wait, detach) and starts
     // again, one after another, under load.
     let conns: Vec<LongLived> = (0..30).map(|_| LongLived::open(&lab.client, web, ECHO_PORT)).collect();
     let loads: Vec<Load> = (0..3).map(|_| Load::start(&lab.client, web, 80)).collect();
-    let cfg = lab.dir.join("lb.yaml");
     for i in 0..3 {
         std::thread::sleep(Duration::from_millis(500));
         let stopped = Instant::now();
