@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod ecmp;
+pub mod failover;
 pub mod lab;
 pub mod netns;
 pub mod segment;
