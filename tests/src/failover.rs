@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     ecmp::{EcmpLab, VIP4, VIP4_B, VIP6},
-    lab::{CLIENT4, ECHO_PORT},
+    lab::{CLIENT4, CLIENT6, ECHO_PORT},
     traffic::{requests_from, Load, LongLived, LongLivedResult, Record},
     vrrp::VrrpLab,
 };
@@ -89,10 +89,12 @@ pub fn vrrp_pair() -> VrrpLab {
     let mut lab = VrrpLab::new(3);
     lab.start_servers();
     let backends: String = lab.backends.iter().map(|b| format!("      - address: {}\n", b.v4)).collect();
+    let backends6: String = lab.backends.iter().map(|b| format!("      - address: {}\n", b.v6)).collect();
     let yaml = format!(
-        "services:\n{}{}",
+        "services:\n{}{}{}",
         service("web", IpAddr::V4(VIP4), 80, "http", &backends),
-        service("echo", IpAddr::V4(VIP4), ECHO_PORT, "tcp", &backends)
+        service("echo", IpAddr::V4(VIP4), ECHO_PORT, "tcp", &backends),
+        service("web6", IpAddr::V6(VIP6), 80, "http", &backends6),
     );
     let cfg = lab.write_config("lb.yaml", &yaml);
     for i in 0..2 {
@@ -101,8 +103,11 @@ pub fn vrrp_pair() -> VrrpLab {
     lab.start_keepalived(0);
     lab.start_keepalived(1);
     lab.wait_master(0, Duration::from_secs(15));
-    let t = requests_from(&lab.client, &[IpAddr::V4(CLIENT4)], IpAddr::V4(VIP4), 80, 20);
-    assert_eq!(t.failures, 0, "requests through the master failed: {:?}", t.first_errors);
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let src = if vip.is_ipv4() { IpAddr::V4(CLIENT4) } else { IpAddr::V6(CLIENT6) };
+        let t = requests_from(&lab.client, &[src], vip, 80, 20);
+        assert_eq!(t.failures, 0, "requests to {vip} through the master failed: {:?}", t.first_errors);
+    }
     lab
 }
 

@@ -12,10 +12,10 @@ use std::{
 };
 
 use lb_tests::{
-    ecmp::{pinned_tables, VIP4, VIP4_B},
+    ecmp::{pinned_tables, VIP4, VIP4_B, VIP6},
     failover::{ecmp_config, ecmp_lab, ecmp_node_death, vrrp_pair, vrrp_takeover, Failover},
     lab::ECHO_PORT,
-    traffic::{requests_from, Load, LongLived, LongLivedResult, Record},
+    traffic::{requests, requests_from, Load, LongLived, LongLivedResult, Proto, Record},
 };
 
 fn broken(results: &[LongLivedResult]) -> Vec<&LongLivedResult> {
@@ -64,6 +64,10 @@ fn ecmp_spreads_over_identical_nodes_and_survives_a_node_death() {
     for n in &lab.nodes[1..] {
         assert_eq!(pinned_tables(&n.pin_dir), first, "{} wrote other tables than lb1", n.ns);
     }
+
+    // IPv6 goes through the ECMP group too.
+    let t = requests(&lab.client, Proto::Http, IpAddr::V6(VIP6), 80, 30, 3, Duration::from_secs(20));
+    assert_eq!(t.failures, 0, "requests to {VIP6} failed: {:?}", t.first_errors);
 
     // Spread: many clients, each node carries a share.
     let t = requests_from(&lab.client, &lab.client_addrs, IpAddr::V4(VIP4), 80, 4);
