@@ -175,6 +175,7 @@ pub struct Announcer {
     task: Option<tokio::task::JoinHandle<()>>,
     /// The last set sent, so unchanged plans send nothing.
     last: Option<BTreeSet<IpAddr>>,
+    table: u32,
 }
 
 impl Announcer {
@@ -184,7 +185,7 @@ impl Announcer {
         let routes = RouteTable::connect(table)?;
         let (tx, rx) = mpsc::unbounded_channel();
         tracing::info!(table, "announcing ready VIPs as routes in table {table} (proto {ROUTE_PROTOCOL})");
-        Ok(Announcer { tx: Some(tx), task: Some(tokio::spawn(announce_task(routes, rx))), last: None })
+        Ok(Announcer { tx: Some(tx), task: Some(tokio::spawn(announce_task(routes, rx))), last: None, table })
     }
 
     /// Announces what `plan` makes ready (called whenever the maps took a new plan).
@@ -195,6 +196,13 @@ impl Announcer {
             self.last = Some(want.clone());
             let _ = tx.send(Msg::Want(want));
         }
+    }
+
+    /// For `lb-agent status`: the table and the VIPs announced (None when off).
+    pub fn status(&self) -> Option<crate::status::AnnounceStatus> {
+        self.tx.as_ref()?;
+        let vips = self.last.iter().flatten().copied().collect();
+        Some(crate::status::AnnounceStatus { table: self.table, vips })
     }
 
     /// Ends the task. With `withdraw`, removes every route first and, if any was

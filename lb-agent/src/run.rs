@@ -329,6 +329,7 @@ impl Agent {
         let mut status = self.sampler.status(&ctx, &self.plan, stats);
         status.conntrack = self.conntrack.lock().map(|c| c.clone()).unwrap_or_default();
         (status.conntrack.new_capacity, status.conntrack.established_capacity) = self.ct_capacity;
+        status.announce = self.announce.status();
         if let Ok(mut s) = self.status.write() {
             *s = status;
         }

@@ -17,6 +17,7 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
+    process::Command,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -266,6 +267,17 @@ impl EcmpLab {
             }
         }
         out
+    }
+
+    /// `lb-agent status` of node `i`.
+    pub fn status_text(&self, i: usize) -> String {
+        let out = Command::new(lab::agent_bin())
+            .args(["status", "--socket"])
+            .arg(&self.nodes[i].control_socket)
+            .output()
+            .expect("run lb-agent status");
+        assert!(out.status.success(), "lb-agent status of lb{}: {}", i + 1, String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Starts an HTTP server on `port` on backend `i` (answering its name).

@@ -99,6 +99,9 @@ fn ecmp_withdraws_a_vip_without_backends_and_survives_rolling_restarts() {
         let a = lab.announced(i);
         assert!(!a.contains(&solo) && a.contains(&web), "lb{} announces {a:?}", i + 1);
     }
+    let status = lab.status_text(0);
+    let line = status.lines().find(|l| l.starts_with("announcing")).unwrap_or_default();
+    assert_eq!(line, format!("announcing in routing table 100: {web}, {VIP6}"), "{status}");
     lab.start_http(2, 8080);
     let back = lab.wait_nexthops(solo, 3, Duration::from_secs(10));
     println!("solo's backend back: announced again by all nodes within {} ms", back.as_millis());

@@ -190,3 +190,36 @@ fn the_table_is_the_agents_own() {
     assert_eq!(args.announce_table, Some(100));
     assert_eq!(args.withdraw_wait_secs, 2.0);
 }
+
+#[test]
+fn status_shows_the_table_and_the_vips() {
+    let mut status = crate::status::Status::default();
+    assert!(!crate::control::render_table(&status).contains("announcing"), "nothing when off");
+    status.announce = Some(crate::status::AnnounceStatus { table: 100, vips: vec![ip("198.18.1.10"), ip("2001:db8:1::10")] });
+    let text = crate::control::render_table(&status);
+    assert!(text.contains("announcing in routing table 100: 198.18.1.10, 2001:db8:1::10"), "{text}");
+    status.announce = Some(crate::status::AnnounceStatus { table: 100, vips: vec![] });
+    assert!(crate::control::render_table(&status).contains("announcing in routing table 100: nothing"));
+    let json = crate::control::render_json(&status);
+    assert!(json.contains("\"announce\""), "{json}");
+}
+
+#[test]
+fn announcer_status_follows_updates() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        assert!(Announcer::start(None).unwrap().status().is_none());
+        in_private_netns(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut a = Announcer::start(Some(7)).unwrap();
+                assert!(a.status().unwrap().vips.is_empty());
+                a.update(&plan_with_down(&[("v6", "2001:db8::11")]));
+                let s = a.status().unwrap();
+                assert_eq!(s.table, 7);
+                assert_eq!(s.vips, vec![ip("198.18.1.10"), ip("198.18.1.20"), ip("198.18.1.30")]);
+                a.stop(true, Duration::ZERO).await;
+            });
+        });
+    });
+}
