@@ -199,10 +199,10 @@ impl Announcer {
     }
 
     /// For `lb-agent status`: the table and the VIPs announced (None when off).
-    pub fn status(&self) -> Option<crate::status::AnnounceStatus> {
+    pub fn status(&self) -> Option<Box<crate::status::AnnounceStatus>> {
         self.tx.as_ref()?;
         let vips = self.last.iter().flatten().copied().collect();
-        Some(crate::status::AnnounceStatus { table: self.table, vips })
+        Some(Box::new(crate::status::AnnounceStatus { table: self.table, vips }))
     }
 
     /// Ends the task. With `withdraw`, removes every route first and, if any was

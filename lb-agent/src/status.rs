@@ -23,7 +23,7 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// VIP announcements (`--announce-table`), if on.
     #[serde(default)]
-    pub announce: Option<AnnounceStatus>,
+    pub announce: Option<Box<AnnounceStatus>>,
 }
 
 /// What the agent announces to the BGP speaker (`announce.rs`).

@@ -195,10 +195,10 @@ fn the_table_is_the_agents_own() {
 fn status_shows_the_table_and_the_vips() {
     let mut status = crate::status::Status::default();
     assert!(!crate::control::render_table(&status).contains("announcing"), "nothing when off");
-    status.announce = Some(crate::status::AnnounceStatus { table: 100, vips: vec![ip("198.18.1.10"), ip("2001:db8:1::10")] });
+    status.announce = Some(Box::new(crate::status::AnnounceStatus { table: 100, vips: vec![ip("198.18.1.10"), ip("2001:db8:1::10")] }));
     let text = crate::control::render_table(&status);
     assert!(text.contains("announcing in routing table 100: 198.18.1.10, 2001:db8:1::10"), "{text}");
-    status.announce = Some(crate::status::AnnounceStatus { table: 100, vips: vec![] });
+    status.announce = Some(Box::new(crate::status::AnnounceStatus { table: 100, vips: vec![] }));
     assert!(crate::control::render_table(&status).contains("announcing in routing table 100: nothing"));
     let json = crate::control::render_json(&status);
     assert!(json.contains("\"announce\""), "{json}");
