@@ -88,7 +88,7 @@ fn ecmp_spreads_over_identical_nodes_and_survives_a_node_death() {
 }
 
 #[test]
-fn ecmp_withdraws_a_vip_without_backends_and_survives_rolling_restarts() {
+fn ecmp_withdraws_a_vip_without_backends_and_survives_a_crash_and_rolling_restarts() {
     let mut lab = ecmp_lab();
     let (web, solo) = (IpAddr::V4(VIP4), IpAddr::V4(VIP4_B));
 
@@ -114,10 +114,19 @@ fn ecmp_withdraws_a_vip_without_backends_and_survives_rolling_restarts() {
     let added = lab.wait_nexthops(more, 3, Duration::from_secs(10));
     println!("reload adding {more}: announced by all nodes within {} ms of the write", added.as_millis());
 
-    // Rolling restart: each agent stops cleanly (withdraw, wait, detach) and starts
-    // again, one after another, under load.
+    // Under load: a crash and an adoption, then a rolling restart: each agent stops
+    // cleanly (withdraw, wait, detach) and starts again, one after another.
     let conns: Vec<LongLived> = (0..30).map(|_| LongLived::open(&lab.client, web, ECHO_PORT)).collect();
     let loads: Vec<Load> = (0..3).map(|_| Load::start(&lab.client, web, 80)).collect();
+    // First a crash: the program keeps forwarding from its pins, so the routes
+    // stay; the next agent adopts both.
+    lab.nodes[0].agent.as_mut().expect("agent").kill();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(lab.announced(0).contains(&web), "lb1's routes went with its agent");
+    assert_eq!(lab.nexthops(web), 3, "lb1 withdrawn after its agent crashed");
+    lab.start_agent(0, &cfg);
+    assert!(lab.nodes[0].agent.as_ref().unwrap().log_text().contains("replaced the program"), "lb1's new agent did not adopt");
+    assert_eq!(lab.nexthops(web), 3);
     for i in 0..3 {
         std::thread::sleep(Duration::from_millis(500));
         let stopped = Instant::now();
