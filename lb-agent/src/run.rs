@@ -145,6 +145,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let pins = PinDir::new(&args.pin_dir);
     crate::ownership::check_interface(&iface, &pins)?;
     let mut neigh_events = crate::neigh::watch()?;
+    let mut announce = crate::announce::Announcer::start(args.announce_table).context("starting the announcements")?;
 
     let wanted = Plan::backend_addresses(&cfg);
     let macs = nl.resolve(&iface, &wanted, resolve_timeout(&args)).await?;
@@ -189,7 +190,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);
     let conntrack = Arc::new(Mutex::new(TableStatus::default()));
     let (reloads, mut parsed) = reloading::Reloads::new();
-    let mut announce = crate::announce::Announcer::start(args.announce_table).context("starting the announcements")?;
+    // Announced only now that the program is attached and the maps filled.
     announce.update(&plan);
     let mut agent = Agent {
         args,
