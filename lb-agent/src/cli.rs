@@ -145,6 +145,25 @@ pub struct RunArgs {
     /// How long to wait for backends' MAC addresses (ARP/ND) at start.
     #[arg(long, default_value_t = 3.0)]
     pub resolve_timeout_secs: f64,
+    /// Announce each ready VIP as a /32 or /128 blackhole route (proto 190) in this
+    /// routing table, for a local BGP speaker (BIRD) to learn and export: scale-out
+    /// behind ECMP routers (docs/ha.md). Off when not given. Not 253-255 (default,
+    /// main, local): the table must be the agent's own.
+    #[arg(long, value_parser = parse_table)]
+    pub announce_table: Option<u32>,
+    /// With --announce-table, a clean stop (without --keep-on-exit) withdraws the
+    /// VIPs, then waits this long for the routers to converge before detaching.
+    #[arg(long, default_value_t = 2.0)]
+    pub withdraw_wait_secs: f64,
+}
+
+fn parse_table(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a routing table number"))?;
+    match n {
+        0 => Err("table 0 is not a table (unspecified)".into()),
+        253..=255 => Err(format!("table {n} is the kernel's (default, main, local): use a table of the agent's own")),
+        _ => Ok(n),
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -460,6 +460,11 @@ pub fn render_table(status: &Status) -> String {
         let _ = write!(out, ", config {}", status.config_path);
     }
     out.push('\n');
+    if let Some(a) = &status.announce {
+        let vips: Vec<String> = a.vips.iter().map(|v| v.to_string()).collect();
+        let vips = if vips.is_empty() { "nothing (no VIP has a usable backend)".to_string() } else { vips.join(", ") };
+        let _ = writeln!(out, "announcing in routing table {}: {vips}", a.table);
+    }
 
     struct Row {
         first: String,

@@ -1,6 +1,7 @@
 //! The control-plane agent: configuration, Maglev tables, neighbour resolution and
 //! the BPF maps that the XDP program reads.
 
+pub mod announce;
 pub mod apply;
 pub mod cli;
 pub mod config;

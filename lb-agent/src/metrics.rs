@@ -602,6 +602,7 @@ mod tests {
                     ..ServiceStatus::default()
                 },
             ],
+            announce: None,
         }
     }
 

@@ -67,6 +67,7 @@ impl Sampler {
             outcomes: stat::NAMES.iter().enumerate().map(|(i, n)| (n.to_string(), stats.get(i as u32))).collect(),
             conntrack: Default::default(),
             services: Vec::new(),
+            announce: None,
         };
         for s in &plan.services {
             let cfg = ctx.config.services.iter().find(|c| c.name == s.name);

@@ -95,6 +95,8 @@ struct Agent {
     trace: Option<trace_session::Session>,
     /// Reloads in progress (parsed off the loop).
     reloads: reloading::Reloads,
+    /// VIP routes for the BGP speaker (`--announce-table`).
+    announce: crate::announce::Announcer,
 }
 
 /// Probe targets of a configuration.
@@ -157,6 +159,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let pins = PinDir::new(&args.pin_dir);
     crate::ownership::check_interface(&iface, &pins)?;
     let mut neigh_events = crate::neigh::watch()?;
+    let mut announce = crate::announce::Announcer::start(args.announce_table).context("starting the announcements")?;
 
     let addresses = nl.addresses(iface.index).await?;
     let tunnel = TunnelParams::resolve(&cfg, &iface, &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -206,6 +209,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);
     let conntrack = Arc::new(Mutex::new(TableStatus::default()));
     let (reloads, mut parsed) = reloading::Reloads::new();
+    // Announced only now that the program is attached and the maps filled.
+    announce.update(&plan);
     let mut agent = Agent {
         args,
         config: cfg,
@@ -234,6 +239,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         backoff: Default::default(),
         trace: None,
         reloads,
+        announce,
     };
     agent.refresh_status();
     // systemd Type=notify: ready once the maps are filled and the program attached.
@@ -271,6 +277,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
             Some(call) = calls.recv() => agent.on_call(call),
             Some(raw) = trace_records.recv() => agent.on_trace_record(raw),
         }
+        // Whatever the event, the announcements follow the plan now in the maps.
+        agent.announce.update(&agent.plan);
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
@@ -286,6 +294,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     if let Ok(stats) = &stats {
         crate::report::log_totals(&agent.plan, stats);
     }
+    let converge = Duration::from_secs_f64(agent.args.withdraw_wait_secs.max(0.0));
+    std::mem::take(&mut agent.announce).stop(!agent.args.keep_on_exit, converge).await;
     if agent.args.keep_on_exit {
         tracing::info!(iface = %agent.iface.name, pin_dir = %agent.args.pin_dir.display(),
             "exiting with the balancer left attached (--keep-on-exit): the next agent adopts it");
@@ -357,6 +367,7 @@ impl Agent {
         let mut status = self.sampler.status(&ctx, &self.plan, stats);
         status.conntrack = self.conntrack.lock().map(|c| c.clone()).unwrap_or_default();
         (status.conntrack.new_capacity, status.conntrack.established_capacity) = self.ct_capacity;
+        status.announce = self.announce.status();
         if let Ok(mut s) = self.status.write() {
             *s = status;
         }

@@ -21,6 +21,17 @@ pub struct Status {
     #[serde(default)]
     pub conntrack: crate::conntrack::TableStatus,
     pub services: Vec<ServiceStatus>,
+    /// VIP announcements (`--announce-table`), if on.
+    #[serde(default)]
+    pub announce: Option<Box<AnnounceStatus>>,
+}
+
+/// What the agent announces to the BGP speaker (`announce.rs`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AnnounceStatus {
+    pub table: u32,
+    /// The VIPs announced (a route each in `table`).
+    pub vips: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -245,38 +245,48 @@ impl Lab {
     fn start_agent_full(&self, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let n = AGENTS.fetch_add(1, Ordering::SeqCst);
         let log = self.dir.join(format!("agent-{n}.log"));
-        let bin = agent_bin();
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.balancer))
-            .arg("--")
-            .arg(&bin)
-            .args(["run", "--iface", "eth0", "--xdp-mode", "native", "--config"])
-            .arg(config)
-            .arg("--pin-dir")
-            .arg(self.pin_dir())
-            .arg("--control-socket")
-            .arg(self.control_socket())
-            .args(extra)
-            .env("LB_LOG", std::env::var("LB_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
-            .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("agent log"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut agent = Agent { child: Some(child), log, pin_dir: self.pin_dir(), cleanup: true };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = agent.log_text();
-            if text.contains("attached iface") || text.contains("replaced the program") {
-                return agent;
-            }
-            if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("lb-agent exited ({status}) before attaching:\n{}", agent.log_text());
-            }
-            assert!(Instant::now() < deadline, "lb-agent did not attach within 30 s:\n{}", agent.log_text());
-            std::thread::sleep(Duration::from_millis(100));
+        let mut args: Vec<String> = ["--iface", "eth0", "--xdp-mode", "native", "--config"].map(String::from).into();
+        args.push(config.display().to_string());
+        args.push("--control-socket".into());
+        args.push(self.control_socket().display().to_string());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        spawn_agent(&self.balancer, &args, self.pin_dir(), log, env)
+    }
+}
+
+/// Starts `lb-agent run ARGS... --pin-dir PIN_DIR` in namespace `ns` (through
+/// nsenter, so it sees the host's bpffs), logging to `log`, and waits for the line
+/// that says the balancer is in place: "attached", or "replaced the program" when
+/// it adopts one an earlier agent left attached.
+pub fn spawn_agent(ns: &str, args: &[String], pin_dir: PathBuf, log: PathBuf, env: &[(&str, &str)]) -> Agent {
+    let bin = agent_bin();
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(&bin)
+        .arg("run")
+        .args(args)
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .env("LB_LOG", std::env::var("LB_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("agent log"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let mut agent = Agent { child: Some(child), log, pin_dir, cleanup: true };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = agent.log_text();
+        if text.contains("attached iface") || text.contains("replaced the program") {
+            return agent;
         }
+        if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!("lb-agent exited ({status}) before attaching:\n{}", agent.log_text());
+        }
+        assert!(Instant::now() < deadline, "lb-agent did not attach within 30 s:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

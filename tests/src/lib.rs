@@ -1,9 +1,14 @@
 //! Shared helpers for the privileged tests and the demo: network-namespace labs,
 //! traffic, and frame builders.
 
+pub mod daemon;
+pub mod ecmp;
+pub mod failover;
 pub mod lab;
 pub mod netns;
+pub mod segment;
 pub mod traffic;
+pub mod vrrp;
 pub mod flood;
 pub mod frames;
 pub mod tls;

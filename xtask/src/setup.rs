@@ -23,6 +23,9 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "fonts-dejavu-core",
     "prometheus",
+    // Routing daemons for the high-availability labs (tests/tests/ha.rs).
+    "bird2",
+    "keepalived",
     // systemd-analyze, for the unit check in tests/tests/ops_docs.rs.
     "systemd",
 ];

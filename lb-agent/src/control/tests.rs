@@ -112,6 +112,7 @@ fn sample_status() -> Status {
         outcomes: vec![("forwarded".into(), 42), ("pass_not_ip".into(), 0), ("drop_no_backend".into(), 3)],
         conntrack: Default::default(),
         services: vec![web, dns, any],
+        announce: None,
     }
 }
 

@@ -2,7 +2,8 @@
 //! BPF_PROG_TEST_RUN (with a per-stage breakdown), the live forwarding rate on veth
 //! with native XDP (MAC-swap ceiling, the balancer, nftables DNAT), control-plane
 //! costs (Maglev, plan, full apply, memory, reload under traffic), and the CPU cost
-//! of 5,000 liveness probes.
+//! of 5,000 liveness probes, and failover with the real BIRD and keepalived
+//! (needs the lb-agent binary next to this one: `cargo xtask bench` builds it).
 //!
 //! Without `--quick` the results are also written to `docs/benchmarks.md` and
 //! `docs/benchmarks.png`; with `--quick` fewer repetitions and sizes are used, the
@@ -10,6 +11,7 @@
 
 mod conntrack;
 mod control;
+mod failover;
 mod frames;
 mod live;
 mod packets;
@@ -112,7 +114,15 @@ fn main() {
             bare_secs: 3.0,
         }
     };
+    let failover_runs = if quick { 1 } else { 3 };
     let started = Instant::now();
+    // Only the failover benchmark, printed and not written (for working on HA).
+    if std::env::args().any(|a| a == "--failover-only") {
+        let md = failover::bench_failover(failover_runs);
+        println!("\n## Failover\n\n{md}");
+        eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
     // Only the probe benchmark, printed and not written (for working on the prober).
     if std::env::args().any(|a| a == "--probes-only") {
         let probe = probes::bench_probes(&pp);
@@ -170,6 +180,9 @@ fn main() {
     let probe = probes::bench_probes(&pp);
     let probe_md = probes::probes_md(&probe, &pp);
     println!("\n## Liveness probes\n\n{probe_md}");
+    eprintln!("lb-bench: failover with BIRD and keepalived ({failover_runs} run(s) per scenario) ...");
+    let failover_md = failover::bench_failover(failover_runs);
+    println!("\n## Failover\n\n{failover_md}");
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
     let png = if p.quick {
         std::env::temp_dir().join(format!("lb-bench-{}.png", std::process::id()))
@@ -209,7 +222,8 @@ fn main() {
          ## Control plane\n\n### Maglev table build (`lb_agent::maglev::build_table`)\n\n{maglev}\n\
          ### Plan and full apply, 1,000 services x 32 backends\n\n{apply}\n\
          ### Reload under traffic, 1,000 services x 32 backends\n\n{reload}\n\
-         ### Liveness probes: CPU\n\n{probe_md}\n",
+         ### Liveness probes: CPU\n\n{probe_md}\n\
+         ## Failover (ECMP and VRRP pair)\n\n{failover_md}\n",
         sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         sh("uname", &["-r"]),
         started.elapsed().as_secs_f64(),
