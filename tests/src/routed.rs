@@ -56,6 +56,7 @@ pub struct RoutedLab {
 }
 
 impl RoutedLab {
+    #[expect(clippy::new_without_default, reason = "builds namespaces: not a default value")]
     pub fn new() -> RoutedLab {
         netns::require_root();
         let id = format!("rt{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
