@@ -501,6 +501,9 @@ pub fn render_table(status: &Status) -> String {
             let _ = write!(first, " ({})", s.name);
         }
         let mut notes = vec![];
+        if !s.forwarding.is_empty() && s.forwarding != "dr" {
+            notes.push(format!("forwarding {}", s.forwarding));
+        }
         if s.using_backups {
             notes.push("backups serving".to_string());
         }

@@ -25,6 +25,7 @@
 //! | `lb_conntrack_hits_total`, `lb_conntrack_misses_total`, `lb_conntrack_insert_failures_total` | counter | |
 //! | `lb_conntrack_promotions_total`, `lb_conntrack_established_full_total`, `lb_conntrack_midflow_misses_total`, `lb_conntrack_expired_total` | counter | |
 //! | `lb_conntrack_established_entries` | gauge | `state` (`established`, `closing`) |
+//! | `lb_encap_ipip_total`, `lb_encap_gue_total` | counter | |
 //! | `lb_conntrack_established_capacity`, `lb_conntrack_new_capacity` | gauge | |
 //! | `lb_persistence_hits_total` | counter | |
 //! | `lb_reloads_total` | counter | `result` (`ok`, `failed`) |
@@ -77,7 +78,7 @@ pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Outcome counters that are not a packet's verdict, and the family each goes to.
-const NOT_VERDICTS: [(&str, &str, &str); 7] = [
+const NOT_VERDICTS: [(&str, &str, &str); 9] = [
     (
         "conn_hit",
         "lb_conntrack_hits",
@@ -107,6 +108,16 @@ const NOT_VERDICTS: [(&str, &str, &str); 7] = [
         "ct_established_full",
         "lb_conntrack_established_full",
         "Packets of flows that could not move to the established table because it was full (they stay evictable).",
+    ),
+    (
+        "encap_ipip",
+        "lb_encap_ipip",
+        "Packets forwarded in an IPIP or IP6IP6 tunnel (also counted as forwarded).",
+    ),
+    (
+        "encap_gue",
+        "lb_encap_gue",
+        "Packets forwarded in GUE (also counted as forwarded).",
     ),
     (
         "ct_midflow_miss",
@@ -688,7 +699,7 @@ mod tests {
         // Every family has one HELP and one TYPE line, and each series one family.
         let helps = lines.iter().filter(|l| l.starts_with("# HELP ")).count();
         let types = lines.iter().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!((helps, types), (26, 26), "{text}");
+        assert_eq!((helps, types), (28, 28), "{text}");
     }
 
     #[test]

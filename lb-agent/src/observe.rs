@@ -79,6 +79,7 @@ impl Sampler {
                 port: s.port,
                 protocol: s.protocol.as_str().into(),
                 scheduler: "maglev".into(),
+                forwarding: cfg.map(|c| c.forwarding.as_str().to_string()).unwrap_or_default(),
                 table_size: s.table_size,
                 on_all_down: cfg.map(|c| c.on_all_down.as_str().to_string()).unwrap_or_default(),
                 using_backups: s.using_backups,

@@ -43,6 +43,9 @@ pub struct ServiceStatus {
     pub protocol: String,
     /// "maglev".
     pub scheduler: String,
+    /// "dr", "ipip" or "gue".
+    #[serde(default)]
+    pub forwarding: String,
     pub table_size: u32,
     /// "drop", "pass" or "backup".
     pub on_all_down: String,

@@ -108,6 +108,15 @@ fn long_lived_connections_keep_their_backend_across_a_reload() {
         let r = c.finish();
         assert!(r.error.is_none() && r.exchanges > 5, "a long-lived connection broke across the reload: {r:?}");
     }
+    // `status` names each service's forwarding mode.
+    let out = std::process::Command::new(lb_tests::lab::agent_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(lab.control_socket())
+        .output()
+        .expect("lb-agent status");
+    let status: lb_agent::status::Status = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let modes: BTreeMap<String, String> = status.services.iter().map(|s| (s.name.clone(), s.forwarding.clone())).collect();
+    assert_eq!((modes["ipip4"].as_str(), modes["gue64"].as_str()), ("ipip", "gue"), "{modes:?}");
     // New connections now reach b3 too.
     let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 300, 2, Duration::from_secs(60));
     assert_eq!(t.failures, 0, "{:?}", t.first_errors);

@@ -20,6 +20,7 @@ mod probes;
 mod reload;
 mod report;
 mod topo;
+mod tunnel;
 mod trace;
 
 use std::{fmt::Write as _, path::Path, time::Instant};
@@ -124,6 +125,14 @@ fn main() {
         return;
     }
     // Only the probe benchmark, printed and not written (for working on the prober).
+    // Only the per-packet sections added with tunnels and tracing (for working on
+    // the data plane).
+    if std::env::args().any(|a| a == "--dataplane-only") {
+        println!("\n## Tunnel forwarding: cost per packet\n\n{}", tunnel::bench_tunnel(&p));
+        println!("\n## Established-flow table: cost\n\n{}", conntrack::bench_protection(&p));
+        println!("\n## Trace hook\n\n{}", trace::bench_trace_hook(&p));
+        return;
+    }
     if std::env::args().any(|a| a == "--probes-only") {
         let probe = probes::bench_probes(&pp);
         println!("\n## Liveness probes\n\n{}", probes::probes_md(&probe, &pp));
@@ -136,6 +145,9 @@ fn main() {
     eprintln!("lb-bench: connection-table protection, off vs on ...");
     let protection = conntrack::bench_protection(&p);
     println!("\n## Established-flow table: cost\n\n{protection}");
+    eprintln!("lb-bench: tunnel forwarding per packet ...");
+    let tunnel = tunnel::bench_tunnel(&p);
+    println!("\n## Tunnel forwarding: cost per packet\n\n{tunnel}");
     eprintln!("lb-bench: the trace hook with no trace running ...");
     let trace_hook = trace::bench_trace_hook(&p);
     println!("\n## Trace hook, no trace running\n\n{trace_hook}");
@@ -217,6 +229,7 @@ fn main() {
          ![Live forwarding rate of (a), (b), (c), and per-packet cost by frame class](benchmarks.png)\n\n\
          ## Per-packet cost of the XDP program\n\n{packets}\n\
          ### Established-flow table: cost per packet, off vs on\n\n{protection}\n\
+         ### Tunnel forwarding: cost per packet\n\n{tunnel}\n\
          ### `lb-agent trace` hook: cost while no trace runs\n\n{trace_hook}\n\
          ## Live forwarding rate (veth, native XDP)\n\n{live_md}\n{}\n\
          ## Control plane\n\n### Maglev table build (`lb_agent::maglev::build_table`)\n\n{maglev}\n\
