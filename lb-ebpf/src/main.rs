@@ -43,9 +43,13 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
         count(stat::PASS_NOT_READY);
         return xdp_action::XDP_PASS;
     };
+    let filter = trace::active();
+    if filter.is_some() {
+        trace::read_flow(ctx.data(), ctx.data_end(), r);
+    }
     let (action, counter) = verdict(balance_call(&ctx, &mut r.decision));
     count(counter);
-    if let Some(filter) = trace::active() {
+    if let Some(filter) = filter {
         trace::record(&ctx, filter, r, action, counter);
     }
     action

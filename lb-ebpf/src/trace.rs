@@ -8,10 +8,7 @@ use aya_log_ebpf::info;
 pub use lb_common::trace::Decision;
 use lb_common::{mask_addr, trace::*, v4_mapped, TraceFilter, TraceRecord, PROTO_TCP, PROTO_UDP};
 
-use crate::{
-    maps::{BACKENDS, CT_CLOCK, TRACE_BUDGET, TRACE_FILTER, TRACE_SCRATCH},
-    parse::{ptr_at, read_be16},
-};
+use crate::maps::{BACKENDS, CT_CLOCK, TRACE_BUDGET, TRACE_FILTER, TRACE_SCRATCH};
 
 /// The running trace's filter, if any.
 #[inline(always)]
@@ -22,66 +19,81 @@ pub fn active() -> Option<&'static TraceFilter> {
     }
 }
 
-/// This CPU's record, its decision reset: `lb_xdp_trace` fills it in place.
+/// This CPU's record, reset: `lb_xdp_trace` fills it in place.
 #[inline(always)]
 pub fn scratch() -> Option<&'static mut TraceRecord> {
     let r = TRACE_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's own slot, used by one packet at a time.
     let r = unsafe { &mut *r };
-    r.decision = Decision::new();
+    *r = TraceRecord { decision: Decision::new(), ..TraceRecord::default() };
     Some(r)
 }
 
-/// Reads the frame's flow into `r`, as far as it goes (for frames that stopped
-/// early too).
+/// `N` bytes at `offset` of the frame `[data, end)`, bounds-checked.
 #[inline(always)]
-fn read_flow(ctx: &XdpContext, r: &mut TraceRecord) {
-    r.src = [0; 16];
-    r.dst = [0; 16];
-    r.proto = 0;
-    r.sport = 0;
-    r.dport = 0;
-    r.tcp_flags = 0;
-    let Ok(mut ethertype) = read_be16(ctx, 12) else { return };
-    let mut l3 = 14;
-    if ethertype == 0x8100 || ethertype == 0x88a8 {
-        let Ok(t) = read_be16(ctx, 16) else { return };
-        ethertype = t;
-        l3 += 4;
+fn at<const N: usize>(data: usize, end: usize, offset: usize) -> Option<&'static [u8; N]> {
+    if data + offset + N > end {
+        return None;
     }
-    let l4 = match ethertype {
+    // SAFETY: bounds checked just above.
+    Some(unsafe { &*((data + offset) as *const [u8; N]) })
+}
+
+/// Reads the frame's flow into `r`, as far as it goes (for frames that stop
+/// early too). Called before the balancer runs: a tunnel mode rewrites the frame.
+/// Takes the frame's bounds as 64-bit values rather than the context (LLVM would
+/// pass the context's 32-bit fields and widen them with shifts, which the verifier
+/// refuses on a packet pointer), and reads only at constant offsets; the ports of
+/// an IPv4 packet with options are not read (shown as 0). `scratch` cleared `r`.
+#[inline(never)]
+pub fn read_flow(data: usize, end: usize, r: &mut TraceRecord) {
+    let Some(eth) = at::<14>(data, end, 0) else { return };
+    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    if ethertype == 0x8100 || ethertype == 0x88a8 {
+        if let Some(t) = at::<2>(data, end, 16) {
+            read_l3::<18>(data, end, r, u16::from_be_bytes(*t));
+        }
+    } else {
+        read_l3::<14>(data, end, r, ethertype);
+    }
+}
+
+#[inline(always)]
+fn read_l3<const L3: usize>(data: usize, end: usize, r: &mut TraceRecord, ethertype: u16) {
+    match ethertype {
         0x0800 => {
-            let Ok(h) = ptr_at::<[u8; 20]>(ctx, l3) else { return };
-            // SAFETY: bounds checked by ptr_at.
-            let h = unsafe { &*h };
+            let Some(h) = at::<20>(data, end, L3) else { return };
             r.src = v4_mapped([h[12], h[13], h[14], h[15]]);
             r.dst = v4_mapped([h[16], h[17], h[18], h[19]]);
             r.proto = h[9];
-            l3 + ((h[0] & 0x0f) as usize) * 4
+            if h[0] & 0x0f == 5 {
+                read_l4(data, end, r, L3 + 20);
+            }
         }
         0x86dd => {
-            let Ok(h) = ptr_at::<[u8; 40]>(ctx, l3) else { return };
-            // SAFETY: bounds checked by ptr_at.
-            let h = unsafe { &*h };
+            let Some(h) = at::<40>(data, end, L3) else { return };
             r.src.copy_from_slice(&h[8..24]);
             r.dst.copy_from_slice(&h[24..40]);
             r.proto = h[6];
-            l3 + 40
+            read_l4(data, end, r, L3 + 40);
         }
-        _ => return,
-    };
-    if r.proto == PROTO_TCP || r.proto == PROTO_UDP {
-        if let Ok(p) = ptr_at::<[u8; 4]>(ctx, l4 & 0xff) {
-            // SAFETY: bounds checked by ptr_at.
-            let p = unsafe { *p };
-            r.sport = u16::from_be_bytes([p[0], p[1]]);
-            r.dport = u16::from_be_bytes([p[2], p[3]]);
-        }
-        if r.proto == PROTO_TCP {
-            if let Ok(b) = ptr_at::<u8>(ctx, (l4 & 0xff) + 13) {
-                // SAFETY: bounds checked by ptr_at.
-                r.tcp_flags = unsafe { *b };
-            }
+        _ => {}
+    }
+}
+
+/// `l4` is a constant once inlined into `read_l3::<L3>`.
+#[inline(always)]
+fn read_l4(data: usize, end: usize, r: &mut TraceRecord, l4: usize) {
+    if r.proto != PROTO_TCP && r.proto != PROTO_UDP {
+        return;
+    }
+    if let Some(p) = at::<4>(data, end, l4) {
+        r.sport = u16::from_be_bytes([p[0], p[1]]);
+        r.dport = u16::from_be_bytes([p[2], p[3]]);
+    }
+    if r.proto == PROTO_TCP {
+        if let Some(b) = at::<14>(data, end, l4) {
+            r.tcp_flags = b[13];
         }
     }
 }
@@ -130,12 +142,11 @@ fn within_budget(f: &TraceFilter) -> bool {
     true
 }
 
-/// Writes the record `r` (whose decision the program filled) if the packet
-/// matches the filter. Not inlined, and the record is in a map, not on the stack:
+/// Writes the record `r` (whose flow `read_flow` and whose decision the program
+/// filled) if the packet matches the filter. Not inlined, and the record is in a map, not on the stack:
 /// the balancer's frame and this one share the verifier's 512 bytes.
 #[inline(never)]
 pub fn record(ctx: &XdpContext, f: &TraceFilter, r: &mut TraceRecord, action: u32, counter: u32) {
-    read_flow(ctx, r);
     if !matches(f, r) || !within_budget(f) {
         return;
     }

@@ -13,6 +13,31 @@ use lb_tests::{
 
 const CONNECTIONS: u64 = 3000;
 
+/// Waits (at most 15 s) for a child that stops by itself and returns its stdout.
+trait WaitOutput {
+    fn wait_with_output_timeout(&mut self, log: &str) -> String;
+}
+
+impl WaitOutput for std::process::Child {
+    fn wait_with_output_timeout(&mut self, log: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while self.try_wait().ok().flatten().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.kill();
+                let mut out = String::new();
+                use std::io::Read;
+                let _ = self.stdout.take().expect("stdout").read_to_string(&mut out);
+                panic!("lb-agent trace --count 1 did not end; its output: {out}\nagent log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut out = String::new();
+        use std::io::Read;
+        self.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
+        out
+    }
+}
+
 fn backends(lab: &RoutedLab, v6: bool, n: usize) -> String {
     lab.backends[..n]
         .iter()
@@ -91,7 +116,7 @@ fn ipip_and_gue_reach_routed_backends_and_replies_bypass_the_balancer() {
 #[test]
 fn long_lived_connections_keep_their_backend_across_a_reload() {
     let mut lab = RoutedLab::new();
-    lab.start_servers(&[80]);
+    lab.start_servers(&[80, 8081]);
     let cfg = lab.write_config(&config(&lab, 2));
     let agent = lab.start_agent(&cfg);
     let conns: Vec<LongLived> = (0..12).map(|_| LongLived::open(&lab.client, IpAddr::V4(VIP4), ECHO_PORT)).collect();
@@ -108,6 +133,21 @@ fn long_lived_connections_keep_their_backend_across_a_reload() {
         let r = c.finish();
         assert!(r.error.is_none() && r.exchanges > 5, "a long-lived connection broke across the reload: {r:?}");
     }
+    // A trace shows the encapsulation (one GUE packet to the IPv6 vip).
+    let mut trace = std::process::Command::new(lb_tests::lab::agent_bin())
+        .args(["trace", "--json", "--count", "1", "--vip", &format!("[{VIP6}]:8081"), "--socket"])
+        .arg(lab.control_socket())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("lb-agent trace");
+    std::thread::sleep(Duration::from_millis(500));
+    let t = requests(&lab.client, Proto::Http, IpAddr::V6(VIP6), 8081, 1, 1, Duration::from_secs(10));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    let out = trace.wait_with_output_timeout(&agent.log_text());
+    let line: lb_agent::trace::TraceLine = serde_json::from_str(out.lines().next().expect("a traced packet")).expect("JSON");
+    assert_eq!((line.forwarding.as_deref(), line.service.as_deref()), (Some("gue"), Some("gue64")), "{line:?}");
+    assert!(line.backend.is_some_and(|b| b.is_ipv4()), "{line:?}");
     // `status` names each service's forwarding mode.
     let out = std::process::Command::new(lb_tests::lab::agent_bin())
         .args(["status", "--json", "--socket"])

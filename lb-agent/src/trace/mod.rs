@@ -151,6 +151,10 @@ pub struct TraceLine {
     pub backend_mac: Option<String>,
     /// `up`, `draining`, `down`, `unresolved`.
     pub backend_state: Option<String>,
+    /// How the frame went to the backend: `dr`, `ipip`, `gue` (the MAC is then
+    /// the next hop's).
+    #[serde(default)]
+    pub forwarding: Option<String>,
     /// `tx`, `pass`, `drop`.
     pub verdict: String,
     /// The counter the packet moved: the outcome names of `lb-agent status`.

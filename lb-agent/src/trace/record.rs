@@ -122,6 +122,14 @@ pub fn describe(r: &RawRecord, plan: &Plan, drained: &dyn Fn(&str, IpAddr) -> bo
         backend: backend.map(|b| b.address),
         backend_mac: backend.and_then(|b| b.mac).map(|m| format_mac(&m)),
         backend_state: state,
+        forwarding: backend.map(|b| {
+            match b.forward {
+                lb_common::FORWARD_IPIP => "ipip",
+                lb_common::FORWARD_GUE => "gue",
+                _ => "dr",
+            }
+            .to_string()
+        }),
         verdict: match r.action {
             1 => "drop",
             2 => "pass",
@@ -168,6 +176,9 @@ pub fn render_text(l: &TraceLine) -> String {
         }
         if let Some(st) = &l.backend_state {
             out += &format!(" {st}");
+        }
+        if let Some(f) = l.forwarding.as_deref().filter(|f| *f != "dr") {
+            out += &format!(" via {f}");
         }
     }
     out += &format!(": {} {}, {} bytes", l.verdict, l.outcome, l.bytes);
