@@ -187,7 +187,7 @@ impl Dataplane {
         let mut ebpf = loader.load(object)?;
         for name in [lb_common::PROG_BALANCER, lb_common::PROG_BALANCER_TRACE, lb_common::PROG_PASS] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
-            prog.load().map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
+            load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
         }
         let max_entries = |ebpf: &mut Ebpf, name: &'static str| -> Result<u32> {
             let info = map_data(ebpf, name)?.info().map_err(map_err(name))?;
@@ -469,6 +469,24 @@ impl Dataplane {
     pub fn stats(&mut self) -> Result<Stats> {
         let e = &mut self.ebpf;
         Stats::read(map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?)
+    }
+}
+
+/// Loads a program, again when the verifier gave up with EAGAIN: it stops when a
+/// signal is pending, and the agent's probes (exec children: SIGCHLD) and its
+/// runtime's signal handling can make that happen during a long verification.
+fn load_retrying(prog: &mut Xdp) -> std::result::Result<(), aya::programs::ProgramError> {
+    let mut tries = 0;
+    loop {
+        match prog.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+            {
+                tries += 1;
+                tracing::debug!(tries, "the verifier was interrupted by a signal: loading again");
+            }
+            other => return other,
+        }
     }
 }
 
