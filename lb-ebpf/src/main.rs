@@ -11,6 +11,9 @@ mod backend;
 mod conntrack;
 mod decap;
 mod forward;
+
+mod frag;
+mod icmp;
 mod maps;
 mod parse;
 mod schedule;
@@ -20,17 +23,53 @@ mod trace;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{stat, FlowKey};
 
-use crate::{parse::Outcome, stats::count, trace::Decision};
+use crate::{
+    maps::RARE,
+    parse::{Outcome, Packet},
+    stats::count,
+    trace::Decision,
+};
 
 /// The balancer. Errors never escape: each parse failure maps to a counted outcome.
 /// Attached while no trace runs: the decision record it fills is never read, so
 /// the compiler drops it.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let mut d = Decision::new();
-    let (action, counter) = verdict(balance(&ctx, &mut d));
+    let mut outcome = balance_fast(&ctx);
+    if let Outcome::Rare = outcome {
+        outcome = rare_fast(&ctx);
+    }
+    let (action, counter) = verdict(outcome);
     count(counter);
     action
+}
+
+/// The balancer for TCP/UDP, a call of its own: ICMP and fragments to a VIP come
+/// back as `Outcome::Rare` and go to `rare_fast`, a sibling call, so the two
+/// frames never add up on the verifier's 512-byte stack.
+#[inline(never)]
+fn balance_fast(ctx: &XdpContext) -> Outcome {
+    let mut d = Decision::new();
+    let mut pkt = Packet::empty();
+    let mut flow = FlowKey::default();
+    balance::<false>(ctx, &mut d, &mut pkt, &mut flow)
+}
+
+/// ICMP and fragments (`icmp.rs`, `frag.rs`): parsed in full and scheduled with
+/// their hooks. The packet and flow live in the per-CPU `RARE` entry: this path
+/// has more to do and the same stack.
+#[inline(never)]
+fn rare_fast(ctx: &XdpContext) -> Outcome {
+    let mut d = Decision::new();
+    rare(ctx, &mut d)
+}
+
+#[inline(always)]
+fn rare(ctx: &XdpContext, d: &mut Decision) -> Outcome {
+    let Some(r) = RARE.get_ptr_mut(0) else { return Outcome::Pass(stat::PASS_NOT_L4) };
+    // SAFETY: this CPU's entry, used by this program run only.
+    let r = unsafe { &mut *r };
+    balance::<true>(ctx, d, &mut r.pkt, &mut r.flow)
 }
 
 /// `lb_xdp` with the trace hook: the agent swaps it into the XDP link while an
@@ -43,7 +82,11 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
         count(stat::PASS_NOT_READY);
         return xdp_action::XDP_PASS;
     };
-    let (action, counter) = verdict(balance_call(&ctx, &mut r.decision));
+    let mut outcome = balance_call(&ctx, &mut r.decision);
+    if let Outcome::Rare = outcome {
+        outcome = rare_call(&ctx, &mut r.decision);
+    }
+    let (action, counter) = verdict(outcome);
     count(counter);
     if let Some(filter) = trace::active() {
         trace::record(&ctx, filter, r, action, counter);
@@ -56,7 +99,15 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
 /// the trace record's would not fit in one frame.
 #[inline(never)]
 fn balance_call(ctx: &XdpContext, d: &mut Decision) -> Outcome {
-    balance(ctx, d)
+    let mut pkt = Packet::empty();
+    let mut flow = FlowKey::default();
+    balance::<false>(ctx, d, &mut pkt, &mut flow)
+}
+
+/// `rare_fast` with the trace's decision record.
+#[inline(never)]
+fn rare_call(ctx: &XdpContext, d: &mut Decision) -> Outcome {
+    rare(ctx, d)
 }
 
 /// The XDP action of an outcome and the `STATS` counter it moves.
@@ -67,6 +118,8 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         Outcome::Drop(reason) => (xdp_action::XDP_DROP, reason),
         Outcome::Tx => (xdp_action::XDP_TX, stat::FORWARDED),
         Outcome::TxAs(reason) => (xdp_action::XDP_TX, reason),
+        // Never left over: the entry points run the rare path for it.
+        Outcome::Rare => (xdp_action::XDP_PASS, stat::PASS_NOT_L4),
     }
 }
 
@@ -101,13 +154,13 @@ pub fn bench_macswap(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// Parse and forward; `FULL`: the rare path (ICMP, fragments), see `parse`.
 #[inline(always)]
-fn balance(ctx: &XdpContext, d: &mut Decision) -> Outcome {
-    let pkt = match parse::parse(ctx) {
-        Ok(pkt) => pkt,
-        Err(outcome) => return outcome,
-    };
-    let flow = FlowKey {
+fn balance<const FULL: bool>(ctx: &XdpContext, d: &mut Decision, pkt: &mut Packet, flow: &mut FlowKey) -> Outcome {
+    if let Err(outcome) = parse::parse::<FULL>(ctx, pkt) {
+        return outcome;
+    }
+    *flow = FlowKey {
         src: pkt.src,
         dst: pkt.dst,
         sport: pkt.sport,
@@ -115,7 +168,8 @@ fn balance(ctx: &XdpContext, d: &mut Decision) -> Outcome {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    schedule::forward(ctx, &pkt, &flow, d)
+    let kind = if FULL { pkt.kind } else { parse::KIND_L4 };
+    schedule::forward(ctx, pkt, flow, d, kind)
 }
 
 #[cfg(not(test))]
