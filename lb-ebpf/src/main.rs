@@ -35,33 +35,47 @@ use crate::{
 /// the compiler drops it.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let mut outcome = balance_fast(&ctx);
-    if let Outcome::Rare = outcome {
-        outcome = rare_fast(&ctx);
+    let mut v = balance_fast(&ctx);
+    if v as u32 == RARE_ACTION {
+        v = rare_fast(&ctx);
     }
-    let (action, counter) = verdict(outcome);
-    count(counter);
-    action
+    count((v >> 32) as u32);
+    v as u32
+}
+
+/// Action of a packed verdict that asks for the rare path.
+const RARE_ACTION: u32 = u32::MAX;
+
+/// An outcome as the XDP action (low half) and its counter (high half): what the
+/// calls below return, in a register and fully defined (an `Outcome` returned
+/// through memory would carry undefined payload bytes the verifier rejects).
+#[inline(always)]
+fn packed(outcome: Outcome) -> u64 {
+    let (action, counter) = match outcome {
+        Outcome::Rare => (RARE_ACTION, 0),
+        o => verdict(o),
+    };
+    (u64::from(counter) << 32) | u64::from(action)
 }
 
 /// The balancer for TCP/UDP, a call of its own: ICMP and fragments to a VIP come
 /// back as `Outcome::Rare` and go to `rare_fast`, a sibling call, so the two
 /// frames never add up on the verifier's 512-byte stack.
 #[inline(never)]
-fn balance_fast(ctx: &XdpContext) -> Outcome {
+fn balance_fast(ctx: &XdpContext) -> u64 {
     let mut d = Decision::new();
     let mut pkt = Packet::empty();
     let mut flow = FlowKey::default();
-    balance::<false>(ctx, &mut d, &mut pkt, &mut flow)
+    packed(balance::<false>(ctx, &mut d, &mut pkt, &mut flow))
 }
 
 /// ICMP and fragments (`icmp.rs`, `frag.rs`): parsed in full and scheduled with
 /// their hooks. The packet and flow live in the per-CPU `RARE` entry: this path
 /// has more to do and the same stack.
 #[inline(never)]
-fn rare_fast(ctx: &XdpContext) -> Outcome {
+fn rare_fast(ctx: &XdpContext) -> u64 {
     let mut d = Decision::new();
-    rare(ctx, &mut d)
+    packed(rare(ctx, &mut d))
 }
 
 #[inline(always)]
@@ -82,11 +96,11 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
         count(stat::PASS_NOT_READY);
         return xdp_action::XDP_PASS;
     };
-    let mut outcome = balance_call(&ctx, &mut r.decision);
-    if let Outcome::Rare = outcome {
-        outcome = rare_call(&ctx, &mut r.decision);
+    let mut v = balance_call(&ctx, &mut r.decision);
+    if v as u32 == RARE_ACTION {
+        v = rare_call(&ctx, &mut r.decision);
     }
-    let (action, counter) = verdict(outcome);
+    let (action, counter) = (v as u32, (v >> 32) as u32);
     count(counter);
     if let Some(filter) = trace::active() {
         trace::record(&ctx, filter, r, action, counter);
@@ -98,16 +112,16 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
 /// allows 512 bytes of stack for a whole call chain, and the balancer's frame plus
 /// the trace record's would not fit in one frame.
 #[inline(never)]
-fn balance_call(ctx: &XdpContext, d: &mut Decision) -> Outcome {
+fn balance_call(ctx: &XdpContext, d: &mut Decision) -> u64 {
     let mut pkt = Packet::empty();
     let mut flow = FlowKey::default();
-    balance::<false>(ctx, d, &mut pkt, &mut flow)
+    packed(balance::<false>(ctx, d, &mut pkt, &mut flow))
 }
 
 /// `rare_fast` with the trace's decision record.
 #[inline(never)]
-fn rare_call(ctx: &XdpContext, d: &mut Decision) -> Outcome {
-    rare(ctx, d)
+fn rare_call(ctx: &XdpContext, d: &mut Decision) -> u64 {
+    packed(rare(ctx, d))
 }
 
 /// The XDP action of an outcome and the `STATS` counter it moves.
