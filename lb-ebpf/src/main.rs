@@ -20,6 +20,8 @@ mod schedule;
 mod stats;
 mod trace;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{stat, FlowKey};
 
@@ -64,8 +66,7 @@ fn packed(outcome: Outcome) -> u64 {
 #[inline(never)]
 fn balance_fast(ctx: &XdpContext) -> u64 {
     let mut d = Decision::new();
-    let mut pkt = Packet::empty();
-    let mut flow = FlowKey::default();
+    let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
     packed(balance::<false>(ctx, &mut d, &mut pkt, &mut flow))
 }
 
@@ -113,8 +114,7 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
 /// the trace record's would not fit in one frame.
 #[inline(never)]
 fn balance_call(ctx: &XdpContext, d: &mut Decision) -> u64 {
-    let mut pkt = Packet::empty();
-    let mut flow = FlowKey::default();
+    let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
     packed(balance::<false>(ctx, d, &mut pkt, &mut flow))
 }
 
@@ -170,18 +170,25 @@ pub fn bench_macswap(ctx: XdpContext) -> u32 {
 
 /// Parse and forward; `FULL`: the rare path (ICMP, fragments), see `parse`.
 #[inline(always)]
-fn balance<const FULL: bool>(ctx: &XdpContext, d: &mut Decision, pkt: &mut Packet, flow: &mut FlowKey) -> Outcome {
+fn balance<const FULL: bool>(
+    ctx: &XdpContext,
+    d: &mut Decision,
+    pkt: &mut MaybeUninit<Packet>,
+    flow: &mut MaybeUninit<FlowKey>,
+) -> Outcome {
     if let Err(outcome) = parse::parse::<FULL>(ctx, pkt) {
         return outcome;
     }
-    *flow = FlowKey {
+    // SAFETY: `parse` wrote the whole packet when it returned Ok.
+    let pkt = unsafe { pkt.assume_init_ref() };
+    let flow = flow.write(FlowKey {
         src: pkt.src,
         dst: pkt.dst,
         sport: pkt.sport,
         dport: pkt.dport,
         proto: pkt.proto,
         _pad: [0; 3],
-    };
+    });
     let kind = if FULL { pkt.kind } else { parse::KIND_L4 };
     schedule::forward(ctx, pkt, flow, d, kind)
 }

@@ -92,8 +92,8 @@ pub static RARE: PerCpuArray<RareFrame, 1> = PerCpuArray::new();
 /// Value of `RARE`.
 #[repr(C)]
 pub struct RareFrame {
-    pub pkt: crate::parse::Packet,
-    pub flow: FlowKey,
+    pub pkt: core::mem::MaybeUninit<crate::parse::Packet>,
+    pub flow: core::mem::MaybeUninit<FlowKey>,
 }
 
 /// Value of `SCRATCH` (never pinned, never read by the agent).
