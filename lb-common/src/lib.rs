@@ -349,9 +349,11 @@ pub mod stat {
     pub const PASS_NOT_VIP: u32 = 1;
     /// VIP address, but no service for that port and protocol: passed.
     pub const PASS_NO_SERVICE: u32 = 2;
-    /// VIP address, protocol other than TCP/UDP (ICMP, IPv6 extension headers): passed.
+    /// VIP address, protocol other than TCP/UDP/ICMP (or an IPv6 extension header
+    /// other than a Fragment header right after the fixed header): passed.
     pub const PASS_NOT_L4: u32 = 3;
-    /// IPv4 fragment to a VIP address: passed (no L4 header to hash on).
+    /// Fragment to a VIP address of neither TCP nor UDP (a fragmented ICMP message):
+    /// passed. TCP/UDP fragments are followed (`FRAG_*`).
     pub const PASS_FRAGMENT: u32 = 4;
     /// Frame shorter than its Ethernet / 802.1Q header: passed.
     pub const PASS_MALFORMED_L2: u32 = 5;

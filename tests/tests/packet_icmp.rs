@@ -470,3 +470,28 @@ fn many_datagrams_spread_like_flows() {
     }
     assert_eq!(seen.len(), 3, "datagrams of 200 flows reach all three backends: {seen:?}");
 }
+
+/// Sets the data plane's clock (`CT_CLOCK`, seconds) as the agent publishes it.
+fn set_clock(lab: &mut Lab, seconds: u32) {
+    let map = lab.dp.ebpf_mut().map_mut(lb_common::map_names::CT_CLOCK).expect("CT_CLOCK");
+    let mut clock: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).expect("CT_CLOCK is an array");
+    clock.set(0, seconds, 0).expect("write CT_CLOCK");
+}
+
+#[test]
+fn fragment_entries_expire_after_the_timeout() {
+    let mut lab = Lab::with("fragments: { size: 1024, timeout: 3s }\n");
+    set_clock(&mut lab, 1000);
+    let f = v4f(48000, 53, PROTO_UDP, VIP4);
+    let b = lab.predict("dns", &f);
+    let fr = fragments_v4(&f, 77, 4000, 1500);
+    lab.dr(&fr[0], b, &[CONN_MISS, FRAG_FIRST], "first fragment at t=1000");
+    set_clock(&mut lab, 1003);
+    lab.dr(&fr[1], b, &[FRAG_FOLLOWED], "later fragment at t=1003 (within 3 s)");
+    set_clock(&mut lab, 1004);
+    lab.left(&fr[2], XDP_DROP, DROP_FRAG_UNKNOWN, "later fragment at t=1004 (expired)");
+    // A first fragment with the same id after the timeout is a new datagram:
+    // scheduled again (its flow is in the table by now) and remembered afresh.
+    lab.dr(&fr[0], b, &[CONN_HIT, CT_PROMOTED, FRAG_FIRST], "first fragment again at t=1004");
+    lab.dr(&fr[2], b, &[FRAG_FOLLOWED], "later fragment after it");
+}
