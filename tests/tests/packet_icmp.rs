@@ -257,6 +257,15 @@ fn icmp_errors_about_vip_flows_reach_the_flows_backend() {
             lab.dr(&err, b, &[CONN_MISS, ICMP_FORWARDED], &format!("{what} (unknown flow)"));
         }
     }
+    // 802.1Q-tagged: the tag is kept, only the MACs change.
+    for v6 in [false, true] {
+        let (f, svc) = if v6 { (v6f(41500, 80, PROTO_TCP, VIP6), "web6") } else { (v4f(41500, 80, PROTO_TCP, VIP4), "web") };
+        let b = lab.predict(svc, &f);
+        let untagged = if v6 { error_v6(2, 0, &reply_packet(&f), 48, VIP6) } else { error_v4(3, 4, &reply_packet(&f), 28, VIP4) };
+        let ethertype = if v6 { ETH_P_IPV6 } else { ETH_P_IP };
+        let tagged = ethernet(Some(Q_TAG), ethertype, &untagged[14..]);
+        lab.dr(&tagged, b, &[CONN_MISS, ICMP_FORWARDED], &format!("802.1Q-tagged ICMP error (v6: {v6})"));
+    }
     // An any-port service: any embedded source port.
     let f = v4f(41000, 5555, PROTO_TCP, ANY4);
     let b = lab.predict("any", &f);
