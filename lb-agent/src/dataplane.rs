@@ -77,7 +77,7 @@ impl std::fmt::Display for AttachMode {
 /// Map sizes for a plan, with room for the configuration to grow: twice the
 /// services and backends, and for `MAGLEV` two tables per service (the double
 /// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 9] {
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 10] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
@@ -94,7 +94,22 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 9] {
         (names::CONNTRACK, plan.conntrack_size.max(1)),
         (names::CT_ESTABLISHED, plan.established_size.max(1)),
         (names::AFFINITY, (plan.conntrack_size / 4).max(1024)),
+        (names::FRAGS, plan.frags_size.max(1)),
     ]
+}
+
+/// `CONFIG` flags with the plan's `answer_ping` and `forward_icmp`, and its
+/// fragment lifetime.
+fn icmp_policy(flags: u32, plan: &Plan) -> (u32, u32) {
+    use lb_common::{CONFIG_ANSWER_PING, CONFIG_FORWARD_ICMP};
+    let mut flags = flags & !(CONFIG_ANSWER_PING | CONFIG_FORWARD_ICMP);
+    if plan.answer_ping {
+        flags |= CONFIG_ANSWER_PING;
+    }
+    if plan.forward_icmp {
+        flags |= CONFIG_FORWARD_ICMP;
+    }
+    (flags, plan.frag_timeout_s)
 }
 
 /// The loaded object.
@@ -246,11 +261,12 @@ impl Dataplane {
         // ready once the maps are filled.
         let protect = if plan.established_size > 0 { CONFIG_CT_PROTECT } else { 0 };
         let flags = (self.config.flags & !CONFIG_CT_PROTECT) | protect;
+        let (flags, frag_timeout_s) = icmp_policy(flags, plan);
         // Entries are stamped with the published clock: publish it before any.
         let mut clock: Array<_, u32> =
             Array::try_from(map_mut(&mut self.ebpf, names::CT_CLOCK)?).map_err(map_err(names::CT_CLOCK))?;
         crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
-        self.set_config(Config { iface_mac, _pad: [0; 2], flags, ..self.config })?;
+        self.set_config(Config { iface_mac, _pad: [0; 2], flags, frag_timeout_s, ..self.config })?;
         let summary = apply::apply(self, plan)?;
         // A trace an earlier agent left running ends here.
         self.set_trace_filter(lb_common::TraceFilter::default())?;
@@ -267,7 +283,12 @@ impl Dataplane {
 
     /// Moves the maps from the last applied plan to `plan` (see `apply`).
     pub fn apply(&mut self, plan: &Plan) -> Result<Summary> {
-        apply::apply(self, plan)
+        let summary = apply::apply(self, plan)?;
+        let (flags, frag_timeout_s) = icmp_policy(self.config.flags, plan);
+        if flags != self.config.flags || frag_timeout_s != self.config.frag_timeout_s {
+            self.set_config(Config { flags, frag_timeout_s, ..self.config })?;
+        }
+        Ok(summary)
     }
 
     /// The plan the maps hold now (after `open` adopted them, or after an apply).

@@ -28,6 +28,7 @@
 //! | `lb_encap_ipip_total`, `lb_encap_gue_total` | counter | |
 //! | `lb_conntrack_established_capacity`, `lb_conntrack_new_capacity` | gauge | |
 //! | `lb_persistence_hits_total` | counter | |
+//! | `lb_icmp_errors_forwarded_total`, `lb_fragments_first_total`, `lb_fragments_followed_total`, `lb_fragments_insert_failures_total` | counter | |
 //! | `lb_reloads_total` | counter | `result` (`ok`, `failed`) |
 //! | `lb_xdp_attach_mode` (1 for the mode in use) | gauge | `mode` (`native`, `generic`) |
 //! | `lb_uptime_seconds` | gauge | |
@@ -78,7 +79,7 @@ pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Outcome counters that are not a packet's verdict, and the family each goes to.
-const NOT_VERDICTS: [(&str, &str, &str); 9] = [
+const NOT_VERDICTS: [(&str, &str, &str); 13] = [
     (
         "conn_hit",
         "lb_conntrack_hits",
@@ -123,6 +124,26 @@ const NOT_VERDICTS: [(&str, &str, &str); 9] = [
         "ct_midflow_miss",
         "lb_conntrack_midflow_misses",
         "TCP packets without SYN whose flow was in no table (evicted, expired or started elsewhere): scheduled again.",
+    ),
+    (
+        "icmp_forwarded",
+        "lb_icmp_errors_forwarded",
+        "ICMP errors about a VIP flow's replies sent to the flow's backend (also counted as forwarded).",
+    ),
+    (
+        "frag_first",
+        "lb_fragments_first",
+        "First fragments of datagrams scheduled and remembered (also counted as forwarded).",
+    ),
+    (
+        "frag_followed",
+        "lb_fragments_followed",
+        "Fragments sent where their datagram's first fragment went (also counted as forwarded).",
+    ),
+    (
+        "frag_insert_failed",
+        "lb_fragments_insert_failures",
+        "First fragments that could not be remembered (forwarded; their later fragments are dropped).",
     ),
 ];
 
@@ -699,7 +720,7 @@ mod tests {
         // Every family has one HELP and one TYPE line, and each series one family.
         let helps = lines.iter().filter(|l| l.starts_with("# HELP ")).count();
         let types = lines.iter().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!((helps, types), (28, 28), "{text}");
+        assert_eq!((helps, types), (32, 32), "{text}");
     }
 
     #[test]

@@ -130,6 +130,12 @@ pub struct Plan {
     pub conntrack_size: u32,
     /// Size of `CT_ESTABLISHED`; 0: flows stay in `CONNTRACK` (no protection).
     pub established_size: u32,
+    /// `answer_ping`, `forward_icmp`.
+    pub answer_ping: bool,
+    pub forward_icmp: bool,
+    /// Size of `FRAGS` and its entries' lifetime in seconds.
+    pub frags_size: u32,
+    pub frag_timeout_s: u32,
     pub service_ids: IdAlloc,
     pub backend_ids: IdAlloc,
 }
@@ -158,6 +164,10 @@ impl Plan {
         let mut plan = Plan {
             conntrack_size: config.conntrack_size,
             established_size: config.established_size,
+            answer_ping: config.answer_ping,
+            forward_icmp: config.forward_icmp,
+            frags_size: config.fragments.size,
+            frag_timeout_s: config.fragments.timeout.as_secs() as u32,
             ..Plan::default()
         };
         let mut kept_services = BTreeSet::new();
@@ -316,6 +326,10 @@ pub fn from_maps(
     let mut plan = Plan {
         conntrack_size: sizes.conntrack_size,
         established_size: sizes.established_size,
+        answer_ping: sizes.answer_ping,
+        forward_icmp: sizes.forward_icmp,
+        frags_size: sizes.frags_size,
+        frag_timeout_s: sizes.frag_timeout_s,
         vip_addrs,
         ..Plan::default()
     };

@@ -38,6 +38,7 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const AFFINITY: &str = "AFFINITY";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const FRAGS: &str = "FRAGS";
     pub use crate::decap::names::*;
 }
 
@@ -71,6 +72,41 @@ pub const PROG_PASS: &str = "lb_pass";
 pub const DEFAULT_MAX_SERVICES: u32 = 1024;
 pub const DEFAULT_MAX_BACKENDS: u32 = 8192;
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 65536;
+pub const DEFAULT_FRAGS_SIZE: u32 = 8192;
+/// Default lifetime of a `FRAGS` entry, in seconds.
+pub const DEFAULT_FRAG_TIMEOUT_S: u32 = 2;
+
+/// ICMP (IPv4) and ICMPv6 protocol numbers.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Key of `FRAGS`: one fragmented datagram (RFC 791 / RFC 8200 reassembly key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification, host order.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `FRAGS`: where the datagram's first fragment went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragVal {
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub generation: u32,
+    /// `CT_CLOCK` when the first fragment was seen; the entry is used for
+    /// `Config::frag_timeout_s` seconds after it.
+    pub created: u32,
+    /// The first fragment's ports (host order): the later fragments are
+    /// encapsulated with the same per-flow entropy.
+    pub sport: u16,
+    pub dport: u16,
+}
 
 /// Maps an IPv4 address (network order octets) to the 16-byte key form.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -286,6 +322,8 @@ pub struct Config {
     /// Largest frame payload (IP packet) the interface sends: an encapsulated
     /// packet that would exceed it is answered with ICMP "too big" (or dropped).
     pub mtu: u32,
+    /// Lifetime of a `FRAGS` entry in seconds of `CT_CLOCK`.
+    pub frag_timeout_s: u32,
 }
 
 pub const CONFIG_READY: u32 = 1;
@@ -295,6 +333,10 @@ pub const CONFIG_GENERIC: u32 = 2;
 /// where new flows cannot evict them (`established_size` > 0). Without it every
 /// flow stays in the LRU table.
 pub const CONFIG_CT_PROTECT: u32 = 4;
+/// Echo requests to a VIP address are answered from XDP (`answer_ping`).
+pub const CONFIG_ANSWER_PING: u32 = 8;
+/// ICMP errors about a VIP flow's replies go to the flow's backend (`forward_icmp`).
+pub const CONFIG_FORWARD_ICMP: u32 = 16;
 
 pub mod trace;
 pub use trace::{Decision, TraceBudget, TraceFilter, TraceRecord};
@@ -307,9 +349,11 @@ pub mod stat {
     pub const PASS_NOT_VIP: u32 = 1;
     /// VIP address, but no service for that port and protocol: passed.
     pub const PASS_NO_SERVICE: u32 = 2;
-    /// VIP address, protocol other than TCP/UDP (ICMP, IPv6 extension headers): passed.
+    /// VIP address, protocol other than TCP/UDP/ICMP (or an IPv6 extension header
+    /// other than a Fragment header right after the fixed header): passed.
     pub const PASS_NOT_L4: u32 = 3;
-    /// IPv4 fragment to a VIP address: passed (no L4 header to hash on).
+    /// Fragment to a VIP address of neither TCP nor UDP (a fragmented ICMP message):
+    /// passed. TCP/UDP fragments are followed (`FRAG_*`).
     pub const PASS_FRAGMENT: u32 = 4;
     /// Frame shorter than its Ethernet / 802.1Q header: passed.
     pub const PASS_MALFORMED_L2: u32 = 5;
@@ -354,7 +398,29 @@ pub mod stat {
     /// The outer headers could not be added (the driver leaves XDP too little
     /// headroom): dropped.
     pub const DROP_ENCAP_FAILED: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// ICMP error about a VIP flow's reply (its embedded packet), sent to the
+    /// flow's backend (also counts `forwarded`).
+    pub const ICMP_FORWARDED: u32 = 24;
+    /// ICMP/ICMPv6 to a VIP address that is neither an error about a VIP flow nor
+    /// an answered echo request (other types, other embedded traffic, forwarding
+    /// switched off): passed.
+    pub const PASS_ICMP: u32 = 25;
+    /// ICMP error too short to hold the embedded IP header and 8 bytes: passed.
+    pub const PASS_ICMP_SHORT: u32 = 26;
+    /// Echo request to a VIP address answered from XDP (XDP_TX).
+    pub const ICMP_ECHO_REPLY: u32 = 27;
+    /// First fragment of a datagram (offset 0) scheduled and remembered in `FRAGS`
+    /// (also counts `forwarded`).
+    pub const FRAG_FIRST: u32 = 28;
+    /// Fragment sent to the backend its datagram's first fragment went to (also
+    /// counts `forwarded`).
+    pub const FRAG_FOLLOWED: u32 = 29;
+    /// Non-first fragment with no (fresh) first fragment in `FRAGS`: dropped.
+    pub const DROP_FRAG_UNKNOWN: u32 = 30;
+    /// A first fragment could not be remembered (`FRAGS` update failed): forwarded,
+    /// its later fragments will be dropped.
+    pub const FRAG_INSERT_FAILED: u32 = 31;
+    pub const COUNT: u32 = 32;
 
     /// Names for metrics and `lb-agent`, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -382,6 +448,14 @@ pub mod stat {
         "icmp_too_big",
         "drop_too_big",
         "drop_encap_failed",
+        "icmp_forwarded",
+        "pass_icmp",
+        "pass_icmp_short",
+        "icmp_echo_reply",
+        "frag_first",
+        "frag_followed",
+        "drop_frag_unknown",
+        "frag_insert_failed",
     ];
 }
 
@@ -396,7 +470,9 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityVal>() == 16);
     assert!(core::mem::size_of::<Counters>() == 24);
-    assert!(core::mem::size_of::<Config>() == 36);
+    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<FragKey>() == 40);
+    assert!(core::mem::size_of::<FragVal>() == 20);
 };
 
 #[cfg(feature = "user")]
@@ -413,6 +489,8 @@ mod pod {
     unsafe impl aya::Pod for FlowVal {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragVal {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityVal {}
     unsafe impl aya::Pod for TraceFilter {}

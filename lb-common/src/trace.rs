@@ -120,10 +120,27 @@ pub mod ct_step {
     pub const MIDFLOW_MISS: u8 = 6;
     /// Its entry's backend is gone, or a SYN reuses its 5-tuple: scheduled again.
     pub const RESCHEDULED: u8 = 7;
+    /// An ICMP error found its flow in a table (looked up only, never changed).
+    pub const ICMP_HIT: u8 = 8;
+    /// An ICMP error whose flow is in no table: scheduled, nothing recorded.
+    pub const ICMP_MISS: u8 = 9;
+    /// A fragment sent where its datagram's first fragment went (`FRAGS`).
+    pub const FRAG_HIT: u8 = 10;
 
     /// Names, by value: the counters' names where there is one.
-    pub const NAMES: [&str; 8] =
-        ["none", "conn_hit", "conn_hit_new_table", "ct_promoted", "ct_established_full", "conn_miss", "ct_midflow_miss", "rescheduled"];
+    pub const NAMES: [&str; 11] = [
+        "none",
+        "conn_hit",
+        "conn_hit_new_table",
+        "ct_promoted",
+        "ct_established_full",
+        "conn_miss",
+        "ct_midflow_miss",
+        "rescheduled",
+        "icmp_hit",
+        "icmp_miss",
+        "frag_hit",
+    ];
 }
 
 const _: () = {

@@ -11,26 +11,79 @@ mod backend;
 mod conntrack;
 mod decap;
 mod forward;
+mod frag;
+mod icmp;
 mod maps;
 mod parse;
 mod schedule;
 mod stats;
 mod trace;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{stat, FlowKey};
 
-use crate::{parse::Outcome, stats::count, trace::Decision};
+use crate::{
+    maps::RARE,
+    parse::{Outcome, Packet},
+    stats::count,
+    trace::Decision,
+};
 
 /// The balancer. Errors never escape: each parse failure maps to a counted outcome.
 /// Attached while no trace runs: the decision record it fills is never read, so
 /// the compiler drops it.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let mut v = balance_fast(&ctx);
+    if v as u32 == RARE_ACTION {
+        v = rare_fast(&ctx);
+    }
+    count((v >> 32) as u32);
+    v as u32
+}
+
+/// Action of a packed verdict that asks for the rare path.
+const RARE_ACTION: u32 = u32::MAX;
+
+/// An outcome as the XDP action (low half) and its counter (high half): what the
+/// calls below return, in a register and fully defined (an `Outcome` returned
+/// through memory would carry undefined payload bytes the verifier rejects).
+#[inline(always)]
+fn packed(outcome: Outcome) -> u64 {
+    let (action, counter) = match outcome {
+        Outcome::Rare => (RARE_ACTION, 0),
+        o => verdict(o),
+    };
+    (u64::from(counter) << 32) | u64::from(action)
+}
+
+/// The balancer for TCP/UDP, a call of its own: ICMP and fragments to a VIP come
+/// back as `Outcome::Rare` and go to `rare_fast`, a sibling call, so the two
+/// frames never add up on the verifier's 512-byte stack.
+#[inline(never)]
+fn balance_fast(ctx: &XdpContext) -> u64 {
     let mut d = Decision::new();
-    let (action, counter) = verdict(balance(&ctx, &mut d));
-    count(counter);
-    action
+    let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
+    packed(balance::<false>(ctx, &mut d, &mut pkt, &mut flow))
+}
+
+/// ICMP and fragments (`icmp.rs`, `frag.rs`): parsed in full and scheduled with
+/// their hooks. The packet and flow live in the per-CPU `RARE` entry: this path
+/// has more to do and the same stack.
+#[inline(never)]
+fn rare_fast(ctx: &XdpContext) -> u64 {
+    let mut d = Decision::new();
+    packed(rare(ctx, &mut d))
+}
+
+#[inline(always)]
+fn rare(ctx: &XdpContext, d: &mut Decision) -> Outcome {
+    let Some(r) = RARE.get_ptr_mut(0) else { return Outcome::Pass(stat::PASS_NOT_L4) };
+    // SAFETY: this CPU's entry, used by this program run only.
+    let r = unsafe { &mut *r };
+    balance::<true>(ctx, d, &mut r.pkt, &mut r.flow)
 }
 
 /// `lb_xdp` with the trace hook: the agent swaps it into the XDP link while an
@@ -43,21 +96,36 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
         count(stat::PASS_NOT_READY);
         return xdp_action::XDP_PASS;
     };
+    // The flow first: a tunnel mode rewrites the frame.
     let filter = trace::active();
     if filter.is_some() {
         trace::read_flow(ctx.data(), ctx.data_end(), r);
     }
-    // The decision on the stack, copied into the record after: filled through a
-    // pointer into the map it made the frame 120 bytes larger (the verifier
-    // allows 512 for the frame and its callees together).
-    let mut d = Decision::new();
-    let (action, counter) = verdict(balance(&ctx, &mut d));
-    r.decision = d;
+    let mut v = balance_call(&ctx, &mut r.decision);
+    if v as u32 == RARE_ACTION {
+        v = rare_call(&ctx, &mut r.decision);
+    }
+    let (action, counter) = (v as u32, (v >> 32) as u32);
     count(counter);
     if let Some(filter) = filter {
         trace::record(&ctx, filter, r, action, counter);
     }
     action
+}
+
+/// `balance` as a call of its own (BPF-to-BPF) for `lb_xdp_trace`: the verifier
+/// allows 512 bytes of stack for a whole call chain, and the balancer's frame plus
+/// the trace record's would not fit in one frame.
+#[inline(never)]
+fn balance_call(ctx: &XdpContext, d: &mut Decision) -> u64 {
+    let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
+    packed(balance::<false>(ctx, d, &mut pkt, &mut flow))
+}
+
+/// `rare_fast` with the trace's decision record.
+#[inline(never)]
+fn rare_call(ctx: &XdpContext, d: &mut Decision) -> u64 {
+    packed(rare(ctx, d))
 }
 
 /// The XDP action of an outcome and the `STATS` counter it moves.
@@ -68,6 +136,8 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         Outcome::Drop(reason) => (xdp_action::XDP_DROP, reason),
         Outcome::Tx => (xdp_action::XDP_TX, stat::FORWARDED),
         Outcome::TxAs(reason) => (xdp_action::XDP_TX, reason),
+        // Never left over: the entry points run the rare path for it.
+        Outcome::Rare => (xdp_action::XDP_PASS, stat::PASS_NOT_L4),
     }
 }
 
@@ -102,21 +172,29 @@ pub fn bench_macswap(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// Parse and forward; `FULL`: the rare path (ICMP, fragments), see `parse`.
 #[inline(always)]
-fn balance(ctx: &XdpContext, d: &mut Decision) -> Outcome {
-    let pkt = match parse::parse(ctx) {
-        Ok(pkt) => pkt,
-        Err(outcome) => return outcome,
-    };
-    let flow = FlowKey {
+fn balance<const FULL: bool>(
+    ctx: &XdpContext,
+    d: &mut Decision,
+    pkt: &mut MaybeUninit<Packet>,
+    flow: &mut MaybeUninit<FlowKey>,
+) -> Outcome {
+    if let Err(outcome) = parse::parse::<FULL>(ctx, pkt) {
+        return outcome;
+    }
+    // SAFETY: `parse` wrote the whole packet when it returned Ok.
+    let pkt = unsafe { pkt.assume_init_ref() };
+    let flow = flow.write(FlowKey {
         src: pkt.src,
         dst: pkt.dst,
         sport: pkt.sport,
         dport: pkt.dport,
         proto: pkt.proto,
         _pad: [0; 3],
-    };
-    schedule::forward(ctx, &pkt, &flow, d)
+    });
+    let kind = if FULL { pkt.kind } else { parse::KIND_L4 };
+    schedule::forward(ctx, pkt, flow, d, kind)
 }
 
 #[cfg(not(test))]

@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    stat, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, Service, TraceBudget, TraceFilter, TraceRecord,
+    stat, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
-    DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
+    DEFAULT_FRAGS_SIZE, DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
 
 /// Bloom filter over the VIP addresses (`lb_common::vip_filter_bit`): checked
@@ -59,6 +59,10 @@ pub static BACKEND_STATS: PerCpuArray<Counters, { MB as usize }> = PerCpuArray::
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
 
+/// Fragmented datagram -> where its first fragment went (`frag.rs`).
+#[btf_map]
+pub static FRAGS: LruHashMap<FragKey, FragVal, { DEFAULT_FRAGS_SIZE as usize }> = LruHashMap::new();
+
 /// (service, masked client address) -> backend, for services with persistence.
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityVal, { CT as usize }> = LruHashMap::new();
@@ -75,6 +79,37 @@ pub static TRACE_BUDGET: PerCpuArray<TraceBudget, 1> = PerCpuArray::new();
 /// stack).
 #[btf_map]
 pub static TRACE_SCRATCH: PerCpuArray<TraceRecord, 1> = PerCpuArray::new();
+
+/// Per CPU: working space of the rare paths (`icmp.rs`, `frag.rs`), so that
+/// their keys and results stay off the 512-byte stack.
+#[btf_map]
+pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// Per CPU: the rare path's packet and flow (`main.rs`), off the stack.
+#[btf_map]
+pub static RARE: PerCpuArray<RareFrame, 1> = PerCpuArray::new();
+
+/// Value of `RARE`.
+#[repr(C)]
+pub struct RareFrame {
+    pub pkt: core::mem::MaybeUninit<crate::parse::Packet>,
+    pub flow: core::mem::MaybeUninit<FlowKey>,
+}
+
+/// Value of `SCRATCH` (never pinned, never read by the agent).
+#[repr(C)]
+pub struct Scratch {
+    /// The VIP an ICMP message was sent to, then the flow its error embeds
+    /// (client-to-VIP direction).
+    pub vip: [u8; 16],
+    pub client: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    pub frag_key: FragKey,
+    pub frag_val: FragVal,
+}
 
 /// Interface MAC and readiness, written by the agent.
 #[btf_map]

@@ -1,16 +1,19 @@
 //! Header parsing with an explicit bounds check before every read.
 //!
 //! Only what the balancer needs is parsed: Ethernet with at most one 802.1Q tag,
-//! IPv4 (any IHL) or IPv6 (fixed header; an extension header counts as "not L4"),
-//! then the TCP or UDP ports. The VIP Bloom filter runs as soon as the destination
+//! IPv4 (any IHL) or IPv6 (fixed header, optionally followed directly by a
+//! Fragment header; any other extension header counts as "not L4"), then the TCP
+//! or UDP ports. ICMP and ICMPv6 go to `icmp.rs`, which reads the packet an error
+//! embeds (or answers an echo request). A fragment's ports are read when it is the
+//! first one (offset 0); later fragments carry none (`frag.rs` follows the first). The VIP Bloom filter runs as soon as the destination
 //! address is known, so most traffic that is not ours costs one array read.
 
-use core::mem::size_of;
+use core::mem::{size_of, MaybeUninit};
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{stat, v4_mapped, vip_filter_bit, PROTO_TCP, PROTO_UDP};
+use lb_common::{stat, v4_mapped, vip_filter_bit, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
-use crate::maps::VIP_FILTER;
+use crate::{icmp, maps::VIP_FILTER};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -29,6 +32,20 @@ const TCP_ACK: u8 = 0x10;
 const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 /// IPv4 flags/fragment offset: More Fragments bit and the offset field.
 const IP_MF_OFFSET: u16 = 0x3fff;
+const IP_OFFSET: u16 = 0x1fff;
+/// IPv6 Fragment extension header: next header 44, 8 bytes.
+const IPV6_FRAG: u8 = 44;
+const IPV6_FRAG_HLEN: usize = 8;
+
+/// `Packet::kind`: an ordinary TCP/UDP packet (or an unfragmented "atomic" one).
+pub const KIND_L4: u8 = 0;
+/// An ICMP error about a VIP flow's reply: `src`..`proto` are that flow's, in the
+/// client-to-VIP direction (read from the embedded packet, swapped).
+pub const KIND_ICMP_ERROR: u8 = 1;
+/// The first fragment of a datagram (offset 0, more to come): has the ports.
+pub const KIND_FRAG_FIRST: u8 = 2;
+/// A later fragment: no ports (0 in the flow).
+pub const KIND_FRAG_LATER: u8 = 3;
 
 /// What happens to a frame.
 pub enum Outcome {
@@ -41,9 +58,12 @@ pub enum Outcome {
     /// Sent back out (XDP_TX) as something else (an ICMP error to the client),
     /// counted under the given `stat` index.
     TxAs(u32),
+    /// ICMP or a fragment to a VIP address: for the rare path (`main.rs`).
+    Rare,
 }
 
 /// The parts of a frame to a VIP address that scheduling needs.
+#[repr(C)]
 pub struct Packet {
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -67,6 +87,10 @@ pub struct Packet {
     pub tos: u8,
     /// IPv4 "don't fragment" (always true for IPv6: routers never fragment it).
     pub df: bool,
+    /// `KIND_*`.
+    pub kind: u8,
+    /// Fragment identification (host order), for `KIND_FRAG_*`.
+    pub frag_id: u32,
 }
 
 #[inline(always)]
@@ -97,9 +121,12 @@ fn vip_filter(dst: &[u8; 16]) -> Result<(), Outcome> {
     }
 }
 
-/// Parses a frame. `Err` carries the outcome for frames that are not balanced.
+/// Parses a frame into `pkt`. `Err` carries the outcome for frames that are not
+/// balanced. Without `FULL` (the balancer's fast path), ICMP and fragments to a
+/// VIP end in `Outcome::Rare`: the caller runs the full parse (`FULL`) in a call
+/// of its own, so that their handling costs the fast path no stack.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
+pub fn parse<const FULL: bool>(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) -> Result<(), Outcome> {
     let malformed_l2 = Outcome::Pass(stat::PASS_MALFORMED_L2);
     let mut l3 = ETH_HLEN;
     let mut ethertype = read_be16(ctx, 12).map_err(|_| malformed_l2)?;
@@ -108,11 +135,48 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
             read_be16(ctx, ETH_HLEN + 2).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L2))?;
         l3 += VLAN_HLEN;
     }
-    let (src, dst, proto, l4, ip_len, tos, df) = match ethertype {
+    let (src, dst, proto, l4, ip_len, tos, df, kind, frag_id) = match ethertype {
         ETH_P_IP => parse_v4(ctx, l3)?,
         ETH_P_IPV6 => parse_v6(ctx, l3)?,
         _ => return Err(Outcome::Pass(stat::PASS_NOT_IP)),
     };
+    let v6 = ethertype == ETH_P_IPV6;
+    // Written whole once the headers are known: no zeroing beforehand (a 40-byte
+    // memset is a byte loop in BPF, paid by every frame).
+    let pkt = out.write(Packet {
+        src,
+        dst,
+        sport: 0,
+        dport: 0,
+        proto,
+        syn: false,
+        fin: false,
+        l3,
+        l4,
+        v6,
+        ip_len,
+        tos,
+        df,
+        kind,
+        frag_id,
+    });
+    let icmp = if v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+    if !FULL && (proto == icmp || kind != KIND_L4) {
+        return Err(Outcome::Rare);
+    }
+    if proto == icmp {
+        if kind != KIND_L4 {
+            // A fragmented ICMP message (a large echo request): not ours to follow.
+            return Err(Outcome::Pass(stat::PASS_FRAGMENT));
+        }
+        return icmp::inspect(ctx, pkt);
+    }
+    if kind == KIND_FRAG_LATER {
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return Err(Outcome::Pass(stat::PASS_FRAGMENT));
+        }
+        return Ok(());
+    }
     let malformed_l4 = Outcome::Pass(stat::PASS_MALFORMED_L4);
     let ports_ptr = match proto {
         PROTO_TCP => ptr_at::<[u8; TCP_HLEN]>(ctx, l4).map(|p| p as *const [u8; 4]),
@@ -128,25 +192,15 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
     } else {
         0
     };
-    Ok(Packet {
-        src,
-        dst,
-        sport: u16::from_be_bytes([ports[0], ports[1]]),
-        dport: u16::from_be_bytes([ports[2], ports[3]]),
-        proto,
-        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
-        fin: flags & (TCP_FIN | TCP_RST) != 0,
-        l3,
-        l4,
-        v6: ethertype == ETH_P_IPV6,
-        ip_len,
-        tos,
-        df,
-    })
+    pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);
+    pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    pkt.syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    pkt.fin = flags & (TCP_FIN | TCP_RST) != 0;
+    Ok(())
 }
 
-/// Source, destination, protocol, L4 offset, IP length, TOS, DF.
-type L3 = ([u8; 16], [u8; 16], u8, usize, usize, u8, bool);
+/// Source, destination, protocol, L4 offset, IP length, TOS, DF, kind, fragment id.
+type L3 = ([u8; 16], [u8; 16], u8, usize, usize, u8, bool, u8, u32);
 
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
@@ -164,12 +218,18 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     if tot_len < ihl || ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
     }
-    if u16::from_be_bytes([hdr[6], hdr[7]]) & IP_MF_OFFSET != 0 {
-        return Err(Outcome::Pass(stat::PASS_FRAGMENT));
-    }
+    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let kind = if frag & IP_OFFSET != 0 {
+        KIND_FRAG_LATER
+    } else if frag & IP_MF_OFFSET != 0 {
+        KIND_FRAG_FIRST
+    } else {
+        KIND_L4
+    };
+    let id = u32::from(u16::from_be_bytes([hdr[4], hdr[5]]));
     let src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
     let df = hdr[6] & 0x40 != 0;
-    Ok((src, dst, hdr[9], l3 + ihl, tot_len, hdr[1], df))
+    Ok((src, dst, hdr[9], l3 + ihl, tot_len, hdr[1], df, kind, id))
 }
 
 #[inline(always)]
@@ -195,5 +255,24 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     let mut src = [0u8; 16];
     src.copy_from_slice(&hdr[8..24]);
     let tclass = (hdr[0] << 4) | (hdr[1] >> 4);
-    Ok((src, dst, hdr[6], l3 + IPV6_HLEN, IPV6_HLEN + payload_len, tclass, true))
+    if hdr[6] != IPV6_FRAG {
+        return Ok((src, dst, hdr[6], l3 + IPV6_HLEN, IPV6_HLEN + payload_len, tclass, true, KIND_L4, 0));
+    }
+    // A Fragment header directly after the fixed header (the only place it is
+    // looked for): next header, reserved, offset (13 bits) and M, identification.
+    let fh = ptr_at::<[u8; IPV6_FRAG_HLEN]>(ctx, l3 + IPV6_HLEN).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L3))?;
+    // SAFETY: bounds checked.
+    let fh = unsafe { &*fh };
+    let off_m = u16::from_be_bytes([fh[2], fh[3]]);
+    let kind = if off_m & 0xfff8 != 0 {
+        KIND_FRAG_LATER
+    } else if off_m & 1 != 0 {
+        KIND_FRAG_FIRST
+    } else {
+        // An atomic fragment (RFC 6946): a whole datagram.
+        KIND_L4
+    };
+    let id = u32::from_be_bytes([fh[4], fh[5], fh[6], fh[7]]);
+    let l4 = l3 + IPV6_HLEN + IPV6_FRAG_HLEN;
+    Ok((src, dst, fh[0], l4, IPV6_HLEN + payload_len, tclass, true, kind, id))
 }

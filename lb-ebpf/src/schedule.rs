@@ -12,8 +12,8 @@ use crate::{
     backend::backend,
     conntrack::{self, Lookup},
     maps::{AFFINITY, CONFIG, MAGLEV, SERVICES, VIP_ADDRS},
-    forward,
-    parse::{Outcome, Packet},
+    forward, frag, icmp,
+    parse::{Outcome, Packet, KIND_FRAG_FIRST, KIND_FRAG_LATER, KIND_ICMP_ERROR},
     stats::{count, count_forward},
     trace::Decision,
 };
@@ -105,17 +105,36 @@ fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'s
 
 /// The connection table first (`conntrack::lookup`); only frames that miss it look
 /// up their VIP and service and are scheduled, and the choice is recorded.
+/// `kind` is `pkt.kind`, given as the constant `KIND_L4` by the fast path so that
+/// the ICMP and fragment hooks compile away there.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision) -> Outcome {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision, kind: u8) -> Outcome {
     let (syn, fin) = (pkt.syn, pkt.fin);
     let cfg = match CONFIG.get(0) {
         Some(c) if c.flags & CONFIG_READY != 0 => c,
         _ => return Outcome::Pass(stat::PASS_NOT_READY),
     };
     let protect = cfg.flags & CONFIG_CT_PROTECT != 0;
-    let (service_id, backend_id, backend, new_flow) = match conntrack::lookup(flow, syn, fin, protect, d) {
+    // Hooks for `frag.rs` and `icmp.rs`: a fragment follows its datagram's first
+    // one; an ICMP error only reads the connection table.
+    let mut followed = None;
+    if kind == KIND_FRAG_FIRST || kind == KIND_FRAG_LATER {
+        followed = frag::find(pkt, cfg, d);
+        if followed.is_none() && kind == KIND_FRAG_LATER {
+            return Outcome::Drop(stat::DROP_FRAG_UNKNOWN);
+        }
+    }
+    let is_frag_hit = followed.is_some();
+    let lookup = match followed {
+        Some(hit) => hit,
+        None if kind == KIND_ICMP_ERROR => icmp::peek(flow, protect, d),
+        None => conntrack::lookup(flow, syn, fin, protect, d),
+    };
+    let (service_id, backend_id, backend, new_flow) = match lookup {
         Lookup::Hit { service_id, backend_id, backend } => {
-            count(stat::CONN_HIT);
+            if !is_frag_hit {
+                count(stat::CONN_HIT);
+            }
             d.service = service_id;
             (service_id, backend_id, backend, false)
         }
@@ -130,8 +149,12 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision)
             }
             match schedule(flow, &svc, d) {
                 Ok((id, b)) => {
-                    conntrack::record(flow, slot, id, svc.id, b.generation);
-                    (svc.id, id, b, true)
+                    // An ICMP error is forwarded as its flow's packets would be,
+                    // but records nothing.
+                    if kind != KIND_ICMP_ERROR {
+                        conntrack::record(flow, slot, id, svc.id, b.generation);
+                    }
+                    (svc.id, id, b, kind != KIND_ICMP_ERROR)
                 }
                 Err(NoBackend::Empty) if svc.flags & SERVICE_PASS_ON_EMPTY != 0 => {
                     return Outcome::Pass(stat::PASS_ALL_DOWN);
@@ -141,10 +164,20 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision)
         }
     };
     d.backend = backend_id;
+    if kind == KIND_FRAG_FIRST && !is_frag_hit {
+        frag::remember(pkt, backend_id, service_id, backend.generation);
+    }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let outcome = forward::deliver(ctx, pkt, flow, backend, cfg);
     if let Outcome::Tx = outcome {
         count_forward(service_id, backend_id, bytes, new_flow);
+        if is_frag_hit {
+            count(stat::FRAG_FOLLOWED);
+        } else if kind == KIND_FRAG_FIRST {
+            count(stat::FRAG_FIRST);
+        } else if kind == KIND_ICMP_ERROR {
+            count(stat::ICMP_FORWARDED);
+        }
     }
     outcome
 }

@@ -75,8 +75,36 @@ pub struct Config {
     pub tunnel_source_v6: Option<std::net::Ipv6Addr>,
     /// Largest IP packet the interface sends; `None`: the interface's MTU.
     pub mtu: Option<u32>,
+    /// Echo requests to a VIP address are answered by the balancer (default true).
+    pub answer_ping: bool,
+    /// ICMP errors about a VIP flow's replies go to the flow's backend (default
+    /// true); off, they pass to the balancer's own stack (and are lost there).
+    pub forward_icmp: bool,
+    /// The fragment table.
+    pub fragments: Fragments,
     /// The virtual services, in file order.
     pub services: Vec<ServiceConfig>,
+}
+
+/// The table that remembers where a fragmented datagram's first fragment went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fragments {
+    /// Entries (an LRU: datagrams in flight at once).
+    pub size: u32,
+    /// How long after its first fragment a datagram's later fragments follow it
+    /// (whole seconds: the data plane's clock ticks in seconds).
+    pub timeout: std::time::Duration,
+}
+
+/// Smallest and largest accepted `fragments.size`.
+pub const MIN_FRAGMENTS_SIZE: u32 = 64;
+pub const MAX_FRAGMENTS_SIZE: u32 = 1_048_576;
+
+impl Default for Fragments {
+    /// 8192 entries, 2 s.
+    fn default() -> Self {
+        Fragments { size: lb_common::DEFAULT_FRAGS_SIZE, timeout: std::time::Duration::from_secs(2) }
+    }
 }
 
 /// How long an established flow may stay idle before the agent removes its

@@ -16,7 +16,18 @@ pub(super) struct RawConfig {
     pub tunnel_source_v4: Option<String>,
     pub tunnel_source_v6: Option<String>,
     pub mtu: Option<Int>,
+    pub answer_ping: Option<bool>,
+    pub forward_icmp: Option<bool>,
+    pub fragments: Option<RawFragments>,
     pub services: Option<Vec<RawService>>,
+}
+
+/// `fragments:`, the table that sends a datagram's fragments where its first went.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of size and timeout")]
+pub(super) struct RawFragments {
+    pub size: Option<Int>,
+    pub timeout: Option<String>,
 }
 
 /// `timeouts:`, the idle timeouts of established connection-table entries.

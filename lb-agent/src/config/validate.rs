@@ -148,6 +148,7 @@ impl Checker<'_> {
         let tunnel_source_v6 = self.tunnel_source_v6(raw.tunnel_source_v6.as_deref());
         let mtu = self.mtu(raw.mtu);
         let timeouts = self.timeouts(raw.timeouts.as_ref());
+        let fragments = self.fragments(raw.fragments.as_ref());
         let raw_services = self.required(raw.services, "services", "services");
         let mut services = Some(Vec::new());
         for (index, raw_service) in raw_services.into_iter().flatten().enumerate() {
@@ -164,6 +165,9 @@ impl Checker<'_> {
             tunnel_source_v4: tunnel_source_v4?,
             tunnel_source_v6: tunnel_source_v6?,
             mtu: mtu?,
+            answer_ping: raw.answer_ping.unwrap_or(true),
+            forward_icmp: raw.forward_icmp.unwrap_or(true),
+            fragments: fragments?,
             services: services?,
         })
     }

@@ -1,7 +1,7 @@
 //! `forwarding`, `gue_port` and the global tunnel fields.
 
 use super::{assert_errors, lines, parse_ok, service};
-use crate::config::{Forwarding, DEFAULT_GUE_PORT};
+use crate::config::{Forwarding, Fragments, DEFAULT_GUE_PORT};
 
 #[test]
 fn forwarding_defaults_to_dr_and_takes_ipip_and_gue() {
@@ -54,5 +54,32 @@ fn bad_tunnel_fields_are_refused_with_their_position() {
             "test.yaml:2:19: tunnel_source_v6: tunnel_source_v6 198.18.0.1 is an IPv4 address; give an IPv6 one (tunnel_source_v4 takes IPv4)",
             "test.yaml:3:6: mtu: mtu 100 is out of range 576..=65535",
         ],
+    );
+}
+
+#[test]
+fn icmp_and_fragment_fields() {
+    let config = parse_ok(&lines(&[
+        "answer_ping: false",
+        "forward_icmp: false",
+        "fragments: { size: 1024, timeout: 5s }",
+        "services: []",
+    ]));
+    assert!(!config.answer_ping);
+    assert!(!config.forward_icmp);
+    assert_eq!(config.fragments, Fragments { size: 1024, timeout: std::time::Duration::from_secs(5) });
+    let defaults = parse_ok("services: []\n");
+    assert!(defaults.answer_ping && defaults.forward_icmp);
+    assert_eq!(defaults.fragments, Fragments::default());
+    assert_errors(
+        &lines(&["fragments: { size: 10, timeout: 1500ms }", "services: []"]),
+        &[
+            "test.yaml:1:20: fragments.size: size 10 is out of range 64..=1048576",
+            "test.yaml:1:33: fragments.timeout: timeout '1500ms' must be whole seconds",
+        ],
+    );
+    assert_errors(
+        &lines(&["fragments: { timeout: 2m }", "services: []"]),
+        &["test.yaml:1:23: fragments.timeout: timeout 2m is out of range 1s..=1m"],
     );
 }

@@ -110,6 +110,9 @@ fn defaults_are_applied() {
         tunnel_source_v4: None,
         tunnel_source_v6: None,
         mtu: None,
+        answer_ping: true,
+        forward_icmp: true,
+        fragments: Fragments::default(),
         services: vec![ServiceConfig {
             name: "web".to_string(),
             vip: "198.18.1.10".parse().unwrap(),

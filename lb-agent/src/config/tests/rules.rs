@@ -7,7 +7,8 @@ fn unknown_fields_are_rejected_everywhere() {
     assert_errors(
         &lines(&["services: []", "conntrack: 5"]),
         &["test.yaml:2:1: unknown field `conntrack`, expected one of `conntrack_size`, `established_size`, \
-           `timeouts`, `tunnel_source_v4`, `tunnel_source_v6`, `mtu`, `services`"],
+           `timeouts`, `tunnel_source_v4`, `tunnel_source_v6`, `mtu`, `answer_ping`, `forward_icmp`, \
+           `fragments`, `services`"],
     );
     assert_errors(
         &service(&["    port: 80", "    backend: []"]),

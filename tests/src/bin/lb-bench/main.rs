@@ -142,6 +142,13 @@ fn main() {
     eprintln!("lb-bench: per-packet cost (BPF_PROG_TEST_RUN) ...");
     let (rows, packets) = packets::bench_packets(&p);
     println!("\n## Per-packet cost (BPF_PROG_TEST_RUN)\n\n{packets}");
+    // Only the per-packet table, printed and not written (for working on the
+    // data plane).
+    if std::env::args().any(|a| a == "--packets-only") {
+        drop(rows);
+        eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
     eprintln!("lb-bench: connection-table protection, off vs on ...");
     let protection = conntrack::bench_protection(&p);
     println!("\n## Established-flow table: cost\n\n{protection}");

@@ -129,6 +129,32 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
     let mut malformed = ipv4_frame(client, vip4, true, 40004, 80);
     malformed.truncate(14 + 10);
     let syn = ipv4_syn(client, vip4, 40005, 80);
+    // A router's "fragmentation needed" to the VIP about a reply of the
+    // established flow `est` (its IP header and first 8 bytes, swapped back).
+    let icmp_err = {
+        let mut reply = est[14..14 + 28].to_vec();
+        reply[12..16].copy_from_slice(&vip4.octets());
+        reply[16..20].copy_from_slice(&client.octets());
+        reply[20..22].copy_from_slice(&80u16.to_be_bytes());
+        reply[22..24].copy_from_slice(&40001u16.to_be_bytes());
+        let mut msg = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+        msg.extend_from_slice(&reply);
+        let mut f = est[..14 + 20].to_vec();
+        f[14 + 2..14 + 4].copy_from_slice(&((20 + msg.len()) as u16).to_be_bytes());
+        f[14 + 9] = 1;
+        f[14 + 12..14 + 16].copy_from_slice(&Ipv4Addr::new(192, 0, 2, 254).octets());
+        f.extend_from_slice(&msg);
+        f
+    };
+    // IPv4 UDP fragments to vip4:53 with identification `id`: the first (MF,
+    // offset 0) and a later one (offset 1480).
+    let fragment = |id: u16, later: bool| {
+        let mut f = udp.clone();
+        f[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+        f[14 + 6..14 + 8].copy_from_slice(if later { &[0x20, 0xb9] } else { &[0x20, 0x00] });
+        f
+    };
+    let later_frag = fragment(0x7fff, true);
 
     let mut rows = Vec::new();
     let (macswap_ns, macswap_min) = per_packet(xdp(&mut dp, "bench_macswap"), &non_vip, p, XDP_TX);
@@ -156,9 +182,25 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
             XDP_PASS,
             "PASS",
         ),
+        (
+            "ICMP frag-needed about an established flow's reply (to its backend)",
+            &icmp_err,
+            XDP_TX,
+            "TX",
+        ),
+        (
+            "VIP IPv4 UDP later fragment (follows its first: FRAGS hit)",
+            &later_frag,
+            XDP_TX,
+            "TX",
+        ),
     ] {
         let prog = xdp(&mut dp, lb_common::PROG_BALANCER);
-        // One run first so the flow is in CONNTRACK: every timed ACK/UDP run is a hit.
+        // One run first so the flow is in CONNTRACK: every timed ACK/UDP run is a hit
+        // (and, for the later fragment, its first so that it is in FRAGS).
+        if std::ptr::eq(frame, &later_frag) {
+            test_run(prog, &fragment(0x7fff, false), 1);
+        }
         test_run(prog, frame, 1);
         let (ns, min) = per_packet(prog, frame, p, expect);
         rows.push(PacketRow {
@@ -207,6 +249,10 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
         "median of {} single runs (repeat 1), distinct flows",
         p.new_flows
     );
+    // First fragments: each of a new datagram (distinct ids) of an established
+    // flow: the table hit, then a FRAGS insert.
+    let firsts: Vec<Vec<u8>> = (0..p.new_flows).map(|i| fragment(i as u16, false)).collect();
+    let first = one(xdp(&mut dp, lb_common::PROG_BALANCER), &firsts, XDP_TX);
     let hits_before = dp.stats().expect("counters").get(stat::CONN_HIT);
     let prog = xdp(&mut dp, lb_common::PROG_BALANCER);
     let miss = one(prog, &syns, XDP_TX);
@@ -236,6 +282,13 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
         ns: hit.0,
         min: hit.1,
         method: rep1,
+    });
+    rows.push(PacketRow {
+        class: "VIP IPv4 UDP first fragment, new datagram (table hit + FRAGS insert)",
+        action: "TX",
+        ns: first.0,
+        min: first.1,
+        method: format!("median of {} single runs (repeat 1), distinct fragment ids", p.new_flows),
     });
     let r1 = format!(
         "median of {} single runs (repeat 1), same frame",
