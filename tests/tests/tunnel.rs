@@ -161,3 +161,39 @@ fn long_lived_connections_keep_their_backend_across_a_reload() {
     let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 300, 2, Duration::from_secs(60));
     assert_eq!(t.failures, 0, "{:?}", t.first_errors);
 }
+
+#[test]
+fn path_mtu_discovery_works_through_the_tunnels() {
+    use lb_tests::pmtu::{bulk_server, download, BULK};
+    const BULK_PORT: u16 = 8000;
+    let mut lab = RoutedLab::new();
+    lab.start_servers(&[80]);
+    let _bulk: Vec<_> = lab.backends.iter().map(|b| bulk_server(&b.ns, BULK_PORT)).collect();
+    // The router's link to the client carries 1,400 bytes; the client's own
+    // interface says 1,500 (its MSS invites full-sized segments).
+    lb_tests::netns::ns_sh(&lab.router, &["ip", "link", "set", "p-cl", "mtu", "1400"]);
+    let (b4, b6) = (backends(&lab, false, 3), backends(&lab, true, 3));
+    let yaml = |globals: &str| {
+        format!(
+            "{globals}services:
+  - {{ name: bulk4, vip: {VIP4}, port: {BULK_PORT}, forwarding: ipip, backends: [{b4}] }}
+  - {{ name: bulk6, vip: \"{VIP6}\", port: {BULK_PORT}, forwarding: gue, backends: [{b6}] }}
+"
+        )
+    };
+    let cfg = lab.write_config(&yaml("forward_icmp: false\n"));
+    let agent = lab.start_agent(&cfg);
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let r = download(&lab.client, vip, BULK_PORT, Duration::from_secs(6));
+        assert!(r.is_err(), "download from {vip} without ICMP forwarding should stall, got {r:?}");
+    }
+    lab.write_config(&yaml(""));
+    agent.wait_log("reload applied", 0, Duration::from_secs(15));
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let got = download(&lab.client, vip, BULK_PORT, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("1 MB from {vip} (ipip / gue) through a 1,400-byte link: {e}\n{}", agent.log_text()));
+        assert!(got >= BULK, "download from {vip}: {got} bytes");
+    }
+    let stats = lb_agent::dataplane::Stats::read_pinned(&lab.pin_dir()).expect("counters");
+    assert!(stats.get(lb_common::stat::ICMP_FORWARDED) >= 2, "the router's errors went to the backends");
+}
