@@ -200,10 +200,18 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object)?;
-        for name in [lb_common::PROG_BALANCER, lb_common::PROG_BALANCER_TRACE, lb_common::PROG_PASS] {
+        for name in [lb_common::PROG_BALANCER, lb_common::PROG_BALANCER_TRACE, lb_common::PROG_RARE, lb_common::PROG_PASS] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
         }
+        // lb_xdp tail-calls lb_rare (ICMP, fragments) through RARE_PROGS[0].
+        let rare_err = |source| DataplaneError::Program { name: lb_common::PROG_RARE, source };
+        let rare_fd = program(&mut ebpf, lb_common::PROG_RARE)?.fd().map_err(rare_err)?.try_clone().map_err(|e| {
+            DataplaneError::PinDir { path: "lb_rare (program fd)".into(), source: e }
+        })?;
+        let mut rare: aya::maps::ProgramArray<_> =
+            aya::maps::ProgramArray::try_from(map_mut(&mut ebpf, "RARE_PROGS")?).map_err(map_err("RARE_PROGS"))?;
+        rare.set(0, &rare_fd, 0).map_err(map_err("RARE_PROGS"))?;
         let max_entries = |ebpf: &mut Ebpf, name: &'static str| -> Result<u32> {
             let info = map_data(ebpf, name)?.info().map_err(map_err(name))?;
             Ok(info.max_entries())
@@ -515,6 +523,7 @@ fn prog_name(name: &str) -> &'static str {
     match name {
         lb_common::PROG_PASS => lb_common::PROG_PASS,
         lb_common::PROG_BALANCER_TRACE => lb_common::PROG_BALANCER_TRACE,
+        lb_common::PROG_RARE => lb_common::PROG_RARE,
         _ => lb_common::PROG_BALANCER,
     }
 }

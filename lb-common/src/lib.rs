@@ -61,6 +61,9 @@ pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
 
 /// Name of the balancer's XDP program in the object.
 pub const PROG_BALANCER: &str = "lb_xdp";
+/// Name of the balancer's rare path (ICMP, fragments), tail-called from `lb_xdp`
+/// through the `RARE_PROGS` program array.
+pub const PROG_RARE: &str = "lb_rare";
 /// Name of the balancer with the trace hook (attached while `lb-agent trace` runs).
 pub const PROG_BALANCER_TRACE: &str = "lb_xdp_trace";
 /// Name of a program that only returns XDP_PASS. Attached to the far end of a veth

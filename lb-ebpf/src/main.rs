@@ -25,7 +25,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{stat, FlowKey};
 
 use crate::{
-    maps::RARE,
+    maps::{RARE, RARE_PROGS},
     parse::{Outcome, Packet},
     stats::count,
     trace::Decision,
@@ -33,13 +33,27 @@ use crate::{
 
 /// The balancer. Errors never escape: each parse failure maps to a counted outcome.
 /// Attached while no trace runs: the decision record it fills is never read, so
-/// the compiler drops it.
+/// the compiler drops it. ICMP and fragments to a VIP continue in `lb_rare`
+/// through a tail call (its own stack frame; the fast path makes no call).
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let mut v = balance_fast(&ctx);
+    let v = balance_fast(&ctx);
     if v as u32 == RARE_ACTION {
-        v = rare_fast(&ctx);
+        // SAFETY: a tail call into the program the agent put at index 0; control
+        // comes back only when it fails (slot empty).
+        unsafe { RARE_PROGS.tail_call(&ctx, 0) };
+        count(stat::PASS_NOT_L4);
+        return xdp_action::XDP_PASS;
     }
+    count((v >> 32) as u32);
+    v as u32
+}
+
+/// The rare path of `lb_xdp` (tail-called): ICMP errors, echo requests and
+/// fragments to a VIP.
+#[xdp]
+pub fn lb_rare(ctx: XdpContext) -> u32 {
+    let v = rare_fast(&ctx);
     count((v >> 32) as u32);
     v as u32
 }
@@ -62,7 +76,7 @@ fn packed(outcome: Outcome) -> u64 {
 /// The balancer for TCP/UDP, a call of its own: ICMP and fragments to a VIP come
 /// back as `Outcome::Rare` and go to `rare_fast`, a sibling call, so the two
 /// frames never add up on the verifier's 512-byte stack.
-#[inline(never)]
+#[inline(always)]
 fn balance_fast(ctx: &XdpContext) -> u64 {
     let mut d = Decision::new();
     let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
@@ -72,7 +86,7 @@ fn balance_fast(ctx: &XdpContext) -> u64 {
 /// ICMP and fragments (`icmp.rs`, `frag.rs`): parsed in full and scheduled with
 /// their hooks. The packet and flow live in the per-CPU `RARE` entry: this path
 /// has more to do and the same stack.
-#[inline(never)]
+#[inline(always)]
 fn rare_fast(ctx: &XdpContext) -> u64 {
     let mut d = Decision::new();
     packed(rare(ctx, &mut d))

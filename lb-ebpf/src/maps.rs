@@ -114,3 +114,10 @@ pub struct Scratch {
 /// Interface MAC and readiness, written by the agent.
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// The rare path (`lb_rare`: ICMP and fragments to a VIP), reached from `lb_xdp`
+/// by a tail call so that its stack frame is its own (the verifier allows 512
+/// bytes per call chain) and the fast path pays no call. Filled by the agent at
+/// load; not pinned (each load has its own).
+#[aya_ebpf::macros::map]
+pub static RARE_PROGS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
