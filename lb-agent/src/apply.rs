@@ -304,7 +304,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
         let size = s.table.len() as u32;
         let old = prev_services.get(&s.key);
         let placed = dp.placed.get(&s.key).copied();
-        let same_table = old.is_some_and(|o| o.table == s.table);
+        let same_table = old.is_some_and(|o| std::sync::Arc::ptr_eq(&o.table, &s.table) || o.table == s.table);
         let placement = match placed {
             Some(p) if p.size == size && same_table => p,
             Some(p) if p.size == size => Placement { half: 1 - p.half, ..p },
@@ -326,6 +326,12 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
         }
         dp.placed.insert(s.key, placement);
         let value = Service { table_offset: placement.offset(), region: placement.region, ..s.value };
+        let placed_value = |o: &crate::plan::PlannedService, p: Placement| Service {
+            table_offset: p.offset(),
+            region: p.region,
+            ..o.value
+        };
+        let unchanged = old.zip(placed).is_some_and(|(o, p)| placed_value(o, p) == value);
         match old {
             None => {
                 sum.services_added += 1;
@@ -340,7 +346,9 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             }
             Some(_) => {}
         }
-        entries.push((s.key, value));
+        if !unchanged {
+            entries.push((s.key, value));
+        }
     }
     for id in new_services {
         zero_counters(dp, names::SERVICE_STATS, id)?;
@@ -355,7 +363,10 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
 
     // 4. The VIP address filter: the Bloom bits of old and new addresses first (a
     // new VIP is never filtered out), then the exact map, then the new bits alone.
-    write_filter(dp, prev.vip_addrs.keys().chain(plan.vip_addrs.keys()))?;
+    let same_addrs = prev.vip_addrs.len() == plan.vip_addrs.len() && prev.vip_addrs.keys().eq(plan.vip_addrs.keys());
+    if !same_addrs {
+        write_filter(dp, prev.vip_addrs.keys().chain(plan.vip_addrs.keys()))?;
+    }
     {
         let mut m: HashMap<_, VipAddrKey, VipAddrVal> =
             HashMap::try_from(map_mut(dp.ebpf_mut(), names::VIP_ADDRS)?).map_err(map_err(names::VIP_ADDRS))?;
@@ -370,7 +381,9 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
         }
     }
 
-    write_filter(dp, plan.vip_addrs.keys())?;
+    if !same_addrs || prev.services.is_empty() {
+        write_filter(dp, plan.vip_addrs.keys())?;
+    }
 
     // 5. What went away: service entries, then their backends.
     let keys: BTreeSet<VipKey> = plan.services.iter().map(|s| s.key).collect();

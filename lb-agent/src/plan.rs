@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -76,7 +77,12 @@ pub struct PlannedService {
     /// Ids of this service's backends (in address order).
     pub backend_ids: Vec<u32>,
     /// Maglev table: slot -> backend id (empty while no backend is usable).
-    pub table: Vec<u32>,
+    /// Shared: a plan built from a previous one reuses the table of every service
+    /// whose `maglev_input` did not change, and clones of a plan share them too.
+    pub table: Arc<[u32]>,
+    /// What the table was built from: (address, weight given to Maglev, backend
+    /// id) in address order. Equal inputs and size give an equal table.
+    pub maglev_input: Vec<(IpAddr, u32, u32)>,
     /// The configured table size (what the table has whenever it is not empty).
     pub table_size: u32,
     /// No primary is usable and the table is built from backups.
@@ -141,8 +147,8 @@ impl Plan {
     pub fn next(config: &Config, macs: &BTreeMap<IpAddr, Mac>, down: &DownSet, prev: Option<&Plan>) -> Plan {
         let mut service_ids = prev.map(|p| p.service_ids.clone()).unwrap_or_default();
         let mut backend_ids = prev.map(|p| p.backend_ids.clone()).unwrap_or_default();
-        let prev_services: BTreeMap<VipKey, u32> =
-            prev.map(|p| p.services.iter().map(|s| (s.key, s.value.id)).collect()).unwrap_or_default();
+        let prev_services: BTreeMap<VipKey, &PlannedService> =
+            prev.map(|p| p.services.iter().map(|s| (s.key, s)).collect()).unwrap_or_default();
         let prev_backends: BTreeMap<(VipKey, IpAddr), (u32, u32)> = prev
             .map(|p| {
                 p.backends.iter().map(|b| ((p.services[b.service].key, b.address), (b.id, b.generation))).collect()
@@ -158,10 +164,11 @@ impl Plan {
         let mut kept_backends = BTreeSet::new();
         for (index, svc) in config.services.iter().enumerate() {
             let key = VipKey { addr: addr_key(svc.vip), port: svc.port, proto: svc.protocol.number(), _pad: 0 };
-            let id = match prev_services.get(&key) {
-                Some(&id) => {
-                    kept_services.insert(id);
-                    id
+            let old = prev_services.get(&key).copied();
+            let id = match old {
+                Some(o) => {
+                    kept_services.insert(o.value.id);
+                    o.value.id
                 }
                 None => service_ids.take().0,
             };
@@ -199,14 +206,19 @@ impl Plan {
                     b.flags |= BACKEND_ACCEPTS_NEW;
                 }
             }
-            let input: Vec<MaglevBackend> = members
+            let maglev_input: Vec<(IpAddr, u32, u32)> = members
                 .iter()
-                .map(|b| MaglevBackend {
-                    address: b.address,
-                    weight: if b.flags & BACKEND_ACCEPTS_NEW != 0 { b.weight } else { 0 },
-                })
+                .map(|b| (b.address, if b.flags & BACKEND_ACCEPTS_NEW != 0 { b.weight } else { 0 }, b.id))
                 .collect();
-            let table: Vec<u32> = build_table(&input, svc.table_size).iter().map(|&i| members[i as usize].id).collect();
+            // Only the tables whose inputs changed are built again.
+            let table = match old {
+                Some(o) if o.table_size == svc.table_size && o.maglev_input == maglev_input => o.table.clone(),
+                _ => {
+                    let input: Vec<MaglevBackend> =
+                        maglev_input.iter().map(|&(address, weight, _)| MaglevBackend { address, weight }).collect();
+                    build_table(&input, svc.table_size).iter().map(|&i| members[i as usize].id).collect()
+                }
+            };
 
             let flags = plan.vip_addrs.entry(key.addr).or_insert(0);
             if svc.port == 0 {
@@ -234,6 +246,7 @@ impl Plan {
                 value,
                 backend_ids: members.iter().map(|b| b.id).collect(),
                 table,
+                maglev_input,
                 table_size: svc.table_size,
                 using_backups,
             });
@@ -327,7 +340,8 @@ pub fn from_maps(
             key: *key,
             value: Service { table_offset: 0, region: 0, ..*value },
             backend_ids: Vec::new(),
-            table: table.clone(),
+            table: table.as_slice().into(),
+            maglev_input: Vec::new(),
             table_size: value.table_size,
             using_backups: false,
         });

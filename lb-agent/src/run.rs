@@ -58,6 +58,8 @@ struct Agent {
     config: Config,
     /// The file's bytes when last read, to notice edits.
     seen: Vec<u8>,
+    /// The bytes of the configuration in force: a reload of the same bytes is a no-op.
+    in_force: Arc<[u8]>,
     iface: Interface,
     nl: Neighbours,
     macs: BTreeMap<IpAddr, Mac>,
@@ -193,6 +195,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let mut agent = Agent {
         args,
         config: cfg,
+        in_force: seen.as_slice().into(),
         seen,
         iface,
         nl,
@@ -405,8 +408,9 @@ impl Agent {
         match self.dp.apply(&plan) {
             Ok(summary) => {
                 tracing::debug!(why, %summary, "maps updated");
+                let old: BTreeMap<_, _> = self.plan.services.iter().map(|o| (o.key, o)).collect();
                 for s in &plan.services {
-                    let before = self.plan.services.iter().find(|o| o.key == s.key);
+                    let before = old.get(&s.key);
                     let was_empty = before.is_none_or(|o| o.table.is_empty());
                     if s.table.is_empty() && !was_empty {
                         tracing::error!(service = %s.name, "all backends down: on_all_down applies");

@@ -37,8 +37,12 @@ pub use std::net::IpAddr;
 
 pub use self::limits::{MAX_DEPTH, MAX_ERRORS, MAX_FILE_SIZE, MAX_NODES};
 
-/// Default size of a service's Maglev lookup table (a prime).
-pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Size of a service's Maglev lookup table when its configuration names none:
+/// at least 100 slots per backend, from a fixed list of primes
+/// (`crate::maglev::auto_table_size`).
+pub fn default_table_size(backends: usize) -> u32 {
+    crate::maglev::auto_table_size(backends)
+}
 /// Smallest accepted Maglev lookup table size.
 pub const MIN_TABLE_SIZE: u32 = 7;
 /// Largest accepted Maglev lookup table size (the largest prime below 2^20).
@@ -104,7 +108,8 @@ pub struct ServiceConfig {
     pub port: u16,
     pub protocol: Protocol,
     pub scheduler: Scheduler,
-    /// Size of the Maglev lookup table: a prime larger than the number of backends.
+    /// Size of the Maglev lookup table: a prime larger than the number of backends
+    /// (`default_table_size` of the backend count when the file names none).
     pub table_size: u32,
     /// The backends, in file order; all of the same address family as `vip`.
     pub backends: Vec<BackendConfig>,

@@ -14,7 +14,7 @@ use super::limits::MAX_ERRORS;
 use super::positions::{Pos, Positions};
 use super::raw::{Int, RawBackend, RawConfig, RawService};
 use super::{
-    BackendConfig, Config, DEFAULT_CONNTRACK_SIZE, DEFAULT_TABLE_SIZE, DEFAULT_WEIGHT, Diagnostic,
+    BackendConfig, Config, DEFAULT_CONNTRACK_SIZE, DEFAULT_WEIGHT, Diagnostic,
     MAX_CONNTRACK_SIZE, MAX_NAME_LEN, MAX_TABLE_SIZE, MAX_WEIGHT, MIN_CONNTRACK_SIZE,
     MIN_TABLE_SIZE, Protocol, Scheduler, ServiceConfig,
 };
@@ -216,7 +216,7 @@ impl Checker<'_> {
             .backends(raw.backends, &path, &label, vip, &probe, port)
             .filter(|_| probe_ok);
         let table_size = match raw.table_size {
-            None => Some(DEFAULT_TABLE_SIZE),
+            None => Some(super::default_table_size(count)),
             Some(v) => self.table_size(v, &field("table_size")),
         };
         let table_size = table_size.filter(|&size| {

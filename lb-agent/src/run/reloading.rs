@@ -41,6 +41,7 @@ pub(super) struct Job {
 pub(super) struct Parsed {
     generation: u64,
     why: String,
+    bytes: Arc<[u8]>,
     result: Result<(Config, BTreeMap<IpAddr, Mac>), String>,
 }
 
@@ -94,6 +95,11 @@ impl<W> Queue<W> {
             }
             None => Some(self.start(job)),
         }
+    }
+
+    /// No parse runs or waits.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_none() && self.queued.is_none()
     }
 
     fn start(&mut self, job: Job) -> (u64, Job) {
@@ -152,6 +158,16 @@ impl Agent {
     /// Asks for a reload of `bytes`, the file's content just read.
     pub(super) fn reload_bytes(&mut self, bytes: Vec<u8>, why: &str, reply: Option<oneshot::Sender<Response>>) {
         self.seen = bytes.clone();
+        // The bytes in force again, nothing pending, every backend resolved: there
+        // is nothing a parse could change.
+        if self.reloads.queue.is_idle() && *bytes == *self.in_force && self.plan.unresolved().is_empty() {
+            self.reloads_ok += 1;
+            tracing::info!(why, reloads = self.reloads_ok, "reload applied: no change (the file is unchanged)");
+            if let Some(reply) = reply {
+                let _ = reply.send(response(Ok("reload applied: no change (the file is unchanged)".into())));
+            }
+            return;
+        }
         let job = Job { bytes: bytes.into(), why: why.to_string() };
         if let Some((generation, job)) = self.reloads.queue.request(job, reply) {
             self.spawn_parse(generation, job);
@@ -170,6 +186,7 @@ impl Agent {
             let started = Instant::now();
             let Job { bytes, why } = job;
             let parse_origin = origin.clone();
+            let kept = bytes.clone();
             let parsed = tokio::task::spawn_blocking(move || match std::str::from_utf8(&bytes) {
                 Ok(text) => config::parse(text, &parse_origin).map_err(|e| format!("invalid configuration:\n{e}")),
                 Err(e) => Err(format!("invalid configuration:\n{parse_origin}: cannot read the file: {e}")),
@@ -196,7 +213,7 @@ impl Agent {
                 Err(e) => Err(e),
             };
             // The loop is gone when the agent stops: nothing to report to.
-            let _ = done.send(Parsed { generation, why, result });
+            let _ = done.send(Parsed { generation, why, bytes: kept, result });
         });
     }
 
@@ -210,7 +227,7 @@ impl Agent {
             }
             Finished::Apply(waiters) => {
                 let outcome = match parsed.result {
-                    Ok((config, found)) => self.apply_reload(&parsed.why, config, found),
+                    Ok((config, found)) => self.apply_reload(&parsed.why, config, found, parsed.bytes),
                     Err(e) => self.reload_failed(&parsed.why, &e),
                 };
                 let answer = response(outcome);
@@ -223,7 +240,21 @@ impl Agent {
 
     /// Applies a parsed configuration: returns the log line's summary, or why the
     /// running configuration stays in force.
-    fn apply_reload(&mut self, why: &str, new: Config, found: BTreeMap<IpAddr, Mac>) -> Result<String, String> {
+    fn apply_reload(
+        &mut self,
+        why: &str,
+        new: Config,
+        found: BTreeMap<IpAddr, Mac>,
+        bytes: Arc<[u8]>,
+    ) -> Result<String, String> {
+        // Other bytes, the same configuration (a comment, the order of keys), and no
+        // backend newly resolved: no plan, no map writes.
+        if new == self.config && found.is_empty() {
+            self.in_force = bytes;
+            self.reloads_ok += 1;
+            tracing::info!(why, reloads = self.reloads_ok, "reload applied: no change");
+            return Ok("reload applied: no change".into());
+        }
         if new.conntrack_size != self.config.conntrack_size || new.established_size != self.config.established_size {
             tracing::warn!("conntrack_size and established_size changes take effect at the next start");
         }
@@ -250,6 +281,7 @@ impl Agent {
                 tracing::info!(why, reloads = self.reloads_ok, "reload applied: {diff}");
                 self.timeouts.send_replace(new.timeouts);
                 self.config = new;
+                self.in_force = bytes;
                 self.down = down;
                 self.plan = plan;
                 report_unusable(&self.plan, &self.iface);
