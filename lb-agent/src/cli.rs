@@ -37,6 +37,15 @@ pub enum Commands {
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Only this service (by name); may be given more than once.
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
+        /// Only the services of this VIP.
+        #[arg(long)]
+        vip: Option<std::net::IpAddr>,
+        /// Service lines only, without their backends.
+        #[arg(long)]
+        no_backends: bool,
         #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -194,7 +203,10 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Commands::Status { json, watch, socket } => client_status(&socket, json, watch),
+        Commands::Status { json, watch, socket, services, vip, no_backends } => {
+            let filter = crate::status::StatusFilter { services, vip, no_backends };
+            client_status(&socket, json, watch, &filter)
+        }
         Commands::Drain { backend, service, socket } => {
             client_call(&socket, &crate::control::Request::Drain { backend, service }, crate::control::TIMEOUT)
         }
@@ -247,11 +259,17 @@ fn client_call(socket: &std::path::Path, request: &crate::control::Request, time
     }
 }
 
-fn client_status(socket: &std::path::Path, json: bool, watch: bool) -> ExitCode {
+fn client_status(socket: &std::path::Path, json: bool, watch: bool, filter: &crate::status::StatusFilter) -> ExitCode {
     use crate::control::{Request, Response};
+    // An agent from before `StatusOf` is still asked the plain way.
+    let request = if *filter == crate::status::StatusFilter::default() { Request::Status } else { Request::StatusOf(filter.clone()) };
     loop {
-        match crate::control::call(socket, &Request::Status) {
+        match crate::control::call(socket, &request) {
             Ok(Response::Status(status)) => {
+                if let Some(missing) = filter.services.iter().find(|n| !status.services.iter().any(|s| s.name == **n)) {
+                    eprintln!("error: no service named {missing}");
+                    return ExitCode::FAILURE;
+                }
                 let text = if json { crate::control::render_json(&status) } else { crate::control::render_table(&status) };
                 if watch {
                     // Clear the screen and redraw, like watch(1).

@@ -59,6 +59,8 @@ const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Part of the status: some services, or no backends (see `StatusFilter`).
+    StatusOf(crate::status::StatusFilter),
     /// Set a backend's weight to 0 at run time (in `service`, or in every service
     /// that has it); existing flows stay on it.
     Drain { backend: IpAddr, service: Option<String> },

@@ -68,8 +68,12 @@ impl Sampler {
             conntrack: Default::default(),
             services: Vec::new(),
         };
+        // Indexes, not searches: thousands of services, tens of thousands of backends.
+        let configs: BTreeMap<&str, &crate::config::ServiceConfig> =
+            ctx.config.services.iter().map(|c| (c.name.as_str(), c)).collect();
+        let by_id = plan.backends_by_id();
         for s in &plan.services {
-            let cfg = ctx.config.services.iter().find(|c| c.name == s.name);
+            let cfg = configs.get(s.name.as_str()).copied();
             let c = counter(&stats.services, s.value.id);
             let p = prev.map(|p| counter(&p.services, s.value.id)).unwrap_or(c);
             let mut svc = ServiceStatus {
@@ -88,7 +92,7 @@ impl Sampler {
                 bytes_per_sec: rate(c.bytes, p.bytes, secs),
                 backends: Vec::new(),
             };
-            for b in s.backend_ids.iter().filter_map(|id| plan.backend(*id)) {
+            for b in s.backend_ids.iter().filter_map(|id| by_id.get(id).copied()) {
                 let c = counter(&stats.backends, b.id);
                 let p = prev.map(|p| counter(&p.backends, b.id)).unwrap_or(c);
                 let samples = self.history.entry(b.id).or_default();

@@ -281,7 +281,13 @@ impl Plan {
         self.services.iter().map(|s| s.table.len()).sum()
     }
 
-    /// The backend with id `id`.
+    /// Every backend by id, for callers that look many up (a status of thousands
+    /// of services).
+    pub fn backends_by_id(&self) -> std::collections::HashMap<u32, &PlannedBackend> {
+        self.backends.iter().map(|b| (b.id, b)).collect()
+    }
+
+    /// The backend with id `id` (a linear search: see `backends_by_id`).
     pub fn backend(&self, id: u32) -> Option<&PlannedBackend> {
         self.backends.iter().find(|b| b.id == id)
     }

@@ -347,6 +347,10 @@ impl Agent {
                 self.refresh_status();
                 Response::Status(self.status.read().map(|s| s.clone()).unwrap_or_default())
             }
+            Request::StatusOf(filter) => {
+                self.refresh_status();
+                Response::Status(self.status.read().map(|s| filter.select(&s)).unwrap_or_default())
+            }
             Request::Drain { backend, service } => self.set_drain(backend, service, true),
             Request::Undrain { backend, service } => self.set_drain(backend, service, false),
             Request::Reload => return self.request_reload("lb-agent reload", Some(call.reply)),
