@@ -543,25 +543,29 @@ fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
     })
 }
 
+/// Every element of a per-CPU array of counters, summed over the CPUs: in batches
+/// where the kernel allows, else element by element.
+fn read_counters(data: MapData, name: &'static str) -> Result<Vec<Counters>> {
+    let len = data.info().map_err(map_err(name))?.max_entries();
+    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::PinDir { path: "possible cpus".into(), source: e })?;
+    if let Ok(all) = crate::batch::sum_counters(data.fd().as_fd(), len, ncpu) {
+        return Ok(all);
+    }
+    let m: PerCpuArray<_, Counters> = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(name))?;
+    m.iter().map(|v| v.map(|v| sum_counters(&v)).map_err(map_err(name))).collect()
+}
+
 impl Stats {
     fn read(global: MapData, services: MapData, backends: MapData) -> Result<Stats> {
         let g: PerCpuArray<_, u64> =
             PerCpuArray::try_from(Map::PerCpuArray(global)).map_err(map_err(names::STATS))?;
-        let s: PerCpuArray<_, Counters> =
-            PerCpuArray::try_from(Map::PerCpuArray(services)).map_err(map_err(names::SERVICE_STATS))?;
-        let b: PerCpuArray<_, Counters> =
-            PerCpuArray::try_from(Map::PerCpuArray(backends)).map_err(map_err(names::BACKEND_STATS))?;
         let mut out = Stats::default();
         for i in 0..stat::COUNT {
             let v = g.get(&i, 0).map_err(map_err(names::STATS))?;
             out.global.push(v.iter().sum());
         }
-        for v in s.iter() {
-            out.services.push(sum_counters(&v.map_err(map_err(names::SERVICE_STATS))?));
-        }
-        for v in b.iter() {
-            out.backends.push(sum_counters(&v.map_err(map_err(names::BACKEND_STATS))?));
-        }
+        out.services = read_counters(services, names::SERVICE_STATS)?;
+        out.backends = read_counters(backends, names::BACKEND_STATS)?;
         Ok(out)
     }
 

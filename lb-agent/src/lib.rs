@@ -2,6 +2,7 @@
 //! the BPF maps that the XDP program reads.
 
 pub mod apply;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod conntrack;

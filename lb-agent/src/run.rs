@@ -219,6 +219,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         reloads,
     };
     agent.refresh_status();
+    reloading::release_freed_memory();
     // systemd Type=notify: ready once the maps are filled and the program attached.
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "could not notify systemd of readiness");

@@ -317,7 +317,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     limits::check(text, origin)?;
     let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| serde_error(&e, origin))?;
-    let positions = positions::Positions::build(text);
+    let positions = positions::LazyPositions::new(text);
     validate::validate(raw, &positions, origin).map_err(|errors| ConfigError { errors })
 }
 

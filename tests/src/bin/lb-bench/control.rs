@@ -74,7 +74,7 @@ fn map_ids(dp: &mut Dataplane) -> Vec<(String, u32, u32)> {
         .collect()
 }
 
-fn memlock(id: u32) -> Option<u64> {
+pub fn memlock(id: u32) -> Option<u64> {
     let out = Command::new("bpftool")
         .args(["-j", "map", "show", "id", &id.to_string()])
         .output()

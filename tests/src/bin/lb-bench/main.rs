@@ -17,6 +17,7 @@ mod plot;
 mod probes;
 mod reload;
 mod report;
+mod scale;
 mod topo;
 mod trace;
 
@@ -112,7 +113,21 @@ fn main() {
             bare_secs: 3.0,
         }
     };
+    let sp = if quick {
+        scale::ScaleParams { starts: 1, reloads: 3, weight_reloads: 2, status_runs: 2 }
+    } else {
+        scale::ScaleParams { starts: 3, reloads: 20, weight_reloads: 5, status_runs: 5 }
+    };
     let started = Instant::now();
+    if std::env::args().any(|a| a == "--scale-serve") {
+        return scale::serve(10_000, 8);
+    }
+    // Only the control plane at scale, printed and not written.
+    if std::env::args().any(|a| a == "--scale-only") {
+        println!("\n## Control plane at scale\n\n{}", scale::bench_scale(&sp));
+        eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
     // Only the probe benchmark, printed and not written (for working on the prober).
     if std::env::args().any(|a| a == "--probes-only") {
         let probe = probes::bench_probes(&pp);
@@ -161,6 +176,9 @@ fn main() {
     eprintln!("lb-bench: reload of 1,000 x 32 under traffic ...");
     let reload = reload::bench_reload(&p);
     println!("\n## Reload\n\n{reload}");
+    eprintln!("lb-bench: the agent at scale (1,000 x 32 and 10,000 x 8, default table_size) ...");
+    let scale = scale::bench_scale(&sp);
+    println!("\n## Control plane at scale\n\n{scale}");
     eprintln!(
         "lb-bench: probe CPU, {} TCP targets at 1 s ({:.0} s after {:.0} s warm-up) ...",
         probes::PORTS * probes::ADDRESSES as usize,
@@ -209,6 +227,7 @@ fn main() {
          ## Control plane\n\n### Maglev table build (`lb_agent::maglev::build_table`)\n\n{maglev}\n\
          ### Plan and full apply, 1,000 services x 32 backends\n\n{apply}\n\
          ### Reload under traffic, 1,000 services x 32 backends\n\n{reload}\n\
+         ### The agent at scale: start, memory, reloads, status\n\n{scale}\n\
          ### Liveness probes: CPU\n\n{probe_md}\n",
         sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         sh("uname", &["-r"]),
