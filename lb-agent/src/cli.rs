@@ -260,33 +260,20 @@ fn client_call(socket: &std::path::Path, request: &crate::control::Request, time
 }
 
 fn client_status(socket: &std::path::Path, json: bool, watch: bool, filter: &crate::status::StatusFilter) -> ExitCode {
-    use crate::control::{Request, Response};
+    use crate::control::Request;
     // An agent from before `StatusOf` is still asked the plain way.
     let request = if *filter == crate::status::StatusFilter::default() { Request::Status } else { Request::StatusOf(filter.clone()) };
     loop {
-        match crate::control::call(socket, &request) {
-            Ok(Response::Status(status)) => {
-                if let Some(missing) = filter.services.iter().find(|n| !status.services.iter().any(|s| s.name == **n)) {
-                    eprintln!("error: no service named {missing}");
-                    return ExitCode::FAILURE;
-                }
-                let text = if json { crate::control::render_json(&status) } else { crate::control::render_table(&status) };
+        match status_text(socket, &request, json, filter) {
+            Ok(text) => {
                 if watch {
                     // Clear the screen and redraw, like watch(1).
                     print!("\x1b[H\x1b[2J");
                 }
                 println!("{text}");
             }
-            Ok(Response::Error { message }) => {
+            Err(message) => {
                 eprintln!("error: {message}");
-                return ExitCode::FAILURE;
-            }
-            Ok(_) => {
-                eprintln!("error: unexpected answer from the agent");
-                return ExitCode::FAILURE;
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -294,6 +281,35 @@ fn client_status(socket: &std::path::Path, json: bool, watch: bool, filter: &cra
             return ExitCode::SUCCESS;
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// One status as text (table or JSON), or the error to print.
+fn status_text(
+    socket: &std::path::Path,
+    request: &crate::control::Request,
+    json: bool,
+    filter: &crate::status::StatusFilter,
+) -> Result<String, String> {
+    use crate::control::Response;
+    // Nothing to check by name: the JSON is passed on as the agent sent it.
+    let answer = if json && filter.services.is_empty() {
+        match crate::control::call_status_json(socket, request).map_err(|e| e.to_string())? {
+            Ok(pretty) => return Ok(pretty),
+            Err(other) => other,
+        }
+    } else {
+        crate::control::call(socket, request).map_err(|e| e.to_string())?
+    };
+    match answer {
+        Response::Status(status) => {
+            if let Some(missing) = filter.services.iter().find(|n| !status.services.iter().any(|s| s.name == **n)) {
+                return Err(format!("no service named {missing}"));
+            }
+            Ok(if json { crate::control::render_json(&status) } else { crate::control::render_table(&status) })
+        }
+        Response::Error { message } => Err(message),
+        _ => Err("unexpected answer from the agent".into()),
     }
 }
 

@@ -39,6 +39,7 @@ use tokio::{
 
 use crate::status::{BackendStatus, ServiceStatus, Status};
 
+mod json;
 mod trace_stream;
 
 pub const DEFAULT_SOCKET: &str = "/run/lb-agent.sock";
@@ -391,6 +392,24 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
 
 /// [`call`] with another time limit (for each of connect+write and read).
 pub fn call_with_timeout(path: &Path, request: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let answer = call_line(path, request, timeout)?;
+    json::decode(answer.trim_end()).map_err(|e| ControlError::Protocol { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// [`call`] for `lb-agent status --json`: a status answer as pretty JSON, re-indented
+/// from the agent's line without decoding it, or any other answer decoded.
+pub fn call_status_json(path: &Path, request: &Request) -> Result<std::result::Result<String, Response>, ControlError> {
+    let answer = call_line(path, request, TIMEOUT)?;
+    match json::status_pretty(answer.trim_end()) {
+        Some(pretty) => Ok(Ok(pretty)),
+        None => json::decode(answer.trim_end())
+            .map(Err)
+            .map_err(|e| ControlError::Protocol { path: path.to_path_buf(), message: e.to_string() }),
+    }
+}
+
+/// Sends `request` and returns the answer line as it came.
+fn call_line(path: &Path, request: &Request, timeout: Duration) -> Result<String, ControlError> {
     let io_err = |e: io::Error| match map_io_error(path, e) {
         ControlError::Timeout { path, .. } => ControlError::Timeout { path, timeout },
         other => other,
@@ -414,8 +433,7 @@ pub fn call_with_timeout(path: &Path, request: &Request, timeout: Duration) -> R
     if answer.is_empty() {
         return Err(ControlError::NoAnswer { path: path.to_path_buf() });
     }
-    serde_json::from_str(answer.trim_end())
-        .map_err(|e| ControlError::Protocol { path: path.to_path_buf(), message: e.to_string() })
+    Ok(answer)
 }
 
 // ---------------------------------------------------------------------------------

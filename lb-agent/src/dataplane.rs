@@ -461,7 +461,15 @@ impl Dataplane {
     /// Current counters, summed over CPUs.
     pub fn stats(&mut self) -> Result<Stats> {
         let e = &mut self.ebpf;
-        Stats::read(map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?)
+        Stats::read(map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?, None)
+    }
+
+    /// The counters of service ids below `services` and backend ids below
+    /// `backends` (the ids a plan has handed out), the rest left out.
+    pub fn stats_of(&mut self, services: u32, backends: u32) -> Result<Stats> {
+        let e = &mut self.ebpf;
+        let (g, s, b) = (map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?);
+        Stats::read(g, s, b, Some((services, backends)))
     }
 }
 
@@ -545,18 +553,18 @@ fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
 
 /// Every element of a per-CPU array of counters, summed over the CPUs: in batches
 /// where the kernel allows, else element by element.
-fn read_counters(data: MapData, name: &'static str) -> Result<Vec<Counters>> {
-    let len = data.info().map_err(map_err(name))?.max_entries();
+fn read_counters(data: MapData, name: &'static str, limit: Option<u32>) -> Result<Vec<Counters>> {
+    let len = data.info().map_err(map_err(name))?.max_entries().min(limit.unwrap_or(u32::MAX));
     let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::PinDir { path: "possible cpus".into(), source: e })?;
     if let Ok(all) = crate::batch::sum_counters(data.fd().as_fd(), len, ncpu) {
         return Ok(all);
     }
     let m: PerCpuArray<_, Counters> = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(name))?;
-    m.iter().map(|v| v.map(|v| sum_counters(&v)).map_err(map_err(name))).collect()
+    m.iter().take(len as usize).map(|v| v.map(|v| sum_counters(&v)).map_err(map_err(name))).collect()
 }
 
 impl Stats {
-    fn read(global: MapData, services: MapData, backends: MapData) -> Result<Stats> {
+    fn read(global: MapData, services: MapData, backends: MapData, limit: Option<(u32, u32)>) -> Result<Stats> {
         let g: PerCpuArray<_, u64> =
             PerCpuArray::try_from(Map::PerCpuArray(global)).map_err(map_err(names::STATS))?;
         let mut out = Stats::default();
@@ -564,15 +572,15 @@ impl Stats {
             let v = g.get(&i, 0).map_err(map_err(names::STATS))?;
             out.global.push(v.iter().sum());
         }
-        out.services = read_counters(services, names::SERVICE_STATS)?;
-        out.backends = read_counters(backends, names::BACKEND_STATS)?;
+        out.services = read_counters(services, names::SERVICE_STATS, limit.map(|l| l.0))?;
+        out.backends = read_counters(backends, names::BACKEND_STATS, limit.map(|l| l.1))?;
         Ok(out)
     }
 
     /// Reads the counters from maps pinned by a running agent under `dir`.
     pub fn read_pinned(dir: &Path) -> Result<Stats> {
         let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(map_err(name));
-        Self::read(open(names::STATS)?, open(names::SERVICE_STATS)?, open(names::BACKEND_STATS)?)
+        Self::read(open(names::STATS)?, open(names::SERVICE_STATS)?, open(names::BACKEND_STATS)?, None)
     }
 
     pub fn get(&self, stat: u32) -> u64 {

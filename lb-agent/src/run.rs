@@ -316,7 +316,8 @@ impl Agent {
     }
 
     fn refresh_status(&mut self) {
-        let stats = match self.dp.stats() {
+        let (services, backends) = (self.plan.service_ids.high_water(), self.plan.backend_ids.high_water());
+        let stats = match self.dp.stats_of(services, backends) {
             Ok(s) => s,
             Err(e) => return tracing::warn!(error = %e, "reading the counters"),
         };

@@ -1,0 +1,106 @@
+//! The client's side of a large status: decoded without serde's buffering of
+//! internally tagged enums, and for `--json` not decoded at all but re-indented as
+//! it came (the status of 10,000 services is some 30 MB of JSON).
+
+use super::Response;
+use crate::status::Status;
+
+/// How an agent's status answer begins (`Response::Status`, tag first).
+const STATUS_TAG: &str = "{\"result\":\"status\",";
+
+/// Decodes one answer line; a status straight into `Status` (its fields follow the
+/// tag, which `Status` ignores as an unknown field).
+pub(super) fn decode(line: &str) -> serde_json::Result<Response> {
+    if line.starts_with(STATUS_TAG) {
+        return serde_json::from_str::<Status>(line).map(Response::Status);
+    }
+    serde_json::from_str(line)
+}
+
+/// The status in an answer line as pretty JSON (as `serde_json::to_string_pretty`
+/// prints a `Status`), or `None` when the line is not a status.
+pub(super) fn status_pretty(line: &str) -> Option<String> {
+    let body = line.strip_prefix(STATUS_TAG)?;
+    Some(pretty(&format!("{{{body}")))
+}
+
+/// Re-indents compact JSON with two spaces per level, `": "` after keys and empty
+/// arrays and objects kept on one line: serde_json's pretty format.
+pub fn pretty(compact: &str) -> String {
+    let bytes = compact.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    let mut depth = 0usize;
+    let newline = |out: &mut Vec<u8>, depth: usize| {
+        out.push(b'\n');
+        out.resize(out.len() + 2 * depth, b' ');
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        match c {
+            b'"' => {
+                // Copy the string, escapes and all.
+                let start = i;
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                out.extend_from_slice(&bytes[start..(i + 1).min(bytes.len())]);
+            }
+            b'{' | b'[' => {
+                let close = if c == b'{' { b'}' } else { b']' };
+                if bytes.get(i + 1) == Some(&close) {
+                    out.extend_from_slice(&[c, close]);
+                    i += 1;
+                } else {
+                    out.push(c);
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                newline(&mut out, depth);
+                out.push(c);
+            }
+            b',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            b':' => out.extend_from_slice(b": "),
+            b' ' | b'\n' | b'\t' | b'\r' => {}
+            _ => out.push(c),
+        }
+        i += 1;
+    }
+    // Only whole UTF-8 sequences were copied (strings as they were, the rest ASCII).
+    String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{BackendStatus, ServiceStatus};
+
+    #[test]
+    fn pretty_is_serde_jsons_pretty_format() {
+        let status = Status {
+            iface: "eth0 \"x\" \\ é".into(),
+            outcomes: vec![("tx".into(), 3)],
+            services: vec![ServiceStatus {
+                name: "web,{:}[]".into(),
+                vip: Some("2001:db8::1".parse().unwrap()),
+                packets_per_sec: 1.5e-7,
+                backends: vec![BackendStatus { address: Some("198.18.0.11".parse().unwrap()), ..Default::default() }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let line = serde_json::to_string(&Response::Status(status.clone())).unwrap();
+        assert_eq!(status_pretty(&line).unwrap(), serde_json::to_string_pretty(&status).unwrap());
+        assert_eq!(decode(&line).unwrap(), Response::Status(status));
+        let done = serde_json::to_string(&Response::Done { message: "ok".into() }).unwrap();
+        assert_eq!(status_pretty(&done), None);
+        assert_eq!(decode(&done).unwrap(), Response::Done { message: "ok".into() });
+    }
+}
