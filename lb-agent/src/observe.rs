@@ -125,7 +125,7 @@ impl Sampler {
                     weight: b.weight,
                     config_weight: bcfg.map(|x| x.weight).unwrap_or(b.weight),
                     backup: b.backup,
-                    drained: ctx.drained.contains(&(s.name.clone(), b.address)),
+                    drained: !ctx.drained.is_empty() && ctx.drained.contains(&(s.name.clone(), b.address)),
                     health: if b.mac.is_none() {
                         "unresolved"
                     } else if b.up {

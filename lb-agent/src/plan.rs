@@ -149,11 +149,14 @@ impl Plan {
         let mut backend_ids = prev.map(|p| p.backend_ids.clone()).unwrap_or_default();
         let prev_services: BTreeMap<VipKey, &PlannedService> =
             prev.map(|p| p.services.iter().map(|s| (s.key, s)).collect()).unwrap_or_default();
-        let prev_backends: BTreeMap<(VipKey, IpAddr), (u32, u32)> = prev
-            .map(|p| {
-                p.backends.iter().map(|b| ((p.services[b.service].key, b.address), (b.id, b.generation))).collect()
-            })
-            .unwrap_or_default();
+        // Backends of the previous plan by id (ids are small and dense).
+        let mut prev_by_id: Vec<Option<&PlannedBackend>> = Vec::new();
+        for b in prev.map(|p| p.backends.as_slice()).unwrap_or_default() {
+            if prev_by_id.len() <= b.id as usize {
+                prev_by_id.resize(b.id as usize + 1, None);
+            }
+            prev_by_id[b.id as usize] = Some(b);
+        }
 
         let mut plan = Plan {
             conntrack_size: config.conntrack_size,
@@ -174,17 +177,30 @@ impl Plan {
             };
             let mut sorted: Vec<_> = svc.backends.iter().collect();
             sorted.sort_by_key(|b| addr_key(b.address));
+            // The previous backends of this service: (address key, address, id, generation), sorted.
+            let mut before: Vec<([u8; 16], IpAddr, (u32, u32))> = old
+                .map(|o| o.backend_ids.iter().filter_map(|id| prev_by_id.get(*id as usize).copied().flatten()).collect())
+                .unwrap_or_else(Vec::new)
+                .into_iter()
+                .map(|b: &PlannedBackend| (addr_key(b.address), b.address, (b.id, b.generation)))
+                .collect();
+            before.sort_unstable_by_key(|e| e.0);
+            let known = |address: IpAddr| {
+                let k = addr_key(address);
+                let from = before.partition_point(|e| e.0 < k);
+                before[from..].iter().take_while(|e| e.0 == k).find(|e| e.1 == address).map(|e| e.2)
+            };
             let first = plan.backends.len();
             for b in &sorted {
-                let (bid, generation) = match prev_backends.get(&(key, b.address)) {
-                    Some(&ids) => {
+                let (bid, generation) = match known(b.address) {
+                    Some(ids) => {
                         kept_backends.insert(ids.0);
                         ids
                     }
                     None => backend_ids.take(),
                 };
                 let mac = macs.get(&b.address).copied();
-                let up = !down.contains(&(svc.name.clone(), b.address));
+                let up = down.is_empty() || !down.contains(&(svc.name.clone(), b.address));
                 plan.backends.push(PlannedBackend {
                     id: bid,
                     generation,

@@ -38,6 +38,10 @@ mod reloading;
 mod trace_session;
 
 pub fn run(args: RunArgs) -> Result<()> {
+    // Two malloc arenas, not one per thread that ever allocated: the parse of a
+    // reload runs on a blocking-pool thread, and its arena would keep the memory.
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -149,6 +153,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     crate::ownership::check_interface(&iface, &pins)?;
     let mut neigh_events = crate::neigh::watch()?;
 
+    // The bytes `cfg` came from, if the file did not change while it was loaded.
+    let in_force: Arc<[u8]> =
+        if std::fs::read(&args.config).is_ok_and(|again| again == seen) { seen.as_slice().into() } else { Arc::from([]) };
     let wanted = Plan::backend_addresses(&cfg);
     let macs = nl.resolve(&iface, &wanted, resolve_timeout(&args)).await?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthEvent>();
@@ -195,7 +202,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let mut agent = Agent {
         args,
         config: cfg,
-        in_force: seen.as_slice().into(),
+        in_force,
         seen,
         iface,
         nl,
@@ -305,7 +312,7 @@ impl Agent {
     /// The configuration with run-time drains applied (weight 0).
     fn effective(&self, config: &Config) -> Config {
         let mut c = config.clone();
-        for s in &mut c.services {
+        for s in c.services.iter_mut().filter(|_| !self.drained.is_empty()) {
             for b in &mut s.backends {
                 if self.drained.contains(&(s.name.clone(), b.address)) {
                     b.weight = 0;

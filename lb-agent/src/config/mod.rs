@@ -24,6 +24,7 @@
 use std::fmt;
 use std::path::Path;
 
+mod incremental;
 mod limits;
 mod positions;
 mod raw;
@@ -309,6 +310,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = read::read(path, &origin)?;
     parse(&text, &origin)
 }
+
+pub use self::incremental::reparse;
 
 /// Parses and validates configuration text; `origin` is the file name used in messages.
 ///

@@ -170,10 +170,34 @@ impl Agent {
             }
             return;
         }
+        if self.reloads.queue.is_idle()
+            && let Some(outcome) = self.reload_incremental(&bytes, why)
+        {
+            if let Some(reply) = reply {
+                let _ = reply.send(response(outcome));
+            }
+            return;
+        }
         let job = Job { bytes: bytes.into(), why: why.to_string() };
         if let Some((generation, job)) = self.reloads.queue.request(job, reply) {
             self.spawn_parse(generation, job);
         }
+    }
+
+    /// Applies `bytes` at once when only a few services changed and every backend's
+    /// MAC is known: those services are parsed here (`config::reparse`), the rest is
+    /// the configuration in force. `None`: the whole file is to be parsed.
+    fn reload_incremental(&mut self, bytes: &[u8], why: &str) -> Option<Result<String, String>> {
+        let (old, new) = (std::str::from_utf8(&self.in_force).ok()?, std::str::from_utf8(bytes).ok()?);
+        let origin = self.args.config.display().to_string();
+        let config = config::reparse(old, &self.config, new, &origin)?;
+        // New backends wait for their MACs in the parse task.
+        let known = |a: &IpAddr| self.macs.contains_key(a);
+        if !config.services.iter().all(|s| s.backends.iter().all(|b| known(&b.address))) {
+            return None;
+        }
+        tracing::debug!(why, "only the changed services were parsed");
+        Some(self.apply_reload(why, config, BTreeMap::new(), bytes.into()))
     }
 
     /// Parses `job` on the blocking pool, then resolves the new backends' MACs,

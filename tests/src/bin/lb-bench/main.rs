@@ -119,8 +119,9 @@ fn main() {
         scale::ScaleParams { starts: 3, reloads: 20, weight_reloads: 5, status_runs: 5 }
     };
     let started = Instant::now();
-    if std::env::args().any(|a| a == "--scale-serve") {
-        return scale::serve(10_000, 8);
+    if let Some(at) = std::env::args().position(|a| a == "--scale-serve") {
+        let arg = |i: usize, default: usize| std::env::args().nth(at + i).and_then(|v| v.parse().ok()).unwrap_or(default);
+        return scale::serve(arg(1, 10_000), arg(2, 8));
     }
     // Only the control plane at scale, printed and not written.
     if std::env::args().any(|a| a == "--scale-only") {

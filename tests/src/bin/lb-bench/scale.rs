@@ -333,7 +333,7 @@ fn scenario(sp: &ScaleParams, services: usize, backends: usize, mixed: bool, tar
 pub fn serve(services: usize, backends: usize) {
     let host = Host::new();
     let cfg = host.dir.join("lb.yaml");
-    std::fs::write(&cfg, yaml(services, backends, true, Variant::default())).expect("writing the configuration");
+    std::fs::write(&cfg, yaml(services, backends, backends < 32, Variant::default())).expect("writing the configuration");
     let (agent, secs) = Agent::start(&host, &cfg);
     println!("pid {} socket {} config {} (attached in {secs:.2} s)", agent.child.id(), agent.sock.display(), cfg.display());
     let _ = std::io::stdin().read_line(&mut String::new());
