@@ -176,6 +176,7 @@ impl Agent {
             if let Some(reply) = reply {
                 let _ = reply.send(response(outcome));
             }
+            release_freed_memory();
             return;
         }
         let job = Job { bytes: bytes.into(), why: why.to_string() };
@@ -262,14 +263,14 @@ impl Agent {
                     }
                     Err(e) => self.reload_failed(&parsed.why, &e),
                 };
-                // The parse ran on a blocking-pool thread, whose malloc arena keeps
-                // the freed text and tree: hand them back, so the agent's memory
-                // stays flat across reloads.
-                release_freed_memory();
                 let answer = response(outcome);
                 for w in waiters {
                     let _ = w.send(answer.clone());
                 }
+                // The parse ran on a blocking-pool thread, whose malloc arena keeps
+                // the freed text and tree: hand them back (after answering), so the
+                // agent's memory stays flat across reloads.
+                release_freed_memory();
             }
         }
     }

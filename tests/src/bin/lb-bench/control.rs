@@ -153,8 +153,8 @@ pub fn bench_apply(p: &Params) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Configuration: {services} services x {backends} backends = {} backends, table_size {table_size} \
-         (65537 would be {}M Maglev slots), conntrack_size 262144.\n",
+        "Configuration: {services} services x {backends} backends = {} backends, table_size {table_size} (the default for {backends} backends; \
+         65537, the default before, would be {}M Maglev slots), conntrack_size 262144.\n",
         services * backends,
         services as u64 * 65537 / 1_000_000
     );
