@@ -99,7 +99,7 @@ impl Sampler {
                 new_flows: c.new_flows,
                 packets_per_sec: rate(c.packets, p.packets, secs),
                 bytes_per_sec: rate(c.bytes, p.bytes, secs),
-                backends: Vec::new(),
+                backends: Vec::with_capacity(s.backend_ids.len()),
             };
             for b in s.backend_ids.iter().filter_map(|id| by_id.get(id).copied()) {
                 let c = counter(&stats.backends, b.id);
@@ -110,8 +110,8 @@ impl Sampler {
                     .and_then(|(_, flows)| flows.get(b.id as usize).copied())
                     .unwrap_or(c.new_flows);
                 let bcfg = cfg.and_then(|c| c.backends.iter().find(|x| x.address == b.address));
-                let key = TargetKey { service: s.name.clone(), backend: b.address };
                 let probe = bcfg.filter(|x| x.probe.kind != ProbeKind::None).map(|x| {
+                    let key = TargetKey { service: s.name.clone(), backend: b.address };
                     let st = ctx.checker.probe_stats(&key).unwrap_or_default();
                     ProbeStatus {
                         kind: x.probe.kind.name().into(),

@@ -34,18 +34,25 @@ pub fn pretty(compact: &str) -> String {
         out.push(b'\n');
         out.resize(out.len() + 2 * depth, b' ');
     };
+    let special = |b: &u8| matches!(b, b'"' | b'{' | b'[' | b'}' | b']' | b',' | b':' | b' ' | b'\n' | b'\t' | b'\r');
     let mut i = 0;
     while i < bytes.len() {
         let c = bytes[i];
         match c {
             b'"' => {
-                // Copy the string, escapes and all.
+                // Copy the string, escapes and all, in runs up to the next quote or
+                // backslash.
                 let start = i;
                 i += 1;
-                while i < bytes.len() && bytes[i] != b'"' {
-                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                while let Some(n) = bytes[i..].iter().position(|b| matches!(b, b'"' | b'\\')) {
+                    i += n;
+                    if bytes[i] == b'"' {
+                        break;
+                    }
+                    i += 2;
                 }
-                out.extend_from_slice(&bytes[start..(i + 1).min(bytes.len())]);
+                i = i.min(bytes.len() - 1);
+                out.extend_from_slice(&bytes[start..=i]);
             }
             b'{' | b'[' => {
                 let close = if c == b'{' { b'}' } else { b']' };
@@ -69,7 +76,13 @@ pub fn pretty(compact: &str) -> String {
             }
             b':' => out.extend_from_slice(b": "),
             b' ' | b'\n' | b'\t' | b'\r' => {}
-            _ => out.push(c),
+            _ => {
+                // A number, `true`, `false` or `null`: copied as one run.
+                let n = bytes[i..].iter().position(special).unwrap_or(bytes.len() - i);
+                out.extend_from_slice(&bytes[i..i + n]);
+                i += n;
+                continue;
+            }
         }
         i += 1;
     }
@@ -88,7 +101,7 @@ mod tests {
             iface: "eth0 \"x\" \\ é".into(),
             outcomes: vec![("tx".into(), 3)],
             services: vec![ServiceStatus {
-                name: "web,{:}[]".into(),
+                name: "web,{:}[]\\".into(),
                 vip: Some("2001:db8::1".parse().unwrap()),
                 packets_per_sec: 1.5e-7,
                 backends: vec![BackendStatus { address: Some("198.18.0.11".parse().unwrap()), ..Default::default() }],
