@@ -266,8 +266,14 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
     dp.regions.settle();
     let prev = dp.applied.take().unwrap_or_default();
     let mut sum = Summary::default();
-    let prev_backends: BTreeMap<u32, (Backend, u32)> =
-        prev.backends.iter().map(|b| (b.id, (b.map_value(prev.services[b.service].value.id), b.weight))).collect();
+    // By id (ids are small and dense): the map value and weight of each backend.
+    let mut prev_backends: Vec<Option<(Backend, u32)>> = Vec::new();
+    for b in &prev.backends {
+        if prev_backends.len() <= b.id as usize {
+            prev_backends.resize(b.id as usize + 1, None);
+        }
+        prev_backends[b.id as usize] = Some((b.map_value(prev.services[b.service].value.id), b.weight));
+    }
 
     // 1. Backends that are new or changed.
     let mut new_backends = Vec::new();
@@ -276,7 +282,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             Array::try_from(map_mut(dp.ebpf_mut(), names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
         for b in &plan.backends {
             let v = b.map_value(plan.services[b.service].value.id);
-            match prev_backends.get(&b.id) {
+            match prev_backends.get(b.id as usize).copied().flatten().as_ref() {
                 Some((old, _)) if old.generation != v.generation => {
                     sum.backends_added += 1;
                     new_backends.push(b.id);
@@ -400,12 +406,17 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             dp.regions.release_later(p.region, 2 * p.size);
         }
     }
-    let live: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+    for b in &plan.backends {
+        if let Some(slot) = prev_backends.get_mut(b.id as usize) {
+            *slot = None;
+        }
+    }
     {
         let mut m: Array<_, Backend> =
             Array::try_from(map_mut(dp.ebpf_mut(), names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-        for (id, (old, _)) in prev_backends.iter().filter(|(id, _)| !live.contains(id)) {
-            m.set(*id, Backend { flags: 0, ..*old }, 0).map_err(map_err(names::BACKENDS))?;
+        // What is left: backends that went away.
+        for (id, (old, _)) in prev_backends.iter().enumerate().filter_map(|(id, v)| Some((id as u32, (*v)?))) {
+            m.set(id, Backend { flags: 0, ..old }, 0).map_err(map_err(names::BACKENDS))?;
             sum.backends_removed += 1;
         }
     }

@@ -310,16 +310,19 @@ fn report_unusable(plan: &Plan, iface: &Interface) {
 
 impl Agent {
     /// The configuration with run-time drains applied (weight 0).
-    fn effective(&self, config: &Config) -> Config {
+    fn effective<'a>(&self, config: &'a Config) -> std::borrow::Cow<'a, Config> {
+        if self.drained.is_empty() {
+            return std::borrow::Cow::Borrowed(config);
+        }
         let mut c = config.clone();
-        for s in c.services.iter_mut().filter(|_| !self.drained.is_empty()) {
+        for s in &mut c.services {
             for b in &mut s.backends {
                 if self.drained.contains(&(s.name.clone(), b.address)) {
                     b.weight = 0;
                 }
             }
         }
-        c
+        std::borrow::Cow::Owned(c)
     }
 
     fn refresh_status(&mut self) {

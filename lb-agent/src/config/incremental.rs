@@ -29,69 +29,74 @@ struct Layout<'a> {
     after: &'a str,
 }
 
-fn indent(line: &str) -> usize {
-    line.len() - line.trim_start_matches(' ').len()
-}
-
-/// Blank or only a comment.
-fn is_filler(line: &str) -> bool {
-    let t = line.trim_start_matches(' ');
-    t.is_empty() || t.starts_with('#')
+/// Where a file is: before the services, in them, after them.
+#[derive(PartialEq)]
+enum At {
+    Before,
+    First,
+    Items,
+    After,
 }
 
 fn layout(text: &str) -> Option<Layout<'_>> {
-    let odd = |b: &u8| matches!(b, b'&' | b'*' | b'\t' | b'\r');
-    if text.len() > MAX_BYTES || text.starts_with('\u{feff}') || text.as_bytes().iter().any(odd) {
+    // Single characters are searched with memchr: fast even for megabytes.
+    if text.len() > MAX_BYTES || text.starts_with('\u{feff}') || ['&', '*', '\t', '\r'].iter().any(|&c| text.contains(c)) {
         return None;
     }
-    // Byte offset of every line start.
-    let mut starts = vec![0];
-    starts.extend(text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1).filter(|&i| i < text.len()));
-    let marker = |&i: &usize| text[i..].starts_with("---") || text[i..].starts_with("...");
-    if starts.iter().any(marker) {
-        return None;
-    }
-    let line = |i: usize| {
-        let end = starts.get(i + 1).copied().unwrap_or(text.len());
-        text[starts[i]..end].trim_end_matches('\n')
-    };
-    let is_services = |l: &str| {
-        l.strip_prefix("services:").is_some_and(|rest| {
-            let rest = rest.trim_start_matches(' ');
-            rest.is_empty() || rest.starts_with('#')
-        })
-    };
-    let header: Vec<usize> = (0..starts.len()).filter(|&i| is_services(line(i))).collect();
-    let [at] = header[..] else { return None };
-    let first = (at + 1..starts.len()).find(|&i| !is_filler(line(i)))?;
-    let item_indent = indent(line(first));
-    if item_indent == 0 || !line(first)[item_indent..].starts_with("- ") {
-        return None;
-    }
+    let (mut at, mut state) = (0, At::Before);
+    let (mut first, mut end, mut item_indent) = (0, text.len(), 0);
     let mut item_starts = Vec::new();
-    let mut end = starts.len();
-    for i in first..starts.len() {
-        let l = line(i);
-        if is_filler(l) {
-            continue;
+    while at < text.len() {
+        let next = text[at..].find('\n').map_or(text.len(), |n| at + n + 1);
+        let line = text[at..next].trim_end_matches('\n');
+        let bytes = line.as_bytes();
+        let indent = bytes.iter().take_while(|&&b| b == b' ').count();
+        let filler = indent == bytes.len() || bytes[indent] == b'#';
+        let top = !filler && indent == 0;
+        if top && state == At::Items {
+            (state, end) = (At::After, at);
         }
-        match indent(l) {
-            0 => {
-                end = i;
-                break;
+        match state {
+            At::Before | At::After if top => {
+                if line.starts_with("---") || line.starts_with("...") {
+                    return None;
+                }
+                let rest = line.strip_prefix("services:").map(|r| r.trim_start_matches(' '));
+                if rest.is_some_and(|r| r.is_empty() || r.starts_with('#')) {
+                    if state == At::After {
+                        return None;
+                    }
+                    state = At::First;
+                } else if rest.is_some() {
+                    return None; // `services: [...]` and the like
+                }
             }
-            n if n == item_indent && l[n..].starts_with("- ") => item_starts.push(i),
-            n if n <= item_indent => return None,
+            At::First | At::Items if !filler => {
+                let item = line[indent..].starts_with("- ");
+                if state == At::First {
+                    if indent == 0 || !item {
+                        return None;
+                    }
+                    (state, first, item_indent) = (At::Items, at, indent);
+                }
+                if indent == item_indent && item {
+                    item_starts.push(at);
+                } else if indent <= item_indent {
+                    return None;
+                }
+            }
             _ => {}
         }
+        at = next;
     }
-    let offset = |i: usize| starts.get(i).copied().unwrap_or(text.len());
+    if item_starts.is_empty() {
+        return None;
+    }
     let mut items = Vec::with_capacity(item_starts.len());
     for (k, &s) in item_starts.iter().enumerate() {
-        let next = item_starts.get(k + 1).copied().unwrap_or(end);
-        items.push(&text[offset(s)..offset(next)]);
+        items.push(&text[s..item_starts.get(k + 1).copied().unwrap_or(end)]);
     }
-    Some(Layout { before: &text[..offset(first)], items, after: &text[offset(end)..] })
+    Some(Layout { before: &text[..first], items, after: &text[end..] })
 }
 
 /// `new_text`'s configuration built from `old` (the configuration `old_text`

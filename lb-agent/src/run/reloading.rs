@@ -176,7 +176,6 @@ impl Agent {
             if let Some(reply) = reply {
                 let _ = reply.send(response(outcome));
             }
-            release_freed_memory();
             return;
         }
         let job = Job { bytes: bytes.into(), why: why.to_string() };
@@ -191,7 +190,9 @@ impl Agent {
     fn reload_incremental(&mut self, bytes: &[u8], why: &str) -> Option<Result<String, String>> {
         let (old, new) = (std::str::from_utf8(&self.in_force).ok()?, std::str::from_utf8(bytes).ok()?);
         let origin = self.args.config.display().to_string();
+        let started = Instant::now();
         let config = config::reparse(old, &self.config, new, &origin)?;
+        tracing::debug!(secs = started.elapsed().as_secs_f64(), "reparse");
         // New backends wait for their MACs in the parse task.
         let known = |a: &IpAddr| self.macs.contains_key(a);
         if !config.services.iter().all(|s| s.backends.iter().all(|b| known(&b.address))) {
