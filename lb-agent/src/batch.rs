@@ -28,7 +28,7 @@ struct BatchAttr {
 /// of the per-CPU array `fd` (of `Counters`). `Err` when the kernel refuses batch
 /// operations (the caller then reads element by element).
 pub fn sum_counters(fd: BorrowedFd<'_>, len: u32, ncpu: usize) -> std::io::Result<Vec<Counters>> {
-    let stride = size_of::<Counters>().next_multiple_of(8) / 8; // u64 words per CPU
+    let stride = size_of::<Counters>().div_ceil(8); // u64 words per CPU
     let mut out = Vec::with_capacity(len as usize);
     let mut keys = vec![0u32; CHUNK as usize];
     let mut values = vec![0u64; CHUNK as usize * ncpu * stride];

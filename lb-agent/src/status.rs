@@ -98,7 +98,7 @@ pub struct StatusFilter {
 impl StatusFilter {
     /// Whether `service` is wanted.
     pub fn wants(&self, service: &ServiceStatus) -> bool {
-        let by_name = self.services.is_empty() || self.services.iter().any(|n| *n == service.name);
+        let by_name = self.services.is_empty() || self.services.contains(&service.name);
         let by_vip = self.vip.is_none_or(|v| service.vip == Some(v) || service.vip == Some(v.to_canonical()));
         by_name && by_vip
     }
