@@ -176,6 +176,7 @@ impl Agent {
             if let Some(reply) = reply {
                 let _ = reply.send(response(outcome));
             }
+            release_freed_memory();
             return;
         }
         let job = Job { bytes: bytes.into(), why: why.to_string() };
@@ -345,10 +346,19 @@ impl Agent {
     }
 }
 
-/// Returns the heap's free pages to the kernel (every malloc arena).
+/// Free heap above which a reload hands memory back to the kernel.
+const KEEP_FREE: usize = 32 << 20;
+
+/// Returns the heap's free pages to the kernel (every malloc arena) once more than
+/// `KEEP_FREE` bytes are free: often enough to keep the agent's memory flat, rarely
+/// enough that the next reload does not fault the same pages back in each time.
 pub(super) fn release_freed_memory() {
-    // SAFETY: malloc_trim only releases free memory; it has no preconditions.
-    unsafe { libc::malloc_trim(0) };
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let free = unsafe { libc::mallinfo2() }.fordblks;
+    if free > KEEP_FREE {
+        // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+    }
 }
 
 fn response(outcome: Result<String, String>) -> Response {

@@ -265,12 +265,17 @@ fn scenario(sp: &ScaleParams, services: usize, backends: usize, mixed: bool, tar
             .collect()
     };
     // The file as the agent started with it.
+    let mut after = Vec::new();
     let same = series(&|_| Variant::default(), sp.reloads);
+    after.push(agent.memory().0);
     let comment = series(&|i| Variant { comment: i + 1, ..Variant::default() }, sp.reloads);
+    after.push(agent.memory().0);
     // Backend 0 of every service: 2, 1, 2, ...
     let weights = series(&|i| Variant { all: 2 - i % 2, ..Variant::default() }, sp.weight_reloads);
+    after.push(agent.memory().0);
     let all = 2 - (sp.weight_reloads as u32 - 1) % 2;
     let one = series(&|i| Variant { all, first: 3 + i % 2, ..Variant::default() }, sp.reloads);
+    after.push(agent.memory().0);
     let drops_after = agent.drops();
     let (_, hwm, anon_end) = agent.memory();
     let status = |args: &[&str]| -> (Vec<f64>, usize) {
@@ -316,6 +321,11 @@ fn scenario(sp: &ScaleParams, services: usize, backends: usize, mixed: bool, tar
     );
     let _ = writeln!(
         md,
+        "| agent VmRSS after each series of the rows above (identical, comment, all weights, one service) | {} MiB | |",
+        after.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" / ")
+    );
+    let _ = writeln!(
+        md,
         "| of which the agent's own heap (RssAnon) after start / after the last reload | {:.0} / {anon_end:.0} MiB | |",
         med(&anon_start)
     );
@@ -340,7 +350,13 @@ pub fn serve(services: usize, backends: usize) {
     agent.stop();
 }
 
+fn loadavg() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
 pub fn bench_scale(sp: &ScaleParams) -> String {
+    let load_before = loadavg();
     let mut md = scenario(sp, 1000, 32, false, true);
     md.push('\n');
     md += &scenario(sp, 10_000, 8, true, true);
@@ -357,8 +373,10 @@ pub fn bench_scale(sp: &ScaleParams) -> String {
          `MAGLEV` (the map's own memory, not a copy). `MAGLEV` elements are 8 bytes apart in the \
          kernel (a u32 value rounded up). `lb-agent status` is timed as a user runs it (process \
          start to exit, output to a pipe). The drop counters only show that no reload drops \
-         anything by itself: there is no traffic here; the reload under traffic is the section above.\n",
-        sp.reloads, sp.weight_reloads
+         anything by itself: there is no traffic here; the reload under traffic is the section above. \
+         Load average (1, 5, 15 min) of this shared 2-CPU machine before / after this part: {load_before} / {}; \
+         other builds ran meanwhile, so a median here can be up to twice a quiet run's.\n",
+        sp.reloads, sp.weight_reloads, loadavg()
     );
     md
 }
