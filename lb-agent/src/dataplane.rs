@@ -185,7 +185,9 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object)?;
-        for name in [lb_common::PROG_BALANCER, lb_common::PROG_BALANCER_TRACE, lb_common::PROG_PASS] {
+        // The balancer with the trace hook is verified when a trace first needs it
+        // (`set_tracing`): a third of the start-up time otherwise.
+        for name in [lb_common::PROG_BALANCER, lb_common::PROG_PASS] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             prog.load().map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
         }
@@ -412,6 +414,10 @@ impl Dataplane {
     pub fn set_tracing(&mut self, on: bool) -> Result<()> {
         let name = if on { lb_common::PROG_BALANCER_TRACE } else { lb_common::PROG_BALANCER };
         let link_err = |error: String| DataplaneError::Link { path: "XDP link".into(), error };
+        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
+        }
         let link = self.link.take().ok_or_else(|| link_err("the balancer is not attached".into()))?;
         let link = XdpLink::try_from(link).map_err(|e| link_err(e.to_string()))?;
         let prog_err = |source| DataplaneError::Program { name: prog_name(name), source };
