@@ -264,18 +264,13 @@ fn client_status(socket: &std::path::Path, json: bool, watch: bool, filter: &cra
     // An agent from before `StatusOf` is still asked the plain way.
     let request = if *filter == crate::status::StatusFilter::default() { Request::Status } else { Request::StatusOf(filter.clone()) };
     loop {
-        match status_text(socket, &request, json, filter) {
-            Ok(text) => {
-                if watch {
-                    // Clear the screen and redraw, like watch(1).
-                    print!("\x1b[H\x1b[2J");
-                }
-                println!("{text}");
-            }
-            Err(message) => {
-                eprintln!("error: {message}");
-                return ExitCode::FAILURE;
-            }
+        if watch {
+            // Clear the screen and redraw, like watch(1).
+            print!("\x1b[H\x1b[2J");
+        }
+        if let Err(message) = print_status(socket, &request, json, filter) {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
         }
         if !watch {
             return ExitCode::SUCCESS;
@@ -284,19 +279,20 @@ fn client_status(socket: &std::path::Path, json: bool, watch: bool, filter: &cra
     }
 }
 
-/// One status as text (table or JSON), or the error to print.
-fn status_text(
+/// Prints one status (table or JSON), or returns the error to print.
+fn print_status(
     socket: &std::path::Path,
     request: &crate::control::Request,
     json: bool,
     filter: &crate::status::StatusFilter,
-) -> Result<String, String> {
+) -> Result<(), String> {
     use crate::control::Response;
-    // Nothing to check by name: the JSON is passed on as the agent sent it.
+    // Nothing to check by name: the JSON goes out as the agent sent it, re-indented.
     let answer = if json && filter.services.is_empty() {
-        match crate::control::call_status_json(socket, request).map_err(|e| e.to_string())? {
-            Ok(pretty) => return Ok(pretty),
-            Err(other) => other,
+        let mut out = std::io::stdout().lock();
+        match crate::control::call_status_json(socket, request, &mut out).map_err(|e| e.to_string())? {
+            None => return Ok(()),
+            Some(other) => other,
         }
     } else {
         crate::control::call(socket, request).map_err(|e| e.to_string())?
@@ -306,7 +302,8 @@ fn status_text(
             if let Some(missing) = filter.services.iter().find(|n| !status.services.iter().any(|s| s.name == **n)) {
                 return Err(format!("no service named {missing}"));
             }
-            Ok(if json { crate::control::render_json(&status) } else { crate::control::render_table(&status) })
+            println!("{}", if json { crate::control::render_json(&status) } else { crate::control::render_table(&status) });
+            Ok(())
         }
         Response::Error { message } => Err(message),
         _ => Err("unexpected answer from the agent".into()),

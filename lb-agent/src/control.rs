@@ -396,14 +396,18 @@ pub fn call_with_timeout(path: &Path, request: &Request, timeout: Duration) -> R
     json::decode(answer.trim_end()).map_err(|e| ControlError::Protocol { path: path.to_path_buf(), message: e.to_string() })
 }
 
-/// [`call`] for `lb-agent status --json`: a status answer as pretty JSON, re-indented
-/// from the agent's line without decoding it, or any other answer decoded.
-pub fn call_status_json(path: &Path, request: &Request) -> Result<std::result::Result<String, Response>, ControlError> {
+/// [`call`] for `lb-agent status --json`: a status answer is written to `out` as
+/// pretty JSON, re-indented from the agent's line without decoding it (`None`);
+/// any other answer is decoded and returned.
+pub fn call_status_json(path: &Path, request: &Request, out: &mut impl Write) -> Result<Option<Response>, ControlError> {
     let answer = call_line(path, request, TIMEOUT)?;
-    match json::status_pretty(answer.trim_end()) {
-        Some(pretty) => Ok(Ok(pretty)),
+    match json::write_status_pretty(answer.trim_end(), out) {
+        Some(written) => written.map(|()| None).map_err(|e| ControlError::Protocol {
+            path: path.to_path_buf(),
+            message: format!("writing the status: {e}"),
+        }),
         None => json::decode(answer.trim_end())
-            .map(Err)
+            .map(Some)
             .map_err(|e| ControlError::Protocol { path: path.to_path_buf(), message: e.to_string() }),
     }
 }

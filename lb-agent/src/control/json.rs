@@ -2,6 +2,8 @@
 //! internally tagged enums, and for `--json` not decoded at all but re-indented as
 //! it came (the status of 10,000 services is some 30 MB of JSON).
 
+use std::io::{self, Write};
+
 use super::Response;
 use crate::status::Status;
 
@@ -17,19 +19,38 @@ pub(super) fn decode(line: &str) -> serde_json::Result<Response> {
     serde_json::from_str(line)
 }
 
-/// The status in an answer line as pretty JSON (as `serde_json::to_string_pretty`
-/// prints a `Status`), or `None` when the line is not a status.
-pub(super) fn status_pretty(line: &str) -> Option<String> {
+/// Writes the status in an answer line to `w` as pretty JSON (as
+/// `serde_json::to_string_pretty` prints a `Status`) and a newline; `None` when the
+/// line is not a status.
+pub(super) fn write_status_pretty(line: &str, w: &mut impl Write) -> Option<io::Result<()>> {
     let body = line.strip_prefix(STATUS_TAG)?;
-    Some(pretty(&format!("{{{body}")))
+    // The tag's `{` opens the status: the body continues at depth 1.
+    let mut out = Vec::with_capacity(FLUSH_AT + (1 << 16));
+    out.extend_from_slice(b"{\n  ");
+    Some(pretty_run(body.as_bytes(), 1, &mut out, w).and_then(|()| {
+        out.push(b'\n');
+        w.write_all(&out)
+    }))
 }
 
 /// Re-indents compact JSON with two spaces per level, `": "` after keys and empty
 /// arrays and objects kept on one line: serde_json's pretty format.
-pub fn pretty(compact: &str) -> String {
-    let bytes = compact.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len() * 2);
-    let mut depth = 0usize;
+#[cfg(test)]
+fn pretty(compact: &str) -> String {
+    let mut out = Vec::with_capacity(compact.len() * 2);
+    let mut sink = Vec::new();
+    let _ = pretty_run(compact.as_bytes(), 0, &mut out, &mut sink);
+    sink.append(&mut out);
+    // Only whole UTF-8 sequences were copied (strings as they were, the rest ASCII).
+    String::from_utf8(sink).unwrap_or_default()
+}
+
+/// Output is handed to the writer in pieces of about this size (a large status is
+/// never held twice).
+const FLUSH_AT: usize = 1 << 20;
+
+/// The re-indenting loop over `bytes`, starting at `depth`, through `out` into `w`.
+fn pretty_run(bytes: &[u8], mut depth: usize, out: &mut Vec<u8>, w: &mut impl Write) -> io::Result<()> {
     let newline = |out: &mut Vec<u8>, depth: usize| {
         out.push(b'\n');
         out.resize(out.len() + 2 * depth, b' ');
@@ -37,6 +58,10 @@ pub fn pretty(compact: &str) -> String {
     let special = |b: &u8| matches!(b, b'"' | b'{' | b'[' | b'}' | b']' | b',' | b':' | b' ' | b'\n' | b'\t' | b'\r');
     let mut i = 0;
     while i < bytes.len() {
+        if out.len() >= FLUSH_AT {
+            w.write_all(out)?;
+            out.clear();
+        }
         let c = bytes[i];
         match c {
             b'"' => {
@@ -62,17 +87,17 @@ pub fn pretty(compact: &str) -> String {
                 } else {
                     out.push(c);
                     depth += 1;
-                    newline(&mut out, depth);
+                    newline(out, depth);
                 }
             }
             b'}' | b']' => {
                 depth = depth.saturating_sub(1);
-                newline(&mut out, depth);
+                newline(out, depth);
                 out.push(c);
             }
             b',' => {
                 out.push(c);
-                newline(&mut out, depth);
+                newline(out, depth);
             }
             b':' => out.extend_from_slice(b": "),
             b' ' | b'\n' | b'\t' | b'\r' => {}
@@ -86,8 +111,7 @@ pub fn pretty(compact: &str) -> String {
         }
         i += 1;
     }
-    // Only whole UTF-8 sequences were copied (strings as they were, the rest ASCII).
-    String::from_utf8(out).unwrap_or_default()
+    Ok(())
 }
 
 #[cfg(test)]
@@ -110,10 +134,13 @@ mod tests {
             ..Default::default()
         };
         let line = serde_json::to_string(&Response::Status(status.clone())).unwrap();
-        assert_eq!(status_pretty(&line).unwrap(), serde_json::to_string_pretty(&status).unwrap());
+        let mut printed = Vec::new();
+        write_status_pretty(&line, &mut printed).unwrap().unwrap();
+        assert_eq!(String::from_utf8(printed).unwrap(), serde_json::to_string_pretty(&status).unwrap() + "\n");
+        assert_eq!(pretty(&serde_json::to_string(&status).unwrap()), serde_json::to_string_pretty(&status).unwrap());
         assert_eq!(decode(&line).unwrap(), Response::Status(status));
         let done = serde_json::to_string(&Response::Done { message: "ok".into() }).unwrap();
-        assert_eq!(status_pretty(&done), None);
+        assert!(write_status_pretty(&done, &mut Vec::new()).is_none());
         assert_eq!(decode(&done).unwrap(), Response::Done { message: "ok".into() });
     }
 }
