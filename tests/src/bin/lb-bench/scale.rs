@@ -359,7 +359,8 @@ pub fn bench_scale(sp: &ScaleParams) -> String {
     let load_before = loadavg();
     let mut md = scenario(sp, 1000, 32, false, true);
     md.push('\n');
-    md += &scenario(sp, 10_000, 8, true, true);
+    // The issue's targets are for 1,000 x 32; at 10,000 x 8 only `status` has one.
+    md += &scenario(sp, 10_000, 8, true, false);
     let _ = write!(
         md,
         "\nThe release `lb-agent run` on a veth (native XDP) in a namespace of its own, backends' MACs \
