@@ -163,6 +163,8 @@ impl Plan {
         }
 
         let mut plan = Plan {
+            services: Vec::with_capacity(config.services.len()),
+            backends: Vec::with_capacity(config.services.iter().map(|s| s.backends.len()).sum()),
             conntrack_size: config.conntrack_size,
             established_size: config.established_size,
             ..Plan::default()
