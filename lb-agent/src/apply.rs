@@ -266,8 +266,14 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
     dp.regions.settle();
     let prev = dp.applied.take().unwrap_or_default();
     let mut sum = Summary::default();
-    let prev_backends: BTreeMap<u32, (Backend, u32)> =
-        prev.backends.iter().map(|b| (b.id, (b.map_value(prev.services[b.service].value.id), b.weight))).collect();
+    // By id (ids are small and dense): the map value and weight of each backend.
+    let mut prev_backends: Vec<Option<(Backend, u32)>> = Vec::new();
+    for b in &prev.backends {
+        if prev_backends.len() <= b.id as usize {
+            prev_backends.resize(b.id as usize + 1, None);
+        }
+        prev_backends[b.id as usize] = Some((b.map_value(prev.services[b.service].value.id), b.weight));
+    }
 
     // 1. Backends that are new or changed.
     let mut new_backends = Vec::new();
@@ -276,7 +282,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             Array::try_from(map_mut(dp.ebpf_mut(), names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
         for b in &plan.backends {
             let v = b.map_value(plan.services[b.service].value.id);
-            match prev_backends.get(&b.id) {
+            match prev_backends.get(b.id as usize).copied().flatten().as_ref() {
                 Some((old, _)) if old.generation != v.generation => {
                     sum.backends_added += 1;
                     new_backends.push(b.id);
@@ -304,7 +310,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
         let size = s.table.len() as u32;
         let old = prev_services.get(&s.key);
         let placed = dp.placed.get(&s.key).copied();
-        let same_table = old.is_some_and(|o| o.table == s.table);
+        let same_table = old.is_some_and(|o| std::sync::Arc::ptr_eq(&o.table, &s.table) || o.table == s.table);
         let placement = match placed {
             Some(p) if p.size == size && same_table => p,
             Some(p) if p.size == size => Placement { half: 1 - p.half, ..p },
@@ -326,6 +332,12 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
         }
         dp.placed.insert(s.key, placement);
         let value = Service { table_offset: placement.offset(), region: placement.region, ..s.value };
+        let placed_value = |o: &crate::plan::PlannedService, p: Placement| Service {
+            table_offset: p.offset(),
+            region: p.region,
+            ..o.value
+        };
+        let unchanged = old.zip(placed).is_some_and(|(o, p)| placed_value(o, p) == value);
         match old {
             None => {
                 sum.services_added += 1;
@@ -340,7 +352,9 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             }
             Some(_) => {}
         }
-        entries.push((s.key, value));
+        if !unchanged {
+            entries.push((s.key, value));
+        }
     }
     for id in new_services {
         zero_counters(dp, names::SERVICE_STATS, id)?;
@@ -355,7 +369,10 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
 
     // 4. The VIP address filter: the Bloom bits of old and new addresses first (a
     // new VIP is never filtered out), then the exact map, then the new bits alone.
-    write_filter(dp, prev.vip_addrs.keys().chain(plan.vip_addrs.keys()))?;
+    let same_addrs = prev.vip_addrs.len() == plan.vip_addrs.len() && prev.vip_addrs.keys().eq(plan.vip_addrs.keys());
+    if !same_addrs {
+        write_filter(dp, prev.vip_addrs.keys().chain(plan.vip_addrs.keys()))?;
+    }
     {
         let mut m: HashMap<_, VipAddrKey, VipAddrVal> =
             HashMap::try_from(map_mut(dp.ebpf_mut(), names::VIP_ADDRS)?).map_err(map_err(names::VIP_ADDRS))?;
@@ -370,7 +387,9 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
         }
     }
 
-    write_filter(dp, plan.vip_addrs.keys())?;
+    if !same_addrs || prev.services.is_empty() {
+        write_filter(dp, plan.vip_addrs.keys())?;
+    }
 
     // 5. What went away: service entries, then their backends.
     let keys: BTreeSet<VipKey> = plan.services.iter().map(|s| s.key).collect();
@@ -387,12 +406,17 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             dp.regions.release_later(p.region, 2 * p.size);
         }
     }
-    let live: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+    for b in &plan.backends {
+        if let Some(slot) = prev_backends.get_mut(b.id as usize) {
+            *slot = None;
+        }
+    }
     {
         let mut m: Array<_, Backend> =
             Array::try_from(map_mut(dp.ebpf_mut(), names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-        for (id, (old, _)) in prev_backends.iter().filter(|(id, _)| !live.contains(id)) {
-            m.set(*id, Backend { flags: 0, ..*old }, 0).map_err(map_err(names::BACKENDS))?;
+        // What is left: backends that went away.
+        for (id, (old, _)) in prev_backends.iter().enumerate().filter_map(|(id, v)| Some((id as u32, (*v)?))) {
+            m.set(id, Backend { flags: 0, ..old }, 0).map_err(map_err(names::BACKENDS))?;
             sum.backends_removed += 1;
         }
     }

@@ -37,6 +37,15 @@ pub enum Commands {
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Only this service (by name); may be given more than once.
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
+        /// Only the services of this VIP.
+        #[arg(long)]
+        vip: Option<std::net::IpAddr>,
+        /// Service lines only, without their backends.
+        #[arg(long)]
+        no_backends: bool,
         #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -217,7 +226,10 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Commands::Status { json, watch, socket } => client_status(&socket, json, watch),
+        Commands::Status { json, watch, socket, services, vip, no_backends } => {
+            let filter = crate::status::StatusFilter { services, vip, no_backends };
+            client_status(&socket, json, watch, &filter)
+        }
         Commands::Drain { backend, service, socket } => {
             client_call(&socket, &crate::control::Request::Drain { backend, service }, crate::control::TIMEOUT)
         }
@@ -277,35 +289,54 @@ fn client_call(socket: &std::path::Path, request: &crate::control::Request, time
     }
 }
 
-fn client_status(socket: &std::path::Path, json: bool, watch: bool) -> ExitCode {
-    use crate::control::{Request, Response};
+fn client_status(socket: &std::path::Path, json: bool, watch: bool, filter: &crate::status::StatusFilter) -> ExitCode {
+    use crate::control::Request;
+    // An agent from before `StatusOf` is still asked the plain way.
+    let request = if *filter == crate::status::StatusFilter::default() { Request::Status } else { Request::StatusOf(filter.clone()) };
     loop {
-        match crate::control::call(socket, &Request::Status) {
-            Ok(Response::Status(status)) => {
-                let text = if json { crate::control::render_json(&status) } else { crate::control::render_table(&status) };
-                if watch {
-                    // Clear the screen and redraw, like watch(1).
-                    print!("\x1b[H\x1b[2J");
-                }
-                println!("{text}");
-            }
-            Ok(Response::Error { message }) => {
-                eprintln!("error: {message}");
-                return ExitCode::FAILURE;
-            }
-            Ok(_) => {
-                eprintln!("error: unexpected answer from the agent");
-                return ExitCode::FAILURE;
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
+        if watch {
+            // Clear the screen and redraw, like watch(1).
+            print!("\x1b[H\x1b[2J");
+        }
+        if let Err(message) = print_status(socket, &request, json, filter) {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
         }
         if !watch {
             return ExitCode::SUCCESS;
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// Prints one status (table or JSON), or returns the error to print.
+fn print_status(
+    socket: &std::path::Path,
+    request: &crate::control::Request,
+    json: bool,
+    filter: &crate::status::StatusFilter,
+) -> Result<(), String> {
+    use crate::control::Response;
+    // Nothing to check by name: the JSON goes out as the agent sent it, re-indented.
+    let answer = if json && filter.services.is_empty() {
+        let mut out = std::io::stdout().lock();
+        match crate::control::call_status_json(socket, request, &mut out).map_err(|e| e.to_string())? {
+            None => return Ok(()),
+            Some(other) => other,
+        }
+    } else {
+        crate::control::call(socket, request).map_err(|e| e.to_string())?
+    };
+    match answer {
+        Response::Status(status) => {
+            if let Some(missing) = filter.services.iter().find(|n| !status.services.iter().any(|s| s.name == **n)) {
+                return Err(format!("no service named {missing}"));
+            }
+            println!("{}", if json { crate::control::render_json(&status) } else { crate::control::render_table(&status) });
+            Ok(())
+        }
+        Response::Error { message } => Err(message),
+        _ => Err("unexpected answer from the agent".into()),
     }
 }
 

@@ -39,6 +39,7 @@ use tokio::{
 
 use crate::status::{BackendStatus, ServiceStatus, Status};
 
+mod json;
 mod trace_stream;
 
 pub const DEFAULT_SOCKET: &str = "/run/lb-agent.sock";
@@ -59,6 +60,8 @@ const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Part of the status: some services, or no backends (see `StatusFilter`).
+    StatusOf(crate::status::StatusFilter),
     /// Set a backend's weight to 0 at run time (in `service`, or in every service
     /// that has it); existing flows stay on it.
     Drain { backend: IpAddr, service: Option<String> },
@@ -389,6 +392,28 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
 
 /// [`call`] with another time limit (for each of connect+write and read).
 pub fn call_with_timeout(path: &Path, request: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let answer = call_line(path, request, timeout)?;
+    json::decode(answer.trim_end()).map_err(|e| ControlError::Protocol { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// [`call`] for `lb-agent status --json`: a status answer is written to `out` as
+/// pretty JSON, re-indented from the agent's line without decoding it (`None`);
+/// any other answer is decoded and returned.
+pub fn call_status_json(path: &Path, request: &Request, out: &mut impl Write) -> Result<Option<Response>, ControlError> {
+    let answer = call_line(path, request, TIMEOUT)?;
+    match json::write_status_pretty(answer.trim_end(), out) {
+        Some(written) => written.map(|()| None).map_err(|e| ControlError::Protocol {
+            path: path.to_path_buf(),
+            message: format!("writing the status: {e}"),
+        }),
+        None => json::decode(answer.trim_end())
+            .map(Some)
+            .map_err(|e| ControlError::Protocol { path: path.to_path_buf(), message: e.to_string() }),
+    }
+}
+
+/// Sends `request` and returns the answer line as it came.
+fn call_line(path: &Path, request: &Request, timeout: Duration) -> Result<String, ControlError> {
     let io_err = |e: io::Error| match map_io_error(path, e) {
         ControlError::Timeout { path, .. } => ControlError::Timeout { path, timeout },
         other => other,
@@ -412,8 +437,7 @@ pub fn call_with_timeout(path: &Path, request: &Request, timeout: Duration) -> R
     if answer.is_empty() {
         return Err(ControlError::NoAnswer { path: path.to_path_buf() });
     }
-    serde_json::from_str(answer.trim_end())
-        .map_err(|e| ControlError::Protocol { path: path.to_path_buf(), message: e.to_string() })
+    Ok(answer)
 }
 
 // ---------------------------------------------------------------------------------

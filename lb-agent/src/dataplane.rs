@@ -200,7 +200,9 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object)?;
-        for name in [lb_common::PROG_BALANCER, lb_common::PROG_BALANCER_TRACE, lb_common::PROG_RARE, lb_common::PROG_PASS] {
+        // The balancer with the trace hook is verified when a trace first needs it
+        // (`set_tracing`): a third of the start-up time otherwise.
+        for name in [lb_common::PROG_BALANCER, lb_common::PROG_RARE, lb_common::PROG_PASS] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
         }
@@ -448,6 +450,10 @@ impl Dataplane {
     pub fn set_tracing(&mut self, on: bool) -> Result<()> {
         let name = if on { lb_common::PROG_BALANCER_TRACE } else { lb_common::PROG_BALANCER };
         let link_err = |error: String| DataplaneError::Link { path: "XDP link".into(), error };
+        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
+        }
         let link = self.link.take().ok_or_else(|| link_err("the balancer is not attached".into()))?;
         let link = XdpLink::try_from(link).map_err(|e| link_err(e.to_string()))?;
         let prog_err = |source| DataplaneError::Program { name: prog_name(name), source };
@@ -497,7 +503,15 @@ impl Dataplane {
     /// Current counters, summed over CPUs.
     pub fn stats(&mut self) -> Result<Stats> {
         let e = &mut self.ebpf;
-        Stats::read(map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?)
+        Stats::read(map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?, None)
+    }
+
+    /// The counters of service ids below `services` and backend ids below
+    /// `backends` (the ids a plan has handed out), the rest left out.
+    pub fn stats_of(&mut self, services: u32, backends: u32) -> Result<Stats> {
+        let e = &mut self.ebpf;
+        let (g, s, b) = (map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?);
+        Stats::read(g, s, b, Some((services, backends)))
     }
 }
 
@@ -598,32 +612,36 @@ fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
     })
 }
 
+/// Every element of a per-CPU array of counters, summed over the CPUs: in batches
+/// where the kernel allows, else element by element.
+fn read_counters(data: MapData, name: &'static str, limit: Option<u32>) -> Result<Vec<Counters>> {
+    let len = data.info().map_err(map_err(name))?.max_entries().min(limit.unwrap_or(u32::MAX));
+    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::PinDir { path: "possible cpus".into(), source: e })?;
+    if let Ok(all) = crate::batch::sum_counters(data.fd().as_fd(), len, ncpu) {
+        return Ok(all);
+    }
+    let m: PerCpuArray<_, Counters> = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(name))?;
+    m.iter().take(len as usize).map(|v| v.map(|v| sum_counters(&v)).map_err(map_err(name))).collect()
+}
+
 impl Stats {
-    fn read(global: MapData, services: MapData, backends: MapData) -> Result<Stats> {
+    fn read(global: MapData, services: MapData, backends: MapData, limit: Option<(u32, u32)>) -> Result<Stats> {
         let g: PerCpuArray<_, u64> =
             PerCpuArray::try_from(Map::PerCpuArray(global)).map_err(map_err(names::STATS))?;
-        let s: PerCpuArray<_, Counters> =
-            PerCpuArray::try_from(Map::PerCpuArray(services)).map_err(map_err(names::SERVICE_STATS))?;
-        let b: PerCpuArray<_, Counters> =
-            PerCpuArray::try_from(Map::PerCpuArray(backends)).map_err(map_err(names::BACKEND_STATS))?;
         let mut out = Stats::default();
         for i in 0..stat::COUNT {
             let v = g.get(&i, 0).map_err(map_err(names::STATS))?;
             out.global.push(v.iter().sum());
         }
-        for v in s.iter() {
-            out.services.push(sum_counters(&v.map_err(map_err(names::SERVICE_STATS))?));
-        }
-        for v in b.iter() {
-            out.backends.push(sum_counters(&v.map_err(map_err(names::BACKEND_STATS))?));
-        }
+        out.services = read_counters(services, names::SERVICE_STATS, limit.map(|l| l.0))?;
+        out.backends = read_counters(backends, names::BACKEND_STATS, limit.map(|l| l.1))?;
         Ok(out)
     }
 
     /// Reads the counters from maps pinned by a running agent under `dir`.
     pub fn read_pinned(dir: &Path) -> Result<Stats> {
         let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(map_err(name));
-        Self::read(open(names::STATS)?, open(names::SERVICE_STATS)?, open(names::BACKEND_STATS)?)
+        Self::read(open(names::STATS)?, open(names::SERVICE_STATS)?, open(names::BACKEND_STATS)?, None)
     }
 
     pub fn get(&self, stat: u32) -> u64 {

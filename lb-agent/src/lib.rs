@@ -3,6 +3,7 @@
 
 pub mod announce;
 pub mod apply;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod conntrack;

@@ -21,12 +21,18 @@ use crate::{
 /// How far back "recent flows" reaches.
 const RECENT: Duration = Duration::from_secs(60);
 
+/// How often a snapshot of every backend's new-flow counter is kept for the
+/// recent-flows estimate (which is therefore over 50 to 60 s).
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
+
 /// Counter samples kept between refreshes.
 #[derive(Default)]
 pub struct Sampler {
     last: Option<(Instant, Stats)>,
-    /// Backend id -> (time, new_flows counter) samples within `RECENT`.
-    history: BTreeMap<u32, VecDeque<(Instant, u64)>>,
+    /// Snapshots within `RECENT`, oldest first: (time, new_flows counter by
+    /// backend id). A few per minute, not one per refresh and backend: at 80,000
+    /// backends a sample a second for a minute would be 77 MB.
+    snapshots: VecDeque<(Instant, Vec<u64>)>,
 }
 
 /// What the status needs besides the plan and the counters.
@@ -69,8 +75,15 @@ impl Sampler {
             services: Vec::new(),
             announce: None,
         };
+        while self.snapshots.front().is_some_and(|(t, _)| now.duration_since(*t) > RECENT) {
+            self.snapshots.pop_front();
+        }
+        // Indexes, not searches: thousands of services, tens of thousands of backends.
+        let configs: BTreeMap<&str, &crate::config::ServiceConfig> =
+            ctx.config.services.iter().map(|c| (c.name.as_str(), c)).collect();
+        let by_id = plan.backends_by_id();
         for s in &plan.services {
-            let cfg = ctx.config.services.iter().find(|c| c.name == s.name);
+            let cfg = configs.get(s.name.as_str()).copied();
             let c = counter(&stats.services, s.value.id);
             let p = prev.map(|p| counter(&p.services, s.value.id)).unwrap_or(c);
             let mut svc = ServiceStatus {
@@ -88,20 +101,19 @@ impl Sampler {
                 new_flows: c.new_flows,
                 packets_per_sec: rate(c.packets, p.packets, secs),
                 bytes_per_sec: rate(c.bytes, p.bytes, secs),
-                backends: Vec::new(),
+                backends: Vec::with_capacity(s.backend_ids.len()),
             };
-            for b in s.backend_ids.iter().filter_map(|id| plan.backend(*id)) {
+            for b in s.backend_ids.iter().filter_map(|id| by_id.get(id).copied()) {
                 let c = counter(&stats.backends, b.id);
                 let p = prev.map(|p| counter(&p.backends, b.id)).unwrap_or(c);
-                let samples = self.history.entry(b.id).or_default();
-                samples.push_back((now, c.new_flows));
-                while samples.front().is_some_and(|(t, _)| now.duration_since(*t) > RECENT) {
-                    samples.pop_front();
-                }
-                let oldest = samples.front().map(|(_, n)| *n).unwrap_or(c.new_flows);
+                let oldest = self
+                    .snapshots
+                    .front()
+                    .and_then(|(_, flows)| flows.get(b.id as usize).copied())
+                    .unwrap_or(c.new_flows);
                 let bcfg = cfg.and_then(|c| c.backends.iter().find(|x| x.address == b.address));
-                let key = TargetKey { service: s.name.clone(), backend: b.address };
                 let probe = bcfg.filter(|x| x.probe.kind != ProbeKind::None).map(|x| {
+                    let key = TargetKey { service: s.name.clone(), backend: b.address };
                     let st = ctx.checker.probe_stats(&key).unwrap_or_default();
                     ProbeStatus {
                         kind: x.probe.kind.name().into(),
@@ -115,7 +127,7 @@ impl Sampler {
                     weight: b.weight,
                     config_weight: bcfg.map(|x| x.weight).unwrap_or(b.weight),
                     backup: b.backup,
-                    drained: ctx.drained.contains(&(s.name.clone(), b.address)),
+                    drained: !ctx.drained.is_empty() && ctx.drained.contains(&(s.name.clone(), b.address)),
                     health: if b.mac.is_none() {
                         "unresolved"
                     } else if b.up {
@@ -136,8 +148,9 @@ impl Sampler {
             }
             status.services.push(svc);
         }
-        let live: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
-        self.history.retain(|id, _| live.contains(id));
+        if self.snapshots.back().is_none_or(|(t, _)| now.duration_since(*t) >= SNAPSHOT_EVERY) {
+            self.snapshots.push_back((now, stats.backends.iter().map(|c| c.new_flows).collect()));
+        }
         self.last = Some((now, stats));
         status
     }

@@ -27,6 +27,7 @@ pub fn backend_rows(plan: &Plan, stats: &Stats) -> Vec<(String, String, u64, u64
 /// then the non-zero outcome counters.
 pub fn format_stats(plan: &Plan, stats: &Stats) -> String {
     let mut out = String::new();
+    let by_id = plan.backends_by_id();
     for s in &plan.services {
         let c = stats.services.get(s.value.id as usize).copied().unwrap_or_default();
         let name = if s.name.is_empty() { String::new() } else { format!("{} ", s.name) };
@@ -38,7 +39,7 @@ pub fn format_stats(plan: &Plan, stats: &Stats) -> String {
             c.bytes,
             c.new_flows
         );
-        for b in s.backend_ids.iter().filter_map(|id| plan.backend(*id)) {
+        for b in s.backend_ids.iter().filter_map(|id| by_id.get(id).copied()) {
             let c = stats.backends.get(b.id as usize).copied().unwrap_or_default();
             let state = if b.flags & BACKEND_ACTIVE == 0 { "  inactive" } else { "" };
             out += &format!(

@@ -40,6 +40,10 @@ mod routes;
 mod trace_session;
 
 pub fn run(args: RunArgs) -> Result<()> {
+    // Two malloc arenas, not one per thread that ever allocated: the parse of a
+    // reload runs on a blocking-pool thread, and its arena would keep the memory.
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -60,6 +64,8 @@ struct Agent {
     config: Config,
     /// The file's bytes when last read, to notice edits.
     seen: Vec<u8>,
+    /// The bytes of the configuration in force: a reload of the same bytes is a no-op.
+    in_force: Arc<[u8]>,
     iface: Interface,
     nl: Neighbours,
     /// MACs of the neighbours frames go to (DR backends, tunnel next hops).
@@ -161,6 +167,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let mut neigh_events = crate::neigh::watch()?;
     let mut announce = crate::announce::Announcer::start(args.announce_table).context("starting the announcements")?;
 
+    // The bytes `cfg` came from, if the file did not change while it was loaded.
+    let in_force: Arc<[u8]> =
+        if std::fs::read(&args.config).is_ok_and(|again| again == seen) { seen.as_slice().into() } else { Arc::from([]) };
     let addresses = nl.addresses(iface.index).await?;
     let tunnel = TunnelParams::resolve(&cfg, &iface, &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
     let nexthops = NextHops::lookup(&nl, &iface, &cfg).await;
@@ -214,6 +223,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let mut agent = Agent {
         args,
         config: cfg,
+        in_force,
         seen,
         iface,
         nl,
@@ -242,6 +252,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         announce,
     };
     agent.refresh_status();
+    reloading::release_freed_memory();
     // systemd Type=notify: ready once the maps are filled and the program attached.
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "could not notify systemd of readiness");
@@ -335,7 +346,10 @@ fn report_unusable(plan: &Plan, iface: &Interface, nexthops: &NextHops) {
 
 impl Agent {
     /// The configuration with run-time drains applied (weight 0).
-    fn effective(&self, config: &Config) -> Config {
+    fn effective<'a>(&self, config: &'a Config) -> std::borrow::Cow<'a, Config> {
+        if self.drained.is_empty() {
+            return std::borrow::Cow::Borrowed(config);
+        }
         let mut c = config.clone();
         for s in &mut c.services {
             for b in &mut s.backends {
@@ -344,11 +358,12 @@ impl Agent {
                 }
             }
         }
-        c
+        std::borrow::Cow::Owned(c)
     }
 
     fn refresh_status(&mut self) {
-        let stats = match self.dp.stats() {
+        let (services, backends) = (self.plan.service_ids.high_water(), self.plan.backend_ids.high_water());
+        let stats = match self.dp.stats_of(services, backends) {
             Ok(s) => s,
             Err(e) => return tracing::warn!(error = %e, "reading the counters"),
         };
@@ -380,6 +395,10 @@ impl Agent {
             Request::Status => {
                 self.refresh_status();
                 Response::Status(self.status.read().map(|s| s.clone()).unwrap_or_default())
+            }
+            Request::StatusOf(filter) => {
+                self.refresh_status();
+                Response::Status(self.status.read().map(|s| filter.select(&s)).unwrap_or_default())
             }
             Request::Drain { backend, service } => self.set_drain(backend, service, true),
             Request::Undrain { backend, service } => self.set_drain(backend, service, false),
@@ -442,8 +461,9 @@ impl Agent {
         match self.dp.apply(&plan) {
             Ok(summary) => {
                 tracing::debug!(why, %summary, "maps updated");
+                let old: BTreeMap<_, _> = self.plan.services.iter().map(|o| (o.key, o)).collect();
                 for s in &plan.services {
-                    let before = self.plan.services.iter().find(|o| o.key == s.key);
+                    let before = old.get(&s.key);
                     let was_empty = before.is_none_or(|o| o.table.is_empty());
                     if s.table.is_empty() && !was_empty {
                         tracing::error!(service = %s.name, "all backends down: on_all_down applies");

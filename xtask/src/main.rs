@@ -122,7 +122,8 @@ fn bench(quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks load XDP programs and run them with BPF_PROG_TEST_RUN: run them as root");
     }
-    // The failover rows start the agent binary that sits next to lb-bench.
+    // The failover rows start the agent binary that sits next to lb-bench, and
+    // the scale part runs the real agent binary (target/release/lb-agent).
     run(cargo().args(["build", "--release", "-p", "lb-agent"]))?;
     let mut c = cargo();
     c.args(["run", "--release", "-p", "lb-tests", "--bin", "lb-bench"]);

@@ -24,6 +24,7 @@
 use std::fmt;
 use std::path::Path;
 
+mod incremental;
 mod limits;
 mod positions;
 mod raw;
@@ -37,8 +38,12 @@ pub use std::net::IpAddr;
 
 pub use self::limits::{MAX_DEPTH, MAX_ERRORS, MAX_FILE_SIZE, MAX_NODES};
 
-/// Default size of a service's Maglev lookup table (a prime).
-pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Size of a service's Maglev lookup table when its configuration names none:
+/// at least 100 slots per backend, from a fixed list of primes
+/// (`crate::maglev::auto_table_size`).
+pub fn default_table_size(backends: usize) -> u32 {
+    crate::maglev::auto_table_size(backends)
+}
 /// Smallest accepted Maglev lookup table size.
 pub const MIN_TABLE_SIZE: u32 = 7;
 /// Largest accepted Maglev lookup table size (the largest prime below 2^20).
@@ -142,7 +147,8 @@ pub struct ServiceConfig {
     pub forwarding: Forwarding,
     /// GUE destination port (with `Forwarding::Gue`).
     pub gue_port: u16,
-    /// Size of the Maglev lookup table: a prime larger than the number of backends.
+    /// Size of the Maglev lookup table: a prime larger than the number of backends
+    /// (`default_table_size` of the backend count when the file names none).
     pub table_size: u32,
     /// The backends, in file order; all of the same address family as `vip`.
     pub backends: Vec<BackendConfig>,
@@ -392,6 +398,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, &origin)
 }
 
+pub use self::incremental::reparse;
+
 /// Parses and validates configuration text; `origin` is the file name used in messages.
 ///
 /// The text is first checked against the limits of `limits.rs` (size, nodes with
@@ -399,7 +407,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     limits::check(text, origin)?;
     let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| serde_error(&e, origin))?;
-    let positions = positions::Positions::build(text);
+    let positions = positions::LazyPositions::new(text);
     validate::validate(raw, &positions, origin).map_err(|errors| ConfigError { errors })
 }
 

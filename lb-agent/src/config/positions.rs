@@ -44,6 +44,32 @@ pub(super) struct Positions {
     entries: HashMap<String, Entry>,
 }
 
+/// The index of a text, built on the first lookup: a valid file (no diagnostic
+/// to place) never pays for it, which is a third of a large file's parse.
+#[derive(Debug)]
+pub(super) struct LazyPositions<'a> {
+    text: &'a str,
+    index: std::cell::OnceCell<Positions>,
+}
+
+impl<'a> LazyPositions<'a> {
+    pub fn new(text: &'a str) -> Self {
+        LazyPositions { text, index: std::cell::OnceCell::new() }
+    }
+
+    fn get(&self) -> &Positions {
+        self.index.get_or_init(|| Positions::build(self.text))
+    }
+
+    pub fn value(&self, path: &str) -> Pos {
+        self.get().value(path)
+    }
+
+    pub fn key(&self, path: &str) -> Pos {
+        self.get().key(path)
+    }
+}
+
 impl Positions {
     /// Indexes `text`. Whatever cannot be parsed is simply left out of the index (the
     /// text has already been accepted by `serde_yaml`, so this should not happen).

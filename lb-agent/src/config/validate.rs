@@ -12,10 +12,10 @@ mod probe;
 
 use self::probe::{Level, ProbeFields};
 use super::limits::MAX_ERRORS;
-use super::positions::{Pos, Positions};
+use super::positions::{LazyPositions as Positions, Pos};
 use super::raw::{Int, RawBackend, RawConfig, RawService};
 use super::{
-    BackendConfig, Config, DEFAULT_CONNTRACK_SIZE, DEFAULT_TABLE_SIZE, DEFAULT_WEIGHT, Diagnostic,
+    BackendConfig, Config, DEFAULT_CONNTRACK_SIZE, DEFAULT_WEIGHT, Diagnostic,
     MAX_CONNTRACK_SIZE, MAX_NAME_LEN, MAX_TABLE_SIZE, MAX_WEIGHT, MIN_CONNTRACK_SIZE,
     MIN_TABLE_SIZE, Forwarding, Protocol, Scheduler, ServiceConfig,
 };
@@ -23,7 +23,7 @@ use super::{
 /// Validates `raw`, returning every violation sorted by position.
 pub(super) fn validate(
     raw: RawConfig,
-    positions: &Positions,
+    positions: &Positions<'_>,
     origin: &str,
 ) -> Result<Config, Vec<Diagnostic>> {
     let mut checker = Checker {
@@ -59,13 +59,14 @@ pub(super) fn validate(
 }
 
 struct Checker<'a> {
-    positions: &'a Positions,
+    positions: &'a Positions<'a>,
     origin: &'a str,
     errors: Vec<Diagnostic>,
     /// First use of each service name: the service's index.
     names: HashMap<String, usize>,
-    /// First use of each (vip, port, protocol): a description of that service.
-    triples: HashMap<(IpAddr, u16, Protocol), String>,
+    /// First use of each (vip, port, protocol): that service's path and name
+    /// (its line is looked up only when a duplicate needs it).
+    triples: HashMap<(IpAddr, u16, Protocol), (String, Option<String>)>,
     /// Errors found after the first [`MAX_ERRORS`], only counted.
     not_shown: usize,
 }
@@ -199,19 +200,19 @@ impl Checker<'_> {
         let gue_port = self.gue_port(raw.gue_port, forwarding, &field("gue_port"));
 
         if let (Some(vip), Some(port), Some(protocol)) = (vip, port, protocol) {
-            if let Some(first) = self.triples.get(&(vip, port, protocol)) {
+            if let Some((first_path, first_name)) = self.triples.get(&(vip, port, protocol)) {
+                let line = self.positions.value(first_path).line;
+                let first = match first_name {
+                    Some(name) => format!("service '{name}' ({first_path}, line {line})"),
+                    None => format!("{first_path} (line {line})"),
+                };
                 let message = format!(
                     "duplicate service: vip {vip} port {port} protocol {protocol} is already \
                      used by {first}"
                 );
                 self.at_value(&field("vip"), message);
             } else {
-                let line = self.positions.value(&path).line;
-                let first = match &name {
-                    Some(name) => format!("service '{name}' ({path}, line {line})"),
-                    None => format!("{path} (line {line})"),
-                };
-                self.triples.insert((vip, port, protocol), first);
+                self.triples.insert((vip, port, protocol), (path.clone(), name.clone()));
             }
         }
 
@@ -232,7 +233,7 @@ impl Checker<'_> {
             .backends(raw.backends, &path, &label, family_of, &probe, port)
             .filter(|_| probe_ok);
         let table_size = match raw.table_size {
-            None => Some(DEFAULT_TABLE_SIZE),
+            None => Some(super::default_table_size(count)),
             Some(v) => self.table_size(v, &field("table_size")),
         };
         let table_size = table_size.filter(|&size| {

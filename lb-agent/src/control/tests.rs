@@ -124,6 +124,7 @@ fn spawn_agent(status: Status) -> (mpsc::Sender<Call>, tokio::task::JoinHandle<V
         while let Some(call) = rx.recv().await {
             let response = match &call.request {
                 Request::Status => Response::Status(status.clone()),
+                Request::StatusOf(filter) => Response::Status(filter.select(&status)),
                 Request::Drain { backend, .. } => Response::Done { message: format!("drained {backend}") },
                 Request::Undrain { backend, .. } => Response::Error { message: format!("{backend} is not drained") },
                 Request::Reload => Response::Done { message: "reload applied: no change".into() },

@@ -42,6 +42,9 @@ pub(super) struct Job {
 pub(super) struct Parsed {
     generation: u64,
     why: String,
+    bytes: Arc<[u8]>,
+    /// How long the parse and the resolution of new backends took.
+    secs: f64,
     /// The configuration, its tunnel backends' next hops, and the MACs of the
     /// neighbours that were not known.
     result: Result<(Config, NextHops, BTreeMap<IpAddr, Mac>), String>,
@@ -97,6 +100,11 @@ impl<W> Queue<W> {
             }
             None => Some(self.start(job)),
         }
+    }
+
+    /// No parse runs or waits.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_none() && self.queued.is_none()
     }
 
     fn start(&mut self, job: Job) -> (u64, Job) {
@@ -155,10 +163,51 @@ impl Agent {
     /// Asks for a reload of `bytes`, the file's content just read.
     pub(super) fn reload_bytes(&mut self, bytes: Vec<u8>, why: &str, reply: Option<oneshot::Sender<Response>>) {
         self.seen = bytes.clone();
+        // The bytes in force again, nothing pending, every backend resolved: there
+        // is nothing a parse could change.
+        if self.reloads.queue.is_idle() && *bytes == *self.in_force && self.plan.unresolved().is_empty() {
+            self.reloads_ok += 1;
+            tracing::info!(why, reloads = self.reloads_ok, "reload applied: no change (the file is unchanged)");
+            if let Some(reply) = reply {
+                let _ = reply.send(response(Ok("reload applied: no change (the file is unchanged)".into())));
+            }
+            return;
+        }
+        if self.reloads.queue.is_idle()
+            && let Some(outcome) = self.reload_incremental(&bytes, why)
+        {
+            if let Some(reply) = reply {
+                let _ = reply.send(response(outcome));
+            }
+            release_freed_memory();
+            return;
+        }
         let job = Job { bytes: bytes.into(), why: why.to_string() };
         if let Some((generation, job)) = self.reloads.queue.request(job, reply) {
             self.spawn_parse(generation, job);
         }
+    }
+
+    /// Applies `bytes` at once when only a few services changed and every backend's
+    /// MAC is known: those services are parsed here (`config::reparse`), the rest is
+    /// the configuration in force. `None`: the whole file is to be parsed.
+    fn reload_incremental(&mut self, bytes: &[u8], why: &str) -> Option<Result<String, String>> {
+        let (old, new) = (std::str::from_utf8(&self.in_force).ok()?, std::str::from_utf8(bytes).ok()?);
+        let origin = self.args.config.display().to_string();
+        let started = Instant::now();
+        let config = config::reparse(old, &self.config, new, &origin)?;
+        tracing::debug!(secs = started.elapsed().as_secs_f64(), "reparse");
+        // New backends wait for their MACs in the parse task, and tunnel services
+        // for their routes: those take the full parse.
+        if config.services.iter().any(|s| s.forwarding.is_tunnel()) {
+            return None;
+        }
+        let known = |a: &IpAddr| self.macs.contains_key(a);
+        if !config.services.iter().all(|s| s.backends.iter().all(|b| known(&b.address))) {
+            return None;
+        }
+        tracing::debug!(why, "only the changed services were parsed");
+        Some(self.apply_reload(why, config, self.nexthops.clone(), BTreeMap::new(), bytes.into()))
     }
 
     /// Parses `job` on the blocking pool, then resolves the new backends' MACs,
@@ -173,6 +222,7 @@ impl Agent {
             let started = Instant::now();
             let Job { bytes, why } = job;
             let parse_origin = origin.clone();
+            let kept = bytes.clone();
             let parsed = tokio::task::spawn_blocking(move || match std::str::from_utf8(&bytes) {
                 Ok(text) => config::parse(text, &parse_origin).map_err(|e| format!("invalid configuration:\n{e}")),
                 Err(e) => Err(format!("invalid configuration:\n{parse_origin}: cannot read the file: {e}")),
@@ -203,7 +253,8 @@ impl Agent {
                 Err(e) => Err(e),
             };
             // The loop is gone when the agent stops: nothing to report to.
-            let _ = done.send(Parsed { generation, why, result });
+            let secs = started.elapsed().as_secs_f64();
+            let _ = done.send(Parsed { generation, why, bytes: kept, secs, result });
         });
     }
 
@@ -217,13 +268,22 @@ impl Agent {
             }
             Finished::Apply(waiters) => {
                 let outcome = match parsed.result {
-                    Ok((config, nexthops, found)) => self.apply_reload(&parsed.why, config, nexthops, found),
+                    Ok((config, nexthops, found)) => {
+                        let started = Instant::now();
+                        let outcome = self.apply_reload(&parsed.why, config, nexthops, found, parsed.bytes);
+                        tracing::debug!(parse_secs = parsed.secs, apply_secs = started.elapsed().as_secs_f64(), "reload timing");
+                        outcome
+                    }
                     Err(e) => self.reload_failed(&parsed.why, &e),
                 };
                 let answer = response(outcome);
                 for w in waiters {
                     let _ = w.send(answer.clone());
                 }
+                // The parse ran on a blocking-pool thread, whose malloc arena keeps
+                // the freed text and tree: hand them back (after answering), so the
+                // agent's memory stays flat across reloads.
+                release_freed_memory();
             }
         }
     }
@@ -236,7 +296,16 @@ impl Agent {
         new: Config,
         nexthops: NextHops,
         found: BTreeMap<IpAddr, Mac>,
+        bytes: Arc<[u8]>,
     ) -> Result<String, String> {
+        // Other bytes, the same configuration (a comment, the order of keys), no
+        // backend newly resolved and no route changed: no plan, no map writes.
+        if new == self.config && found.is_empty() && nexthops == self.nexthops {
+            self.in_force = bytes;
+            self.reloads_ok += 1;
+            tracing::info!(why, reloads = self.reloads_ok, "reload applied: no change");
+            return Ok("reload applied: no change".into());
+        }
         if new.conntrack_size != self.config.conntrack_size || new.established_size != self.config.established_size {
             tracing::warn!("conntrack_size and established_size changes take effect at the next start");
         }
@@ -260,7 +329,9 @@ impl Agent {
         };
         let old_hops = std::mem::replace(&mut self.nexthops, nexthops);
         let macs = self.backend_macs(&new);
+        let t_plan = Instant::now();
         let plan = Plan::next(&self.effective(&new), &macs, &down, Some(&self.plan));
+        let plan_secs = t_plan.elapsed().as_secs_f64();
         if let Err(e) = self.dp.check_fits(&plan) {
             self.checker.set_targets(probe_targets(&self.config));
             self.nexthops = old_hops;
@@ -275,13 +346,17 @@ impl Agent {
             }
             self.tunnel = tunnel;
         }
+        let t_apply = Instant::now();
         match self.dp.apply(&plan) {
             Ok(_) => {
+                let apply_secs = t_apply.elapsed().as_secs_f64();
                 let diff = reload::describe(&self.config, &new);
+                tracing::debug!(plan_secs, apply_secs, "reload phases");
                 self.reloads_ok += 1;
                 tracing::info!(why, reloads = self.reloads_ok, "reload applied: {diff}");
                 self.timeouts.send_replace(new.timeouts);
                 self.config = new;
+                self.in_force = bytes;
                 self.down = down;
                 self.plan = plan;
                 report_unusable(&self.plan, &self.iface, &self.nexthops);
@@ -300,6 +375,21 @@ impl Agent {
         tracing::error!(why, failed_reloads = self.reloads_failed,
             "reload failed, the running configuration stays in force: {error}");
         Err(format!("reload failed, the running configuration stays in force: {error}"))
+    }
+}
+
+/// Free heap above which a reload hands memory back to the kernel.
+const KEEP_FREE: usize = 32 << 20;
+
+/// Returns the heap's free pages to the kernel (every malloc arena) once more than
+/// `KEEP_FREE` bytes are free: often enough to keep the agent's memory flat, rarely
+/// enough that the next reload does not fault the same pages back in each time.
+pub(super) fn release_freed_memory() {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let free = unsafe { libc::mallinfo2() }.fordblks;
+    if free > KEEP_FREE {
+        // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+        unsafe { libc::malloc_trim(0) };
     }
 }
 

@@ -121,7 +121,7 @@ fn defaults_are_applied() {
             scheduler: Scheduler::Maglev,
             forwarding: Forwarding::Dr,
             gue_port: DEFAULT_GUE_PORT,
-            table_size: DEFAULT_TABLE_SIZE,
+            table_size: 257,
             backends: vec![BackendConfig {
                 address: "198.18.0.11".parse().unwrap(),
                 weight: 1,
@@ -133,7 +133,7 @@ fn defaults_are_applied() {
         }],
     };
     assert_eq!(config, expected);
-    assert_eq!(DEFAULT_TABLE_SIZE, 65537);
+    assert_eq!((default_table_size(1), default_table_size(32), default_table_size(400)), (257, 4099, 65537));
     assert_eq!(DEFAULT_CONNTRACK_SIZE, 262144);
 }
 
@@ -263,7 +263,6 @@ fn protocol_and_scheduler_names() {
 fn primes() {
     let small: Vec<u32> = (0..30).filter(|&n| validate::is_prime(n)).collect();
     assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
-    assert!(validate::is_prime(DEFAULT_TABLE_SIZE));
     assert!(validate::is_prime(MAX_TABLE_SIZE));
     assert!(!validate::is_prime(1_048_575));
     assert!(!validate::is_prime(65_535));

@@ -74,7 +74,7 @@ fn map_ids(dp: &mut Dataplane) -> Vec<(String, u32, u32)> {
         .collect()
 }
 
-fn memlock(id: u32) -> Option<u64> {
+pub fn memlock(id: u32) -> Option<u64> {
     let out = Command::new("bpftool")
         .args(["-j", "map", "show", "id", &id.to_string()])
         .output()
@@ -153,8 +153,8 @@ pub fn bench_apply(p: &Params) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Configuration: {services} services x {backends} backends = {} backends, table_size {table_size} \
-         (65537 would be {}M Maglev slots), conntrack_size 262144.\n",
+        "Configuration: {services} services x {backends} backends = {} backends, table_size {table_size} (the default for {backends} backends; \
+         65537, the default before, would be {}M Maglev slots), conntrack_size 262144.\n",
         services * backends,
         services as u64 * 65537 / 1_000_000
     );

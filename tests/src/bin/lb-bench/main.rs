@@ -19,6 +19,7 @@ mod plot;
 mod probes;
 mod reload;
 mod report;
+mod scale;
 mod topo;
 mod tunnel;
 mod trace;
@@ -116,7 +117,22 @@ fn main() {
         }
     };
     let failover_runs = if quick { 1 } else { 3 };
+    let sp = if quick {
+        scale::ScaleParams { starts: 1, reloads: 3, weight_reloads: 2, status_runs: 2 }
+    } else {
+        scale::ScaleParams { starts: 3, reloads: 20, weight_reloads: 5, status_runs: 5 }
+    };
     let started = Instant::now();
+    if let Some(at) = std::env::args().position(|a| a == "--scale-serve") {
+        let arg = |i: usize, default: usize| std::env::args().nth(at + i).and_then(|v| v.parse().ok()).unwrap_or(default);
+        return scale::serve(arg(1, 10_000), arg(2, 8));
+    }
+    // Only the control plane at scale, printed and not written.
+    if std::env::args().any(|a| a == "--scale-only") {
+        println!("\n## Control plane at scale\n\n{}", scale::bench_scale(&sp));
+        eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
     // Only the failover benchmark, printed and not written (for working on HA).
     if std::env::args().any(|a| a == "--failover-only") {
         let md = failover::bench_failover(failover_runs);
@@ -190,6 +206,9 @@ fn main() {
     eprintln!("lb-bench: reload of 1,000 x 32 under traffic ...");
     let reload = reload::bench_reload(&p);
     println!("\n## Reload\n\n{reload}");
+    eprintln!("lb-bench: the agent at scale (1,000 x 32 and 10,000 x 8, default table_size) ...");
+    let scale = scale::bench_scale(&sp);
+    println!("\n## Control plane at scale\n\n{scale}");
     eprintln!(
         "lb-bench: probe CPU, {} TCP targets at 1 s ({:.0} s after {:.0} s warm-up) ...",
         probes::PORTS * probes::ADDRESSES as usize,
@@ -242,6 +261,7 @@ fn main() {
          ## Control plane\n\n### Maglev table build (`lb_agent::maglev::build_table`)\n\n{maglev}\n\
          ### Plan and full apply, 1,000 services x 32 backends\n\n{apply}\n\
          ### Reload under traffic, 1,000 services x 32 backends\n\n{reload}\n\
+         ### The agent at scale: start, memory, reloads, status\n\n{scale}\n\
          ### Liveness probes: CPU\n\n{probe_md}\n\
          ## Failover (ECMP and VRRP pair)\n\n{failover_md}\n",
         sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),

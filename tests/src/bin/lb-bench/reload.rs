@@ -30,6 +30,7 @@ use crate::{
 const XDP_TX: u32 = 3;
 pub const SERVICES: u32 = 1000;
 pub const BACKENDS: u32 = 32;
+/// What the services get without `table_size` in the file (32 or 33 backends).
 pub const TABLE_SIZE: u32 = 4099;
 /// Services that gain a backend in the second configuration.
 pub const GROWN: u32 = 100;
@@ -51,7 +52,7 @@ fn yaml(second: bool) -> String {
     for s in 0..SERVICES {
         let _ = writeln!(
             y,
-            "  - name: svc{s}\n    vip: {}\n    port: 80\n    protocol: tcp\n    table_size: {TABLE_SIZE}\n    backends:",
+            "  - name: svc{s}\n    vip: {}\n    port: 80\n    protocol: tcp\n    backends:",
             vip(s)
         );
         let n = if second && s < GROWN { BACKENDS + 1 } else { BACKENDS };
@@ -297,6 +298,9 @@ fn one_run(cfg1: &Config, cfg2_text: &str, macs1: &BTreeMap<IpAddr, Mac>) -> Run
 }
 
 pub fn bench_reload(p: &Params) -> String {
+    for n in [BACKENDS, BACKENDS + 1] {
+        assert_eq!(config::default_table_size(n as usize), TABLE_SIZE, "the default table size for {n} backends");
+    }
     let cfg1 = config::parse(&yaml(false), "bench-reload-1.yaml").unwrap_or_else(|e| panic!("{e}"));
     let cfg2_text = yaml(true);
     let macs1 = fake_macs(&cfg1);
@@ -340,8 +344,8 @@ pub fn bench_reload(p: &Params) -> String {
     let during_apply_s: f64 = runs.iter().map(|r| r.plan + r.check + r.apply + r.parse).sum();
 
     let mut md = format!(
-        "Configuration 1: {SERVICES} services x {BACKENDS} backends, table_size {TABLE_SIZE} (as the \
-         full apply above), loaded and written with `Dataplane::load` + `Dataplane::write`. \
+        "Configuration 1: {SERVICES} services x {BACKENDS} backends, no `table_size` in the file: the \
+         default, {TABLE_SIZE} slots for 32 or 33 backends (as the full apply above), loaded and written with `Dataplane::load` + `Dataplane::write`. \
          Configuration 2: backend 0 of every service re-weighted (1 -> 2) and one backend added to \
          {GROWN} services, so every service's Maglev table changes. Timed: the agent's reload path \
          (`Agent::reload`): parse, `Plan::next(&cfg2, &macs, &DownSet::new(), Some(&plan1))`, \

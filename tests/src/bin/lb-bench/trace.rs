@@ -36,6 +36,11 @@ pub fn bench_trace_hook(p: &Params) -> String {
     // (class, with hook, without) samples per round.
     let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> =
         vec![("non-VIP IPv4 (pass)", vec![], vec![]), ("VIP IPv4 TCP ACK, established", vec![], vec![]), ("VIP IPv4 TCP SYN, new flow (repeat 1)", vec![], vec![])];
+    // The agent verifies the traced balancer only when a trace first needs it.
+    let traced: &mut Xdp = dp.ebpf_mut().program_mut(lb_common::PROG_BALANCER_TRACE).expect("program").try_into().expect("XDP");
+    if traced.fd().is_err() {
+        traced.load().expect("loading lb_xdp_trace");
+    }
     for round in 0..rounds {
         let syns: Vec<Vec<u8>> = (0..per_round)
             .map(|i| {

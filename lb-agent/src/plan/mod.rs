@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -23,6 +24,10 @@ use crate::{
     maglev::{build_table, MaglevBackend},
     neigh::Mac,
 };
+
+mod adopt;
+
+pub use self::adopt::from_maps;
 
 /// The 16-byte address form the maps use (IPv4 as `::ffff:a.b.c.d`).
 pub fn addr_key(addr: IpAddr) -> [u8; 16] {
@@ -76,7 +81,12 @@ pub struct PlannedService {
     /// Ids of this service's backends (in address order).
     pub backend_ids: Vec<u32>,
     /// Maglev table: slot -> backend id (empty while no backend is usable).
-    pub table: Vec<u32>,
+    /// Shared: a plan built from a previous one reuses the table of every service
+    /// whose `maglev_input` did not change, and clones of a plan share them too.
+    pub table: Arc<[u32]>,
+    /// What the table was built from: (address, weight given to Maglev, backend
+    /// id) in address order. Equal inputs and size give an equal table.
+    pub maglev_input: Vec<(IpAddr, u32, u32)>,
     /// The configured table size (what the table has whenever it is not empty).
     pub table_size: u32,
     /// No primary is usable and the table is built from backups.
@@ -153,15 +163,20 @@ impl Plan {
     pub fn next(config: &Config, macs: &BTreeMap<IpAddr, Mac>, down: &DownSet, prev: Option<&Plan>) -> Plan {
         let mut service_ids = prev.map(|p| p.service_ids.clone()).unwrap_or_default();
         let mut backend_ids = prev.map(|p| p.backend_ids.clone()).unwrap_or_default();
-        let prev_services: BTreeMap<VipKey, u32> =
-            prev.map(|p| p.services.iter().map(|s| (s.key, s.value.id)).collect()).unwrap_or_default();
-        let prev_backends: BTreeMap<(VipKey, IpAddr), (u32, u32)> = prev
-            .map(|p| {
-                p.backends.iter().map(|b| ((p.services[b.service].key, b.address), (b.id, b.generation))).collect()
-            })
-            .unwrap_or_default();
+        let prev_services: BTreeMap<VipKey, &PlannedService> =
+            prev.map(|p| p.services.iter().map(|s| (s.key, s)).collect()).unwrap_or_default();
+        // Backends of the previous plan by id (ids are small and dense).
+        let mut prev_by_id: Vec<Option<&PlannedBackend>> = Vec::new();
+        for b in prev.map(|p| p.backends.as_slice()).unwrap_or_default() {
+            if prev_by_id.len() <= b.id as usize {
+                prev_by_id.resize(b.id as usize + 1, None);
+            }
+            prev_by_id[b.id as usize] = Some(b);
+        }
 
         let mut plan = Plan {
+            services: Vec::with_capacity(config.services.len()),
+            backends: Vec::with_capacity(config.services.iter().map(|s| s.backends.len()).sum()),
             conntrack_size: config.conntrack_size,
             established_size: config.established_size,
             answer_ping: config.answer_ping,
@@ -174,26 +189,40 @@ impl Plan {
         let mut kept_backends = BTreeSet::new();
         for (index, svc) in config.services.iter().enumerate() {
             let key = VipKey { addr: addr_key(svc.vip), port: svc.port, proto: svc.protocol.number(), _pad: 0 };
-            let id = match prev_services.get(&key) {
-                Some(&id) => {
-                    kept_services.insert(id);
-                    id
+            let old = prev_services.get(&key).copied();
+            let id = match old {
+                Some(o) => {
+                    kept_services.insert(o.value.id);
+                    o.value.id
                 }
                 None => service_ids.take().0,
             };
             let mut sorted: Vec<_> = svc.backends.iter().collect();
             sorted.sort_by_key(|b| addr_key(b.address));
+            // The previous backends of this service: (address key, address, id, generation), sorted.
+            let mut before: Vec<([u8; 16], IpAddr, (u32, u32))> = old
+                .map(|o| o.backend_ids.iter().filter_map(|id| prev_by_id.get(*id as usize).copied().flatten()).collect())
+                .unwrap_or_else(Vec::new)
+                .into_iter()
+                .map(|b: &PlannedBackend| (addr_key(b.address), b.address, (b.id, b.generation)))
+                .collect();
+            before.sort_unstable_by_key(|e| e.0);
+            let known = |address: IpAddr| {
+                let k = addr_key(address);
+                let from = before.partition_point(|e| e.0 < k);
+                before[from..].iter().take_while(|e| e.0 == k).find(|e| e.1 == address).map(|e| e.2)
+            };
             let first = plan.backends.len();
             for b in &sorted {
-                let (bid, generation) = match prev_backends.get(&(key, b.address)) {
-                    Some(&ids) => {
+                let (bid, generation) = match known(b.address) {
+                    Some(ids) => {
                         kept_backends.insert(ids.0);
                         ids
                     }
                     None => backend_ids.take(),
                 };
                 let mac = macs.get(&b.address).copied();
-                let up = !down.contains(&(svc.name.clone(), b.address));
+                let up = down.is_empty() || !down.contains(&(svc.name.clone(), b.address));
                 plan.backends.push(PlannedBackend {
                     id: bid,
                     generation,
@@ -217,14 +246,19 @@ impl Plan {
                     b.flags |= BACKEND_ACCEPTS_NEW;
                 }
             }
-            let input: Vec<MaglevBackend> = members
+            let maglev_input: Vec<(IpAddr, u32, u32)> = members
                 .iter()
-                .map(|b| MaglevBackend {
-                    address: b.address,
-                    weight: if b.flags & BACKEND_ACCEPTS_NEW != 0 { b.weight } else { 0 },
-                })
+                .map(|b| (b.address, if b.flags & BACKEND_ACCEPTS_NEW != 0 { b.weight } else { 0 }, b.id))
                 .collect();
-            let table: Vec<u32> = build_table(&input, svc.table_size).iter().map(|&i| members[i as usize].id).collect();
+            // Only the tables whose inputs changed are built again.
+            let table = match old {
+                Some(o) if o.table_size == svc.table_size && o.maglev_input == maglev_input => o.table.clone(),
+                _ => {
+                    let input: Vec<MaglevBackend> =
+                        maglev_input.iter().map(|&(address, weight, _)| MaglevBackend { address, weight }).collect();
+                    build_table(&input, svc.table_size).iter().map(|&i| members[i as usize].id).collect()
+                }
+            };
 
             let flags = plan.vip_addrs.entry(key.addr).or_insert(0);
             if svc.port == 0 {
@@ -252,6 +286,7 @@ impl Plan {
                 value,
                 backend_ids: members.iter().map(|b| b.id).collect(),
                 table,
+                maglev_input,
                 table_size: svc.table_size,
                 using_backups,
             });
@@ -286,7 +321,13 @@ impl Plan {
         self.services.iter().map(|s| s.table.len()).sum()
     }
 
-    /// The backend with id `id`.
+    /// Every backend by id, for callers that look many up (a status of thousands
+    /// of services).
+    pub fn backends_by_id(&self) -> std::collections::HashMap<u32, &PlannedBackend> {
+        self.backends.iter().map(|b| (b.id, b)).collect()
+    }
+
+    /// The backend with id `id` (a linear search: see `backends_by_id`).
     pub fn backend(&self, id: u32) -> Option<&PlannedBackend> {
         self.backends.iter().find(|b| b.id == id)
     }
@@ -311,92 +352,6 @@ impl Plan {
         let slot = lb_common::maglev_slot(lb_common::flow_hash(flow), t.len() as u32);
         t.get(slot as usize).copied()
     }
-}
-
-/// The state an earlier agent left in the maps, as a plan, so the next plan keeps
-/// its ids: services from `SERVICES` (with their current tables), backends from
-/// `BACKENDS` (every id ever handed out keeps its generation); table sizes from
-/// `sizes`.
-pub fn from_maps(
-    services: &[(VipKey, Service, Vec<u32>)],
-    backends: &[(u32, Backend)],
-    vip_addrs: BTreeMap<[u8; 16], u32>,
-    sizes: &Plan,
-) -> Plan {
-    let mut plan = Plan {
-        conntrack_size: sizes.conntrack_size,
-        established_size: sizes.established_size,
-        answer_ping: sizes.answer_ping,
-        forward_icmp: sizes.forward_icmp,
-        frags_size: sizes.frags_size,
-        frag_timeout_s: sizes.frag_timeout_s,
-        vip_addrs,
-        ..Plan::default()
-    };
-    let mut index_of = BTreeMap::new();
-    for (key, value, table) in services {
-        index_of.insert(value.id, plan.services.len());
-        let vip = if key.addr[..12] == lb_common::v4_mapped([0; 4])[..12] {
-            IpAddr::from([key.addr[12], key.addr[13], key.addr[14], key.addr[15]])
-        } else {
-            IpAddr::from(key.addr)
-        };
-        plan.services.push(PlannedService {
-            name: String::new(),
-            vip,
-            port: key.port,
-            protocol: if key.proto == lb_common::PROTO_UDP { Protocol::Udp } else { Protocol::Tcp },
-            key: *key,
-            value: Service { table_offset: 0, region: 0, ..*value },
-            backend_ids: Vec::new(),
-            table: table.clone(),
-            table_size: value.table_size,
-            using_backups: false,
-        });
-    }
-    let high = |ids: &mut dyn Iterator<Item = u32>| ids.max().map_or(0, |m| m + 1);
-    plan.service_ids.next = high(&mut services.iter().map(|(_, v, _)| v.id));
-    plan.backend_ids.next = high(&mut backends.iter().map(|(id, _)| *id));
-    plan.backend_ids.generation = vec![0; plan.backend_ids.next as usize];
-    // One entry per (service, address): the active one, else the newest.
-    let mut chosen: BTreeMap<(u32, [u8; 16]), (u32, Backend)> = BTreeMap::new();
-    for (id, b) in backends {
-        plan.backend_ids.generation[*id as usize] = b.generation;
-        if !index_of.contains_key(&b.service_id) {
-            continue;
-        }
-        let slot = chosen.entry((b.service_id, b.addr)).or_insert((*id, *b));
-        if (b.flags != 0, *id) > (slot.1.flags != 0, slot.0) {
-            *slot = (*id, *b);
-        }
-    }
-    for ((service_id, addr), (id, b)) in chosen {
-        let service = index_of[&service_id];
-        plan.services[service].backend_ids.push(id);
-        let address = if addr[..12] == lb_common::v4_mapped([0; 4])[..12] {
-            IpAddr::from([addr[12], addr[13], addr[14], addr[15]])
-        } else {
-            IpAddr::from(addr)
-        };
-        plan.backends.push(PlannedBackend {
-            id,
-            generation: b.generation,
-            service,
-            address,
-            weight: 0,
-            backup: false,
-            mac: (b.flags != 0).then_some(b.mac),
-            up: b.flags != 0,
-            flags: b.flags,
-            forward: b.forward,
-            gue_port: b.gue_port,
-        });
-    }
-    let used_backends: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
-    plan.backend_ids.free = (0..plan.backend_ids.next).filter(|id| !used_backends.contains(id)).collect();
-    let used_services: BTreeSet<u32> = services.iter().map(|(_, v, _)| v.id).collect();
-    plan.service_ids.free = (0..plan.service_ids.next).filter(|id| !used_services.contains(id)).collect();
-    plan
 }
 
 #[cfg(test)]

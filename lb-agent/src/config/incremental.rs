@@ -1,0 +1,202 @@
+//! Parsing again only the services whose text changed, for reloads of a large file
+//! in which one service was edited: the rest is taken from the configuration in
+//! force, which was validated from the same text.
+//!
+//! Only a plain block-style file qualifies: `services:` at column 0 followed by its
+//! items, each starting with `- ` at one indentation above 0, no anchors or aliases
+//! (no `&` or `*` anywhere), no tabs, no document markers, and at most
+//! [`MAX_BYTES`] (so that, without aliases, the node limit cannot be reached). The
+//! text outside the services list must be unchanged. Each changed item is parsed
+//! and validated with that text around it, then names and (vip, port, protocol) are
+//! checked across all services, the only checks that span services. Anything else,
+//! and any error, returns `None`: the caller parses the whole file, which reports
+//! errors with their positions.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{limits::MAX_NODES, parse, Config};
+
+/// Largest file handled here: without aliases a file has fewer than two nodes per
+/// byte, so it stays within the node limit by its size alone.
+const MAX_BYTES: usize = (MAX_NODES / 2 - 1) as usize;
+
+/// A file cut at its services: the text before the list (with the `services:` line),
+/// each item's text, and the text after the list.
+#[derive(Debug, PartialEq)]
+struct Layout<'a> {
+    before: &'a str,
+    items: Vec<&'a str>,
+    after: &'a str,
+}
+
+/// Where a file is: before the services, in them, after them.
+#[derive(PartialEq)]
+enum At {
+    Before,
+    First,
+    Items,
+    After,
+}
+
+fn layout(text: &str) -> Option<Layout<'_>> {
+    // Single characters are searched with memchr: fast even for megabytes.
+    if text.len() > MAX_BYTES || text.starts_with('\u{feff}') || ['&', '*', '\t', '\r'].iter().any(|&c| text.contains(c)) {
+        return None;
+    }
+    let (mut at, mut state) = (0, At::Before);
+    let (mut first, mut end, mut item_indent) = (0, text.len(), 0);
+    let mut item_starts = Vec::new();
+    while at < text.len() {
+        let next = text[at..].find('\n').map_or(text.len(), |n| at + n + 1);
+        let line = text[at..next].trim_end_matches('\n');
+        let bytes = line.as_bytes();
+        let indent = bytes.iter().take_while(|&&b| b == b' ').count();
+        let filler = indent == bytes.len() || bytes[indent] == b'#';
+        let top = !filler && indent == 0;
+        if top && state == At::Items {
+            (state, end) = (At::After, at);
+        }
+        match state {
+            At::Before | At::After if top => {
+                if line.starts_with("---") || line.starts_with("...") {
+                    return None;
+                }
+                let rest = line.strip_prefix("services:").map(|r| r.trim_start_matches(' '));
+                if rest.is_some_and(|r| r.is_empty() || r.starts_with('#')) {
+                    if state == At::After {
+                        return None;
+                    }
+                    state = At::First;
+                } else if rest.is_some() {
+                    return None; // `services: [...]` and the like
+                }
+            }
+            At::First | At::Items if !filler => {
+                let item = line[indent..].starts_with("- ");
+                if state == At::First {
+                    if indent == 0 || !item {
+                        return None;
+                    }
+                    (state, first, item_indent) = (At::Items, at, indent);
+                }
+                if indent == item_indent && item {
+                    item_starts.push(at);
+                } else if indent <= item_indent {
+                    return None;
+                }
+            }
+            _ => {}
+        }
+        at = next;
+    }
+    if item_starts.is_empty() {
+        return None;
+    }
+    let mut items = Vec::with_capacity(item_starts.len());
+    for (k, &s) in item_starts.iter().enumerate() {
+        items.push(&text[s..item_starts.get(k + 1).copied().unwrap_or(end)]);
+    }
+    Some(Layout { before: &text[..first], items, after: &text[end..] })
+}
+
+/// `new_text`'s configuration built from `old` (the configuration `old_text`
+/// gave) and a parse of only the services whose text changed; `None` when that is
+/// not possible or not valid (see the module documentation).
+pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Option<Config> {
+    let (was, now) = (layout(old_text)?, layout(new_text)?);
+    if was.before != now.before || was.after != now.after || was.items.len() != old.services.len() {
+        return None;
+    }
+    // Most items are where they were; the others are looked up by their text.
+    let moved: Vec<usize> = (0..now.items.len()).filter(|&i| was.items.get(i) != Some(&now.items[i])).collect();
+    let known: HashMap<&str, usize> =
+        if moved.is_empty() { HashMap::new() } else { was.items.iter().enumerate().map(|(i, t)| (*t, i)).collect() };
+    let find = |i: usize| if was.items.get(i) == Some(&now.items[i]) { Some(i) } else { known.get(now.items[i]).copied() };
+    let changed = moved.iter().filter(|&&i| find(i).is_none()).count();
+    // Many changes: one parse of the whole file is as cheap and reports them all.
+    if changed > 16.max(now.items.len() / 8) {
+        return None;
+    }
+    let mut services = Vec::with_capacity(now.items.len());
+    for (k, item) in now.items.iter().enumerate() {
+        match find(k) {
+            Some(i) => services.push(old.services[i].clone()),
+            None => {
+                let alone = parse(&format!("{}{item}{}", now.before, now.after), origin).ok()?;
+                let [service] = <[_; 1]>::try_from(alone.services).ok()?;
+                services.push(service);
+            }
+        }
+    }
+    let mut names = HashSet::new();
+    let mut triples = HashSet::new();
+    for s in &services {
+        if !names.insert(s.name.as_str()) || !triples.insert((s.vip, s.port, s.protocol)) {
+            return None;
+        }
+    }
+    // The text around the services is unchanged: so are the global fields.
+    Some(Config {
+        conntrack_size: old.conntrack_size,
+        established_size: old.established_size,
+        timeouts: old.timeouts,
+        tunnel_source_v4: old.tunnel_source_v4,
+        tunnel_source_v6: old.tunnel_source_v6,
+        mtu: old.mtu,
+        answer_ping: old.answer_ping,
+        forward_icmp: old.forward_icmp,
+        fragments: old.fragments,
+        services,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(services: &[(&str, &str, u32)]) -> String {
+        let mut y = String::from("conntrack_size: 65536\nservices:\n");
+        for (name, vip, weight) in services {
+            y += &format!("  - name: {name}\n    vip: {vip}\n    port: 80\n    backends:\n      - address: 198.18.0.11\n        weight: {weight}\n      # a comment\n\n");
+        }
+        y + "timeouts:\n  tcp: 60s\n"
+    }
+
+    #[test]
+    fn a_file_is_cut_at_its_services() {
+        let text = file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.2", 1)]);
+        let l = layout(&text).unwrap();
+        assert_eq!(l.before, "conntrack_size: 65536\nservices:\n");
+        assert_eq!(l.items.len(), 2);
+        assert!(l.items[1].starts_with("  - name: b\n") && l.items[1].ends_with("# a comment\n\n"));
+        assert_eq!(l.after, "timeouts:\n  tcp: 60s\n");
+        assert_eq!(format!("{}{}{}", l.before, l.items.concat(), l.after), text);
+        for odd in ["services: []\n", "x: &a 1\nservices:\n  - name: a\n", "services:\n- name: a\n", "services:\n  - a\n services: 1\n"] {
+            assert_eq!(layout(odd), None, "{odd:?}");
+        }
+    }
+
+    #[test]
+    fn only_changed_services_are_parsed_and_the_result_is_the_full_parse() {
+        let old_text = file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.2", 1), ("c", "198.18.1.3", 1)]);
+        let old = parse(&old_text, "t").unwrap();
+        let edits = [
+            file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.2", 5), ("c", "198.18.1.3", 1)]),
+            file(&[("c", "198.18.1.3", 1), ("a", "198.18.1.1", 1)]),
+            file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.2", 1), ("c", "198.18.1.3", 1), ("d", "198.18.1.4", 2)]),
+        ];
+        for new_text in edits {
+            assert_eq!(reparse(&old_text, &old, &new_text, "t"), Some(parse(&new_text, "t").unwrap()), "{new_text}");
+        }
+        // Errors, and what spans services, are left to the full parse.
+        let invalid = [
+            file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.2", 70000), ("c", "198.18.1.3", 1)]),
+            file(&[("a", "198.18.1.1", 1), ("a", "198.18.1.2", 1), ("c", "198.18.1.3", 1)]),
+            file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.1", 1), ("c", "198.18.1.3", 1)]),
+            old_text.replace("conntrack_size: 65536", "conntrack_size: 1"),
+        ];
+        for new_text in invalid {
+            assert_eq!(reparse(&old_text, &old, &new_text, "t"), None, "{new_text}");
+        }
+    }
+}
