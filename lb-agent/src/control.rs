@@ -470,7 +470,8 @@ pub fn render_table(status: &Status) -> String {
         first: String,
         weight: String,
         health: String,
-        flows: String,
+        active: String,
+        inactive: String,
         pps: String,
         bps: String,
         notes: Vec<String>,
@@ -479,7 +480,8 @@ pub fn render_table(status: &Status) -> String {
         first: "Prot LocalAddress:Port Scheduler (Name)".into(),
         weight: "Weight".into(),
         health: "Health".into(),
-        flows: "Flows".into(),
+        active: "ActiveConn".into(),
+        inactive: "InActConn".into(),
         pps: "Pkts/s".into(),
         bps: "Bytes/s".into(),
         notes: vec![],
@@ -508,7 +510,8 @@ pub fn render_table(status: &Status) -> String {
             first,
             weight: String::new(),
             health: String::new(),
-            flows: s.backends.iter().map(|b| b.recent_flows).sum::<u64>().to_string(),
+            active: s.backends.iter().map(|b| u64::from(b.active_conns)).sum::<u64>().to_string(),
+            inactive: s.backends.iter().map(|b| u64::from(b.inactive_conns)).sum::<u64>().to_string(),
             pps: human_rate(s.packets_per_sec),
             bps: human_rate(s.bytes_per_sec),
             notes,
@@ -528,7 +531,8 @@ pub fn render_table(status: &Status) -> String {
             first: format!("  -> {}", endpoint(b.address, s.port)),
             weight: b.weight.to_string(),
             health: if b.health.is_empty() { "?".into() } else { b.health.clone() },
-            flows: b.recent_flows.to_string(),
+            active: b.active_conns.to_string(),
+            inactive: b.inactive_conns.to_string(),
             pps: human_rate(b.packets_per_sec),
             bps: human_rate(b.bytes_per_sec),
             notes,
@@ -539,13 +543,14 @@ pub fn render_table(status: &Status) -> String {
     let w_first = width(|r| &r.first).max("  -> RemoteAddress:Port".len());
     let w_weight = width(|r| &r.weight);
     let w_health = width(|r| &r.health);
-    let w_flows = width(|r| &r.flows);
+    let w_active = width(|r| &r.active);
+    let w_inactive = width(|r| &r.inactive);
     let w_pps = width(|r| &r.pps);
     let w_bps = width(|r| &r.bps);
     for (i, r) in rows.iter().enumerate() {
         let mut line = format!(
-            "{:<w_first$}  {:>w_weight$}  {:<w_health$}  {:>w_flows$}  {:>w_pps$}  {:>w_bps$}",
-            r.first, r.weight, r.health, r.flows, r.pps, r.bps
+            "{:<w_first$}  {:>w_weight$}  {:<w_health$}  {:>w_active$}  {:>w_inactive$}  {:>w_pps$}  {:>w_bps$}",
+            r.first, r.weight, r.health, r.active, r.inactive, r.pps, r.bps
         );
         if !r.notes.is_empty() {
             line.push_str("  ");

@@ -1,8 +1,8 @@
 //! Building the agent's `Status` from the plan, the counters and the probes, with
-//! rates over the last sample and a recent-flows estimate per backend.
+//! rates over the last sample and connection counts per backend.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::BTreeSet,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -18,15 +18,10 @@ use crate::{
     status::{BackendStatus, ProbeStatus, ServiceStatus, Status},
 };
 
-/// How far back "recent flows" reaches.
-const RECENT: Duration = Duration::from_secs(60);
-
 /// Counter samples kept between refreshes.
 #[derive(Default)]
 pub struct Sampler {
     last: Option<(Instant, Stats)>,
-    /// Backend id -> (time, new_flows counter) samples within `RECENT`.
-    history: BTreeMap<u32, VecDeque<(Instant, u64)>>,
 }
 
 /// What the status needs besides the plan and the counters.
@@ -92,12 +87,7 @@ impl Sampler {
             for b in s.backend_ids.iter().filter_map(|id| plan.backend(*id)) {
                 let c = counter(&stats.backends, b.id);
                 let p = prev.map(|p| counter(&p.backends, b.id)).unwrap_or(c);
-                let samples = self.history.entry(b.id).or_default();
-                samples.push_back((now, c.new_flows));
-                while samples.front().is_some_and(|(t, _)| now.duration_since(*t) > RECENT) {
-                    samples.pop_front();
-                }
-                let oldest = samples.front().map(|(_, n)| *n).unwrap_or(c.new_flows);
+                let (active_conns, inactive_conns) = stats.conns.get(b.id as usize).copied().unwrap_or_default();
                 let bcfg = cfg.and_then(|c| c.backends.iter().find(|x| x.address == b.address));
                 let key = TargetKey { service: s.name.clone(), backend: b.address };
                 let probe = bcfg.filter(|x| x.probe.kind != ProbeKind::None).map(|x| {
@@ -129,14 +119,13 @@ impl Sampler {
                     new_flows: c.new_flows,
                     packets_per_sec: rate(c.packets, p.packets, secs),
                     bytes_per_sec: rate(c.bytes, p.bytes, secs),
-                    recent_flows: c.new_flows.saturating_sub(oldest),
+                    active_conns,
+                    inactive_conns,
                     probe,
                 });
             }
             status.services.push(svc);
         }
-        let live: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
-        self.history.retain(|id, _| live.contains(id));
         self.last = Some((now, stats));
         status
     }

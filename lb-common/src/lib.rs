@@ -38,6 +38,8 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const AFFINITY: &str = "AFFINITY";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+    pub const BACKEND_CONN_DELTA: &str = "BACKEND_CONN_DELTA";
     pub use crate::decap::names::*;
 }
 
@@ -225,6 +227,46 @@ pub const CT_STATE_ESTABLISHED: u8 = 1;
 /// and a SYN on its 5-tuple starts a new connection (scheduled afresh).
 pub const CT_STATE_CLOSING: u8 = 2;
 
+/// Connection counts of one backend, as `ipvsadm -Ln` shows them: `active`
+/// (TCP established) and `inactive` (every other live flow: TCP SYN seen or
+/// closing, UDP). Two arrays indexed by backend id hold them:
+///
+/// - `BACKEND_CONN_DELTA`: moved by the program only, with atomic adds, when a
+///   flow is scheduled, promoted or closes. Never reset.
+/// - `BACKEND_CONNS`: written by the agent only, after each sweep of the
+///   connection table: the exact count it found minus the delta read just before
+///   the sweep.
+///
+/// The count is `base + delta` (`BackendConns::count`): the sweep's exact figure
+/// plus what the program saw since. See docs/architecture.md, "Connection counts".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendConns {
+    /// i64: the BPF target has 64-bit atomic adds only.
+    pub active: i64,
+    pub inactive: i64,
+}
+
+impl BackendConns {
+    /// The counts of a backend: `base + delta`, never below zero (a transient
+    /// negative sum, from a flow that changed state while the sweep read it, reads
+    /// as 0 until the next sweep).
+    #[inline(always)]
+    pub fn count(base: &BackendConns, delta: &BackendConns) -> (u32, u32) {
+        let a = base.active.wrapping_add(delta.active);
+        let i = base.inactive.wrapping_add(delta.inactive);
+        (a.clamp(0, u32::MAX as i64) as u32, i.clamp(0, u32::MAX as i64) as u32)
+    }
+
+    /// The base the agent writes for an exact count taken after reading `delta`.
+    pub fn base_for(active: u32, inactive: u32, delta: &BackendConns) -> BackendConns {
+        BackendConns {
+            active: i64::from(active).wrapping_sub(delta.active),
+            inactive: i64::from(inactive).wrapping_sub(delta.inactive),
+        }
+    }
+}
+
 /// Key of `AFFINITY`: the service and the client address masked to the service's
 /// persistence prefix.
 #[repr(C)]
@@ -396,6 +438,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityVal>() == 16);
     assert!(core::mem::size_of::<Counters>() == 24);
+    assert!(core::mem::size_of::<BackendConns>() == 16);
     assert!(core::mem::size_of::<Config>() == 36);
 };
 
@@ -412,6 +455,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowVal {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for BackendConns {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityVal {}
