@@ -77,7 +77,7 @@ impl std::fmt::Display for AttachMode {
 /// Map sizes for a plan, with room for the configuration to grow: twice the
 /// services and backends, and for `MAGLEV` two tables per service (the double
 /// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 11] {
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 12] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
@@ -88,6 +88,7 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 11] {
         (names::VIP_ADDRS, services),
         (names::SERVICES, services),
         (names::SERVICE_STATS, services),
+        (names::ROTATION, services),
         (names::BACKENDS, backends),
         (names::BACKEND_STATS, backends),
         (names::BACKEND_CONNS, backends),

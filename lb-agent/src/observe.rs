@@ -73,7 +73,7 @@ impl Sampler {
                 vip: Some(s.vip),
                 port: s.port,
                 protocol: s.protocol.as_str().into(),
-                scheduler: "maglev".into(),
+                scheduler: cfg.map(|c| c.scheduler.as_str()).unwrap_or("maglev").into(),
                 table_size: s.table_size,
                 on_all_down: cfg.map(|c| c.on_all_down.as_str().to_string()).unwrap_or_default(),
                 using_backups: s.using_backups,

@@ -29,7 +29,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 17] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 18] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -46,6 +46,7 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 17] {
         (names::BACKEND_STATS, 4, size_of::<Counters>(), 0),
         (names::BACKEND_CONNS, 4, size_of::<BackendConns>(), 0),
         (names::BACKEND_CONN_DELTA, 4, size_of::<BackendConns>(), 0),
+        (names::ROTATION, 4, 8, 0),
         (names::STATS, 4, 8, 0),
         (names::CONFIG, 4, size_of::<Config>(), 0),
     ]

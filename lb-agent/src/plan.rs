@@ -19,7 +19,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::{Config, OnAllDown, Protocol},
+    config::{Config, OnAllDown, Protocol, Scheduler},
     maglev::{build_table, MaglevBackend},
     neigh::Mac,
 };
@@ -114,7 +114,7 @@ impl PlannedBackend {
             generation: self.generation,
             addr: addr_key(self.address),
             gue_port: self.gue_port,
-            _pad2: [0; 2],
+            weight: if self.flags & BACKEND_ACCEPTS_NEW != 0 { self.weight.min(u32::from(u16::MAX)) as u16 } else { 0 },
         }
     }
 }
@@ -214,7 +214,14 @@ impl Plan {
                     weight: if b.flags & BACKEND_ACCEPTS_NEW != 0 { b.weight } else { 0 },
                 })
                 .collect();
-            let table: Vec<u32> = build_table(&input, svc.table_size).iter().map(|&i| members[i as usize].id).collect();
+            let indices = match svc.scheduler {
+                Scheduler::Maglev => build_table(&input, svc.table_size),
+                other => {
+                    let weights: Vec<u32> = input.iter().map(|b| b.weight).collect();
+                    crate::sched_tables::build(other, &weights, svc.table_size)
+                }
+            };
+            let table: Vec<u32> = indices.iter().map(|&i| members[i as usize].id).collect();
 
             let flags = plan.vip_addrs.entry(key.addr).or_insert(0);
             if svc.port == 0 {
@@ -223,7 +230,8 @@ impl Plan {
                     Protocol::Udp => VIP_ANY_PORT_UDP,
                 };
             }
-            let mut value = Service { id, table_size: table.len() as u32, ..Service::default() };
+            let mut value =
+                Service { id, table_size: table.len() as u32, scheduler: svc.scheduler.number(), ..Service::default() };
             if svc.on_all_down == OnAllDown::Pass {
                 value.flags |= SERVICE_PASS_ON_EMPTY;
             }

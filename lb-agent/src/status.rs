@@ -41,7 +41,7 @@ pub struct ServiceStatus {
     pub port: u16,
     /// "tcp" or "udp".
     pub protocol: String,
-    /// "maglev".
+    /// "maglev", "rr", "wrr", "lc", "wlc".
     pub scheduler: String,
     pub table_size: u32,
     /// "drop", "pass" or "backup".

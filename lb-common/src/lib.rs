@@ -40,6 +40,7 @@ pub mod map_names {
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
     pub const BACKEND_CONN_DELTA: &str = "BACKEND_CONN_DELTA";
+    pub const ROTATION: &str = "ROTATION";
     pub use crate::decap::names::*;
 }
 
@@ -129,7 +130,9 @@ pub struct Service {
     /// Affinity key prefix lengths: IPv4 (1..=32) and IPv6 (1..=128).
     pub persist_prefix_v4: u8,
     pub persist_prefix_v6: u8,
-    pub _pad: [u8; 2],
+    /// `SCHED_*`: how new flows pick a backend; what the table region holds.
+    pub scheduler: u8,
+    pub _pad: u8,
     /// Start of the service's `MAGLEV` region (two tables of `table_size`; the
     /// agent writes the idle one and then moves `table_offset` to it).
     pub region: u32,
@@ -139,6 +142,31 @@ pub struct Service {
 pub const SERVICE_PASS_ON_EMPTY: u32 = 1;
 /// New flows from a client go to the backend it was last sent to (`AFFINITY`).
 pub const SERVICE_PERSIST: u32 = 2;
+
+/// `Service::scheduler`: Maglev; the table is the Maglev lookup table.
+pub const SCHED_MAGLEV: u8 = 0;
+/// Round robin: the table lists the backends taking new flows, once each; a
+/// shared per-service cursor (`ROTATION`) walks it.
+pub const SCHED_RR: u8 = 1;
+/// Weighted round robin: the table is one period of nginx's smooth weighted
+/// rotation (weights divided by their gcd); walked as `SCHED_RR`.
+pub const SCHED_WRR: u8 = 2;
+/// Least connections: the table lists the backends taking new flows; the one with
+/// the least `active * 256 + inactive` wins.
+pub const SCHED_LC: u8 = 3;
+/// Weighted least connections: as `SCHED_LC`, overhead divided by weight.
+pub const SCHED_WLC: u8 = 4;
+/// Backends the least-connection schedulers compare exactly; above this, the
+/// best of this many consecutive table slots from one drawn from the flow hash
+/// (weighted best of k choices). Bounded by the verifier's work (see
+/// `lb-ebpf/src/sched/leastconn.rs`).
+pub const LC_EXACT_MAX: u32 = 4;
+
+/// IPVS's connection overhead: an active connection weighs 256 inactive ones.
+#[inline(always)]
+pub fn conn_overhead(active: u32, inactive: u32) -> u64 {
+    (active as u64) * 256 + inactive as u64
+}
 
 /// Value of `BACKENDS`, indexed by backend id. A backend id names one backend of
 /// one service (like an IPVS destination), so its counters are per service, and it
@@ -165,7 +193,8 @@ pub struct Backend {
     pub addr: [u8; 16],
     /// GUE destination port (host byte order), for `FORWARD_GUE`.
     pub gue_port: u16,
-    pub _pad2: [u8; 2],
+    /// Weight in force (for `SCHED_WLC`; 0 while draining).
+    pub weight: u16,
 }
 
 /// LVS-DR: only the MACs change.

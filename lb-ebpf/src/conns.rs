@@ -5,7 +5,7 @@
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering::Relaxed};
 
-use lb_common::{BackendConns, CT_STATE_ESTABLISHED, PROTO_TCP};
+use lb_common::{CT_STATE_ESTABLISHED, PROTO_TCP};
 
 use crate::maps::{BACKEND_CONNS, BACKEND_CONN_DELTA};
 
@@ -39,12 +39,16 @@ pub fn is_active(proto: u8, state: u8) -> bool {
     proto == PROTO_TCP && state == CT_STATE_ESTABLISHED
 }
 
-/// Counts of backend `id` now: (active, inactive).
+/// `lb_common::conn_overhead` of backend `id` without clamping (one branch per
+/// lookup, none per field: the least-connection scan runs it up to
+/// `LC_EXACT_MAX` times and the verifier walks every round). A transiently
+/// negative field (see `BackendConns::count`) counts as 0 through the mask.
 #[inline(always)]
-#[allow(dead_code, reason = "read by the least-connection schedulers")]
-pub fn of(id: u32) -> (u32, u32) {
-    match (BACKEND_CONNS.get(id), BACKEND_CONN_DELTA.get(id)) {
-        (Some(b), Some(d)) => BackendConns::count(b, d),
-        _ => (0, 0),
-    }
+pub fn overhead(id: u32) -> u64 {
+    let (Some(b), Some(d)) = (BACKEND_CONNS.get(id), BACKEND_CONN_DELTA.get(id)) else { return 0 };
+    let a = b.active.wrapping_add(d.active);
+    let i = b.inactive.wrapping_add(d.inactive);
+    // Branch-free max(0, x) for x within ±2^62: x & !(x >> 63).
+    let (a, i) = ((a & !(a >> 63)) as u64, (i & !(i >> 63)) as u64);
+    (a << 8) + i
 }

@@ -6,6 +6,7 @@
 //! MAC rewrite followed by XDP_TX. Every outcome is counted in `STATS`.
 #![no_std]
 #![feature(core_intrinsics)]
+#![feature(asm_experimental_arch)]
 #![expect(internal_features, reason = "atomic_xadd: BPF's atomic add (conns.rs)")]
 #![no_main]
 
@@ -16,6 +17,7 @@ mod decap;
 mod forward;
 mod maps;
 mod parse;
+mod sched;
 mod schedule;
 mod stats;
 mod trace;

@@ -59,6 +59,11 @@ pub static BACKEND_CONNS: Array<BackendConns, { MB as usize }> = Array::new();
 #[btf_map]
 pub static BACKEND_CONN_DELTA: Array<BackendConns, { MB as usize }> = Array::new();
 
+/// Service id -> rotation cursor (`rr`, `wrr`): new flows of the service so far,
+/// advanced with atomic adds by every CPU.
+#[btf_map]
+pub static ROTATION: Array<u64, { MS as usize }> = Array::new();
+
 #[btf_map]
 pub static SERVICE_STATS: PerCpuArray<Counters, { MS as usize }> = PerCpuArray::new();
 

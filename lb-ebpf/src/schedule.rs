@@ -1,19 +1,20 @@
-//! Service lookup, persistence and Maglev; the connection table is `conntrack.rs`,
-//! sending the frame to its backend `forward/`.
+//! Service lookup and persistence; the schedulers are `sched/`, the connection
+//! table `conntrack.rs`, sending the frame to its backend `forward/`.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
-    flow_hash, maglev_slot, mask_addr, stat, AffinityKey, AffinityVal, Backend, FlowKey, Service,
-    VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY,
-    PROTO_TCP, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
+    flow_hash, mask_addr, stat, AffinityKey, AffinityVal, FlowKey, Service, VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW,
+    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, PROTO_TCP, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST,
+    VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
 };
 
 use crate::{
     backend::backend,
     conntrack::{self, Lookup},
-    maps::{AFFINITY, CONFIG, MAGLEV, SERVICES, VIP_ADDRS},
     forward,
+    maps::{AFFINITY, CONFIG, SERVICES, VIP_ADDRS},
     parse::{Outcome, Packet},
+    sched::{self, NoBackend, Pick},
     stats::{count, count_forward},
     trace::Decision,
 };
@@ -42,33 +43,12 @@ fn find_service(flow: &FlowKey) -> Result<Service, Outcome> {
     Err(Outcome::Pass(stat::PASS_NO_SERVICE))
 }
 
-/// Why no backend was chosen.
-enum NoBackend {
-    /// The service's table is empty (all backends down or drained).
-    Empty,
-    /// The slot's backend is gone (the agent is swapping tables).
-    Gone,
-}
-
-/// Maglev slot for `flow` in the service's current table.
-#[inline(always)]
-fn maglev(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'static Backend), NoBackend> {
-    if svc.table_size == 0 {
-        return Err(NoBackend::Empty);
-    }
-    let in_table = maglev_slot(flow_hash(flow), svc.table_size);
-    d.slot = in_table;
-    let slot = svc.table_offset.wrapping_add(in_table);
-    let id = *MAGLEV.get(slot).ok_or(NoBackend::Gone)?;
-    let b = backend(id, svc.id, None, BACKEND_ACTIVE | BACKEND_ACCEPTS_NEW).ok_or(NoBackend::Gone)?;
-    Ok((id, b))
-}
-
 /// A new flow of a service with persistence: the client's backend while its
-/// affinity is fresh, else Maglev on the masked client address (so one client's
-/// connections land together even before any affinity exists).
+/// affinity is fresh, else the scheduler's choice for the masked client address
+/// (for Maglev, so one client's connections land together even before any
+/// affinity exists).
 #[inline(always)]
-fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'static Backend), NoBackend> {
+fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
     let v4 = flow.src[..12] == lb_common::v4_mapped([0; 4])[..12];
     let prefix = if v4 { 96 + svc.persist_prefix_v4 as u32 } else { svc.persist_prefix_v6 as u32 };
     let client = mask_addr(&flow.src, prefix);
@@ -89,18 +69,18 @@ fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &
         }
     }
     let client_flow = FlowKey { src: client, sport: 0, ..*flow };
-    let (id, b) = maglev(&client_flow, svc, d)?;
+    let (id, b) = sched::pick(flow_hash(&client_flow), svc, d)?;
     let val = AffinityVal { backend_id: id, generation: b.generation, last_ns: now };
     let _ = AFFINITY.insert(&key, &val, BPF_ANY as u64);
     Ok((id, b))
 }
 
 /// A new flow (or one whose backend went down or was replaced): persistence or
-/// Maglev.
+/// the service's scheduler (`sched/`).
 #[inline(always)]
-fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'static Backend), NoBackend> {
+fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
     count(stat::CONN_MISS);
-    if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc, d) } else { maglev(flow, svc, d) }
+    if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc, d) } else { sched::pick(flow_hash(flow), svc, d) }
 }
 
 /// The connection table first (`conntrack::lookup`); only frames that miss it look

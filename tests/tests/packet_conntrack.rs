@@ -244,3 +244,18 @@ fn backend_counts_follow_the_flow_states() {
     b.fwd(&u.frame(None, 4));
     assert_eq!(total(&mut b), (before.0, before.1 + 1), "a UDP flow is one inactive connection");
 }
+
+/// The verifier's work per program (instructions processed, of its 1,000,000
+/// limit): the least-connection scan is a bounded loop the verifier walks round by
+/// round, so this is what bounds `LC_EXACT_MAX`. Kept under half the limit.
+#[test]
+fn verifier_work_stays_well_under_the_limit() {
+    let mut b = Bench::new(&["198.18.0.11"], TABLE);
+    for name in [lb_common::PROG_BALANCER, lb_common::PROG_BALANCER_TRACE] {
+        let prog: &mut aya::programs::Xdp =
+            b.dp.ebpf_mut().program_mut(name).expect("program").try_into().expect("XDP");
+        let n = prog.info().expect("program info").verified_instruction_count().expect("verified_insns");
+        eprintln!("{name}: {n} instructions verified");
+        assert!(n < 500_000, "{name}: {n} instructions verified");
+    }
+}

@@ -278,17 +278,47 @@ impl fmt::Display for Protocol {
 pub enum Scheduler {
     /// Maglev consistent hashing.
     Maglev,
+    /// Round robin over the backends taking new flows.
+    Rr,
+    /// nginx's smooth weighted round robin.
+    Wrr,
+    /// Least connections (`active * 256 + inactive`), as IPVS.
+    Lc,
+    /// Weighted least connections: the overhead divided by the weight.
+    Wlc,
 }
 
 impl Scheduler {
     /// Every supported scheduler.
-    pub const ALL: [Scheduler; 1] = [Scheduler::Maglev];
+    pub const ALL: [Scheduler; 5] = [Scheduler::Maglev, Scheduler::Rr, Scheduler::Wrr, Scheduler::Lc, Scheduler::Wlc];
 
     /// The name used in the configuration file.
     pub fn as_str(self) -> &'static str {
         match self {
             Scheduler::Maglev => "maglev",
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
         }
+    }
+
+    /// `Service::scheduler` in the maps.
+    pub fn number(self) -> u8 {
+        match self {
+            Scheduler::Maglev => lb_common::SCHED_MAGLEV,
+            Scheduler::Rr => lb_common::SCHED_RR,
+            Scheduler::Wrr => lb_common::SCHED_WRR,
+            Scheduler::Lc => lb_common::SCHED_LC,
+            Scheduler::Wlc => lb_common::SCHED_WLC,
+        }
+    }
+
+    /// Whether a flow keeps its backend when its packets move to another
+    /// balancer node with the same configuration (the choice depends only on the
+    /// packet and the table).
+    pub fn node_independent(self) -> bool {
+        matches!(self, Scheduler::Maglev)
     }
 
     /// Parses the configuration-file name (lower case).

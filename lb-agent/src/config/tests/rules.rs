@@ -224,12 +224,12 @@ fn protocol_and_scheduler_must_be_known() {
         &service(&[
             "    port: 80",
             "    protocol: TCP",
-            "    scheduler: wrr",
+            "    scheduler: lcx",
             "    backends: [{address: 198.18.0.11}]",
         ]),
         &[
             "test.yaml:5:15: services[0].protocol: unknown protocol 'TCP'; supported protocols: tcp, udp",
-            "test.yaml:6:16: services[0].scheduler: unknown scheduler 'wrr'; supported schedulers: maglev",
+            "test.yaml:6:16: services[0].scheduler: unknown scheduler 'lcx'; supported schedulers: maglev, rr, wrr, lc, wlc",
         ],
     );
 }
