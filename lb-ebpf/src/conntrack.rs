@@ -111,6 +111,22 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
     Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b }
 }
 
+/// A SYN whose flow is in `CONNTRACK`, seen once, for `service_id` and a backend
+/// still usable: a retransmission (its first copy is unanswered or the answer
+/// is still on its way), kept on that backend. Only the schedulers whose choice
+/// is not a function of the packet ask (rr, wrr, lc, wlc).
+#[inline(always)]
+pub fn repeated_syn(flow: &FlowKey, service_id: u32) -> Option<(u32, &'static Backend)> {
+    // SAFETY: fields copied out at once.
+    let v = unsafe { CONNTRACK.get(flow) }?;
+    let (id, generation, svc, state) = (v.backend_id, v.generation, v.service_id, v.state);
+    if state != CT_STATE_NEW || svc != service_id {
+        return None;
+    }
+    let b = backend(id, service_id, Some(generation), BACKEND_ACTIVE | lb_common::BACKEND_ACCEPTS_NEW)?;
+    Some((id, b))
+}
+
 /// The flow's second packet: move it to `CT_ESTABLISHED`. Returns the `ct_step`.
 #[inline(always)]
 fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) -> u8 {

@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
     flow_hash, mask_addr, stat, AffinityKey, AffinityVal, FlowKey, Service, VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW,
-    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, PROTO_TCP, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST,
+    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, PROTO_TCP, SCHED_MAGLEV, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST,
     VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
 };
 
@@ -108,7 +108,11 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision)
             if let conntrack::Slot::New { midflow: true } = slot {
                 count(stat::CT_MIDFLOW_MISS);
             }
-            match schedule(flow, &svc, d) {
+            // A retransmitted SYN keeps the backend its first copy got: Maglev
+            // gives it the same one anyway; the other schedulers would not.
+            let again = if syn && svc.scheduler != SCHED_MAGLEV { conntrack::repeated_syn(flow, svc.id) } else { None };
+            match again.ok_or(NoBackend::Gone).or_else(|_| schedule(flow, &svc, d)) {
+                Ok((id, b)) if again.is_some() => (svc.id, id, b, false),
                 Ok((id, b)) => {
                     conntrack::record(flow, slot, id, svc.id, b.generation);
                     (svc.id, id, b, true)

@@ -136,3 +136,14 @@ fn wlc_balances_connections_per_weight() {
         assert!(c.abs_diff(expect) <= i + 1, "{counts:?}");
     }
 }
+
+#[test]
+fn a_retransmitted_syn_keeps_its_backend_under_rr() {
+    let mut b = Bench::new("rr", &[("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)]);
+    let first = b.syn(7);
+    for _ in 0..5 {
+        assert_eq!(b.syn(7), first, "a retransmitted SYN moved");
+    }
+    // The rotation was not advanced by the retransmissions.
+    assert_eq!(b.syn(8), (first + 1) % 3);
+}

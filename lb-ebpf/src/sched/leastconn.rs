@@ -8,8 +8,9 @@
 //!
 //! The bound is the verifier's work, not run time: it walks the loop round by
 //! round for every distinct state the balancer reaches the call with (hundreds),
-//! and that grows faster than linearly: measured, `lb_xdp` verifies 342,157
-//! instructions with 4 rounds and 871,523 with 8, of the kernel's 1,000,000. See
+//! and that grows faster than linearly: measured (before the retransmitted-SYN
+//! check, which added ~200,000), `lb_xdp` verified 342,157 instructions with 4
+//! rounds and 871,523 with 8, of the kernel's 1,000,000. See
 //! `tests/tests/packet_conntrack.rs`, `verifier_work_stays_well_under_the_limit`. Counts are `conns::of`: exact as of the agent's last sweep plus every
 //! change the program made since, so a new flow counts at once.
 
