@@ -215,7 +215,7 @@ impl Plan {
                 })
                 .collect();
             let indices = match svc.scheduler {
-                Scheduler::Maglev => build_table(&input, svc.table_size),
+                Scheduler::Maglev | Scheduler::Sh { .. } => build_table(&input, svc.table_size),
                 other => {
                     let weights: Vec<u32> = input.iter().map(|b| b.weight).collect();
                     crate::sched_tables::build(other, &weights, svc.table_size)
@@ -234,6 +234,12 @@ impl Plan {
                 Service { id, table_size: table.len() as u32, scheduler: svc.scheduler.number(), ..Service::default() };
             if svc.on_all_down == OnAllDown::Pass {
                 value.flags |= SERVICE_PASS_ON_EMPTY;
+            }
+            if let Scheduler::Sh { prefix_v4, prefix_v6 } = svc.scheduler {
+                // The client prefixes sh hashes (the fields persistence uses;
+                // the two never come together).
+                value.persist_prefix_v4 = prefix_v4;
+                value.persist_prefix_v6 = prefix_v6;
             }
             if let Some(p) = &svc.persistence {
                 value.flags |= SERVICE_PERSIST;

@@ -11,7 +11,7 @@ use crate::config::Scheduler;
 pub fn build(scheduler: Scheduler, weights: &[u32], max_len: u32) -> Vec<u32> {
     let live = || weights.iter().enumerate().filter(|(_, w)| **w > 0).map(|(i, _)| i as u32);
     match scheduler {
-        Scheduler::Maglev => unreachable!("Maglev tables come from maglev::build_table"),
+        Scheduler::Maglev | Scheduler::Sh { .. } => unreachable!("Maglev tables come from maglev::build_table"),
         Scheduler::Rr | Scheduler::Lc | Scheduler::Wlc => live().take(max_len as usize).collect(),
         Scheduler::Wrr => smooth_wrr(weights, max_len),
     }

@@ -127,7 +127,8 @@ pub struct Service {
     pub flags: u32,
     /// Client affinity lifetime in seconds (with `SERVICE_PERSIST`).
     pub persist_timeout_s: u32,
-    /// Affinity key prefix lengths: IPv4 (1..=32) and IPv6 (1..=128).
+    /// Affinity key prefix lengths: IPv4 (1..=32) and IPv6 (1..=128); for
+    /// `SCHED_SH`, the client prefixes it hashes.
     pub persist_prefix_v4: u8,
     pub persist_prefix_v6: u8,
     /// `SCHED_*`: how new flows pick a backend; what the table region holds.
@@ -156,6 +157,10 @@ pub const SCHED_WRR: u8 = 2;
 pub const SCHED_LC: u8 = 3;
 /// Weighted least connections: as `SCHED_LC`, overhead divided by weight.
 pub const SCHED_WLC: u8 = 4;
+/// Source hashing: the Maglev table, looked up with the hash of the client
+/// address masked to `persist_prefix_v4`/`persist_prefix_v6` (and the service's
+/// own address, port and protocol); no `AFFINITY` entry.
+pub const SCHED_SH: u8 = 5;
 /// Backends the least-connection schedulers compare exactly; above this, the
 /// best of this many consecutive table slots from one drawn from the flow hash
 /// (weighted best of k choices). Bounded by the verifier's work (see

@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
     flow_hash, mask_addr, stat, AffinityKey, AffinityVal, FlowKey, Service, VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW,
-    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, PROTO_TCP, SCHED_MAGLEV, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST,
+    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, PROTO_TCP, SCHED_MAGLEV, SCHED_SH, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST,
     VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
 };
 
@@ -80,7 +80,28 @@ fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
 #[inline(always)]
 fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
     count(stat::CONN_MISS);
-    if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc, d) } else { sched::pick(flow_hash(flow), svc, d) }
+    if svc.flags & SERVICE_PERSIST != 0 {
+        return persistent(flow, svc, d);
+    }
+    // One call for every scheduler (sh: the masked client address, no source
+    // port; the others: the flow as is): a branch here would double the states the
+    // verifier walks the schedulers with.
+    let sh = (svc.scheduler == SCHED_SH) as u32;
+    sched::pick(scheduling_hash(flow, svc.persist_prefix_v4, svc.persist_prefix_v6, sh), svc, d)
+}
+
+/// The hash a new flow is scheduled by. `sh` (1 for `sh`, else 0): the client
+/// address masked to the service's prefix (`prefix_v4: 24` is nginx's `ip_hash`)
+/// and no source port; otherwise the flow hash. A call of its own: the masked key
+/// stays off the balancer's frame.
+#[inline(never)]
+fn scheduling_hash(flow: &FlowKey, prefix_v4: u8, prefix_v6: u8, sh: u32) -> u32 {
+    if sh == 0 {
+        return flow_hash(flow);
+    }
+    let v4 = flow.src[..12] == lb_common::v4_mapped([0; 4])[..12];
+    let prefix = if v4 { 96 + prefix_v4 as u32 } else { prefix_v6 as u32 };
+    flow_hash(&FlowKey { src: mask_addr(&flow.src, prefix), sport: 0, ..*flow })
 }
 
 /// The connection table first (`conntrack::lookup`); only frames that miss it look
@@ -110,7 +131,11 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision)
             }
             // A retransmitted SYN keeps the backend its first copy got: Maglev
             // gives it the same one anyway; the other schedulers would not.
-            let again = if syn && svc.scheduler != SCHED_MAGLEV { conntrack::repeated_syn(flow, svc.id) } else { None };
+            let again = if syn && svc.scheduler != SCHED_MAGLEV && svc.scheduler != SCHED_SH {
+                conntrack::repeated_syn(flow, svc.id)
+            } else {
+                None
+            };
             match again.ok_or(NoBackend::Gone).or_else(|_| schedule(flow, &svc, d)) {
                 Ok((id, b)) if again.is_some() => (svc.id, id, b, false),
                 Ok((id, b)) => {

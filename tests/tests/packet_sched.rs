@@ -34,11 +34,16 @@ struct Bench {
 impl Bench {
     /// One TCP service on port 80 with `scheduler` over `(address, weight)`.
     fn new(scheduler: &str, backends: &[(&str, u32)]) -> Bench {
+        Self::with(scheduler, "", backends)
+    }
+
+    /// `new` with more service lines (`extra`, each ending in a newline).
+    fn with(scheduler: &str, extra: &str, backends: &[(&str, u32)]) -> Bench {
         // SAFETY: geteuid has no preconditions.
         assert!(unsafe { libc::geteuid() } == 0, "the packet tests load XDP programs and need root");
         let list: String = backends.iter().map(|(a, w)| format!("      - {{address: {a}, weight: {w}}}\n")).collect();
         let yaml = format!(
-            "services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    scheduler: {scheduler}\n    table_size: 13\n    backends:\n{list}"
+            "services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    scheduler: {scheduler}\n{extra}    table_size: 13\n    backends:\n{list}"
         );
         let cfg = config::parse(&yaml, "packet_sched.rs").expect("test config");
         let macs: BTreeMap<IpAddr, [u8; 6]> = Plan::backend_addresses(&cfg).into_iter().map(|a| (a, mac_of(a))).collect();
@@ -51,7 +56,12 @@ impl Bench {
     /// Sends a SYN of a new flow; returns the index (in `backends` order) of the
     /// backend it went to.
     fn syn(&mut self, n: u32) -> usize {
-        let f = Flow::tcp(IpAddr::V4(Ipv4Addr::new(203, 0, (n >> 8) as u8, n as u8)), VIP, 10_000 + (n % 50_000) as u16, 80);
+        self.syn_from(Ipv4Addr::new(203, 0, (n >> 8) as u8, n as u8), 10_000 + (n % 50_000) as u16)
+    }
+
+    /// A SYN from `src:sport`; returns the backend index.
+    fn syn_from(&mut self, src: Ipv4Addr, sport: u16) -> usize {
+        let f = Flow::tcp(IpAddr::V4(src), VIP, sport, 80);
         let mut frame = f.frame(None, 0);
         frame[ETH_HLEN + IPV4_HLEN + 13] = 0x02;
         let mut out = vec![0u8; frame.len() + 64];
@@ -146,4 +156,31 @@ fn a_retransmitted_syn_keeps_its_backend_under_rr() {
     }
     // The rotation was not advanced by the retransmissions.
     assert_eq!(b.syn(8), (first + 1) % 3);
+}
+
+#[test]
+fn sh_keeps_a_client_prefix_on_one_backend() {
+    let backends = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let mut b = Bench::with("sh", "    prefix_v4: 24\n", &backends);
+    // 50 clients of one /24, several ports each: one backend.
+    let mut seen = std::collections::BTreeSet::new();
+    for host in 1..=50u8 {
+        for port in [1000, 2000, 3000] {
+            seen.insert(b.syn_from(Ipv4Addr::new(100, 64, 7, host), port));
+        }
+    }
+    assert_eq!(seen.len(), 1, "one /24 went to {seen:?}");
+    // Clients of 20 /24s spread over all three.
+    let mut counts = [0; 3];
+    for net in 0..20u8 {
+        counts[b.syn_from(Ipv4Addr::new(100, 64, net, 9), 4000)] += 1;
+    }
+    assert!(counts.iter().all(|c| *c > 0), "20 /24s: {counts:?}");
+    // With the whole address (the default), clients of one /24 spread.
+    let mut b = Bench::new("sh", &backends);
+    let mut counts = [0; 3];
+    for host in 1..=50u8 {
+        counts[b.syn_from(Ipv4Addr::new(100, 64, 7, host), 1000)] += 1;
+    }
+    assert!(counts.iter().all(|c| *c > 5), "50 hosts, prefix 32: {counts:?}");
 }

@@ -286,11 +286,21 @@ pub enum Scheduler {
     Lc,
     /// Weighted least connections: the overhead divided by the weight.
     Wlc,
+    /// Source hashing: Maglev over the client address masked to these prefix
+    /// lengths (`prefix_v4: 24` is nginx's `ip_hash`).
+    Sh { prefix_v4: u8, prefix_v6: u8 },
 }
 
 impl Scheduler {
     /// Every supported scheduler.
-    pub const ALL: [Scheduler; 5] = [Scheduler::Maglev, Scheduler::Rr, Scheduler::Wrr, Scheduler::Lc, Scheduler::Wlc];
+    pub const ALL: [Scheduler; 6] = [
+        Scheduler::Maglev,
+        Scheduler::Rr,
+        Scheduler::Wrr,
+        Scheduler::Lc,
+        Scheduler::Wlc,
+        Scheduler::Sh { prefix_v4: 32, prefix_v6: 128 },
+    ];
 
     /// The name used in the configuration file.
     pub fn as_str(self) -> &'static str {
@@ -300,6 +310,7 @@ impl Scheduler {
             Scheduler::Wrr => "wrr",
             Scheduler::Lc => "lc",
             Scheduler::Wlc => "wlc",
+            Scheduler::Sh { .. } => "sh",
         }
     }
 
@@ -311,6 +322,7 @@ impl Scheduler {
             Scheduler::Wrr => lb_common::SCHED_WRR,
             Scheduler::Lc => lb_common::SCHED_LC,
             Scheduler::Wlc => lb_common::SCHED_WLC,
+            Scheduler::Sh { .. } => lb_common::SCHED_SH,
         }
     }
 
@@ -318,7 +330,7 @@ impl Scheduler {
     /// balancer node with the same configuration (the choice depends only on the
     /// packet and the table).
     pub fn node_independent(self) -> bool {
-        matches!(self, Scheduler::Maglev)
+        matches!(self, Scheduler::Maglev | Scheduler::Sh { .. })
     }
 
     /// Parses the configuration-file name (lower case).

@@ -10,7 +10,7 @@ mod maglev;
 mod rotation;
 
 use lb_common::{
-    Backend, Service, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, SCHED_LC, SCHED_MAGLEV, SCHED_RR, SCHED_WLC, SCHED_WRR,
+    Backend, Service, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, SCHED_LC, SCHED_MAGLEV, SCHED_RR, SCHED_SH, SCHED_WLC, SCHED_WRR,
 };
 
 use crate::{backend::backend, maps::MAGLEV, trace::Decision};
@@ -43,7 +43,7 @@ pub fn pick(hash: u32, svc: &Service, d: &mut Decision) -> Pick {
     if svc.table_size == 0 {
         return Err(NoBackend::Empty);
     }
-    let in_table = if svc.scheduler == SCHED_MAGLEV { maglev::slot(hash, svc) } else { other_slot(hash, svc.id, svc.table_offset, svc.table_size, svc.scheduler) };
+    let in_table = if svc.scheduler == SCHED_MAGLEV || svc.scheduler == SCHED_SH { maglev::slot(hash, svc) } else { other_slot(hash, svc.id, svc.table_offset, svc.table_size, svc.scheduler) };
     d.slot = in_table;
     slot_backend(svc, in_table)
 }
