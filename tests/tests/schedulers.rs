@@ -110,3 +110,33 @@ fn wlc_balances_active_connections_per_weight() {
         assert!(c.finish().error.is_none());
     }
 }
+
+#[test]
+fn sh_puts_the_clients_of_one_prefix_on_one_backend() {
+    let mut lab = Lab::new(3);
+    lab.start_servers();
+    let backends: String = lab.backends.iter().map(|b| format!("      - address: {}\n", b.v4)).collect();
+    let write = |prefix: u8| {
+        lab.write_config(
+            "lb.yaml",
+            &format!(
+                "services:\n  - name: web\n    vip: {VIP4}\n    port: 80\n    scheduler: sh\n    prefix_v4: {prefix}\n    backends:\n{backends}"
+            ),
+        )
+    };
+    let agent = lab.start_agent(&write(24));
+    // 50 client addresses, all in the lab's one /24, 2 connections each.
+    let clients = lab.add_client_addresses(50);
+    let t = lb_tests::traffic::requests_from(&lab.client, &clients, IpAddr::V4(VIP4), 80, 2);
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    eprintln!("sh prefix 24, 50 clients of one /24: {:?}", t.by_backend);
+    assert_eq!(t.by_backend.len(), 1, "{:?}", t.by_backend);
+    // With the whole address, the same clients spread over all three.
+    let reloads = agent.count_log("reload applied");
+    write(32);
+    agent.wait_log("reload applied", reloads, Duration::from_secs(10));
+    let t = lb_tests::traffic::requests_from(&lab.client, &clients, IpAddr::V4(VIP4), 80, 2);
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    eprintln!("sh prefix 32, same clients: {:?}", t.by_backend);
+    assert_eq!(t.by_backend.len(), 3, "{:?}", t.by_backend);
+}
