@@ -431,16 +431,17 @@ pub fn render_json(status: &Status) -> String {
 ///
 /// ```text
 /// lb-agent on eth0 (native XDP), up 1h 2m 3s, reloads 2 ok, 0 failed, config /etc/lb/lb.yaml
-/// Prot LocalAddress:Port Scheduler (Name)   Weight  Health  Flows  Pkts/s  Bytes/s
+/// Prot LocalAddress:Port Scheduler (Name)  Weight  Health  ActiveConn  InActConn  Pkts/s  Bytes/s
 ///   -> RemoteAddress:Port
-/// TCP  198.18.1.10:80 maglev (web)                            13   1.5K    1.2M
-///   -> 198.18.0.11:80                        1      up          12   1.2K   980.0K
-///   -> 198.18.0.12:80                        0      up           1    300   240.0K  drained (file: 3)
+/// TCP  198.18.1.10:80 maglev (web)                                  13          4    1.5K     1.2M
+///   -> 198.18.0.11:80                           1  up              12          3    1.2K   980.0K
+///   -> 198.18.0.12:80                           0  up               1          1     300   240.0K  drained (file: 3)
 /// ```
 ///
-/// Ports show as `*` for "any port" services, IPv6 addresses in brackets. Flows are
-/// new flows over the last 60 s (the status's estimate of active flows); the
-/// service line sums its backends'. Rates use K/M/G (powers of 1000). Notes after
+/// Ports show as `*` for "any port" services, IPv6 addresses in brackets.
+/// ActiveConn and InActConn are `ipvsadm`'s: established TCP connections and the
+/// other live flows, from the connection table (see `conntrack.rs`); the service
+/// line sums its backends'. Rates use K/M/G (powers of 1000). Notes after
 /// the numbers: `backup`, `drained (file: W)`, `weight W in file` when the weight in
 /// force differs from the file for another reason, and on a service line
 /// `backups serving`.
