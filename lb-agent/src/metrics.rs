@@ -383,7 +383,7 @@ impl Collector for StatusCollector {
         family(
             e,
             "lb_backend_new_flows",
-            "Flows scheduled to a backend by Maglev.",
+            "Flows scheduled to a backend (by its service's scheduler or persistence).",
             None,
             backends.iter().map(|(l, b)| (l, counter(b.new_flows))),
         )?;
