@@ -345,6 +345,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             }
             Some(o) if o.value.id != value.id => new_services.push(value.id),
             Some(o) if o.value.flags != value.flags || o.value.persist_timeout_s != value.persist_timeout_s
+                || o.value.scheduler != value.scheduler
                 || o.value.persist_prefix_v4 != value.persist_prefix_v4
                 || o.value.persist_prefix_v6 != value.persist_prefix_v6 =>
             {

@@ -1,6 +1,15 @@
 //! The agent's side of the connection table: expiring idle `CT_ESTABLISHED`
-//! entries (the XDP program never evicts them) and counting what that table
-//! holds, for `status` and `/metrics`.
+//! entries (the XDP program never evicts them), counting what that table holds,
+//! for `status` and `/metrics`, and publishing exact per-backend connection
+//! counts (`BACKEND_CONNS`, see `lb_common::BackendConns`).
+//!
+//! Counting: each sweep reads the program's deltas (`BACKEND_CONN_DELTA`), walks
+//! `CT_ESTABLISHED` (TCP established: active; TCP closing and UDP: inactive) and
+//! `CONNTRACK` (flows seen once, still within their timeout: inactive), and writes
+//! `exact - delta` as each backend's base. Between sweeps the program's own adds
+//! move the counts; a sweep at most `MAX_SWEEP` apart resets any drift, so counts
+//! are exact within one sweep interval plus the walk (entries that change state
+//! while being walked can be off by one until the next sweep).
 //!
 //! The sweep runs on its own task with its own handle on the map, so a large
 //! table never stalls the event loop. An entry is removed when it has been idle
@@ -15,7 +24,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, MapData};
-use lb_common::{FlowKey, FlowVal, CT_STATE_CLOSING, PROTO_UDP};
+use lb_common::{BackendConns, FlowKey, FlowVal, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -70,16 +79,91 @@ pub fn expired(now: u32, last_seen: u32, timeout: Duration) -> bool {
     u64::from(now.wrapping_sub(last_seen)) > timeout.as_secs()
 }
 
-/// How often to sweep: a tenth of the shortest timeout, within 1..=30 s.
+/// Longest time between sweeps: the bound on how long per-backend connection
+/// counts may drift from the table.
+pub const MAX_SWEEP: Duration = Duration::from_secs(2);
+
+/// How often to sweep: a tenth of the shortest timeout, within 1 s..=`MAX_SWEEP`.
 pub fn sweep_interval(t: &Timeouts) -> Duration {
     let shortest = t.tcp.min(t.tcp_fin).min(t.udp);
-    (shortest / 10).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    (shortest / 10).clamp(Duration::from_secs(1), MAX_SWEEP)
+}
+
+/// Whether an entry counts as an active connection (`ipvsadm`'s ActiveConn):
+/// TCP, established. Everything else live is inactive.
+pub fn is_active(key: &FlowKey, val: &FlowVal) -> bool {
+    key.proto == PROTO_TCP && val.state == CT_STATE_ESTABLISHED
+}
+
+/// Per backend id: (active, inactive).
+pub type Counts = std::collections::BTreeMap<u32, (u32, u32)>;
+
+fn tally(counts: &mut Counts, key: &FlowKey, val: &FlowVal) {
+    let c = counts.entry(val.backend_id).or_default();
+    if is_active(key, val) {
+        c.0 += 1;
+    } else {
+        c.1 += 1;
+    }
+}
+
+/// Counts the live flows of `CONNTRACK` (flows seen once: a SYN, a first
+/// datagram) into `counts`: those within their timeout (`tcp_fin` for TCP, as a
+/// half-open connection; `udp`), all inactive.
+pub fn count_new(map: &HashMap<MapData, FlowKey, FlowVal>, now: u32, t: &Timeouts, counts: &mut Counts) {
+    for entry in map.iter() {
+        let Ok((key, val)) = entry else { continue };
+        let timeout = if key.proto == PROTO_UDP { t.udp } else { t.tcp_fin };
+        if !expired(now, val.last_seen, timeout) {
+            counts.entry(val.backend_id).or_default().1 += 1;
+        }
+    }
+}
+
+/// The per-backend count maps: the agent's base and the program's deltas.
+pub struct ConnMaps {
+    pub base: Array<MapData, BackendConns>,
+    pub delta: Array<MapData, BackendConns>,
+    /// Bases last written, so unchanged ones are not written again.
+    written: Vec<BackendConns>,
+}
+
+impl ConnMaps {
+    pub fn new(base: MapData, delta: MapData) -> Result<Self, aya::maps::MapError> {
+        let base = Array::try_from(aya::maps::Map::Array(base))?;
+        let delta = Array::try_from(aya::maps::Map::Array(delta))?;
+        Ok(ConnMaps { written: Vec::new(), base, delta })
+    }
+
+    /// The program's deltas now, by backend id.
+    pub fn deltas(&self) -> Vec<BackendConns> {
+        self.delta.iter().map(|d| d.unwrap_or_default()).collect()
+    }
+
+    /// Writes the bases for `counts`, exact as of a walk that began after
+    /// `deltas` were read.
+    pub fn publish(&mut self, counts: &Counts, deltas: &[BackendConns]) {
+        self.written.resize(deltas.len(), BackendConns { active: i64::MIN, inactive: i64::MIN });
+        for (id, d) in deltas.iter().enumerate() {
+            let (a, i) = counts.get(&(id as u32)).copied().unwrap_or_default();
+            let base = BackendConns::base_for(a, i, d);
+            if self.written[id] != base && self.base.set(id as u32, base, 0).is_ok() {
+                self.written[id] = base;
+            }
+        }
+    }
 }
 
 /// One pass over the table at clock `now` (the value last published, so a clock
-/// that stalled never makes entries look idle): counts entries by state and
-/// removes expired ones.
-pub fn sweep(map: &mut HashMap<MapData, FlowKey, FlowVal>, now: u32, t: &Timeouts, status: &mut TableStatus) {
+/// that stalled never makes entries look idle): counts entries by state, and by
+/// backend into `counts`, and removes expired ones.
+pub fn sweep(
+    map: &mut HashMap<MapData, FlowKey, FlowVal>,
+    now: u32,
+    t: &Timeouts,
+    status: &mut TableStatus,
+    counts: &mut Counts,
+) {
     let started = Instant::now();
     let (mut established, mut closing) = (0u64, 0u64);
     let mut stale = Vec::new();
@@ -88,7 +172,10 @@ pub fn sweep(map: &mut HashMap<MapData, FlowKey, FlowVal>, now: u32, t: &Timeout
         let Ok((key, val)) = entry else { continue };
         if expired(now, val.last_seen, timeout_of(&key, &val, t)) {
             stale.push(key);
-        } else if val.state == CT_STATE_CLOSING {
+            continue;
+        }
+        tally(counts, &key, &val);
+        if val.state == CT_STATE_CLOSING {
             closing += 1;
         } else {
             established += 1;
@@ -99,7 +186,10 @@ pub fn sweep(map: &mut HashMap<MapData, FlowKey, FlowVal>, now: u32, t: &Timeout
         let Ok(val) = map.get(&key, 0) else { continue };
         if expired(now, val.last_seen, timeout_of(&key, &val, t)) && map.remove(&key).is_ok() {
             status.expired_total += 1;
-        } else if val.state == CT_STATE_CLOSING {
+            continue;
+        }
+        tally(counts, &key, &val);
+        if val.state == CT_STATE_CLOSING {
             closing += 1;
         } else {
             established += 1;
@@ -110,19 +200,42 @@ pub fn sweep(map: &mut HashMap<MapData, FlowKey, FlowVal>, now: u32, t: &Timeout
     status.sweep_secs = started.elapsed().as_secs_f64();
 }
 
-/// Until `shutdown`: publishes the clock every second and sweeps `map` every
-/// `sweep_interval`, publishing the table's figures into `shared`; `timeouts`
-/// follows reloads.
+/// The maps the sweep works on (second handles; the dataplane keeps its own).
+pub struct SweepMaps {
+    pub established: MapData,
+    pub new: MapData,
+    pub clock: MapData,
+    pub conns: MapData,
+    pub conn_delta: MapData,
+}
+
+/// What one sweep task holds between sweeps.
+struct Sweeper {
+    established: HashMap<MapData, FlowKey, FlowVal>,
+    new: HashMap<MapData, FlowKey, FlowVal>,
+    conns: ConnMaps,
+}
+
+/// Until `shutdown`: publishes the clock every second and sweeps the table every
+/// `sweep_interval`, publishing the table's figures into `shared` and the
+/// per-backend counts into `BACKEND_CONNS`; `timeouts` follows reloads.
 pub async fn run(
-    map: MapData,
-    clock: MapData,
+    maps: SweepMaps,
     mut timeouts: watch::Receiver<Timeouts>,
     shared: Arc<Mutex<TableStatus>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let map = match HashMap::<_, FlowKey, FlowVal>::try_from(aya::maps::Map::HashMap(map)) {
+    let SweepMaps { established, new, clock, conns, conn_delta } = maps;
+    let sweeper = (|| {
+        Ok::<_, aya::maps::MapError>(Sweeper {
+            established: HashMap::try_from(aya::maps::Map::HashMap(established))?,
+            new: HashMap::try_from(aya::maps::Map::LruHashMap(new))?,
+            conns: ConnMaps::new(conns, conn_delta)?,
+        })
+    })();
+    let map = match sweeper {
         Ok(m) => Arc::new(Mutex::new(m)),
-        Err(e) => return tracing::error!(error = %e, "CT_ESTABLISHED: cannot sweep, idle entries stay"),
+        Err(e) => return tracing::error!(error = %e, "connection table: cannot sweep, idle entries stay and counts are not kept"),
     };
     let mut clock = match Array::<_, u32>::try_from(aya::maps::Map::Array(clock)) {
         Ok(c) => c,
@@ -153,7 +266,12 @@ pub async fn run(
         let mut status = s.lock().map(|g| g.clone()).unwrap_or_default();
         let swept = tokio::task::spawn_blocking(move || {
             if let Ok(mut m) = m.lock() {
-                sweep(&mut m, now, &t, &mut status);
+                let m = &mut *m;
+                let deltas = m.conns.deltas();
+                let mut counts = Counts::new();
+                sweep(&mut m.established, now, &t, &mut status, &mut counts);
+                count_new(&m.new, now, &t, &mut counts);
+                m.conns.publish(&counts, &deltas);
             }
             status
         })
@@ -187,8 +305,32 @@ mod tests {
         assert!(expired(1001, 100, Duration::from_secs(900)));
         // Across the 32-bit wrap of the seconds clock.
         assert!(!expired(5, u32::MAX - 5, Duration::from_secs(900)));
-        assert_eq!(sweep_interval(&t), Duration::from_secs(12));
+        assert_eq!(sweep_interval(&t), MAX_SWEEP);
         let short = Timeouts { tcp_fin: Duration::from_secs(2), ..t };
         assert_eq!(sweep_interval(&short), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn counts_by_state_and_base_plus_delta() {
+        let tcp = FlowKey { proto: PROTO_TCP, ..Default::default() };
+        let udp = FlowKey { proto: PROTO_UDP, ..Default::default() };
+        let val = |backend_id, state| FlowVal { backend_id, state, ..Default::default() };
+        let mut counts = Counts::new();
+        tally(&mut counts, &tcp, &val(1, CT_STATE_ESTABLISHED));
+        tally(&mut counts, &tcp, &val(1, CT_STATE_ESTABLISHED));
+        tally(&mut counts, &tcp, &val(1, CT_STATE_CLOSING));
+        tally(&mut counts, &udp, &val(2, CT_STATE_ESTABLISHED));
+        assert_eq!(counts.get(&1), Some(&(2, 1)));
+        assert_eq!(counts.get(&2), Some(&(0, 1)), "UDP is inactive");
+        // The program had moved the delta before the sweep; the base makes the sum
+        // the sweep's figure, and later program adds move it from there.
+        let delta = BackendConns { active: 40, inactive: -7 };
+        let base = BackendConns::base_for(2, 1, &delta);
+        assert_eq!(BackendConns::count(&base, &delta), (2, 1));
+        let later = BackendConns { active: 41, inactive: -8 };
+        assert_eq!(BackendConns::count(&base, &later), (3, 0));
+        // A transient negative reads as 0.
+        let racing = BackendConns { active: 38, inactive: -9 };
+        assert_eq!(BackendConns::count(&base, &racing), (0, 0));
     }
 }

@@ -455,16 +455,17 @@ pub fn render_json(status: &Status) -> String {
 ///
 /// ```text
 /// lb-agent on eth0 (native XDP), up 1h 2m 3s, reloads 2 ok, 0 failed, config /etc/lb/lb.yaml
-/// Prot LocalAddress:Port Scheduler (Name)   Weight  Health  Flows  Pkts/s  Bytes/s
+/// Prot LocalAddress:Port Scheduler (Name)  Weight  Health  ActiveConn  InActConn  Pkts/s  Bytes/s
 ///   -> RemoteAddress:Port
-/// TCP  198.18.1.10:80 maglev (web)                            13   1.5K    1.2M
-///   -> 198.18.0.11:80                        1      up          12   1.2K   980.0K
-///   -> 198.18.0.12:80                        0      up           1    300   240.0K  drained (file: 3)
+/// TCP  198.18.1.10:80 maglev (web)                                  13          4    1.5K     1.2M
+///   -> 198.18.0.11:80                           1  up              12          3    1.2K   980.0K
+///   -> 198.18.0.12:80                           0  up               1          1     300   240.0K  drained (file: 3)
 /// ```
 ///
-/// Ports show as `*` for "any port" services, IPv6 addresses in brackets. Flows are
-/// new flows over the last 60 s (the status's estimate of active flows); the
-/// service line sums its backends'. Rates use K/M/G (powers of 1000). Notes after
+/// Ports show as `*` for "any port" services, IPv6 addresses in brackets.
+/// ActiveConn and InActConn are `ipvsadm`'s: established TCP connections and the
+/// other live flows, from the connection table (see `conntrack.rs`); the service
+/// line sums its backends'. Rates use K/M/G (powers of 1000). Notes after
 /// the numbers: `backup`, `drained (file: W)`, `weight W in file` when the weight in
 /// force differs from the file for another reason, and on a service line
 /// `backups serving`.
@@ -494,7 +495,8 @@ pub fn render_table(status: &Status) -> String {
         first: String,
         weight: String,
         health: String,
-        flows: String,
+        active: String,
+        inactive: String,
         pps: String,
         bps: String,
         notes: Vec<String>,
@@ -503,7 +505,8 @@ pub fn render_table(status: &Status) -> String {
         first: "Prot LocalAddress:Port Scheduler (Name)".into(),
         weight: "Weight".into(),
         health: "Health".into(),
-        flows: "Flows".into(),
+        active: "ActiveConn".into(),
+        inactive: "InActConn".into(),
         pps: "Pkts/s".into(),
         bps: "Bytes/s".into(),
         notes: vec![],
@@ -535,7 +538,8 @@ pub fn render_table(status: &Status) -> String {
             first,
             weight: String::new(),
             health: String::new(),
-            flows: s.backends.iter().map(|b| b.recent_flows).sum::<u64>().to_string(),
+            active: s.backends.iter().map(|b| u64::from(b.active_conns)).sum::<u64>().to_string(),
+            inactive: s.backends.iter().map(|b| u64::from(b.inactive_conns)).sum::<u64>().to_string(),
             pps: human_rate(s.packets_per_sec),
             bps: human_rate(s.bytes_per_sec),
             notes,
@@ -555,7 +559,8 @@ pub fn render_table(status: &Status) -> String {
             first: format!("  -> {}", endpoint(b.address, s.port)),
             weight: b.weight.to_string(),
             health: if b.health.is_empty() { "?".into() } else { b.health.clone() },
-            flows: b.recent_flows.to_string(),
+            active: b.active_conns.to_string(),
+            inactive: b.inactive_conns.to_string(),
             pps: human_rate(b.packets_per_sec),
             bps: human_rate(b.bytes_per_sec),
             notes,
@@ -566,13 +571,14 @@ pub fn render_table(status: &Status) -> String {
     let w_first = width(|r| &r.first).max("  -> RemoteAddress:Port".len());
     let w_weight = width(|r| &r.weight);
     let w_health = width(|r| &r.health);
-    let w_flows = width(|r| &r.flows);
+    let w_active = width(|r| &r.active);
+    let w_inactive = width(|r| &r.inactive);
     let w_pps = width(|r| &r.pps);
     let w_bps = width(|r| &r.bps);
     for (i, r) in rows.iter().enumerate() {
         let mut line = format!(
-            "{:<w_first$}  {:>w_weight$}  {:<w_health$}  {:>w_flows$}  {:>w_pps$}  {:>w_bps$}",
-            r.first, r.weight, r.health, r.flows, r.pps, r.bps
+            "{:<w_first$}  {:>w_weight$}  {:<w_health$}  {:>w_active$}  {:>w_inactive$}  {:>w_pps$}  {:>w_bps$}",
+            r.first, r.weight, r.health, r.active, r.inactive, r.pps, r.bps
         );
         if !r.notes.is_empty() {
             line.push_str("  ");

@@ -14,7 +14,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    map_names as names, stat, Backend, Config, Counters, Service, VipAddrKey, VipAddrVal, VipKey, CONFIG_CT_PROTECT,
+    map_names as names, stat, Backend, BackendConns, Config, Counters, Service, VipAddrKey, VipAddrVal, VipKey, CONFIG_CT_PROTECT,
     CONFIG_READY,
 };
 
@@ -77,7 +77,7 @@ impl std::fmt::Display for AttachMode {
 /// Map sizes for a plan, with room for the configuration to grow: twice the
 /// services and backends, and for `MAGLEV` two tables per service (the double
 /// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 10] {
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 13] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
@@ -88,8 +88,11 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 10] {
         (names::VIP_ADDRS, services),
         (names::SERVICES, services),
         (names::SERVICE_STATS, services),
+        (names::ROTATION, services),
         (names::BACKENDS, backends),
         (names::BACKEND_STATS, backends),
+        (names::BACKEND_CONNS, backends),
+        (names::BACKEND_CONN_DELTA, backends),
         (names::MAGLEV, maglev),
         (names::CONNTRACK, plan.conntrack_size.max(1)),
         (names::CT_ESTABLISHED, plan.established_size.max(1)),
@@ -503,7 +506,10 @@ impl Dataplane {
     /// Current counters, summed over CPUs.
     pub fn stats(&mut self) -> Result<Stats> {
         let e = &mut self.ebpf;
-        Stats::read(map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?, None)
+        let mut stats =
+            Stats::read(map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?, None)?;
+        stats.conns = read_conns(map_data(e, names::BACKEND_CONNS)?, map_data(e, names::BACKEND_CONN_DELTA)?)?;
+        Ok(stats)
     }
 
     /// The counters of service ids below `services` and backend ids below
@@ -511,7 +517,9 @@ impl Dataplane {
     pub fn stats_of(&mut self, services: u32, backends: u32) -> Result<Stats> {
         let e = &mut self.ebpf;
         let (g, s, b) = (map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?);
-        Stats::read(g, s, b, Some((services, backends)))
+        let mut stats = Stats::read(g, s, b, Some((services, backends)))?;
+        stats.conns = read_conns(map_data(e, names::BACKEND_CONNS)?, map_data(e, names::BACKEND_CONN_DELTA)?)?;
+        Ok(stats)
     }
 }
 
@@ -602,6 +610,21 @@ pub struct Stats {
     pub services: Vec<Counters>,
     /// Indexed by backend id.
     pub backends: Vec<Counters>,
+    /// Indexed by backend id: (active, inactive) connections.
+    pub conns: Vec<(u32, u32)>,
+}
+
+/// Per backend id: (active, inactive), `BACKEND_CONNS` + `BACKEND_CONN_DELTA`.
+fn read_conns(base: MapData, delta: MapData) -> Result<Vec<(u32, u32)>> {
+    let b: Array<_, BackendConns> = Array::try_from(Map::Array(base)).map_err(map_err(names::BACKEND_CONNS))?;
+    let d: Array<_, BackendConns> = Array::try_from(Map::Array(delta)).map_err(map_err(names::BACKEND_CONN_DELTA))?;
+    Ok(b.iter()
+        .zip(d.iter())
+        .map(|(b, d)| match (b, d) {
+            (Ok(b), Ok(d)) => BackendConns::count(&b, &d),
+            _ => (0, 0),
+        })
+        .collect())
 }
 
 fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
@@ -641,7 +664,12 @@ impl Stats {
     /// Reads the counters from maps pinned by a running agent under `dir`.
     pub fn read_pinned(dir: &Path) -> Result<Stats> {
         let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(map_err(name));
-        Self::read(open(names::STATS)?, open(names::SERVICE_STATS)?, open(names::BACKEND_STATS)?, None)
+        let mut stats = Self::read(open(names::STATS)?, open(names::SERVICE_STATS)?, open(names::BACKEND_STATS)?, None)?;
+        // Absent in pins of an older agent.
+        if let (Ok(b), Ok(d)) = (open(names::BACKEND_CONNS), open(names::BACKEND_CONN_DELTA)) {
+            stats.conns = read_conns(b, d)?;
+        }
+        Ok(stats)
     }
 
     pub fn get(&self, stat: u32) -> u64 {

@@ -24,5 +24,6 @@ pub mod reload;
 pub mod report;
 pub mod resolve;
 pub mod run;
+pub mod sched_tables;
 pub mod status;
 pub mod trace;

@@ -19,6 +19,7 @@
 //! | `lb_service_packets_total`, `lb_service_bytes_total`, `lb_service_new_flows_total` | counter | `service`, `vip`, `port`, `protocol` |
 //! | `lb_backend_packets_total`, `lb_backend_bytes_total`, `lb_backend_new_flows_total` | counter | the service's and `backend` |
 //! | `lb_backend_up` (1 up, 0 down or unresolved), `lb_backend_weight` (in force) | gauge | the service's and `backend` |
+//! | `lb_backend_active_connections`, `lb_backend_inactive_connections` (ipvsadm's ActiveConn, InActConn) | gauge | the service's and `backend` |
 //! | `lb_backend_probe_latency_seconds` (last successful probe) | gauge | the service's and `backend` |
 //! | `lb_backend_probe_successes_total`, `lb_backend_probe_failures_total` | counter | the service's and `backend` |
 //! | `lb_packets_total` (one series per verdict: `forwarded`, `pass_*`, `drop_*`) | counter | `outcome` |
@@ -414,9 +415,23 @@ impl Collector for StatusCollector {
         family(
             e,
             "lb_backend_new_flows",
-            "Flows scheduled to a backend by Maglev.",
+            "Flows scheduled to a backend (by its service's scheduler or persistence).",
             None,
             backends.iter().map(|(l, b)| (l, counter(b.new_flows))),
+        )?;
+        family(
+            e,
+            "lb_backend_active_connections",
+            "Established TCP connections on a backend (ipvsadm's ActiveConn), exact within one connection-table sweep.",
+            None,
+            backends.iter().map(|(l, b)| (l, gauge(i64::from(b.active_conns)))),
+        )?;
+        family(
+            e,
+            "lb_backend_inactive_connections",
+            "Other live flows on a backend: TCP half-open or closing, UDP (ipvsadm's InActConn).",
+            None,
+            backends.iter().map(|(l, b)| (l, gauge(i64::from(b.inactive_conns)))),
         )?;
         family(
             e,
@@ -576,6 +591,8 @@ mod tests {
     /// unprobed unresolved.
     fn status() -> Status {
         let mut up = backend("198.18.0.11", "up", 42);
+        up.active_conns = 12;
+        up.inactive_conns = 3;
         up.probe = Some(ProbeStatus {
             kind: "http".to_string(),
             last_latency_secs: Some(0.0015),
@@ -667,6 +684,10 @@ mod tests {
             format!("lb_backend_up{{{b12}}} 0"),
             format!("lb_backend_up{{{b6}}} 0"),
             format!("lb_backend_weight{{{b11}}} 100"),
+            "# TYPE lb_backend_active_connections gauge".to_string(),
+            format!("lb_backend_active_connections{{{b11}}} 12"),
+            format!("lb_backend_inactive_connections{{{b11}}} 3"),
+            format!("lb_backend_active_connections{{{b12}}} 0"),
             format!("lb_backend_weight{{{b12}}} 0"),
             "# TYPE lb_backend_probe_latency_seconds gauge".to_string(),
             format!("lb_backend_probe_latency_seconds{{{b11}}} 0.0015"),
@@ -720,7 +741,7 @@ mod tests {
         // Every family has one HELP and one TYPE line, and each series one family.
         let helps = lines.iter().filter(|l| l.starts_with("# HELP ")).count();
         let types = lines.iter().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!((helps, types), (32, 32), "{text}");
+        assert_eq!((helps, types), (34, 34), "{text}");
     }
 
     #[test]

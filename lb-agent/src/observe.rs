@@ -1,8 +1,8 @@
 //! Building the agent's `Status` from the plan, the counters and the probes, with
-//! rates over the last sample and a recent-flows estimate per backend.
+//! rates over the last sample and connection counts per backend.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -18,21 +18,10 @@ use crate::{
     status::{BackendStatus, ProbeStatus, ServiceStatus, Status},
 };
 
-/// How far back "recent flows" reaches.
-const RECENT: Duration = Duration::from_secs(60);
-
-/// How often a snapshot of every backend's new-flow counter is kept for the
-/// recent-flows estimate (which is therefore over 50 to 60 s).
-const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
-
 /// Counter samples kept between refreshes.
 #[derive(Default)]
 pub struct Sampler {
     last: Option<(Instant, Stats)>,
-    /// Snapshots within `RECENT`, oldest first: (time, new_flows counter by
-    /// backend id). A few per minute, not one per refresh and backend: at 80,000
-    /// backends a sample a second for a minute would be 77 MB.
-    snapshots: VecDeque<(Instant, Vec<u64>)>,
 }
 
 /// What the status needs besides the plan and the counters.
@@ -75,9 +64,6 @@ impl Sampler {
             services: Vec::new(),
             announce: None,
         };
-        while self.snapshots.front().is_some_and(|(t, _)| now.duration_since(*t) > RECENT) {
-            self.snapshots.pop_front();
-        }
         // Indexes, not searches: thousands of services, tens of thousands of backends.
         let configs: BTreeMap<&str, &crate::config::ServiceConfig> =
             ctx.config.services.iter().map(|c| (c.name.as_str(), c)).collect();
@@ -91,7 +77,7 @@ impl Sampler {
                 vip: Some(s.vip),
                 port: s.port,
                 protocol: s.protocol.as_str().into(),
-                scheduler: "maglev".into(),
+                scheduler: cfg.map(|c| c.scheduler.as_str()).unwrap_or("maglev").into(),
                 forwarding: cfg.map(|c| c.forwarding.as_str().to_string()).unwrap_or_default(),
                 table_size: s.table_size,
                 on_all_down: cfg.map(|c| c.on_all_down.as_str().to_string()).unwrap_or_default(),
@@ -106,11 +92,7 @@ impl Sampler {
             for b in s.backend_ids.iter().filter_map(|id| by_id.get(id).copied()) {
                 let c = counter(&stats.backends, b.id);
                 let p = prev.map(|p| counter(&p.backends, b.id)).unwrap_or(c);
-                let oldest = self
-                    .snapshots
-                    .front()
-                    .and_then(|(_, flows)| flows.get(b.id as usize).copied())
-                    .unwrap_or(c.new_flows);
+                let (active_conns, inactive_conns) = stats.conns.get(b.id as usize).copied().unwrap_or_default();
                 let bcfg = cfg.and_then(|c| c.backends.iter().find(|x| x.address == b.address));
                 let probe = bcfg.filter(|x| x.probe.kind != ProbeKind::None).map(|x| {
                     let key = TargetKey { service: s.name.clone(), backend: b.address };
@@ -142,14 +124,12 @@ impl Sampler {
                     new_flows: c.new_flows,
                     packets_per_sec: rate(c.packets, p.packets, secs),
                     bytes_per_sec: rate(c.bytes, p.bytes, secs),
-                    recent_flows: c.new_flows.saturating_sub(oldest),
+                    active_conns,
+                    inactive_conns,
                     probe,
                 });
             }
             status.services.push(svc);
-        }
-        if self.snapshots.back().is_none_or(|(t, _)| now.duration_since(*t) >= SNAPSHOT_EVERY) {
-            self.snapshots.push_back((now, stats.backends.iter().map(|c| c.new_flows).collect()));
         }
         self.last = Some((now, stats));
         status

@@ -15,7 +15,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
-    map_names as names, TraceBudget, TraceFilter, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service,
+    map_names as names, TraceBudget, TraceFilter, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service,
     VipAddrKey, VipAddrVal, VipKey,
 };
 
@@ -29,7 +29,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 16] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 19] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -44,6 +44,9 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 16] {
         (names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityVal>(), 0),
         (names::SERVICE_STATS, 4, size_of::<Counters>(), 0),
         (names::BACKEND_STATS, 4, size_of::<Counters>(), 0),
+        (names::BACKEND_CONNS, 4, size_of::<BackendConns>(), 0),
+        (names::BACKEND_CONN_DELTA, 4, size_of::<BackendConns>(), 0),
+        (names::ROTATION, 4, 8, 0),
         (names::STATS, 4, 8, 0),
         (names::CONFIG, 4, size_of::<Config>(), 0),
         (names::FRAGS, size_of::<FragKey>(), size_of::<FragVal>(), 0),

@@ -164,6 +164,7 @@ mod tests {
             global: Vec::new(),
             services: (0..3).map(counters).collect(),
             backends: (0..5).map(counters).collect(),
+            conns: Vec::new(),
         };
         assert_eq!(
             format_stats(&plan, &stats),

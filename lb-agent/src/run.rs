@@ -212,8 +212,14 @@ async fn run_async(args: RunArgs) -> Result<()> {
     tracing::info!(iface = %iface.name, %mode, services = plan.services.len(),
         backends = plan.backends.len(), pin_dir = %args.pin_dir.display(), "{how}");
 
-    let ct_map = dp.map_handle(lb_common::map_names::CT_ESTABLISHED).context("opening CT_ESTABLISHED")?;
-    let ct_clock = dp.map_handle(lb_common::map_names::CT_CLOCK).context("opening CT_CLOCK")?;
+    let handle = |dp: &mut Dataplane, name| dp.map_handle(name).with_context(|| format!("opening {name}"));
+    let sweep_maps = crate::conntrack::SweepMaps {
+        established: handle(&mut dp, lb_common::map_names::CT_ESTABLISHED)?,
+        new: handle(&mut dp, lb_common::map_names::CONNTRACK)?,
+        clock: handle(&mut dp, lb_common::map_names::CT_CLOCK)?,
+        conns: handle(&mut dp, lb_common::map_names::BACKEND_CONNS)?,
+        conn_delta: handle(&mut dp, lb_common::map_names::BACKEND_CONN_DELTA)?,
+    };
     let ct_capacity = dp.conntrack_capacity(&plan).context("reading the connection-table sizes")?;
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);
     let conntrack = Arc::new(Mutex::new(TableStatus::default()));
@@ -260,7 +266,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
     let control = tokio::spawn(crate::control::run(listener, calls_tx, shutdown_rx.clone()));
-    let sweeper = tokio::spawn(crate::conntrack::run(ct_map, ct_clock, timeouts_rx, conntrack, shutdown_rx.clone()));
+    let sweeper = tokio::spawn(crate::conntrack::run(sweep_maps, timeouts_rx, conntrack, shutdown_rx.clone()));
     let (mut trace_records, trace_reader) = trace_session::start_reader(&mut agent.dp, shutdown_rx.clone())?;
     let metrics = metrics_listener
         .map(|l| tokio::spawn(crate::metrics::serve_listener(l, agent.status.clone(), shutdown_rx.clone())));

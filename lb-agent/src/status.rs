@@ -41,7 +41,7 @@ pub struct ServiceStatus {
     pub port: u16,
     /// "tcp" or "udp".
     pub protocol: String,
-    /// "maglev".
+    /// "maglev", "rr", "wrr", "lc", "wlc".
     pub scheduler: String,
     /// "dr", "ipip" or "gue".
     #[serde(default)]
@@ -78,8 +78,13 @@ pub struct BackendStatus {
     pub new_flows: u64,
     pub packets_per_sec: f64,
     pub bytes_per_sec: f64,
-    /// Estimate of active flows: new flows over the last 60 s.
-    pub recent_flows: u64,
+    /// Established TCP connections (`ipvsadm -Ln`'s ActiveConn), from the
+    /// connection table: exact within one sweep (2 s).
+    #[serde(default)]
+    pub active_conns: u32,
+    /// Other live flows: TCP SYN seen or closing, UDP (`InActConn`).
+    #[serde(default)]
+    pub inactive_conns: u32,
     pub probe: Option<ProbeStatus>,
 }
 

@@ -39,6 +39,9 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const FRAGS: &str = "FRAGS";
+    pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+    pub const BACKEND_CONN_DELTA: &str = "BACKEND_CONN_DELTA";
+    pub const ROTATION: &str = "ROTATION";
     pub use crate::decap::names::*;
 }
 
@@ -163,10 +166,13 @@ pub struct Service {
     pub flags: u32,
     /// Client affinity lifetime in seconds (with `SERVICE_PERSIST`).
     pub persist_timeout_s: u32,
-    /// Affinity key prefix lengths: IPv4 (1..=32) and IPv6 (1..=128).
+    /// Affinity key prefix lengths: IPv4 (1..=32) and IPv6 (1..=128); for
+    /// `SCHED_SH`, the client prefixes it hashes.
     pub persist_prefix_v4: u8,
     pub persist_prefix_v6: u8,
-    pub _pad: [u8; 2],
+    /// `SCHED_*`: how new flows pick a backend; what the table region holds.
+    pub scheduler: u8,
+    pub _pad: u8,
     /// Start of the service's `MAGLEV` region (two tables of `table_size`; the
     /// agent writes the idle one and then moves `table_offset` to it).
     pub region: u32,
@@ -176,6 +182,35 @@ pub struct Service {
 pub const SERVICE_PASS_ON_EMPTY: u32 = 1;
 /// New flows from a client go to the backend it was last sent to (`AFFINITY`).
 pub const SERVICE_PERSIST: u32 = 2;
+
+/// `Service::scheduler`: Maglev; the table is the Maglev lookup table.
+pub const SCHED_MAGLEV: u8 = 0;
+/// Round robin: the table lists the backends taking new flows, once each; a
+/// shared per-service cursor (`ROTATION`) walks it.
+pub const SCHED_RR: u8 = 1;
+/// Weighted round robin: the table is one period of nginx's smooth weighted
+/// rotation (weights divided by their gcd); walked as `SCHED_RR`.
+pub const SCHED_WRR: u8 = 2;
+/// Least connections: the table lists the backends taking new flows; the one with
+/// the least `active * 256 + inactive` wins.
+pub const SCHED_LC: u8 = 3;
+/// Weighted least connections: as `SCHED_LC`, overhead divided by weight.
+pub const SCHED_WLC: u8 = 4;
+/// Source hashing: the Maglev table, looked up with the hash of the client
+/// address masked to `persist_prefix_v4`/`persist_prefix_v6` (and the service's
+/// own address, port and protocol); no `AFFINITY` entry.
+pub const SCHED_SH: u8 = 5;
+/// Backends the least-connection schedulers compare exactly; above this, the
+/// best of this many consecutive table slots from one drawn from the flow hash
+/// (weighted best of k choices). Bounded by the verifier's work (see
+/// `lb-ebpf/src/sched/leastconn.rs`).
+pub const LC_EXACT_MAX: u32 = 4;
+
+/// IPVS's connection overhead: an active connection weighs 256 inactive ones.
+#[inline(always)]
+pub fn conn_overhead(active: u32, inactive: u32) -> u64 {
+    (active as u64) * 256 + inactive as u64
+}
 
 /// Value of `BACKENDS`, indexed by backend id. A backend id names one backend of
 /// one service (like an IPVS destination), so its counters are per service, and it
@@ -202,7 +237,8 @@ pub struct Backend {
     pub addr: [u8; 16],
     /// GUE destination port (host byte order), for `FORWARD_GUE`.
     pub gue_port: u16,
-    pub _pad2: [u8; 2],
+    /// Weight in force (for `SCHED_WLC`; 0 while draining).
+    pub weight: u16,
 }
 
 /// LVS-DR: only the MACs change.
@@ -263,6 +299,46 @@ pub const CT_STATE_ESTABLISHED: u8 = 1;
 /// A TCP flow whose client sent FIN or RST: expired after the `tcp_fin` timeout,
 /// and a SYN on its 5-tuple starts a new connection (scheduled afresh).
 pub const CT_STATE_CLOSING: u8 = 2;
+
+/// Connection counts of one backend, as `ipvsadm -Ln` shows them: `active`
+/// (TCP established) and `inactive` (every other live flow: TCP SYN seen or
+/// closing, UDP). Two arrays indexed by backend id hold them:
+///
+/// - `BACKEND_CONN_DELTA`: moved by the program only, with atomic adds, when a
+///   flow is scheduled, promoted or closes. Never reset.
+/// - `BACKEND_CONNS`: written by the agent only, after each sweep of the
+///   connection table: the exact count it found minus the delta read just before
+///   the sweep.
+///
+/// The count is `base + delta` (`BackendConns::count`): the sweep's exact figure
+/// plus what the program saw since. See docs/architecture.md, "Connection counts".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendConns {
+    /// i64: the BPF target has 64-bit atomic adds only.
+    pub active: i64,
+    pub inactive: i64,
+}
+
+impl BackendConns {
+    /// The counts of a backend: `base + delta`, never below zero (a transient
+    /// negative sum, from a flow that changed state while the sweep read it, reads
+    /// as 0 until the next sweep).
+    #[inline(always)]
+    pub fn count(base: &BackendConns, delta: &BackendConns) -> (u32, u32) {
+        let a = base.active.wrapping_add(delta.active);
+        let i = base.inactive.wrapping_add(delta.inactive);
+        (a.clamp(0, u32::MAX as i64) as u32, i.clamp(0, u32::MAX as i64) as u32)
+    }
+
+    /// The base the agent writes for an exact count taken after reading `delta`.
+    pub fn base_for(active: u32, inactive: u32, delta: &BackendConns) -> BackendConns {
+        BackendConns {
+            active: i64::from(active).wrapping_sub(delta.active),
+            inactive: i64::from(inactive).wrapping_sub(delta.inactive),
+        }
+    }
+}
 
 /// Key of `AFFINITY`: the service and the client address masked to the service's
 /// persistence prefix.
@@ -476,6 +552,7 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 40);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 20);
+    assert!(core::mem::size_of::<BackendConns>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -491,6 +568,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowVal {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for BackendConns {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragVal {}

@@ -19,6 +19,7 @@ use lb_common::{
 
 use crate::{
     backend::backend,
+    conns,
     maps::{CONNTRACK, CT_CLOCK, CT_ESTABLISHED},
     stats::count,
     trace::Decision,
@@ -75,6 +76,9 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
                         }
                         if fin && v.state != CT_STATE_CLOSING {
                             (*p).state = CT_STATE_CLOSING;
+                            if conns::is_active(flow.proto, v.state) {
+                                conns::add(v.backend_id, -1, 1);
+                            }
                         }
                     }
                     d.ct = ct_step::HIT_ESTABLISHED;
@@ -107,6 +111,22 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
     Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b }
 }
 
+/// A SYN whose flow is in `CONNTRACK`, seen once, for `service_id` and a backend
+/// still usable: a retransmission (its first copy is unanswered or the answer
+/// is still on its way), kept on that backend. Only the schedulers whose choice
+/// is not a function of the packet ask (rr, wrr, lc, wlc).
+#[inline(always)]
+pub fn repeated_syn(flow: &FlowKey, service_id: u32) -> Option<(u32, &'static Backend)> {
+    // SAFETY: fields copied out at once.
+    let v = unsafe { CONNTRACK.get(flow) }?;
+    let (id, generation, svc, state) = (v.backend_id, v.generation, v.service_id, v.state);
+    if state != CT_STATE_NEW || svc != service_id {
+        return None;
+    }
+    let b = backend(id, service_id, Some(generation), BACKEND_ACTIVE | lb_common::BACKEND_ACCEPTS_NEW)?;
+    Some((id, b))
+}
+
 /// The flow's second packet: move it to `CT_ESTABLISHED`. Returns the `ct_step`.
 #[inline(always)]
 fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) -> u8 {
@@ -115,6 +135,9 @@ fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) -> u8 {
     match CT_ESTABLISHED.insert(flow, &est, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(stat::CT_PROMOTED);
+            if conns::is_active(flow.proto, state) {
+                conns::add(v.backend_id, 1, -1);
+            }
             let _ = CONNTRACK.remove(flow);
             ct_step::PROMOTED
         }
@@ -139,6 +162,8 @@ pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, gene
             let val = FlowVal { backend_id, service_id, generation, last_seen: now, state: CT_STATE_NEW, _pad: [0; 3] };
             if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
                 count(stat::CONN_INSERT_FAILED);
+            } else {
+                conns::opened(backend_id);
             }
         }
         Slot::Established(p) => {
@@ -146,6 +171,11 @@ pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, gene
             // written see a generation that does not match and schedule the flow
             // themselves, to the same backend.
             unsafe {
+                let (old_id, old_state) = ((*p).backend_id, (*p).state);
+                let was_active = conns::is_active(flow.proto, old_state) as i64;
+                conns::add(old_id, -was_active, was_active - 1);
+                let active = conns::is_active(flow.proto, CT_STATE_ESTABLISHED) as i64;
+                conns::add(backend_id, active, 1 - active);
                 (*p).backend_id = backend_id;
                 (*p).service_id = service_id;
                 (*p).generation = generation;

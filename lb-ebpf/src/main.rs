@@ -5,9 +5,13 @@
 //! untouched), the service lookup, the connection table, Maglev on a miss, and the
 //! MAC rewrite followed by XDP_TX. Every outcome is counted in `STATS`.
 #![no_std]
+#![feature(core_intrinsics)]
+#![feature(asm_experimental_arch)]
+#![expect(internal_features, reason = "atomic_xadd: BPF's atomic add (conns.rs)")]
 #![no_main]
 
 mod backend;
+mod conns;
 mod conntrack;
 mod decap;
 mod forward;
@@ -15,6 +19,7 @@ mod frag;
 mod icmp;
 mod maps;
 mod parse;
+mod sched;
 mod schedule;
 mod stats;
 mod trace;

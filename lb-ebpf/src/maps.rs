@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    stat, AffinityKey, AffinityVal, Backend, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
+    stat, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
     DEFAULT_FRAGS_SIZE, DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
@@ -48,6 +48,21 @@ pub static CT_ESTABLISHED: HashMap<FlowKey, FlowVal, { CT as usize }> = HashMap:
 /// more than the rest of an established packet's table work).
 #[btf_map]
 pub static CT_CLOCK: Array<u32, 1> = Array::new();
+
+/// Backend id -> connection counts found by the agent's last sweep, minus the
+/// delta it read before sweeping (`lb_common::BackendConns`). Agent-written.
+#[btf_map]
+pub static BACKEND_CONNS: Array<BackendConns, { MB as usize }> = Array::new();
+
+/// Backend id -> connection count changes seen by the program (atomic adds, never
+/// reset). Program-written.
+#[btf_map]
+pub static BACKEND_CONN_DELTA: Array<BackendConns, { MB as usize }> = Array::new();
+
+/// Service id -> rotation cursor (`rr`, `wrr`): new flows of the service so far,
+/// advanced with atomic adds by every CPU.
+#[btf_map]
+pub static ROTATION: Array<u64, { MS as usize }> = Array::new();
 
 #[btf_map]
 pub static SERVICE_STATS: PerCpuArray<Counters, { MS as usize }> = PerCpuArray::new();

@@ -1,19 +1,20 @@
-//! Service lookup, persistence and Maglev; the connection table is `conntrack.rs`,
-//! sending the frame to its backend `forward/`.
+//! Service lookup and persistence; the schedulers are `sched/`, the connection
+//! table `conntrack.rs`, sending the frame to its backend `forward/`.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
-    flow_hash, maglev_slot, mask_addr, stat, AffinityKey, AffinityVal, Backend, FlowKey, Service,
-    VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY,
-    PROTO_TCP, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
+    flow_hash, mask_addr, stat, AffinityKey, AffinityVal, FlowKey, Service, VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW,
+    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, PROTO_TCP, SCHED_MAGLEV, SCHED_SH, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST,
+    VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
 };
 
 use crate::{
     backend::backend,
     conntrack::{self, Lookup},
-    maps::{AFFINITY, CONFIG, MAGLEV, SERVICES, VIP_ADDRS},
     forward, frag, icmp,
+    maps::{AFFINITY, CONFIG, SERVICES, VIP_ADDRS},
     parse::{Outcome, Packet, KIND_FRAG_FIRST, KIND_FRAG_LATER, KIND_ICMP_ERROR},
+    sched::{self, NoBackend, Pick},
     stats::{count, count_forward},
     trace::Decision,
 };
@@ -42,33 +43,12 @@ fn find_service(flow: &FlowKey) -> Result<Service, Outcome> {
     Err(Outcome::Pass(stat::PASS_NO_SERVICE))
 }
 
-/// Why no backend was chosen.
-enum NoBackend {
-    /// The service's table is empty (all backends down or drained).
-    Empty,
-    /// The slot's backend is gone (the agent is swapping tables).
-    Gone,
-}
-
-/// Maglev slot for `flow` in the service's current table.
-#[inline(always)]
-fn maglev(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'static Backend), NoBackend> {
-    if svc.table_size == 0 {
-        return Err(NoBackend::Empty);
-    }
-    let in_table = maglev_slot(flow_hash(flow), svc.table_size);
-    d.slot = in_table;
-    let slot = svc.table_offset.wrapping_add(in_table);
-    let id = *MAGLEV.get(slot).ok_or(NoBackend::Gone)?;
-    let b = backend(id, svc.id, None, BACKEND_ACTIVE | BACKEND_ACCEPTS_NEW).ok_or(NoBackend::Gone)?;
-    Ok((id, b))
-}
-
 /// A new flow of a service with persistence: the client's backend while its
-/// affinity is fresh, else Maglev on the masked client address (so one client's
-/// connections land together even before any affinity exists).
+/// affinity is fresh, else the scheduler's choice for the masked client address
+/// (for Maglev, so one client's connections land together even before any
+/// affinity exists).
 #[inline(always)]
-fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'static Backend), NoBackend> {
+fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
     let v4 = flow.src[..12] == lb_common::v4_mapped([0; 4])[..12];
     let prefix = if v4 { 96 + svc.persist_prefix_v4 as u32 } else { svc.persist_prefix_v6 as u32 };
     let client = mask_addr(&flow.src, prefix);
@@ -89,18 +69,39 @@ fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &
         }
     }
     let client_flow = FlowKey { src: client, sport: 0, ..*flow };
-    let (id, b) = maglev(&client_flow, svc, d)?;
+    let (id, b) = sched::pick(flow_hash(&client_flow), svc, d)?;
     let val = AffinityVal { backend_id: id, generation: b.generation, last_ns: now };
     let _ = AFFINITY.insert(&key, &val, BPF_ANY as u64);
     Ok((id, b))
 }
 
 /// A new flow (or one whose backend went down or was replaced): persistence or
-/// Maglev.
+/// the service's scheduler (`sched/`).
 #[inline(always)]
-fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Result<(u32, &'static Backend), NoBackend> {
+fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
     count(stat::CONN_MISS);
-    if svc.flags & SERVICE_PERSIST != 0 { persistent(flow, svc, d) } else { maglev(flow, svc, d) }
+    if svc.flags & SERVICE_PERSIST != 0 {
+        return persistent(flow, svc, d);
+    }
+    // One call for every scheduler (sh: the masked client address, no source
+    // port; the others: the flow as is): a branch here would double the states the
+    // verifier walks the schedulers with.
+    let sh = (svc.scheduler == SCHED_SH) as u32;
+    sched::pick(scheduling_hash(flow, svc.persist_prefix_v4, svc.persist_prefix_v6, sh), svc, d)
+}
+
+/// The hash a new flow is scheduled by. `sh` (1 for `sh`, else 0): the client
+/// address masked to the service's prefix (`prefix_v4: 24` is nginx's `ip_hash`)
+/// and no source port; otherwise the flow hash. A call of its own: the masked key
+/// stays off the balancer's frame.
+#[inline(never)]
+fn scheduling_hash(flow: &FlowKey, prefix_v4: u8, prefix_v6: u8, sh: u32) -> u32 {
+    if sh == 0 {
+        return flow_hash(flow);
+    }
+    let v4 = flow.src[..12] == lb_common::v4_mapped([0; 4])[..12];
+    let prefix = if v4 { 96 + prefix_v4 as u32 } else { prefix_v6 as u32 };
+    flow_hash(&FlowKey { src: mask_addr(&flow.src, prefix), sport: 0, ..*flow })
 }
 
 /// The connection table first (`conntrack::lookup`); only frames that miss it look
@@ -147,7 +148,15 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision,
             if let conntrack::Slot::New { midflow: true } = slot {
                 count(stat::CT_MIDFLOW_MISS);
             }
-            match schedule(flow, &svc, d) {
+            // A retransmitted SYN keeps the backend its first copy got: Maglev
+            // gives it the same one anyway; the other schedulers would not.
+            let again = if syn && svc.scheduler != SCHED_MAGLEV && svc.scheduler != SCHED_SH {
+                conntrack::repeated_syn(flow, svc.id)
+            } else {
+                None
+            };
+            match again.ok_or(NoBackend::Gone).or_else(|_| schedule(flow, &svc, d)) {
+                Ok((id, b)) if again.is_some() => (svc.id, id, b, false),
                 Ok((id, b)) => {
                     // An ICMP error is forwarded as its flow's packets would be,
                     // but records nothing.

@@ -207,3 +207,57 @@ fn a_full_established_table_leaves_new_flows_in_the_lru() {
     assert!(b.entry(map_names::CONNTRACK, &f).is_some(), "the flow stays in the LRU");
     assert!(b.entry(map_names::CT_ESTABLISHED, &f).is_none());
 }
+
+/// The program's side of the per-backend counts (`BACKEND_CONN_DELTA`): a SYN
+/// counts the flow inactive on its backend, the ACK moves it to active, FIN back
+/// to inactive; UDP stays inactive. Counts are read as the agent reads them (base
+/// + delta, base 0 here: no sweep runs).
+#[test]
+fn backend_counts_follow_the_flow_states() {
+    let mut b = Bench::new(&["198.18.0.11", "198.18.0.12", "198.18.0.13"], TABLE);
+    let conns = |b: &mut Bench, a: IpAddr| {
+        let id = b.plan.backends.iter().find(|x| x.address == a).expect("backend").id;
+        b.dp.stats().expect("counters").conns[id as usize]
+    };
+    let f = tcp(21, 41000);
+    let to = b.fwd(&with_flags(&f, SYN));
+    assert_eq!(conns(&mut b, to), (0, 1), "after the SYN");
+    b.fwd(&with_flags(&f, ACK));
+    assert_eq!(conns(&mut b, to), (1, 0), "after the ACK");
+    b.fwd(&with_flags(&f, ACK));
+    assert_eq!(conns(&mut b, to), (1, 0), "after a second ACK");
+    b.fwd(&with_flags(&f, FIN_ACK));
+    assert_eq!(conns(&mut b, to), (0, 1), "after the FIN");
+    b.fwd(&with_flags(&f, FIN_ACK));
+    assert_eq!(conns(&mut b, to), (0, 1), "after a second FIN");
+
+    // A SYN reusing the closing flow's 5-tuple: rescheduled in place, counted once.
+    let again = b.fwd(&with_flags(&f, SYN));
+    // Both services' backends (the same addresses under other ids).
+    let total = |b: &mut Bench| b.dp.stats().expect("counters").conns.iter().fold((0, 0), |s, c| (s.0 + c.0, s.1 + c.1));
+    assert_eq!(total(&mut b), (1, 0), "the reused 5-tuple counts once, as established (on {again})");
+
+    let u = Flow::udp(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 22)), VIP, 5300, 53);
+    let before = total(&mut b);
+    b.fwd(&u.frame(None, 4));
+    b.fwd(&u.frame(None, 4));
+    b.fwd(&u.frame(None, 4));
+    assert_eq!(total(&mut b), (before.0, before.1 + 1), "a UDP flow is one inactive connection");
+}
+
+/// The verifier's work per program (instructions processed, of its 1,000,000
+/// limit): the least-connection scan is a bounded loop the verifier walks round by
+/// round, so this is what bounds `LC_EXACT_MAX`. A third of the limit is kept
+/// free for what comes next (measured with `LC_EXACT_MAX` 4: lb_xdp 543,950,
+/// lb_xdp_trace 587,695).
+#[test]
+fn verifier_work_stays_well_under_the_limit() {
+    let mut b = Bench::new(&["198.18.0.11"], TABLE);
+    for name in [lb_common::PROG_BALANCER, lb_common::PROG_BALANCER_TRACE] {
+        let prog: &mut aya::programs::Xdp =
+            b.dp.ebpf_mut().program_mut(name).expect("program").try_into().expect("XDP");
+        let n = prog.info().expect("program info").verified_instruction_count().expect("verified_insns");
+        eprintln!("{name}: {n} instructions verified");
+        assert!(n < 666_000, "{name}: {n} instructions verified");
+    }
+}

@@ -312,17 +312,59 @@ impl fmt::Display for Protocol {
 pub enum Scheduler {
     /// Maglev consistent hashing.
     Maglev,
+    /// Round robin over the backends taking new flows.
+    Rr,
+    /// nginx's smooth weighted round robin.
+    Wrr,
+    /// Least connections (`active * 256 + inactive`), as IPVS.
+    Lc,
+    /// Weighted least connections: the overhead divided by the weight.
+    Wlc,
+    /// Source hashing: Maglev over the client address masked to these prefix
+    /// lengths (`prefix_v4: 24` is nginx's `ip_hash`).
+    Sh { prefix_v4: u8, prefix_v6: u8 },
 }
 
 impl Scheduler {
     /// Every supported scheduler.
-    pub const ALL: [Scheduler; 1] = [Scheduler::Maglev];
+    pub const ALL: [Scheduler; 6] = [
+        Scheduler::Maglev,
+        Scheduler::Rr,
+        Scheduler::Wrr,
+        Scheduler::Lc,
+        Scheduler::Wlc,
+        Scheduler::Sh { prefix_v4: 32, prefix_v6: 128 },
+    ];
 
     /// The name used in the configuration file.
     pub fn as_str(self) -> &'static str {
         match self {
             Scheduler::Maglev => "maglev",
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
+            Scheduler::Sh { .. } => "sh",
         }
+    }
+
+    /// `Service::scheduler` in the maps.
+    pub fn number(self) -> u8 {
+        match self {
+            Scheduler::Maglev => lb_common::SCHED_MAGLEV,
+            Scheduler::Rr => lb_common::SCHED_RR,
+            Scheduler::Wrr => lb_common::SCHED_WRR,
+            Scheduler::Lc => lb_common::SCHED_LC,
+            Scheduler::Wlc => lb_common::SCHED_WLC,
+            Scheduler::Sh { .. } => lb_common::SCHED_SH,
+        }
+    }
+
+    /// Whether a flow keeps its backend when its packets move to another
+    /// balancer node with the same configuration (the choice depends only on the
+    /// packet and the table).
+    pub fn node_independent(self) -> bool {
+        matches!(self, Scheduler::Maglev | Scheduler::Sh { .. })
     }
 
     /// Parses the configuration-file name (lower case).

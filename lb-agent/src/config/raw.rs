@@ -47,6 +47,9 @@ pub(super) struct RawService {
     pub port: Option<Int>,
     pub protocol: Option<String>,
     pub scheduler: Option<String>,
+    /// `sh`: client address prefix lengths hashed (`config/validate/sched.rs`).
+    pub prefix_v4: Option<Int>,
+    pub prefix_v6: Option<Int>,
     pub forwarding: Option<String>,
     pub gue_port: Option<Int>,
     pub table_size: Option<Int>,

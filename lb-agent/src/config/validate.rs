@@ -9,6 +9,7 @@ mod conntrack;
 mod forwarding;
 mod policy;
 mod probe;
+mod sched;
 
 use self::probe::{Level, ProbeFields};
 use super::limits::MAX_ERRORS;
@@ -182,6 +183,7 @@ impl Checker<'_> {
             Some(name) => format!("service '{name}'"),
             None => "this service".to_string(),
         };
+        let sched_fields = (raw.prefix_v4, raw.prefix_v6, raw.persistence.is_some());
         let vip = self
             .required(raw.vip, &field("vip"), "vip")
             .and_then(|vip| self.address(&vip, &field("vip"), "vip", "the vip"));
@@ -194,8 +196,9 @@ impl Checker<'_> {
         };
         let scheduler = match raw.scheduler {
             None => Some(Scheduler::Maglev),
-            Some(text) => self.scheduler(&text, &field("scheduler")),
+            Some(ref text) => self.scheduler(text, &field("scheduler")),
         };
+        let scheduler = self.scheduler_fields(scheduler, sched_fields, &path);
         let forwarding = self.forwarding(raw.forwarding.as_deref(), &field("forwarding"));
         let gue_port = self.gue_port(raw.gue_port, forwarding, &field("gue_port"));
 

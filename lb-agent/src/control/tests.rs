@@ -51,11 +51,12 @@ fn sample_status() -> Status {
     let mut drained = backend("198.18.0.12", 0, "up");
     drained.drained = true;
     drained.config_weight = 3;
-    drained.recent_flows = 4;
+    drained.inactive_conns = 4;
     drained.packets_per_sec = 12.4;
     drained.bytes_per_sec = 9_876.0;
     let mut up = backend("198.18.0.11", 1, "up");
-    up.recent_flows = 1234;
+    up.active_conns = 1234;
+    up.inactive_conns = 7;
     up.packets_per_sec = 1_500.0;
     up.bytes_per_sec = 1_240_000.0;
     up.mac = Some("02:00:00:00:00:11".into());
@@ -465,17 +466,17 @@ fn control_render_table() {
         "lb-agent on eth0 (native XDP), up 1h 2m 3s, reloads 2 ok, 1 failed, config /etc/lb/lb.yaml"
     );
     let expected = "\
-Prot LocalAddress:Port Scheduler (Name)  Weight  Health      Flows  Pkts/s  Bytes/s
+Prot LocalAddress:Port Scheduler (Name)  Weight  Health      ActiveConn  InActConn  Pkts/s  Bytes/s
   -> RemoteAddress:Port
-TCP  198.18.1.10:80 maglev (web)                              1238    1.5K     1.3M
-  -> 198.18.0.11:80                           1  up           1234    1.5K     1.2M
-  -> 198.18.0.12:80                           0  up              4      12     9.9K  drained (file: 3)
-  -> 198.18.0.13:80                           2  down            0       0        0  backup
-  -> 198.18.0.14:80                           1  unresolved      0       0        0
-UDP  [2001:db8::10]:53 maglev (dns6)                             0    2.5M     3.2G  backups serving
-  -> [2001:db8::11]:53                        5  up              0    2.5M     3.2G
-TCP  198.18.1.20:* maglev (any)                                  0       0        0
-  -> 198.18.0.21:*                            1  up              0       0        0
+TCP  198.18.1.10:80 maglev (web)                                   1234         11    1.5K     1.3M
+  -> 198.18.0.11:80                           1  up                1234          7    1.5K     1.2M
+  -> 198.18.0.12:80                           0  up                   0          4      12     9.9K  drained (file: 3)
+  -> 198.18.0.13:80                           2  down                 0          0       0        0  backup
+  -> 198.18.0.14:80                           1  unresolved           0          0       0        0
+UDP  [2001:db8::10]:53 maglev (dns6)                                  0          0    2.5M     3.2G  backups serving
+  -> [2001:db8::11]:53                        5  up                   0          0    2.5M     3.2G
+TCP  198.18.1.20:* maglev (any)                                       0          0       0        0
+  -> 198.18.0.21:*                            1  up                   0          0       0        0
 outcomes: forwarded=42 drop_no_backend=3
 ";
     assert_eq!(lines[1..].join("\n") + "\n", expected);

@@ -20,7 +20,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::{Config, OnAllDown, Protocol},
+    config::{Config, OnAllDown, Protocol, Scheduler},
     maglev::{build_table, MaglevBackend},
     neigh::Mac,
 };
@@ -124,7 +124,7 @@ impl PlannedBackend {
             generation: self.generation,
             addr: addr_key(self.address),
             gue_port: self.gue_port,
-            _pad2: [0; 2],
+            weight: if self.flags & BACKEND_ACCEPTS_NEW != 0 { self.weight.min(u32::from(u16::MAX)) as u16 } else { 0 },
         }
     }
 }
@@ -252,11 +252,24 @@ impl Plan {
                 .collect();
             // Only the tables whose inputs changed are built again.
             let table = match old {
-                Some(o) if o.table_size == svc.table_size && o.maglev_input == maglev_input => o.table.clone(),
+                Some(o)
+                    if o.table_size == svc.table_size
+                        && o.maglev_input == maglev_input
+                        && o.value.scheduler == svc.scheduler.number() =>
+                {
+                    o.table.clone()
+                }
                 _ => {
                     let input: Vec<MaglevBackend> =
                         maglev_input.iter().map(|&(address, weight, _)| MaglevBackend { address, weight }).collect();
-                    build_table(&input, svc.table_size).iter().map(|&i| members[i as usize].id).collect()
+                    let indices = match svc.scheduler {
+                        Scheduler::Maglev | Scheduler::Sh { .. } => build_table(&input, svc.table_size),
+                        other => {
+                            let weights: Vec<u32> = input.iter().map(|b| b.weight).collect();
+                            crate::sched_tables::build(other, &weights, svc.table_size)
+                        }
+                    };
+                    indices.iter().map(|&i| members[i as usize].id).collect()
                 }
             };
 
@@ -267,9 +280,16 @@ impl Plan {
                     Protocol::Udp => VIP_ANY_PORT_UDP,
                 };
             }
-            let mut value = Service { id, table_size: table.len() as u32, ..Service::default() };
+            let mut value =
+                Service { id, table_size: table.len() as u32, scheduler: svc.scheduler.number(), ..Service::default() };
             if svc.on_all_down == OnAllDown::Pass {
                 value.flags |= SERVICE_PASS_ON_EMPTY;
+            }
+            if let Scheduler::Sh { prefix_v4, prefix_v6 } = svc.scheduler {
+                // The client prefixes sh hashes (the fields persistence uses;
+                // the two never come together).
+                value.persist_prefix_v4 = prefix_v4;
+                value.persist_prefix_v6 = prefix_v6;
             }
             if let Some(p) = &svc.persistence {
                 value.flags |= SERVICE_PERSIST;

@@ -14,7 +14,7 @@ fn unknown_fields_are_rejected_everywhere() {
         &service(&["    port: 80", "    backend: []"]),
         &[
             "test.yaml:5:5: services[0]: unknown field `backend`, expected one of `name`, `vip`, \
-           `port`, `protocol`, `scheduler`, `forwarding`, `gue_port`, `table_size`, `backends`, `probe`, \
+           `port`, `protocol`, `scheduler`, `prefix_v4`, `prefix_v6`, `forwarding`, `gue_port`, `table_size`, `backends`, `probe`, \
            `on_all_down`, `persistence`",
         ],
     );
@@ -225,12 +225,54 @@ fn protocol_and_scheduler_must_be_known() {
         &service(&[
             "    port: 80",
             "    protocol: TCP",
-            "    scheduler: wrr",
+            "    scheduler: lcx",
             "    backends: [{address: 198.18.0.11}]",
         ]),
         &[
             "test.yaml:5:15: services[0].protocol: unknown protocol 'TCP'; supported protocols: tcp, udp",
-            "test.yaml:6:16: services[0].scheduler: unknown scheduler 'wrr'; supported schedulers: maglev",
+            "test.yaml:6:16: services[0].scheduler: unknown scheduler 'lcx'; supported schedulers: maglev, rr, wrr, lc, wlc, sh",
         ],
     );
+}
+
+#[test]
+fn sh_prefixes_are_checked_and_belong_to_sh() {
+    assert_errors(
+        &service(&[
+            "    port: 80",
+            "    scheduler: rr",
+            "    prefix_v4: 24",
+            "    backends: [{address: 198.18.0.11}]",
+        ]),
+        &["test.yaml:6:5: services[0].prefix_v4: prefix_v4 applies to scheduler sh only"],
+    );
+    assert_errors(
+        &service(&[
+            "    port: 80",
+            "    scheduler: sh",
+            "    prefix_v4: 33",
+            "    prefix_v6: 0",
+            "    backends: [{address: 198.18.0.11}]",
+        ]),
+        &[
+            "test.yaml:6:16: services[0].prefix_v4: prefix_v4 33 is out of range 1..=32",
+            "test.yaml:7:16: services[0].prefix_v6: prefix_v6 0 is out of range 1..=128",
+        ],
+    );
+    assert_errors(
+        &service(&[
+            "    port: 80",
+            "    scheduler: sh",
+            "    persistence: {timeout: 60s}",
+            "    backends: [{address: 198.18.0.11}]",
+        ]),
+        &["test.yaml:5:16: services[0].scheduler: scheduler sh with persistence: both keep a client's flows on one \
+           backend; use persistence's prefixes or sh's, not both"],
+    );
+    let cfg = crate::config::parse(
+        &service(&["    port: 80", "    scheduler: sh", "    prefix_v4: 24", "    backends: [{address: 198.18.0.11}]"]),
+        "test.yaml",
+    )
+    .expect("valid");
+    assert_eq!(cfg.services[0].scheduler, crate::config::Scheduler::Sh { prefix_v4: 24, prefix_v6: 128 });
 }

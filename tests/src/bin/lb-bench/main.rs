@@ -20,6 +20,7 @@ mod probes;
 mod reload;
 mod report;
 mod scale;
+mod schedulers;
 mod topo;
 mod tunnel;
 mod trace;
@@ -152,6 +153,12 @@ fn main() {
     if std::env::args().any(|a| a == "--probes-only") {
         let probe = probes::bench_probes(&pp);
         println!("\n## Liveness probes\n\n{}", probes::probes_md(&probe, &pp));
+        eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
+    // Only the scheduler benchmark, printed and not written.
+    if std::env::args().any(|a| a == "--schedulers-only") {
+        println!("\n## Schedulers: new-flow cost\n\n{}", schedulers::bench_schedulers(&p));
         eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
         return;
     }

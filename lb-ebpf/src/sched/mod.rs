@@ -1,0 +1,60 @@
+//! Choosing a backend for a new flow (one file per scheduler family, see
+//! docs/architecture.md, "Schedulers"). Every scheduler reads the service's
+//! region of `MAGLEV`, which the agent fills with what that scheduler needs:
+//! a Maglev lookup table, one period of a rotation, or the list of candidates.
+//! Each returns a reference into `BACKENDS`, never a copy (the stack is 512 bytes
+//! for the whole call chain).
+
+mod leastconn;
+mod maglev;
+mod rotation;
+
+use lb_common::{
+    Backend, Service, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, SCHED_LC, SCHED_MAGLEV, SCHED_RR, SCHED_SH, SCHED_WLC, SCHED_WRR,
+};
+
+use crate::{backend::backend, maps::MAGLEV, trace::Decision};
+
+/// Why no backend was chosen.
+pub enum NoBackend {
+    /// The service's table is empty (all backends down or drained).
+    Empty,
+    /// The slot's backend is gone (the agent is swapping tables).
+    Gone,
+}
+
+/// A scheduler's choice: backend id and its entry.
+pub type Pick = Result<(u32, &'static Backend), NoBackend>;
+
+/// The backend in slot `in_table` of the service's table, if it takes new flows.
+#[inline(always)]
+fn slot_backend(svc: &Service, in_table: u32) -> Pick {
+    let id = *MAGLEV.get(svc.table_offset.wrapping_add(in_table)).ok_or(NoBackend::Gone)?;
+    let b = backend(id, svc.id, None, BACKEND_ACTIVE | BACKEND_ACCEPTS_NEW).ok_or(NoBackend::Gone)?;
+    Ok((id, b))
+}
+
+/// The service's scheduler's choice for a new flow whose hash is `hash` (the
+/// flow hash; with persistence, the hash of the masked client address alone).
+/// Maglev, the hot path, is inline; the other schedulers are one call away
+/// (`other_slot`), so their frames never add to the balancer's.
+#[inline(always)]
+pub fn pick(hash: u32, svc: &Service, d: &mut Decision) -> Pick {
+    if svc.table_size == 0 {
+        return Err(NoBackend::Empty);
+    }
+    let in_table = if svc.scheduler == SCHED_MAGLEV || svc.scheduler == SCHED_SH { maglev::slot(hash, svc) } else { other_slot(hash, svc.id, svc.table_offset, svc.table_size, svc.scheduler) };
+    d.slot = in_table;
+    slot_backend(svc, in_table)
+}
+
+/// The table slot chosen by a scheduler other than Maglev. Scalars only (a BPF
+/// call takes five registers), so the caller keeps nothing on the stack for it.
+#[inline(never)]
+fn other_slot(hash: u32, service_id: u32, offset: u32, size: u32, scheduler: u8) -> u32 {
+    match scheduler {
+        SCHED_RR | SCHED_WRR => rotation::slot(service_id, size),
+        SCHED_LC | SCHED_WLC => leastconn::slot(hash, service_id, offset, size, scheduler == SCHED_WLC),
+        _ => lb_common::maglev_slot(hash, size),
+    }
+}
