@@ -210,13 +210,7 @@ impl Dataplane {
             load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
         }
         // lb_xdp tail-calls lb_rare (ICMP, fragments) through RARE_PROGS[0].
-        let rare_err = |source| DataplaneError::Program { name: lb_common::PROG_RARE, source };
-        let rare_fd = program(&mut ebpf, lb_common::PROG_RARE)?.fd().map_err(rare_err)?.try_clone().map_err(|e| {
-            DataplaneError::PinDir { path: "lb_rare (program fd)".into(), source: e }
-        })?;
-        let mut rare: aya::maps::ProgramArray<_> =
-            aya::maps::ProgramArray::try_from(map_mut(&mut ebpf, "RARE_PROGS")?).map_err(map_err("RARE_PROGS"))?;
-        rare.set(0, &rare_fd, 0).map_err(map_err("RARE_PROGS"))?;
+        set_rare_slot(&mut ebpf, lb_common::PROG_RARE, lb_common::RARE_SLOT)?;
         let max_entries = |ebpf: &mut Ebpf, name: &'static str| -> Result<u32> {
             let info = map_data(ebpf, name)?.info().map_err(map_err(name))?;
             Ok(info.max_entries())
@@ -453,6 +447,15 @@ impl Dataplane {
     pub fn set_tracing(&mut self, on: bool) -> Result<()> {
         let name = if on { lb_common::PROG_BALANCER_TRACE } else { lb_common::PROG_BALANCER };
         let link_err = |error: String| DataplaneError::Link { path: "XDP link".into(), error };
+        if on {
+            // Its rare path first, so that no traced ICMP error finds the slot empty.
+            let rare: &mut Xdp = program(&mut self.ebpf, lb_common::PROG_RARE_TRACE)?;
+            if rare.fd().is_err() {
+                load_retrying(rare)
+                    .map_err(|source| DataplaneError::Program { name: lb_common::PROG_RARE_TRACE, source })?;
+                set_rare_slot(&mut self.ebpf, lb_common::PROG_RARE_TRACE, lb_common::RARE_TRACE_SLOT)?;
+            }
+        }
         let prog: &mut Xdp = program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
@@ -541,8 +544,22 @@ fn load_retrying(prog: &mut Xdp) -> std::result::Result<(), aya::programs::Progr
     }
 }
 
+/// Puts loaded program `name` at `slot` of `RARE_PROGS`.
+fn set_rare_slot(ebpf: &mut Ebpf, name: &'static str, slot: u32) -> Result<()> {
+    let err = |source| DataplaneError::Program { name, source };
+    let fd = program(ebpf, name)?
+        .fd()
+        .map_err(err)?
+        .try_clone()
+        .map_err(|e| DataplaneError::PinDir { path: format!("{name} (program fd)").into(), source: e })?;
+    let mut rare: aya::maps::ProgramArray<_> =
+        aya::maps::ProgramArray::try_from(map_mut(ebpf, "RARE_PROGS")?).map_err(map_err("RARE_PROGS"))?;
+    rare.set(slot, &fd, 0).map_err(map_err("RARE_PROGS"))
+}
+
 fn prog_name(name: &str) -> &'static str {
     match name {
+        lb_common::PROG_RARE_TRACE => lb_common::PROG_RARE_TRACE,
         lb_common::PROG_PASS => lb_common::PROG_PASS,
         lb_common::PROG_BALANCER_TRACE => lb_common::PROG_BALANCER_TRACE,
         lb_common::PROG_RARE => lb_common::PROG_RARE,

@@ -67,6 +67,12 @@ pub const PROG_BALANCER: &str = "lb_xdp";
 /// Name of the balancer's rare path (ICMP, fragments), tail-called from `lb_xdp`
 /// through the `RARE_PROGS` program array.
 pub const PROG_RARE: &str = "lb_rare";
+/// Name of `lb_rare` with the trace hook, tail-called from `lb_xdp_trace`.
+pub const PROG_RARE_TRACE: &str = "lb_rare_trace";
+/// `RARE_PROGS` index of `lb_rare`.
+pub const RARE_SLOT: u32 = 0;
+/// `RARE_PROGS` index of `lb_rare_trace` (filled while a trace runs).
+pub const RARE_TRACE_SLOT: u32 = 1;
 /// Name of the balancer with the trace hook (attached while `lb-agent trace` runs).
 pub const PROG_BALANCER_TRACE: &str = "lb_xdp_trace";
 /// Name of a program that only returns XDP_PASS. Attached to the far end of a veth

@@ -27,7 +27,7 @@ mod trace;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{stat, FlowKey};
+use lb_common::{stat, FlowKey, TraceFilter, TraceRecord, RARE_SLOT, RARE_TRACE_SLOT};
 
 use crate::{
     maps::{RARE, RARE_PROGS},
@@ -46,7 +46,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     if v as u32 == RARE_ACTION {
         // SAFETY: a tail call into the program the agent put at index 0; control
         // comes back only when it fails (slot empty).
-        unsafe { RARE_PROGS.tail_call(&ctx, 0) };
+        unsafe { RARE_PROGS.tail_call(&ctx, RARE_SLOT) };
         count(stat::PASS_NOT_L4);
         return xdp_action::XDP_PASS;
     }
@@ -107,6 +107,9 @@ fn rare(ctx: &XdpContext, d: &mut Decision) -> Outcome {
 
 /// `lb_xdp` with the trace hook: the agent swaps it into the XDP link while an
 /// `lb-agent trace` runs (and back afterwards), so tracing costs nothing while off.
+/// ICMP and fragments to a VIP continue in `lb_rare_trace` (`RARE_PROGS[1]`), as
+/// `lb_xdp` continues in `lb_rare`: one program verifying both paths would pass
+/// the verifier's million-instruction limit.
 #[xdp]
 pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
     let Some(r) = trace::scratch() else {
@@ -115,27 +118,49 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
         count(stat::PASS_NOT_READY);
         return xdp_action::XDP_PASS;
     };
-    // The flow first: a tunnel mode rewrites the frame.
-    let filter = trace::active();
-    if filter.is_some() {
+    // The flow first: a tunnel mode rewrites the frame. The filter is looked up
+    // again afterwards rather than kept: a pointer-or-null held across the
+    // balancer would double the states the verifier walks.
+    if trace::active().is_some() {
         trace::read_flow(ctx.data(), ctx.data_end(), r);
     }
     let mut v = balance_call(&ctx, &mut r.decision);
     if v as u32 == RARE_ACTION {
-        v = rare_call(&ctx, &mut r.decision);
+        // SAFETY: a tail call into the program the agent put at index 1; control
+        // comes back only when it fails (slot empty).
+        unsafe { RARE_PROGS.tail_call(&ctx, RARE_TRACE_SLOT) };
+        v = packed(Outcome::Pass(stat::PASS_NOT_L4));
     }
+    finish_trace(&ctx, trace::active(), r, v)
+}
+
+/// The rare path of `lb_xdp_trace` (tail-called), with the record that
+/// `lb_xdp_trace` started in this CPU's scratch entry.
+#[xdp]
+pub fn lb_rare_trace(ctx: XdpContext) -> u32 {
+    let Some(r) = trace::scratch_kept() else {
+        count(stat::PASS_NOT_READY);
+        return xdp_action::XDP_PASS;
+    };
+    let v = rare_call(&ctx, &mut r.decision);
+    finish_trace(&ctx, trace::active(), r, v)
+}
+
+/// Counts a packed verdict, records it when a trace runs, and returns the action.
+#[inline(always)]
+fn finish_trace(ctx: &XdpContext, filter: Option<&TraceFilter>, r: &mut TraceRecord, v: u64) -> u32 {
     let (action, counter) = (v as u32, (v >> 32) as u32);
     count(counter);
     if let Some(filter) = filter {
-        trace::record(&ctx, filter, r, action, counter);
+        trace::record(ctx, filter, r, action, counter);
     }
     action
 }
 
-/// `balance` as a call of its own (BPF-to-BPF) for `lb_xdp_trace`: the verifier
-/// allows 512 bytes of stack for a whole call chain, and the balancer's frame plus
-/// the trace record's would not fit in one frame.
-#[inline(never)]
+/// `balance` for `lb_xdp_trace`, inline as in `lb_xdp`: the decision record is in
+/// this CPU's `TRACE_SCRATCH` entry, not on the stack (as a BPF-to-BPF call, the
+/// verifier walked ~130,000 instructions more).
+#[inline(always)]
 fn balance_call(ctx: &XdpContext, d: &mut Decision) -> u64 {
     let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
     packed(balance::<false>(ctx, d, &mut pkt, &mut flow))

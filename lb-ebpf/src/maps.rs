@@ -135,4 +135,4 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 /// bytes per call chain) and the fast path pays no call. Filled by the agent at
 /// load; not pinned (each load has its own).
 #[aya_ebpf::macros::map]
-pub static RARE_PROGS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
+pub static RARE_PROGS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::with_max_entries(2, 0);

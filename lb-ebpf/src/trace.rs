@@ -29,6 +29,15 @@ pub fn scratch() -> Option<&'static mut TraceRecord> {
     Some(r)
 }
 
+/// This CPU's record as `lb_xdp_trace` left it (for `lb_rare_trace`, which it
+/// tail-called).
+#[inline(always)]
+pub fn scratch_kept() -> Option<&'static mut TraceRecord> {
+    let r = TRACE_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's own slot, used by one packet at a time.
+    Some(unsafe { &mut *r })
+}
+
 /// `N` bytes at `offset` of the frame `[data, end)`, bounds-checked.
 #[inline(always)]
 fn at<const N: usize>(data: usize, end: usize, offset: usize) -> Option<&'static [u8; N]> {

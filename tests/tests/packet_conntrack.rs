@@ -253,9 +253,18 @@ fn backend_counts_follow_the_flow_states() {
 #[test]
 fn verifier_work_stays_well_under_the_limit() {
     let mut b = Bench::new(&["198.18.0.11"], TABLE);
-    for name in [lb_common::PROG_BALANCER, lb_common::PROG_BALANCER_TRACE] {
+    for name in [
+        lb_common::PROG_BALANCER,
+        lb_common::PROG_BALANCER_TRACE,
+        lb_common::PROG_RARE,
+        lb_common::PROG_RARE_TRACE,
+    ] {
         let prog: &mut aya::programs::Xdp =
             b.dp.ebpf_mut().program_mut(name).expect("program").try_into().expect("XDP");
+        // The traced programs are loaded when a trace first needs them.
+        if prog.fd().is_err() {
+            prog.load().expect("load a traced program");
+        }
         let n = prog.info().expect("program info").verified_instruction_count().expect("verified_insns");
         eprintln!("{name}: {n} instructions verified");
         assert!(n < 666_000, "{name}: {n} instructions verified");

@@ -60,8 +60,9 @@ impl Trace {
             }
         });
         let t = Trace { child, lines, stderr };
-        // The agent answers at once: started, or why not.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // The agent answers once the traced programs are verified (the first
+        // trace loads them): started, or why not.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let err = t.stderr();
             if err.contains("tracing ") || err.contains("error:") {
@@ -218,6 +219,9 @@ fn each_decision_is_traced_with_its_reason() {
 
     // Not a VIP: the balancer's own address.
     netns::ns_sh(&lab.client, &["ping", "-c", "1", "-W", "1", &lb_tests::lab::BALANCER4.to_string()]);
+    // An echo request to a VIP: the rare path (`lb_rare_trace`) answers and traces it.
+    let ping = netns::ns_sh(&lab.client, &["ping", "-c", "1", "-W", "2", &VIP4.to_string()]);
+    assert!(ping.status.success(), "the VIP answers ping: {}", String::from_utf8_lossy(&ping.stdout));
     // A VIP, but no service on the port.
     netns::run_in(&lab.client, || {
         let _ = TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(VIP4), 81), Duration::from_millis(300));
@@ -250,6 +254,8 @@ fn each_decision_is_traced_with_its_reason() {
     assert_eq!((not_vip.outcome.as_str(), not_vip.verdict.as_str()), ("pass_not_vip", "pass"), "{not_vip:?}");
     let no_svc = find("port 81", &|l| l.vip_port == 81);
     assert_eq!(no_svc.outcome, "pass_no_service", "{no_svc:?}");
+    let echo_reply = find("echo request to the VIP", &|l| l.outcome == "icmp_echo_reply");
+    assert_eq!((echo_reply.vip, echo_reply.verdict.as_str()), (Some(IpAddr::V4(VIP4)), "tx"), "{echo_reply:?}");
     let bad = find("malformed", &|l| l.outcome == "pass_malformed_l4");
     assert_eq!(bad.vip, Some(IpAddr::V4(VIP4)), "{bad:?}");
     let drained = find("drained backend", &|l| l.vip_port == ECHO_PORT && l.backend_state.as_deref() == Some("draining"));
