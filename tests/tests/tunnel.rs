@@ -138,10 +138,22 @@ fn long_lived_connections_keep_their_backend_across_a_reload() {
         .args(["trace", "--json", "--count", "1", "--vip", &format!("[{VIP6}]:8081"), "--socket"])
         .arg(lab.control_socket())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("lb-agent trace");
-    std::thread::sleep(Duration::from_millis(500));
+    // The first trace loads the traced programs (seconds of verification): wait
+    // until it says it is tracing.
+    let stderr = std::io::BufReader::new(trace.stderr.take().expect("stderr"));
+    let started = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("tracing ") {
+                let _ = started.0.send(());
+            }
+        }
+    });
+    started.1.recv_timeout(Duration::from_secs(30)).expect("lb-agent trace started");
     let t = requests(&lab.client, Proto::Http, IpAddr::V6(VIP6), 8081, 1, 1, Duration::from_secs(10));
     assert_eq!(t.failures, 0, "{:?}", t.first_errors);
     let out = trace.wait_with_output_timeout(&agent.log_text());

@@ -225,6 +225,9 @@ fn main() {
     let probe = probes::bench_probes(&pp);
     let probe_md = probes::probes_md(&probe, &pp);
     println!("\n## Liveness probes\n\n{probe_md}");
+    eprintln!("lb-bench: new-flow cost per scheduler ...");
+    let sched_md = schedulers::bench_schedulers(&p);
+    println!("\n## Schedulers: new-flow cost\n\n{sched_md}");
     eprintln!("lb-bench: failover with BIRD and keepalived ({failover_runs} run(s) per scenario) ...");
     let failover_md = failover::bench_failover(failover_runs);
     println!("\n## Failover\n\n{failover_md}");
@@ -270,6 +273,7 @@ fn main() {
          ### Reload under traffic, 1,000 services x 32 backends\n\n{reload}\n\
          ### The agent at scale: start, memory, reloads, status\n\n{scale}\n\
          ### Liveness probes: CPU\n\n{probe_md}\n\
+         ## Schedulers: new-flow cost\n\n{sched_md}\n\
          ## Failover (ECMP and VRRP pair)\n\n{failover_md}\n",
         sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         sh("uname", &["-r"]),
