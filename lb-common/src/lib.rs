@@ -71,7 +71,7 @@ pub const PROG_RARE: &str = "lb_rare";
 pub const PROG_RARE_TRACE: &str = "lb_rare_trace";
 /// `RARE_PROGS` index of `lb_rare`.
 pub const RARE_SLOT: u32 = 0;
-/// `RARE_PROGS` index of `lb_rare_trace` (filled while a trace runs).
+/// `RARE_PROGS` index of `lb_rare_trace` (filled when the first trace starts).
 pub const RARE_TRACE_SLOT: u32 = 1;
 /// Name of the balancer with the trace hook (attached while `lb-agent trace` runs).
 pub const PROG_BALANCER_TRACE: &str = "lb_xdp_trace";
