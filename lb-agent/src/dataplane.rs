@@ -9,14 +9,21 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData},
     programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    map_names as names, stat, Backend, BackendConns, Config, Counters, Service, VipAddrKey, VipAddrVal, VipKey, CONFIG_CT_PROTECT,
+    map_names as names, Backend, Config, Service, VipAddrKey, VipAddrVal, VipKey, CONFIG_CT_PROTECT,
     CONFIG_READY,
 };
+
+mod programs;
+mod stats;
+mod trace_hook;
+
+use programs::{load_retrying, prog_name, program, set_rare_slot};
+pub use stats::Stats;
 
 use crate::{
     apply::{self, Capacity, MaglevMap, Placement, Regions, Summary},
@@ -434,73 +441,6 @@ impl Dataplane {
         Ok((lru, est))
     }
 
-    /// Sets the program's trace filter (`TraceFilter::default()`: no trace, the
-    /// program back to one array read and a branch per packet).
-    pub fn set_trace_filter(&mut self, filter: lb_common::TraceFilter) -> Result<()> {
-        let name = names::TRACE_FILTER;
-        let mut m: Array<_, lb_common::TraceFilter> = Array::try_from(map_mut(&mut self.ebpf, name)?).map_err(map_err(name))?;
-        m.set(0, filter, 0).map_err(map_err(name))
-    }
-
-    /// Puts the balancer with the trace hook (`on`) or without it into the XDP
-    /// link, atomically (`bpf_link_update`): tracing costs nothing while off.
-    pub fn set_tracing(&mut self, on: bool) -> Result<()> {
-        let name = if on { lb_common::PROG_BALANCER_TRACE } else { lb_common::PROG_BALANCER };
-        let link_err = |error: String| DataplaneError::Link { path: "XDP link".into(), error };
-        if on {
-            // Its rare path first, so that no traced ICMP error finds the slot empty.
-            let rare: &mut Xdp = program(&mut self.ebpf, lb_common::PROG_RARE_TRACE)?;
-            if rare.fd().is_err() {
-                load_retrying(rare)
-                    .map_err(|source| DataplaneError::Program { name: lb_common::PROG_RARE_TRACE, source })?;
-                set_rare_slot(&mut self.ebpf, lb_common::PROG_RARE_TRACE, lb_common::RARE_TRACE_SLOT)?;
-            }
-        }
-        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
-        if prog.fd().is_err() {
-            load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
-        }
-        let link = self.link.take().ok_or_else(|| link_err("the balancer is not attached".into()))?;
-        let link = XdpLink::try_from(link).map_err(|e| link_err(e.to_string()))?;
-        let prog_err = |source| DataplaneError::Program { name: prog_name(name), source };
-        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
-        let swapped = prog.attach_to_link(link).and_then(|id| prog.take_link(id)).map_err(prog_err);
-        match swapped {
-            Ok(link) => {
-                self.link = Some(FdLink::try_from(link).map_err(|e| link_err(e.to_string()))?);
-                Ok(())
-            }
-            Err(e) => {
-                // The link itself stays in the kernel (pinned); take our handle back.
-                if let Some(pins) = &self.pins {
-                    self.link = PinnedLink::from_pin(pins.link()).ok().map(FdLink::from);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Trace records the per-second budget refused, summed over CPUs; `reset`
-    /// zeroes the counts (at the start of a trace).
-    pub fn trace_dropped(&mut self, reset: bool) -> Result<u64> {
-        let name = names::TRACE_BUDGET;
-        let mut m: PerCpuArray<_, lb_common::TraceBudget> =
-            PerCpuArray::try_from(map_mut(&mut self.ebpf, name)?).map_err(map_err(name))?;
-        let values = m.get(&0, 0).map_err(map_err(name))?;
-        let dropped = values.iter().map(|b| b.dropped).sum();
-        if reset {
-            let zero = PerCpuValues::try_from(vec![lb_common::TraceBudget::default(); values.len()])
-                .map_err(|source| DataplaneError::PinDir { path: "TRACE_BUDGET (per-CPU values)".into(), source })?;
-            m.set(0, zero, 0).map_err(map_err(name))?;
-        }
-        Ok(dropped)
-    }
-
-    /// Starts reading the program's aya-log records into `sink` (once per load).
-    pub fn trace_logger(&mut self, sink: crate::trace::Sink) -> std::result::Result<aya_log::EbpfLogger<crate::trace::Sink>, aya_log::Error> {
-        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, sink)
-    }
-
     /// A handle of its own on map `name` (for a task that reads or sweeps it).
     pub fn map_handle(&mut self, name: &'static str) -> Result<MapData> {
         map_data(&mut self.ebpf, name)
@@ -508,72 +448,14 @@ impl Dataplane {
 
     /// Current counters, summed over CPUs.
     pub fn stats(&mut self) -> Result<Stats> {
-        let e = &mut self.ebpf;
-        let mut stats =
-            Stats::read(map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?, None)?;
-        stats.conns = read_conns(map_data(e, names::BACKEND_CONNS)?, map_data(e, names::BACKEND_CONN_DELTA)?)?;
-        Ok(stats)
+        Stats::read_loaded(&mut self.ebpf, None)
     }
 
     /// The counters of service ids below `services` and backend ids below
     /// `backends` (the ids a plan has handed out), the rest left out.
     pub fn stats_of(&mut self, services: u32, backends: u32) -> Result<Stats> {
-        let e = &mut self.ebpf;
-        let (g, s, b) = (map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?);
-        let mut stats = Stats::read(g, s, b, Some((services, backends)))?;
-        stats.conns = read_conns(map_data(e, names::BACKEND_CONNS)?, map_data(e, names::BACKEND_CONN_DELTA)?)?;
-        Ok(stats)
+        Stats::read_loaded(&mut self.ebpf, Some((services, backends)))
     }
-}
-
-/// Loads a program, again when the verifier gave up with EAGAIN: it stops when a
-/// signal is pending, and the agent's probes (exec children: SIGCHLD) and its
-/// runtime's signal handling can make that happen during a long verification.
-fn load_retrying(prog: &mut Xdp) -> std::result::Result<(), aya::programs::ProgramError> {
-    let mut tries = 0;
-    loop {
-        match prog.load() {
-            Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
-            {
-                tries += 1;
-                tracing::debug!(tries, "the verifier was interrupted by a signal: loading again");
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Puts loaded program `name` at `slot` of `RARE_PROGS`.
-fn set_rare_slot(ebpf: &mut Ebpf, name: &'static str, slot: u32) -> Result<()> {
-    let err = |source| DataplaneError::Program { name, source };
-    let fd = program(ebpf, name)?
-        .fd()
-        .map_err(err)?
-        .try_clone()
-        .map_err(|e| DataplaneError::PinDir { path: format!("{name} (program fd)").into(), source: e })?;
-    let mut rare: aya::maps::ProgramArray<_> =
-        aya::maps::ProgramArray::try_from(map_mut(ebpf, "RARE_PROGS")?).map_err(map_err("RARE_PROGS"))?;
-    rare.set(slot, &fd, 0).map_err(map_err("RARE_PROGS"))
-}
-
-fn prog_name(name: &str) -> &'static str {
-    match name {
-        lb_common::PROG_RARE_TRACE => lb_common::PROG_RARE_TRACE,
-        lb_common::PROG_PASS => lb_common::PROG_PASS,
-        lb_common::PROG_BALANCER_TRACE => lb_common::PROG_BALANCER_TRACE,
-        lb_common::PROG_RARE => lb_common::PROG_RARE,
-        _ => lb_common::PROG_BALANCER,
-    }
-}
-
-fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
-    let missing = || DataplaneError::Program {
-        name: prog_name(name),
-        source: aya::programs::ProgramError::UnexpectedProgramType,
-    };
-    let prog = ebpf.program_mut(name).ok_or_else(missing)?;
-    prog.try_into().map_err(|_| missing())
 }
 
 /// What `SERVICES`, `BACKENDS` (every id ever handed out: generation above 0) and
@@ -616,80 +498,4 @@ pub fn read_pinned_plan(dir: &Path) -> Result<Plan> {
     )?;
     let services: Vec<_> = services.into_iter().map(|(key, value)| (key, value, Vec::new())).collect();
     Ok(crate::plan::from_maps(&services, &backends, vip_addrs, &Plan::default()))
-}
-
-/// Counters summed over CPUs.
-#[derive(Debug, Clone, Default)]
-pub struct Stats {
-    /// Indexed by `lb_common::stat`.
-    pub global: Vec<u64>,
-    /// Indexed by service id.
-    pub services: Vec<Counters>,
-    /// Indexed by backend id.
-    pub backends: Vec<Counters>,
-    /// Indexed by backend id: (active, inactive) connections.
-    pub conns: Vec<(u32, u32)>,
-}
-
-/// Per backend id: (active, inactive), `BACKEND_CONNS` + `BACKEND_CONN_DELTA`.
-fn read_conns(base: MapData, delta: MapData) -> Result<Vec<(u32, u32)>> {
-    let b: Array<_, BackendConns> = Array::try_from(Map::Array(base)).map_err(map_err(names::BACKEND_CONNS))?;
-    let d: Array<_, BackendConns> = Array::try_from(Map::Array(delta)).map_err(map_err(names::BACKEND_CONN_DELTA))?;
-    Ok(b.iter()
-        .zip(d.iter())
-        .map(|(b, d)| match (b, d) {
-            (Ok(b), Ok(d)) => BackendConns::count(&b, &d),
-            _ => (0, 0),
-        })
-        .collect())
-}
-
-fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
-    v.iter().fold(Counters::default(), |a, c| Counters {
-        packets: a.packets + c.packets,
-        bytes: a.bytes + c.bytes,
-        new_flows: a.new_flows + c.new_flows,
-    })
-}
-
-/// Every element of a per-CPU array of counters, summed over the CPUs: in batches
-/// where the kernel allows, else element by element.
-fn read_counters(data: MapData, name: &'static str, limit: Option<u32>) -> Result<Vec<Counters>> {
-    let len = data.info().map_err(map_err(name))?.max_entries().min(limit.unwrap_or(u32::MAX));
-    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::PinDir { path: "possible cpus".into(), source: e })?;
-    if let Ok(all) = crate::batch::sum_counters(data.fd().as_fd(), len, ncpu) {
-        return Ok(all);
-    }
-    let m: PerCpuArray<_, Counters> = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(name))?;
-    m.iter().take(len as usize).map(|v| v.map(|v| sum_counters(&v)).map_err(map_err(name))).collect()
-}
-
-impl Stats {
-    fn read(global: MapData, services: MapData, backends: MapData, limit: Option<(u32, u32)>) -> Result<Stats> {
-        let g: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(Map::PerCpuArray(global)).map_err(map_err(names::STATS))?;
-        let mut out = Stats::default();
-        for i in 0..stat::COUNT {
-            let v = g.get(&i, 0).map_err(map_err(names::STATS))?;
-            out.global.push(v.iter().sum());
-        }
-        out.services = read_counters(services, names::SERVICE_STATS, limit.map(|l| l.0))?;
-        out.backends = read_counters(backends, names::BACKEND_STATS, limit.map(|l| l.1))?;
-        Ok(out)
-    }
-
-    /// Reads the counters from maps pinned by a running agent under `dir`.
-    pub fn read_pinned(dir: &Path) -> Result<Stats> {
-        let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(map_err(name));
-        let mut stats = Self::read(open(names::STATS)?, open(names::SERVICE_STATS)?, open(names::BACKEND_STATS)?, None)?;
-        // Absent in pins of an older agent.
-        if let (Ok(b), Ok(d)) = (open(names::BACKEND_CONNS), open(names::BACKEND_CONN_DELTA)) {
-            stats.conns = read_conns(b, d)?;
-        }
-        Ok(stats)
-    }
-
-    pub fn get(&self, stat: u32) -> u64 {
-        self.global.get(stat as usize).copied().unwrap_or(0)
-    }
 }

@@ -1,0 +1,55 @@
+//! Finding, loading and wiring the object's XDP programs.
+
+use aya::{programs::Xdp, Ebpf};
+
+use super::{map_err, map_mut, DataplaneError, Result};
+
+/// Loads a program, again when the verifier gave up with EAGAIN: it stops when a
+/// signal is pending, and the agent's probes (exec children: SIGCHLD) and its
+/// runtime's signal handling can make that happen during a long verification.
+pub(super) fn load_retrying(prog: &mut Xdp) -> std::result::Result<(), aya::programs::ProgramError> {
+    let mut tries = 0;
+    loop {
+        match prog.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+            {
+                tries += 1;
+                tracing::debug!(tries, "the verifier was interrupted by a signal: loading again");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Puts loaded program `name` at `slot` of `RARE_PROGS`.
+pub(super) fn set_rare_slot(ebpf: &mut Ebpf, name: &'static str, slot: u32) -> Result<()> {
+    let err = |source| DataplaneError::Program { name, source };
+    let fd = program(ebpf, name)?
+        .fd()
+        .map_err(err)?
+        .try_clone()
+        .map_err(|e| DataplaneError::PinDir { path: format!("{name} (program fd)").into(), source: e })?;
+    let mut rare: aya::maps::ProgramArray<_> =
+        aya::maps::ProgramArray::try_from(map_mut(ebpf, "RARE_PROGS")?).map_err(map_err("RARE_PROGS"))?;
+    rare.set(slot, &fd, 0).map_err(map_err("RARE_PROGS"))
+}
+
+pub(super) fn prog_name(name: &str) -> &'static str {
+    match name {
+        lb_common::PROG_RARE_TRACE => lb_common::PROG_RARE_TRACE,
+        lb_common::PROG_PASS => lb_common::PROG_PASS,
+        lb_common::PROG_BALANCER_TRACE => lb_common::PROG_BALANCER_TRACE,
+        lb_common::PROG_RARE => lb_common::PROG_RARE,
+        _ => lb_common::PROG_BALANCER,
+    }
+}
+
+pub(super) fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let missing = || DataplaneError::Program {
+        name: prog_name(name),
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    };
+    let prog = ebpf.program_mut(name).ok_or_else(missing)?;
+    prog.try_into().map_err(|_| missing())
+}

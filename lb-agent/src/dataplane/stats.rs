@@ -1,0 +1,96 @@
+//! The counters (`STATS`, `SERVICE_STATS`, `BACKEND_STATS`) and connection
+//! counts (`BACKEND_CONNS` + `BACKEND_CONN_DELTA`), summed over CPUs.
+
+use std::{os::fd::AsFd, path::Path};
+
+use aya::{
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
+    Ebpf,
+};
+use lb_common::{map_names as names, stat, BackendConns, Counters};
+
+use super::{map_data, map_err, DataplaneError, Result};
+
+/// Counters summed over CPUs.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Indexed by `lb_common::stat`.
+    pub global: Vec<u64>,
+    /// Indexed by service id.
+    pub services: Vec<Counters>,
+    /// Indexed by backend id.
+    pub backends: Vec<Counters>,
+    /// Indexed by backend id: (active, inactive) connections.
+    pub conns: Vec<(u32, u32)>,
+}
+
+/// Per backend id: (active, inactive), `BACKEND_CONNS` + `BACKEND_CONN_DELTA`.
+fn read_conns(base: MapData, delta: MapData) -> Result<Vec<(u32, u32)>> {
+    let b: Array<_, BackendConns> = Array::try_from(Map::Array(base)).map_err(map_err(names::BACKEND_CONNS))?;
+    let d: Array<_, BackendConns> = Array::try_from(Map::Array(delta)).map_err(map_err(names::BACKEND_CONN_DELTA))?;
+    Ok(b.iter()
+        .zip(d.iter())
+        .map(|(b, d)| match (b, d) {
+            (Ok(b), Ok(d)) => BackendConns::count(&b, &d),
+            _ => (0, 0),
+        })
+        .collect())
+}
+
+fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
+    v.iter().fold(Counters::default(), |a, c| Counters {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+        new_flows: a.new_flows + c.new_flows,
+    })
+}
+
+/// Every element of a per-CPU array of counters, summed over the CPUs: in batches
+/// where the kernel allows, else element by element.
+fn read_counters(data: MapData, name: &'static str, limit: Option<u32>) -> Result<Vec<Counters>> {
+    let len = data.info().map_err(map_err(name))?.max_entries().min(limit.unwrap_or(u32::MAX));
+    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::PinDir { path: "possible cpus".into(), source: e })?;
+    if let Ok(all) = crate::batch::sum_counters(data.fd().as_fd(), len, ncpu) {
+        return Ok(all);
+    }
+    let m: PerCpuArray<_, Counters> = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(name))?;
+    m.iter().take(len as usize).map(|v| v.map(|v| sum_counters(&v)).map_err(map_err(name))).collect()
+}
+
+impl Stats {
+    /// From the maps of a loaded object; `limit`: (services, backends) ids to read.
+    pub(super) fn read_loaded(e: &mut Ebpf, limit: Option<(u32, u32)>) -> Result<Stats> {
+        let (g, s, b) = (map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?);
+        let mut stats = Stats::read(g, s, b, limit)?;
+        stats.conns = read_conns(map_data(e, names::BACKEND_CONNS)?, map_data(e, names::BACKEND_CONN_DELTA)?)?;
+        Ok(stats)
+    }
+
+    fn read(global: MapData, services: MapData, backends: MapData, limit: Option<(u32, u32)>) -> Result<Stats> {
+        let g: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(global)).map_err(map_err(names::STATS))?;
+        let mut out = Stats::default();
+        for i in 0..stat::COUNT {
+            let v = g.get(&i, 0).map_err(map_err(names::STATS))?;
+            out.global.push(v.iter().sum());
+        }
+        out.services = read_counters(services, names::SERVICE_STATS, limit.map(|l| l.0))?;
+        out.backends = read_counters(backends, names::BACKEND_STATS, limit.map(|l| l.1))?;
+        Ok(out)
+    }
+
+    /// Reads the counters from maps pinned by a running agent under `dir`.
+    pub fn read_pinned(dir: &Path) -> Result<Stats> {
+        let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(map_err(name));
+        let mut stats = Self::read(open(names::STATS)?, open(names::SERVICE_STATS)?, open(names::BACKEND_STATS)?, None)?;
+        // Absent in pins of an older agent.
+        if let (Ok(b), Ok(d)) = (open(names::BACKEND_CONNS), open(names::BACKEND_CONN_DELTA)) {
+            stats.conns = read_conns(b, d)?;
+        }
+        Ok(stats)
+    }
+
+    pub fn get(&self, stat: u32) -> u64 {
+        self.global.get(stat as usize).copied().unwrap_or(0)
+    }
+}
