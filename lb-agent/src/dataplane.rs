@@ -188,9 +188,8 @@ impl Dataplane {
         } else {
             Opened { adopted: false, maps_reused: false, why_not: None }
         };
-        if !opened.maps_reused {
-            pins.clear_maps().map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
-        }
+        let cleared = if opened.maps_reused { pins.drop_unfit_prog_array() } else { pins.clear_maps() };
+        cleared.map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
         let mut dp = Self::load_with(crate::object::OBJECT, plan, Some(pins))?;
         if opened.maps_reused {
             dp.adopt_state(plan)?;
@@ -204,8 +203,11 @@ impl Dataplane {
         for (name, size) in map_sizes(plan) {
             loader.map_max_entries(name, size);
         }
-        let paths: Vec<(&'static str, PathBuf)> =
-            pins.map(|p| layout().iter().map(|(n, ..)| (*n, p.map(n))).collect()).unwrap_or_default();
+        // RARE_PROGS is pinned too: the kernel empties a program array when its last
+        // user reference closes, which would cut the rare path off between agents.
+        let paths: Vec<(&'static str, PathBuf)> = pins
+            .map(|p| layout().iter().map(|(n, ..)| *n).chain([names::RARE_PROGS]).map(|n| (n, p.map(n))).collect())
+            .unwrap_or_default();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -106,8 +106,31 @@ impl PinDir {
         Ok(())
     }
 
+    /// Drops a pinned `RARE_PROGS` that is not the program array this build
+    /// expects (another size), so that loading creates a fresh one. A program
+    /// array takes part in neither `layout()` nor `reusable`: it holds programs,
+    /// not state, and the agent fills it at every load.
+    pub fn drop_unfit_prog_array(&self) -> std::io::Result<()> {
+        let path = self.map(names::RARE_PROGS);
+        let fits = match MapData::from_pin(&path).ok().and_then(|m| m.info().ok()) {
+            None => return Ok(()),
+            Some(info) => {
+                matches!(info.map_type(), Ok(aya::maps::MapType::ProgramArray))
+                    && info.key_size() == 4
+                    && info.value_size() == 4
+                    && info.max_entries() == lb_common::RARE_PROGS_ENTRIES
+            }
+        };
+        if fits {
+            return Ok(());
+        }
+        tracing::info!(path = %path.display(), "the pinned program array is another version's: replacing it");
+        remove_if_present(&path)
+    }
+
     /// Removes pinned maps (before creating fresh ones) and the program pin.
     pub fn clear_maps(&self) -> std::io::Result<()> {
+        remove_if_present(&self.map(names::RARE_PROGS))?;
         for (name, ..) in layout() {
             match std::fs::remove_file(self.map(name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -127,5 +150,12 @@ impl PinDir {
         self.clear_maps()?;
         let _ = std::fs::remove_dir(&self.dir);
         Ok(())
+    }
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }

@@ -42,6 +42,9 @@ pub mod map_names {
     pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
     pub const BACKEND_CONN_DELTA: &str = "BACKEND_CONN_DELTA";
     pub const ROTATION: &str = "ROTATION";
+    /// The program array of tail-called programs (pinned apart from `layout()`:
+    /// a program array has no BTF value type to check).
+    pub const RARE_PROGS: &str = "RARE_PROGS";
     pub use crate::decap::names::*;
 }
 
@@ -69,6 +72,8 @@ pub const PROG_BALANCER: &str = "lb_xdp";
 pub const PROG_RARE: &str = "lb_rare";
 /// Name of `lb_rare` with the trace hook, tail-called from `lb_xdp_trace`.
 pub const PROG_RARE_TRACE: &str = "lb_rare_trace";
+/// Slots in `RARE_PROGS`.
+pub const RARE_PROGS_ENTRIES: u32 = 2;
 /// `RARE_PROGS` index of `lb_rare`.
 pub const RARE_SLOT: u32 = 0;
 /// `RARE_PROGS` index of `lb_rare_trace` (filled when the first trace starts).

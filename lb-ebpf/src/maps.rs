@@ -133,6 +133,9 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 /// The rare path (`lb_rare`: ICMP and fragments to a VIP), reached from `lb_xdp`
 /// by a tail call so that its stack frame is its own (the verifier allows 512
 /// bytes per call chain) and the fast path pays no call. Filled by the agent at
-/// load; not pinned (each load has its own).
+/// load and pinned with the other maps: the kernel empties a program array when
+/// its last user reference goes, and the pin keeps the rare path alive between
+/// one agent and the next.
 #[aya_ebpf::macros::map]
-pub static RARE_PROGS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::with_max_entries(2, 0);
+pub static RARE_PROGS: aya_ebpf::maps::ProgramArray =
+    aya_ebpf::maps::ProgramArray::with_max_entries(lb_common::RARE_PROGS_ENTRIES, 0);

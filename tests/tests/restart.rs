@@ -106,6 +106,18 @@ fn across(lab: &mut Lab, restart: impl FnOnce(&Lab) -> lb_tests::lab::Agent) {
     assert_eq!(stats.get(stat::PASS_NOT_READY), 0, "never passed as not ready");
 }
 
+/// `ping VIP` from the client is answered: the balancer answers echo requests on
+/// its rare path (`lb_rare`, a tail call through the pinned `RARE_PROGS`), so this
+/// shows the tail call works while no agent runs.
+fn assert_ping_answered(lab: &Lab, when: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.client, "ping", "-4", "-c", "3", "-i", "0.2", "-W", "1", &VIP4.to_string()])
+        .output()
+        .expect("run ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("3 received"), "ping {VIP4} {when} (the rare path's tail call):\n{text}");
+}
+
 // The new agent starts with a fourth backend: Maglev would move about a quarter of
 // the flows, so only the kept connection table keeps the long-lived connections
 // (and the HTTP requests in flight) on their backends.
@@ -117,8 +129,10 @@ fn sigkill_and_restart_lose_nothing() {
     let mut first = lab.start_agent(&config(&lab, 3));
     across(&mut lab, |lab| {
         first.kill();
-        // No agent at all for a while: the pinned balancer forwards on its own.
-        std::thread::sleep(Duration::from_millis(700));
+        // No agent at all for a while: the pinned balancer forwards on its own,
+        // the tail-called rare path included.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_ping_answered(lab, "after the agent was killed");
         lab.start_agent(&config(lab, 4))
     });
 }
@@ -132,6 +146,7 @@ fn keep_on_exit_then_replacement_loses_nothing() {
         let (status, log) = first.stop_keeping();
         assert!(status.success(), "{log}");
         assert!(log.contains("left attached"), "{log}");
+        assert_ping_answered(lab, "after the agent exited with --keep-on-exit");
         lab.start_agent(&config(lab, 4))
     });
 }

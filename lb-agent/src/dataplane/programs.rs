@@ -31,8 +31,9 @@ pub(super) fn set_rare_slot(ebpf: &mut Ebpf, name: &'static str, slot: u32) -> R
         .try_clone()
         .map_err(|e| DataplaneError::PinDir { path: format!("{name} (program fd)").into(), source: e })?;
     let mut rare: aya::maps::ProgramArray<_> =
-        aya::maps::ProgramArray::try_from(map_mut(ebpf, "RARE_PROGS")?).map_err(map_err("RARE_PROGS"))?;
-    rare.set(slot, &fd, 0).map_err(map_err("RARE_PROGS"))
+        aya::maps::ProgramArray::try_from(map_mut(ebpf, lb_common::map_names::RARE_PROGS)?)
+            .map_err(map_err(lb_common::map_names::RARE_PROGS))?;
+    rare.set(slot, &fd, 0).map_err(map_err(lb_common::map_names::RARE_PROGS))
 }
 
 pub(super) fn prog_name(name: &str) -> &'static str {
