@@ -18,7 +18,6 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -39,7 +38,6 @@ pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// The table the agents announce in (as in deploy/bird/balancer.conf).
 pub const ANNOUNCE_TABLE: u32 = 100;
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub fn deploy_file(rel: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(rel);
@@ -83,9 +81,7 @@ impl EcmpLab {
         netns::require_root();
         daemon::require("bird", "bird2");
         assert!(nodes <= 3, "deploy/bird/router.conf peers with three balancers");
-        let id = format!("ec{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
-        let dir = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&dir).expect("lab temp dir");
+        let (id, dir) = crate::lab::lab_id("ec");
         let mut lab = EcmpLab {
             client: format!("{id}-cl"),
             router: format!("{id}-rt"),
@@ -102,14 +98,7 @@ impl EcmpLab {
                     bird: None,
                 })
                 .collect(),
-            backends: (1..=backends)
-                .map(|i| Backend {
-                    ns: format!("{id}-b{i}"),
-                    name: format!("b{i}"),
-                    v4: Ipv4Addr::new(198, 18, 0, 10 + i as u8),
-                    v6: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10 + i as u16),
-                })
-                .collect(),
+            backends: (1..=backends).map(|i| Backend::on_segment(&id, i)).collect(),
             client_addrs: Vec::new(),
             id,
             dir,

@@ -34,6 +34,28 @@ pub struct Backend {
     pub v6: Ipv6Addr,
 }
 
+impl Backend {
+    /// Backend `i` (from 1) of a lab's shared segment: 198.18.0.(10+i) and
+    /// 2001:db8::(0x10+i), in namespace `{id}-b{i}`.
+    pub fn on_segment(id: &str, i: usize) -> Backend {
+        Backend {
+            ns: format!("{id}-b{i}"),
+            name: format!("b{i}"),
+            v4: Ipv4Addr::new(198, 18, 0, 10 + i as u8),
+            v6: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10 + i as u16),
+        }
+    }
+}
+
+/// A lab's id (`{prefix}{pid}x{seq}`: unique across tests and processes, the
+/// prefix of its namespaces' names) and its fresh temporary directory.
+pub fn lab_id(prefix: &str) -> (String, PathBuf) {
+    let id = format!("{prefix}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+    let dir = std::env::temp_dir().join(&id);
+    std::fs::create_dir_all(&dir).expect("lab temp dir");
+    (id, dir)
+}
+
 pub struct Lab {
     pub id: String,
     pub client: String,
@@ -65,21 +87,12 @@ impl Lab {
     /// Builds the lab with `n` backends (at most 9).
     pub fn new(n: usize) -> Lab {
         netns::require_root();
-        let id = format!("lb{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
-        let dir = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&dir).expect("lab temp dir");
+        let (id, dir) = lab_id("lb");
         let mut lab = Lab {
             client: format!("{id}-cl"),
             balancer: format!("{id}-lb"),
             switch: format!("{id}-sw"),
-            backends: (1..=n)
-                .map(|i| Backend {
-                    ns: format!("{id}-b{i}"),
-                    name: format!("b{i}"),
-                    v4: Ipv4Addr::new(198, 18, 0, 10 + i as u8),
-                    v6: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10 + i as u16),
-                })
-                .collect(),
+            backends: (1..=n).map(|i| Backend::on_segment(&id, i)).collect(),
             balancer_port: "p-lb".into(),
             id,
             dir,

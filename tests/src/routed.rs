@@ -16,7 +16,6 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use crate::{
@@ -33,7 +32,6 @@ pub const BALANCER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x41, 0, 0, 0, 0, 2
 /// The echo service's port (long-lived connections).
 pub const ECHO_PORT: u16 = 7000;
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub struct Host {
     pub ns: String,
@@ -59,9 +57,7 @@ impl RoutedLab {
     #[expect(clippy::new_without_default, reason = "builds namespaces: not a default value")]
     pub fn new() -> RoutedLab {
         netns::require_root();
-        let id = format!("rt{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
-        let dir = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&dir).expect("lab dir");
+        let (id, dir) = crate::lab::lab_id("rt");
         let host = |i: usize, subnet: u8, last: u8| Host {
             ns: format!("{id}-b{i}"),
             name: format!("b{i}"),

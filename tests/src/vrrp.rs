@@ -6,7 +6,6 @@
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -19,7 +18,6 @@ use crate::{
     traffic::{self, Server},
 };
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub struct Peer {
     pub ns: String,
@@ -46,9 +44,7 @@ impl VrrpLab {
     pub fn new(backends: usize) -> VrrpLab {
         netns::require_root();
         daemon::require("keepalived", "keepalived");
-        let id = format!("vr{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
-        let dir = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&dir).expect("lab temp dir");
+        let (id, dir) = crate::lab::lab_id("vr");
         let mut lab = VrrpLab {
             client: format!("{id}-cl"),
             switch: format!("{id}-sw"),
@@ -62,14 +58,7 @@ impl VrrpLab {
                     keepalived: None,
                 })
                 .collect(),
-            backends: (1..=backends)
-                .map(|i| Backend {
-                    ns: format!("{id}-b{i}"),
-                    name: format!("b{i}"),
-                    v4: Ipv4Addr::new(198, 18, 0, 10 + i as u8),
-                    v6: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10 + i as u16),
-                })
-                .collect(),
+            backends: (1..=backends).map(|i| Backend::on_segment(&id, i)).collect(),
             dir,
             servers: Vec::new(),
             pass: None,
