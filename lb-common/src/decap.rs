@@ -76,7 +76,14 @@ pub mod decap_stat {
     /// The frame could not be rewritten (`bpf_xdp_adjust_head` refused to move
     /// its start): dropped. Never expected.
     pub const DROP_DECAP_FAILED: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// A tunnel packet to this host whose outer IPv4 header checksum is wrong
+    /// (the stack, which checks it, never sees the outer header): dropped.
+    pub const DROP_BAD_CHECKSUM: u32 = 10;
+    /// Outer header marked CE (congestion experienced) on an inner packet that is
+    /// not ECN-capable: dropped, as RFC 6040 section 4.2 requires (the mark cannot
+    /// be carried inward, and dropping is what congestion would have done).
+    pub const DROP_CE_NOT_ECT: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     /// Names for `lb-agent decap --stats`, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -90,6 +97,8 @@ pub mod decap_stat {
         "decap_gue",
         "drop_malformed",
         "drop_decap_failed",
+        "drop_bad_checksum",
+        "drop_ce_not_ect",
     ];
 }
 

@@ -7,8 +7,11 @@
 //! (`DECAP_ADDRS`) loses its outer headers: the L2 header moves forward over them,
 //! its ethertype becomes the inner family, `bpf_xdp_adjust_head` drops the gap, and
 //! the stack gets the inner packet (XDP_PASS). Everything else passes untouched;
-//! a tunnel packet to us that is not well formed is dropped. Every outcome is
-//! counted in `DECAP_STATS` (`lb_common::decap_stat`).
+//! a tunnel packet to us that is not well formed (or whose outer IPv4 checksum is
+//! wrong) is dropped. A congestion mark on the outer header is carried to the
+//! inner one as RFC 6040 says (normal mode): outer CE makes an ECN-capable inner
+//! packet CE, and drops one that is not ECN-capable. Every outcome is counted in
+//! `DECAP_STATS` (`lb_common::decap_stat`).
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -50,6 +53,9 @@ const PROTO_UDP: u8 = 17;
 const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 /// IPv4 flags/fragment offset: More Fragments bit and the offset field.
 const IP_MF_OFFSET: u16 = 0x3fff;
+/// ECN codepoints (RFC 3168): Not-ECT and CE.
+const ECN_NOT_ECT: u8 = 0;
+const ECN_CE: u8 = 3;
 
 /// What to do with a frame.
 enum Verdict {
@@ -65,6 +71,9 @@ struct Strip {
     /// Outer IP header (+ UDP header) length: what the frame loses.
     overhead: usize,
     inner_v6: bool,
+    /// The outer header carried CE and the inner packet is ECT(0)/ECT(1): mark
+    /// the inner header CE.
+    mark_ce: bool,
     counter: u32,
 }
 
@@ -171,12 +180,16 @@ fn outer_v4(ctx: &XdpContext, l3: usize) -> Verdict {
     {
         return malformed;
     }
+    if !ipv4_checksum_ok(ctx, l3, ihl) {
+        return Verdict::Drop(ds::DROP_BAD_CHECKSUM);
+    }
     let counter = match what {
         Carried::V4 => ds::DECAP_IPIP,
         Carried::V6 => ds::DECAP_IP6_IN_IP4,
         Carried::Gue => ds::DECAP_GUE,
     };
-    inner(ctx, l3, ihl, tot_len - ihl, what, udp_len, counter)
+    let outer_ecn = hdr[1] & 3;
+    inner(ctx, l3, ihl, tot_len - ihl, what, udp_len, outer_ecn, counter)
 }
 
 #[inline(always)]
@@ -212,14 +225,26 @@ fn outer_v6(ctx: &XdpContext, l3: usize) -> Verdict {
         Carried::V6 => ds::DECAP_IP6IP6,
         Carried::Gue => ds::DECAP_GUE,
     };
-    inner(ctx, l3, IPV6_HLEN, payload_len, what, udp_len, counter)
+    let outer_ecn = (hdr[1] >> 4) & 3;
+    inner(ctx, l3, IPV6_HLEN, payload_len, what, udp_len, outer_ecn, counter)
 }
 
 /// Checks what follows the outer IP header (`outer_len` bytes at `l3`, leaving
 /// `rest` bytes, all within the frame): the UDP length for GUE, then the inner
-/// header's version and length against what the outer headers leave.
+/// header's version and length against what the outer headers leave, and the
+/// outer ECN codepoint against the inner one (RFC 6040).
 #[inline(always)]
-fn inner(ctx: &XdpContext, l3: usize, outer_len: usize, rest: usize, what: Carried, udp_len: usize, counter: u32) -> Verdict {
+#[expect(clippy::too_many_arguments, reason = "the outer header's facts, each a register")]
+fn inner(
+    ctx: &XdpContext,
+    l3: usize,
+    outer_len: usize,
+    rest: usize,
+    what: Carried,
+    udp_len: usize,
+    outer_ecn: u8,
+    counter: u32,
+) -> Verdict {
     let malformed = Verdict::Drop(ds::DROP_MALFORMED);
     let (overhead, len) = if what == Carried::Gue {
         if udp_len != rest || rest < UDP_HLEN {
@@ -233,7 +258,7 @@ fn inner(ctx: &XdpContext, l3: usize, outer_len: usize, rest: usize, what: Carri
     let Ok(first) = ptr_at::<u8>(ctx, at) else { return malformed };
     // SAFETY: bounds checked.
     let version = unsafe { *first } >> 4;
-    let inner_v6 = match (what, version) {
+    let (inner_v6, inner_ecn) = match (what, version) {
         (Carried::V4 | Carried::Gue, 4) => {
             let Ok(h) = ptr_at::<[u8; IPV4_HLEN]>(ctx, at) else { return malformed };
             // SAFETY: bounds checked.
@@ -242,7 +267,7 @@ fn inner(ctx: &XdpContext, l3: usize, outer_len: usize, rest: usize, what: Carri
             if ((h[0] & 0x0f) as usize) * 4 < IPV4_HLEN || tot_len != len {
                 return malformed;
             }
-            false
+            (false, h[1] & 3)
         }
         (Carried::V6 | Carried::Gue, 6) => {
             let Ok(h) = ptr_at::<[u8; IPV6_HLEN]>(ctx, at) else { return malformed };
@@ -251,11 +276,56 @@ fn inner(ctx: &XdpContext, l3: usize, outer_len: usize, rest: usize, what: Carri
             if u16::from_be_bytes([h[4], h[5]]) as usize + IPV6_HLEN != len {
                 return malformed;
             }
-            true
+            (true, (h[1] >> 4) & 3)
         }
         _ => return malformed,
     };
-    Verdict::Decap(Strip { l2: l3, overhead, inner_v6, counter })
+    let outer_ce = outer_ecn == ECN_CE;
+    if outer_ce && inner_ecn == ECN_NOT_ECT {
+        return Verdict::Drop(ds::DROP_CE_NOT_ECT);
+    }
+    let mark_ce = outer_ce && inner_ecn != ECN_CE;
+    Verdict::Decap(Strip { l2: l3, overhead, inner_v6, mark_ce, counter })
+}
+
+/// Whether the IPv4 header of `ihl` bytes at `l3` (within the frame) sums to
+/// 0xffff in ones' complement, its checksum included.
+#[inline(always)]
+fn ipv4_checksum_ok(ctx: &XdpContext, l3: usize, ihl: usize) -> bool {
+    let mut sum: u32 = 0;
+    // At most 60 bytes: 30 words.
+    for i in 0..30 {
+        if i * 2 >= ihl {
+            break;
+        }
+        let Ok(w) = read_be16(ctx, l3 + i * 2) else { return false };
+        sum += u32::from(w);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
+}
+
+/// Sets the inner header's ECN field to CE (RFC 6040 decapsulation of an outer
+/// CE mark); for IPv4 the header checksum follows (RFC 1624 update).
+#[inline(always)]
+fn mark_inner_ce(ctx: &XdpContext, at: usize, v6: bool) -> Result<(), ()> {
+    let h = ptr_at::<[u8; IPV4_HLEN]>(ctx, at)? as *mut [u8; IPV4_HLEN];
+    // SAFETY: bounds checked by ptr_at (an IPv6 header is longer still).
+    let h = unsafe { &mut *h };
+    if v6 {
+        h[1] |= ECN_CE << 4;
+        return Ok(());
+    }
+    let old = u16::from_be_bytes([h[0], h[1]]);
+    h[1] |= ECN_CE;
+    let new = u16::from_be_bytes([h[0], h[1]]);
+    let check = u16::from_be_bytes([h[10], h[11]]);
+    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    Ok(())
 }
 
 /// Moves the L2 header forward over the outer headers, sets its ethertype to the
@@ -263,6 +333,9 @@ fn inner(ctx: &XdpContext, l3: usize, outer_len: usize, rest: usize, what: Carri
 /// outer headers and the inner header after them.
 #[inline(always)]
 fn strip(ctx: &XdpContext, s: &Strip) -> Result<(), ()> {
+    if s.mark_ce {
+        mark_inner_ce(ctx, s.l2 + s.overhead, s.inner_v6)?;
+    }
     // SAFETY (all reads and writes below): each pointer comes from ptr_at, which
     // checked that the bytes are within the frame.
     let macs = unsafe { *ptr_at::<[u8; 12]>(ctx, 0)? };

@@ -135,6 +135,76 @@ fn outer_ipv4_with_options_is_decapsulated() {
     p.decaps("gue, outer IHL 6, tagged", &frame, Some(Q_TAG), &inner, ds::DECAP_GUE);
 }
 
+/// Sets the ECN field of the IP header at `l3` of `frame` (IPv4: and its checksum).
+fn set_ecn(frame: &mut [u8], l3: usize, ecn: u8) {
+    if frame[l3] >> 4 == 4 {
+        frame[l3 + 1] = (frame[l3 + 1] & !3) | ecn;
+        lb_tests::frames::fix_ipv4_checksum(frame, l3);
+    } else {
+        frame[l3 + 1] = (frame[l3 + 1] & !0x30) | (ecn << 4);
+    }
+}
+
+#[test]
+fn outer_congestion_marks_reach_the_inner_packet() {
+    const NOT_ECT: u8 = 0;
+    const ECT0: u8 = 2;
+    const ECT1: u8 = 1;
+    const CE: u8 = 3;
+    let mut p = Prog::new();
+    // (inner ECN, outer ECN, inner ECN after decapsulation; None: dropped)
+    let cases = [
+        (ECT0, CE, Some(CE)),
+        (ECT1, CE, Some(CE)),
+        (CE, CE, Some(CE)),
+        (ECT0, ECT0, Some(ECT0)),
+        (ECT1, NOT_ECT, Some(ECT1)),
+        (NOT_ECT, ECT0, Some(NOT_ECT)),
+        (NOT_ECT, CE, None),
+    ];
+    for (src, dst, vip) in [(LB4, RS4, VIP4), (LB6, RS6, VIP6), (LB4, RS4, VIP6), (LB6, RS6, VIP4)] {
+        for (inner_ecn, outer_ecn, out_ecn) in cases {
+            let mut inner = inner_to(vip);
+            set_ecn(&mut inner, 0, inner_ecn);
+            for gue_form in [false, true] {
+                let mut f = if gue_form { gue(None, src, dst, 1, GUE_PORT, &inner) } else { ipip(None, src, dst, &inner) };
+                set_ecn(&mut f, 14, outer_ecn);
+                let what = format!("{src}->{dst} inner {vip} gue {gue_form}: inner ECN {inner_ecn}, outer {outer_ecn}");
+                let counter = match (gue_form, src.is_ipv4(), vip.is_ipv4()) {
+                    (true, ..) => ds::DECAP_GUE,
+                    (false, true, true) => ds::DECAP_IPIP,
+                    (false, false, false) => ds::DECAP_IP6IP6,
+                    (false, true, false) => ds::DECAP_IP6_IN_IP4,
+                    (false, false, true) => ds::DECAP_IP4_IN_IP6,
+                };
+                match out_ecn {
+                    Some(ecn) => {
+                        let mut want = inner.clone();
+                        set_ecn(&mut want, 0, ecn);
+                        p.decaps(&what, &f, None, &want, counter);
+                    }
+                    None => p.expect(&what, &f, XDP_DROP, &[], ds::DROP_CE_NOT_ECT),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_wrong_outer_ipv4_checksum_is_dropped() {
+    let mut p = Prog::new();
+    let inner = inner_to(VIP4);
+    for (what, mut f) in [("ipip", ipip(None, LB4, RS4, &inner)), ("gue", gue(None, LB4, RS4, 1, GUE_PORT, &inner))] {
+        f[14 + 10] ^= 0x01;
+        p.expect(&format!("{what} with a wrong outer checksum"), &f, XDP_DROP, &[], ds::DROP_BAD_CHECKSUM);
+    }
+    // Options are part of the sum.
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (LB4, RS4) else { unreachable!() };
+    let mut f = ethernet(None, ETH_P_IP, &lb_tests::frames::ipv4_opts(s, d, PROTO_IPIP, &[1, 1, 1, 0], &inner));
+    f[14 + 21] = 2;
+    p.expect("ipip with an option byte changed after the checksum", &f, XDP_DROP, &[], ds::DROP_BAD_CHECKSUM);
+}
+
 #[test]
 fn what_is_not_a_tunnel_packet_to_this_host_passes_untouched() {
     let mut p = Prog::new();
