@@ -1,4 +1,4 @@
-//! Command line: `run`, `check`, `stats`, `decap`, ...
+//! Command line: `run`, `check`, `stats`, `flows`, `decap`, ...
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -112,6 +112,23 @@ pub enum Commands {
         /// port and protocol). Without it, services are shown by protocol and vip:port.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where the agent pins its maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Print the live connection table, like `ipvsadm -Lnc` (read from the pinned
+    /// maps): protocol, expiry, state, client, VIP, backend, service.
+    Flows {
+        /// The configuration the agent runs with: names the services and gives the
+        /// timeouts the expiry is computed with (IPVS's defaults without it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Only this service's flows: its name (needs --config) or VIP:PORT.
+        #[arg(long)]
+        service: Option<String>,
+        /// One JSON array of flows.
+        #[arg(long)]
+        json: bool,
         /// Where the agent pins its maps.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -257,6 +274,15 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Commands::Flows { config, service, json, pin_dir } => {
+            match crate::flows::print(&pin_dir, config.as_deref(), service.as_deref(), json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Commands::Stats { config, pin_dir } => match crate::report::print_stats(config.as_deref(), &pin_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

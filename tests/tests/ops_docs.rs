@@ -114,7 +114,7 @@ fn substitute(command: &str, lab: &Lab) -> String {
         if ["status", "drain", "undrain"].contains(&sub) && !rest.contains("--socket") {
             extra = format!(" --socket {}", lab.control_socket().display());
         }
-        if sub == "stats" && !rest.contains("--pin-dir") {
+        if (sub == "stats" || sub == "flows") && !rest.contains("--pin-dir") {
             extra = format!(" --pin-dir {}", pin.display());
         }
         c = format!("{} {rest}{extra}", agent_bin().display());

@@ -1,0 +1,216 @@
+//! `lb-agent flows`: the live connection table, like `ipvsadm -Lnc`, read from the
+//! pinned `CONNTRACK` and `CT_ESTABLISHED` maps (so it works while no agent runs).
+//!
+//! Which id is which service and backend comes from the pinned `SERVICES` and
+//! `BACKENDS` maps, as for `stats`; the configuration file, if given, names the
+//! services and gives the timeouts the expiry is computed with (IPVS's defaults
+//! otherwise).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use lb_common::{map_names as names, FlowKey, FlowVal, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, PROTO_TCP, PROTO_UDP};
+use serde::Serialize;
+
+use crate::{
+    config::{self, Timeouts},
+    conntrack::timeout_of,
+    dataplane,
+    plan::Plan,
+    report::name_services,
+};
+
+/// One entry of the connection table, as printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Flow {
+    pub protocol: &'static str,
+    /// `SYN` (TCP, first packet only), `NEW` (UDP, one datagram), `ESTABLISHED`,
+    /// `CLOSING` (the client sent FIN or RST).
+    pub state: &'static str,
+    /// Seconds since the flow's last packet (`CONNTRACK`: since its first).
+    pub idle_s: u32,
+    /// Seconds left of its idle timeout (0: due): `CT_ESTABLISHED` entries are then
+    /// removed by the agent's sweep; `CONNTRACK` entries stop counting as
+    /// connections and stay until the LRU evicts them.
+    pub expire_s: u64,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    /// The service's name (empty without `--config`, or for an unnamed service).
+    pub service: String,
+    /// The backend's address (`None`: its id is no longer in `BACKENDS`).
+    pub backend: Option<IpAddr>,
+    /// `established` (`CT_ESTABLISHED`, kept against floods) or `new` (`CONNTRACK`).
+    pub table: &'static str,
+}
+
+/// The address of a 16-byte map address (IPv4 as `::ffff:a.b.c.d`).
+fn ip_of(addr: [u8; 16]) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::from(addr)).to_canonical()
+}
+
+fn state_name(key: &FlowKey, val: &FlowVal) -> &'static str {
+    match val.state {
+        CT_STATE_ESTABLISHED => "ESTABLISHED",
+        CT_STATE_CLOSING => "CLOSING",
+        _ if key.proto == PROTO_TCP => "SYN",
+        _ => "NEW",
+    }
+}
+
+/// The flows of one table, named with `plan`, expiry by `timeouts` at `now`
+/// (`CT_CLOCK`).
+fn flows_of(
+    entries: impl IntoIterator<Item = (FlowKey, FlowVal)>,
+    table: &'static str,
+    plan: &Plan,
+    timeouts: &Timeouts,
+    now: u32,
+) -> Vec<Flow> {
+    let services: HashMap<u32, &str> = plan.services.iter().map(|s| (s.value.id, s.name.as_str())).collect();
+    let backends = plan.backends_by_id();
+    entries
+        .into_iter()
+        .map(|(key, val)| {
+            let idle_s = now.saturating_sub(val.last_seen);
+            // A TCP flow seen once counts as live for the tcp_fin timeout (as the
+            // sweep counts it), the rest by their state's timeout.
+            let once = key.proto == PROTO_TCP && val.state == CT_STATE_NEW;
+            let timeout = if once { timeouts.tcp_fin } else { timeout_of(&key, &val, timeouts) };
+            Flow {
+                protocol: if key.proto == PROTO_UDP { "UDP" } else { "TCP" },
+                state: state_name(&key, &val),
+                idle_s,
+                expire_s: timeout.as_secs().saturating_sub(u64::from(idle_s)),
+                client: SocketAddr::new(ip_of(key.src), key.sport),
+                vip: SocketAddr::new(ip_of(key.dst), key.dport),
+                service: services.get(&val.service_id).copied().unwrap_or_default().to_string(),
+                backend: backends.get(&val.backend_id).map(|b| b.address),
+                table,
+            }
+        })
+        .collect()
+}
+
+/// Whether `flow` belongs to service `filter`: its name, or `VIP:PORT`.
+fn matches(flow: &Flow, filter: &str) -> bool {
+    flow.service == filter || filter.parse::<SocketAddr>().is_ok_and(|a| a == flow.vip)
+}
+
+/// The table as text: a header line, then one line per flow.
+pub fn format(flows: &[Flow]) -> String {
+    let mut out =
+        format!("{:<4} {:>7} {:<11} {:<46} {:<46} {:<39} {}\n", "pro", "expire", "state", "client", "virtual", "backend", "service");
+    for f in flows {
+        let expire = format!("{:02}:{:02}", f.expire_s / 60, f.expire_s % 60);
+        let backend = f.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
+        out += &format!(
+            "{:<4} {:>7} {:<11} {:<46} {:<46} {:<39} {}\n",
+            f.protocol,
+            expire,
+            f.state,
+            f.client.to_string(),
+            f.vip.to_string(),
+            backend,
+            f.service
+        );
+    }
+    out
+}
+
+/// Reads the pinned tables under `pin_dir`: every flow, the established ones
+/// first, each group by client.
+pub fn read(pin_dir: &Path, config_path: Option<&Path>) -> Result<Vec<Flow>> {
+    let reading = || format!("reading the maps pinned under {} (is the agent running?)", pin_dir.display());
+    let mut plan = dataplane::read_pinned_plan(pin_dir).with_context(reading)?;
+    let cfg = match config_path {
+        Some(path) => Some(config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
+    name_services(&mut plan, cfg.as_ref());
+    let timeouts = cfg.as_ref().map(|c| c.timeouts).unwrap_or_default();
+    let open = |name: &'static str| MapData::from_pin(pin_dir.join(name)).with_context(reading);
+    let clock: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(open(names::CT_CLOCK)?))?;
+    let now = clock.get(&0, 0).with_context(reading)?;
+    let mut flows = Vec::new();
+    for (name, table) in [(names::CT_ESTABLISHED, "established"), (names::CONNTRACK, "new")] {
+        let map = open(name)?;
+        let map = match map.info()?.map_type()? {
+            aya::maps::MapType::LruHash => aya::maps::Map::LruHashMap(map),
+            _ => aya::maps::Map::HashMap(map),
+        };
+        let map: BpfHashMap<MapData, FlowKey, FlowVal> = BpfHashMap::try_from(map)?;
+        // Entries can go while the table is walked (the sweep, LRU eviction): a key
+        // that vanished is skipped.
+        let entries: Vec<(FlowKey, FlowVal)> = map.iter().filter_map(|e| e.ok()).collect();
+        let mut part = flows_of(entries, table, &plan, &timeouts, now);
+        part.sort_by(|a, b| (a.client, a.vip).cmp(&(b.client, b.vip)));
+        flows.extend(part);
+    }
+    Ok(flows)
+}
+
+/// `lb-agent flows`.
+pub fn print(pin_dir: &Path, config_path: Option<&Path>, service: Option<&str>, json: bool) -> Result<()> {
+    let mut flows = read(pin_dir, config_path)?;
+    if let Some(filter) = service {
+        if filter.parse::<SocketAddr>().is_err() && config_path.is_none() {
+            bail!("--service {filter}: services are named by the configuration: give --config, or VIP:PORT");
+        }
+        flows.retain(|f| matches(f, filter));
+    }
+    if json {
+        println!("{}", serde_json::to_string(&flows)?);
+    } else {
+        print!("{}", format(&flows));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(proto: u8) -> FlowKey {
+        FlowKey {
+            src: lb_common::v4_mapped([198, 18, 0, 100]),
+            dst: lb_common::v4_mapped([198, 18, 1, 10]),
+            sport: 40000,
+            dport: 80,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn states_expiry_and_addresses() {
+        let t = Timeouts::default();
+        let est = FlowVal { state: CT_STATE_ESTABLISHED, last_seen: 90, ..Default::default() };
+        let syn = FlowVal { state: 0, last_seen: 99, ..Default::default() };
+        let plan = Plan::default();
+        let f = flows_of([(key(PROTO_TCP), est), (key(PROTO_UDP), syn)], "established", &plan, &t, 100);
+        assert_eq!(f[0].state, "ESTABLISHED");
+        assert_eq!(f[0].idle_s, 10);
+        assert_eq!(f[0].expire_s, 890);
+        assert_eq!(f[0].client, "198.18.0.100:40000".parse().unwrap());
+        assert_eq!(f[0].vip, "198.18.1.10:80".parse().unwrap());
+        assert_eq!(f[0].backend, None);
+        assert_eq!(f[1].state, "NEW");
+        assert_eq!(f[1].protocol, "UDP");
+        let n = flows_of([(key(PROTO_TCP), syn)], "new", &plan, &t, 100);
+        assert_eq!((n[0].state, n[0].expire_s), ("SYN", 119));
+        let text = format(&f);
+        assert!(text.lines().nth(1).unwrap().starts_with("TCP    14:50 ESTABLISHED 198.18.0.100:40000"), "{text}");
+        assert!(matches(&f[0], "198.18.1.10:80") && !matches(&f[0], "198.18.1.10:81"));
+    }
+
+    #[test]
+    fn ipv6_addresses_stay_ipv6() {
+        let a: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(ip_of(a.octets()), IpAddr::V6(a));
+    }
+}
