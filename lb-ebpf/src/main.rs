@@ -27,10 +27,10 @@ mod trace;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{stat, FlowKey, TraceFilter, TraceRecord, RARE_SLOT, RARE_TRACE_SLOT};
+use lb_common::{stat, FlowKey, TraceFilter, TraceRecord, CONFIG_PREFIX, PREFIX_SLOT, RARE_SLOT, RARE_TRACE_SLOT};
 
 use crate::{
-    maps::{RARE, RARE_PROGS},
+    maps::{CONFIG, RARE, RARE_PROGS},
     parse::{Outcome, Packet},
     stats::count,
     trace::Decision,
@@ -49,6 +49,38 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         unsafe { RARE_PROGS.tail_call(&ctx, RARE_SLOT) };
         count(stat::PASS_NOT_L4);
         return xdp_action::XDP_PASS;
+    }
+    if v == NOT_VIP && prefix_services() {
+        // SAFETY: a tail call into `lb_prefix`; control comes back only when
+        // it fails (slot empty).
+        unsafe { RARE_PROGS.tail_call(&ctx, PREFIX_SLOT) };
+    }
+    count((v >> 32) as u32);
+    v as u32
+}
+
+/// The packed verdict of a frame to no exact VIP.
+const NOT_VIP: u64 = ((stat::PASS_NOT_VIP as u64) << 32) | xdp_action::XDP_PASS as u64;
+
+/// Whether prefix services exist (`CONFIG_PREFIX`): read only for frames to no
+/// exact VIP, so exact-VIP traffic never pays for prefix services.
+#[inline(always)]
+fn prefix_services() -> bool {
+    CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_PREFIX != 0)
+}
+
+/// Prefix services (tail-called from `lb_xdp` and `lb_xdp_trace` for frames to
+/// no exact VIP while `CONFIG_PREFIX` is set): the longest-prefix lookup in
+/// `PREFIX_SERVICES`, then the balancer as in `lb_xdp`. ICMP and fragments to
+/// a prefix service are passed (the rare path serves exact VIPs only); frames
+/// `lb_xdp_trace` sends here are not traced.
+#[xdp]
+pub fn lb_prefix(ctx: XdpContext) -> u32 {
+    let mut d = Decision::new();
+    let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
+    let mut v = packed(balance::<false, true>(&ctx, &mut d, &mut pkt, &mut flow));
+    if v as u32 == RARE_ACTION {
+        v = NOT_VIP;
     }
     count((v >> 32) as u32);
     v as u32
@@ -85,7 +117,7 @@ fn packed(outcome: Outcome) -> u64 {
 fn balance_fast(ctx: &XdpContext) -> u64 {
     let mut d = Decision::new();
     let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
-    packed(balance::<false>(ctx, &mut d, &mut pkt, &mut flow))
+    packed(balance::<false, false>(ctx, &mut d, &mut pkt, &mut flow))
 }
 
 /// ICMP and fragments (`icmp.rs`, `frag.rs`): parsed in full and scheduled with
@@ -102,7 +134,7 @@ fn rare(ctx: &XdpContext, d: &mut Decision) -> Outcome {
     let Some(r) = RARE.get_ptr_mut(0) else { return Outcome::Pass(stat::PASS_NOT_L4) };
     // SAFETY: this CPU's entry, used by this program run only.
     let r = unsafe { &mut *r };
-    balance::<true>(ctx, d, &mut r.pkt, &mut r.flow)
+    balance::<true, false>(ctx, d, &mut r.pkt, &mut r.flow)
 }
 
 /// `lb_xdp` with the trace hook: the agent swaps it into the XDP link while an
@@ -130,6 +162,9 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
         // comes back only when it fails (slot empty).
         unsafe { RARE_PROGS.tail_call(&ctx, RARE_TRACE_SLOT) };
         v = packed(Outcome::Pass(stat::PASS_NOT_L4));
+    } else if v == NOT_VIP && prefix_services() {
+        // SAFETY: as in `lb_xdp` (the prefix program records no trace).
+        unsafe { RARE_PROGS.tail_call(&ctx, PREFIX_SLOT) };
     }
     finish_trace(&ctx, trace::active(), r, v)
 }
@@ -163,7 +198,7 @@ fn finish_trace(ctx: &XdpContext, filter: Option<&TraceFilter>, r: &mut TraceRec
 #[inline(always)]
 fn balance_call(ctx: &XdpContext, d: &mut Decision) -> u64 {
     let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
-    packed(balance::<false>(ctx, d, &mut pkt, &mut flow))
+    packed(balance::<false, false>(ctx, d, &mut pkt, &mut flow))
 }
 
 /// `rare_fast` with the trace's decision record.
@@ -216,15 +251,16 @@ pub fn bench_macswap(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// Parse and forward; `FULL`: the rare path (ICMP, fragments), see `parse`.
+/// Parse and forward; `FULL`: the rare path (ICMP, fragments), see `parse`;
+/// `PREFIX`: prefix services (`lb_prefix`), see `schedule::forward`.
 #[inline(always)]
-fn balance<const FULL: bool>(
+fn balance<const FULL: bool, const PREFIX: bool>(
     ctx: &XdpContext,
     d: &mut Decision,
     pkt: &mut MaybeUninit<Packet>,
     flow: &mut MaybeUninit<FlowKey>,
 ) -> Outcome {
-    if let Err(outcome) = parse::parse::<FULL>(ctx, pkt) {
+    if let Err(outcome) = parse::parse::<FULL, PREFIX>(ctx, pkt) {
         return outcome;
     }
     // SAFETY: `parse` wrote the whole packet when it returned Ok.
@@ -238,7 +274,7 @@ fn balance<const FULL: bool>(
         _pad: [0; 3],
     });
     let kind = if FULL { pkt.kind } else { parse::KIND_L4 };
-    schedule::forward(ctx, pkt, flow, d, kind)
+    schedule::forward::<PREFIX>(ctx, pkt, flow, d, kind)
 }
 
 #[cfg(not(test))]

@@ -112,8 +112,12 @@ pub(crate) fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, ()> {
 
 /// The VIP_FILTER test: a clear bit means the destination is no VIP (the exact
 /// `VIP_ADDRS` lookup runs later, only for frames that miss the connection table).
+/// `PREFIX` (`lb_prefix`): no filter; the prefix services are looked up instead.
 #[inline(always)]
-fn vip_filter(dst: &[u8; 16]) -> Result<(), Outcome> {
+fn vip_filter<const PREFIX: bool>(dst: &[u8; 16]) -> Result<(), Outcome> {
+    if PREFIX {
+        return Ok(());
+    }
     let bit = vip_filter_bit(dst);
     match VIP_FILTER.get(bit >> 6) {
         Some(word) if *word & (1u64 << (bit & 63)) != 0 => Ok(()),
@@ -126,7 +130,7 @@ fn vip_filter(dst: &[u8; 16]) -> Result<(), Outcome> {
 /// VIP end in `Outcome::Rare`: the caller runs the full parse (`FULL`) in a call
 /// of its own, so that their handling costs the fast path no stack.
 #[inline(always)]
-pub fn parse<const FULL: bool>(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) -> Result<(), Outcome> {
+pub fn parse<const FULL: bool, const PREFIX: bool>(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) -> Result<(), Outcome> {
     let malformed_l2 = Outcome::Pass(stat::PASS_MALFORMED_L2);
     let mut l3 = ETH_HLEN;
     let mut ethertype = read_be16(ctx, 12).map_err(|_| malformed_l2)?;
@@ -136,8 +140,8 @@ pub fn parse<const FULL: bool>(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) 
         l3 += VLAN_HLEN;
     }
     let (src, dst, proto, l4, ip_len, tos, df, kind, frag_id) = match ethertype {
-        ETH_P_IP => parse_v4(ctx, l3)?,
-        ETH_P_IPV6 => parse_v6(ctx, l3)?,
+        ETH_P_IP => parse_v4::<PREFIX>(ctx, l3)?,
+        ETH_P_IPV6 => parse_v6::<PREFIX>(ctx, l3)?,
         _ => return Err(Outcome::Pass(stat::PASS_NOT_IP)),
     };
     let v6 = ethertype == ETH_P_IPV6;
@@ -203,7 +207,7 @@ pub fn parse<const FULL: bool>(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) 
 type L3 = ([u8; 16], [u8; 16], u8, usize, usize, u8, bool, u8, u32);
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
+fn parse_v4<const PREFIX: bool>(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     let hdr = ptr_at::<[u8; IPV4_HLEN]>(ctx, l3).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L3))?;
     // SAFETY: bounds checked.
     let hdr = unsafe { &*hdr };
@@ -213,7 +217,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
     }
     let dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
-    vip_filter(&dst)?;
+    vip_filter::<PREFIX>(&dst)?;
     let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
     if tot_len < ihl || ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
@@ -233,7 +237,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
+fn parse_v6<const PREFIX: bool>(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     let hdr = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L3))?;
     // SAFETY: bounds checked.
     let hdr = unsafe { &*hdr };
@@ -247,7 +251,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     if dst[..12] == V4_MAPPED_PREFIX {
         return Err(Outcome::Pass(stat::PASS_NOT_VIP));
     }
-    vip_filter(&dst)?;
+    vip_filter::<PREFIX>(&dst)?;
     let payload_len = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
     if ctx.data() + l3 + IPV6_HLEN + payload_len > ctx.data_end() {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
