@@ -212,6 +212,9 @@ fn moves(best: u32) -> bool {
 /// The least loaded backend of the service (`wlc` over the table), or `NONE`.
 #[inline(never)]
 fn least(hash: u32, svc: &Service) -> u32 {
+    if svc.table_size == 0 {
+        return NONE;
+    }
     let slot = leastconn::slot(hash, svc.id, svc.table_offset, svc.table_size, true);
     MAGLEV.get(svc.table_offset.wrapping_add(slot)).copied().unwrap_or(NONE)
 }
