@@ -27,10 +27,10 @@ mod trace;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{stat, FlowKey, TraceFilter, TraceRecord, CONFIG_PREFIX, PREFIX_SLOT, RARE_SLOT, RARE_TRACE_SLOT};
+use lb_common::{stat, FlowKey, TraceFilter, TraceRecord, PREFIX_SLOT, RARE_SLOT, RARE_TRACE_SLOT};
 
 use crate::{
-    maps::{CONFIG, RARE, RARE_PROGS},
+    maps::{RARE, RARE_PROGS},
     parse::{Outcome, Packet},
     stats::count,
     trace::Decision,
@@ -44,16 +44,13 @@ use crate::{
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let v = balance_fast(&ctx);
     if v as u32 == RARE_ACTION {
-        // SAFETY: a tail call into the program the agent put at index 0; control
-        // comes back only when it fails (slot empty).
-        unsafe { RARE_PROGS.tail_call(&ctx, RARE_SLOT) };
-        count(stat::PASS_NOT_L4);
+        // SAFETY: a tail call into the program the agent put at index 0
+        // (`lb_rare`) or 2 (`lb_prefix`); control comes back only when it
+        // fails (slot empty).
+        let (slot, counter) = other_program(v);
+        unsafe { RARE_PROGS.tail_call(&ctx, slot) };
+        count(counter);
         return xdp_action::XDP_PASS;
-    }
-    if v == NOT_VIP && prefix_services() {
-        // SAFETY: a tail call into `lb_prefix`; control comes back only when
-        // it fails (slot empty).
-        unsafe { RARE_PROGS.tail_call(&ctx, PREFIX_SLOT) };
     }
     count((v >> 32) as u32);
     v as u32
@@ -62,11 +59,18 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// The packed verdict of a frame to no exact VIP.
 const NOT_VIP: u64 = ((stat::PASS_NOT_VIP as u64) << 32) | xdp_action::XDP_PASS as u64;
 
-/// Whether prefix services exist (`CONFIG_PREFIX`): read only for frames to no
-/// exact VIP, so exact-VIP traffic never pays for prefix services.
+/// Counter half of a `RARE_ACTION` verdict for `lb_prefix` (0: `lb_rare`).
+const TO_PREFIX: u32 = 1;
+
+/// Where a `RARE_ACTION` verdict continues (`RARE_PROGS` slot) and what is
+/// counted when that slot is empty.
 #[inline(always)]
-fn prefix_services() -> bool {
-    CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_PREFIX != 0)
+fn other_program(v: u64) -> (u32, u32) {
+    if (v >> 32) as u32 == TO_PREFIX {
+        (PREFIX_SLOT, stat::PASS_NOT_VIP)
+    } else {
+        (RARE_SLOT, stat::PASS_NOT_L4)
+    }
 }
 
 /// Prefix services (tail-called from `lb_xdp` and `lb_xdp_trace` for frames to
@@ -105,6 +109,7 @@ const RARE_ACTION: u32 = u32::MAX;
 fn packed(outcome: Outcome) -> u64 {
     let (action, counter) = match outcome {
         Outcome::Rare => (RARE_ACTION, 0),
+        Outcome::Prefix => (RARE_ACTION, TO_PREFIX),
         o => verdict(o),
     };
     (u64::from(counter) << 32) | u64::from(action)
@@ -134,7 +139,11 @@ fn rare(ctx: &XdpContext, d: &mut Decision) -> Outcome {
     let Some(r) = RARE.get_ptr_mut(0) else { return Outcome::Pass(stat::PASS_NOT_L4) };
     // SAFETY: this CPU's entry, used by this program run only.
     let r = unsafe { &mut *r };
-    balance::<true, false>(ctx, d, &mut r.pkt, &mut r.flow)
+    match balance::<true, false>(ctx, d, &mut r.pkt, &mut r.flow) {
+        // ICMP and fragments to a prefix service are not balanced.
+        Outcome::Prefix => Outcome::Pass(stat::PASS_NOT_VIP),
+        o => o,
+    }
 }
 
 /// `lb_xdp` with the trace hook: the agent swaps it into the XDP link while an
@@ -158,13 +167,13 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
     }
     let mut v = balance_call(&ctx, &mut r.decision);
     if v as u32 == RARE_ACTION {
-        // SAFETY: a tail call into the program the agent put at index 1; control
+        // SAFETY: a tail call into the program the agent put at index 1
+        // (`lb_rare_trace`) or 2 (`lb_prefix`, which records no trace); control
         // comes back only when it fails (slot empty).
-        unsafe { RARE_PROGS.tail_call(&ctx, RARE_TRACE_SLOT) };
-        v = packed(Outcome::Pass(stat::PASS_NOT_L4));
-    } else if v == NOT_VIP && prefix_services() {
-        // SAFETY: as in `lb_xdp` (the prefix program records no trace).
-        unsafe { RARE_PROGS.tail_call(&ctx, PREFIX_SLOT) };
+        let (slot, counter) = other_program(v);
+        let slot = if slot == RARE_SLOT { RARE_TRACE_SLOT } else { slot };
+        unsafe { RARE_PROGS.tail_call(&ctx, slot) };
+        v = packed(Outcome::Pass(counter));
     }
     finish_trace(&ctx, trace::active(), r, v)
 }
@@ -217,6 +226,7 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         Outcome::TxAs(reason) => (xdp_action::XDP_TX, reason),
         // Never left over: the entry points run the rare path for it.
         Outcome::Rare => (xdp_action::XDP_PASS, stat::PASS_NOT_L4),
+        Outcome::Prefix => (xdp_action::XDP_PASS, stat::PASS_NOT_VIP),
     }
 }
 

@@ -60,6 +60,19 @@ pub enum Outcome {
     TxAs(u32),
     /// ICMP or a fragment to a VIP address: for the rare path (`main.rs`).
     Rare,
+    /// To no exact VIP while prefix services exist: for `lb_prefix` (`main.rs`).
+    Prefix,
+}
+
+/// The outcome of a frame to no exact VIP: `Prefix` while prefix services
+/// exist (`CONFIG_PREFIX`), else passed. Decided where the miss is found, so
+/// the balancer's many exits carry no extra test.
+#[inline(always)]
+pub fn not_vip() -> Outcome {
+    match crate::maps::CONFIG.get(0) {
+        Some(c) if c.flags & lb_common::CONFIG_PREFIX != 0 => Outcome::Prefix,
+        _ => Outcome::Pass(stat::PASS_NOT_VIP),
+    }
 }
 
 /// The parts of a frame to a VIP address that scheduling needs.
@@ -121,7 +134,7 @@ fn vip_filter<const PREFIX: bool>(dst: &[u8; 16]) -> Result<(), Outcome> {
     let bit = vip_filter_bit(dst);
     match VIP_FILTER.get(bit >> 6) {
         Some(word) if *word & (1u64 << (bit & 63)) != 0 => Ok(()),
-        _ => Err(Outcome::Pass(stat::PASS_NOT_VIP)),
+        _ => Err(not_vip()),
     }
 }
 

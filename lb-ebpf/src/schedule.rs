@@ -27,7 +27,7 @@ fn find_service(flow: &FlowKey) -> Result<Service, Outcome> {
     // SAFETY: copied out at once; the agent replaces whole entries.
     let vip_flags = match unsafe { VIP_ADDRS.get(VipAddrKey { addr: flow.dst }) } {
         Some(v) => v.flags,
-        None => return Err(Outcome::Pass(stat::PASS_NOT_VIP)),
+        None => return Err(crate::parse::not_vip()),
     };
     let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, _pad: 0 };
     // SAFETY: as above.
