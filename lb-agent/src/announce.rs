@@ -51,6 +51,9 @@ pub fn wanted(plan: &Plan) -> BTreeSet<IpAddr> {
     plan.services
         .iter()
         .filter(|s| !s.table.is_empty() || s.value.flags & lb_common::SERVICE_PASS_ON_EMPTY != 0)
+        // Prefix services are not announced (a host route would be wrong):
+        // routing the prefix to the balancers is the operator's.
+        .filter(|s| s.prefix_len().is_none())
         .map(|s| s.vip)
         .collect()
 }

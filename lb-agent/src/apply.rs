@@ -11,9 +11,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{Array, HashMap, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuValues};
 
-use lb_common::{map_names as names, Backend, Counters, Service, VipAddrKey, VipAddrVal, VipKey};
+use lb_common::{map_names as names, Backend, Counters, PrefixKey, Service, VipAddrKey, VipAddrVal, VipKey};
 
 use crate::{
     dataplane::{map_err, map_mut, Dataplane, DataplaneError},
@@ -261,6 +261,13 @@ fn write_filter<'a>(dp: &mut Dataplane, addrs: impl Iterator<Item = &'a [u8; 16]
 }
 
 /// Applies `plan`; see the module documentation for the order of writes.
+/// The `PREFIX_SERVICES` key of a prefix service's plan key (`_pad`: its
+/// prefix length in the 16-byte form).
+fn prefix_key(key: &VipKey) -> aya::maps::lpm_trie::Key<PrefixKey> {
+    let len = lb_common::prefix::prefix_bits(u32::from(key._pad));
+    aya::maps::lpm_trie::Key::new(len, PrefixKey::new(key.proto, key.port, key.addr))
+}
+
 pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError> {
     check_fits(dp, plan)?;
     dp.regions.settle();
@@ -363,8 +370,17 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
     {
         let mut m: HashMap<_, VipKey, Service> =
             HashMap::try_from(map_mut(dp.ebpf_mut(), names::SERVICES)?).map_err(map_err(names::SERVICES))?;
-        for (key, value) in &entries {
+        for (key, value) in entries.iter().filter(|(k, _)| k._pad == 0) {
             m.insert(key, value, 0).map_err(map_err(names::SERVICES))?;
+        }
+    }
+    // Opened only when needed: an object without prefix support (`lb-bench`'s
+    // comparison with an older build) then still loads and fills.
+    if entries.iter().any(|(k, _)| k._pad != 0) {
+        let mut m: LpmTrie<_, PrefixKey, Service> =
+            LpmTrie::try_from(map_mut(dp.ebpf_mut(), names::PREFIX_SERVICES)?).map_err(map_err(names::PREFIX_SERVICES))?;
+        for (key, value) in entries.iter().filter(|(k, _)| k._pad != 0) {
+            m.insert(&prefix_key(key), value, 0).map_err(map_err(names::PREFIX_SERVICES))?;
         }
     }
 
@@ -397,8 +413,16 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
     {
         let mut m: HashMap<_, VipKey, Service> =
             HashMap::try_from(map_mut(dp.ebpf_mut(), names::SERVICES)?).map_err(map_err(names::SERVICES))?;
-        for s in prev.services.iter().filter(|s| !keys.contains(&s.key)) {
+        for s in prev.services.iter().filter(|s| !keys.contains(&s.key) && s.key._pad == 0) {
             m.remove(&s.key).map_err(map_err(names::SERVICES))?;
+            sum.services_removed += 1;
+        }
+    }
+    if prev.services.iter().any(|s| !keys.contains(&s.key) && s.key._pad != 0) {
+        let mut m: LpmTrie<_, PrefixKey, Service> =
+            LpmTrie::try_from(map_mut(dp.ebpf_mut(), names::PREFIX_SERVICES)?).map_err(map_err(names::PREFIX_SERVICES))?;
+        for s in prev.services.iter().filter(|s| !keys.contains(&s.key) && s.key._pad != 0) {
+            m.remove(&prefix_key(&s.key)).map_err(map_err(names::PREFIX_SERVICES))?;
             sum.services_removed += 1;
         }
     }

@@ -521,6 +521,11 @@ pub fn render_table(status: &Status) -> String {
     fn service_row(s: &ServiceStatus) -> Row {
         let proto = if s.protocol.is_empty() { "?".to_string() } else { s.protocol.to_uppercase() };
         let mut first = format!("{proto:<4} {}", endpoint(s.vip, s.port));
+        if let (Some(len), Some(pos)) = (s.vip_prefix, first.rfind(':')) {
+            // A prefix service: `198.18.50.0/24:80`, `[2001:db8:100::/56]:80`.
+            let at = if first[..pos].ends_with(']') { pos - 1 } else { pos };
+            first.insert_str(at, &format!("/{len}"));
+        }
         if !s.scheduler.is_empty() {
             let _ = write!(first, " {}", s.scheduler);
         }

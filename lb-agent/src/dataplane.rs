@@ -84,7 +84,7 @@ impl std::fmt::Display for AttachMode {
 /// Map sizes for a plan, with room for the configuration to grow: twice the
 /// services and backends, and for `MAGLEV` two tables per service (the double
 /// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 13] {
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 14] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
@@ -94,6 +94,7 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 13] {
     [
         (names::VIP_ADDRS, services),
         (names::SERVICES, services),
+        (names::PREFIX_SERVICES, services),
         (names::SERVICE_STATS, services),
         (names::ROTATION, services),
         (names::BACKENDS, backends),
@@ -108,11 +109,14 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 13] {
     ]
 }
 
-/// `CONFIG` flags with the plan's `answer_ping` and `forward_icmp`, and its
-/// fragment lifetime.
+/// `CONFIG` flags with the plan's `answer_ping`, `forward_icmp` and whether it
+/// has prefix services, and its fragment lifetime.
 fn icmp_policy(flags: u32, plan: &Plan) -> (u32, u32) {
-    use lb_common::{CONFIG_ANSWER_PING, CONFIG_FORWARD_ICMP};
-    let mut flags = flags & !(CONFIG_ANSWER_PING | CONFIG_FORWARD_ICMP);
+    use lb_common::{CONFIG_ANSWER_PING, CONFIG_FORWARD_ICMP, CONFIG_PREFIX};
+    let mut flags = flags & !(CONFIG_ANSWER_PING | CONFIG_FORWARD_ICMP | CONFIG_PREFIX);
+    if plan.has_prefix() {
+        flags |= CONFIG_PREFIX;
+    }
     if plan.answer_ping {
         flags |= CONFIG_ANSWER_PING;
     }
@@ -135,6 +139,9 @@ pub struct Dataplane {
     pub(crate) maglev: MaglevMap,
     /// What `CONFIG[0]` holds (interface MAC, flags).
     config: Config,
+    /// `lb_prefix` is loaded and in `RARE_PROGS` (done with the first plan that
+    /// has prefix services: its verification costs as much as `lb_xdp`'s).
+    prefix_loaded: bool,
 }
 
 pub(crate) fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map> {
@@ -244,6 +251,7 @@ impl Dataplane {
             placed: BTreeMap::new(),
             applied: None,
             config: Config { mtu: 1500, ..Config::default() },
+            prefix_loaded: false,
         })
     }
 
@@ -283,6 +291,7 @@ impl Dataplane {
             Array::try_from(map_mut(&mut self.ebpf, names::CT_CLOCK)?).map_err(map_err(names::CT_CLOCK))?;
         crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
         self.set_config(Config { iface_mac, _pad: [0; 2], flags, frag_timeout_s, ..self.config })?;
+        self.load_prefix(plan)?;
         let summary = apply::apply(self, plan)?;
         // A trace an earlier agent left running ends here.
         self.set_trace_filter(lb_common::TraceFilter::default())?;
@@ -299,12 +308,27 @@ impl Dataplane {
 
     /// Moves the maps from the last applied plan to `plan` (see `apply`).
     pub fn apply(&mut self, plan: &Plan) -> Result<Summary> {
+        self.load_prefix(plan)?;
         let summary = apply::apply(self, plan)?;
         let (flags, frag_timeout_s) = icmp_policy(self.config.flags, plan);
         if flags != self.config.flags || frag_timeout_s != self.config.frag_timeout_s {
             self.set_config(Config { flags, frag_timeout_s, ..self.config })?;
         }
         Ok(summary)
+    }
+
+    /// Loads `lb_prefix` into `RARE_PROGS` the first time a plan has prefix
+    /// services (before `CONFIG_PREFIX` is set, so `lb_xdp` finds it there).
+    fn load_prefix(&mut self, plan: &Plan) -> Result<()> {
+        if self.prefix_loaded || !plan.has_prefix() {
+            return Ok(());
+        }
+        let name = lb_common::PROG_PREFIX;
+        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+        load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
+        set_rare_slot(&mut self.ebpf, name, lb_common::PREFIX_SLOT)?;
+        self.prefix_loaded = true;
+        Ok(())
     }
 
     /// The plan the maps hold now (after `open` adopted them, or after an apply).

@@ -75,6 +75,7 @@ impl Sampler {
             let mut svc = ServiceStatus {
                 name: s.name.clone(),
                 vip: Some(s.vip),
+                vip_prefix: cfg.and_then(|c| c.vip_prefix),
                 port: s.port,
                 protocol: s.protocol.as_str().into(),
                 scheduler: cfg.map(|c| c.scheduler.as_str()).unwrap_or("maglev").into(),

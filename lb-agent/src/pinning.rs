@@ -15,6 +15,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
+    LocalityKey, LocalityVal, PrefixKey,
     map_names as names, TraceBudget, TraceFilter, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service,
     VipAddrKey, VipAddrVal, VipKey,
 };
@@ -29,11 +30,13 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 19] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 21] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
         (names::SERVICES, size_of::<VipKey>(), size_of::<Service>(), 0),
+        (names::PREFIX_SERVICES, 4 + size_of::<PrefixKey>(), size_of::<Service>(), 0),
+        (names::LOCALITY, size_of::<LocalityKey>(), size_of::<LocalityVal>(), 0),
         (names::MAGLEV, 4, 4, MMAPABLE),
         (names::BACKENDS, 4, size_of::<Backend>(), 0),
         (names::CONNTRACK, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use crate::config::{Config, ServiceConfig};
 
-fn service_key(s: &ServiceConfig) -> (std::net::IpAddr, u16, u8) {
-    (s.vip, s.port, s.protocol.number())
+fn service_key(s: &ServiceConfig) -> (std::net::IpAddr, Option<u8>, u16, u8) {
+    (s.vip, s.vip_prefix, s.port, s.protocol.number())
 }
 
 /// "+1 service", "2 backends re-weighted": nothing when `n` is 0.
@@ -49,6 +49,7 @@ pub fn describe(old: &Config, new: &Config) -> String {
         let ServiceConfig {
             name,
             vip: _,
+            vip_prefix: _,
             port: _,
             protocol: _,
             scheduler,

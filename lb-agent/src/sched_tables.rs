@@ -1,6 +1,6 @@
 //! What the schedulers other than Maglev find in their service's table region
 //! (`lb-ebpf/src/sched/`): a rotation period for `rr`/`wrr`, the list of
-//! candidates for `lc`/`wlc`. Like `maglev::build_table`, each returns indices
+//! candidates for `lc`/`wlc`/`lblc`/`lblcr`. Like `maglev::build_table`, each returns indices
 //! into the backends it is given (the service's members in address order);
 //! backends with weight 0 (drained, down, or not serving) are left out.
 
@@ -11,8 +11,12 @@ use crate::config::Scheduler;
 pub fn build(scheduler: Scheduler, weights: &[u32], max_len: u32) -> Vec<u32> {
     let live = || weights.iter().enumerate().filter(|(_, w)| **w > 0).map(|(i, _)| i as u32);
     match scheduler {
-        Scheduler::Maglev | Scheduler::Sh { .. } => unreachable!("Maglev tables come from maglev::build_table"),
-        Scheduler::Rr | Scheduler::Lc | Scheduler::Wlc => live().take(max_len as usize).collect(),
+        Scheduler::Maglev | Scheduler::Sh { .. } | Scheduler::Dh => {
+            unreachable!("Maglev tables come from maglev::build_table")
+        }
+        Scheduler::Rr | Scheduler::Lc | Scheduler::Wlc | Scheduler::Lblc | Scheduler::Lblcr => {
+            live().take(max_len as usize).collect()
+        }
         Scheduler::Wrr => smooth_wrr(weights, max_len),
     }
 }

@@ -38,10 +38,13 @@ pub struct AnnounceStatus {
 pub struct ServiceStatus {
     pub name: String,
     pub vip: Option<IpAddr>,
+    /// A prefix service's prefix length (`vip` is its first address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip_prefix: Option<u8>,
     pub port: u16,
     /// "tcp" or "udp".
     pub protocol: String,
-    /// "maglev", "rr", "wrr", "lc", "wlc".
+    /// "maglev", "rr", "wrr", "lc", "wlc", "sh", "dh", "lblc", "lblcr".
     pub scheduler: String,
     /// "dr", "ipip" or "gue".
     #[serde(default)]
@@ -134,6 +137,7 @@ impl StatusFilter {
                     ServiceStatus {
                         name: s.name.clone(),
                         vip: s.vip,
+                        vip_prefix: s.vip_prefix,
                         port: s.port,
                         protocol: s.protocol.clone(),
                         scheduler: s.scheduler.clone(),

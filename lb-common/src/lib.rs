@@ -12,9 +12,11 @@
 
 pub mod decap;
 pub mod hash;
+pub mod prefix;
 
 pub use decap::{decap_stat, DecapAddrKey, DecapAddrVal, DecapConfig, DEFAULT_GUE_PORT, PROG_DECAP};
 pub use hash::{flow_hash, maglev_slot};
+pub use prefix::{LocalityKey, LocalityVal, PrefixKey, PREFIX_SLOT, PROG_PREFIX};
 
 /// IP protocol numbers the data plane balances.
 pub const PROTO_TCP: u8 = 6;
@@ -46,6 +48,7 @@ pub mod map_names {
     /// a program array has no BTF value type to check).
     pub const RARE_PROGS: &str = "RARE_PROGS";
     pub use crate::decap::names::*;
+    pub use crate::prefix::names::*;
 }
 
 /// Bits in `VIP_FILTER`, a one-hash Bloom filter over the VIP addresses kept in a
@@ -73,7 +76,7 @@ pub const PROG_RARE: &str = "lb_rare";
 /// Name of `lb_rare` with the trace hook, tail-called from `lb_xdp_trace`.
 pub const PROG_RARE_TRACE: &str = "lb_rare_trace";
 /// Slots in `RARE_PROGS`.
-pub const RARE_PROGS_ENTRIES: u32 = 2;
+pub const RARE_PROGS_ENTRIES: u32 = 8;
 /// `RARE_PROGS` index of `lb_rare`.
 pub const RARE_SLOT: u32 = 0;
 /// `RARE_PROGS` index of `lb_rare_trace` (filled when the first trace starts).
@@ -160,6 +163,8 @@ pub struct VipKey {
     /// Host byte order.
     pub port: u16,
     pub proto: u8,
+    /// 0 in `SERVICES`. The agent's plan keys a prefix service (`PREFIX_SERVICES`)
+    /// by its prefix length here (in the 16-byte form, so never 0).
     pub _pad: u8,
 }
 
@@ -211,6 +216,16 @@ pub const SCHED_WLC: u8 = 4;
 /// address masked to `persist_prefix_v4`/`persist_prefix_v6` (and the service's
 /// own address, port and protocol); no `AFFINITY` entry.
 pub const SCHED_SH: u8 = 5;
+/// Destination hashing (prefix services): the Maglev table, looked up with the
+/// hash of the destination address (and the service's port and protocol).
+pub const SCHED_DH: u8 = 6;
+/// Locality-based least connections (prefix services): each destination keeps
+/// one backend (`LOCALITY`) until it is overloaded; the table lists the
+/// candidates, chosen among as `SCHED_WLC`.
+pub const SCHED_LBLC: u8 = 7;
+/// As `SCHED_LBLC` with a set of backends per destination, grown by the least
+/// loaded backend when every member is overloaded.
+pub const SCHED_LBLCR: u8 = 8;
 /// Backends the least-connection schedulers compare exactly; above this, the
 /// best of this many consecutive table slots from one drawn from the flow hash
 /// (weighted best of k choices). Bounded by the verifier's work (see
@@ -427,6 +442,8 @@ pub const CONFIG_CT_PROTECT: u32 = 4;
 pub const CONFIG_ANSWER_PING: u32 = 8;
 /// ICMP errors about a VIP flow's replies go to the flow's backend (`forward_icmp`).
 pub const CONFIG_FORWARD_ICMP: u32 = 16;
+/// Prefix services exist: a frame to no exact VIP continues in `lb_prefix`.
+pub const CONFIG_PREFIX: u32 = 32;
 
 pub mod trace;
 pub use trace::{Decision, TraceBudget, TraceFilter, TraceRecord};

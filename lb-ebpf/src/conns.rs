@@ -52,3 +52,11 @@ pub fn overhead(id: u32) -> u64 {
     let (a, i) = ((a & !(a >> 63)) as u64, (i & !(i >> 63)) as u64);
     (a << 8) + i
 }
+
+/// Active (established) connections of backend `id`, as `overhead` counts them.
+#[inline(always)]
+pub fn active(id: u32) -> u64 {
+    let (Some(b), Some(d)) = (BACKEND_CONNS.get(id), BACKEND_CONN_DELTA.get(id)) else { return 0 };
+    let a = b.active.wrapping_add(d.active);
+    (a & !(a >> 63)) as u64
+}

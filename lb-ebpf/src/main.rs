@@ -27,7 +27,7 @@ mod trace;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{stat, FlowKey, TraceFilter, TraceRecord, RARE_SLOT, RARE_TRACE_SLOT};
+use lb_common::{stat, FlowKey, TraceFilter, TraceRecord, PREFIX_SLOT, RARE_SLOT, RARE_TRACE_SLOT};
 
 use crate::{
     maps::{RARE, RARE_PROGS},
@@ -44,11 +44,47 @@ use crate::{
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let v = balance_fast(&ctx);
     if v as u32 == RARE_ACTION {
-        // SAFETY: a tail call into the program the agent put at index 0; control
-        // comes back only when it fails (slot empty).
-        unsafe { RARE_PROGS.tail_call(&ctx, RARE_SLOT) };
-        count(stat::PASS_NOT_L4);
+        // SAFETY: a tail call into the program the agent put at index 0
+        // (`lb_rare`) or 2 (`lb_prefix`); control comes back only when it
+        // fails (slot empty).
+        let (slot, counter) = other_program(v);
+        unsafe { RARE_PROGS.tail_call(&ctx, slot) };
+        count(counter);
         return xdp_action::XDP_PASS;
+    }
+    count((v >> 32) as u32);
+    v as u32
+}
+
+/// The packed verdict of a frame to no exact VIP.
+const NOT_VIP: u64 = ((stat::PASS_NOT_VIP as u64) << 32) | xdp_action::XDP_PASS as u64;
+
+/// Counter half of a `RARE_ACTION` verdict for `lb_prefix` (0: `lb_rare`).
+const TO_PREFIX: u32 = 1;
+
+/// Where a `RARE_ACTION` verdict continues (`RARE_PROGS` slot) and what is
+/// counted when that slot is empty.
+#[inline(always)]
+fn other_program(v: u64) -> (u32, u32) {
+    if (v >> 32) as u32 == TO_PREFIX {
+        (PREFIX_SLOT, stat::PASS_NOT_VIP)
+    } else {
+        (RARE_SLOT, stat::PASS_NOT_L4)
+    }
+}
+
+/// Prefix services (tail-called from `lb_xdp` and `lb_xdp_trace` for frames to
+/// no exact VIP while `CONFIG_PREFIX` is set): the longest-prefix lookup in
+/// `PREFIX_SERVICES`, then the balancer as in `lb_xdp`. ICMP and fragments to
+/// a prefix service are passed (the rare path serves exact VIPs only); frames
+/// `lb_xdp_trace` sends here are not traced.
+#[xdp]
+pub fn lb_prefix(ctx: XdpContext) -> u32 {
+    let mut d = Decision::new();
+    let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
+    let mut v = packed(balance::<false, true>(&ctx, &mut d, &mut pkt, &mut flow));
+    if v as u32 == RARE_ACTION {
+        v = NOT_VIP;
     }
     count((v >> 32) as u32);
     v as u32
@@ -73,6 +109,7 @@ const RARE_ACTION: u32 = u32::MAX;
 fn packed(outcome: Outcome) -> u64 {
     let (action, counter) = match outcome {
         Outcome::Rare => (RARE_ACTION, 0),
+        Outcome::Prefix => (RARE_ACTION, TO_PREFIX),
         o => verdict(o),
     };
     (u64::from(counter) << 32) | u64::from(action)
@@ -85,7 +122,7 @@ fn packed(outcome: Outcome) -> u64 {
 fn balance_fast(ctx: &XdpContext) -> u64 {
     let mut d = Decision::new();
     let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
-    packed(balance::<false>(ctx, &mut d, &mut pkt, &mut flow))
+    packed(balance::<false, false>(ctx, &mut d, &mut pkt, &mut flow))
 }
 
 /// ICMP and fragments (`icmp.rs`, `frag.rs`): parsed in full and scheduled with
@@ -102,7 +139,11 @@ fn rare(ctx: &XdpContext, d: &mut Decision) -> Outcome {
     let Some(r) = RARE.get_ptr_mut(0) else { return Outcome::Pass(stat::PASS_NOT_L4) };
     // SAFETY: this CPU's entry, used by this program run only.
     let r = unsafe { &mut *r };
-    balance::<true>(ctx, d, &mut r.pkt, &mut r.flow)
+    match balance::<true, false>(ctx, d, &mut r.pkt, &mut r.flow) {
+        // ICMP and fragments to a prefix service are not balanced.
+        Outcome::Prefix => Outcome::Pass(stat::PASS_NOT_VIP),
+        o => o,
+    }
 }
 
 /// `lb_xdp` with the trace hook: the agent swaps it into the XDP link while an
@@ -126,10 +167,13 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
     }
     let mut v = balance_call(&ctx, &mut r.decision);
     if v as u32 == RARE_ACTION {
-        // SAFETY: a tail call into the program the agent put at index 1; control
+        // SAFETY: a tail call into the program the agent put at index 1
+        // (`lb_rare_trace`) or 2 (`lb_prefix`, which records no trace); control
         // comes back only when it fails (slot empty).
-        unsafe { RARE_PROGS.tail_call(&ctx, RARE_TRACE_SLOT) };
-        v = packed(Outcome::Pass(stat::PASS_NOT_L4));
+        let (slot, counter) = other_program(v);
+        let slot = if slot == RARE_SLOT { RARE_TRACE_SLOT } else { slot };
+        unsafe { RARE_PROGS.tail_call(&ctx, slot) };
+        v = packed(Outcome::Pass(counter));
     }
     finish_trace(&ctx, trace::active(), r, v)
 }
@@ -163,7 +207,7 @@ fn finish_trace(ctx: &XdpContext, filter: Option<&TraceFilter>, r: &mut TraceRec
 #[inline(always)]
 fn balance_call(ctx: &XdpContext, d: &mut Decision) -> u64 {
     let (mut pkt, mut flow) = (MaybeUninit::uninit(), MaybeUninit::uninit());
-    packed(balance::<false>(ctx, d, &mut pkt, &mut flow))
+    packed(balance::<false, false>(ctx, d, &mut pkt, &mut flow))
 }
 
 /// `rare_fast` with the trace's decision record.
@@ -182,6 +226,7 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         Outcome::TxAs(reason) => (xdp_action::XDP_TX, reason),
         // Never left over: the entry points run the rare path for it.
         Outcome::Rare => (xdp_action::XDP_PASS, stat::PASS_NOT_L4),
+        Outcome::Prefix => (xdp_action::XDP_PASS, stat::PASS_NOT_VIP),
     }
 }
 
@@ -216,15 +261,16 @@ pub fn bench_macswap(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// Parse and forward; `FULL`: the rare path (ICMP, fragments), see `parse`.
+/// Parse and forward; `FULL`: the rare path (ICMP, fragments), see `parse`;
+/// `PREFIX`: prefix services (`lb_prefix`), see `schedule::forward`.
 #[inline(always)]
-fn balance<const FULL: bool>(
+fn balance<const FULL: bool, const PREFIX: bool>(
     ctx: &XdpContext,
     d: &mut Decision,
     pkt: &mut MaybeUninit<Packet>,
     flow: &mut MaybeUninit<FlowKey>,
 ) -> Outcome {
-    if let Err(outcome) = parse::parse::<FULL>(ctx, pkt) {
+    if let Err(outcome) = parse::parse::<FULL, PREFIX>(ctx, pkt) {
         return outcome;
     }
     // SAFETY: `parse` wrote the whole packet when it returned Ok.
@@ -238,7 +284,7 @@ fn balance<const FULL: bool>(
         _pad: [0; 3],
     });
     let kind = if FULL { pkt.kind } else { parse::KIND_L4 };
-    schedule::forward(ctx, pkt, flow, d, kind)
+    schedule::forward::<PREFIX>(ctx, pkt, flow, d, kind)
 }
 
 #[cfg(not(test))]

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    stat, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
+    stat, AffinityKey, AffinityVal, LocalityKey, LocalityVal, PrefixKey, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
     DEFAULT_FRAGS_SIZE, DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
@@ -24,6 +24,20 @@ pub static VIP_ADDRS: HashMap<VipAddrKey, VipAddrVal, { MS as usize }> = HashMap
 /// (VIP, port, protocol) -> service.
 #[btf_map]
 pub static SERVICES: HashMap<VipKey, Service, { MS as usize }> = HashMap::new();
+
+/// Prefix services: (protocol, port, address prefix) -> service, looked up by
+/// longest prefix (`lb_common::PrefixKey`) in `lb_prefix` only.
+#[btf_map]
+pub static PREFIX_SERVICES: LpmTrie<PrefixKey, Service, { MS as usize }> = LpmTrie::new();
+
+/// (service, destination address) -> its backend (`lblc`) or set (`lblcr`),
+/// written by the program (`sched/locality.rs`).
+#[btf_map]
+pub static LOCALITY: LruHashMap<LocalityKey, LocalityVal, 65536> = LruHashMap::new();
+
+/// Per CPU: the key and new entry of `LOCALITY` being built (off the stack).
+#[btf_map]
+pub static LOCALITY_SCRATCH: PerCpuArray<crate::sched::LocalityScratch, 1> = PerCpuArray::new();
 
 /// All services' Maglev tables back to back: slot -> backend id. Memory-mappable,
 /// so the agent writes a whole table with one copy.
@@ -132,8 +146,8 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 
 /// The rare path (`lb_rare`: ICMP and fragments to a VIP), reached from `lb_xdp`
 /// by a tail call so that its stack frame is its own (the verifier allows 512
-/// bytes per call chain) and the fast path pays no call. Filled by the agent at
-/// load and pinned with the other maps: the kernel empties a program array when
+/// bytes per call chain) and the fast path pays no call. Also `lb_prefix`
+/// (`lb_common::PREFIX_SLOT`). Filled by the agent at load and pinned with the other maps: the kernel empties a program array when
 /// its last user reference goes, and the pin keeps the rare path alive between
 /// one agent and the next.
 #[aya_ebpf::macros::map]

@@ -60,6 +60,19 @@ pub enum Outcome {
     TxAs(u32),
     /// ICMP or a fragment to a VIP address: for the rare path (`main.rs`).
     Rare,
+    /// To no exact VIP while prefix services exist: for `lb_prefix` (`main.rs`).
+    Prefix,
+}
+
+/// The outcome of a frame to no exact VIP: `Prefix` while prefix services
+/// exist (`CONFIG_PREFIX`), else passed. Decided where the miss is found, so
+/// the balancer's many exits carry no extra test.
+#[inline(always)]
+pub fn not_vip() -> Outcome {
+    match crate::maps::CONFIG.get(0) {
+        Some(c) if c.flags & lb_common::CONFIG_PREFIX != 0 => Outcome::Prefix,
+        _ => Outcome::Pass(stat::PASS_NOT_VIP),
+    }
 }
 
 /// The parts of a frame to a VIP address that scheduling needs.
@@ -112,12 +125,16 @@ pub(crate) fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, ()> {
 
 /// The VIP_FILTER test: a clear bit means the destination is no VIP (the exact
 /// `VIP_ADDRS` lookup runs later, only for frames that miss the connection table).
+/// `PREFIX` (`lb_prefix`): no filter; the prefix services are looked up instead.
 #[inline(always)]
-fn vip_filter(dst: &[u8; 16]) -> Result<(), Outcome> {
+fn vip_filter<const PREFIX: bool>(dst: &[u8; 16]) -> Result<(), Outcome> {
+    if PREFIX {
+        return Ok(());
+    }
     let bit = vip_filter_bit(dst);
     match VIP_FILTER.get(bit >> 6) {
         Some(word) if *word & (1u64 << (bit & 63)) != 0 => Ok(()),
-        _ => Err(Outcome::Pass(stat::PASS_NOT_VIP)),
+        _ => Err(not_vip()),
     }
 }
 
@@ -126,7 +143,7 @@ fn vip_filter(dst: &[u8; 16]) -> Result<(), Outcome> {
 /// VIP end in `Outcome::Rare`: the caller runs the full parse (`FULL`) in a call
 /// of its own, so that their handling costs the fast path no stack.
 #[inline(always)]
-pub fn parse<const FULL: bool>(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) -> Result<(), Outcome> {
+pub fn parse<const FULL: bool, const PREFIX: bool>(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) -> Result<(), Outcome> {
     let malformed_l2 = Outcome::Pass(stat::PASS_MALFORMED_L2);
     let mut l3 = ETH_HLEN;
     let mut ethertype = read_be16(ctx, 12).map_err(|_| malformed_l2)?;
@@ -136,8 +153,8 @@ pub fn parse<const FULL: bool>(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) 
         l3 += VLAN_HLEN;
     }
     let (src, dst, proto, l4, ip_len, tos, df, kind, frag_id) = match ethertype {
-        ETH_P_IP => parse_v4(ctx, l3)?,
-        ETH_P_IPV6 => parse_v6(ctx, l3)?,
+        ETH_P_IP => parse_v4::<PREFIX>(ctx, l3)?,
+        ETH_P_IPV6 => parse_v6::<PREFIX>(ctx, l3)?,
         _ => return Err(Outcome::Pass(stat::PASS_NOT_IP)),
     };
     let v6 = ethertype == ETH_P_IPV6;
@@ -203,7 +220,7 @@ pub fn parse<const FULL: bool>(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) 
 type L3 = ([u8; 16], [u8; 16], u8, usize, usize, u8, bool, u8, u32);
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
+fn parse_v4<const PREFIX: bool>(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     let hdr = ptr_at::<[u8; IPV4_HLEN]>(ctx, l3).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L3))?;
     // SAFETY: bounds checked.
     let hdr = unsafe { &*hdr };
@@ -213,7 +230,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
     }
     let dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
-    vip_filter(&dst)?;
+    vip_filter::<PREFIX>(&dst)?;
     let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
     if tot_len < ihl || ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
@@ -233,7 +250,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
+fn parse_v6<const PREFIX: bool>(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     let hdr = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3).map_err(|_| Outcome::Pass(stat::PASS_MALFORMED_L3))?;
     // SAFETY: bounds checked.
     let hdr = unsafe { &*hdr };
@@ -247,7 +264,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<L3, Outcome> {
     if dst[..12] == V4_MAPPED_PREFIX {
         return Err(Outcome::Pass(stat::PASS_NOT_VIP));
     }
-    vip_filter(&dst)?;
+    vip_filter::<PREFIX>(&dst)?;
     let payload_len = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
     if ctx.data() + l3 + IPV6_HLEN + payload_len > ctx.data_end() {
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));

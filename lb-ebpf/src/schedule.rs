@@ -4,15 +4,17 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
     flow_hash, mask_addr, stat, AffinityKey, AffinityVal, FlowKey, Service, VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW,
-    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, PROTO_TCP, SCHED_MAGLEV, SCHED_SH, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST,
-    VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
+    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, PROTO_TCP, SCHED_DH, SCHED_MAGLEV, SCHED_SH, SERVICE_PASS_ON_EMPTY,
+    SERVICE_PERSIST, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
+    prefix::{prefix_bits, PrefixKey},
 };
+use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::{
     backend::backend,
     conntrack::{self, Lookup},
     forward, frag, icmp,
-    maps::{AFFINITY, CONFIG, SERVICES, VIP_ADDRS},
+    maps::{AFFINITY, CONFIG, PREFIX_SERVICES, SERVICES, VIP_ADDRS},
     parse::{Outcome, Packet, KIND_FRAG_FIRST, KIND_FRAG_LATER, KIND_ICMP_ERROR},
     sched::{self, NoBackend, Pick},
     stats::{count, count_forward},
@@ -25,7 +27,7 @@ fn find_service(flow: &FlowKey) -> Result<Service, Outcome> {
     // SAFETY: copied out at once; the agent replaces whole entries.
     let vip_flags = match unsafe { VIP_ADDRS.get(VipAddrKey { addr: flow.dst }) } {
         Some(v) => v.flags,
-        None => return Err(Outcome::Pass(stat::PASS_NOT_VIP)),
+        None => return Err(crate::parse::not_vip()),
     };
     let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, _pad: 0 };
     // SAFETY: as above.
@@ -43,12 +45,27 @@ fn find_service(flow: &FlowKey) -> Result<Service, Outcome> {
     Err(Outcome::Pass(stat::PASS_NO_SERVICE))
 }
 
+/// The prefix service of a frame to no exact VIP (`PREFIX_SERVICES`, the
+/// longest prefix): a service on the frame's port first, then an any-port one.
+/// A reference, copied where the service is used: a trie update replaces the
+/// node and frees the old one only after this program run (RCU), and the copy
+/// stays off the frame while the connection table is looked up.
+#[inline(always)]
+fn find_prefix_service(flow: &FlowKey) -> Result<&'static Service, Outcome> {
+    let mut key = Key::new(prefix_bits(128), PrefixKey::new(flow.proto, flow.dport, flow.dst));
+    if let Some(s) = PREFIX_SERVICES.get(&key) {
+        return Ok(s);
+    }
+    key.data.port = [0; 2];
+    PREFIX_SERVICES.get(&key).ok_or(Outcome::Pass(stat::PASS_NOT_VIP))
+}
+
 /// A new flow of a service with persistence: the client's backend while its
 /// affinity is fresh, else the scheduler's choice for the masked client address
 /// (for Maglev, so one client's connections land together even before any
 /// affinity exists).
 #[inline(always)]
-fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
+fn persistent<const PREFIX: bool>(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
     let v4 = flow.src[..12] == lb_common::v4_mapped([0; 4])[..12];
     let prefix = if v4 { 96 + svc.persist_prefix_v4 as u32 } else { svc.persist_prefix_v6 as u32 };
     let client = mask_addr(&flow.src, prefix);
@@ -69,7 +86,7 @@ fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
         }
     }
     let client_flow = FlowKey { src: client, sport: 0, ..*flow };
-    let (id, b) = sched::pick(flow_hash(&client_flow), svc, d)?;
+    let (id, b) = sched::pick::<PREFIX>(flow_hash(&client_flow), svc, &flow.dst, d)?;
     let val = AffinityVal { backend_id: id, generation: b.generation, last_ns: now };
     let _ = AFFINITY.insert(&key, &val, BPF_ANY as u64);
     Ok((id, b))
@@ -78,26 +95,36 @@ fn persistent(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
 /// A new flow (or one whose backend went down or was replaced): persistence or
 /// the service's scheduler (`sched/`).
 #[inline(always)]
-fn schedule(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
+fn schedule<const PREFIX: bool>(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
     count(stat::CONN_MISS);
     if svc.flags & SERVICE_PERSIST != 0 {
-        return persistent(flow, svc, d);
+        return persistent::<PREFIX>(flow, svc, d);
     }
     // One call for every scheduler (sh: the masked client address, no source
     // port; the others: the flow as is): a branch here would double the states the
     // verifier walks the schedulers with.
-    let sh = (svc.scheduler == SCHED_SH) as u32;
-    sched::pick(scheduling_hash(flow, svc.persist_prefix_v4, svc.persist_prefix_v6, sh), svc, d)
+    let mut mode = (svc.scheduler == SCHED_SH) as u32;
+    if PREFIX && svc.scheduler == SCHED_DH {
+        mode = HASH_DST;
+    }
+    sched::pick::<PREFIX>(scheduling_hash(flow, svc.persist_prefix_v4, svc.persist_prefix_v6, mode), svc, &flow.dst, d)
 }
+
+/// `scheduling_hash`'s mode for `dh`: the destination address alone.
+const HASH_DST: u32 = 2;
 
 /// The hash a new flow is scheduled by. `sh` (1 for `sh`, else 0): the client
 /// address masked to the service's prefix (`prefix_v4: 24` is nginx's `ip_hash`)
-/// and no source port; otherwise the flow hash. A call of its own: the masked key
-/// stays off the balancer's frame.
+/// and no source port; `HASH_DST` (`dh`): the destination address, port and
+/// protocol, no client; otherwise the flow hash. A call of its own: the masked
+/// key stays off the balancer's frame.
 #[inline(never)]
 fn scheduling_hash(flow: &FlowKey, prefix_v4: u8, prefix_v6: u8, sh: u32) -> u32 {
     if sh == 0 {
         return flow_hash(flow);
+    }
+    if sh == HASH_DST {
+        return flow_hash(&FlowKey { src: [0; 16], sport: 0, ..*flow });
     }
     let v4 = flow.src[..12] == lb_common::v4_mapped([0; 4])[..12];
     let prefix = if v4 { 96 + prefix_v4 as u32 } else { prefix_v6 as u32 };
@@ -108,12 +135,23 @@ fn scheduling_hash(flow: &FlowKey, prefix_v4: u8, prefix_v6: u8, sh: u32) -> u32
 /// up their VIP and service and are scheduled, and the choice is recorded.
 /// `kind` is `pkt.kind`, given as the constant `KIND_L4` by the fast path so that
 /// the ICMP and fragment hooks compile away there.
+///
+/// `PREFIX` (`lb_prefix`, for frames to no exact VIP): the prefix service is
+/// looked up first (frames to none pass at once), and a miss is scheduled by it.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision, kind: u8) -> Outcome {
+pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision, kind: u8) -> Outcome {
     let (syn, fin) = (pkt.syn, pkt.fin);
     let cfg = match CONFIG.get(0) {
         Some(c) if c.flags & CONFIG_READY != 0 => c,
         _ => return Outcome::Pass(stat::PASS_NOT_READY),
+    };
+    let prefix_svc = if PREFIX {
+        match find_prefix_service(flow) {
+            Ok(s) => Some(s),
+            Err(outcome) => return outcome,
+        }
+    } else {
+        None
     };
     let protect = cfg.flags & CONFIG_CT_PROTECT != 0;
     // Hooks for `frag.rs` and `icmp.rs`: a fragment follows its datagram's first
@@ -140,9 +178,12 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision,
             (service_id, backend_id, backend, false)
         }
         Lookup::Miss(slot) => {
-            let svc = match find_service(flow) {
-                Ok(s) => s,
-                Err(outcome) => return outcome,
+            let svc = match prefix_svc {
+                Some(s) => *s,
+                None => match find_service(flow) {
+                    Ok(s) => s,
+                    Err(outcome) => return outcome,
+                },
             };
             d.service = svc.id;
             if let conntrack::Slot::New { midflow: true } = slot {
@@ -150,12 +191,13 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision,
             }
             // A retransmitted SYN keeps the backend its first copy got: Maglev
             // gives it the same one anyway; the other schedulers would not.
-            let again = if syn && svc.scheduler != SCHED_MAGLEV && svc.scheduler != SCHED_SH {
+            let hashed = svc.scheduler == SCHED_MAGLEV || svc.scheduler == SCHED_SH || (PREFIX && svc.scheduler == SCHED_DH);
+            let again = if syn && !hashed {
                 conntrack::repeated_syn(flow, svc.id)
             } else {
                 None
             };
-            match again.ok_or(NoBackend::Gone).or_else(|_| schedule(flow, &svc, d)) {
+            match again.ok_or(NoBackend::Gone).or_else(|_| schedule::<PREFIX>(flow, &svc, d)) {
                 Ok((id, b)) if again.is_some() => (svc.id, id, b, false),
                 Ok((id, b)) => {
                     // An ICMP error is forwarded as its flow's packets would be,

@@ -258,10 +258,12 @@ fn verifier_work_stays_well_under_the_limit() {
         lb_common::PROG_BALANCER_TRACE,
         lb_common::PROG_RARE,
         lb_common::PROG_RARE_TRACE,
+        lb_common::PROG_PREFIX,
     ] {
         let prog: &mut aya::programs::Xdp =
             b.dp.ebpf_mut().program_mut(name).expect("program").try_into().expect("XDP");
-        // The traced programs are loaded when a trace first needs them.
+        // The traced programs are loaded when a trace first needs them, the
+        // prefix program with the first prefix service.
         if prog.fd().is_err() {
             prog.load().expect("load a traced program");
         }

@@ -131,7 +131,7 @@ pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Op
     let mut names = HashSet::new();
     let mut triples = HashSet::new();
     for s in &services {
-        if !names.insert(s.name.as_str()) || !triples.insert((s.vip, s.port, s.protocol)) {
+        if !names.insert(s.name.as_str()) || !triples.insert((s.vip, s.vip_prefix, s.port, s.protocol)) {
             return None;
         }
     }

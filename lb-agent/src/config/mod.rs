@@ -137,8 +137,12 @@ impl Default for Timeouts {
 pub struct ServiceConfig {
     /// Unique name, `[A-Za-z0-9_.-]{1,63}`.
     pub name: String,
-    /// The virtual IP address, a unicast IPv4 or IPv6 address.
+    /// The virtual IP address, a unicast IPv4 or IPv6 address; with
+    /// `vip_prefix`, the first address of the prefix.
     pub vip: IpAddr,
+    /// A prefix service (`vip: 198.18.50.0/24`): the prefix length (IPv4 1..=32,
+    /// IPv6 1..=128), matched by longest prefix after the exact VIPs.
+    pub vip_prefix: Option<u8>,
     /// The destination port; 0 means "any port" for the protocol.
     pub port: u16,
     pub protocol: Protocol,
@@ -323,17 +327,26 @@ pub enum Scheduler {
     /// Source hashing: Maglev over the client address masked to these prefix
     /// lengths (`prefix_v4: 24` is nginx's `ip_hash`).
     Sh { prefix_v4: u8, prefix_v6: u8 },
+    /// Destination hashing (prefix services): Maglev over the destination address.
+    Dh,
+    /// IPVS's locality-based least connections (prefix services).
+    Lblc,
+    /// IPVS's locality-based least connections with replication (prefix services).
+    Lblcr,
 }
 
 impl Scheduler {
     /// Every supported scheduler.
-    pub const ALL: [Scheduler; 6] = [
+    pub const ALL: [Scheduler; 9] = [
         Scheduler::Maglev,
         Scheduler::Rr,
         Scheduler::Wrr,
         Scheduler::Lc,
         Scheduler::Wlc,
         Scheduler::Sh { prefix_v4: 32, prefix_v6: 128 },
+        Scheduler::Dh,
+        Scheduler::Lblc,
+        Scheduler::Lblcr,
     ];
 
     /// The name used in the configuration file.
@@ -345,6 +358,9 @@ impl Scheduler {
             Scheduler::Lc => "lc",
             Scheduler::Wlc => "wlc",
             Scheduler::Sh { .. } => "sh",
+            Scheduler::Dh => "dh",
+            Scheduler::Lblc => "lblc",
+            Scheduler::Lblcr => "lblcr",
         }
     }
 
@@ -357,6 +373,9 @@ impl Scheduler {
             Scheduler::Lc => lb_common::SCHED_LC,
             Scheduler::Wlc => lb_common::SCHED_WLC,
             Scheduler::Sh { .. } => lb_common::SCHED_SH,
+            Scheduler::Dh => lb_common::SCHED_DH,
+            Scheduler::Lblc => lb_common::SCHED_LBLC,
+            Scheduler::Lblcr => lb_common::SCHED_LBLCR,
         }
     }
 
@@ -364,7 +383,13 @@ impl Scheduler {
     /// balancer node with the same configuration (the choice depends only on the
     /// packet and the table).
     pub fn node_independent(self) -> bool {
-        matches!(self, Scheduler::Maglev | Scheduler::Sh { .. })
+        matches!(self, Scheduler::Maglev | Scheduler::Sh { .. } | Scheduler::Dh)
+    }
+
+    /// Whether the scheduler serves prefix services only (it schedules by the
+    /// destination address, which an exact VIP does not vary).
+    pub fn needs_prefix(self) -> bool {
+        matches!(self, Scheduler::Dh | Scheduler::Lblc | Scheduler::Lblcr)
     }
 
     /// Parses the configuration-file name (lower case).

@@ -8,6 +8,7 @@ mod address;
 mod conntrack;
 mod forwarding;
 mod policy;
+mod prefix;
 mod probe;
 mod sched;
 
@@ -67,7 +68,7 @@ struct Checker<'a> {
     names: HashMap<String, usize>,
     /// First use of each (vip, port, protocol): that service's path and name
     /// (its line is looked up only when a duplicate needs it).
-    triples: HashMap<(IpAddr, u16, Protocol), (String, Option<String>)>,
+    triples: HashMap<(IpAddr, Option<u8>, u16, Protocol), (String, Option<String>)>,
     /// Errors found after the first [`MAX_ERRORS`], only counted.
     not_shown: usize,
 }
@@ -184,9 +185,10 @@ impl Checker<'_> {
             None => "this service".to_string(),
         };
         let sched_fields = (raw.prefix_v4, raw.prefix_v6, raw.persistence.is_some());
-        let vip = self
+        let vip_and_prefix = self
             .required(raw.vip, &field("vip"), "vip")
-            .and_then(|vip| self.address(&vip, &field("vip"), "vip", "the vip"));
+            .and_then(|vip| self.vip(&vip, &field("vip")));
+        let vip = vip_and_prefix.map(|v| v.0);
         let port = self
             .required(raw.port, &field("port"), "port")
             .and_then(|port| self.ranged(port, &field("port"), "port", 0, u16::MAX));
@@ -199,23 +201,25 @@ impl Checker<'_> {
             Some(ref text) => self.scheduler(text, &field("scheduler")),
         };
         let scheduler = self.scheduler_fields(scheduler, sched_fields, &path);
+        let scheduler = self.scheduler_needs_prefix(scheduler, vip_and_prefix, &field("scheduler"));
         let forwarding = self.forwarding(raw.forwarding.as_deref(), &field("forwarding"));
         let gue_port = self.gue_port(raw.gue_port, forwarding, &field("gue_port"));
 
-        if let (Some(vip), Some(port), Some(protocol)) = (vip, port, protocol) {
-            if let Some((first_path, first_name)) = self.triples.get(&(vip, port, protocol)) {
+        if let (Some((vip, prefix)), Some(port), Some(protocol)) = (vip_and_prefix, port, protocol) {
+            if let Some((first_path, first_name)) = self.triples.get(&(vip, prefix, port, protocol)) {
                 let line = self.positions.value(first_path).line;
                 let first = match first_name {
                     Some(name) => format!("service '{name}' ({first_path}, line {line})"),
                     None => format!("{first_path} (line {line})"),
                 };
                 let message = format!(
-                    "duplicate service: vip {vip} port {port} protocol {protocol} is already \
-                     used by {first}"
+                    "duplicate service: vip {} port {port} protocol {protocol} is already \
+                     used by {first}",
+                    prefix::vip_text(vip, prefix)
                 );
                 self.at_value(&field("vip"), message);
             } else {
-                self.triples.insert((vip, port, protocol), (path.clone(), name.clone()));
+                self.triples.insert((vip, prefix, port, protocol), (path.clone(), name.clone()));
             }
         }
 
@@ -255,6 +259,7 @@ impl Checker<'_> {
         Some(ServiceConfig {
             name: name?,
             vip: vip?,
+            vip_prefix: vip_and_prefix?.1,
             port: port?,
             protocol: protocol?,
             scheduler: scheduler?,

@@ -42,6 +42,7 @@ pub(super) fn prog_name(name: &str) -> &'static str {
         lb_common::PROG_PASS => lb_common::PROG_PASS,
         lb_common::PROG_BALANCER_TRACE => lb_common::PROG_BALANCER_TRACE,
         lb_common::PROG_RARE => lb_common::PROG_RARE,
+        lb_common::PROG_PREFIX => lb_common::PROG_PREFIX,
         _ => lb_common::PROG_BALANCER,
     }
 }

@@ -92,7 +92,11 @@ fn service_labels(service: &ServiceStatus) -> Labels {
         ("service", service.name.clone()),
         (
             "vip",
-            service.vip.map(|ip| ip.to_string()).unwrap_or_default(),
+            match (service.vip, service.vip_prefix) {
+                (Some(ip), Some(len)) => format!("{ip}/{len}"),
+                (Some(ip), None) => ip.to_string(),
+                (None, _) => String::new(),
+            },
         ),
         ("port", service.port.to_string()),
         ("protocol", service.protocol.clone()),

@@ -69,6 +69,13 @@ impl IdAlloc {
     }
 }
 
+/// A prefix length in the 16-byte address form (96 more for IPv4): what a
+/// prefix service's `VipKey::_pad` holds in a plan and what `PREFIX_SERVICES`
+/// matches. Never 0 (lengths start at 1).
+pub fn key_prefix_len(vip: IpAddr, len: u8) -> u8 {
+    if vip.is_ipv4() { 96 + len } else { len }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedService {
     pub name: String,
@@ -111,6 +118,13 @@ pub struct PlannedBackend {
     /// The service's forwarding mode (`lb_common::FORWARD_*`) and GUE port.
     pub forward: u8,
     pub gue_port: u16,
+}
+
+impl PlannedService {
+    /// The prefix length in the 16-byte form for a prefix service.
+    pub fn prefix_len(&self) -> Option<u8> {
+        (self.key._pad != 0).then_some(self.key._pad)
+    }
 }
 
 impl PlannedBackend {
@@ -188,7 +202,12 @@ impl Plan {
         let mut kept_services = BTreeSet::new();
         let mut kept_backends = BTreeSet::new();
         for (index, svc) in config.services.iter().enumerate() {
-            let key = VipKey { addr: addr_key(svc.vip), port: svc.port, proto: svc.protocol.number(), _pad: 0 };
+            let key = VipKey {
+                addr: addr_key(svc.vip),
+                port: svc.port,
+                proto: svc.protocol.number(),
+                _pad: svc.vip_prefix.map_or(0, |len| key_prefix_len(svc.vip, len)),
+            };
             let old = prev_services.get(&key).copied();
             let id = match old {
                 Some(o) => {
@@ -263,7 +282,7 @@ impl Plan {
                     let input: Vec<MaglevBackend> =
                         maglev_input.iter().map(|&(address, weight, _)| MaglevBackend { address, weight }).collect();
                     let indices = match svc.scheduler {
-                        Scheduler::Maglev | Scheduler::Sh { .. } => build_table(&input, svc.table_size),
+                        Scheduler::Maglev | Scheduler::Sh { .. } | Scheduler::Dh => build_table(&input, svc.table_size),
                         other => {
                             let weights: Vec<u32> = input.iter().map(|b| b.weight).collect();
                             crate::sched_tables::build(other, &weights, svc.table_size)
@@ -273,7 +292,8 @@ impl Plan {
                 }
             };
 
-            let flags = plan.vip_addrs.entry(key.addr).or_insert(0);
+            let mut no_addr = 0;
+            let flags = if svc.vip_prefix.is_some() { &mut no_addr } else { plan.vip_addrs.entry(key.addr).or_insert(0) };
             if svc.port == 0 {
                 *flags |= match svc.protocol {
                     Protocol::Tcp => VIP_ANY_PORT_TCP,
@@ -330,6 +350,11 @@ impl Plan {
     }
 
     /// Every backend address of every service, once.
+    /// Whether the plan has prefix services (`CONFIG_PREFIX`, `lb_prefix`).
+    pub fn has_prefix(&self) -> bool {
+        self.services.iter().any(|s| s.key._pad != 0)
+    }
+
     pub fn backend_addresses(config: &Config) -> Vec<IpAddr> {
         let set: BTreeSet<IpAddr> =
             config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();

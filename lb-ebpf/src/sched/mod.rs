@@ -6,11 +6,15 @@
 //! for the whole call chain).
 
 mod leastconn;
+mod locality;
 mod maglev;
 mod rotation;
 
+pub use locality::LocalityScratch;
+
 use lb_common::{
-    Backend, Service, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, SCHED_LC, SCHED_MAGLEV, SCHED_RR, SCHED_SH, SCHED_WLC, SCHED_WRR,
+    Backend, Service, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, SCHED_DH, SCHED_LBLC, SCHED_LBLCR, SCHED_LC, SCHED_MAGLEV, SCHED_RR,
+    SCHED_SH, SCHED_WLC, SCHED_WRR,
 };
 
 use crate::{backend::backend, maps::MAGLEV, trace::Decision};
@@ -38,12 +42,21 @@ fn slot_backend(svc: &Service, in_table: u32) -> Pick {
 /// flow hash; with persistence, the hash of the masked client address alone).
 /// Maglev, the hot path, is inline; the other schedulers are one call away
 /// (`other_slot`), so their frames never add to the balancer's.
+/// `PREFIX` (`lb_prefix`): also the schedulers of prefix services only (`dh`
+/// is Maglev with the destination's hash; `lblc`, `lblcr` look up `dst` in
+/// `LOCALITY`, `locality.rs`), compiled out of `lb_xdp`.
 #[inline(always)]
-pub fn pick(hash: u32, svc: &Service, d: &mut Decision) -> Pick {
+pub fn pick<const PREFIX: bool>(hash: u32, svc: &Service, dst: &[u8; 16], d: &mut Decision) -> Pick {
     if svc.table_size == 0 {
         return Err(NoBackend::Empty);
     }
-    let in_table = if svc.scheduler == SCHED_MAGLEV || svc.scheduler == SCHED_SH { maglev::slot(hash, svc) } else { other_slot(hash, svc.id, svc.table_offset, svc.table_size, svc.scheduler) };
+    if PREFIX && (svc.scheduler == SCHED_LBLC || svc.scheduler == SCHED_LBLCR) {
+        let id = locality::pick(hash, svc, dst);
+        let b = backend(id, svc.id, None, BACKEND_ACTIVE | BACKEND_ACCEPTS_NEW).ok_or(NoBackend::Gone)?;
+        return Ok((id, b));
+    }
+    let hashed = svc.scheduler == SCHED_MAGLEV || svc.scheduler == SCHED_SH || (PREFIX && svc.scheduler == SCHED_DH);
+    let in_table = if hashed { maglev::slot(hash, svc) } else { other_slot(hash, svc.id, svc.table_offset, svc.table_size, svc.scheduler) };
     d.slot = in_table;
     slot_backend(svc, in_table)
 }

@@ -9,6 +9,7 @@ mod addresses;
 mod forwarding;
 mod limits;
 mod policy;
+mod prefix;
 mod probes;
 mod rules;
 
@@ -116,6 +117,7 @@ fn defaults_are_applied() {
         services: vec![ServiceConfig {
             name: "web".to_string(),
             vip: "198.18.1.10".parse().unwrap(),
+            vip_prefix: None,
             port: 80,
             protocol: Protocol::Tcp,
             scheduler: Scheduler::Maglev,

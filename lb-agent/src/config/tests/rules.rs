@@ -230,7 +230,7 @@ fn protocol_and_scheduler_must_be_known() {
         ]),
         &[
             "test.yaml:5:15: services[0].protocol: unknown protocol 'TCP'; supported protocols: tcp, udp",
-            "test.yaml:6:16: services[0].scheduler: unknown scheduler 'lcx'; supported schedulers: maglev, rr, wrr, lc, wlc, sh",
+            "test.yaml:6:16: services[0].scheduler: unknown scheduler 'lcx'; supported schedulers: maglev, rr, wrr, lc, wlc, sh, dh, lblc, lblcr",
         ],
     );
 }

@@ -20,6 +20,7 @@ mod probes;
 mod reload;
 mod report;
 mod scale;
+mod prefix;
 mod schedulers;
 mod topo;
 mod tunnel;
@@ -158,6 +159,7 @@ fn main() {
     }
     // Only the scheduler benchmark, printed and not written.
     if std::env::args().any(|a| a == "--schedulers-only") {
+        println!("\n## Prefix services: cost to other traffic\n\n{}", prefix::bench_prefix_paths(&p));
         println!("\n## Schedulers: new-flow cost\n\n{}", schedulers::bench_schedulers(&p));
         eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
         return;
@@ -228,6 +230,9 @@ fn main() {
     eprintln!("lb-bench: new-flow cost per scheduler ...");
     let sched_md = schedulers::bench_schedulers(&p);
     println!("\n## Schedulers: new-flow cost\n\n{sched_md}");
+    eprintln!("lb-bench: what prefix services cost other traffic ...");
+    let prefix_md = prefix::bench_prefix_paths(&p);
+    println!("\n## Prefix services: cost to other traffic\n\n{prefix_md}");
     eprintln!("lb-bench: failover with BIRD and keepalived ({failover_runs} run(s) per scenario) ...");
     let failover_md = failover::bench_failover(failover_runs);
     println!("\n## Failover\n\n{failover_md}");
@@ -274,6 +279,7 @@ fn main() {
          ### The agent at scale: start, memory, reloads, status\n\n{scale}\n\
          ### Liveness probes: CPU\n\n{probe_md}\n\
          ## Schedulers: new-flow cost\n\n{sched_md}\n\
+         ### Prefix services: cost to other traffic\n\n{prefix_md}\n\
          ## Failover (ECMP and VRRP pair)\n\n{failover_md}\n",
         sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         sh("uname", &["-r"]),

@@ -17,15 +17,35 @@ use crate::{
 
 const XDP_TX: u32 = 3;
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
-const SCHEDULERS: [&str; 6] = ["maglev", "rr", "wrr", "lc", "wlc", "sh"];
+/// The schedulers measured; `@prefix`: on the prefix service `PREFIX` (the
+/// frame goes through `lb_prefix`: a tail call and the trie lookup), whose SYNs
+/// go to `PREFIX_DSTS` destinations in turn (a cache cluster sees many flows per
+/// destination; `lblc`/`lblcr` then find the destination's entry).
+const SCHEDULERS: [&str; 10] =
+    ["maglev", "rr", "wrr", "lc", "wlc", "sh", "maglev@prefix", "dh@prefix", "lblc@prefix", "lblcr@prefix"];
+const PREFIX: &str = "198.18.64.0/18";
+const PREFIX_DSTS: u32 = 1024;
+
+/// The destination of new flow `i` of `scheduler`.
+fn dst(scheduler: &str, i: u32) -> Ipv4Addr {
+    if scheduler.ends_with("@prefix") {
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + i % PREFIX_DSTS)
+    } else {
+        VIP
+    }
+}
 
 fn balancer(scheduler: &str, backends: u32) -> Dataplane {
+    let (scheduler, vip) = match scheduler.strip_suffix("@prefix") {
+        Some(s) => (s, PREFIX.to_string()),
+        None => (scheduler, VIP.to_string()),
+    };
     let list: String = (0..backends)
         .map(|i| format!("      - {{address: 10.{}.{}.{}, weight: {}}}\n", 1 + i / 65536, (i / 256) % 256, i % 256, 1 + i % 4))
         .collect();
     let extra = if scheduler == "sh" { "    prefix_v4: 24\n" } else { "" };
     let text = format!(
-        "conntrack_size: 262144\nservices:\n  - name: web\n    vip: {VIP}\n    port: 80\n    scheduler: {scheduler}\n{extra}    backends:\n{list}"
+        "conntrack_size: 262144\nservices:\n  - name: web\n    vip: {vip}\n    port: 80\n    scheduler: {scheduler}\n{extra}    backends:\n{list}"
     );
     let cfg = config::parse(&text, "bench-schedulers.yaml").unwrap_or_else(|e| panic!("{e}"));
     let plan = Plan::build(&cfg, &fake_macs(&cfg));
@@ -56,14 +76,16 @@ pub fn bench_schedulers(p: &Params) -> String {
         let mut dps: Vec<Dataplane> = SCHEDULERS.iter().map(|s| balancer(s, backends)).collect();
         let mut syn: Vec<Vec<f64>> = vec![Vec::new(); SCHEDULERS.len()];
         let mut est: Vec<Vec<f64>> = vec![Vec::new(); SCHEDULERS.len()];
-        let ack = ipv4_frame(Ipv4Addr::new(203, 0, 113, 7), VIP, true, 40001, 80);
         for round in 0..rounds {
             for (k, dp) in dps.iter_mut().enumerate() {
+                let name = SCHEDULERS[k];
+                let ack = ipv4_frame(Ipv4Addr::new(203, 0, 113, 7), dst(name, 7), true, 40001, 80);
                 let prog = prog(dp);
                 let flows: Vec<Vec<u8>> = (0..per_round)
                     .map(|i| {
                         let i = round * per_round + i;
-                        ipv4_syn(Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i * 7), VIP, 1024 + (i % 60000) as u16, 80)
+                        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i * 7);
+                        ipv4_syn(src, dst(name, i), 1024 + (i % 60000) as u16, 80)
                     })
                     .collect();
                 syn[k].push(median(flows.iter().map(|f| run(prog, f, 1)).collect()));
@@ -87,7 +109,10 @@ pub fn bench_schedulers(p: &Params) -> String {
         "\nOne TCP service per balancer, weights 1..4, table_size 65537; {rounds} alternating rounds, \
          each the median of {per_round} distinct SYNs (repeat 1) and one repeat-{} run of an established \
          ACK; the table shows medians over rounds. `lc`/`wlc` compare up to 4 backends per new flow \
-         (exact up to 4, best of 4 beyond).",
+         (exact up to 4, best of 4 beyond). `@prefix`: the service's vip is the prefix {PREFIX} and the \
+         SYNs go to {PREFIX_DSTS} of its addresses in turn (the frame misses the exact vips and is \
+         tail-called into `lb_prefix`, which looks up the prefix trie): `maglev@prefix` against `maglev` is \
+         what the prefix path adds, `dh`/`lblc`/`lblcr` against `maglev@prefix` what the scheduler adds.",
         p.repeat
     );
     md
