@@ -19,19 +19,21 @@ use crate::{
     trace::Decision,
 };
 
-/// The service of a frame to a VIP, or why there is none.
+/// The service of a frame to a VIP, or why there is none. `SERVICES` first: a
+/// frame of a service (every new flow) needs no `VIP_ADDRS` lookup; the address
+/// is looked up only when the port has no service of its own.
 #[inline(always)]
 fn find_service(flow: &FlowKey) -> Result<Service, Outcome> {
+    let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, _pad: 0 };
     // SAFETY: copied out at once; the agent replaces whole entries.
+    if let Some(s) = unsafe { SERVICES.get(&key) } {
+        return Ok(*s);
+    }
+    // SAFETY: as above.
     let vip_flags = match unsafe { VIP_ADDRS.get(VipAddrKey { addr: flow.dst }) } {
         Some(v) => v.flags,
         None => return Err(Outcome::Pass(stat::PASS_NOT_VIP)),
     };
-    let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, _pad: 0 };
-    // SAFETY: as above.
-    if let Some(s) = unsafe { SERVICES.get(&key) } {
-        return Ok(*s);
-    }
     let any = if flow.proto == PROTO_TCP { VIP_ANY_PORT_TCP } else { VIP_ANY_PORT_UDP };
     if vip_flags & any != 0 {
         key.port = 0;
