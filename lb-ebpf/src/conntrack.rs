@@ -19,7 +19,7 @@ use lb_common::{
 
 use crate::{
     backend::backend,
-    conns,
+    conns, flood,
     maps::{CONNTRACK, CT_CLOCK, CT_ESTABLISHED},
     stats::count,
     trace::Decision,
@@ -153,20 +153,19 @@ fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) -> u8 {
     }
 }
 
-/// Records a scheduling decision.
+/// Records a scheduling decision. `flood_kps`: for a TCP SYN of a service whose
+/// scheduler is a function of the flow, the SYN flood threshold
+/// (`Config::syn_flood_kps`); else 0.
 #[inline(always)]
-pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, generation: u32) {
-    let now = now();
+pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, generation: u32, flood_kps: u32) {
     match slot {
-        Slot::New { .. } => {
-            let val = FlowVal { backend_id, service_id, generation, last_seen: now, state: CT_STATE_NEW, _pad: [0; 3] };
-            if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
-                count(stat::CONN_INSERT_FAILED);
-            } else {
-                conns::opened(backend_id);
-            }
+        Slot::New { midflow } => {
+            // A midflow packet is never a SYN, so `flood_kps` is 0 for it; the
+            // select keeps it so without a branch.
+            insert_new(flow, backend_id, service_id, generation, if midflow { 0 } else { flood_kps });
         }
         Slot::Established(p) => {
+            let now = now();
             // SAFETY: the live entry `lookup` found; other CPUs reading it half
             // written see a generation that does not match and schedule the flow
             // themselves, to the same backend.
@@ -183,5 +182,25 @@ pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, gene
                 (*p).state = CT_STATE_ESTABLISHED;
             }
         }
+    }
+}
+
+/// A new `CONNTRACK` entry, unless `flood_kps` is not 0 and this CPU is past it
+/// (`flood::over`: a SYN flood), when the SYN is only counted
+/// (`ct_syn_unrecorded`): its flow's next packet finds no entry, is scheduled to
+/// the same backend and recorded then; a SYN flood's spoofed SYNs, which have no
+/// next packet, then cost no insert and evict nothing. A call of its own: both
+/// outcomes end here, so the verifier walks the rest of the balancer once.
+#[inline(never)]
+fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32, flood_kps: u32) {
+    if flood::over(flood_kps) {
+        count(stat::CT_SYN_UNRECORDED);
+        return;
+    }
+    let val = FlowVal { backend_id, service_id, generation, last_seen: now(), state: CT_STATE_NEW, _pad: [0; 3] };
+    if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
+        count(stat::CONN_INSERT_FAILED);
+    } else {
+        conns::opened(backend_id);
     }
 }

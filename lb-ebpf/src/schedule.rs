@@ -161,9 +161,15 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision,
                 Ok((id, b)) if again.is_some() => (svc.id, id, b, false),
                 Ok((id, b)) => {
                     // An ICMP error is forwarded as its flow's packets would be,
-                    // but records nothing.
+                    // but records nothing. A SYN of a service whose scheduler is
+                    // a function of the flow may go unrecorded during a SYN flood
+                    // (`conntrack::insert_new`): its next packet gets the same
+                    // backend and is recorded then.
+                    let deterministic = (svc.scheduler == SCHED_MAGLEV || svc.scheduler == SCHED_SH)
+                        && svc.flags & SERVICE_PERSIST == 0;
+                    let flood_kps = if syn && deterministic { u32::from(cfg.syn_flood_kps) } else { 0 };
                     if kind != KIND_ICMP_ERROR {
-                        conntrack::record(flow, slot, id, svc.id, b.generation);
+                        conntrack::record(flow, slot, id, svc.id, b.generation, flood_kps);
                     }
                     (svc.id, id, b, kind != KIND_ICMP_ERROR)
                 }

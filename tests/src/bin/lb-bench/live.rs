@@ -1,6 +1,7 @@
 //! Live forwarding rate on veth with native XDP: (a) the MAC-swap ceiling, (b) the
 //! balancer, (c) nftables DNAT with conntrack, in one topology (see `topo`); then
-//! the balancer with (d) established TCP flows and (e) a SYN flood (`live_flows`).
+//! the balancer with (d) established TCP flows and (e), (f) a SYN flood
+//! (`live_flows`).
 //!
 //! The generator is `bench_gen` run with BPF_PROG_TEST_RUN and
 //! BPF_F_TEST_XDP_LIVE_FRAMES from a thread inside the generator's namespace (the
@@ -59,12 +60,14 @@ pub enum Kind {
     Established,
     /// The balancer, a TCP SYN of a new flow in every frame, `CONNTRACK` full.
     Flood,
+    /// `Flood` with the SYN-flood threshold off: every SYN recorded.
+    FloodRecorded,
 }
 
 impl Kind {
     /// Whether `lb_xdp` is the program on b0.
     fn balancer(self) -> bool {
-        matches!(self, Kind::Balancer | Kind::Established | Kind::Flood)
+        matches!(self, Kind::Balancer | Kind::Established | Kind::Flood | Kind::FloodRecorded)
     }
 }
 
@@ -132,7 +135,7 @@ fn frames_counted(bench: &Ebpf) -> u64 {
 fn set_generator(bench: &mut Ebpf, kind: Kind, flows: u32) {
     let (t, mode) = match kind {
         Kind::Established => (live_flows::tcp_template(live_flows::ACK), 0),
-        Kind::Flood => (live_flows::tcp_template(live_flows::SYN), GEN_FLOOD),
+        Kind::Flood | Kind::FloodRecorded => (live_flows::tcp_template(live_flows::SYN), GEN_FLOOD),
         _ => (template(), 0),
     };
     let mut cfg: aya::maps::Array<_, [u32; 4]> =
@@ -206,11 +209,6 @@ fn attach(topo: &Topo, dp: &mut Dataplane, kind: Kind) -> Option<aya::programs::
                         .attach("b0", XdpMode::Driver)
                         .expect("attach bench_macswap to b0"),
                 ),
-                Kind::Balancer | Kind::Established | Kind::Flood => {
-                    dp.attach("b0", Some(AttachMode::Native))
-                        .expect("attach lb_xdp natively to b0");
-                    None
-                }
                 // veth takes native XDP_TX frames from g0 only if b0 has a program.
                 Kind::Nftables => Some(
                     dp.pass_program()
@@ -218,6 +216,11 @@ fn attach(topo: &Topo, dp: &mut Dataplane, kind: Kind) -> Option<aya::programs::
                         .attach("b0", XdpMode::Driver)
                         .expect("attach lb_pass to b0"),
                 ),
+                _ => {
+                    dp.attach("b0", Some(AttachMode::Native))
+                        .expect("attach lb_xdp natively to b0");
+                    None
+                }
             }
         })
         .join()
@@ -269,7 +272,7 @@ pub struct Live {
     pub held: Held,
 }
 
-/// Runs the five variants `lp.runs` times, interleaved (a, b, c, d, e, a, ...)
+/// Runs the six variants `lp.runs` times, interleaved (a, b, c, d, e, f, a, ...)
 /// so that drift on a shared machine hits all of them alike.
 pub fn bench_live(lp: &LiveParams) -> Live {
     let topo = Topo::new();
@@ -356,21 +359,36 @@ pub fn bench_live(lp: &LiveParams) -> Live {
             sent_pps: vec![],
             prog_ns: vec![],
         },
+        Variant {
+            kind: Kind::FloodRecorded,
+            short: "f",
+            label: "(f) as (e), `syn_flood_kps: 0` (every SYN recorded)",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
     ];
     // Established connections first (the floods must not move them), then the
     // connection table filled by a flood before the first timed round.
     let conns = live_flows::establish(&mut dp, live_flows::HELD);
     let (size, _) = dp.conntrack_capacity(&plan).expect("CONNTRACK size");
     let fill = {
-        let link = attach(&topo, &mut dp, Kind::Flood);
-        set_generator(&mut bench, Kind::Flood, lp.flows);
+        let link = attach(&topo, &mut dp, Kind::FloodRecorded);
+        set_generator(&mut bench, Kind::FloodRecorded, lp.flows);
+        dp.set_syn_flood_kps(0).expect("SYN flood threshold");
         let fill = live_flows::fill(&topo, &bench, &mut dp, size);
-        detach(&topo, &mut dp, Kind::Flood, link);
+        detach(&topo, &mut dp, Kind::FloodRecorded, link);
         fill
     };
     run_rounds(lp, &topo, &mut bench, &mut dp, &mut out);
     let held = live_flows::check(&mut dp, &conns, fill, size);
     Live { variants: out, held }
+}
+
+/// The SYN flood threshold of every row but (f): the agent's default, or
+/// `LB_BENCH_SYN_FLOOD_KPS` (to see what an unrecorded SYN costs live, say 1).
+fn flood_kps() -> u16 {
+    std::env::var("LB_BENCH_SYN_FLOOD_KPS").ok().and_then(|v| v.parse().ok()).unwrap_or(lb_common::DEFAULT_SYN_FLOOD_KPS)
 }
 
 fn run_rounds(
@@ -384,6 +402,8 @@ fn run_rounds(
         for v in out.iter_mut() {
             let link = attach(topo, dp, v.kind);
             set_generator(bench, v.kind, lp.flows);
+            let kps = if v.kind == Kind::FloodRecorded { 0 } else { flood_kps() };
+            dp.set_syn_flood_kps(kps).expect("SYN flood threshold");
             let gen_prog: &Xdp = bench
                 .program("bench_gen")
                 .expect("bench_gen")

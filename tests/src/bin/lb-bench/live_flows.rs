@@ -161,9 +161,13 @@ fn verdict(ok: bool) -> &'static str {
 
 /// The lines under the live table for (d) and (e).
 pub fn flows_md(v: &[Variant], held: &Held, flows: u32) -> String {
-    let (a, d, e) = (&v[0], &v[3], &v[4]);
+    let (a, d, e, f) = (&v[0], &v[3], &v[4], &v[5]);
     let mut md = String::new();
-    for (x, what, target) in [(d, "established TCP", 0.92), (e, "SYN flood", 0.7)] {
+    for (x, what, target) in [
+        (d, "established TCP", 0.92),
+        (e, "SYN flood", 0.7),
+        (f, "SYN flood, every SYN recorded", 0.7),
+    ] {
         let r = ratios(x, a);
         let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = r.iter().copied().fold(0.0, f64::max);
@@ -182,11 +186,15 @@ pub fn flows_md(v: &[Variant], held: &Held, flows: u32) -> String {
     let _ = writeln!(
         md,
         "\n(d) sends ACKs of {flows} TCP connections (each in `CT_ESTABLISHED` after the warm-up's first two frames); \
-         (e) a SYN of a new 5-tuple in every frame (the generator counts source port and address up per CPU). \
-         Before the first round a flood of {} SYNs filled `CONNTRACK` (the default `conntrack_size`, {}; {} entries after it), so \
-         every timed SYN's insert evicts an entry. {} TCP connections established before the floods (SYN, ACK \
+         (e) a SYN of a new 5-tuple in every frame (the generator counts source port and address up per CPU), \
+         at the default `syn_flood_kps` ({}: past {} new flows per CPU in a second, SYNs go unrecorded); \
+         (f) the same with `syn_flood_kps: 0` (every SYN inserted). \
+         Before the first round a flood of {} SYNs, all recorded, filled `CONNTRACK` (the default `conntrack_size`, {}; {} entries after it), so \
+         every recorded timed SYN's insert evicts an entry. {} TCP connections established before the floods (SYN, ACK \
          through BPF_PROG_TEST_RUN) were checked after all rounds: {} moved or left `CT_ESTABLISHED`, and \
          each one's next ACK was a table hit.",
+        lb_common::DEFAULT_SYN_FLOOD_KPS,
+        u32::from(lb_common::DEFAULT_SYN_FLOOD_KPS) * 1000,
         held.fill_sent,
         held.size,
         held.fill_entries,

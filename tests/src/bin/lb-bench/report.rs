@@ -54,7 +54,7 @@ pub fn live_md(
     let bc = b.mpps() / c.mpps();
     let _ = writeln!(
         md,
-        "\n{runs} runs of {secs} s per path, interleaved (a, b, c, d, e, a, b, ...); {flows} UDP flows in (a) to (c); \
+        "\n{runs} runs of {secs} s per path, interleaved (a, b, c, d, e, f, a, b, ...); {flows} UDP flows in (a) to (c); \
          load average when the live runs started: {load}.\n"
     );
     let _ = writeln!(
@@ -225,6 +225,7 @@ pub const LIVE_METHOD: &str = "\
    XDP_TX out of g0                           `numgen random mod 8` + conntrack, routed out b0
                                           (d) lb_xdp, TCP ACKs of 1,024 established flows
                                           (e) lb_xdp, TCP SYNs, a new flow in every frame
+                                          (f) as (e), syn_flood_kps 0
 ```
 
 - One arm: frames go g0 → b0, the path under test sends them back out b0 to a backend
@@ -249,7 +250,7 @@ pub const LIVE_METHOD: &str = "\
 - A run: attach, warm up (fills lb_xdp's and the kernel's connection tables; the BPF
   run-time statistics are on only then), then send for the run's time in calls of 65,536
   frames (at most 20 Mpps x the run time in all); rate = frames counted on g0 / seconds of
-  sending. The five paths are measured in turn in each round; the table gives medians.
+  sending. The six paths are measured in turn in each round; the table gives medians.
 - The namespaces are removed at the end (also on panic); only 198.18.0.0/15 addresses.
   The machine is shared and small: compare the paths within one run (the ratios), not
   absolute rates across runs.
