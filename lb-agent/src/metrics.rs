@@ -24,7 +24,7 @@
 //! | `lb_backend_probe_successes_total`, `lb_backend_probe_failures_total` | counter | the service's and `backend` |
 //! | `lb_packets_total` (one series per verdict: `forwarded`, `pass_*`, `drop_*`) | counter | `outcome` |
 //! | `lb_conntrack_hits_total`, `lb_conntrack_misses_total`, `lb_conntrack_insert_failures_total` | counter | |
-//! | `lb_conntrack_promotions_total`, `lb_conntrack_established_full_total`, `lb_conntrack_midflow_misses_total`, `lb_conntrack_expired_total` | counter | |
+//! | `lb_conntrack_promotions_total`, `lb_conntrack_established_full_total`, `lb_conntrack_midflow_misses_total`, `lb_conntrack_syn_unrecorded_total`, `lb_conntrack_expired_total` | counter | |
 //! | `lb_conntrack_established_entries` | gauge | `state` (`established`, `closing`) |
 //! | `lb_encap_ipip_total`, `lb_encap_gue_total` | counter | |
 //! | `lb_conntrack_established_capacity`, `lb_conntrack_new_capacity` | gauge | |
@@ -712,6 +712,7 @@ mod tests {
             "lb_conntrack_promotions_total 1016".to_string(),
             "lb_conntrack_established_full_total 1017".to_string(),
             "lb_conntrack_midflow_misses_total 1018".to_string(),
+            "lb_conntrack_syn_unrecorded_total 1032".to_string(),
             r#"lb_conntrack_established_entries{state="established"} 30"#.to_string(),
             r#"lb_conntrack_established_entries{state="closing"} 4"#.to_string(),
             "lb_conntrack_established_capacity 2048".to_string(),
@@ -746,7 +747,7 @@ mod tests {
         // Every family has one HELP and one TYPE line, and each series one family.
         let helps = lines.iter().filter(|l| l.starts_with("# HELP ")).count();
         let types = lines.iter().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!((helps, types), (34, 34), "{text}");
+        assert_eq!((helps, types), (35, 35), "{text}");
     }
 
     #[test]
