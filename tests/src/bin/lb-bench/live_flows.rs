@@ -188,12 +188,15 @@ pub fn flows_md(v: &[Variant], held: &Held, flows: u32) -> String {
         "\n(d) sends ACKs of {flows} TCP connections (each in `CT_ESTABLISHED` after the warm-up's first two frames); \
          (e) a SYN of a new 5-tuple in every frame (the generator counts source port and address up per CPU), \
          at the default `syn_flood_kps` ({}: past {} new flows per CPU in a second, SYNs go unrecorded); \
-         (f) the same with `syn_flood_kps: 0` (every SYN inserted). \
+         (f) the same with `syn_flood_kps: 0` (every SYN inserted). The program times come from the warm-up \
+         (0.3 s), which opens a new one-second window: for (e) its first {} SYNs per CPU are recorded, so its \
+         time is mostly that of recorded SYNs (`LB_BENCH_SYN_FLOOD_KPS=1` shows an unrecorded one's). \
          Before the first round a flood of {} SYNs, all recorded, filled `CONNTRACK` (the default `conntrack_size`, {}; {} entries after it), so \
          every recorded timed SYN's insert evicts an entry. {} TCP connections established before the floods (SYN, ACK \
          through BPF_PROG_TEST_RUN) were checked after all rounds: {} moved or left `CT_ESTABLISHED`, and \
          each one's next ACK was a table hit.",
         lb_common::DEFAULT_SYN_FLOOD_KPS,
+        u32::from(lb_common::DEFAULT_SYN_FLOOD_KPS) * 1000,
         u32::from(lb_common::DEFAULT_SYN_FLOOD_KPS) * 1000,
         held.fill_sent,
         held.size,
