@@ -290,13 +290,20 @@ impl Dataplane {
         let mut clock: Array<_, u32> =
             Array::try_from(map_mut(&mut self.ebpf, names::CT_CLOCK)?).map_err(map_err(names::CT_CLOCK))?;
         crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
-        self.set_config(Config { iface_mac, _pad: [0; 2], flags, frag_timeout_s, ..self.config })?;
+        let syn_flood_kps = lb_common::DEFAULT_SYN_FLOOD_KPS;
+        self.set_config(Config { iface_mac, syn_flood_kps, flags, frag_timeout_s, ..self.config })?;
         self.load_prefix(plan)?;
         let summary = apply::apply(self, plan)?;
         // A trace an earlier agent left running ends here.
         self.set_trace_filter(lb_common::TraceFilter::default())?;
         self.set_config(Config { flags: flags | CONFIG_READY, ..self.config })?;
         Ok(summary)
+    }
+
+    /// The SYN flood threshold (`Config::syn_flood_kps`; 0: every SYN recorded).
+    /// `write` sets the default; benchmarks and tests change it afterwards.
+    pub fn set_syn_flood_kps(&mut self, kps: u16) -> Result<()> {
+        self.set_config(Config { syn_flood_kps: kps, ..self.config })
     }
 
     /// The tunnel modes' outer source addresses and the MTU encapsulated packets

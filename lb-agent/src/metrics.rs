@@ -24,7 +24,7 @@
 //! | `lb_backend_probe_successes_total`, `lb_backend_probe_failures_total` | counter | the service's and `backend` |
 //! | `lb_packets_total` (one series per verdict: `forwarded`, `pass_*`, `drop_*`) | counter | `outcome` |
 //! | `lb_conntrack_hits_total`, `lb_conntrack_misses_total`, `lb_conntrack_insert_failures_total` | counter | |
-//! | `lb_conntrack_promotions_total`, `lb_conntrack_established_full_total`, `lb_conntrack_midflow_misses_total`, `lb_conntrack_expired_total` | counter | |
+//! | `lb_conntrack_promotions_total`, `lb_conntrack_established_full_total`, `lb_conntrack_midflow_misses_total`, `lb_conntrack_syn_unrecorded_total`, `lb_conntrack_expired_total` | counter | |
 //! | `lb_conntrack_established_entries` | gauge | `state` (`established`, `closing`) |
 //! | `lb_encap_ipip_total`, `lb_encap_gue_total` | counter | |
 //! | `lb_conntrack_established_capacity`, `lb_conntrack_new_capacity` | gauge | |

@@ -418,7 +418,11 @@ pub struct Counters {
 pub struct Config {
     /// MAC of the interface the program is attached to: source MAC of forwarded frames.
     pub iface_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// SYN flood threshold: new TCP flows per CPU per second, in thousands, above
+    /// which a SYN of a `maglev` or `sh` service without persistence is forwarded
+    /// without a `CONNTRACK` insert (`ct_syn_unrecorded`) for the rest of that
+    /// second. 0: always recorded. See docs/architecture.md, "SYN floods".
+    pub syn_flood_kps: u16,
     /// Set to `CONFIG_READY` once the agent has filled the maps.
     pub flags: u32,
     /// Outer source addresses of tunnelled packets (network order).
@@ -430,6 +434,10 @@ pub struct Config {
     /// Lifetime of a `FRAGS` entry in seconds of `CT_CLOCK`.
     pub frag_timeout_s: u32,
 }
+
+/// `Config::syn_flood_kps` the agent writes: Katran's default rate, 125,000 new
+/// flows per CPU per second.
+pub const DEFAULT_SYN_FLOOD_KPS: u16 = 125;
 
 pub const CONFIG_READY: u32 = 1;
 /// The balancer is attached in generic (skb) mode; without it, native.

@@ -77,7 +77,11 @@ pub const DROP_FRAG_UNKNOWN: u32 = 30;
 /// A first fragment could not be remembered (`FRAGS` update failed): forwarded,
 /// its later fragments will be dropped.
 pub const FRAG_INSERT_FAILED: u32 = 31;
-pub const COUNT: u32 = 32;
+/// A TCP SYN forwarded without a `CONNTRACK` insert: this CPU's new flows this
+/// second passed `Config::syn_flood_kps` (a SYN flood), and the service's
+/// scheduler gives the flow's next packets the same backend by itself.
+pub const CT_SYN_UNRECORDED: u32 = 32;
+pub const COUNT: u32 = 33;
 
 /// Names for metrics and `lb-agent`, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -113,4 +117,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "frag_followed",
     "drop_frag_unknown",
     "frag_insert_failed",
+    "ct_syn_unrecorded",
 ];

@@ -14,12 +14,12 @@
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     stat, trace::ct_step, Backend, FlowKey, FlowVal, BACKEND_ACTIVE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
-    PROTO_TCP,
+    PROTO_TCP, SCHED_MAGLEV, SCHED_SH, SERVICE_PERSIST,
 };
 
 use crate::{
     backend::backend,
-    conns,
+    conns, flood,
     maps::{CONNTRACK, CT_CLOCK, CT_ESTABLISHED},
     stats::count,
     trace::Decision,
@@ -153,20 +153,22 @@ fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) -> u8 {
     }
 }
 
-/// Records a scheduling decision.
+/// The SYN flood check's inputs as one register, built with shifts only (no
+/// branch: see `insert_new`): the threshold (`Config::syn_flood_kps`), whether the
+/// packet is a TCP SYN, the service's scheduler and flags.
 #[inline(always)]
-pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, generation: u32) {
-    let now = now();
+pub fn flood_inputs(syn: bool, scheduler: u8, flags: u32, kps: u16) -> u64 {
+    u64::from(kps) | (u64::from(syn) << 16) | (u64::from(scheduler) << 24) | (u64::from(flags) << 32)
+}
+
+/// Records a scheduling decision; `flood` is `flood_inputs` of the packet and
+/// its service.
+#[inline(always)]
+pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, generation: u32, flood: u64) {
     match slot {
-        Slot::New { .. } => {
-            let val = FlowVal { backend_id, service_id, generation, last_seen: now, state: CT_STATE_NEW, _pad: [0; 3] };
-            if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
-                count(stat::CONN_INSERT_FAILED);
-            } else {
-                conns::opened(backend_id);
-            }
-        }
+        Slot::New { .. } => insert_new(flow, backend_id, service_id, generation, flood),
         Slot::Established(p) => {
+            let now = now();
             // SAFETY: the live entry `lookup` found; other CPUs reading it half
             // written see a generation that does not match and schedule the flow
             // themselves, to the same backend.
@@ -183,5 +185,30 @@ pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, gene
                 (*p).state = CT_STATE_ESTABLISHED;
             }
         }
+    }
+}
+
+/// A new `CONNTRACK` entry, unless the packet is a TCP SYN of a service whose
+/// scheduler is a function of the flow (maglev, sh; no persistence) and this CPU
+/// is past the SYN flood threshold (`flood::over`), when the SYN is only counted
+/// (`ct_syn_unrecorded`): its flow's next packet (never a SYN: a midflow miss)
+/// finds no entry, is scheduled to the same backend and recorded then; a SYN
+/// flood's spoofed SYNs, which have no next packet, then cost no insert and evict
+/// nothing. A call of its own that takes its inputs packed (`flood_inputs`): the
+/// branches on them stay in here, and both outcomes end here, so the verifier
+/// walks the rest of the balancer once.
+#[inline(never)]
+fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32, flood: u64) {
+    let (kps, syn, scheduler, flags) = (flood as u16, (flood >> 16) & 1, (flood >> 24) as u8, (flood >> 32) as u32);
+    let deterministic = (scheduler == SCHED_MAGLEV || scheduler == SCHED_SH) && flags & SERVICE_PERSIST == 0;
+    if syn != 0 && deterministic && flood::over(u32::from(kps)) {
+        count(stat::CT_SYN_UNRECORDED);
+        return;
+    }
+    let val = FlowVal { backend_id, service_id, generation, last_seen: now(), state: CT_STATE_NEW, _pad: [0; 3] };
+    if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
+        count(stat::CONN_INSERT_FAILED);
+    } else {
+        conns::opened(backend_id);
     }
 }

@@ -114,6 +114,19 @@ pub static TRACE_SCRATCH: PerCpuArray<TraceRecord, 1> = PerCpuArray::new();
 #[btf_map]
 pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
+/// Per CPU: SYNs that could skip their `CONNTRACK` insert in the current second
+/// (`flood.rs`). Never pinned: a new program starts counting afresh.
+#[btf_map]
+pub static SYN_RATE: PerCpuArray<SynRate, 1> = PerCpuArray::new();
+
+/// Value of `SYN_RATE`.
+#[repr(C)]
+pub struct SynRate {
+    /// `bpf_ktime_get_coarse_ns` when the current second began.
+    pub start_ns: u64,
+    pub count: u64,
+}
+
 /// Per CPU: the rare path's packet and flow (`main.rs`), off the stack.
 #[btf_map]
 pub static RARE: PerCpuArray<RareFrame, 1> = PerCpuArray::new();

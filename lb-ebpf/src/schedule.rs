@@ -21,7 +21,10 @@ use crate::{
     trace::Decision,
 };
 
-/// The service of a frame to a VIP, or why there is none.
+/// The service of a frame to a VIP, or why there is none. `VIP_ADDRS` first:
+/// looking `SERVICES` up first saves a lookup per new flow (SYN 352 -> 318 ns
+/// measured), but with the prefix services' exit after it the verifier walked
+/// 705,000 instructions instead of 446,000.
 #[inline(always)]
 fn find_service(flow: &FlowKey) -> Result<Service, Outcome> {
     // SAFETY: copied out at once; the agent replaces whole entries.
@@ -201,9 +204,16 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
                 Ok((id, b)) if again.is_some() => (svc.id, id, b, false),
                 Ok((id, b)) => {
                     // An ICMP error is forwarded as its flow's packets would be,
-                    // but records nothing.
+                    // but records nothing. A SYN of a service whose scheduler is
+                    // a function of the flow may go unrecorded during a SYN flood
+                    // (`conntrack::insert_new`): its next packet gets the same
+                    // backend and is recorded then.
+                    // The SYN flood check's inputs, packed without a branch (a
+                    // branch here would double what the verifier walks after
+                    // it): `conntrack::insert_new` decides.
+                    let flood = conntrack::flood_inputs(syn, svc.scheduler, svc.flags, cfg.syn_flood_kps);
                     if kind != KIND_ICMP_ERROR {
-                        conntrack::record(flow, slot, id, svc.id, b.generation);
+                        conntrack::record(flow, slot, id, svc.id, b.generation, flood);
                     }
                     (svc.id, id, b, kind != KIND_ICMP_ERROR)
                 }

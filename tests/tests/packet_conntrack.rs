@@ -272,3 +272,41 @@ fn verifier_work_stays_well_under_the_limit() {
         assert!(n < 666_000, "{name}: {n} instructions verified");
     }
 }
+
+/// During a SYN flood (this CPU past `syn_flood_kps` thousand SYNs in the current
+/// second) a Maglev service's SYN is forwarded without a `CONNTRACK` insert; the
+/// flow's ACK goes to the same backend and is recorded then (as a midflow miss),
+/// and its next packet moves it to `CT_ESTABLISHED`.
+#[test]
+fn syns_past_the_flood_threshold_go_unrecorded() {
+    let mut b = Bench::new(&["198.18.0.11", "198.18.0.12", "198.18.0.13"], TABLE);
+    b.dp.set_syn_flood_kps(1).expect("SYN flood threshold");
+    let (recorded_before, unrecorded_before) = (b.count(stat::CT_PROMOTED), b.count(stat::CT_SYN_UNRECORDED));
+    // Distinct flows until one SYN goes unrecorded (the threshold is 1,000 per CPU
+    // and second; the loop takes well under a second).
+    let mut found = None;
+    for i in 0..5000u32 {
+        let f = Flow::tcp(IpAddr::V4(Ipv4Addr::from(0x6440_0000 + i)), VIP, 1024 + (i % 60000) as u16, 80);
+        let to = b.fwd(&with_flags(&f, SYN));
+        if b.count(stat::CT_SYN_UNRECORDED) > unrecorded_before {
+            found = Some((f, to, i));
+            break;
+        }
+        assert!(b.entry(map_names::CONNTRACK, &f).is_some(), "SYN {i} below the threshold is recorded");
+    }
+    let (f, to, i) = found.expect("no SYN of 5,000 went unrecorded with the threshold at 1,000 per second");
+    assert!(i >= 1000, "only {i} SYNs recorded before the threshold");
+    assert!(b.entry(map_names::CONNTRACK, &f).is_none(), "the unrecorded SYN left a CONNTRACK entry");
+    let midflow = b.count(stat::CT_MIDFLOW_MISS);
+    assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "the ACK goes where the unrecorded SYN went");
+    assert_eq!(b.count(stat::CT_MIDFLOW_MISS), midflow + 1, "the ACK is a midflow miss");
+    assert!(b.entry(map_names::CONNTRACK, &f).is_some(), "the ACK is recorded");
+    assert_eq!(b.fwd(&with_flags(&f, ACK)), to);
+    assert!(b.entry(map_names::CT_ESTABLISHED, &f).is_some(), "the third packet establishes the flow");
+    assert_eq!(b.count(stat::CT_PROMOTED), recorded_before + 1);
+    // Threshold off: every SYN recorded again.
+    b.dp.set_syn_flood_kps(0).expect("SYN flood threshold");
+    let g = tcp(9, 45000);
+    b.fwd(&with_flags(&g, SYN));
+    assert!(b.entry(map_names::CONNTRACK, &g).is_some(), "with syn_flood_kps 0 every SYN is recorded");
+}

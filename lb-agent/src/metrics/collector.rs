@@ -13,7 +13,7 @@ use prometheus_client::registry::Unit;
 use crate::status::{ServiceStatus, Status};
 
 /// Outcome counters that are not a packet's verdict, and the family each goes to.
-const NOT_VERDICTS: [(&str, &str, &str); 13] = [
+const NOT_VERDICTS: [(&str, &str, &str); 14] = [
     (
         "conn_hit",
         "lb_conntrack_hits",
@@ -58,6 +58,11 @@ const NOT_VERDICTS: [(&str, &str, &str); 13] = [
         "ct_midflow_miss",
         "lb_conntrack_midflow_misses",
         "TCP packets without SYN whose flow was in no table (evicted, expired or started elsewhere): scheduled again.",
+    ),
+    (
+        "ct_syn_unrecorded",
+        "lb_conntrack_syn_unrecorded",
+        "TCP SYNs forwarded without a connection table entry during a SYN flood (new flows per CPU and second above the threshold).",
     ),
     (
         "icmp_forwarded",

@@ -137,6 +137,7 @@ fn metrics_render_lines() {
         "lb_conntrack_promotions_total 1016".to_string(),
         "lb_conntrack_established_full_total 1017".to_string(),
         "lb_conntrack_midflow_misses_total 1018".to_string(),
+        "lb_conntrack_syn_unrecorded_total 1032".to_string(),
         r#"lb_conntrack_established_entries{state="established"} 30"#.to_string(),
         r#"lb_conntrack_established_entries{state="closing"} 4"#.to_string(),
         "lb_conntrack_established_capacity 2048".to_string(),
@@ -171,7 +172,7 @@ fn metrics_render_lines() {
     // Every family has one HELP and one TYPE line, and each series one family.
     let helps = lines.iter().filter(|l| l.starts_with("# HELP ")).count();
     let types = lines.iter().filter(|l| l.starts_with("# TYPE ")).count();
-    assert_eq!((helps, types), (34, 34), "{text}");
+    assert_eq!((helps, types), (35, 35), "{text}");
 }
 
 #[test]

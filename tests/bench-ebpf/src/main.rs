@@ -5,7 +5,10 @@
 //!   `BPF_F_TEST_XDP_LIVE_FRAMES`, it rewrites the whole frame from `GEN_TEMPLATE`
 //!   on every run (the kernel recycles the pages carrying whatever the far side
 //!   wrote into them), gives it one of `flows` source ports in turn, and returns
-//!   XDP_TX so the frame leaves the generator's interface.
+//!   XDP_TX so the frame leaves the generator's interface. In flood mode every
+//!   frame is a new flow instead: the source port and the low half of the source
+//!   address count up per CPU (the CPU's number in the address), the IPv4
+//!   checksum updated to match.
 //! - `bench_count`: attached to the generator's interface, counts the IPv4 frames
 //!   that come back (forwarded by the program under test) and drops everything.
 //!
@@ -31,9 +34,14 @@ pub const FRAME_LEN: usize = 64;
 /// Offset of the L4 source port (Ethernet 14 + IPv4 20, no options).
 const SPORT_OFF: usize = 34;
 
-/// Generator settings, index 0: `[flows, first source port]`.
+/// Generator settings, index 0: `[flows, first source port, mode, 0]`; mode
+/// `GEN_FLOOD`: every frame a new flow (`flows` and the port are not used).
 #[map]
-static GEN_CONFIG: Array<[u32; 2]> = Array::with_max_entries(1, 0);
+static GEN_CONFIG: Array<[u32; 4]> = Array::with_max_entries(1, 0);
+const GEN_FLOOD: u32 = 1;
+/// Offsets of the IPv4 checksum and of the low 16 bits of the source address.
+const IP_CSUM_OFF: usize = 24;
+const SADDR_LO_OFF: usize = 28;
 /// The frame, index 0, as eight 64-bit words.
 #[map]
 static GEN_TEMPLATE: Array<[u64; FRAME_LEN / 8]> = Array::with_max_entries(1, 0);
@@ -62,13 +70,33 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         // SAFETY: FRAME_LEN bytes are within the packet (checked above).
         unsafe { frame.add(i).write_unaligned(*w) };
     }
-    let flows = if cfg[0] == 0 { 1 } else { cfg[0] };
     // SAFETY: per-CPU value, only this CPU's program touches it.
     let n = unsafe {
         let n = *seq;
         *seq = n.wrapping_add(1);
         n
     };
+    if cfg[2] == GEN_FLOOD {
+        // Source port: the low 16 bits of the count; source address low half:
+        // 0x8000 | CPU << 14 | the next 14 bits (2^30 new flows per CPU before a
+        // 5-tuple repeats, none equal to a template flow's, whose top bit is 0).
+        // SAFETY: a helper without arguments.
+        let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() } & 1;
+        let lo = (0x8000 | (cpu << 14) | ((n >> 16) & 0x3fff)) as u16;
+        // SAFETY: all offsets + 2 <= FRAME_LEN (checked above).
+        unsafe {
+            let at = |off: usize| (start + off) as *mut [u8; 2];
+            let old = u16::from_ne_bytes(at(SADDR_LO_OFF).read_unaligned());
+            let new = u16::from_ne_bytes(lo.to_be_bytes());
+            let csum = u16::from_ne_bytes(at(IP_CSUM_OFF).read_unaligned());
+            let (o, w) = ([old, 0, 0, 0, 0], [new, 0, 0, 0, 0]);
+            at(IP_CSUM_OFF).write_unaligned(csum_update(csum, &o, &w).to_ne_bytes());
+            at(SADDR_LO_OFF).write_unaligned(lo.to_be_bytes());
+            at(SPORT_OFF).write_unaligned((n as u16).to_be_bytes());
+        }
+        return xdp_action::XDP_TX;
+    }
+    let flows = if cfg[0] == 0 { 1 } else { cfg[0] };
     let sport = (cfg[1].wrapping_add(n % flows) as u16).to_be_bytes();
     // SAFETY: SPORT_OFF + 2 <= FRAME_LEN.
     unsafe { ((start + SPORT_OFF) as *mut [u8; 2]).write_unaligned(sport) };

@@ -1,5 +1,7 @@
 //! Live forwarding rate on veth with native XDP: (a) the MAC-swap ceiling, (b) the
-//! balancer, (c) nftables DNAT with conntrack, in one topology (see `topo`).
+//! balancer, (c) nftables DNAT with conntrack, in one topology (see `topo`); then
+//! the balancer with (d) established TCP flows and (e), (f) a SYN flood
+//! (`live_flows`).
 //!
 //! The generator is `bench_gen` run with BPF_PROG_TEST_RUN and
 //! BPF_F_TEST_XDP_LIVE_FRAMES from a thread inside the generator's namespace (the
@@ -23,6 +25,7 @@ use lb_agent::{
 use lb_tests::netns;
 
 use crate::{
+    live_flows::{self, Held},
     median,
     topo::{self, B0_MAC, CLIENT, G0_MAC, Topo, VIP, VIP_PORT},
 };
@@ -31,8 +34,10 @@ use crate::{
 pub static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));
 
-const FRAME_LEN: usize = 64;
+pub const FRAME_LEN: usize = 64;
 const FIRST_SPORT: u32 = 10_000;
+/// `GEN_CONFIG` mode of `bench_gen`: every frame a new flow.
+const GEN_FLOOD: u32 = 1;
 /// Frames per BPF_PROG_TEST_RUN call (the kernel sends them in batches of `BATCH`).
 const CHUNK: u32 = 1 << 16;
 const BATCH: u32 = 64;
@@ -51,6 +56,19 @@ pub enum Kind {
     Ceiling,
     Balancer,
     Nftables,
+    /// The balancer, TCP ACKs of `flows` established connections.
+    Established,
+    /// The balancer, a TCP SYN of a new flow in every frame, `CONNTRACK` full.
+    Flood,
+    /// `Flood` with the SYN-flood threshold off: every SYN recorded.
+    FloodRecorded,
+}
+
+impl Kind {
+    /// Whether `lb_xdp` is the program on b0.
+    fn balancer(self) -> bool {
+        matches!(self, Kind::Balancer | Kind::Established | Kind::Flood | Kind::FloodRecorded)
+    }
 }
 
 pub struct Variant {
@@ -73,7 +91,7 @@ impl Variant {
 
 /// The generator's frame: IPv4 UDP from CLIENT to the VIP, valid IP checksum, UDP
 /// checksum 0 (none), padded to 64 bytes.
-fn template() -> [u8; FRAME_LEN] {
+pub fn template() -> [u8; FRAME_LEN] {
     let mut f = [0u8; FRAME_LEN];
     f[0..6].copy_from_slice(&B0_MAC);
     f[6..12].copy_from_slice(&G0_MAC);
@@ -113,6 +131,23 @@ fn frames_counted(bench: &Ebpf) -> u64 {
     m.get(&0, 0).expect("COUNT[0]").iter().sum()
 }
 
+/// Points the generator at `kind`'s frames: its template and mode.
+fn set_generator(bench: &mut Ebpf, kind: Kind, flows: u32) {
+    let (t, mode) = match kind {
+        Kind::Established => (live_flows::tcp_template(live_flows::ACK), 0),
+        Kind::Flood | Kind::FloodRecorded => (live_flows::tcp_template(live_flows::SYN), GEN_FLOOD),
+        _ => (template(), 0),
+    };
+    let mut cfg: aya::maps::Array<_, [u32; 4]> =
+        aya::maps::Array::try_from(bench.map_mut("GEN_CONFIG").expect("GEN_CONFIG")).expect("array");
+    cfg.set(0, [flows, FIRST_SPORT, mode, 0], 0).expect("GEN_CONFIG");
+    let words: [u64; FRAME_LEN / 8] =
+        std::array::from_fn(|i| u64::from_ne_bytes(t[i * 8..i * 8 + 8].try_into().unwrap()));
+    let mut tpl: aya::maps::Array<_, [u64; FRAME_LEN / 8]> =
+        aya::maps::Array::try_from(bench.map_mut("GEN_TEMPLATE").expect("GEN_TEMPLATE")).expect("array");
+    tpl.set(0, words, 0).expect("GEN_TEMPLATE");
+}
+
 fn run_stats(info: Result<ProgramInfo, aya::programs::ProgramError>) -> (u64, u64) {
     info.map(|i| (i.run_time().as_nanos() as u64, i.run_count()))
         .unwrap_or((0, 0))
@@ -120,7 +155,7 @@ fn run_stats(info: Result<ProgramInfo, aya::programs::ProgramError>) -> (u64, u6
 
 /// Sends frames from inside GEN for `secs` (at most `MAX_PPS * secs` frames);
 /// returns the frames sent and the seconds it took.
-fn blast(gen_ns: &str, prog: &Xdp, secs: f64) -> (u64, f64) {
+pub fn blast(gen_ns: &str, prog: &Xdp, secs: f64) -> (u64, f64) {
     std::thread::scope(|s| {
         s.spawn(|| {
             netns::enter(gen_ns);
@@ -174,11 +209,6 @@ fn attach(topo: &Topo, dp: &mut Dataplane, kind: Kind) -> Option<aya::programs::
                         .attach("b0", XdpMode::Driver)
                         .expect("attach bench_macswap to b0"),
                 ),
-                Kind::Balancer => {
-                    dp.attach("b0", Some(AttachMode::Native))
-                        .expect("attach lb_xdp natively to b0");
-                    None
-                }
                 // veth takes native XDP_TX frames from g0 only if b0 has a program.
                 Kind::Nftables => Some(
                     dp.pass_program()
@@ -186,6 +216,11 @@ fn attach(topo: &Topo, dp: &mut Dataplane, kind: Kind) -> Option<aya::programs::
                         .attach("b0", XdpMode::Driver)
                         .expect("attach lb_pass to b0"),
                 ),
+                _ => {
+                    dp.attach("b0", Some(AttachMode::Native))
+                        .expect("attach lb_xdp natively to b0");
+                    None
+                }
             }
         })
         .join()
@@ -225,14 +260,21 @@ fn detach(
 fn prog_under_test(kind: Kind) -> &'static str {
     match kind {
         Kind::Ceiling => "bench_macswap",
-        Kind::Balancer => lb_common::PROG_BALANCER,
         Kind::Nftables => lb_common::PROG_PASS,
+        _ => lb_common::PROG_BALANCER,
     }
 }
 
-/// Runs the three variants `lp.runs` times, interleaved (a, b, c, a, b, c, ...)
-/// so that drift on a shared machine hits all three alike.
-pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
+/// The variants' rates, and what became of the established connections the
+/// floods ran next to.
+pub struct Live {
+    pub variants: Vec<Variant>,
+    pub held: Held,
+}
+
+/// Runs the six variants `lp.runs` times, interleaved (a, b, c, d, e, f, a, ...)
+/// so that drift on a shared machine hits all of them alike.
+pub fn bench_live(lp: &LiveParams) -> Live {
     let topo = Topo::new();
 
     let mut bench = Ebpf::load(BENCH_OBJECT).expect("load the bench object");
@@ -241,19 +283,7 @@ pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
             .load()
             .unwrap_or_else(|e| panic!("load {name}: {e}"));
     }
-    {
-        let mut cfg: aya::maps::Array<_, [u32; 2]> =
-            aya::maps::Array::try_from(bench.map_mut("GEN_CONFIG").expect("GEN_CONFIG"))
-                .expect("array");
-        cfg.set(0, [lp.flows, FIRST_SPORT], 0).expect("GEN_CONFIG");
-        let t = template();
-        let words: [u64; FRAME_LEN / 8] =
-            std::array::from_fn(|i| u64::from_ne_bytes(t[i * 8..i * 8 + 8].try_into().unwrap()));
-        let mut tpl: aya::maps::Array<_, [u64; FRAME_LEN / 8]> =
-            aya::maps::Array::try_from(bench.map_mut("GEN_TEMPLATE").expect("GEN_TEMPLATE"))
-                .expect("array");
-        tpl.set(0, words, 0).expect("GEN_TEMPLATE");
-    }
+    set_generator(&mut bench, Kind::Ceiling, lp.flows);
     std::thread::scope(|s| {
         s.spawn(|| {
             netns::enter(&topo.gen_ns);
@@ -265,13 +295,16 @@ pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
         .expect("attach thread")
     });
 
-    // The balancer: one UDP service on the VIP, the same backends nftables uses,
-    // every backend's MAC being g0's.
-    let mut yaml = format!(
-        "conntrack_size: 65536\nservices:\n  - name: live\n    vip: {VIP}\n    port: {VIP_PORT}\n    protocol: udp\n    backends:\n"
-    );
-    for i in 0..topo::BACKENDS {
-        yaml.push_str(&format!("      - address: \"{}\"\n", topo::backend(i)));
+    // The balancer at its default table sizes: a UDP and a TCP service on the VIP,
+    // the same backends nftables uses, every backend's MAC being g0's.
+    let mut yaml = String::from("services:\n");
+    for proto in ["udp", "tcp"] {
+        yaml.push_str(&format!(
+            "  - name: live-{proto}\n    vip: {VIP}\n    port: {VIP_PORT}\n    protocol: {proto}\n    backends:\n"
+        ));
+        for i in 0..topo::BACKENDS {
+            yaml.push_str(&format!("      - address: \"{}\"\n", topo::backend(i)));
+        }
     }
     let cfg = config::parse(&yaml, "bench-live.yaml").unwrap_or_else(|e| panic!("{e}"));
     let macs = Plan::backend_addresses(&cfg)
@@ -310,9 +343,52 @@ pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
             sent_pps: vec![],
             prog_ns: vec![],
         },
+        Variant {
+            kind: Kind::Established,
+            short: "d",
+            label: "(d) balancer: lb_xdp, established TCP flows (ACKs)",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
+        Variant {
+            kind: Kind::Flood,
+            short: "e",
+            label: "(e) balancer: lb_xdp, SYN flood (every frame a new flow, CONNTRACK full)",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
+        Variant {
+            kind: Kind::FloodRecorded,
+            short: "f",
+            label: "(f) as (e), `syn_flood_kps: 0` (every SYN recorded)",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
     ];
+    // Established connections first (the floods must not move them), then the
+    // connection table filled by a flood before the first timed round.
+    let conns = live_flows::establish(&mut dp, live_flows::HELD);
+    let (size, _) = dp.conntrack_capacity(&plan).expect("CONNTRACK size");
+    let fill = {
+        let link = attach(&topo, &mut dp, Kind::FloodRecorded);
+        set_generator(&mut bench, Kind::FloodRecorded, lp.flows);
+        dp.set_syn_flood_kps(0).expect("SYN flood threshold");
+        let fill = live_flows::fill(&topo, &bench, &mut dp, size);
+        detach(&topo, &mut dp, Kind::FloodRecorded, link);
+        fill
+    };
     run_rounds(lp, &topo, &mut bench, &mut dp, &mut out);
-    out
+    let held = live_flows::check(&mut dp, &conns, fill, size);
+    Live { variants: out, held }
+}
+
+/// The SYN flood threshold of every row but (f): the agent's default, or
+/// `LB_BENCH_SYN_FLOOD_KPS` (to see what an unrecorded SYN costs live, say 1).
+fn flood_kps() -> u16 {
+    std::env::var("LB_BENCH_SYN_FLOOD_KPS").ok().and_then(|v| v.parse().ok()).unwrap_or(lb_common::DEFAULT_SYN_FLOOD_KPS)
 }
 
 fn run_rounds(
@@ -325,6 +401,9 @@ fn run_rounds(
     for round in 0..lp.runs {
         for v in out.iter_mut() {
             let link = attach(topo, dp, v.kind);
+            set_generator(bench, v.kind, lp.flows);
+            let kps = if v.kind == Kind::FloodRecorded { 0 } else { flood_kps() };
+            dp.set_syn_flood_kps(kps).expect("SYN flood threshold");
             let gen_prog: &Xdp = bench
                 .program("bench_gen")
                 .expect("bench_gen")
@@ -356,13 +435,13 @@ fn run_rounds(
             let got = c1 - c0;
             if got == 0 {
                 let extra = match v.kind {
-                    Kind::Balancer => {
+                    k if k.balancer() => {
                         format!("balancer counters: {:?}", dp.stats().map(|s| s.global).ok())
                     }
                     Kind::Nftables => {
                         format!("conntrack entries in BAL: {}", topo.conntrack_count())
                     }
-                    Kind::Ceiling => String::new(),
+                    _ => String::new(),
                 };
                 detach(topo, dp, v.kind, link);
                 panic!(

@@ -14,6 +14,7 @@ mod control;
 mod failover;
 mod frames;
 mod live;
+mod live_flows;
 mod packets;
 mod plot;
 mod probes;
@@ -151,6 +152,15 @@ fn main() {
         println!("\n## Trace hook\n\n{}", trace::bench_trace_hook(&p));
         return;
     }
+    // Only the live section, printed and not written (for working on the data plane).
+    if std::env::args().any(|a| a == "--live-only") {
+        let live = live::bench_live(&lp);
+        let v = &live.variants;
+        println!("\n## Live forwarding rate (veth, native XDP)\n\n{}", report::live_md(v, lp.runs, lp.secs, lp.flows, "", f64::NAN, f64::NAN));
+        println!("{}", live_flows::flows_md(v, &live.held, lp.flows));
+        eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
     if std::env::args().any(|a| a == "--probes-only") {
         let probe = probes::bench_probes(&pp);
         println!("\n## Liveness probes\n\n{}", probes::probes_md(&probe, &pp));
@@ -190,14 +200,15 @@ fn main() {
     let load = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
-    let variants = live::bench_live(&lp);
+    let live = live::bench_live(&lp);
+    let variants = &live.variants;
     let row_ns = |class: &str| {
         rows.iter()
             .find(|r| r.class.starts_with(class))
             .map_or(f64::NAN, |r| r.ns)
     };
-    let live_md = report::live_md(
-        &variants,
+    let mut live_md = report::live_md(
+        variants,
         lp.runs,
         lp.secs,
         lp.flows,
@@ -205,6 +216,7 @@ fn main() {
         row_ns("reference: bench_macswap"),
         row_ns("VIP IPv4 UDP"),
     );
+    live_md.push_str(&live_flows::flows_md(variants, &live.held, lp.flows));
     println!("\n## Live forwarding rate (veth, native XDP)\n\n{live_md}");
     eprintln!("lb-bench: Maglev ...");
     let maglev = control::bench_maglev(&p);
@@ -242,7 +254,7 @@ fn main() {
     } else {
         docs.join("benchmarks.png")
     };
-    plot::draw(&png, &variants, &rows).unwrap_or_else(|e| panic!("drawing {}: {e}", png.display()));
+    plot::draw(&png, &variants[..3], &rows).unwrap_or_else(|e| panic!("drawing {}: {e}", png.display()));
     eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
     if p.quick {
         let _ = std::fs::remove_file(&png);

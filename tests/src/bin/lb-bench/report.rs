@@ -54,7 +54,7 @@ pub fn live_md(
     let bc = b.mpps() / c.mpps();
     let _ = writeln!(
         md,
-        "\n{runs} runs of {secs} s per path, interleaved (a, b, c, a, b, c, ...); {flows} UDP flows; \
+        "\n{runs} runs of {secs} s per path, interleaved (a, b, c, d, e, f, a, b, ...); {flows} UDP flows in (a) to (c); \
          load average when the live runs started: {load}.\n"
     );
     let _ = writeln!(
@@ -223,6 +223,9 @@ pub const LIVE_METHOD: &str = "\
  bench_gen via BPF_PROG_TEST_RUN          (b) lb_xdp         XDP_TX (maps from Dataplane::write)
    + BPF_F_TEST_XDP_LIVE_FRAMES:          (c) lb_pass (XDP_PASS), then nftables DNAT
    XDP_TX out of g0                           `numgen random mod 8` + conntrack, routed out b0
+                                          (d) lb_xdp, TCP ACKs of 1,024 established flows
+                                          (e) lb_xdp, TCP SYNs, a new flow in every frame
+                                          (f) as (e), syn_flood_kps 0
 ```
 
 - One arm: frames go g0 → b0, the path under test sends them back out b0 to a backend
@@ -236,13 +239,18 @@ pub const LIVE_METHOD: &str = "\
   whole 64-byte frame from a template map each run (the kernel recycles pages carrying
   whatever the far side wrote) and cycles the UDP source port over 1,024 flows: IPv4 UDP
   198.19.0.7 → VIP 198.18.1.10:80, valid IP header checksum, UDP checksum 0.
+- For (d) the template is a TCP ACK (same addresses and ports); for (e) a TCP SYN whose
+  source port and the low half of the source address count up per CPU (198.19.128.0/17,
+  the CPU's number in one bit, IP checksum updated), so no 5-tuple repeats within 2^30
+  frames per CPU.
 - Services and backends are the same for (b) and (c): one UDP service on the VIP with 8
-  backends; lb_xdp's maps are filled with `Dataplane::write` (every backend's MAC is g0's),
+  backends (and for (d), (e) a TCP service on the same VIP and port, the same backends),
+  all table sizes at their defaults (`conntrack_size` 262,144); lb_xdp's maps are filled with `Dataplane::write` (every backend's MAC is g0's),
   attached natively to b0 from a thread inside BAL.
 - A run: attach, warm up (fills lb_xdp's and the kernel's connection tables; the BPF
   run-time statistics are on only then), then send for the run's time in calls of 65,536
   frames (at most 20 Mpps x the run time in all); rate = frames counted on g0 / seconds of
-  sending. The three paths are measured in turn in each round; the table gives medians.
+  sending. The six paths are measured in turn in each round; the table gives medians.
 - The namespaces are removed at the end (also on panic); only 198.18.0.0/15 addresses.
   The machine is shared and small: compare the paths within one run (the ratios), not
   absolute rates across runs.
