@@ -263,7 +263,7 @@ impl Dataplane {
         self.config = m.get(&0, 0).map_err(map_err(names::CONFIG))?;
         let map = |name| self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name });
         let State { services, backends, vip_addrs } =
-            read_state(map(names::SERVICES)?, map(names::BACKENDS)?, map(names::VIP_ADDRS)?)?;
+            read_state(map(names::SERVICES)?, map(names::BACKENDS)?, map(names::VIP_ADDRS)?, self.ebpf.map(names::PREFIX_SERVICES))?;
         let mut used = Vec::new();
         let mut with_tables = Vec::new();
         for (key, value) in &services {
@@ -499,9 +499,21 @@ struct State {
     vip_addrs: BTreeMap<[u8; 16], u32>,
 }
 
-fn read_state(services: &Map, backends: &Map, vip_addrs: &Map) -> Result<State> {
+fn read_state(services: &Map, backends: &Map, vip_addrs: &Map, prefix: Option<&Map>) -> Result<State> {
     let m: HashMap<_, VipKey, Service> = HashMap::try_from(services).map_err(map_err(names::SERVICES))?;
-    let services = m.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::SERVICES))?;
+    let mut services: Vec<(VipKey, Service)> =
+        m.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::SERVICES))?;
+    // Prefix services, keyed as the plan keys them (`_pad`: the prefix length).
+    if let Some(prefix) = prefix {
+        let err = map_err(names::PREFIX_SERVICES);
+        let m: aya::maps::LpmTrie<_, lb_common::PrefixKey, Service> = aya::maps::LpmTrie::try_from(prefix).map_err(&err)?;
+        for entry in m.iter() {
+            let (key, value) = entry.map_err(&err)?;
+            let (len, data) = (key.prefix_len() - lb_common::prefix::PREFIX_KEY_EXACT_BITS, key.data());
+            let port = u16::from_be_bytes(data.port);
+            services.push((VipKey { addr: data.addr, port, proto: data.proto, _pad: len as u8 }, value));
+        }
+    }
     let m: HashMap<_, VipAddrKey, VipAddrVal> = HashMap::try_from(vip_addrs).map_err(map_err(names::VIP_ADDRS))?;
     let all: Vec<(VipAddrKey, VipAddrVal)> =
         m.iter().collect::<std::result::Result<_, _>>().map_err(map_err(names::VIP_ADDRS))?;
@@ -528,6 +540,7 @@ pub fn read_pinned_plan(dir: &Path) -> Result<Plan> {
         &Map::HashMap(open(names::SERVICES)?),
         &Map::Array(open(names::BACKENDS)?),
         &Map::HashMap(open(names::VIP_ADDRS)?),
+        open(names::PREFIX_SERVICES).ok().map(Map::LpmTrie).as_ref(),
     )?;
     let services: Vec<_> = services.into_iter().map(|(key, value)| (key, value, Vec::new())).collect();
     Ok(crate::plan::from_maps(&services, &backends, vip_addrs, &Plan::default()))

@@ -113,3 +113,45 @@ fn lblcr_adds_a_backend_and_keeps_the_first() {
         assert!(c.finish().error.is_none());
     }
 }
+
+fn new_flows(lab: &Lab, service: &str) -> u64 {
+    let out = std::process::Command::new(lb_tests::lab::agent_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(lab.control_socket())
+        .output()
+        .expect("run lb-agent status");
+    assert!(out.status.success(), "lb-agent status: {}", String::from_utf8_lossy(&out.stderr));
+    let status: lb_agent::status::Status = serde_json::from_slice(&out.stdout).expect("status JSON");
+    status.services.iter().find(|s| s.name == service).unwrap_or_else(|| panic!("no service {service}")).new_flows
+}
+
+/// A restarted agent finds the prefix services in the pinned `PREFIX_SERVICES`
+/// and keeps their ids (counters carry on), backend ids and generations (the
+/// `LOCALITY` entries stay valid); connections held across the restart carry on
+/// (`lb_prefix` stays in the pinned `RARE_PROGS` while no agent runs).
+#[test]
+fn a_restarted_agent_adopts_prefix_services() {
+    let (lab, mut agent) = lab("lblc");
+    let dst = "198.18.50.7";
+    let held: Vec<LongLived> = (0..2).map(|_| open(&lab, dst)).collect();
+    let first = held[0].backend.clone();
+    assert!(held.iter().all(|c| c.backend == first), "lblc spread {dst} before it was overloaded");
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = new_flows(&lab, "cache-echo");
+    assert!(before >= 2, "cache-echo counted {before} new flows");
+    agent.kill();
+    let agent = lab.start_agent(&lab.dir.join("lb.yaml"));
+    let log = agent.log_text();
+    assert!(log.contains("maps reused, connection table kept"), "the new agent adopts the maps:\n{log}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(new_flows(&lab, "cache-echo") >= before, "the prefix service's counters restarted: a new service id");
+    for c in held {
+        let r = c.finish();
+        assert!(r.error.is_none(), "connection to {} broke across the restart: {:?}", r.backend, r.error);
+        assert!(r.exchanges > 20, "connection to {} barely ran: {} exchanges", r.backend, r.exchanges);
+    }
+    // Two active of weight 2: not overloaded, so the destination stays.
+    let again = open(&lab, dst);
+    assert_eq!(again.backend, first, "{dst} lost its backend across the restart");
+    assert!(again.finish().error.is_none());
+}
