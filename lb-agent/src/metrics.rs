@@ -26,7 +26,7 @@
 //! | `lb_conntrack_hits_total`, `lb_conntrack_misses_total`, `lb_conntrack_insert_failures_total` | counter | |
 //! | `lb_conntrack_promotions_total`, `lb_conntrack_established_full_total`, `lb_conntrack_midflow_misses_total`, `lb_conntrack_expired_total` | counter | |
 //! | `lb_conntrack_established_entries` | gauge | `state` (`established`, `closing`) |
-//! | `lb_encap_ipip_total`, `lb_encap_gue_total` | counter | |
+//! | `lb_encap_ipip_total`, `lb_encap_gue_total`, `lb_nat_forwarded_total` | counter | |
 //! | `lb_conntrack_established_capacity`, `lb_conntrack_new_capacity` | gauge | |
 //! | `lb_persistence_hits_total` | counter | |
 //! | `lb_icmp_errors_forwarded_total`, `lb_fragments_first_total`, `lb_fragments_followed_total`, `lb_fragments_insert_failures_total` | counter | |
@@ -80,7 +80,7 @@ pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Outcome counters that are not a packet's verdict, and the family each goes to.
-const NOT_VERDICTS: [(&str, &str, &str); 13] = [
+const NOT_VERDICTS: [(&str, &str, &str); 14] = [
     (
         "conn_hit",
         "lb_conntrack_hits",
@@ -120,6 +120,11 @@ const NOT_VERDICTS: [(&str, &str, &str); 13] = [
         "encap_gue",
         "lb_encap_gue",
         "Packets forwarded in GUE (also counted as forwarded).",
+    ),
+    (
+        "nat_forwarded",
+        "lb_nat_forwarded",
+        "Packets forwarded to a nat backend, destination rewritten (also counted as forwarded).",
     ),
     (
         "ct_midflow_miss",

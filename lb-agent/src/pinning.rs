@@ -15,7 +15,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
-    map_names as names, TraceBudget, TraceFilter, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service,
+    map_names as names, TraceBudget, TraceFilter, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, NatReverse, Service,
     VipAddrKey, VipAddrVal, VipKey,
 };
 
@@ -29,7 +29,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 19] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 20] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -50,6 +50,7 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 19] {
         (names::STATS, 4, 8, 0),
         (names::CONFIG, 4, size_of::<Config>(), 0),
         (names::FRAGS, size_of::<FragKey>(), size_of::<FragVal>(), 0),
+        (names::NAT_REVERSE, size_of::<FlowKey>(), size_of::<NatReverse>(), 0),
     ]
 }
 

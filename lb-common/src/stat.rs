@@ -77,7 +77,19 @@ pub const DROP_FRAG_UNKNOWN: u32 = 30;
 /// A first fragment could not be remembered (`FRAGS` update failed): forwarded,
 /// its later fragments will be dropped.
 pub const FRAG_INSERT_FAILED: u32 = 31;
-pub const COUNT: u32 = 32;
+/// Forwarded to a `nat` backend with its destination rewritten (`lb_nat`; also
+/// counts `forwarded`).
+pub const NAT_FORWARDED: u32 = 32;
+/// A `nat` backend's reply, rewritten to come from the VIP and sent back to the
+/// client (`lb_nat_reply`, XDP_TX).
+pub const NAT_REPLY: u32 = 33;
+/// A packet of a `nat` flow (either direction) whose TTL / hop limit would reach
+/// 0: dropped (a router would send ICMP "time exceeded").
+pub const DROP_NAT_TTL: u32 = 34;
+/// A fragment or an ICMP error of a `nat` service's flow: not translated yet,
+/// dropped.
+pub const DROP_NAT_UNSUPPORTED: u32 = 35;
+pub const COUNT: u32 = 36;
 
 /// Names for metrics and `lb-agent`, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -113,4 +125,8 @@ pub const NAMES: [&str; COUNT as usize] = [
     "frag_followed",
     "drop_frag_unknown",
     "frag_insert_failed",
+    "nat_forwarded",
+    "nat_reply",
+    "drop_nat_ttl",
+    "drop_nat_unsupported",
 ];

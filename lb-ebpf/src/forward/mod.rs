@@ -1,7 +1,10 @@
 //! Sending a frame to its backend, by the service's forwarding mode (carried in
-//! the backend's entry): `dr` rewrites the MACs, `ipip` and `gue` encapsulate.
+//! the backend's entry): `dr` rewrites the MACs, `ipip` and `gue` encapsulate,
+//! `nat` continues in a program of its own (`nat.rs`).
 
 mod dr;
+pub mod nat;
+pub mod nat_reply;
 mod too_big;
 mod tunnel;
 
