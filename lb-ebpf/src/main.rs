@@ -53,6 +53,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     if v as u32 == NAT_ACTION {
+        forward::nat::stash((v >> 32) as u32);
         // SAFETY: as above, into `lb_nat` (`forward/nat.rs`).
         unsafe { RARE_PROGS.tail_call(&ctx, NAT_SLOT) };
         count(stat::PASS_NOT_READY);
@@ -112,7 +113,7 @@ const NAT_ACTION: u32 = u32::MAX - 1;
 fn packed(outcome: Outcome) -> u64 {
     let (action, counter) = match outcome {
         Outcome::Rare => (RARE_ACTION, 0),
-        Outcome::Nat => (NAT_ACTION, 0),
+        Outcome::Nat(word) => (NAT_ACTION, word),
         o => verdict(o),
     };
     (u64::from(counter) << 32) | u64::from(action)
@@ -174,6 +175,7 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
     // `nat` packets continue in the untraced `lb_nat` / `lb_nat_reply`: they are
     // counted, not recorded.
     if v as u32 == NAT_ACTION {
+        forward::nat::stash((v >> 32) as u32);
         // SAFETY: as above, into `lb_nat`.
         unsafe { RARE_PROGS.tail_call(&ctx, NAT_SLOT) };
         v = packed(Outcome::Pass(stat::PASS_NOT_READY));
@@ -233,7 +235,7 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         Outcome::TxAs(reason) => (xdp_action::XDP_TX, reason),
         // Never left over: the entry points run the rare path or `lb_nat` for them.
         Outcome::Rare => (xdp_action::XDP_PASS, stat::PASS_NOT_L4),
-        Outcome::Nat => (xdp_action::XDP_PASS, stat::PASS_NOT_READY),
+        Outcome::Nat(_) => (xdp_action::XDP_PASS, stat::PASS_NOT_READY),
     }
 }
 

@@ -98,7 +98,6 @@ pub static NAT_STASH: PerCpuArray<NatStash, 1> = PerCpuArray::new();
 #[derive(Clone, Copy)]
 pub struct NatStash {
     pub backend_id: u32,
-    pub service_id: u32,
     /// 1: the flow was scheduled by this packet (write its `NAT_REVERSE` entry).
     pub new_flow: u32,
 }

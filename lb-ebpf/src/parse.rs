@@ -60,9 +60,9 @@ pub enum Outcome {
     TxAs(u32),
     /// ICMP or a fragment to a VIP address: for the rare path (`main.rs`).
     Rare,
-    /// A `nat` service's packet, scheduled: for `lb_nat` (`forward/nat.rs`), which
-    /// finds the decision in `NAT_STASH`.
-    Nat,
+    /// A `nat` service's packet, scheduled: for `lb_nat` (`forward/nat.rs`); the
+    /// backend id and whether the flow is new (`nat::hand_over`).
+    Nat(u32),
 }
 
 /// The parts of a frame to a VIP address that scheduling needs.

@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
     flow_hash, mask_addr, stat, AffinityKey, AffinityVal, FlowKey, Service, VipAddrKey, VipKey, BACKEND_ACCEPTS_NEW,
-    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, FORWARD_NAT, PROTO_TCP, SCHED_MAGLEV, SCHED_SH, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST,
+    BACKEND_ACTIVE, CONFIG_CT_PROTECT, CONFIG_READY, PROTO_TCP, SCHED_MAGLEV, SCHED_SH, SERVICE_PASS_ON_EMPTY, SERVICE_PERSIST,
     VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
 };
 
@@ -176,11 +176,8 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision,
     if kind == KIND_FRAG_FIRST && !is_frag_hit {
         frag::remember(pkt, backend_id, service_id, backend.generation);
     }
-    if backend.forward == FORWARD_NAT {
-        return forward::nat::hand_over(kind, backend_id, service_id, new_flow);
-    }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let outcome = forward::deliver(ctx, pkt, flow, backend, cfg);
+    let outcome = forward::deliver(ctx, pkt, flow, backend, cfg, (kind, backend_id, new_flow));
     if let Outcome::Tx = outcome {
         count_forward(service_id, backend_id, bytes, new_flow);
         if is_frag_hit {

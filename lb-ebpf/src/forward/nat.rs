@@ -26,17 +26,29 @@ use crate::{
     stats::{count, count_forward},
 };
 
-/// `lb_xdp`'s half: leaves the decision for `lb_nat`. Fragments and ICMP errors of
-/// `nat` flows are not translated yet: dropped.
+/// Bit of `Outcome::Nat`'s word: the flow was scheduled by this packet.
+const NEW_FLOW: u32 = 1 << 31;
+
+/// `lb_xdp`'s half, in the balancer: the decision as `Outcome::Nat`'s word (the
+/// backend id and `NEW_FLOW`), which `lb_xdp` stores in `NAT_STASH` before the tail
+/// call (one store there; a store here, on every path of the balancer, cost the
+/// verifier 140,000 instructions). Fragments and ICMP errors of `nat` flows are
+/// not translated yet: dropped.
 #[inline(always)]
-pub fn hand_over(kind: u8, backend_id: u32, service_id: u32, new_flow: bool) -> Outcome {
+pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool) -> Outcome {
     if kind != KIND_L4 {
         return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED);
     }
-    let Some(s) = NAT_STASH.get_ptr_mut(0) else { return Outcome::Pass(stat::PASS_NOT_READY) };
-    // SAFETY: this CPU's entry, read by the program this one tail-calls.
-    unsafe { *s = NatStash { backend_id, service_id, new_flow: new_flow as u32 } };
-    Outcome::Nat
+    Outcome::Nat(backend_id | if new_flow { NEW_FLOW } else { 0 })
+}
+
+/// Leaves `Outcome::Nat`'s word for `lb_nat` in this CPU's `NAT_STASH`.
+#[inline(always)]
+pub fn stash(word: u32) {
+    if let Some(s) = NAT_STASH.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry, read by the program tail-called next.
+        unsafe { *s = NatStash { backend_id: word & !NEW_FLOW, new_flow: word >> 31 } };
+    }
 }
 
 /// `lb_nat`: the forward direction.
@@ -53,15 +65,16 @@ pub fn forward(ctx: &XdpContext) -> Outcome {
         return Outcome::Pass(stat::PASS_NOT_READY);
     };
     let port = if b.port != 0 { b.port } else { pkt.dport };
+    let service_id = b.service_id;
     if s.new_flow != 0 {
-        remember(ctx, pkt, &b.addr, port, &s);
+        remember(ctx, pkt, &b.addr, port, s.backend_id, service_id);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let done = translate::<false>(ctx, pkt.l3, pkt.v6, pkt.l4, pkt.proto, &b.addr, port, &b.mac, &cfg.iface_mac);
     match done {
         Ok(()) => {
             count(stat::NAT_FORWARDED);
-            count_forward(s.service_id, s.backend_id, bytes, s.new_flow != 0);
+            count_forward(service_id, s.backend_id, bytes, s.new_flow != 0);
             Outcome::Tx
         }
         Err(reason) => Outcome::Drop(reason),
@@ -70,12 +83,12 @@ pub fn forward(ctx: &XdpContext) -> Outcome {
 
 /// Records how the flow's replies are translated back.
 #[inline(always)]
-fn remember(ctx: &XdpContext, pkt: &Packet, backend: &[u8; 16], port: u16, s: &NatStash) {
+fn remember(ctx: &XdpContext, pkt: &Packet, backend: &[u8; 16], port: u16, backend_id: u32, service_id: u32) {
     let Some(eth) = bytes_mut::<12>(ctx, 0) else { return };
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&eth[6..12]);
     let key = FlowKey { src: *backend, dst: pkt.src, sport: port, dport: pkt.sport, proto: pkt.proto, _pad: [0; 3] };
-    let val = NatReverse { vip: pkt.dst, vport: pkt.dport, mac, backend_id: s.backend_id, service_id: s.service_id };
+    let val = NatReverse { vip: pkt.dst, vport: pkt.dport, mac, backend_id, service_id };
     let _ = NAT_REVERSE.insert(&key, &val, BPF_ANY as u64);
 }
 
