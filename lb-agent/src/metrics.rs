@@ -746,7 +746,7 @@ mod tests {
         // Every family has one HELP and one TYPE line, and each series one family.
         let helps = lines.iter().filter(|l| l.starts_with("# HELP ")).count();
         let types = lines.iter().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!((helps, types), (34, 34), "{text}");
+        assert_eq!((helps, types), (35, 35), "{text}");
     }
 
     #[test]

@@ -114,7 +114,8 @@ pub fn probe_targets(config: &Config) -> Vec<Target> {
                 continue;
             }
             let addr = b.probe.address.unwrap_or(b.address);
-            let port = b.probe.port.unwrap_or(s.port);
+            // A `nat` backend's own port is where its service listens.
+            let port = b.probe.port.or(b.port).unwrap_or(s.port);
             out.push(Target {
                 key: TargetKey { service: s.name.clone(), backend: b.address },
                 spec: b.probe.clone(),
