@@ -13,6 +13,7 @@ pub mod decap;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod nat_table;
 pub mod neigh;
 pub mod nexthop;
 pub mod object;

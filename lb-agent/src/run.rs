@@ -220,6 +220,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         clock: handle(&mut dp, lb_common::map_names::CT_CLOCK)?,
         conns: handle(&mut dp, lb_common::map_names::BACKEND_CONNS)?,
         conn_delta: handle(&mut dp, lb_common::map_names::BACKEND_CONN_DELTA)?,
+        nat_reverse: handle(&mut dp, lb_common::map_names::NAT_REVERSE)?,
     };
     let ct_capacity = dp.conntrack_capacity(&plan).context("reading the connection-table sizes")?;
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);

@@ -110,3 +110,31 @@ fn nat_long_lived_connections_keep_their_backend_across_a_reload() {
         assert!(r.error.is_none() && r.exchanges > 5, "a long-lived connection broke across the reload: {r:?}");
     }
 }
+
+#[test]
+fn nat_reverse_entries_leave_with_their_flows() {
+    use lb_common::{FlowKey, NatReverse};
+    let mut lab = NatLab::new(3);
+    lab.start_servers(&[80]);
+    let b4 = backends(&lab, false, 3, &[]);
+    let yaml = format!("timeouts: {{ tcp: 15m, tcp_fin: 1s, udp: 5m }}\nservices:\n  - {{ name: http, vip: {VIP4}, port: 80, forwarding: nat, backends: [{b4}] }}\n");
+    let cfg = lab.write_config(&yaml);
+    let agent = lab.start_agent(&cfg);
+    let entries = || {
+        let data = aya::maps::MapData::from_pin(lab.pin_dir().join("NAT_REVERSE")).expect("the pinned NAT_REVERSE");
+        let m: aya::maps::HashMap<_, FlowKey, NatReverse> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("NAT_REVERSE");
+        m.keys().filter_map(Result::ok).count()
+    };
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 200, 2, Duration::from_secs(60));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    let after = entries();
+    assert!(after >= 200, "one reverse entry per connection: {after}");
+    // The connections closed (FIN both ways): their entries expire after tcp_fin
+    // (1 s), and the sweep (every second here) takes the reverse entries with them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while entries() > 0 {
+        assert!(std::time::Instant::now() < deadline, "{} NAT_REVERSE entries left 10 s after their flows closed\n{}", entries(), agent.log_text());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

@@ -252,3 +252,35 @@ fn without_a_nat_service_replies_are_not_looked_up() {
     assert_eq!((rc, &out[..]), (XDP_PASS, &r[..]));
     assert_eq!(lab.count(stat::PASS_NOT_VIP), 1);
 }
+
+#[test]
+fn replies_keep_the_flow_fresh_and_a_backend_fin_closes_it() {
+    use aya::maps::{HashMap, MapData};
+    use lb_common::{map_names, FlowKey, FlowVal, CT_STATE_CLOSING, CT_STATE_ESTABLISHED};
+    let mut lab = Lab::new();
+    let (c4, v4, b4) = (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), IpAddr::V4(BACKEND4));
+    let key = FlowKey { src: addr16(c4), dst: addr16(v4), sport: 43000, dport: 80, proto: 6, _pad: [0; 3] };
+    let mut table = |lab: &mut Lab| -> HashMap<MapData, FlowKey, FlowVal> {
+        HashMap::try_from(aya::maps::Map::HashMap(lab.dp.map_handle(map_names::CT_ESTABLISHED).expect("map"))).expect("hash map")
+    };
+    // Two client packets: the flow is established.
+    for _ in 0..2 {
+        assert_eq!(lab.run(&frame(c4, v4, 6, 43000, 80, 10, CLIENT_MAC)).0, XDP_TX);
+    }
+    let est = table(&mut lab).get(&key, 0).expect("established after two packets");
+    assert_eq!(est.state, CT_STATE_ESTABLISHED);
+    // Aged, then a reply: its last-seen time moves again.
+    table(&mut lab).insert(key, FlowVal { last_seen: 0, ..est }, 0).expect("age the entry");
+    assert_eq!(lab.run(&frame(b4, c4, 6, 8080, 43000, 10, BACKEND_MAC)).0, XDP_TX);
+    let fresh = table(&mut lab).get(&key, 0).expect("entry");
+    assert_eq!((fresh.last_seen, fresh.state), (est.last_seen, CT_STATE_ESTABLISHED), "a reply refreshes the flow");
+    // The backend's FIN closes it.
+    let mut fin = frame(b4, c4, 6, 8080, 43000, 0, BACKEND_MAC);
+    fin[14 + 20 + 13] = 0x11;
+    let c = l4_checksum(b4, c4, 6, &fin[34..]);
+    fin[34 + 16..34 + 18].copy_from_slice(&c.to_be_bytes());
+    let (rc, out) = lab.run(&fin);
+    assert_eq!(rc, XDP_TX);
+    check(&out, &fin, CLIENT_MAC, v4, c4, 80, 43000, "the backend's FIN");
+    assert_eq!(table(&mut lab).get(&key, 0).expect("entry").state, CT_STATE_CLOSING, "a backend FIN closes the flow");
+}

@@ -2,15 +2,21 @@
 //! service exists (`CONFIG_NAT`), is looked up in `NAT_REVERSE` by its 5-tuple.
 //! A backend's reply found there leaves from VIP:port to the client, its checksums
 //! updated and TTL / hop limit decremented (`nat::translate`), to the MAC the
-//! client's first frame came from (one-arm: the client's next hop). Anything else
-//! passes, counted `pass_not_vip` as before. Fragments and IPv6 extension headers
+//! client's first frame came from (one-arm: the client's next hop). The flow's
+//! connection-table entry is kept fresh by the replies and closes on the
+//! backend's FIN or RST (`conntrack::follow_reply`). Anything else passes, counted
+//! `pass_not_vip` as before. Fragments and IPv6 extension headers
 //! are not looked up (pass).
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{stat, v4_mapped, FlowKey, NatReverse, PROTO_TCP, PROTO_UDP};
 
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
 use super::nat::translate;
 use crate::{
+    conntrack,
     maps::{CONFIG, NAT_REVERSE},
     parse::{ptr_at, read_be16, Outcome},
 };
@@ -19,21 +25,26 @@ use crate::{
 #[inline(always)]
 pub fn reply(ctx: &XdpContext) -> Outcome {
     let not_ours = Outcome::Pass(stat::PASS_NOT_VIP);
-    let Some((key, l3, l4, v6)) = parse(ctx) else { return not_ours };
+    let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return not_ours };
     // SAFETY: copied out at once.
     let Some(r) = (unsafe { NAT_REVERSE.get(&key) }).copied() else { return not_ours };
     let Some(cfg) = CONFIG.get(0) else { return not_ours };
     let r: NatReverse = r;
     match translate::<true>(ctx, l3, v6, l4, key.proto, &r.vip, r.vport, &r.mac, &cfg.iface_mac) {
-        Ok(()) => Outcome::TxAs(stat::NAT_REPLY),
+        Ok(()) => {
+            let flow = FlowKey { src: key.dst, dst: r.vip, sport: key.dport, dport: r.vport, proto: key.proto, _pad: [0; 3] };
+            conntrack::follow_reply(&flow, fin);
+            Outcome::TxAs(stat::NAT_REPLY)
+        }
         Err(reason) => Outcome::Drop(reason),
     }
 }
 
 /// The frame's 5-tuple (TCP/UDP over IPv4 or IPv6 without extension headers, not
-/// a fragment), the IP and L4 header offsets and the family.
+/// a fragment), the IP and L4 header offsets, the family, and whether it is a TCP
+/// FIN or RST.
 #[inline(always)]
-fn parse(ctx: &XdpContext) -> Option<(FlowKey, usize, usize, bool)> {
+fn parse(ctx: &XdpContext) -> Option<(FlowKey, usize, usize, bool, bool)> {
     let mut l3 = 14;
     let mut ethertype = read_be16(ctx, 12).ok()?;
     if ethertype == 0x8100 || ethertype == 0x88a8 {
@@ -79,5 +90,10 @@ fn parse(ctx: &XdpContext) -> Option<(FlowKey, usize, usize, bool)> {
     let ports = unsafe { *ptr_at::<[u8; 4]>(ctx, l4).ok()? };
     key.sport = u16::from_be_bytes([ports[0], ports[1]]);
     key.dport = u16::from_be_bytes([ports[2], ports[3]]);
-    Some((key, l3, l4, v6))
+    let fin = key.proto == PROTO_TCP && {
+        // SAFETY: the 20-byte TCP header was bounds-checked above; flags are byte 13.
+        let flags = unsafe { *ptr_at::<u8>(ctx, l4 + 13).ok()? };
+        flags & (TCP_FIN | TCP_RST) != 0
+    };
+    Some((key, l3, l4, v6, fin))
 }
