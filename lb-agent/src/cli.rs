@@ -116,6 +116,24 @@ pub enum Commands {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Show the live connection table like `ipvsadm -Lnc`, read from the running
+    /// agent's pinned maps: protocol, expiry, state, client, virtual service,
+    /// backend (with the port a `nat` flow goes to), forwarding mode and service.
+    Flows {
+        /// Only this service's flows (its name with --config, else `tcp VIP:PORT`).
+        #[arg(long)]
+        service: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// The configuration the agent runs with: names the services and gives the
+        /// timeouts the expiry is computed with (default: the default timeouts).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where the agent pins its maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// On a real server: take the balancer's tunnelled packets (IPIP, IP6IP6, their
     /// cross forms, GUE) apart with the lb_decap XDP program on an interface until
     /// SIGINT/SIGTERM; with --stats, print its counters.
@@ -257,6 +275,15 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Commands::Flows { service, json, config, pin_dir } => {
+            match crate::flows::print_flows(config.as_deref(), &pin_dir, service.as_deref(), json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Commands::Stats { config, pin_dir } => match crate::report::print_stats(config.as_deref(), &pin_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -97,6 +97,23 @@ fn nat_long_lived_connections_keep_their_backend_across_a_reload() {
         *on.entry(c.backend.clone()).or_default() += 1;
     }
     assert!(on.len() == 2, "the connections spread over b1 and b2: {on:?}");
+    // `lb-agent flows` lists them: client, VIP:port, backend:port, nat, the service.
+    let out = std::process::Command::new(lb_tests::lab::agent_bin())
+        .args(["flows", "--json", "--service", "echo", "--config"])
+        .arg(&cfg)
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .output()
+        .expect("lb-agent flows");
+    assert!(out.status.success(), "lb-agent flows: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<lb_agent::flows::FlowRow> = serde_json::from_slice(&out.stdout).expect("flows JSON");
+    let echo: Vec<_> = rows.iter().filter(|r| r.client.ip() == IpAddr::V4(lb_tests::natlab::CLIENT4)).collect();
+    assert_eq!(echo.len(), 16, "the 16 connections in `lb-agent flows`: {rows:?}");
+    let b12 = [IpAddr::V4(lab.backends[0].v4), IpAddr::V4(lab.backends[1].v4)];
+    for r in echo {
+        assert_eq!((r.vip, r.forwarding.as_deref(), r.state.as_str()), ((VIP4, ECHO_PORT).into(), Some("nat"), "established"), "{r:?}");
+        assert!(r.backend.is_some_and(|b| b12.contains(&b.ip()) && b.port() == ECHO_PORT), "{r:?}");
+    }
     let reloads = agent.count_log("reload applied");
     lab.write_config(&config(3));
     agent.wait_log("reload applied", reloads, Duration::from_secs(15));
