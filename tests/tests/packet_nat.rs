@@ -284,3 +284,29 @@ fn replies_keep_the_flow_fresh_and_a_backend_fin_closes_it() {
     check(&out, &fin, CLIENT_MAC, v4, c4, 80, 43000, "the backend's FIN");
     assert_eq!(table(&mut lab).get(&key, 0).expect("entry").state, CT_STATE_CLOSING, "a backend FIN closes the flow");
 }
+
+#[test]
+fn a_tagged_frame_keeps_its_tag_both_ways() {
+    let mut lab = Lab::new();
+    let (c4, v4, b4) = (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), IpAddr::V4(BACKEND4));
+    let tag = |f: Vec<u8>| {
+        let mut t = f[..12].to_vec();
+        t.extend_from_slice(&[0x81, 0x00, 0x00, 100]);
+        t.extend_from_slice(&f[12..]);
+        t
+    };
+    let untag = |f: &[u8]| {
+        assert_eq!(&f[12..16], &[0x81, 0x00, 0x00, 100], "the 802.1Q tag kept");
+        let mut u = f[..12].to_vec();
+        u.extend_from_slice(&f[16..]);
+        u
+    };
+    let f = frame(c4, v4, 6, 44000, 80, 21, CLIENT_MAC);
+    let (rc, out) = lab.run(&tag(f.clone()));
+    assert_eq!(rc, XDP_TX);
+    check(&untag(&out), &f, mac_of(b4), c4, b4, 44000, 8080, "tagged, to the backend");
+    let r = frame(b4, c4, 6, 8080, 44000, 22, BACKEND_MAC);
+    let (rc, out) = lab.run(&tag(r.clone()));
+    assert_eq!(rc, XDP_TX);
+    check(&untag(&out), &r, CLIENT_MAC, v4, c4, 80, 44000, "tagged reply");
+}
