@@ -94,7 +94,6 @@ impl NatLab {
 
     /// `ns`'s eth0 with these addresses, wired to `port` in the router (on the
     /// bridge when `bridged`), default routes via `gw4` / `gw6`.
-    #[allow(clippy::too_many_arguments)]
     fn wire(&self, ns: &str, port: &str, bridged: bool, (v4, v6): (Ipv4Addr, Ipv6Addr), (gw4, gw6): (String, String)) {
         sh(&["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &self.router]);
         ns_sh(ns, &["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);

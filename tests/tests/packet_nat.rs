@@ -260,7 +260,7 @@ fn replies_keep_the_flow_fresh_and_a_backend_fin_closes_it() {
     let mut lab = Lab::new();
     let (c4, v4, b4) = (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), IpAddr::V4(BACKEND4));
     let key = FlowKey { src: addr16(c4), dst: addr16(v4), sport: 43000, dport: 80, proto: 6, _pad: [0; 3] };
-    let mut table = |lab: &mut Lab| -> HashMap<MapData, FlowKey, FlowVal> {
+    let table = |lab: &mut Lab| -> HashMap<MapData, FlowKey, FlowVal> {
         HashMap::try_from(aya::maps::Map::HashMap(lab.dp.map_handle(map_names::CT_ESTABLISHED).expect("map"))).expect("hash map")
     };
     // Two client packets: the flow is established.
