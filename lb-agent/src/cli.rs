@@ -117,7 +117,8 @@ pub enum Commands {
         pin_dir: PathBuf,
     },
     /// Print the live connection table, like `ipvsadm -Lnc` (read from the pinned
-    /// maps): protocol, expiry, state, client, VIP, backend, service.
+    /// maps): protocol, expiry, state, client, VIP, backend (with the port a `nat`
+    /// flow goes to), forwarding mode, service.
     Flows {
         /// The configuration the agent runs with: names the services and gives the
         /// timeouts the expiry is computed with (IPVS's defaults without it).

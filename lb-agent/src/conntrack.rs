@@ -207,6 +207,8 @@ pub struct SweepMaps {
     pub clock: MapData,
     pub conns: MapData,
     pub conn_delta: MapData,
+    /// `NAT_REVERSE`, swept after the tables (`nat_table.rs`).
+    pub nat_reverse: MapData,
 }
 
 /// What one sweep task holds between sweeps.
@@ -214,6 +216,7 @@ struct Sweeper {
     established: HashMap<MapData, FlowKey, FlowVal>,
     new: HashMap<MapData, FlowKey, FlowVal>,
     conns: ConnMaps,
+    nat: HashMap<MapData, FlowKey, lb_common::NatReverse>,
 }
 
 /// Until `shutdown`: publishes the clock every second and sweeps the table every
@@ -225,12 +228,13 @@ pub async fn run(
     shared: Arc<Mutex<TableStatus>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let SweepMaps { established, new, clock, conns, conn_delta } = maps;
+    let SweepMaps { established, new, clock, conns, conn_delta, nat_reverse } = maps;
     let sweeper = (|| {
         Ok::<_, aya::maps::MapError>(Sweeper {
             established: HashMap::try_from(aya::maps::Map::HashMap(established))?,
             new: HashMap::try_from(aya::maps::Map::LruHashMap(new))?,
             conns: ConnMaps::new(conns, conn_delta)?,
+            nat: HashMap::try_from(aya::maps::Map::LruHashMap(nat_reverse))?,
         })
     })();
     let map = match sweeper {
@@ -272,6 +276,7 @@ pub async fn run(
                 sweep(&mut m.established, now, &t, &mut status, &mut counts);
                 count_new(&m.new, now, &t, &mut counts);
                 m.conns.publish(&counts, &deltas);
+                crate::nat_table::sweep(&mut m.nat, &m.established, &m.new);
             }
             status
         })

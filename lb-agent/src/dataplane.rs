@@ -84,7 +84,7 @@ impl std::fmt::Display for AttachMode {
 /// Map sizes for a plan, with room for the configuration to grow: twice the
 /// services and backends, and for `MAGLEV` two tables per service (the double
 /// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 14] {
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 15] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
@@ -106,16 +106,20 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 14] {
         (names::CT_ESTABLISHED, plan.established_size.max(1)),
         (names::AFFINITY, (plan.conntrack_size / 4).max(1024)),
         (names::FRAGS, plan.frags_size.max(1)),
+        (names::NAT_REVERSE, plan.conntrack_size.saturating_add(plan.established_size).max(1)),
     ]
 }
 
-/// `CONFIG` flags with the plan's `answer_ping`, `forward_icmp` and whether it
-/// has prefix services, and its fragment lifetime.
+/// `CONFIG` flags with the plan's `answer_ping`, `forward_icmp`, whether it has
+/// prefix services and `nat` services, and its fragment lifetime.
 fn icmp_policy(flags: u32, plan: &Plan) -> (u32, u32) {
-    use lb_common::{CONFIG_ANSWER_PING, CONFIG_FORWARD_ICMP, CONFIG_PREFIX};
-    let mut flags = flags & !(CONFIG_ANSWER_PING | CONFIG_FORWARD_ICMP | CONFIG_PREFIX);
+    use lb_common::{CONFIG_ANSWER_PING, CONFIG_FORWARD_ICMP, CONFIG_NAT, CONFIG_PREFIX};
+    let mut flags = flags & !(CONFIG_ANSWER_PING | CONFIG_FORWARD_ICMP | CONFIG_PREFIX | CONFIG_NAT);
     if plan.has_prefix() {
         flags |= CONFIG_PREFIX;
+    }
+    if plan.nat {
+        flags |= CONFIG_NAT;
     }
     if plan.answer_ping {
         flags |= CONFIG_ANSWER_PING;
@@ -221,12 +225,22 @@ impl Dataplane {
         let mut ebpf = loader.load(object)?;
         // The balancer with the trace hook is verified when a trace first needs it
         // (`set_tracing`): a third of the start-up time otherwise.
-        for name in [lb_common::PROG_BALANCER, lb_common::PROG_RARE, lb_common::PROG_PASS] {
+        for name in [
+            lb_common::PROG_BALANCER,
+            lb_common::PROG_RARE,
+            lb_common::PROG_NAT,
+            lb_common::PROG_NAT_REPLY,
+            lb_common::PROG_PASS,
+        ] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
         }
         // lb_xdp tail-calls lb_rare (ICMP, fragments) through RARE_PROGS[0].
         set_rare_slot(&mut ebpf, lb_common::PROG_RARE, lb_common::RARE_SLOT)?;
+        // And `nat` services' packets into lb_nat and lb_nat_reply (both
+        // directions; also from lb_xdp_trace).
+        set_rare_slot(&mut ebpf, lb_common::PROG_NAT, lb_common::NAT_SLOT)?;
+        set_rare_slot(&mut ebpf, lb_common::PROG_NAT_REPLY, lb_common::NAT_REPLY_SLOT)?;
         let max_entries = |ebpf: &mut Ebpf, name: &'static str| -> Result<u32> {
             let info = map_data(ebpf, name)?.info().map_err(map_err(name))?;
             Ok(info.max_entries())

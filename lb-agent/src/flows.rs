@@ -1,5 +1,7 @@
 //! `lb-agent flows`: the live connection table, like `ipvsadm -Lnc`, read from the
-//! pinned `CONNTRACK` and `CT_ESTABLISHED` maps (so it works while no agent runs).
+//! pinned `CONNTRACK` and `CT_ESTABLISHED` maps (so it works while no agent runs):
+//! protocol, expiry, state, client, VIP, the backend (with the port a `nat` flow
+//! goes to), the forwarding mode and the service.
 //!
 //! Which id is which service and backend comes from the pinned `SERVICES` and
 //! `BACKENDS` maps, as for `stats`; the configuration file, if given, names the
@@ -15,7 +17,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use lb_common::{map_names as names, FlowKey, FlowVal, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, PROTO_TCP, PROTO_UDP};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{self, Timeouts},
@@ -26,12 +28,13 @@ use crate::{
 };
 
 /// One entry of the connection table, as printed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
-    pub protocol: &'static str,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
     /// `SYN` (TCP, first packet only), `NEW` (UDP, one datagram), `ESTABLISHED`,
     /// `CLOSING` (the client sent FIN or RST).
-    pub state: &'static str,
+    pub state: String,
     /// Seconds since the flow's last packet (`CONNTRACK`: since its first).
     pub idle_s: u32,
     /// Seconds left of its idle timeout (0: due): `CT_ESTABLISHED` entries are then
@@ -42,10 +45,25 @@ pub struct Flow {
     pub vip: SocketAddr,
     /// The service's name (empty without `--config`, or for an unnamed service).
     pub service: String,
-    /// The backend's address (`None`: its id is no longer in `BACKENDS`).
+    /// The backend's address (`None`: its id is no longer in `BACKENDS`, or now
+    /// names another backend).
     pub backend: Option<IpAddr>,
+    /// The port the flow's packets reach the backend on: a `nat` backend's own
+    /// port; the VIP's port in the other modes.
+    pub backend_port: Option<u16>,
+    /// The backend's forwarding mode: `dr`, `ipip`, `gue` or `nat`.
+    pub forwarding: Option<String>,
     /// `established` (`CT_ESTABLISHED`, kept against floods) or `new` (`CONNTRACK`).
-    pub table: &'static str,
+    pub table: String,
+}
+
+fn mode(forward: u8) -> &'static str {
+    match forward {
+        lb_common::FORWARD_IPIP => "ipip",
+        lb_common::FORWARD_GUE => "gue",
+        lb_common::FORWARD_NAT => "nat",
+        _ => "dr",
+    }
 }
 
 /// The address of a 16-byte map address (IPv4 as `::ffff:a.b.c.d`).
@@ -81,16 +99,21 @@ fn flows_of(
             // sweep counts it), the rest by their state's timeout.
             let once = key.proto == PROTO_TCP && val.state == CT_STATE_NEW;
             let timeout = if once { timeouts.tcp_fin } else { timeout_of(&key, &val, timeouts) };
+            // An entry of a backend id since given to another backend (its
+            // generation moved on) names no backend.
+            let backend = backends.get(&val.backend_id).filter(|b| b.generation == val.generation);
             Flow {
-                protocol: if key.proto == PROTO_UDP { "UDP" } else { "TCP" },
-                state: state_name(&key, &val),
+                protocol: if key.proto == PROTO_UDP { "UDP" } else { "TCP" }.to_string(),
+                state: state_name(&key, &val).to_string(),
                 idle_s,
                 expire_s: timeout.as_secs().saturating_sub(u64::from(idle_s)),
                 client: SocketAddr::new(ip_of(key.src), key.sport),
                 vip: SocketAddr::new(ip_of(key.dst), key.dport),
                 service: services.get(&val.service_id).copied().unwrap_or_default().to_string(),
-                backend: backends.get(&val.backend_id).map(|b| b.address),
-                table,
+                backend: backend.map(|b| b.address),
+                backend_port: backend.map(|b| if b.forward == lb_common::FORWARD_NAT && b.port != 0 { b.port } else { key.dport }),
+                forwarding: backend.map(|b| mode(b.forward).to_string()),
+                table: table.to_string(),
             }
         })
         .collect()
@@ -103,19 +126,25 @@ fn matches(flow: &Flow, filter: &str) -> bool {
 
 /// The table as text: a header line, then one line per flow.
 pub fn format(flows: &[Flow]) -> String {
-    let mut out =
-        format!("{:<4} {:>7} {:<11} {:<46} {:<46} {:<39} {}\n", "pro", "expire", "state", "client", "virtual", "backend", "service");
+    let mut out = format!(
+        "{:<4} {:>7} {:<11} {:<46} {:<46} {:<46} {:<4} {}\n",
+        "pro", "expire", "state", "client", "virtual", "backend", "mode", "service"
+    );
     for f in flows {
         let expire = format!("{:02}:{:02}", f.expire_s / 60, f.expire_s % 60);
-        let backend = f.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
+        let backend = match (f.backend, f.backend_port) {
+            (Some(b), Some(port)) => SocketAddr::new(b, port).to_string(),
+            _ => "-".to_string(),
+        };
         out += &format!(
-            "{:<4} {:>7} {:<11} {:<46} {:<46} {:<39} {}\n",
+            "{:<4} {:>7} {:<11} {:<46} {:<46} {:<46} {:<4} {}\n",
             f.protocol,
             expire,
             f.state,
             f.client.to_string(),
             f.vip.to_string(),
             backend,
+            f.forwarding.as_deref().unwrap_or("-"),
             f.service
         );
     }
@@ -202,10 +231,36 @@ mod tests {
         assert_eq!(f[1].state, "NEW");
         assert_eq!(f[1].protocol, "UDP");
         let n = flows_of([(key(PROTO_TCP), syn)], "new", &plan, &t, 100);
-        assert_eq!((n[0].state, n[0].expire_s), ("SYN", 119));
+        assert_eq!((n[0].state.as_str(), n[0].expire_s), ("SYN", 119));
         let text = format(&f);
         assert!(text.lines().nth(1).unwrap().starts_with("TCP    14:50 ESTABLISHED 198.18.0.100:40000"), "{text}");
         assert!(matches(&f[0], "198.18.1.10:80") && !matches(&f[0], "198.18.1.10:81"));
+    }
+
+    #[test]
+    fn a_nat_flow_shows_its_backend_port_and_mode() {
+        let cfg = config::parse(
+            "services:\n  - { name: web, vip: 198.18.1.10, port: 80, forwarding: nat, backends: [{ address: 198.18.5.11, port: 8080 }] }\n",
+            "t.yaml",
+        )
+        .expect("config");
+        let macs: std::collections::BTreeMap<IpAddr, [u8; 6]> = [("198.18.5.11".parse().unwrap(), [2, 0, 0, 0, 0, 1])].into();
+        let plan = Plan::build(&cfg, &macs);
+        let b = &plan.backends[0];
+        let val = FlowVal {
+            backend_id: b.id,
+            service_id: plan.services[0].value.id,
+            generation: b.generation,
+            last_seen: 100,
+            state: CT_STATE_ESTABLISHED,
+            _pad: [0; 3],
+        };
+        let f = flows_of([(key(PROTO_TCP), val)], "established", &plan, &Timeouts::default(), 160);
+        assert_eq!((f[0].backend, f[0].backend_port), (Some("198.18.5.11".parse().unwrap()), Some(8080)));
+        assert_eq!((f[0].forwarding.as_deref(), f[0].service.as_str(), f[0].expire_s), (Some("nat"), "web", 840));
+        let stale = FlowVal { generation: b.generation + 1, ..val };
+        let f = flows_of([(key(PROTO_TCP), stale)], "established", &plan, &Timeouts::default(), 160);
+        assert_eq!((f[0].backend, f[0].forwarding.as_deref()), (None, None), "another generation is another backend");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod flows;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod nat_table;
 pub mod neigh;
 pub mod nexthop;
 pub mod object;

@@ -26,7 +26,7 @@
 //! | `lb_conntrack_hits_total`, `lb_conntrack_misses_total`, `lb_conntrack_insert_failures_total` | counter | |
 //! | `lb_conntrack_promotions_total`, `lb_conntrack_established_full_total`, `lb_conntrack_midflow_misses_total`, `lb_conntrack_syn_unrecorded_total`, `lb_conntrack_expired_total` | counter | |
 //! | `lb_conntrack_established_entries` | gauge | `state` (`established`, `closing`) |
-//! | `lb_encap_ipip_total`, `lb_encap_gue_total` | counter | |
+//! | `lb_encap_ipip_total`, `lb_encap_gue_total`, `lb_nat_forwarded_total` | counter | |
 //! | `lb_conntrack_established_capacity`, `lb_conntrack_new_capacity` | gauge | |
 //! | `lb_persistence_hits_total` | counter | |
 //! | `lb_icmp_errors_forwarded_total`, `lb_fragments_first_total`, `lb_fragments_followed_total`, `lb_fragments_insert_failures_total` | counter | |

@@ -52,13 +52,13 @@ pub struct NextHops {
 }
 
 impl NextHops {
-    /// Looks up the route of every tunnel backend of `config` (DR backends need
-    /// none).
+    /// Looks up the route of every routed (tunnel or `nat`) backend of `config`
+    /// (DR backends need none).
     pub async fn lookup(nl: &Neighbours, iface: &Interface, config: &Config) -> NextHops {
         let tunnel: BTreeSet<IpAddr> = config
             .services
             .iter()
-            .filter(|s| s.forwarding.is_tunnel())
+            .filter(|s| s.forwarding.is_routed())
             .flat_map(|s| s.backends.iter().map(|b| b.address))
             .collect();
         let mut via = BTreeMap::new();

@@ -15,9 +15,8 @@ use std::{
 
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
-    LocalityKey, LocalityVal, PrefixKey,
-    map_names as names, TraceBudget, TraceFilter, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service,
-    VipAddrKey, VipAddrVal, VipKey,
+    map_names as names, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal,
+    LocalityKey, LocalityVal, NatReverse, PrefixKey, Service, TraceBudget, TraceFilter, VipAddrKey, VipAddrVal, VipKey,
 };
 
 /// BPF_F_MMAPABLE.
@@ -30,7 +29,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 21] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 22] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -53,6 +52,7 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 21] {
         (names::STATS, 4, 8, 0),
         (names::CONFIG, 4, size_of::<Config>(), 0),
         (names::FRAGS, size_of::<FragKey>(), size_of::<FragVal>(), 0),
+        (names::NAT_REVERSE, size_of::<FlowKey>(), size_of::<NatReverse>(), 0),
     ]
 }
 

@@ -114,7 +114,8 @@ pub fn probe_targets(config: &Config) -> Vec<Target> {
                 continue;
             }
             let addr = b.probe.address.unwrap_or(b.address);
-            let port = b.probe.port.unwrap_or(s.port);
+            // A `nat` backend's own port is where its service listens.
+            let port = b.probe.port.or(b.port).unwrap_or(s.port);
             out.push(Target {
                 key: TargetKey { service: s.name.clone(), backend: b.address },
                 spec: b.probe.clone(),
@@ -219,6 +220,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         clock: handle(&mut dp, lb_common::map_names::CT_CLOCK)?,
         conns: handle(&mut dp, lb_common::map_names::BACKEND_CONNS)?,
         conn_delta: handle(&mut dp, lb_common::map_names::BACKEND_CONN_DELTA)?,
+        nat_reverse: handle(&mut dp, lb_common::map_names::NAT_REVERSE)?,
     };
     let ct_capacity = dp.conntrack_capacity(&plan).context("reading the connection-table sizes")?;
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);

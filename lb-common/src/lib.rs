@@ -47,6 +47,7 @@ pub mod map_names {
     /// The program array of tail-called programs (pinned apart from `layout()`:
     /// a program array has no BTF value type to check).
     pub const RARE_PROGS: &str = "RARE_PROGS";
+    pub const NAT_REVERSE: &str = "NAT_REVERSE";
     pub use crate::decap::names::*;
     pub use crate::prefix::names::*;
 }
@@ -81,6 +82,16 @@ pub const RARE_PROGS_ENTRIES: u32 = 8;
 pub const RARE_SLOT: u32 = 0;
 /// `RARE_PROGS` index of `lb_rare_trace` (filled when the first trace starts).
 pub const RARE_TRACE_SLOT: u32 = 1;
+/// Name of the `nat` forward direction (DNAT to the backend), tail-called from
+/// `lb_xdp` and `lb_xdp_trace` through `RARE_PROGS[NAT_SLOT]`.
+pub const PROG_NAT: &str = "lb_nat";
+/// Name of the `nat` reply direction (backend to client, from the VIP), tail-called
+/// for frames to no VIP while `CONFIG_NAT` is set.
+pub const PROG_NAT_REPLY: &str = "lb_nat_reply";
+/// `RARE_PROGS` index of `lb_nat`.
+pub const NAT_SLOT: u32 = 3;
+/// `RARE_PROGS` index of `lb_nat_reply`.
+pub const NAT_REPLY_SLOT: u32 = 4;
 /// Name of the balancer with the trace hook (attached while `lb-agent trace` runs).
 pub const PROG_BALANCER_TRACE: &str = "lb_xdp_trace";
 /// Name of a program that only returns XDP_PASS. Attached to the far end of a veth
@@ -248,7 +259,7 @@ pub struct Backend {
     /// Destination MAC of frames to it: its own (DR, or a tunnel backend on-link),
     /// or its next hop's (a tunnel backend behind a router).
     pub mac: [u8; 6],
-    /// `FORWARD_DR`, `FORWARD_IPIP`, `FORWARD_GUE`: the service's mode.
+    /// `FORWARD_DR`, `FORWARD_IPIP`, `FORWARD_GUE`, `FORWARD_NAT`: the service's mode.
     pub forward: u8,
     pub _pad: u8,
     /// `BACKEND_ACTIVE` when the slot holds a usable backend.
@@ -261,8 +272,9 @@ pub struct Backend {
     /// The backend's address: the outer destination in tunnel modes (also for
     /// operators and for an agent adopting the maps).
     pub addr: [u8; 16],
-    /// GUE destination port (host byte order), for `FORWARD_GUE`.
-    pub gue_port: u16,
+    /// Destination port (host byte order): the GUE port for `FORWARD_GUE`; the
+    /// backend's port for `FORWARD_NAT` (0: the client's destination port kept).
+    pub port: u16,
     /// Weight in force (for `SCHED_WLC`; 0 while draining).
     pub weight: u16,
 }
@@ -273,6 +285,10 @@ pub const FORWARD_DR: u8 = 0;
 pub const FORWARD_IPIP: u8 = 1;
 /// GUE variant 1: the inner IP packet in UDP (any family in either).
 pub const FORWARD_GUE: u8 = 2;
+
+/// LVS-NAT: the destination address (and port) become the backend's; its replies
+/// come back through the balancer and leave from the VIP (`lb_nat`, `lb_nat_reply`).
+pub const FORWARD_NAT: u8 = 3;
 
 /// Established flows may use the backend (it is up).
 pub const BACKEND_ACTIVE: u32 = 1;
@@ -452,6 +468,25 @@ pub const CONFIG_ANSWER_PING: u32 = 8;
 pub const CONFIG_FORWARD_ICMP: u32 = 16;
 /// Prefix services exist: a frame to no exact VIP continues in `lb_prefix`.
 pub const CONFIG_PREFIX: u32 = 32;
+/// A `nat` service exists: frames to no VIP are looked up in `NAT_REVERSE`
+/// (`lb_nat_reply`). Without it they pass at once, as before.
+pub const CONFIG_NAT: u32 = 64;
+
+/// Value of `NAT_REVERSE`, keyed by a `nat` flow's reply as it leaves the backend
+/// (`FlowKey` with src = backend address and port, dst = client address and port):
+/// what the reply becomes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatReverse {
+    /// The VIP and port the client sent to (host byte order): the reply's source.
+    pub vip: [u8; 16],
+    pub vport: u16,
+    /// The source MAC of the client's first frame (its next hop): the reply's
+    /// destination MAC (one-arm).
+    pub mac: [u8; 6],
+    pub backend_id: u32,
+    pub service_id: u32,
+}
 
 pub mod trace;
 pub use trace::{Decision, TraceBudget, TraceFilter, TraceRecord};
@@ -473,6 +508,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 20);
     assert!(core::mem::size_of::<BackendConns>() == 16);
+    assert!(core::mem::size_of::<NatReverse>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -494,6 +530,7 @@ mod pod {
     unsafe impl aya::Pod for FragVal {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityVal {}
+    unsafe impl aya::Pod for NatReverse {}
     unsafe impl aya::Pod for TraceFilter {}
     unsafe impl aya::Pod for TraceBudget {}
     unsafe impl aya::Pod for TraceRecord {}

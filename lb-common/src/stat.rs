@@ -81,7 +81,19 @@ pub const FRAG_INSERT_FAILED: u32 = 31;
 /// second passed `Config::syn_flood_kps` (a SYN flood), and the service's
 /// scheduler gives the flow's next packets the same backend by itself.
 pub const CT_SYN_UNRECORDED: u32 = 32;
-pub const COUNT: u32 = 33;
+/// Forwarded to a `nat` backend with its destination rewritten (`lb_nat`; also
+/// counts `forwarded`).
+pub const NAT_FORWARDED: u32 = 33;
+/// A `nat` backend's reply, rewritten to come from the VIP and sent back to the
+/// client (`lb_nat_reply`, XDP_TX).
+pub const NAT_REPLY: u32 = 34;
+/// A packet of a `nat` flow (either direction) whose TTL / hop limit would reach
+/// 0: dropped (a router would send ICMP "time exceeded").
+pub const DROP_NAT_TTL: u32 = 35;
+/// A fragment or an ICMP error of a `nat` service's flow: not translated yet,
+/// dropped.
+pub const DROP_NAT_UNSUPPORTED: u32 = 36;
+pub const COUNT: u32 = 37;
 
 /// Names for metrics and `lb-agent`, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -118,4 +130,8 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_frag_unknown",
     "frag_insert_failed",
     "ct_syn_unrecorded",
+    "nat_forwarded",
+    "nat_reply",
+    "drop_nat_ttl",
+    "drop_nat_unsupported",
 ];

@@ -212,3 +212,27 @@ fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32,
         conns::opened(backend_id);
     }
 }
+
+/// A `nat` flow's reply (`forward/nat_reply.rs`), `flow` in the client-to-VIP
+/// direction: keeps the flow's `CT_ESTABLISHED` entry fresh while the backend
+/// talks, and closing once the backend sent FIN or RST (`fin`), as the client's
+/// own packets do. A flow seen once (still in `CONNTRACK`) is left as it is.
+#[inline(always)]
+pub fn follow_reply(flow: &FlowKey, fin: bool) {
+    let Some(p) = CT_ESTABLISHED.get_ptr_mut(flow) else { return };
+    // SAFETY: a live entry; copied out, fields written back one by one.
+    let v = unsafe { *p };
+    let now = now();
+    // SAFETY: as above; plain stores, only when something changed.
+    unsafe {
+        if v.last_seen != now {
+            (*p).last_seen = now;
+        }
+        if fin && v.state != CT_STATE_CLOSING {
+            (*p).state = CT_STATE_CLOSING;
+            if conns::is_active(flow.proto, v.state) {
+                conns::add(v.backend_id, -1, 1);
+            }
+        }
+    }
+}

@@ -28,10 +28,13 @@ mod trace;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{stat, FlowKey, TraceFilter, TraceRecord, PREFIX_SLOT, RARE_SLOT, RARE_TRACE_SLOT};
+use lb_common::{
+    stat, FlowKey, TraceFilter, TraceRecord, CONFIG_NAT, NAT_REPLY_SLOT, NAT_SLOT, PREFIX_SLOT, RARE_SLOT,
+    RARE_TRACE_SLOT,
+};
 
 use crate::{
-    maps::{RARE, RARE_PROGS},
+    maps::{CONFIG, RARE, RARE_PROGS},
     parse::{Outcome, Packet},
     stats::count,
     trace::Decision,
@@ -53,7 +56,19 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         count(counter);
         return xdp_action::XDP_PASS;
     }
-    count((v >> 32) as u32);
+    if v as u32 == NAT_ACTION {
+        forward::nat::stash((v >> 32) as u32);
+        // SAFETY: as above, into `lb_nat` (`forward/nat.rs`).
+        unsafe { RARE_PROGS.tail_call(&ctx, NAT_SLOT) };
+        count(stat::PASS_NOT_READY);
+        return xdp_action::XDP_PASS;
+    }
+    let counter = (v >> 32) as u32;
+    if counter == stat::PASS_NOT_VIP && nat_on() {
+        // SAFETY: as above, into `lb_nat_reply`; on failure the frame passes.
+        unsafe { RARE_PROGS.tail_call(&ctx, NAT_REPLY_SLOT) };
+    }
+    count(counter);
     v as u32
 }
 
@@ -87,8 +102,37 @@ pub fn lb_prefix(ctx: XdpContext) -> u32 {
     if v as u32 == RARE_ACTION {
         v = NOT_VIP;
     }
+    if v == NOT_VIP && nat_on() {
+        // SAFETY: a tail call into `lb_nat_reply` (a frame to no VIP and no
+        // prefix may be a `nat` reply); on failure the frame passes.
+        unsafe { RARE_PROGS.tail_call(&ctx, NAT_REPLY_SLOT) };
+    }
     count((v >> 32) as u32);
     v as u32
+}
+
+/// Whether a `nat` service exists, so that frames to no VIP may be replies to
+/// translate (`CONFIG_NAT`): one array read, only for frames that pass.
+#[inline(always)]
+fn nat_on() -> bool {
+    CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_NAT != 0)
+}
+
+/// `nat` forwarding, the client-to-backend direction (tail-called from `lb_xdp`
+/// and `lb_xdp_trace` with the decision in `NAT_STASH`): see `forward/nat.rs`.
+#[xdp]
+pub fn lb_nat(ctx: XdpContext) -> u32 {
+    let (action, counter) = verdict(forward::nat::forward(&ctx));
+    count(counter);
+    action
+}
+
+/// `nat` forwarding, the backend-to-client direction: see `forward/nat_reply.rs`.
+#[xdp]
+pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
+    let (action, counter) = verdict(forward::nat_reply::reply(&ctx));
+    count(counter);
+    action
 }
 
 /// The rare path of `lb_xdp` (tail-called): ICMP errors, echo requests and
@@ -102,6 +146,8 @@ pub fn lb_rare(ctx: XdpContext) -> u32 {
 
 /// Action of a packed verdict that asks for the rare path.
 const RARE_ACTION: u32 = u32::MAX;
+/// Action of a packed verdict that asks for `lb_nat`.
+const NAT_ACTION: u32 = u32::MAX - 1;
 
 /// An outcome as the XDP action (low half) and its counter (high half): what the
 /// calls below return, in a register and fully defined (an `Outcome` returned
@@ -111,6 +157,7 @@ fn packed(outcome: Outcome) -> u64 {
     let (action, counter) = match outcome {
         Outcome::Rare => (RARE_ACTION, 0),
         Outcome::Prefix => (RARE_ACTION, TO_PREFIX),
+        Outcome::Nat(word) => (NAT_ACTION, word),
         o => verdict(o),
     };
     (u64::from(counter) << 32) | u64::from(action)
@@ -176,6 +223,18 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
         unsafe { RARE_PROGS.tail_call(&ctx, slot) };
         v = packed(Outcome::Pass(counter));
     }
+    // `nat` packets continue in the untraced `lb_nat` / `lb_nat_reply`: they are
+    // counted, not recorded.
+    if v as u32 == NAT_ACTION {
+        forward::nat::stash((v >> 32) as u32);
+        // SAFETY: as above, into `lb_nat`.
+        unsafe { RARE_PROGS.tail_call(&ctx, NAT_SLOT) };
+        v = packed(Outcome::Pass(stat::PASS_NOT_READY));
+    }
+    if (v >> 32) as u32 == stat::PASS_NOT_VIP && nat_on() {
+        // SAFETY: as above, into `lb_nat_reply`.
+        unsafe { RARE_PROGS.tail_call(&ctx, NAT_REPLY_SLOT) };
+    }
     finish_trace(&ctx, trace::active(), r, v)
 }
 
@@ -225,9 +284,10 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         Outcome::Drop(reason) => (xdp_action::XDP_DROP, reason),
         Outcome::Tx => (xdp_action::XDP_TX, stat::FORWARDED),
         Outcome::TxAs(reason) => (xdp_action::XDP_TX, reason),
-        // Never left over: the entry points run the rare path for it.
+        // Never left over: the entry points run the rare path or `lb_nat` for them.
         Outcome::Rare => (xdp_action::XDP_PASS, stat::PASS_NOT_L4),
         Outcome::Prefix => (xdp_action::XDP_PASS, stat::PASS_NOT_VIP),
+        Outcome::Nat(_) => (xdp_action::XDP_PASS, stat::PASS_NOT_READY),
     }
 }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    stat, AffinityKey, AffinityVal, LocalityKey, LocalityVal, PrefixKey, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
+    stat, AffinityKey, AffinityVal, LocalityKey, LocalityVal, NatReverse, PrefixKey, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
     DEFAULT_FRAGS_SIZE, DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
@@ -96,6 +96,26 @@ pub static FRAGS: LruHashMap<FragKey, FragVal, { DEFAULT_FRAGS_SIZE as usize }> 
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityVal, { CT as usize }> = LruHashMap::new();
 
+/// A `nat` flow's reply (backend -> client, `FlowKey` as it leaves the backend) ->
+/// what it becomes (`forward/nat.rs`). Written by `lb_nat` when a flow is
+/// scheduled; sized by the agent as both connection tables together.
+#[btf_map]
+pub static NAT_REVERSE: LruHashMap<FlowKey, NatReverse, { CT as usize }> = LruHashMap::new();
+
+/// Per CPU: what `lb_xdp` decided for a `nat` flow's packet, for `lb_nat` (the
+/// program it tail-calls) to carry out.
+#[btf_map]
+pub static NAT_STASH: PerCpuArray<NatStash, 1> = PerCpuArray::new();
+
+/// Value of `NAT_STASH` (never pinned).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NatStash {
+    pub backend_id: u32,
+    /// 1: the flow was scheduled by this packet (write its `NAT_REVERSE` entry).
+    pub new_flow: u32,
+}
+
 /// The running trace's filter (`lb-agent trace`); flags 0 while none runs.
 #[btf_map]
 pub static TRACE_FILTER: Array<TraceFilter, 1> = Array::new();
@@ -157,10 +177,11 @@ pub struct Scratch {
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
-/// The rare path (`lb_rare`: ICMP and fragments to a VIP), reached from `lb_xdp`
+/// Slots (`lb_common::*_SLOT`): 0 `lb_rare`, 1 `lb_rare_trace`, 2 `lb_prefix`,
+/// 3 `lb_nat`, 4 `lb_nat_reply`. The rare path (`lb_rare`: ICMP and fragments to a VIP), reached from `lb_xdp`
 /// by a tail call so that its stack frame is its own (the verifier allows 512
-/// bytes per call chain) and the fast path pays no call. Also `lb_prefix`
-/// (`lb_common::PREFIX_SLOT`). Filled by the agent at load and pinned with the other maps: the kernel empties a program array when
+/// bytes per call chain) and the fast path pays no call. Filled by the agent at
+/// load and pinned with the other maps: the kernel empties a program array when
 /// its last user reference goes, and the pin keeps the rare path alive between
 /// one agent and the next.
 #[aya_ebpf::macros::map]

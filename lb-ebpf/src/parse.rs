@@ -62,6 +62,9 @@ pub enum Outcome {
     Rare,
     /// To no exact VIP while prefix services exist: for `lb_prefix` (`main.rs`).
     Prefix,
+    /// A `nat` service's packet, scheduled: for `lb_nat` (`forward/nat.rs`); the
+    /// backend id and whether the flow is new (`nat::hand_over`).
+    Nat(u32),
 }
 
 /// The outcome of a frame to no exact VIP: `Prefix` while prefix services

@@ -229,7 +229,7 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
         frag::remember(pkt, backend_id, service_id, backend.generation);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let outcome = forward::deliver(ctx, pkt, flow, backend, cfg);
+    let outcome = forward::deliver(ctx, pkt, flow, backend, cfg, (kind, backend_id, new_flow));
     if let Outcome::Tx = outcome {
         count_forward(service_id, backend_id, bytes, new_flow);
         if is_frag_hit {

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod ecmp;
 pub mod failover;
 pub mod lab;
+pub mod natlab;
 pub mod netns;
 pub mod pmtu;
 pub mod routed;

@@ -259,6 +259,8 @@ fn verifier_work_stays_well_under_the_limit() {
         lb_common::PROG_RARE,
         lb_common::PROG_RARE_TRACE,
         lb_common::PROG_PREFIX,
+        lb_common::PROG_NAT,
+        lb_common::PROG_NAT_REPLY,
     ] {
         let prog: &mut aya::programs::Xdp =
             b.dp.ebpf_mut().program_mut(name).expect("program").try_into().expect("XDP");

@@ -170,6 +170,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// A backup receives traffic only while no primary (non-backup) backend is up.
     pub backup: bool,
+    /// The port `forwarding: nat` sends to (`None`: the service's port).
+    pub port: Option<u16>,
     /// The backend's liveness probe: the service's `probe`, with the fields of the
     /// backend's own `probe` replacing the service's, defaults filled in.
     pub probe: crate::health::ProbeSpec,
@@ -184,16 +186,21 @@ pub enum Forwarding {
     Ipip,
     /// GUE (the inner packet in UDP); backends may be of the other family.
     Gue,
+    /// LVS-NAT: the destination becomes the backend's address (and `port`); the
+    /// backends route their replies through the balancer, which sends them from
+    /// the VIP.
+    Nat,
 }
 
 impl Forwarding {
-    pub const ALL: [Forwarding; 3] = [Forwarding::Dr, Forwarding::Ipip, Forwarding::Gue];
+    pub const ALL: [Forwarding; 4] = [Forwarding::Dr, Forwarding::Ipip, Forwarding::Gue, Forwarding::Nat];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Forwarding::Dr => "dr",
             Forwarding::Ipip => "ipip",
             Forwarding::Gue => "gue",
+            Forwarding::Nat => "nat",
         }
     }
 
@@ -207,10 +214,17 @@ impl Forwarding {
             Forwarding::Dr => lb_common::FORWARD_DR,
             Forwarding::Ipip => lb_common::FORWARD_IPIP,
             Forwarding::Gue => lb_common::FORWARD_GUE,
+            Forwarding::Nat => lb_common::FORWARD_NAT,
         }
     }
 
     pub fn is_tunnel(self) -> bool {
+        matches!(self, Forwarding::Ipip | Forwarding::Gue)
+    }
+
+    /// Whether the backends are reached through the kernel's routes (their next
+    /// hop, `nexthop.rs`) rather than on the segment: every mode but `dr`.
+    pub fn is_routed(self) -> bool {
         self != Forwarding::Dr
     }
 }

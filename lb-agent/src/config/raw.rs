@@ -67,6 +67,8 @@ pub(super) struct RawBackend {
     pub address: Option<String>,
     pub weight: Option<Int>,
     pub backup: Option<bool>,
+    /// `forwarding: nat` only: the port the backend listens on.
+    pub port: Option<Int>,
     /// Boxed: a file may hold hundreds of thousands of backends, most without a probe
     /// of their own, and a `RawProbe` is about 500 bytes.
     pub probe: Option<Box<RawProbe>>,

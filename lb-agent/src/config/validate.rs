@@ -237,7 +237,7 @@ impl Checker<'_> {
         // family than the vip.
         let family_of = vip.filter(|_| forwarding != Some(Forwarding::Gue));
         let backends = self
-            .backends(raw.backends, &path, &label, family_of, &probe, port)
+            .backends(raw.backends, &path, &label, family_of, (&probe, forwarding), port)
             .filter(|_| probe_ok);
         let table_size = match raw.table_size {
             None => Some(super::default_table_size(count)),
@@ -256,6 +256,11 @@ impl Checker<'_> {
             fits
         });
 
+        if forwarding == Some(Forwarding::Nat) && vip_and_prefix.is_some_and(|(_, p)| p.is_some()) {
+            // lb_prefix hands no frame to lb_nat; refused rather than passed.
+            self.at_value(&field("forwarding"), "forwarding: nat needs an exact vip, not a prefix".to_string());
+            return None;
+        }
         Some(ServiceConfig {
             name: name?,
             vip: vip?,
@@ -353,7 +358,7 @@ impl Checker<'_> {
         service_path: &str,
         label: &str,
         vip: Option<IpAddr>,
-        probe: &ProbeFields,
+        (probe, forwarding): (&ProbeFields, Option<Forwarding>),
         port: Option<u16>,
     ) -> Option<Vec<BackendConfig>> {
         let path = format!("{service_path}.backends");
@@ -362,7 +367,7 @@ impl Checker<'_> {
         let mut backends = Some(Vec::with_capacity(raw.len()));
         for (index, backend) in raw.iter().enumerate() {
             let item = format!("{path}[{index}]");
-            let backend = self.backend(backend, &item, vip, &mut seen, index, (probe, port));
+            let backend = self.backend(backend, &item, vip, &mut seen, index, (probe, port, forwarding));
             backends = backends.zip(backend).map(|(mut all, b)| {
                 all.push(b);
                 all
@@ -395,8 +400,9 @@ impl Checker<'_> {
         vip: Option<IpAddr>,
         seen: &mut HashMap<IpAddr, usize>,
         index: usize,
-        (service_probe, service_port): (&ProbeFields, Option<u16>),
+        (service_probe, service_port, forwarding): (&ProbeFields, Option<u16>, Option<Forwarding>),
     ) -> Option<BackendConfig> {
+        let nat_port = self.backend_port(raw.port, forwarding, &format!("{path}.port"));
         let own_probe = self.probe_fields(raw.probe.as_deref(), &format!("{path}.probe"), true);
         let probe = self.probe_spec(&own_probe.over(service_probe), service_port, Level::Backend);
         let address_path = format!("{path}.address");
@@ -445,6 +451,7 @@ impl Checker<'_> {
             address: address?,
             weight: weight?,
             backup: raw.backup.unwrap_or(false),
+            port: nat_port?,
             probe: probe?,
         })
     }

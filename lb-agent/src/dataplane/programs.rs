@@ -43,6 +43,8 @@ pub(super) fn prog_name(name: &str) -> &'static str {
         lb_common::PROG_BALANCER_TRACE => lb_common::PROG_BALANCER_TRACE,
         lb_common::PROG_RARE => lb_common::PROG_RARE,
         lb_common::PROG_PREFIX => lb_common::PROG_PREFIX,
+        lb_common::PROG_NAT => lb_common::PROG_NAT,
+        lb_common::PROG_NAT_REPLY => lb_common::PROG_NAT_REPLY,
         _ => lb_common::PROG_BALANCER,
     }
 }

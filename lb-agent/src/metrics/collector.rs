@@ -13,7 +13,7 @@ use prometheus_client::registry::Unit;
 use crate::status::{ServiceStatus, Status};
 
 /// Outcome counters that are not a packet's verdict, and the family each goes to.
-const NOT_VERDICTS: [(&str, &str, &str); 14] = [
+const NOT_VERDICTS: [(&str, &str, &str); 15] = [
     (
         "conn_hit",
         "lb_conntrack_hits",
@@ -53,6 +53,11 @@ const NOT_VERDICTS: [(&str, &str, &str); 14] = [
         "encap_gue",
         "lb_encap_gue",
         "Packets forwarded in GUE (also counted as forwarded).",
+    ),
+    (
+        "nat_forwarded",
+        "lb_nat_forwarded",
+        "Packets forwarded to a nat backend, destination rewritten (also counted as forwarded).",
     ),
     (
         "ct_midflow_miss",

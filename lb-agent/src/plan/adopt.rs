@@ -87,7 +87,7 @@ pub fn from_maps(
             up: b.flags != 0,
             flags: b.flags,
             forward: b.forward,
-            gue_port: b.gue_port,
+            port: b.port,
         });
     }
     let used_backends: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();

@@ -20,7 +20,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::{Config, OnAllDown, Protocol, Scheduler},
+    config::{Config, Forwarding, OnAllDown, Protocol, Scheduler},
     maglev::{build_table, MaglevBackend},
     neigh::Mac,
 };
@@ -115,9 +115,10 @@ pub struct PlannedBackend {
     pub up: bool,
     /// `BACKEND_ACTIVE` / `BACKEND_ACCEPTS_NEW`.
     pub flags: u32,
-    /// The service's forwarding mode (`lb_common::FORWARD_*`) and GUE port.
+    /// The service's forwarding mode (`lb_common::FORWARD_*`) and its port
+    /// (`Backend::port`: the GUE port, or a `nat` backend's port).
     pub forward: u8,
-    pub gue_port: u16,
+    pub port: u16,
 }
 
 impl PlannedService {
@@ -137,7 +138,7 @@ impl PlannedBackend {
             service_id,
             generation: self.generation,
             addr: addr_key(self.address),
-            gue_port: self.gue_port,
+            port: self.port,
             weight: if self.flags & BACKEND_ACCEPTS_NEW != 0 { self.weight.min(u32::from(u16::MAX)) as u16 } else { 0 },
         }
     }
@@ -154,6 +155,8 @@ pub struct Plan {
     pub conntrack_size: u32,
     /// Size of `CT_ESTABLISHED`; 0: flows stay in `CONNTRACK` (no protection).
     pub established_size: u32,
+    /// Some service forwards with `nat` (`CONFIG_NAT`: replies are looked for).
+    pub nat: bool,
     /// `answer_ping`, `forward_icmp`.
     pub answer_ping: bool,
     pub forward_icmp: bool,
@@ -193,6 +196,7 @@ impl Plan {
             backends: Vec::with_capacity(config.services.iter().map(|s| s.backends.len()).sum()),
             conntrack_size: config.conntrack_size,
             established_size: config.established_size,
+            nat: config.services.iter().any(|s| s.forwarding == Forwarding::Nat),
             answer_ping: config.answer_ping,
             forward_icmp: config.forward_icmp,
             frags_size: config.fragments.size,
@@ -253,7 +257,11 @@ impl Plan {
                     up,
                     flags: if mac.is_some() && up { BACKEND_ACTIVE } else { 0 },
                     forward: svc.forwarding.number(),
-                    gue_port: svc.gue_port,
+                    port: match svc.forwarding {
+                        Forwarding::Gue => svc.gue_port,
+                        Forwarding::Nat => b.port.unwrap_or(svc.port),
+                        _ => 0,
+                    },
                 });
             }
             let members = &mut plan.backends[first..];

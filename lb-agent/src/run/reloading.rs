@@ -199,7 +199,7 @@ impl Agent {
         tracing::debug!(secs = started.elapsed().as_secs_f64(), "reparse");
         // New backends wait for their MACs in the parse task, and tunnel services
         // for their routes: those take the full parse.
-        if config.services.iter().any(|s| s.forwarding.is_tunnel()) {
+        if config.services.iter().any(|s| s.forwarding.is_routed()) {
             return None;
         }
         let known = |a: &IpAddr| self.macs.contains_key(a);

@@ -32,7 +32,7 @@ impl Agent {
 
     /// Looks the tunnel backends' routes up again when due; re-plans on a change.
     pub(super) async fn refresh_routes(&mut self) {
-        if !self.config.services.iter().any(|s| s.forwarding.is_tunnel()) || self.routes_checked.elapsed() < EVERY {
+        if !self.config.services.iter().any(|s| s.forwarding.is_routed()) || self.routes_checked.elapsed() < EVERY {
             return;
         }
         self.routes_checked = Instant::now();

@@ -126,6 +126,7 @@ pub fn describe(r: &RawRecord, plan: &Plan, drained: &dyn Fn(&str, IpAddr) -> bo
             match b.forward {
                 lb_common::FORWARD_IPIP => "ipip",
                 lb_common::FORWARD_GUE => "gue",
+                lb_common::FORWARD_NAT => "nat",
                 _ => "dr",
             }
             .to_string()

@@ -1,12 +1,15 @@
 //! Sending a frame to its backend, by the service's forwarding mode (carried in
-//! the backend's entry): `dr` rewrites the MACs, `ipip` and `gue` encapsulate.
+//! the backend's entry): `dr` rewrites the MACs, `ipip` and `gue` encapsulate,
+//! `nat` continues in a program of its own (`nat.rs`).
 
 mod dr;
+pub mod nat;
+pub mod nat_reply;
 mod too_big;
 mod tunnel;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Backend, Config, FlowKey, FORWARD_DR, FORWARD_GUE};
+use lb_common::{Backend, Config, FlowKey, FORWARD_DR, FORWARD_GUE, FORWARD_NAT};
 
 use crate::parse::{Outcome, Packet};
 
@@ -29,11 +32,13 @@ pub(crate) fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
-/// Forwards the frame of `flow` to `b`.
+/// Forwards the frame of `flow` to `b` (a `nat` backend: leaves it to `lb_nat`).
 #[inline(always)]
-pub fn deliver(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, b: &Backend, cfg: &Config) -> Outcome {
+pub fn deliver(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, b: &Backend, cfg: &Config, nat: (u8, u32, bool)) -> Outcome {
     match b.forward {
         FORWARD_DR => dr::rewrite(ctx, b, cfg),
+        // `lb_nat` takes over (`nat.rs`); `kind`, backend id, new flow.
+        FORWARD_NAT => nat::hand_over(nat.0, nat.1, nat.2),
         mode => tunnel::encapsulate(ctx, pkt, b, cfg, tunnel::flow_mix(flow), mode == FORWARD_GUE),
     }
 }

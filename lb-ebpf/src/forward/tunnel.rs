@@ -123,7 +123,7 @@ fn headers<const L2: usize>(
         let sport = 0xc000 | (hash as u16 & 0x3fff);
         let len = (8 + pkt.ip_len) as u16;
         u[0..2].copy_from_slice(&sport.to_be_bytes());
-        u[2..4].copy_from_slice(&b.gue_port.to_be_bytes());
+        u[2..4].copy_from_slice(&b.port.to_be_bytes());
         u[4..6].copy_from_slice(&len.to_be_bytes());
         u[6..8].copy_from_slice(&[0, 0]);
     }

@@ -1,4 +1,4 @@
-//! `forwarding`, `gue_port` and the global tunnel fields.
+//! `forwarding`, `gue_port`, a `nat` backend's `port` and the global tunnel fields.
 
 use super::{assert_errors, lines, parse_ok, service};
 use crate::config::{Forwarding, Fragments, DEFAULT_GUE_PORT};
@@ -28,6 +28,35 @@ fn forwarding_defaults_to_dr_and_takes_ipip_and_gue() {
 }
 
 #[test]
+fn nat_takes_a_port_per_backend() {
+    let c = parse_ok(&service(&[
+        "    port: 80",
+        "    forwarding: nat",
+        "    backends: [{address: 198.18.5.11, port: 8080}, {address: 198.18.5.12}]",
+    ]));
+    assert_eq!(c.services[0].forwarding, Forwarding::Nat);
+    assert!(!c.services[0].forwarding.is_tunnel() && c.services[0].forwarding.is_routed());
+    let ports: Vec<Option<u16>> = c.services[0].backends.iter().map(|b| b.port).collect();
+    assert_eq!(ports, [Some(8080), None]);
+}
+
+#[test]
+fn bad_nat_ports_are_refused_with_their_position() {
+    assert_errors(
+        &service(&["    port: 80", "    forwarding: nat", "    backends: [{address: 198.18.5.11, port: 0}]"]),
+        &["test.yaml:6:45: services[0].backends[0].port: port 0 is not a backend port; give 1..=65535 (default: the service's port)"],
+    );
+    assert_errors(
+        &service(&["    port: 80", "    forwarding: nat", "    backends: [{address: 198.18.5.11, port: 70000}]"]),
+        &["test.yaml:6:45: services[0].backends[0].port: port 70000 is out of range 1..=65535"],
+    );
+    assert_errors(
+        &service(&["    port: 80", "    backends: [{address: 198.18.5.11, port: 8080}]"]),
+        &["test.yaml:5:45: services[0].backends[0].port: a backend's port applies only to forwarding: nat (the other modes keep the client's port)"],
+    );
+}
+
+#[test]
 fn bad_tunnel_fields_are_refused_with_their_position() {
     assert_errors(
         &service(&["    port: 80", "    forwarding: ipip", "    backends: [{address: \"2001:db8::11\"}]"]),
@@ -37,7 +66,7 @@ fn bad_tunnel_fields_are_refused_with_their_position() {
     );
     assert_errors(
         &service(&["    port: 80", "    forwarding: gre", "    backends: [{address: 198.18.0.11}]"]),
-        &["test.yaml:5:17: services[0].forwarding: unknown forwarding \"gre\"; expected one of dr, ipip, gue"],
+        &["test.yaml:5:17: services[0].forwarding: unknown forwarding \"gre\"; expected one of dr, ipip, gue, nat"],
     );
     assert_errors(
         &service(&["    port: 80", "    forwarding: gue", "    gue_port: 0", "    backends: [{address: 198.18.0.11}]"]),

@@ -128,6 +128,7 @@ fn defaults_are_applied() {
                 address: "198.18.0.11".parse().unwrap(),
                 weight: 1,
                 backup: false,
+                port: None,
                 probe: crate::health::ProbeSpec::default(),
             }],
             on_all_down: OnAllDown::Drop,

@@ -100,3 +100,16 @@ fn the_same_prefix_twice_is_refused_nested_ones_are_not() {
     let c = parse_ok(&(nested + "  - name: c\n    vip: 198.18.50.10\n    port: 80\n    backends: [{address: 198.18.0.13}]\n"));
     assert_eq!(c.services.len(), 3);
 }
+
+#[test]
+fn nat_needs_an_exact_vip() {
+    let text = lines(&[
+        "services:",
+        "  - name: web",
+        "    vip: 198.18.50.0/24",
+        "    port: 80",
+        "    forwarding: nat",
+        "    backends: [{address: 198.18.0.11}]",
+    ]);
+    assert_errors(&text, &["test.yaml:5:17: services[0].forwarding: forwarding: nat needs an exact vip, not a prefix"]);
+}

@@ -27,7 +27,7 @@ fn unknown_fields_are_rejected_everywhere() {
         ]),
         &[
             "test.yaml:7:9: services[0].backends[0]: unknown field `wieght`, expected one of `address`, `weight`, \
-             `backup`, `probe`",
+             `backup`, `port`, `probe`",
         ],
     );
 }

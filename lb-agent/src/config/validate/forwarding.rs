@@ -1,4 +1,5 @@
-//! How a service reaches its backends (`forwarding`, `gue_port`) and the global
+//! How a service reaches its backends (`forwarding`, `gue_port`, a `nat` backend's
+//! `port`) and the global
 //! tunnel fields (`tunnel_source_v4`, `tunnel_source_v6`, `mtu`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -33,6 +34,20 @@ impl Checker<'_> {
             return None;
         }
         self.ranged(v, path, "gue_port", 1, u16::MAX)
+    }
+
+    /// A backend's `port`: only for `forwarding: nat`, `1..=65535`.
+    pub(super) fn backend_port(&mut self, raw: Option<Int>, forwarding: Option<Forwarding>, path: &str) -> Option<Option<u16>> {
+        let Some(v) = raw else { return Some(None) };
+        if forwarding.is_some_and(|f| f != Forwarding::Nat) {
+            self.at_value(path, "a backend's port applies only to forwarding: nat (the other modes keep the client's port)".into());
+            return None;
+        }
+        if v.0 == 0 {
+            self.at_value(path, "port 0 is not a backend port; give 1..=65535 (default: the service's port)".into());
+            return None;
+        }
+        self.ranged(v, path, "port", 1, u16::MAX).map(Some)
     }
 
     pub(super) fn tunnel_source_v4(&mut self, raw: Option<&str>) -> Option<Option<Ipv4Addr>> {

@@ -24,6 +24,7 @@ mod scale;
 mod prefix;
 mod schedulers;
 mod topo;
+mod nat;
 mod tunnel;
 mod trace;
 
@@ -146,8 +147,13 @@ fn main() {
     // Only the probe benchmark, printed and not written (for working on the prober).
     // Only the per-packet sections added with tunnels and tracing (for working on
     // the data plane).
+    if std::env::args().any(|a| a == "--nat-only") {
+        println!("\n## NAT forwarding: cost per packet\n\n{}", nat::bench_nat(&p));
+        return;
+    }
     if std::env::args().any(|a| a == "--dataplane-only") {
         println!("\n## Tunnel forwarding: cost per packet\n\n{}", tunnel::bench_tunnel(&p));
+        println!("\n## NAT forwarding: cost per packet\n\n{}", nat::bench_nat(&p));
         println!("\n## Established-flow table: cost\n\n{}", conntrack::bench_protection(&p));
         println!("\n## Trace hook\n\n{}", trace::bench_trace_hook(&p));
         return;
@@ -190,6 +196,9 @@ fn main() {
     eprintln!("lb-bench: tunnel forwarding per packet ...");
     let tunnel = tunnel::bench_tunnel(&p);
     println!("\n## Tunnel forwarding: cost per packet\n\n{tunnel}");
+    eprintln!("lb-bench: nat forwarding per packet ...");
+    let nat = nat::bench_nat(&p);
+    println!("\n## NAT forwarding: cost per packet\n\n{nat}");
     eprintln!("lb-bench: the trace hook with no trace running ...");
     let trace_hook = trace::bench_trace_hook(&p);
     println!("\n## Trace hook, no trace running\n\n{trace_hook}");
@@ -283,6 +292,7 @@ fn main() {
          ## Per-packet cost of the XDP program\n\n{packets}\n\
          ### Established-flow table: cost per packet, off vs on\n\n{protection}\n\
          ### Tunnel forwarding: cost per packet\n\n{tunnel}\n\
+         ### NAT forwarding: cost per packet\n\n{nat}\n\
          ### `lb-agent trace` hook: cost while no trace runs\n\n{trace_hook}\n\
          ## Live forwarding rate (veth, native XDP)\n\n{live_md}\n{}\n\
          ## Control plane\n\n### Maglev table build (`lb_agent::maglev::build_table`)\n\n{maglev}\n\

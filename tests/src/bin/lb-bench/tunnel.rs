@@ -22,13 +22,13 @@ const XDP_TX: u32 = 3;
 /// Mean of single runs without the outliers (over 3x the median): the kernel
 /// reports a single run's time in coarse steps, and the mean of many resolves
 /// differences finer than a step.
-fn trimmed_mean(v: Vec<f64>) -> f64 {
+pub(crate) fn trimmed_mean(v: Vec<f64>) -> f64 {
     let m = median(v.clone());
     let kept: Vec<f64> = v.into_iter().filter(|x| *x <= 3.0 * m).collect();
     kept.iter().sum::<f64>() / kept.len().max(1) as f64
 }
 
-fn run(prog: &Xdp, frame: &[u8], repeat: u32) -> f64 {
+pub(crate) fn run(prog: &Xdp, frame: &[u8], repeat: u32) -> f64 {
     let r = prog
         .test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() })
         .expect("BPF_PROG_TEST_RUN");

@@ -1,0 +1,210 @@
+//! A one-arm LVS-NAT lab: the client behind a router; the router, the balancer and
+//! three backends on one segment (a bridge in the router's namespace). The
+//! backends carry no VIP and know nothing of the balancer but that it is their
+//! default route; the router sends the VIPs to the balancer. Everything lives in
+//! namespaces removed on drop.
+//!
+//! ```text
+//!  client 198.18.50.2 ── r ──br── 198.18.51.2 balancer (XDP, eth0; the only arm)
+//!                            ├── b1 198.18.51.11  (default via 198.18.51.2)
+//!                            ├── b2 198.18.51.12
+//!                            └── b3 198.18.51.13
+//! ```
+//! (and the same in 2001:db8:50::/64 and 2001:db8:51::/64). VIPs 198.18.52.10 and
+//! 2001:db8:52::10, routed by the router to the balancer.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use crate::{
+    lab::{spawn_agent, Agent},
+    netns::{self, ns_sh, sh},
+    traffic::{self, Server},
+};
+
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 52, 10);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x52, 0, 0, 0, 0, 0x10);
+pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 2);
+pub const BALANCER4: Ipv4Addr = Ipv4Addr::new(198, 18, 51, 2);
+pub const BALANCER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 2);
+/// The echo service's port on the backends (long-lived connections).
+pub const ECHO_PORT: u16 = 7000;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub struct Host {
+    pub ns: String,
+    pub name: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+pub struct NatLab {
+    pub id: String,
+    pub client: String,
+    pub router: String,
+    pub balancer: String,
+    pub backends: Vec<Host>,
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    servers: Vec<Server>,
+    pass: Option<aya::Ebpf>,
+}
+
+impl NatLab {
+    /// The lab with `n` backends (at most 9), nothing running yet.
+    pub fn new(n: u8) -> NatLab {
+        netns::require_root();
+        let id = format!("nt{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&dir).expect("lab dir");
+        let backends = (1..=n)
+            .map(|i| Host {
+                ns: format!("{id}-b{i}"),
+                name: format!("b{i}"),
+                v4: Ipv4Addr::new(198, 18, 51, 10 + i),
+                v6: format!("2001:db8:51::{}", 10 + i).parse().expect("address"),
+            })
+            .collect();
+        let mut lab = NatLab {
+            client: format!("{id}-cl"),
+            router: format!("{id}-r"),
+            balancer: format!("{id}-lb"),
+            backends,
+            id,
+            dir,
+            namespaces: Vec::new(),
+            servers: Vec::new(),
+            pass: None,
+        };
+        lab.build();
+        lab
+    }
+
+    fn add_ns(&mut self, ns: &str) {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        sh(&["ip", "netns", "add", ns]);
+        self.namespaces.push(ns.to_string());
+        ns_sh(ns, &["ip", "link", "set", "lo", "up"]);
+    }
+
+    /// `ns`'s eth0 with these addresses, wired to `port` in the router (on the
+    /// bridge when `bridged`), default routes via `gw4` / `gw6`.
+    fn wire(&self, ns: &str, port: &str, bridged: bool, (v4, v6): (Ipv4Addr, Ipv6Addr), (gw4, gw6): (String, String)) {
+        sh(&["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &self.router]);
+        ns_sh(ns, &["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
+        ns_sh(ns, &["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+        ns_sh(ns, &["ip", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        ns_sh(ns, &["ip", "link", "set", "eth0", "up"]);
+        // Complete checksums on the wire (veth's partial ones do not survive
+        // native XDP; see docs/architecture.md).
+        ns_sh(ns, &["ethtool", "-K", "eth0", "tx", "off"]);
+        ns_sh(ns, &["ip", "route", "add", "default", "via", &gw4]);
+        ns_sh(ns, &["ip", "-6", "route", "add", "default", "via", &gw6]);
+        if bridged {
+            ns_sh(&self.router, &["ip", "link", "set", port, "master", "br0", "up"]);
+        } else {
+            ns_sh(&self.router, &["ip", "link", "set", port, "up"]);
+        }
+    }
+
+    fn build(&mut self) {
+        let (client, router, balancer) = (self.client.clone(), self.router.clone(), self.balancer.clone());
+        for ns in [&client, &router, &balancer] {
+            self.add_ns(ns);
+        }
+        for k in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
+            ns_sh(&router, &["sysctl", "-qw", k]);
+        }
+        ns_sh(&router, &["ip", "link", "add", "br0", "type", "bridge"]);
+        ns_sh(&router, &["sysctl", "-qw", "net.ipv6.conf.br0.accept_dad=0"]);
+        ns_sh(&router, &["ip", "link", "set", "br0", "up"]);
+        ns_sh(&router, &["ip", "addr", "add", "198.18.51.1/24", "dev", "br0"]);
+        ns_sh(&router, &["ip", "addr", "add", "2001:db8:51::1/64", "dev", "br0", "nodad"]);
+        let gw = |s: &str| (format!("198.18.{s}.1"), format!("2001:db8:{s}::1"));
+        self.wire(&client, "p-cl", false, (CLIENT4, "2001:db8:50::2".parse().unwrap()), gw("50"));
+        ns_sh(&router, &["sysctl", "-qw", "net.ipv6.conf.p-cl.accept_dad=0"]);
+        ns_sh(&router, &["ip", "addr", "add", "198.18.50.1/24", "dev", "p-cl"]);
+        ns_sh(&router, &["ip", "addr", "add", "2001:db8:50::1/64", "dev", "p-cl", "nodad"]);
+        self.wire(&balancer, "p-lb", true, (BALANCER4, BALANCER6), gw("51"));
+        // The balancer's kernel forwards nothing: XDP translates both directions.
+        ns_sh(&balancer, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+        ns_sh(&router, &["ip", "route", "add", &format!("{VIP4}/32"), "via", &BALANCER4.to_string()]);
+        ns_sh(&router, &["ip", "-6", "route", "add", &format!("{VIP6}/128"), "via", &BALANCER6.to_string()]);
+        let lb_gw = (BALANCER4.to_string(), BALANCER6.to_string());
+        for i in 0..self.backends.len() {
+            let (ns, v4, v6) = (self.backends[i].ns.clone(), self.backends[i].v4, self.backends[i].v6);
+            self.add_ns(&ns);
+            self.wire(&ns, &format!("p-b{}", i + 1), true, (v4, v6), lb_gw.clone());
+        }
+        // Native XDP_TX from the balancer's eth0 needs a program on its peer.
+        let ebpf = netns::run_in(&router, move || {
+            let mut ebpf = aya::Ebpf::load(lb_agent::object::OBJECT).expect("load the XDP object");
+            let prog: &mut aya::programs::Xdp =
+                ebpf.program_mut(lb_common::PROG_PASS).expect("lb_pass").try_into().expect("XDP");
+            prog.load().expect("load lb_pass");
+            prog.attach("p-lb", aya::programs::XdpMode::Driver).expect("attach lb_pass to the router's port");
+            ebpf
+        });
+        self.pass = Some(ebpf);
+    }
+
+    /// HTTP on `ports`, UDP on 53 and echo on `ECHO_PORT` on backend `i`, each
+    /// answering with its name (UDP bound to the backend's own addresses: a NAT
+    /// backend answers from them, the balancer turns them into the VIP).
+    pub fn start_servers_on(&mut self, i: usize, ports: &[u16]) {
+        let b = &self.backends[i];
+        for p in ports {
+            self.servers.push(traffic::http_server(&b.ns, *p, &b.name));
+        }
+        let udp = [SocketAddr::new(IpAddr::V4(b.v4), 53), SocketAddr::new(IpAddr::V6(b.v6), 53)];
+        self.servers.extend(traffic::udp_server(&b.ns, &udp, &b.name));
+        self.servers.push(traffic::echo_server(&b.ns, ECHO_PORT, &b.name));
+    }
+
+    pub fn start_servers(&mut self, ports: &[u16]) {
+        for i in 0..self.backends.len() {
+            self.start_servers_on(i, ports);
+        }
+    }
+
+    pub fn write_config(&self, yaml: &str) -> PathBuf {
+        let path = self.dir.join("lb.yaml");
+        let tmp = self.dir.join(".lb.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, &path).expect("rename config");
+        path
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.id)
+    }
+
+    /// Starts `lb-agent run` on the balancer's eth0 (native XDP).
+    pub fn start_agent(&self, config: &Path) -> Agent {
+        let mut args: Vec<String> = ["--iface", "eth0", "--xdp-mode", "native", "--metrics-listen", "off", "--config"].map(String::from).into();
+        args.push(config.display().to_string());
+        args.push("--control-socket".into());
+        args.push(self.control_socket().display().to_string());
+        spawn_agent(&self.balancer, &args, self.pin_dir(), self.dir.join("agent.log"), &[])
+    }
+}
+
+impl Drop for NatLab {
+    fn drop(&mut self) {
+        self.servers.clear();
+        self.pass = None;
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
