@@ -448,13 +448,14 @@ impl Dataplane {
 
     /// Current counters, summed over CPUs.
     pub fn stats(&mut self) -> Result<Stats> {
-        Stats::read_loaded(&mut self.ebpf, None)
+        Stats::read_loaded(&mut self.ebpf, None, &[])
     }
 
     /// The counters of service ids below `services` and backend ids below
-    /// `backends` (the ids a plan has handed out), the rest left out.
-    pub fn stats_of(&mut self, services: u32, backends: u32) -> Result<Stats> {
-        Stats::read_loaded(&mut self.ebpf, Some((services, backends)))
+    /// `backends` (the ids a plan has handed out), the rest left out; `conn_bases`:
+    /// what `BACKEND_CONNS` holds by backend id, if known (`conntrack::Bases`).
+    pub fn stats_of(&mut self, services: u32, backends: u32, conn_bases: &[lb_common::BackendConns]) -> Result<Stats> {
+        Stats::read_loaded(&mut self.ebpf, Some((services, backends)), conn_bases)
     }
 }
 
