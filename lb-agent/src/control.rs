@@ -11,6 +11,10 @@
 //! {"result":"error","message":"..."}
 //! ```
 //!
+//! One answer is followed by more than its line: `{"result":"text","bytes":N}` (to
+//! `{"cmd":"status_text",...}`, what `lb-agent status` prints) is followed by N
+//! bytes of text as they are.
+//!
 //! The socket file is mode 0600 and owned by the user the agent runs as (root), so
 //! only that user can connect; others get EACCES from `connect` at once. The agent
 //! side ([`bind`] + [`run`], or [`serve`]) forwards each request to the agent's event
