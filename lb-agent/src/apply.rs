@@ -272,6 +272,9 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
     check_fits(dp, plan)?;
     dp.regions.settle();
     let prev = dp.applied.take().unwrap_or_default();
+    // Counters of new ids are cleared (an id may have served before), except in
+    // maps just created.
+    let clear = !std::mem::take(&mut dp.fresh);
     let mut sum = Summary::default();
     // By id (ids are small and dense): the map value and weight of each backend.
     let mut prev_backends: Vec<Option<(Backend, u32)>> = Vec::new();
@@ -304,7 +307,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             m.set(b.id, v, 0).map_err(map_err(names::BACKENDS))?;
         }
     }
-    for id in new_backends {
+    for id in new_backends.into_iter().filter(|_| clear) {
         zero_counters(dp, names::BACKEND_STATS, id)?;
     }
 
@@ -364,7 +367,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
             entries.push((s.key, value));
         }
     }
-    for id in new_services {
+    for id in new_services.into_iter().filter(|_| clear) {
         zero_counters(dp, names::SERVICE_STATS, id)?;
     }
     {

@@ -305,7 +305,7 @@ fn client_call(socket: &std::path::Path, request: &crate::control::Request, time
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
-        Ok(Response::Status(_) | Response::TraceLine(_) | Response::TraceNote { .. }) => {
+        Ok(Response::Status(_) | Response::TraceLine(_) | Response::TraceNote { .. } | Response::Text { .. } | Response::Encoded { .. }) => {
             eprintln!("error: unexpected answer from the agent");
             ExitCode::FAILURE
         }
@@ -343,7 +343,15 @@ fn print_status(
     json: bool,
     filter: &crate::status::StatusFilter,
 ) -> Result<(), String> {
-    use crate::control::Response;
+    use crate::control::{Request, Response};
+    // The agent renders it; one from before `StatusText` does not know the request.
+    let text = Request::StatusText { filter: filter.clone(), json };
+    match crate::control::call_text(socket, &text, &mut std::io::stdout().lock()).map_err(|e| e.to_string())? {
+        None => return Ok(()),
+        Some(Response::Error { message }) if !message.starts_with("invalid request") => return Err(message),
+        Some(Response::Error { .. }) => {}
+        Some(_) => return Err("unexpected answer from the agent".into()),
+    }
     // Nothing to check by name: the JSON goes out as the agent sent it, re-indented.
     let answer = if json && filter.services.is_empty() {
         let mut out = std::io::stdout().lock();

@@ -19,11 +19,12 @@
 //! unless the table changed in between.
 
 use std::{
+    os::fd::AsFd,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, HashMap, IterableMap, MapData};
 use lb_common::{BackendConns, FlowKey, FlowVal, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -130,14 +131,17 @@ pub struct ConnMaps {
 
 impl ConnMaps {
     pub fn new(base: MapData, delta: MapData) -> Result<Self, aya::maps::MapError> {
-        let base = Array::try_from(aya::maps::Map::Array(base))?;
+        let base: Array<_, BackendConns> = Array::try_from(aya::maps::Map::Array(base))?;
         let delta = Array::try_from(aya::maps::Map::Array(delta))?;
-        Ok(ConnMaps { written: Vec::new(), base, delta })
+        // What the map holds already (zeros, or an adopted agent's bases): only
+        // what differs from it is written.
+        let written = read_all(&base);
+        Ok(ConnMaps { written, base, delta })
     }
 
     /// The program's deltas now, by backend id.
     pub fn deltas(&self) -> Vec<BackendConns> {
-        self.delta.iter().map(|d| d.unwrap_or_default()).collect()
+        read_all(&self.delta)
     }
 
     /// Writes the bases for `counts`, exact as of a walk that began after
@@ -152,6 +156,14 @@ impl ConnMaps {
             }
         }
     }
+}
+
+/// Every element of a count map: in batches (a few system calls for 100,000
+/// backends) where the kernel allows, else element by element.
+fn read_all(map: &Array<MapData, BackendConns>) -> Vec<BackendConns> {
+    let data = map.map();
+    let len = data.info().map(|i| i.max_entries()).unwrap_or(0);
+    crate::batch::read_array(data.fd().as_fd(), len).unwrap_or_else(|_| map.iter().map(|d| d.unwrap_or_default()).collect())
 }
 
 /// One pass over the table at clock `now` (the value last published, so a clock
@@ -219,13 +231,20 @@ struct Sweeper {
     nat: HashMap<MapData, FlowKey, lb_common::NatReverse>,
 }
 
+/// The bases in `BACKEND_CONNS` by backend id, as the sweep last wrote them: the
+/// status adds the program's deltas to these and so reads one map, not two.
+/// Empty until the sweep has read the map.
+pub type Bases = Arc<std::sync::RwLock<Vec<BackendConns>>>;
+
 /// Until `shutdown`: publishes the clock every second and sweeps the table every
-/// `sweep_interval`, publishing the table's figures into `shared` and the
-/// per-backend counts into `BACKEND_CONNS`; `timeouts` follows reloads.
+/// `sweep_interval`, publishing the table's figures into `shared`, the
+/// per-backend counts into `BACKEND_CONNS` and the bases written there into
+/// `bases`; `timeouts` follows reloads.
 pub async fn run(
     maps: SweepMaps,
     mut timeouts: watch::Receiver<Timeouts>,
     shared: Arc<Mutex<TableStatus>>,
+    bases: Bases,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let SweepMaps { established, new, clock, conns, conn_delta, nat_reverse } = maps;
@@ -238,7 +257,12 @@ pub async fn run(
         })
     })();
     let map = match sweeper {
-        Ok(m) => Arc::new(Mutex::new(m)),
+        Ok(m) => {
+            if let Ok(mut b) = bases.write() {
+                b.clone_from(&m.conns.written);
+            }
+            Arc::new(Mutex::new(m))
+        }
         Err(e) => return tracing::error!(error = %e, "connection table: cannot sweep, idle entries stay and counts are not kept"),
     };
     let mut clock = match Array::<_, u32>::try_from(aya::maps::Map::Array(clock)) {
@@ -266,7 +290,7 @@ pub async fn run(
             continue;
         }
         next_sweep = Instant::now() + sweep_interval(&t);
-        let (m, s) = (map.clone(), shared.clone());
+        let (m, s, b) = (map.clone(), shared.clone(), bases.clone());
         let mut status = s.lock().map(|g| g.clone()).unwrap_or_default();
         let swept = tokio::task::spawn_blocking(move || {
             if let Ok(mut m) = m.lock() {
@@ -277,6 +301,9 @@ pub async fn run(
                 count_new(&m.new, now, &t, &mut counts);
                 m.conns.publish(&counts, &deltas);
                 crate::nat_table::sweep(&mut m.nat, &m.established, &m.new);
+                if let Ok(mut b) = b.write() {
+                    b.clone_from(&m.conns.written);
+                }
             }
             status
         })

@@ -11,13 +11,16 @@
 //! {"result":"error","message":"..."}
 //! ```
 //!
+//! One answer is followed by more than its line: `{"result":"text","bytes":N}` (to
+//! `{"cmd":"status_text",...}`, what `lb-agent status` prints) is followed by N
+//! bytes of text as they are.
+//!
 //! The socket file is mode 0600 and owned by the user the agent runs as (root), so
 //! only that user can connect; others get EACCES from `connect` at once. The agent
 //! side ([`bind`] + [`run`], or [`serve`]) forwards each request to the agent's event
 //! loop as a [`Call`] and writes back whatever the loop answers.
 
 use std::{
-    fmt::Write as _,
     io::{self, BufRead, BufReader, Read, Write},
     net::IpAddr,
     os::unix::{
@@ -37,10 +40,16 @@ use tokio::{
     time::Instant,
 };
 
-use crate::status::{BackendStatus, ServiceStatus, Status};
+use crate::status::Status;
 
 mod json;
+mod table;
 mod trace_stream;
+
+pub use json::{encode_status, status_text};
+pub use table::render_table;
+#[cfg(test)]
+use table::{human_duration, human_rate};
 
 pub const DEFAULT_SOCKET: &str = "/run/lb-agent.sock";
 
@@ -62,6 +71,16 @@ pub enum Request {
     Status,
     /// Part of the status: some services, or no backends (see `StatusFilter`).
     StatusOf(crate::status::StatusFilter),
+    /// What `lb-agent status` prints, rendered by the agent: a `Text` answer with
+    /// the table (or with `json`, the pretty JSON) of what `filter` selects. An
+    /// agent from before this request answers "invalid request"; the client then
+    /// asks with `Status` or `StatusOf` and renders the answer itself.
+    StatusText {
+        #[serde(default)]
+        filter: crate::status::StatusFilter,
+        #[serde(default)]
+        json: bool,
+    },
     /// Set a backend's weight to 0 at run time (in `service`, or in every service
     /// that has it); existing flows stay on it.
     Drain { backend: IpAddr, service: Option<String> },
@@ -85,6 +104,15 @@ pub enum Response {
     Error { message: String },
     TraceLine(crate::trace::TraceLine),
     TraceNote { message: String },
+    /// `bytes` bytes of text follow this line, as they are (to `StatusText`: what
+    /// `lb-agent status` prints), so a large text is neither escaped nor decoded.
+    Text { bytes: u64 },
+    /// An answer already encoded: its line (newline included), then `body` (the
+    /// text of a `Text` line). The agent encodes a large status from where it
+    /// keeps it instead of copying it into a `Status` answer first. Written as
+    /// is; never decoded.
+    #[serde(skip)]
+    Encoded { line: Vec<u8>, body: Vec<u8> },
 }
 
 /// A request from a client with the way to answer it; the agent's event loop
@@ -330,14 +358,21 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>, timeout: Duration
 }
 
 async fn write_response(mut stream: UnixStream, response: &Response, deadline: Instant) {
-    let mut text = match serde_json::to_string(response) {
-        Ok(text) => text,
-        Err(e) => serde_json::to_string(&Response::Error { message: format!("encoding the answer: {e}") })
-            .expect("a plain error encodes"),
+    let (text, body) = match response {
+        Response::Encoded { line, body } => (std::borrow::Cow::Borrowed(&line[..]), &body[..]),
+        _ => {
+            let mut text = match serde_json::to_vec(response) {
+                Ok(text) => text,
+                Err(e) => serde_json::to_vec(&Response::Error { message: format!("encoding the answer: {e}") })
+                    .expect("a plain error encodes"),
+            };
+            text.push(b'\n');
+            (std::borrow::Cow::Owned(text), &[][..])
+        }
     };
-    text.push('\n');
     let write = async {
-        stream.write_all(text.as_bytes()).await?;
+        stream.write_all(&text).await?;
+        stream.write_all(body).await?;
         stream.shutdown().await
     };
     match tokio::time::timeout_at(deadline, write).await {
@@ -412,8 +447,30 @@ pub fn call_status_json(path: &Path, request: &Request, out: &mut impl Write) ->
     }
 }
 
+/// [`call`] for a `StatusText` request: the text of a `Text` answer is copied to
+/// `out` (`None`); any other answer is decoded and returned.
+pub fn call_text(path: &Path, request: &Request, out: &mut impl Write) -> Result<Option<Response>, ControlError> {
+    let (answer, mut rest) = exchange(path, request, TIMEOUT)?;
+    let protocol = |message: String| ControlError::Protocol { path: path.to_path_buf(), message };
+    let response = json::decode(answer.trim_end()).map_err(|e| protocol(e.to_string()))?;
+    let Response::Text { bytes } = response else { return Ok(Some(response)) };
+    let copied = io::copy(&mut (&mut rest).take(bytes), out).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => map_io_error(path, e),
+        _ => protocol(format!("copying the agent's text: {e}")),
+    })?;
+    if copied != bytes {
+        return Err(protocol(format!("the agent's text ended after {copied} of {bytes} bytes")));
+    }
+    Ok(None)
+}
+
 /// Sends `request` and returns the answer line as it came.
 fn call_line(path: &Path, request: &Request, timeout: Duration) -> Result<String, ControlError> {
+    exchange(path, request, timeout).map(|(line, _)| line)
+}
+
+/// Sends `request`; the answer line as it came and the rest of the answer.
+fn exchange(path: &Path, request: &Request, timeout: Duration) -> Result<(String, BufReader<io::Take<StdUnixStream>>), ControlError> {
     let io_err = |e: io::Error| match map_io_error(path, e) {
         ControlError::Timeout { path, .. } => ControlError::Timeout { path, timeout },
         other => other,
@@ -428,7 +485,8 @@ fn call_line(path: &Path, request: &Request, timeout: Duration) -> Result<String
     let _ = stream.shutdown(std::net::Shutdown::Write);
 
     let mut answer = String::new();
-    BufReader::new((&stream).take(MAX_RESPONSE)).read_line(&mut answer).map_err(|e| match e.kind() {
+    let mut reader = BufReader::new(stream.take(MAX_RESPONSE));
+    reader.read_line(&mut answer).map_err(|e| match e.kind() {
         // The agent closed on us (e.g. its own timeout) while we were still writing.
         io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ControlError::NoAnswer { path: path.to_path_buf() },
         io::ErrorKind::InvalidData => ControlError::Protocol { path: path.to_path_buf(), message: "not UTF-8".into() },
@@ -437,7 +495,9 @@ fn call_line(path: &Path, request: &Request, timeout: Duration) -> Result<String
     if answer.is_empty() {
         return Err(ControlError::NoAnswer { path: path.to_path_buf() });
     }
-    Ok(answer)
+    // The text after a line is limited by its announced length, not MAX_RESPONSE.
+    reader.get_mut().set_limit(u64::MAX);
+    Ok((answer, reader))
 }
 
 // ---------------------------------------------------------------------------------
@@ -449,216 +509,6 @@ pub fn render_json(status: &Status) -> String {
     // Status holds only strings, numbers, addresses and vectors: encoding cannot fail
     // (NaN rates become null).
     serde_json::to_string_pretty(status).expect("Status encodes as JSON")
-}
-
-/// A table in the manner of `ipvsadm -Ln --rate`:
-///
-/// ```text
-/// lb-agent on eth0 (native XDP), up 1h 2m 3s, reloads 2 ok, 0 failed, config /etc/lb/lb.yaml
-/// Prot LocalAddress:Port Scheduler (Name)  Weight  Health  ActiveConn  InActConn  Pkts/s  Bytes/s
-///   -> RemoteAddress:Port
-/// TCP  198.18.1.10:80 maglev (web)                                  13          4    1.5K     1.2M
-///   -> 198.18.0.11:80                           1  up              12          3    1.2K   980.0K
-///   -> 198.18.0.12:80                           0  up               1          1     300   240.0K  drained (file: 3)
-/// ```
-///
-/// Ports show as `*` for "any port" services, IPv6 addresses in brackets.
-/// ActiveConn and InActConn are `ipvsadm`'s: established TCP connections and the
-/// other live flows, from the connection table (see `conntrack.rs`); the service
-/// line sums its backends'. Rates use K/M/G (powers of 1000). Notes after
-/// the numbers: `backup`, `drained (file: W)`, `weight W in file` when the weight in
-/// force differs from the file for another reason, and on a service line
-/// `backups serving`.
-pub fn render_table(status: &Status) -> String {
-    let mut out = String::new();
-    let mode = if status.attach_mode.is_empty() { "unknown".to_string() } else { status.attach_mode.clone() };
-    let _ = write!(
-        out,
-        "lb-agent on {} ({} XDP), up {}, reloads {} ok, {} failed",
-        if status.iface.is_empty() { "?" } else { &status.iface },
-        mode,
-        human_duration(status.uptime_secs),
-        status.reloads_ok,
-        status.reloads_failed
-    );
-    if !status.config_path.is_empty() {
-        let _ = write!(out, ", config {}", status.config_path);
-    }
-    out.push('\n');
-    if let Some(a) = &status.announce {
-        let vips: Vec<String> = a.vips.iter().map(|v| v.to_string()).collect();
-        let vips = if vips.is_empty() { "nothing (no VIP has a usable backend)".to_string() } else { vips.join(", ") };
-        let _ = writeln!(out, "announcing in routing table {}: {vips}", a.table);
-    }
-
-    struct Row {
-        first: String,
-        weight: String,
-        health: String,
-        active: String,
-        inactive: String,
-        pps: String,
-        bps: String,
-        notes: Vec<String>,
-    }
-    let header = Row {
-        first: "Prot LocalAddress:Port Scheduler (Name)".into(),
-        weight: "Weight".into(),
-        health: "Health".into(),
-        active: "ActiveConn".into(),
-        inactive: "InActConn".into(),
-        pps: "Pkts/s".into(),
-        bps: "Bytes/s".into(),
-        notes: vec![],
-    };
-    let mut rows = vec![header];
-    for s in &status.services {
-        rows.push(service_row(s));
-        for b in &s.backends {
-            rows.push(backend_row(s, b));
-        }
-    }
-    fn service_row(s: &ServiceStatus) -> Row {
-        let proto = if s.protocol.is_empty() { "?".to_string() } else { s.protocol.to_uppercase() };
-        let mut first = format!("{proto:<4} {}", endpoint(s.vip, s.port));
-        if let (Some(len), Some(pos)) = (s.vip_prefix, first.rfind(':')) {
-            // A prefix service: `198.18.50.0/24:80`, `[2001:db8:100::/56]:80`.
-            let at = if first[..pos].ends_with(']') { pos - 1 } else { pos };
-            first.insert_str(at, &format!("/{len}"));
-        }
-        if !s.scheduler.is_empty() {
-            let _ = write!(first, " {}", s.scheduler);
-        }
-        if !s.name.is_empty() {
-            let _ = write!(first, " ({})", s.name);
-        }
-        let mut notes = vec![];
-        if !s.forwarding.is_empty() && s.forwarding != "dr" {
-            notes.push(format!("forwarding {}", s.forwarding));
-        }
-        if s.using_backups {
-            notes.push("backups serving".to_string());
-        }
-        Row {
-            first,
-            weight: String::new(),
-            health: String::new(),
-            active: s.backends.iter().map(|b| u64::from(b.active_conns)).sum::<u64>().to_string(),
-            inactive: s.backends.iter().map(|b| u64::from(b.inactive_conns)).sum::<u64>().to_string(),
-            pps: human_rate(s.packets_per_sec),
-            bps: human_rate(s.bytes_per_sec),
-            notes,
-        }
-    }
-    fn backend_row(s: &ServiceStatus, b: &BackendStatus) -> Row {
-        let mut notes = vec![];
-        if b.backup {
-            notes.push("backup".to_string());
-        }
-        if b.drained {
-            notes.push(format!("drained (file: {})", b.config_weight));
-        } else if b.weight != b.config_weight {
-            notes.push(format!("weight {} in file", b.config_weight));
-        }
-        Row {
-            first: format!("  -> {}", endpoint(b.address, s.port)),
-            weight: b.weight.to_string(),
-            health: if b.health.is_empty() { "?".into() } else { b.health.clone() },
-            active: b.active_conns.to_string(),
-            inactive: b.inactive_conns.to_string(),
-            pps: human_rate(b.packets_per_sec),
-            bps: human_rate(b.bytes_per_sec),
-            notes,
-        }
-    }
-
-    let width = |f: fn(&Row) -> &str| rows.iter().map(|r| f(r).chars().count()).max().unwrap_or(0);
-    let w_first = width(|r| &r.first).max("  -> RemoteAddress:Port".len());
-    let w_weight = width(|r| &r.weight);
-    let w_health = width(|r| &r.health);
-    let w_active = width(|r| &r.active);
-    let w_inactive = width(|r| &r.inactive);
-    let w_pps = width(|r| &r.pps);
-    let w_bps = width(|r| &r.bps);
-    for (i, r) in rows.iter().enumerate() {
-        let mut line = format!(
-            "{:<w_first$}  {:>w_weight$}  {:<w_health$}  {:>w_active$}  {:>w_inactive$}  {:>w_pps$}  {:>w_bps$}",
-            r.first, r.weight, r.health, r.active, r.inactive, r.pps, r.bps
-        );
-        if !r.notes.is_empty() {
-            line.push_str("  ");
-            line.push_str(&r.notes.join(", "));
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-        if i == 0 {
-            out.push_str("  -> RemoteAddress:Port\n");
-        }
-    }
-    if status.services.is_empty() {
-        out.push_str("(no services)\n");
-    }
-
-    let ct = &status.conntrack;
-    if ct.new_capacity > 0 {
-        let protected = if ct.established_capacity == 0 {
-            "established table off".to_string()
-        } else {
-            format!(
-                "established {}/{} ({} closing), expired {}",
-                ct.established + ct.closing,
-                ct.established_capacity,
-                ct.closing,
-                ct.expired_total
-            )
-        };
-        let _ = writeln!(out, "conntrack: new-flow LRU {} entries; {protected}", ct.new_capacity);
-    }
-    let outcomes: Vec<String> = status.outcomes.iter().filter(|(_, v)| *v != 0).map(|(k, v)| format!("{k}={v}")).collect();
-    if !outcomes.is_empty() {
-        let _ = writeln!(out, "outcomes: {}", outcomes.join(" "));
-    }
-    out
-}
-
-/// `198.18.1.10:80`, `[2001:db8::10]:80`, `198.18.1.10:*` for port 0 (any port),
-/// `-` for a missing address.
-fn endpoint(address: Option<IpAddr>, port: u16) -> String {
-    let port = if port == 0 { "*".to_string() } else { port.to_string() };
-    match address {
-        Some(IpAddr::V4(a)) => format!("{a}:{port}"),
-        Some(IpAddr::V6(a)) => format!("[{a}]:{port}"),
-        None => format!("-:{port}"),
-    }
-}
-
-/// `950`, `1.2K`, `45.0M`, `3.1G` (powers of 1000, one decimal above 1000).
-fn human_rate(v: f64) -> String {
-    if !v.is_finite() || v < 0.0 {
-        return "-".into();
-    }
-    if v.round() < 1000.0 {
-        return format!("{}", v.round() as u64);
-    }
-    let mut scaled = v;
-    for unit in ["K", "M", "G", "T"] {
-        scaled /= 1000.0;
-        if (scaled * 10.0).round() / 10.0 < 1000.0 || unit == "T" {
-            return format!("{scaled:.1}{unit}");
-        }
-    }
-    unreachable!()
-}
-
-/// `42s`, `5m 3s`, `2h 0m 7s`, `3d 4h 5m`.
-fn human_duration(secs: u64) -> String {
-    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    match (d, h, m) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, _) => format!("{m}m {s}s"),
-        (0, _, _) => format!("{h}h {m}m {s}s"),
-        _ => format!("{d}d {h}h {m}m"),
-    }
 }
 
 #[cfg(test)]

@@ -140,6 +140,9 @@ pub struct Dataplane {
     pub(crate) regions: Regions,
     pub(crate) placed: BTreeMap<VipKey, Placement>,
     pub(crate) applied: Option<Plan>,
+    /// The maps were created by this load and nothing was applied yet: every
+    /// counter is still zero, so the first apply need not clear any.
+    pub(crate) fresh: bool,
     pub(crate) maglev: MaglevMap,
     /// What `CONFIG[0]` holds (interface MAC, flags).
     config: Config,
@@ -225,16 +228,16 @@ impl Dataplane {
         let mut ebpf = loader.load(object)?;
         // The balancer with the trace hook is verified when a trace first needs it
         // (`set_tracing`): a third of the start-up time otherwise.
-        for name in [
-            lb_common::PROG_BALANCER,
-            lb_common::PROG_RARE,
-            lb_common::PROG_NAT,
-            lb_common::PROG_NAT_REPLY,
-            lb_common::PROG_PASS,
-        ] {
-            let prog: &mut Xdp = program(&mut ebpf, name)?;
-            load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
-        }
+        programs::load_all(
+            &mut ebpf,
+            &[
+                lb_common::PROG_BALANCER,
+                lb_common::PROG_RARE,
+                lb_common::PROG_NAT,
+                lb_common::PROG_NAT_REPLY,
+                lb_common::PROG_PASS,
+            ],
+        )?;
         // lb_xdp tail-calls lb_rare (ICMP, fragments) through RARE_PROGS[0].
         set_rare_slot(&mut ebpf, lb_common::PROG_RARE, lb_common::RARE_SLOT)?;
         // And `nat` services' packets into lb_nat and lb_nat_reply (both
@@ -264,6 +267,7 @@ impl Dataplane {
             regions: Regions::new(capacity.maglev),
             placed: BTreeMap::new(),
             applied: None,
+            fresh: true,
             config: Config { mtu: 1500, ..Config::default() },
             prefix_loaded: false,
         })
@@ -272,6 +276,7 @@ impl Dataplane {
     /// Rebuilds what was applied (ids, generations, table placement) from maps an
     /// earlier agent filled, so the next apply only writes what changed.
     fn adopt_state(&mut self, plan: &Plan) -> Result<()> {
+        self.fresh = false;
         let m: Array<_, Config> =
             Array::try_from(map_mut(&mut self.ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         self.config = m.get(&0, 0).map_err(map_err(names::CONFIG))?;
@@ -495,13 +500,14 @@ impl Dataplane {
 
     /// Current counters, summed over CPUs.
     pub fn stats(&mut self) -> Result<Stats> {
-        Stats::read_loaded(&mut self.ebpf, None)
+        Stats::read_loaded(&mut self.ebpf, None, &[])
     }
 
     /// The counters of service ids below `services` and backend ids below
-    /// `backends` (the ids a plan has handed out), the rest left out.
-    pub fn stats_of(&mut self, services: u32, backends: u32) -> Result<Stats> {
-        Stats::read_loaded(&mut self.ebpf, Some((services, backends)))
+    /// `backends` (the ids a plan has handed out), the rest left out; `conn_bases`:
+    /// what `BACKEND_CONNS` holds by backend id, if known (`conntrack::Bases`).
+    pub fn stats_of(&mut self, services: u32, backends: u32, conn_bases: &[lb_common::BackendConns]) -> Result<Stats> {
+        Stats::read_loaded(&mut self.ebpf, Some((services, backends)), conn_bases)
     }
 }
 

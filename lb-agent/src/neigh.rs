@@ -268,9 +268,15 @@ pub fn watch() -> Result<tokio::sync::mpsc::UnboundedReceiver<NeighUpdate>, Neig
 
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &Mac) -> String {
+    let mut s = String::with_capacity(17);
+    write_mac(&mut s, mac);
+    s
+}
+
+/// Appends `aa:bb:cc:dd:ee:ff` to `s`.
+pub fn write_mac(s: &mut String, mac: &Mac) {
     // By hand: the status formats one per backend every second.
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(17);
     for (i, b) in mac.iter().enumerate() {
         if i > 0 {
             s.push(':');
@@ -278,5 +284,4 @@ pub fn format_mac(mac: &Mac) -> String {
         s.push(HEX[usize::from(b >> 4)] as char);
         s.push(HEX[usize::from(b & 15)] as char);
     }
-    s
 }

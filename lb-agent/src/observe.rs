@@ -13,9 +13,9 @@ use crate::{
     config::Config,
     dataplane::Stats,
     health::{Checker, ProbeKind, TargetKey},
-    neigh::format_mac,
+    neigh::write_mac,
     plan::Plan,
-    status::{BackendStatus, ProbeStatus, ServiceStatus, Status},
+    status::{BackendStatus, Status},
 };
 
 /// Counter samples kept between refreshes.
@@ -42,55 +42,85 @@ fn rate(now: u64, before: u64, secs: f64) -> f64 {
     if secs <= 0.0 { 0.0 } else { now.saturating_sub(before) as f64 / secs }
 }
 
+/// `dst = src`, keeping `dst`'s buffer (no allocation once the text is there).
+fn set(dst: &mut String, src: &str) {
+    if dst != src {
+        dst.clear();
+        dst.push_str(src);
+    }
+}
+
+fn set_opt(dst: &mut Option<String>, src: Option<&str>) {
+    match (dst.as_mut(), src) {
+        (Some(d), Some(s)) => set(d, s),
+        (_, s) => *dst = s.map(str::to_string),
+    }
+}
+
 impl Sampler {
     /// A status for `stats` (read just now).
     pub fn status(&mut self, ctx: &Context<'_>, plan: &Plan, stats: Stats) -> Status {
+        let mut status = Status::default();
+        self.refresh(ctx, plan, stats, &mut status);
+        status
+    }
+
+    /// Brings `status` up to date with `stats` (read just now) and `plan`, in
+    /// place: every field is rewritten, but text that did not change keeps its
+    /// buffer, so a refresh of ten thousand services allocates next to nothing.
+    pub fn refresh(&mut self, ctx: &Context<'_>, plan: &Plan, stats: Stats, status: &mut Status) {
         let now = Instant::now();
         let (secs, prev) = match &self.last {
             Some((t, s)) => (now.duration_since(*t).as_secs_f64(), Some(s)),
             None => (0.0, None),
         };
         let counter = |list: &[lb_common::Counters], id: u32| list.get(id as usize).copied().unwrap_or_default();
-        let mut status = Status {
-            iface: ctx.iface.into(),
-            attach_mode: ctx.attach_mode.into(),
-            pin_dir: ctx.pin_dir.into(),
-            config_path: ctx.config_path.into(),
-            uptime_secs: ctx.uptime.as_secs(),
-            reloads_ok: ctx.reloads_ok,
-            reloads_failed: ctx.reloads_failed,
-            outcomes: stat::NAMES.iter().enumerate().map(|(i, n)| (n.to_string(), stats.get(i as u32))).collect(),
-            conntrack: Default::default(),
-            services: Vec::new(),
-            announce: None,
-        };
+        set(&mut status.iface, ctx.iface);
+        set(&mut status.attach_mode, ctx.attach_mode);
+        set(&mut status.pin_dir, ctx.pin_dir);
+        set(&mut status.config_path, ctx.config_path);
+        status.uptime_secs = ctx.uptime.as_secs();
+        status.reloads_ok = ctx.reloads_ok;
+        status.reloads_failed = ctx.reloads_failed;
+        status.outcomes.resize_with(stat::NAMES.len(), Default::default);
+        for (i, (o, n)) in status.outcomes.iter_mut().zip(stat::NAMES).enumerate() {
+            set(&mut o.0, n);
+            o.1 = stats.get(i as u32);
+        }
         // Indexes, not searches: thousands of services, tens of thousands of backends.
         let configs: BTreeMap<&str, &crate::config::ServiceConfig> =
             ctx.config.services.iter().map(|c| (c.name.as_str(), c)).collect();
         let by_id = plan.backends_by_id();
-        for s in &plan.services {
+        let mut mac = String::with_capacity(17);
+        status.services.truncate(plan.services.len());
+        status.services.resize_with(plan.services.len(), Default::default);
+        for (s, svc) in plan.services.iter().zip(&mut status.services) {
             let cfg = configs.get(s.name.as_str()).copied();
             let c = counter(&stats.services, s.value.id);
             let p = prev.map(|p| counter(&p.services, s.value.id)).unwrap_or(c);
-            let mut svc = ServiceStatus {
-                name: s.name.clone(),
-                vip: Some(s.vip),
-                vip_prefix: cfg.and_then(|c| c.vip_prefix),
-                port: s.port,
-                protocol: s.protocol.as_str().into(),
-                scheduler: cfg.map(|c| c.scheduler.as_str()).unwrap_or("maglev").into(),
-                forwarding: cfg.map(|c| c.forwarding.as_str().to_string()).unwrap_or_default(),
-                table_size: s.table_size,
-                on_all_down: cfg.map(|c| c.on_all_down.as_str().to_string()).unwrap_or_default(),
-                using_backups: s.using_backups,
-                packets: c.packets,
-                bytes: c.bytes,
-                new_flows: c.new_flows,
-                packets_per_sec: rate(c.packets, p.packets, secs),
-                bytes_per_sec: rate(c.bytes, p.bytes, secs),
-                backends: Vec::with_capacity(s.backend_ids.len()),
-            };
-            for b in s.backend_ids.iter().filter_map(|id| by_id.get(id).copied()) {
+            set(&mut svc.name, &s.name);
+            svc.vip = Some(s.vip);
+            svc.vip_prefix = cfg.and_then(|c| c.vip_prefix);
+            svc.port = s.port;
+            set(&mut svc.protocol, s.protocol.as_str());
+            set(&mut svc.scheduler, cfg.map(|c| c.scheduler.as_str()).unwrap_or("maglev"));
+            set(&mut svc.forwarding, cfg.map(|c| c.forwarding.as_str()).unwrap_or_default());
+            svc.table_size = s.table_size;
+            set(&mut svc.on_all_down, cfg.map(|c| c.on_all_down.as_str()).unwrap_or_default());
+            svc.using_backups = s.using_backups;
+            svc.packets = c.packets;
+            svc.bytes = c.bytes;
+            svc.new_flows = c.new_flows;
+            svc.packets_per_sec = rate(c.packets, p.packets, secs);
+            svc.bytes_per_sec = rate(c.bytes, p.bytes, secs);
+            let backends = s.backend_ids.iter().filter_map(|id| by_id.get(id).copied());
+            let mut n = 0;
+            for b in backends {
+                if n == svc.backends.len() {
+                    svc.backends.push(BackendStatus::default());
+                }
+                let out = &mut svc.backends[n];
+                n += 1;
                 let c = counter(&stats.backends, b.id);
                 let p = prev.map(|p| counter(&p.backends, b.id)).unwrap_or(c);
                 let (active_conns, inactive_conns) = stats.conns.get(b.id as usize).copied().unwrap_or_default();
@@ -98,41 +128,45 @@ impl Sampler {
                 let probe = bcfg.filter(|x| x.probe.kind != ProbeKind::None).map(|x| {
                     let key = TargetKey { service: s.name.clone(), backend: b.address };
                     let st = ctx.checker.probe_stats(&key).unwrap_or_default();
-                    ProbeStatus {
-                        kind: x.probe.kind.name().into(),
-                        last_latency_secs: st.last_latency.map(|d| d.as_secs_f64()),
-                        successes: st.successes,
-                        failures: st.failures,
-                    }
+                    (x.probe.kind.name(), st)
                 });
-                svc.backends.push(BackendStatus {
-                    address: Some(b.address),
-                    weight: b.weight,
-                    config_weight: bcfg.map(|x| x.weight).unwrap_or(b.weight),
-                    backup: b.backup,
-                    drained: !ctx.drained.is_empty() && ctx.drained.contains(&(s.name.clone(), b.address)),
-                    health: if b.mac.is_none() {
-                        "unresolved"
-                    } else if b.up {
-                        "up"
-                    } else {
-                        "down"
+                match (&mut out.probe, probe) {
+                    (_, None) => out.probe = None,
+                    (slot, Some((kind, st))) => {
+                        let p = slot.get_or_insert_with(Default::default);
+                        set(&mut p.kind, kind);
+                        p.last_latency_secs = st.last_latency.map(|d| d.as_secs_f64());
+                        p.successes = st.successes;
+                        p.failures = st.failures;
                     }
-                    .into(),
-                    mac: b.mac.as_ref().map(format_mac),
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    new_flows: c.new_flows,
-                    packets_per_sec: rate(c.packets, p.packets, secs),
-                    bytes_per_sec: rate(c.bytes, p.bytes, secs),
-                    active_conns,
-                    inactive_conns,
-                    probe,
+                }
+                out.address = Some(b.address);
+                out.weight = b.weight;
+                out.config_weight = bcfg.map(|x| x.weight).unwrap_or(b.weight);
+                out.backup = b.backup;
+                out.drained = !ctx.drained.is_empty() && ctx.drained.contains(&(s.name.clone(), b.address));
+                set(&mut out.health, if b.mac.is_none() {
+                    "unresolved"
+                } else if b.up {
+                    "up"
+                } else {
+                    "down"
                 });
+                set_opt(&mut out.mac, b.mac.as_ref().map(|m| {
+                    mac.clear();
+                    write_mac(&mut mac, m);
+                    mac.as_str()
+                }));
+                out.packets = c.packets;
+                out.bytes = c.bytes;
+                out.new_flows = c.new_flows;
+                out.packets_per_sec = rate(c.packets, p.packets, secs);
+                out.bytes_per_sec = rate(c.bytes, p.bytes, secs);
+                out.active_conns = active_conns;
+                out.inactive_conns = inactive_conns;
             }
-            status.services.push(svc);
+            svc.backends.truncate(n);
         }
         self.last = Some((now, stats));
-        status
     }
 }

@@ -92,6 +92,8 @@ struct Agent {
     sampler: Sampler,
     /// Published by the connection-table sweeper.
     conntrack: Arc<Mutex<TableStatus>>,
+    /// What the sweeper last wrote into `BACKEND_CONNS`.
+    conn_bases: crate::conntrack::Bases,
     timeouts: tokio::sync::watch::Sender<config::Timeouts>,
     /// Entries of CONNTRACK and CT_ESTABLISHED as created (0: protection off).
     ct_capacity: (u32, u32),
@@ -225,6 +227,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let ct_capacity = dp.conntrack_capacity(&plan).context("reading the connection-table sizes")?;
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);
     let conntrack = Arc::new(Mutex::new(TableStatus::default()));
+    let conn_bases = crate::conntrack::Bases::default();
     let (reloads, mut parsed) = reloading::Reloads::new();
     // Announced only now that the program is attached and the maps filled.
     announce.update(&plan);
@@ -252,6 +255,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         status: Arc::new(RwLock::new(Status::default())),
         sampler: Sampler::default(),
         conntrack: conntrack.clone(),
+        conn_bases: conn_bases.clone(),
         timeouts,
         ct_capacity,
         backoff: Default::default(),
@@ -268,7 +272,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
     let control = tokio::spawn(crate::control::run(listener, calls_tx, shutdown_rx.clone()));
-    let sweeper = tokio::spawn(crate::conntrack::run(sweep_maps, timeouts_rx, conntrack, shutdown_rx.clone()));
+    let sweeper = tokio::spawn(crate::conntrack::run(sweep_maps, timeouts_rx, conntrack, conn_bases, shutdown_rx.clone()));
     let (mut trace_records, trace_reader) = trace_session::start_reader(&mut agent.dp, shutdown_rx.clone())?;
     let metrics = metrics_listener
         .map(|l| tokio::spawn(crate::metrics::serve_listener(l, agent.status.clone(), shutdown_rx.clone())));
@@ -369,11 +373,15 @@ impl Agent {
         std::borrow::Cow::Owned(c)
     }
 
+    /// Refreshes the shared status in place (see `Sampler::refresh`).
     fn refresh_status(&mut self) {
         let (services, backends) = (self.plan.service_ids.high_water(), self.plan.backend_ids.high_water());
-        let stats = match self.dp.stats_of(services, backends) {
-            Ok(s) => s,
-            Err(e) => return tracing::warn!(error = %e, "reading the counters"),
+        let stats = {
+            let bases = self.conn_bases.read().unwrap_or_else(|e| e.into_inner());
+            match self.dp.stats_of(services, backends, &bases) {
+                Ok(s) => s,
+                Err(e) => return tracing::warn!(error = %e, "reading the counters"),
+            }
         };
         let ctx = StatusContext {
             config: &self.config,
@@ -387,13 +395,13 @@ impl Agent {
             drained: &self.drained,
             checker: &self.checker,
         };
-        let mut status = self.sampler.status(&ctx, &self.plan, stats);
-        status.conntrack = self.conntrack.lock().map(|c| c.clone()).unwrap_or_default();
+        let conntrack = self.conntrack.lock().map(|c| c.clone()).unwrap_or_default();
+        let announce = self.announce.status();
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        self.sampler.refresh(&ctx, &self.plan, stats, &mut status);
+        status.conntrack = conntrack;
         (status.conntrack.new_capacity, status.conntrack.established_capacity) = self.ct_capacity;
-        status.announce = self.announce.status();
-        if let Ok(mut s) = self.status.write() {
-            *s = status;
-        }
+        status.announce = announce;
     }
 
     /// Answers a control-socket call; a reload is answered once its file has been
@@ -402,7 +410,22 @@ impl Agent {
         let response = match call.request {
             Request::Status => {
                 self.refresh_status();
-                Response::Status(self.status.read().map(|s| s.clone()).unwrap_or_default())
+                // Encoded from the shared status, beside the event loop.
+                let (status, reply) = (self.status.clone(), call.reply);
+                tokio::task::spawn_blocking(move || {
+                    let _ = reply.send(crate::control::encode_status(&status.read().unwrap_or_else(|e| e.into_inner())));
+                });
+                return;
+            }
+            Request::StatusText { filter, json } => {
+                self.refresh_status();
+                // Rendered from the shared status, beside the event loop.
+                let (status, reply) = (self.status.clone(), call.reply);
+                tokio::task::spawn_blocking(move || {
+                    let status = status.read().unwrap_or_else(|e| e.into_inner());
+                    let _ = reply.send(crate::control::status_text(&status, &filter, json));
+                });
+                return;
             }
             Request::StatusOf(filter) => {
                 self.refresh_status();

@@ -1,14 +1,143 @@
-//! The client's side of a large status: decoded without serde's buffering of
-//! internally tagged enums, and for `--json` not decoded at all but re-indented as
-//! it came (the status of 10,000 services is some 30 MB of JSON).
+//! A large status on the control socket (the status of 10,000 services is some
+//! 25 MB of JSON): the agent encodes it from where it keeps it, with no copy, and
+//! renders what `lb-agent status` prints itself (`StatusText`); a client decodes
+//! a `Status` answer without serde's buffering of internally tagged enums, and for
+//! `--json` from an older agent does not decode it at all but re-indents it as it
+//! came.
 
 use std::io::{self, Write};
 
 use super::Response;
-use crate::status::Status;
+use crate::status::{Status, StatusFilter};
 
 /// How an agent's status answer begins (`Response::Status`, tag first).
 const STATUS_TAG: &str = "{\"result\":\"status\",";
+
+/// The answer line of `status` (as `Response::Status` encodes it), newline
+/// included, encoded from a borrowed status: ten thousand services are not
+/// copied to be answered.
+pub fn encode_status(status: &Status) -> Response {
+    #[derive(serde::Serialize)]
+    #[serde(tag = "result", rename_all = "snake_case")]
+    enum Line<'a> {
+        Status(&'a Status),
+    }
+    let mut out = Vec::with_capacity(estimate(status));
+    // Status holds only strings, numbers, addresses and vectors: encoding cannot
+    // fail (NaN rates become null).
+    serde_json::to_writer(&mut out, &Line::Status(status)).expect("Status encodes as JSON");
+    out.push(b'\n');
+    Response::Encoded { line: out, body: Vec::new() }
+}
+
+/// The answer to `StatusText`: what `lb-agent status` prints for the services
+/// `filter` selects in `status` (the table, or pretty JSON with `json`), as a
+/// `Text` answer; an error when the filter names a service that does not exist.
+pub fn status_text(status: &Status, filter: &StatusFilter, json: bool) -> Response {
+    if let Some(missing) = filter.services.iter().find(|n| !status.services.iter().any(|s| s.name == **n)) {
+        return Response::Error { message: format!("no service named {missing}") };
+    }
+    let selected;
+    let status = if *filter == StatusFilter::default() {
+        status
+    } else {
+        selected = filter.select(status);
+        &selected
+    };
+    let mut body = if json {
+        let mut out = Vec::with_capacity(2 * estimate(status));
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, Pretty::default());
+        serde::Serialize::serialize(status, &mut ser).expect("Status encodes as JSON");
+        out
+    } else {
+        super::render_table(status).into_bytes()
+    };
+    body.push(b'\n');
+    let mut line = serde_json::to_vec(&Response::Text { bytes: body.len() as u64 }).expect("a length encodes");
+    line.push(b'\n');
+    Response::Encoded { line, body }
+}
+
+/// serde_json's `PrettyFormatter` (two spaces per level), with each line break and
+/// its indentation written at once rather than a write per level.
+#[derive(Default)]
+struct Pretty {
+    depth: usize,
+    has_value: bool,
+}
+
+impl Pretty {
+    /// `,` (unless `first`), a newline and the indentation of the current depth.
+    fn line<W: ?Sized + Write>(&self, w: &mut W, first: bool) -> io::Result<()> {
+        const BREAK: &[u8; 2 + 2 * 16] = b",\n                                ";
+        let from = usize::from(first);
+        if self.depth <= 16 {
+            return w.write_all(&BREAK[from..2 + 2 * self.depth]);
+        }
+        w.write_all(&BREAK[from..2])?;
+        (0..self.depth).try_for_each(|_| w.write_all(b"  "))
+    }
+
+    fn open<W: ?Sized + Write>(&mut self, w: &mut W, c: &[u8]) -> io::Result<()> {
+        self.depth += 1;
+        self.has_value = false;
+        w.write_all(c)
+    }
+
+    fn close<W: ?Sized + Write>(&mut self, w: &mut W, c: &[u8]) -> io::Result<()> {
+        self.depth -= 1;
+        if self.has_value {
+            self.line(w, true)?;
+        }
+        w.write_all(c)
+    }
+}
+
+impl serde_json::ser::Formatter for Pretty {
+    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.open(w, b"[")
+    }
+
+    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.close(w, b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        self.line(w, first)
+    }
+
+    fn end_array_value<W: ?Sized + Write>(&mut self, _w: &mut W) -> io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+
+    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.open(w, b"{")
+    }
+
+    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.close(w, b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        self.line(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(b": ")
+    }
+
+    fn end_object_value<W: ?Sized + Write>(&mut self, _w: &mut W) -> io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+}
+
+/// About how many bytes `status` takes as compact JSON, so buffers seldom grow.
+fn estimate(status: &Status) -> usize {
+    let backends: usize = status.services.iter().map(|s| s.backends.len()).sum();
+    4096 + 400 * status.services.len() + 300 * backends
+}
 
 /// Decodes one answer line; a status straight into `Status` (its fields follow the
 /// tag, which `Status` ignores as an unknown field).
@@ -134,6 +263,8 @@ mod tests {
             ..Default::default()
         };
         let line = serde_json::to_string(&Response::Status(status.clone())).unwrap();
+        let encoded = Response::Encoded { line: format!("{line}\n").into_bytes(), body: vec![] };
+        assert_eq!(encode_status(&status), encoded);
         let mut printed = Vec::new();
         write_status_pretty(&line, &mut printed).unwrap().unwrap();
         assert_eq!(String::from_utf8(printed).unwrap(), serde_json::to_string_pretty(&status).unwrap() + "\n");

@@ -124,8 +124,10 @@ fn spawn_agent(status: Status) -> (mpsc::Sender<Call>, tokio::task::JoinHandle<V
         let mut seen = vec![];
         while let Some(call) = rx.recv().await {
             let response = match &call.request {
-                Request::Status => Response::Status(status.clone()),
+                // As the agent answers: encoded from its status, not a copy.
+                Request::Status => encode_status(&status),
                 Request::StatusOf(filter) => Response::Status(filter.select(&status)),
+                Request::StatusText { filter, json } => status_text(&status, filter, *json),
                 Request::Drain { backend, .. } => Response::Done { message: format!("drained {backend}") },
                 Request::Undrain { backend, .. } => Response::Error { message: format!("{backend} is not drained") },
                 Request::Reload => Response::Done { message: "reload applied: no change".into() },
@@ -174,7 +176,7 @@ async fn control_round_trip() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    assert_eq!(blocking_call(&path, Request::Status).await.unwrap(), Response::Status(status));
+    assert_eq!(blocking_call(&path, Request::Status).await.unwrap(), Response::Status(status.clone()));
     let drain = Request::Drain { backend: ip("198.18.0.11"), service: Some("web".into()) };
     assert_eq!(blocking_call(&path, drain.clone()).await.unwrap(), Response::Done { message: "drained 198.18.0.11".into() });
     let undrain = Request::Undrain { backend: ip("2001:db8::11"), service: None };
@@ -182,6 +184,25 @@ async fn control_round_trip() {
         blocking_call(&path, undrain.clone()).await.unwrap(),
         Response::Error { message: "2001:db8::11 is not drained".into() }
     );
+
+    // What `lb-agent status` prints, rendered by the agent and copied as it came.
+    let text = |filter: crate::status::StatusFilter, json: bool| {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            call_text(&path, &Request::StatusText { filter, json }, &mut out).map(|answer| (answer, out))
+        })
+    };
+    let (answer, table) = text(Default::default(), false).await.unwrap().unwrap();
+    assert_eq!((answer, String::from_utf8(table).unwrap()), (None, render_table(&status) + "\n"));
+    let (answer, pretty) = text(Default::default(), true).await.unwrap().unwrap();
+    assert_eq!((answer, String::from_utf8(pretty).unwrap()), (None, render_json(&status) + "\n"));
+    let one = crate::status::StatusFilter { services: vec!["dns6".into()], ..Default::default() };
+    let (_, pretty) = text(one.clone(), true).await.unwrap().unwrap();
+    assert_eq!(String::from_utf8(pretty).unwrap(), render_json(&one.select(&status)) + "\n");
+    let missing = crate::status::StatusFilter { services: vec!["nope".into()], ..Default::default() };
+    let (answer, out) = text(missing, false).await.unwrap().unwrap();
+    assert_eq!((answer, out), (Some(Response::Error { message: "no service named nope".into() }), vec![]));
 
     // Several clients at once.
     let many: Vec<_> = (0..8).map(|_| tokio::spawn(blocking_call_owned(path.clone()))).collect();
@@ -194,7 +215,7 @@ async fn control_round_trip() {
     assert!(!path.exists(), "socket file removed at shutdown");
     let seen = agent.await.unwrap();
     assert_eq!(&seen[..3], &[Request::Status, drain, undrain]);
-    assert_eq!(seen.len(), 11);
+    assert_eq!(seen.len(), 15);
     assert!(matches!(blocking_call(&path, Request::Status).await, Err(ControlError::NotRunning { .. })));
 }
 

@@ -22,6 +22,38 @@ pub(super) fn load_retrying(prog: &mut Xdp) -> std::result::Result<(), aya::prog
     }
 }
 
+/// Loads the programs `names`, each in a thread of its own: the verifier takes
+/// most of the start-up time, and verifies different programs in parallel.
+pub(super) fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
+    let mut progs = Vec::new();
+    for (name, prog) in ebpf.programs_mut() {
+        if let Some(&wanted) = names.iter().find(|n| **n == name) {
+            let prog: &mut Xdp = prog.try_into().map_err(|_| DataplaneError::Program {
+                name: prog_name(wanted),
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+            progs.push((wanted, prog));
+        }
+    }
+    if let Some(missing) = names.iter().find(|n| !progs.iter().any(|(p, _)| p == *n)) {
+        return Err(DataplaneError::Program {
+            name: prog_name(missing),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        });
+    }
+    let loaded: Vec<std::result::Result<(), (&str, aya::programs::ProgramError)>> = std::thread::scope(|s| {
+        let threads: Vec<_> = progs
+            .into_iter()
+            .map(|(name, prog)| s.spawn(move || load_retrying(prog).map_err(|e| (name, e))))
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("a program load does not panic")).collect()
+    });
+    for r in loaded {
+        r.map_err(|(name, source)| DataplaneError::Program { name: prog_name(name), source })?;
+    }
+    Ok(())
+}
+
 /// Puts loaded program `name` at `slot` of `RARE_PROGS`.
 pub(super) fn set_rare_slot(ebpf: &mut Ebpf, name: &'static str, slot: u32) -> Result<()> {
     let err = |source| DataplaneError::Program { name, source };

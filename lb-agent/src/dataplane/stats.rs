@@ -24,17 +24,30 @@ pub struct Stats {
     pub conns: Vec<(u32, u32)>,
 }
 
-/// Per backend id: (active, inactive), `BACKEND_CONNS` + `BACKEND_CONN_DELTA`.
-fn read_conns(base: MapData, delta: MapData) -> Result<Vec<(u32, u32)>> {
-    let b: Array<_, BackendConns> = Array::try_from(Map::Array(base)).map_err(map_err(names::BACKEND_CONNS))?;
-    let d: Array<_, BackendConns> = Array::try_from(Map::Array(delta)).map_err(map_err(names::BACKEND_CONN_DELTA))?;
-    Ok(b.iter()
-        .zip(d.iter())
-        .map(|(b, d)| match (b, d) {
-            (Ok(b), Ok(d)) => BackendConns::count(&b, &d),
-            _ => (0, 0),
-        })
-        .collect())
+/// Per backend id below `limit` (all when `None`): (active, inactive), the base
+/// (`BACKEND_CONNS`, or `bases` when they cover every id: the sweep keeps what it
+/// wrote there) plus `BACKEND_CONN_DELTA`, each map read in batches.
+fn read_conns(base: MapData, delta: MapData, limit: Option<u32>, bases: &[BackendConns]) -> Result<Vec<(u32, u32)>> {
+    let d = read_array::<BackendConns>(delta, names::BACKEND_CONN_DELTA, limit)?;
+    let read;
+    let b = if bases.len() >= d.len() {
+        bases
+    } else {
+        read = read_array::<BackendConns>(base, names::BACKEND_CONNS, limit)?;
+        &read[..]
+    };
+    Ok(b.iter().zip(&d).map(|(b, d)| BackendConns::count(b, d)).collect())
+}
+
+/// Elements `0..limit` of a plain array: in batches where the kernel allows, else
+/// element by element (an element that cannot be read reads as the default).
+fn read_array<V: aya::Pod + Default>(data: MapData, name: &'static str, limit: Option<u32>) -> Result<Vec<V>> {
+    let len = data.info().map_err(map_err(name))?.max_entries().min(limit.unwrap_or(u32::MAX));
+    if let Ok(all) = crate::batch::read_array::<V>(data.fd().as_fd(), len) {
+        return Ok(all);
+    }
+    let m: Array<_, V> = Array::try_from(Map::Array(data)).map_err(map_err(name))?;
+    Ok(m.iter().take(len as usize).map(|v| v.unwrap_or_default()).collect())
 }
 
 fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
@@ -58,11 +71,13 @@ fn read_counters(data: MapData, name: &'static str, limit: Option<u32>) -> Resul
 }
 
 impl Stats {
-    /// From the maps of a loaded object; `limit`: (services, backends) ids to read.
-    pub(super) fn read_loaded(e: &mut Ebpf, limit: Option<(u32, u32)>) -> Result<Stats> {
+    /// From the maps of a loaded object; `limit`: (services, backends) ids to read;
+    /// `bases`: what `BACKEND_CONNS` holds, if known (else it is read).
+    pub(super) fn read_loaded(e: &mut Ebpf, limit: Option<(u32, u32)>, bases: &[BackendConns]) -> Result<Stats> {
         let (g, s, b) = (map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?);
         let mut stats = Stats::read(g, s, b, limit)?;
-        stats.conns = read_conns(map_data(e, names::BACKEND_CONNS)?, map_data(e, names::BACKEND_CONN_DELTA)?)?;
+        let (base, delta) = (map_data(e, names::BACKEND_CONNS)?, map_data(e, names::BACKEND_CONN_DELTA)?);
+        stats.conns = read_conns(base, delta, limit.map(|l| l.1), bases)?;
         Ok(stats)
     }
 
@@ -85,7 +100,7 @@ impl Stats {
         let mut stats = Self::read(open(names::STATS)?, open(names::SERVICE_STATS)?, open(names::BACKEND_STATS)?, None)?;
         // Absent in pins of an older agent.
         if let (Ok(b), Ok(d)) = (open(names::BACKEND_CONNS), open(names::BACKEND_CONN_DELTA)) {
-            stats.conns = read_conns(b, d)?;
+            stats.conns = read_conns(b, d, None, &[])?;
         }
         Ok(stats)
     }

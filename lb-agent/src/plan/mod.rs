@@ -203,8 +203,17 @@ impl Plan {
             frag_timeout_s: config.fragments.timeout.as_secs() as u32,
             ..Plan::default()
         };
-        let mut kept_services = BTreeSet::new();
-        let mut kept_backends = BTreeSet::new();
+        // By id (small and dense), as `prev_by_id`: a reload of thousands of
+        // services looks up every backend here.
+        let mut kept_services: Vec<bool> = Vec::new();
+        let mut kept_backends = vec![false; prev_by_id.len()];
+        let keep = |kept: &mut Vec<bool>, id: u32| {
+            if kept.len() <= id as usize {
+                kept.resize(id as usize + 1, false);
+            }
+            kept[id as usize] = true;
+        };
+        let macs: std::collections::HashMap<IpAddr, Mac> = macs.iter().map(|(a, m)| (*a, *m)).collect();
         for (index, svc) in config.services.iter().enumerate() {
             let key = VipKey {
                 addr: addr_key(svc.vip),
@@ -215,7 +224,7 @@ impl Plan {
             let old = prev_services.get(&key).copied();
             let id = match old {
                 Some(o) => {
-                    kept_services.insert(o.value.id);
+                    keep(&mut kept_services, o.value.id);
                     o.value.id
                 }
                 None => service_ids.take().0,
@@ -239,7 +248,7 @@ impl Plan {
             for b in &sorted {
                 let (bid, generation) = match known(b.address) {
                     Some(ids) => {
-                        kept_backends.insert(ids.0);
+                        keep(&mut kept_backends, ids.0);
                         ids
                     }
                     None => backend_ids.take(),
@@ -342,12 +351,12 @@ impl Plan {
         // Ids the new configuration no longer uses become reusable.
         if let Some(p) = prev {
             for s in &p.services {
-                if !kept_services.contains(&s.value.id) {
+                if !kept_services.get(s.value.id as usize).copied().unwrap_or(false) {
                     service_ids.release(s.value.id);
                 }
             }
             for b in &p.backends {
-                if !kept_backends.contains(&b.id) {
+                if !kept_backends.get(b.id as usize).copied().unwrap_or(false) {
                     backend_ids.release(b.id);
                 }
             }

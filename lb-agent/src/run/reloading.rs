@@ -202,7 +202,9 @@ impl Agent {
         if config.services.iter().any(|s| s.forwarding.is_routed()) {
             return None;
         }
-        let known = |a: &IpAddr| self.macs.contains_key(a);
+        // Hashed: every backend of every service is looked up.
+        let macs: std::collections::HashSet<&IpAddr> = self.macs.keys().collect();
+        let known = |a: &IpAddr| macs.contains(a);
         if !config.services.iter().all(|s| s.backends.iter().all(|b| known(&b.address))) {
             return None;
         }

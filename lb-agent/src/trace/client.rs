@@ -48,7 +48,7 @@ fn stream(socket: &Path, request: TraceRequest, json: bool) -> Result<ExitCode, 
                     return Ok(ExitCode::SUCCESS);
                 }
             }
-            Response::Status(_) => return Err("unexpected answer from the agent".into()),
+            Response::Status(_) | Response::Text { .. } | Response::Encoded { .. } => return Err("unexpected answer from the agent".into()),
         }
     }
     Ok(ExitCode::SUCCESS)
