@@ -155,7 +155,14 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, d: &mut Decision,
             } else {
                 None
             };
-            match again.ok_or(NoBackend::Gone).or_else(|_| schedule(flow, &svc, d)) {
+            // A match, not `Option::ok_or(..).or_else(closure)`: LLVM may leave a
+            // closure out of line, a BPF-to-BPF call returning a `Result` whose BTF
+            // the kernel refuses (every map creation then fails).
+            let picked = match again {
+                Some(pick) => Ok(pick),
+                None => schedule(flow, &svc, d),
+            };
+            match picked {
                 Ok((id, b)) if again.is_some() => (svc.id, id, b, false),
                 Ok((id, b)) => {
                     // An ICMP error is forwarded as its flow's packets would be,
