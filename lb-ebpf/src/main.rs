@@ -43,7 +43,7 @@ use crate::{
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let v = balance_fast(&ctx);
-    if v as u32 == RARE_ACTION {
+    if !parse::NO_RARE && v as u32 == RARE_ACTION {
         // SAFETY: a tail call into the program the agent put at index 0; control
         // comes back only when it fails (slot empty).
         unsafe { RARE_PROGS.tail_call(&ctx, RARE_SLOT) };
