@@ -1,5 +1,6 @@
 //! Live forwarding rate on veth with native XDP: (a) the MAC-swap ceiling, (b) the
-//! balancer, (c) nftables DNAT with conntrack, in one topology (see `topo`).
+//! balancer (DR), (c) nftables DNAT with conntrack, and the balancer with the
+//! tunnel modes, (d) ipip and (e) gue, in one topology (see `topo`).
 //!
 //! The generator is `bench_gen` run with BPF_PROG_TEST_RUN and
 //! BPF_F_TEST_XDP_LIVE_FRAMES from a thread inside the generator's namespace (the
@@ -51,6 +52,18 @@ pub enum Kind {
     Ceiling,
     Balancer,
     Nftables,
+    /// The balancer, to the service on `VIP_PORT + 1` (ipip) or `+ 2` (gue).
+    Tunnel(u16),
+}
+
+impl Kind {
+    /// The generator's destination port for this path.
+    fn port(self) -> u16 {
+        match self {
+            Kind::Tunnel(offset) => VIP_PORT + offset,
+            _ => VIP_PORT,
+        }
+    }
 }
 
 pub struct Variant {
@@ -71,9 +84,9 @@ impl Variant {
     }
 }
 
-/// The generator's frame: IPv4 UDP from CLIENT to the VIP, valid IP checksum, UDP
-/// checksum 0 (none), padded to 64 bytes.
-fn template() -> [u8; FRAME_LEN] {
+/// The generator's frame: IPv4 UDP from CLIENT to the VIP's `port`, valid IP
+/// checksum, UDP checksum 0 (none), padded to 64 bytes.
+fn template(port: u16) -> [u8; FRAME_LEN] {
     let mut f = [0u8; FRAME_LEN];
     f[0..6].copy_from_slice(&B0_MAC);
     f[6..12].copy_from_slice(&G0_MAC);
@@ -95,7 +108,7 @@ fn template() -> [u8; FRAME_LEN] {
     let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     f[34..36].copy_from_slice(&(FIRST_SPORT as u16).to_be_bytes());
-    f[36..38].copy_from_slice(&VIP_PORT.to_be_bytes());
+    f[36..38].copy_from_slice(&port.to_be_bytes());
     f[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
     f
 }
@@ -132,7 +145,7 @@ fn blast(gen_ns: &str, prog: &Xdp, secs: f64) -> (u64, f64) {
                 .iter()
                 .flat_map(|v: &u32| v.to_ne_bytes())
                 .collect();
-            let frame = template();
+            let frame = template(VIP_PORT);
             let max = (MAX_PPS * secs) as u64;
             let (t, mut sent) = (Instant::now(), 0u64);
             while sent < max && t.elapsed().as_secs_f64() < secs {
@@ -174,7 +187,7 @@ fn attach(topo: &Topo, dp: &mut Dataplane, kind: Kind) -> Option<aya::programs::
                         .attach("b0", XdpMode::Driver)
                         .expect("attach bench_macswap to b0"),
                 ),
-                Kind::Balancer => {
+                Kind::Balancer | Kind::Tunnel(_) => {
                     dp.attach("b0", Some(AttachMode::Native))
                         .expect("attach lb_xdp natively to b0");
                     None
@@ -225,13 +238,24 @@ fn detach(
 fn prog_under_test(kind: Kind) -> &'static str {
     match kind {
         Kind::Ceiling => "bench_macswap",
-        Kind::Balancer => lb_common::PROG_BALANCER,
+        Kind::Balancer | Kind::Tunnel(_) => lb_common::PROG_BALANCER,
         Kind::Nftables => lb_common::PROG_PASS,
     }
 }
 
-/// Runs the three variants `lp.runs` times, interleaved (a, b, c, a, b, c, ...)
-/// so that drift on a shared machine hits all three alike.
+/// Sets the generator's frame (the template map) for `port`.
+fn set_template(bench: &mut Ebpf, port: u16) {
+    let t = template(port);
+    let words: [u64; FRAME_LEN / 8] =
+        std::array::from_fn(|i| u64::from_ne_bytes(t[i * 8..i * 8 + 8].try_into().unwrap()));
+    let mut tpl: aya::maps::Array<_, [u64; FRAME_LEN / 8]> =
+        aya::maps::Array::try_from(bench.map_mut("GEN_TEMPLATE").expect("GEN_TEMPLATE"))
+            .expect("array");
+    tpl.set(0, words, 0).expect("GEN_TEMPLATE");
+}
+
+/// Runs the five variants `lp.runs` times, interleaved (a, b, c, d, e, a, ...)
+/// so that drift on a shared machine hits all of them alike.
 pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
     let topo = Topo::new();
 
@@ -246,13 +270,6 @@ pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
             aya::maps::Array::try_from(bench.map_mut("GEN_CONFIG").expect("GEN_CONFIG"))
                 .expect("array");
         cfg.set(0, [lp.flows, FIRST_SPORT], 0).expect("GEN_CONFIG");
-        let t = template();
-        let words: [u64; FRAME_LEN / 8] =
-            std::array::from_fn(|i| u64::from_ne_bytes(t[i * 8..i * 8 + 8].try_into().unwrap()));
-        let mut tpl: aya::maps::Array<_, [u64; FRAME_LEN / 8]> =
-            aya::maps::Array::try_from(bench.map_mut("GEN_TEMPLATE").expect("GEN_TEMPLATE"))
-                .expect("array");
-        tpl.set(0, words, 0).expect("GEN_TEMPLATE");
     }
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -265,13 +282,18 @@ pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
         .expect("attach thread")
     });
 
-    // The balancer: one UDP service on the VIP, the same backends nftables uses,
-    // every backend's MAC being g0's.
-    let mut yaml = format!(
-        "conntrack_size: 65536\nservices:\n  - name: live\n    vip: {VIP}\n    port: {VIP_PORT}\n    protocol: udp\n    backends:\n"
-    );
-    for i in 0..topo::BACKENDS {
-        yaml.push_str(&format!("      - address: \"{}\"\n", topo::backend(i)));
+    // The balancer: a UDP service on the VIP per forwarding mode (dr on VIP_PORT,
+    // ipip on +1, gue on +2), the same backends nftables uses, every backend's
+    // MAC (the next hop of the tunnel modes too) being g0's.
+    let mut yaml = String::from("conntrack_size: 65536\nservices:\n");
+    for (name, offset) in [("dr", 0), ("ipip", 1), ("gue", 2)] {
+        yaml.push_str(&format!(
+            "  - name: live-{name}\n    vip: {VIP}\n    port: {}\n    protocol: udp\n    forwarding: {name}\n    backends:\n",
+            VIP_PORT + offset
+        ));
+        for i in 0..topo::BACKENDS {
+            yaml.push_str(&format!("      - address: \"{}\"\n", topo::backend(i)));
+        }
     }
     let cfg = config::parse(&yaml, "bench-live.yaml").unwrap_or_else(|e| panic!("{e}"));
     let macs = Plan::backend_addresses(&cfg)
@@ -280,6 +302,9 @@ pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
         .collect();
     let plan = Plan::build(&cfg, &macs);
     let mut dp = Dataplane::load(&plan).expect("load the balancer object");
+    // The tunnel source: b0's address.
+    dp.set_tunnel([198, 18, 0, 1], "2001:db8:20::1".parse::<std::net::Ipv6Addr>().expect("v6").octets(), 1500)
+        .expect("tunnel source");
     dp.write(&plan, B0_MAC).expect("fill the maps");
     xdp(dp.ebpf_mut(), "bench_macswap")
         .load()
@@ -310,6 +335,22 @@ pub fn bench_live(lp: &LiveParams) -> Vec<Variant> {
             sent_pps: vec![],
             prog_ns: vec![],
         },
+        Variant {
+            kind: Kind::Tunnel(1),
+            short: "d",
+            label: "(d) balancer, ipip: lb_xdp encapsulates, XDP_TX",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
+        Variant {
+            kind: Kind::Tunnel(2),
+            short: "e",
+            label: "(e) balancer, gue: lb_xdp encapsulates, XDP_TX",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
     ];
     run_rounds(lp, &topo, &mut bench, &mut dp, &mut out);
     out
@@ -324,6 +365,7 @@ fn run_rounds(
 ) {
     for round in 0..lp.runs {
         for v in out.iter_mut() {
+            set_template(bench, v.kind.port());
             let link = attach(topo, dp, v.kind);
             let gen_prog: &Xdp = bench
                 .program("bench_gen")
@@ -356,7 +398,7 @@ fn run_rounds(
             let got = c1 - c0;
             if got == 0 {
                 let extra = match v.kind {
-                    Kind::Balancer => {
+                    Kind::Balancer | Kind::Tunnel(_) => {
                         format!("balancer counters: {:?}", dp.stats().map(|s| s.global).ok())
                     }
                     Kind::Nftables => {
