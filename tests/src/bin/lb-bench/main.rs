@@ -152,6 +152,17 @@ fn main() {
         println!("\n## Trace hook\n\n{}", trace::bench_trace_hook(&p));
         return;
     }
+    // Only the live forwarding rate, printed and not written (for working on the
+    // data plane's forwarding modes).
+    if std::env::args().any(|a| a == "--live-only") {
+        let variants = live::bench_live(&lp);
+        println!(
+            "\n## Live forwarding rate (veth, native XDP)\n\n{}",
+            report::live_md(&variants, lp.runs, lp.secs, lp.flows, "-", f64::NAN, f64::NAN)
+        );
+        eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
     if std::env::args().any(|a| a == "--probes-only") {
         let probe = probes::bench_probes(&pp);
         println!("\n## Liveness probes\n\n{}", probes::probes_md(&probe, &pp));
