@@ -34,6 +34,6 @@ pub(crate) fn fold(mut sum: u32) -> u16 {
 pub fn deliver(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, b: &Backend, cfg: &Config) -> Outcome {
     match b.forward {
         FORWARD_DR => dr::rewrite(ctx, b, cfg),
-        mode => tunnel::encapsulate(ctx, pkt, b, cfg, flow, mode == FORWARD_GUE),
+        mode => tunnel::encapsulate(ctx, pkt, b, cfg, tunnel::flow_mix(flow), mode == FORWARD_GUE),
     }
 }

@@ -36,9 +36,9 @@ pub fn flow_mix(f: &FlowKey) -> u32 {
 }
 
 #[inline(always)]
-pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, b: &Backend, cfg: &Config, flow: &FlowKey, gue: bool) -> Outcome {
+pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, b: &Backend, cfg: &Config, hash: u32, gue: bool) -> Outcome {
     let addr = words(&b.addr);
-    // One comparison, no branch per word (each branch is a path the verifier walks).
+    // One comparison of three words: no memset/memcmp call, no branch per word.
     let outer_v6 = (addr[0] | addr[1] | (addr[2] ^ V4_MAPPED_WORD)) != 0;
     let overhead = if outer_v6 { 40 } else { 20 } + if gue { 8 } else { 0 };
     if pkt.ip_len + overhead > cfg.mtu as usize {
@@ -47,8 +47,6 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, b: &Backend, cfg: &Config, fl
         }
         return Outcome::Drop(stat::DROP_TOO_BIG);
     }
-    // The flow's entropy only where it is used (GUE's port, IPv6's flow label).
-    let hash = if gue | outer_v6 { flow_mix(flow) } else { 0 };
     let written = if pkt.l3 == 14 {
         headers::<14>(ctx, pkt, b, cfg, hash, gue, outer_v6, overhead)
     } else {
@@ -64,53 +62,20 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, b: &Backend, cfg: &Config, fl
 /// `lb_common::v4_mapped`'s third 4-byte word (`::ffff:0:0/96`) as it lies in memory.
 const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-// The address fields read as 4-byte words lie 4-aligned in 4-aligned map values.
 const _: () = {
-    assert!(core::mem::align_of::<Backend>() >= 4 && core::mem::align_of::<Config>() >= 4);
-    assert!(core::mem::offset_of!(Backend, addr) % 4 == 0 && core::mem::offset_of!(Backend, mac) % 4 == 0);
-    assert!(core::mem::offset_of!(Config, tunnel_source_v4) % 4 == 0);
-    assert!(core::mem::offset_of!(Config, tunnel_source_v6) % 4 == 0);
-    assert!(core::mem::offset_of!(Config, iface_mac) % 4 == 0);
+    assert!(core::mem::align_of::<Backend>() >= 4 && core::mem::offset_of!(Backend, addr) % 4 == 0);
 };
 
 /// A 16-byte address field of a map value as four words in memory order.
 #[inline(always)]
 fn words(a: &[u8; 16]) -> [u32; 4] {
-    // SAFETY: only called on the fields asserted 4-aligned above.
+    // SAFETY: only called on `Backend::addr`, asserted 4-aligned above.
     unsafe { *(a.as_ptr() as *const [u32; 4]) }
-}
-
-/// One BPF store of the low `W` bytes of `v` at packet address `p` (LLVM splits
-/// an unaligned Rust store into single bytes on this target; the kernel, and
-/// x86's JIT, take unaligned packet stores as they are).
-#[inline(always)]
-fn store<const W: usize>(p: usize, v: u32) {
-    // SAFETY: callers pass `p` inside a bounds-checked range of the frame, `W`
-    // bytes before its end; the instruction writes only those bytes.
-    unsafe {
-        match W {
-            4 => core::arch::asm!("*(u32 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v as u64, options(nostack)),
-            _ => core::arch::asm!("*(u16 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v as u64, options(nostack)),
-        }
-    }
-}
-
-/// The start of the frame when it holds at least `len` bytes.
-#[inline(always)]
-fn room(ctx: &XdpContext, len: usize) -> Option<usize> {
-    let start = ctx.data();
-    if start + len > ctx.data_end() {
-        return None;
-    }
-    Some(start)
 }
 
 /// Makes room for the outer headers in front of the IP packet and writes them;
 /// `L2` is the Ethernet header's length (with its tag, if any), kept as it was
-/// but for the MACs and the EtherType. The headers are built in registers and
-/// written as 4-byte words (native order: each word's bytes land in memory
-/// order); the IPv4 checksum is the one's-complement sum of those words' halves,
-/// which RFC 1071 allows in either byte order.
+/// but for the MACs and the EtherType.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn headers<const L2: usize>(
@@ -127,66 +92,58 @@ fn headers<const L2: usize>(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return None;
     }
+    let eth = bytes_mut::<L2>(ctx, 0)?;
+    eth[0..6].copy_from_slice(&b.mac);
+    eth[6..12].copy_from_slice(&cfg.iface_mac);
     if L2 == 18 {
         // The old header's tag, now `overhead` (at least 20) bytes further on.
         let tag = *bytes_mut::<4>(ctx, overhead + 12)?;
         bytes_mut::<4>(ctx, 12)?.copy_from_slice(&tag);
     }
+    let ethertype: u16 = if outer_v6 { 0x86dd } else { 0x0800 };
+    eth[L2 - 2..L2].copy_from_slice(&ethertype.to_be_bytes());
     let proto = if gue { IPPROTO_UDP } else if pkt.v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
     let ip_hlen = if outer_v6 { 40 } else { 20 };
-    let tos = pkt.tos as u32;
-    let p = if outer_v6 {
-        let p = room(ctx, L2 + 40)?;
+    if outer_v6 {
+        let h = bytes_mut::<40>(ctx, L2)?;
         let label = hash & 0x000f_ffff;
-        let plen = ((overhead - ip_hlen + pkt.ip_len) as u16).swap_bytes() as u32;
-        store::<4>(p + L2, (0x60 | tos >> 4) | ((tos << 4) & 0xf0 | label >> 16) << 8 | (label >> 8 & 0xff) << 16 | (label & 0xff) << 24);
-        store::<4>(p + L2 + 4, plen | (proto as u32) << 16 | (TTL as u32) << 24);
-        let (src, dst) = (words(&cfg.tunnel_source_v6), words(&b.addr));
-        for i in 0..4 {
-            store::<4>(p + L2 + 8 + 4 * i, src[i]);
-            store::<4>(p + L2 + 24 + 4 * i, dst[i]);
-        }
-        p
+        h[0] = 0x60 | (pkt.tos >> 4);
+        h[1] = (pkt.tos << 4) | (label >> 16) as u8;
+        h[2] = (label >> 8) as u8;
+        h[3] = label as u8;
+        let plen = (overhead - ip_hlen + pkt.ip_len) as u16;
+        h[4..6].copy_from_slice(&plen.to_be_bytes());
+        h[6] = proto;
+        h[7] = TTL;
+        h[8..24].copy_from_slice(&cfg.tunnel_source_v6);
+        h[24..40].copy_from_slice(&b.addr);
     } else {
-        let p = room(ctx, L2 + 20)?;
-        let total = ((overhead + pkt.ip_len) as u16).swap_bytes() as u32;
-        let df: u32 = if pkt.v6 | pkt.df { 0x40 } else { 0 };
-        // SAFETY: a field asserted 4-aligned above.
-        let src = unsafe { *(cfg.tunnel_source_v4.as_ptr() as *const u32) };
-        let w = [0x45 | tos << 8 | total << 16, df << 16, TTL as u32 | (proto as u32) << 8, src, words(&b.addr)[3]];
+        let h = bytes_mut::<20>(ctx, L2)?;
+        let total = (overhead + pkt.ip_len) as u16;
+        let df = if pkt.v6 || pkt.df { 0x40 } else { 0 };
+        let mut hdr = [
+            0x45, pkt.tos, (total >> 8) as u8, total as u8, 0, 0, df, 0, TTL, proto, 0, 0,
+            cfg.tunnel_source_v4[0], cfg.tunnel_source_v4[1], cfg.tunnel_source_v4[2], cfg.tunnel_source_v4[3],
+            b.addr[12], b.addr[13], b.addr[14], b.addr[15],
+        ];
+        // The checksum from the values, not read back from the frame.
         let mut sum = 0u32;
-        for x in w {
-            sum += (x & 0xffff) + (x >> 16);
+        let mut i = 0;
+        while i < 20 {
+            sum += u32::from(u16::from_be_bytes([hdr[i], hdr[i + 1]]));
+            i += 2;
         }
-        let csum = fold(sum) as u32;
-        store::<4>(p + L2, w[0]);
-        store::<4>(p + L2 + 4, w[1]);
-        store::<4>(p + L2 + 8, w[2] | csum << 16);
-        store::<4>(p + L2 + 12, w[3]);
-        store::<4>(p + L2 + 16, w[4]);
-        p
-    };
-    if gue {
-        let p = room(ctx, L2 + ip_hlen + 8)?;
-        let sport = (0xc000 | (hash as u16 & 0x3fff)).swap_bytes() as u32;
-        let len = ((8 + pkt.ip_len) as u16).swap_bytes() as u32;
-        store::<4>(p + L2 + ip_hlen, sport | (b.gue_port.swap_bytes() as u32) << 16);
-        store::<4>(p + L2 + ip_hlen + 4, len);
+        hdr[10..12].copy_from_slice(&fold(sum).to_be_bytes());
+        *h = hdr;
     }
-    // The MACs (the backend's or its next hop's, ours) and the EtherType.
-    // SAFETY: fields asserted 4-aligned above; 6-byte arrays read as 4 + 2 and
-    // 2 + 2 + 2 bytes.
-    let (mac, ours) = unsafe {
-        let m = b.mac.as_ptr();
-        let o = cfg.iface_mac.as_ptr() as *const u16;
-        ((*(m as *const u32), *(m.add(4) as *const u16)), [*o, *o.add(1), *o.add(2)])
-    };
-    let ethertype: u16 = if outer_v6 { 0x86dd } else { 0x0800 };
-    store::<4>(p, mac.0);
-    store::<2>(p + 4, mac.1 as u32);
-    store::<2>(p + 6, ours[0] as u32);
-    store::<2>(p + 8, ours[1] as u32);
-    store::<2>(p + 10, ours[2] as u32);
-    store::<2>(p + L2 - 2, ethertype.swap_bytes() as u32);
+    if gue {
+        let u = bytes_mut::<8>(ctx, L2 + ip_hlen)?;
+        let sport = 0xc000 | (hash as u16 & 0x3fff);
+        let len = (8 + pkt.ip_len) as u16;
+        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[2..4].copy_from_slice(&b.gue_port.to_be_bytes());
+        u[4..6].copy_from_slice(&len.to_be_bytes());
+        u[6..8].copy_from_slice(&[0, 0]);
+    }
     Some(())
 }
