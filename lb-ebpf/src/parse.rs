@@ -37,6 +37,11 @@ const IP_OFFSET: u16 = 0x1fff;
 const IPV6_FRAG: u8 = 44;
 const IPV6_FRAG_HLEN: usize = 8;
 
+/// The `no-rare` feature (benchmarks only): the parser as before the ICMP and
+/// fragment path, fragments to a VIP passed (`PASS_FRAGMENT`), ICMP too
+/// (`PASS_NOT_L4`), never `Outcome::Rare`.
+pub const NO_RARE: bool = cfg!(feature = "no-rare");
+
 /// `Packet::kind`: an ordinary TCP/UDP packet (or an unfragmented "atomic" one).
 pub const KIND_L4: u8 = 0;
 /// An ICMP error about a VIP flow's reply: `src`..`proto` are that flow's, in the
@@ -181,10 +186,11 @@ pub fn parse<const FULL: bool, const PREFIX: bool>(ctx: &XdpContext, out: &mut M
         frag_id,
     });
     let icmp = if v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
-    if !FULL && (proto == icmp || kind != KIND_L4) {
+    // `no-rare` (a benchmark's "before"): ICMP ends in `PASS_NOT_L4` below.
+    if !FULL && !NO_RARE && (proto == icmp || kind != KIND_L4) {
         return Err(Outcome::Rare);
     }
-    if proto == icmp {
+    if !NO_RARE && proto == icmp {
         if kind != KIND_L4 {
             // A fragmented ICMP message (a large echo request): not ours to follow.
             return Err(Outcome::Pass(stat::PASS_FRAGMENT));
@@ -239,7 +245,12 @@ fn parse_v4<const PREFIX: bool>(ctx: &XdpContext, l3: usize) -> Result<L3, Outco
         return Err(Outcome::Pass(stat::PASS_MALFORMED_L3));
     }
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
-    let kind = if frag & IP_OFFSET != 0 {
+    if NO_RARE && frag & IP_MF_OFFSET != 0 {
+        return Err(Outcome::Pass(stat::PASS_FRAGMENT));
+    }
+    let kind = if NO_RARE {
+        KIND_L4
+    } else if frag & IP_OFFSET != 0 {
         KIND_FRAG_LATER
     } else if frag & IP_MF_OFFSET != 0 {
         KIND_FRAG_FIRST
@@ -275,7 +286,7 @@ fn parse_v6<const PREFIX: bool>(ctx: &XdpContext, l3: usize) -> Result<L3, Outco
     let mut src = [0u8; 16];
     src.copy_from_slice(&hdr[8..24]);
     let tclass = (hdr[0] << 4) | (hdr[1] >> 4);
-    if hdr[6] != IPV6_FRAG {
+    if NO_RARE || hdr[6] != IPV6_FRAG {
         return Ok((src, dst, hdr[6], l3 + IPV6_HLEN, IPV6_HLEN + payload_len, tclass, true, KIND_L4, 0));
     }
     // A Fragment header directly after the fixed header (the only place it is

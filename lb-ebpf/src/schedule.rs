@@ -200,7 +200,14 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
             } else {
                 None
             };
-            match again.ok_or(NoBackend::Gone).or_else(|_| schedule::<PREFIX>(flow, &svc, d)) {
+            // A match, not `Option::ok_or(..).or_else(closure)`: LLVM may leave a
+            // closure out of line, a BPF-to-BPF call returning a `Result` whose BTF
+            // the kernel refuses (every map creation then fails).
+            let picked = match again {
+                Some(pick) => Ok(pick),
+                None => schedule::<PREFIX>(flow, &svc, d),
+            };
+            match picked {
                 Ok((id, b)) if again.is_some() => (svc.id, id, b, false),
                 Ok((id, b)) => {
                     // An ICMP error is forwarded as its flow's packets would be,

@@ -19,13 +19,21 @@
 //!   (the probes' RSTs) is dropped; the rest (ARP) goes to the stack. The backends
 //!   then cost next to nothing on the machine, as remote ones would.
 //! - `bench_pass`: XDP_PASS, for the peer of a veth whose program uses XDP_TX.
+//!
+//! And for the per-packet cost of tunnel forwarding:
+//!
+//! - `bench_untunnel`: undoes the balancer's encapsulation of the frame it ran on
+//!   last (BPF_PROG_TEST_RUN keeps the rewritten frame between repeats), then
+//!   tail-calls the balancer, so a repeated run encapsulates the same client frame
+//!   every time. Its own work is the same for every frame (see there).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 
@@ -191,6 +199,57 @@ pub fn bench_synack(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// `bench_untunnel`'s settings, index 0: the client frame's two MACs (12 bytes),
+/// then the balancer's tunnel sources, IPv4 (4 bytes) and IPv6 (16 bytes).
+#[map]
+static UNTUNNEL: Array<[u8; 32]> = Array::with_max_entries(1, 0);
+/// Index 0: the balancer program `bench_untunnel` hands the frame to.
+#[map]
+static UNTUNNEL_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The length of the outer headers the balancer put in front of the client's IP
+/// packet (an outer IP header from one of its tunnel sources, and UDP for GUE),
+/// or 0 when the frame is not encapsulated (first run, or DR).
+#[inline(always)]
+fn outer_len(ctx: &XdpContext, cfg: &[u8; 32]) -> i32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 54 > end {
+        return 0;
+    }
+    // SAFETY: the first 54 bytes are within the packet (checked above).
+    let f = unsafe { &*(start as *const [u8; 54]) };
+    match [f[12], f[13]] {
+        [0x08, 0x00] if f[26..30] == cfg[12..16] => 20 + if f[23] == 17 { 8 } else { 0 },
+        [0x86, 0xdd] if f[22..38] == cfg[16..32] => 40 + if f[20] == 17 { 8 } else { 0 },
+        _ => 0,
+    }
+}
+
+#[xdp]
+pub fn bench_untunnel(ctx: XdpContext) -> u32 {
+    let Some(cfg) = UNTUNNEL.get(0) else { return xdp_action::XDP_ABORTED };
+    // The same steps for every frame, whether there is something to undo or not
+    // (a head adjustment, possibly by 0, and the Ethernet header written), so
+    // that the difference between two frames' times is the balancer's alone.
+    let shift = outer_len(&ctx, cfg);
+    // SAFETY: plain helper call on our context; bounds are re-checked below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, shift) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 15 > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: the first 15 bytes are within the packet (checked above).
+    let eth = unsafe { &mut *(start as *mut [u8; 15]) };
+    eth[0..12].copy_from_slice(&cfg[0..12]);
+    let ethertype = if eth[14] >> 4 == 6 { [0x86, 0xdd] } else { [0x08, 0x00] };
+    eth[12..14].copy_from_slice(&ethertype);
+    // SAFETY: a tail call; control comes back only when it fails (empty slot).
+    unsafe { UNTUNNEL_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
 }
 
 #[panic_handler]

@@ -18,6 +18,7 @@ mod live_flows;
 mod packets;
 mod plot;
 mod probes;
+mod rare;
 mod reload;
 mod report;
 mod scale;
@@ -154,6 +155,7 @@ fn main() {
     if std::env::args().any(|a| a == "--dataplane-only") {
         println!("\n## Tunnel forwarding: cost per packet\n\n{}", tunnel::bench_tunnel(&p));
         println!("\n## NAT forwarding: cost per packet\n\n{}", nat::bench_nat(&p));
+        println!("\n## ICMP and fragment path: cost to the other frames\n\n{}", rare::bench_rare(&p));
         println!("\n## Established-flow table: cost\n\n{}", conntrack::bench_protection(&p));
         println!("\n## Trace hook\n\n{}", trace::bench_trace_hook(&p));
         return;
@@ -199,6 +201,9 @@ fn main() {
     eprintln!("lb-bench: nat forwarding per packet ...");
     let nat = nat::bench_nat(&p);
     println!("\n## NAT forwarding: cost per packet\n\n{nat}");
+    eprintln!("lb-bench: the ICMP and fragment path, before and after ...");
+    let rare = rare::bench_rare(&p);
+    println!("\n## ICMP and fragment path: cost to the other frames\n\n{rare}");
     eprintln!("lb-bench: the trace hook with no trace running ...");
     let trace_hook = trace::bench_trace_hook(&p);
     println!("\n## Trace hook, no trace running\n\n{trace_hook}");
@@ -293,6 +298,7 @@ fn main() {
          ### Established-flow table: cost per packet, off vs on\n\n{protection}\n\
          ### Tunnel forwarding: cost per packet\n\n{tunnel}\n\
          ### NAT forwarding: cost per packet\n\n{nat}\n\
+         ### ICMP and fragment path: cost to the frames that do not take it (before/after)\n\n{rare}\n\
          ### `lb-agent trace` hook: cost while no trace runs\n\n{trace_hook}\n\
          ## Live forwarding rate (veth, native XDP)\n\n{live_md}\n{}\n\
          ## Control plane\n\n### Maglev table build (`lb_agent::maglev::build_table`)\n\n{maglev}\n\

@@ -33,9 +33,9 @@ fn register_font() -> Result<(), String> {
 pub fn draw(path: &Path, live: &[Variant], rows: &[PacketRow]) -> Result<(), String> {
     register_font()?;
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let root = BitMapBackend::new(path, (1500, 620)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1640, 620)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
-    let (left, right) = root.split_horizontally(520);
+    let (left, right) = root.split_horizontally(660);
 
     // Left: forwarded Mpps, median bar and each run as a dot.
     let top = live
@@ -54,7 +54,7 @@ pub fn draw(path: &Path, live: &[Variant], rows: &[PacketRow]) -> Result<(), Str
             0.0..top.max(0.1),
         )
         .map_err(|x| e(&x))?;
-    let short = ["(a) MAC swap", "(b) lb_xdp", "(c) nftables"];
+    let short = ["(a) MAC swap", "(b) lb_xdp", "(c) nftables", "(d) ipip", "(e) gue"];
     c.configure_mesh()
         .disable_x_mesh()
         .y_desc("Mpps forwarded (median; dots: runs)")
@@ -70,7 +70,7 @@ pub fn draw(path: &Path, live: &[Variant], rows: &[PacketRow]) -> Result<(), Str
         .draw()
         .map_err(|x| e(&x))?;
     c.draw_series(live.iter().enumerate().map(|(i, v)| {
-        let color = if v.short == "b" { BLUE } else { GREY };
+        let color = if matches!(v.short, "b" | "d" | "e") { BLUE } else { GREY };
         let i = i as i32;
         let mut bar = Rectangle::new(
             [
