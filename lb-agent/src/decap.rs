@@ -124,7 +124,7 @@ impl Decap {
     /// Entries of map `name` as created (every balancer map: 1).
     pub fn max_entries(&mut self, name: &'static str) -> Result<u32, DataplaneError> {
         let data: &MapData = match map_mut(&mut self.ebpf, name)? {
-            Map::HashMap(m) | Map::Array(m) | Map::PerCpuArray(m) | Map::LruHashMap(m) => m,
+            Map::HashMap(m) | Map::Array(m) | Map::PerCpuArray(m) | Map::LruHashMap(m) | Map::LpmTrie(m) => m,
             _ => return Err(DataplaneError::MissingMap { name }),
         };
         Ok(data.info().map_err(map_err(name))?.max_entries())
