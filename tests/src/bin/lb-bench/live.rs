@@ -1,7 +1,7 @@
 //! Live forwarding rate on veth with native XDP: (a) the MAC-swap ceiling, (b) the
 //! balancer, (c) nftables DNAT with conntrack, in one topology (see `topo`); then
 //! the balancer with (d) established TCP flows and (e), (f) a SYN flood
-//! (`live_flows`).
+//! (`live_flows`), and the balancer with the tunnel modes, (g) ipip and (h) gue.
 //!
 //! The generator is `bench_gen` run with BPF_PROG_TEST_RUN and
 //! BPF_F_TEST_XDP_LIVE_FRAMES from a thread inside the generator's namespace (the
@@ -62,12 +62,14 @@ pub enum Kind {
     Flood,
     /// `Flood` with the SYN-flood threshold off: every SYN recorded.
     FloodRecorded,
+    /// The balancer, UDP to the service on `VIP_PORT + 1` (ipip) or `+ 2` (gue).
+    Tunnel(u16),
 }
 
 impl Kind {
     /// Whether `lb_xdp` is the program on b0.
     fn balancer(self) -> bool {
-        matches!(self, Kind::Balancer | Kind::Established | Kind::Flood | Kind::FloodRecorded)
+        matches!(self, Kind::Balancer | Kind::Established | Kind::Flood | Kind::FloodRecorded | Kind::Tunnel(_))
     }
 }
 
@@ -92,6 +94,11 @@ impl Variant {
 /// The generator's frame: IPv4 UDP from CLIENT to the VIP, valid IP checksum, UDP
 /// checksum 0 (none), padded to 64 bytes.
 pub fn template() -> [u8; FRAME_LEN] {
+    udp_template(VIP_PORT)
+}
+
+/// `template` to the VIP's `port`.
+fn udp_template(port: u16) -> [u8; FRAME_LEN] {
     let mut f = [0u8; FRAME_LEN];
     f[0..6].copy_from_slice(&B0_MAC);
     f[6..12].copy_from_slice(&G0_MAC);
@@ -113,7 +120,7 @@ pub fn template() -> [u8; FRAME_LEN] {
     let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     f[34..36].copy_from_slice(&(FIRST_SPORT as u16).to_be_bytes());
-    f[36..38].copy_from_slice(&VIP_PORT.to_be_bytes());
+    f[36..38].copy_from_slice(&port.to_be_bytes());
     f[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
     f
 }
@@ -136,6 +143,7 @@ fn set_generator(bench: &mut Ebpf, kind: Kind, flows: u32) {
     let (t, mode) = match kind {
         Kind::Established => (live_flows::tcp_template(live_flows::ACK), 0),
         Kind::Flood | Kind::FloodRecorded => (live_flows::tcp_template(live_flows::SYN), GEN_FLOOD),
+        Kind::Tunnel(offset) => (udp_template(VIP_PORT + offset), 0),
         _ => (template(), 0),
     };
     let mut cfg: aya::maps::Array<_, [u32; 4]> =
@@ -272,7 +280,7 @@ pub struct Live {
     pub held: Held,
 }
 
-/// Runs the six variants `lp.runs` times, interleaved (a, b, c, d, e, f, a, ...)
+/// Runs the eight variants `lp.runs` times, interleaved (a, b, ..., h, a, ...)
 /// so that drift on a shared machine hits all of them alike.
 pub fn bench_live(lp: &LiveParams) -> Live {
     let topo = Topo::new();
@@ -296,11 +304,16 @@ pub fn bench_live(lp: &LiveParams) -> Live {
     });
 
     // The balancer at its default table sizes: a UDP and a TCP service on the VIP,
-    // the same backends nftables uses, every backend's MAC being g0's.
+    // and UDP services in the tunnel modes (ipip on VIP_PORT + 1, gue on + 2), the
+    // same backends nftables uses, every backend's MAC (the tunnel modes' next hop
+    // too) being g0's.
     let mut yaml = String::from("services:\n");
-    for proto in ["udp", "tcp"] {
+    for (name, proto, offset, mode) in
+        [("udp", "udp", 0, "dr"), ("tcp", "tcp", 0, "dr"), ("ipip", "udp", 1, "ipip"), ("gue", "udp", 2, "gue")]
+    {
         yaml.push_str(&format!(
-            "  - name: live-{proto}\n    vip: {VIP}\n    port: {VIP_PORT}\n    protocol: {proto}\n    backends:\n"
+            "  - name: live-{name}\n    vip: {VIP}\n    port: {}\n    protocol: {proto}\n    forwarding: {mode}\n    backends:\n",
+            VIP_PORT + offset
         ));
         for i in 0..topo::BACKENDS {
             yaml.push_str(&format!("      - address: \"{}\"\n", topo::backend(i)));
@@ -313,6 +326,13 @@ pub fn bench_live(lp: &LiveParams) -> Live {
         .collect();
     let plan = Plan::build(&cfg, &macs);
     let mut dp = Dataplane::load(&plan).expect("load the balancer object");
+    // The tunnel source: b0's address.
+    dp.set_tunnel(
+        [198, 18, 0, 1],
+        "2001:db8:20::1".parse::<std::net::Ipv6Addr>().expect("v6").octets(),
+        1500,
+    )
+    .expect("tunnel source");
     dp.write(&plan, B0_MAC).expect("fill the maps");
     xdp(dp.ebpf_mut(), "bench_macswap")
         .load()
@@ -367,6 +387,22 @@ pub fn bench_live(lp: &LiveParams) -> Live {
             sent_pps: vec![],
             prog_ns: vec![],
         },
+        Variant {
+            kind: Kind::Tunnel(1),
+            short: "g",
+            label: "(g) balancer, ipip: lb_xdp encapsulates, XDP_TX",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
+        Variant {
+            kind: Kind::Tunnel(2),
+            short: "h",
+            label: "(h) balancer, gue: lb_xdp encapsulates, XDP_TX",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
     ];
     // Established connections first (the floods must not move them), then the
     // connection table filled by a flood before the first timed round.
@@ -391,6 +427,16 @@ fn flood_kps() -> u16 {
     std::env::var("LB_BENCH_SYN_FLOOD_KPS").ok().and_then(|v| v.parse().ok()).unwrap_or(lb_common::DEFAULT_SYN_FLOOD_KPS)
 }
 
+/// The frames lb_xdp has encapsulated in `kind`'s tunnel mode (0 for the others).
+fn encapsulated(dp: &mut Dataplane, kind: Kind) -> u64 {
+    let i = match kind {
+        Kind::Tunnel(1) => lb_common::stat::ENCAP_IPIP,
+        Kind::Tunnel(_) => lb_common::stat::ENCAP_GUE,
+        _ => return 0,
+    };
+    dp.stats().expect("balancer counters").global[i as usize]
+}
+
 fn run_rounds(
     lp: &LiveParams,
     topo: &Topo,
@@ -411,6 +457,7 @@ fn run_rounds(
                 .expect("XDP");
             // Warm-up (fills both connection tables), with the kernel's BPF run-time
             // statistics on (only while the fd is open): the program's ns per frame.
+            let encap0 = encapsulated(dp, v.kind);
             let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
             let s0 = run_stats(
                 dp.ebpf_mut()
@@ -448,6 +495,10 @@ fn run_rounds(
                     "live rate {}: {sent} frames sent (+{warm_sent} warm-up), none came back to g0: broken set-up. {extra}",
                     v.label
                 );
+            }
+            if let Kind::Tunnel(_) = v.kind {
+                let encap = encapsulated(dp, v.kind) - encap0;
+                assert!(encap >= got, "{}: {got} frames came back but lb_xdp encapsulated {encap}", v.label);
             }
             if v.kind == Kind::Nftables {
                 assert!(

@@ -2,7 +2,10 @@
 
 use std::{fmt::Write as _, process::Command};
 
-use crate::{live::Variant, median};
+use crate::{
+    live::{Kind, Variant},
+    median,
+};
 
 pub fn sh(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
@@ -54,9 +57,25 @@ pub fn live_md(
     let bc = b.mpps() / c.mpps();
     let _ = writeln!(
         md,
-        "\n{runs} runs of {secs} s per path, interleaved (a, b, c, d, e, f, a, b, ...); {flows} UDP flows in (a) to (c); \
+        "\n{runs} runs of {secs} s per path, interleaved (a, b, c, ..., h, a, b, ...); {flows} UDP flows in (a) to (c), (g) and (h); \
          load average when the live runs started: {load}.\n"
     );
+    for t in v.iter().filter(|x| matches!(x.kind, Kind::Tunnel(_))) {
+        // Per round, the tunnel path's rate over the DR path's of the same round.
+        let r: Vec<f64> = t.pps.iter().zip(&b.pps).map(|(t, b)| t / b).collect();
+        let (lo, hi) = (r.iter().copied().fold(f64::INFINITY, f64::min), r.iter().copied().fold(0.0, f64::max));
+        let _ = writeln!(
+            md,
+            "- {}/b = {:.3} / {:.3} Mpps: **{:.2}** of the DR rate (per round {lo:.2}–{hi:.2}); whole path {:+.0} ns/frame, \
+             the program {:+.0} ns/frame over (b)",
+            t.short,
+            t.mpps(),
+            b.mpps(),
+            median(r),
+            1e3 / t.mpps() - 1e3 / b.mpps(),
+            median(t.prog_ns.clone()) - median(b.prog_ns.clone())
+        );
+    }
     let _ = writeln!(
         md,
         "- b/a = {:.3} / {:.3} = **{ba:.2}** (target >= 0.9: {}{})",
@@ -226,6 +245,8 @@ pub const LIVE_METHOD: &str = "\
                                           (d) lb_xdp, TCP ACKs of 1,024 established flows
                                           (e) lb_xdp, TCP SYNs, a new flow in every frame
                                           (f) as (e), syn_flood_kps 0
+                                          (g) lb_xdp, ipip service: IPIP to the backend, XDP_TX
+                                          (h) lb_xdp, gue service: IPv4/UDP/IPv4, XDP_TX
 ```
 
 - One arm: frames go g0 → b0, the path under test sends them back out b0 to a backend
@@ -246,11 +267,14 @@ pub const LIVE_METHOD: &str = "\
 - Services and backends are the same for (b) and (c): one UDP service on the VIP with 8
   backends (and for (d), (e) a TCP service on the same VIP and port, the same backends),
   all table sizes at their defaults (`conntrack_size` 262,144); lb_xdp's maps are filled with `Dataplane::write` (every backend's MAC is g0's),
-  attached natively to b0 from a thread inside BAL.
+  attached natively to b0 from a thread inside BAL. The same maps hold an `ipip` service
+  (port 81) and a `gue` service (port 82) with the same backends, tunnel source b0's address:
+  for (g) and (h) the generator's template is (b)'s frame to those ports, and the
+  encapsulated frame (84 and 92 bytes) goes to g0's MAC as the backends' next hop.
 - A run: attach, warm up (fills lb_xdp's and the kernel's connection tables; the BPF
   run-time statistics are on only then), then send for the run's time in calls of 65,536
   frames (at most 20 Mpps x the run time in all); rate = frames counted on g0 / seconds of
-  sending. The six paths are measured in turn in each round; the table gives medians.
+  sending. The eight paths are measured in turn in each round; the table gives medians.
 - The namespaces are removed at the end (also on panic); only 198.18.0.0/15 addresses.
   The machine is shared and small: compare the paths within one run (the ratios), not
   absolute rates across runs.
