@@ -310,7 +310,7 @@ impl Dataplane {
         let mut clock: Array<_, u32> =
             Array::try_from(map_mut(&mut self.ebpf, names::CT_CLOCK)?).map_err(map_err(names::CT_CLOCK))?;
         crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
-        let syn_flood_kps = lb_common::DEFAULT_SYN_FLOOD_KPS;
+        let syn_flood_kps = plan.syn_flood_kps;
         self.set_config(Config { iface_mac, syn_flood_kps, flags, frag_timeout_s, ..self.config })?;
         self.load_prefix(plan)?;
         let summary = apply::apply(self, plan)?;
@@ -321,7 +321,8 @@ impl Dataplane {
     }
 
     /// The SYN flood threshold (`Config::syn_flood_kps`; 0: every SYN recorded).
-    /// `write` sets the default; benchmarks and tests change it afterwards.
+    /// `write` and `apply` set the plan's (the file's `syn_flood_kps`); benchmarks
+    /// and tests change it afterwards.
     pub fn set_syn_flood_kps(&mut self, kps: u16) -> Result<()> {
         self.set_config(Config { syn_flood_kps: kps, ..self.config })
     }
@@ -338,8 +339,10 @@ impl Dataplane {
         self.load_prefix(plan)?;
         let summary = apply::apply(self, plan)?;
         let (flags, frag_timeout_s) = icmp_policy(self.config.flags, plan);
-        if flags != self.config.flags || frag_timeout_s != self.config.frag_timeout_s {
-            self.set_config(Config { flags, frag_timeout_s, ..self.config })?;
+        let syn_flood_kps = plan.syn_flood_kps;
+        let cfg = self.config;
+        if flags != cfg.flags || frag_timeout_s != cfg.frag_timeout_s || syn_flood_kps != cfg.syn_flood_kps {
+            self.set_config(Config { flags, frag_timeout_s, syn_flood_kps, ..cfg })?;
         }
         Ok(summary)
     }

@@ -60,7 +60,13 @@ impl Bench {
     }
 
     fn plan(backends: &[&str], established: u32, prev: Option<&Plan>) -> Plan {
-        let cfg = config::parse(&yaml(backends, established), "packet_conntrack.rs").expect("test config");
+        Self::plan_with("", backends, established, prev)
+    }
+
+    /// `plan` with `globals` (top-level YAML lines) in front of the file.
+    fn plan_with(globals: &str, backends: &[&str], established: u32, prev: Option<&Plan>) -> Plan {
+        let text = format!("{globals}{}", yaml(backends, established));
+        let cfg = config::parse(&text, "packet_conntrack.rs").expect("test config");
         let macs: BTreeMap<IpAddr, [u8; 6]> = Plan::backend_addresses(&cfg).into_iter().map(|a| (a, mac_of(a))).collect();
         Plan::next(&cfg, &macs, &Default::default(), prev)
     }
@@ -281,8 +287,11 @@ fn verifier_work_stays_well_under_the_limit() {
 /// and its next packet moves it to `CT_ESTABLISHED`.
 #[test]
 fn syns_past_the_flood_threshold_go_unrecorded() {
-    let mut b = Bench::new(&["198.18.0.11", "198.18.0.12", "198.18.0.13"], TABLE);
-    b.dp.set_syn_flood_kps(1).expect("SYN flood threshold");
+    let backends = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
+    let mut b = Bench::new(&backends, TABLE);
+    // The threshold from the file, as a reload writes it.
+    b.plan = Bench::plan_with("syn_flood_kps: 1\n", &backends, TABLE, Some(&b.plan));
+    b.dp.apply(&b.plan).expect("apply");
     let (recorded_before, unrecorded_before) = (b.count(stat::CT_PROMOTED), b.count(stat::CT_SYN_UNRECORDED));
     // Distinct flows until one SYN goes unrecorded (the threshold is 1,000 per CPU
     // and second; the loop takes well under a second).
@@ -306,8 +315,9 @@ fn syns_past_the_flood_threshold_go_unrecorded() {
     assert_eq!(b.fwd(&with_flags(&f, ACK)), to);
     assert!(b.entry(map_names::CT_ESTABLISHED, &f).is_some(), "the third packet establishes the flow");
     assert_eq!(b.count(stat::CT_PROMOTED), recorded_before + 1);
-    // Threshold off: every SYN recorded again.
-    b.dp.set_syn_flood_kps(0).expect("SYN flood threshold");
+    // Threshold off (`syn_flood_kps: 0` in the file): every SYN recorded again.
+    b.plan = Bench::plan_with("syn_flood_kps: 0\n", &backends, TABLE, Some(&b.plan));
+    b.dp.apply(&b.plan).expect("apply");
     let g = tcp(9, 45000);
     b.fwd(&with_flags(&g, SYN));
     assert!(b.entry(map_names::CONNTRACK, &g).is_some(), "with syn_flood_kps 0 every SYN is recorded");

@@ -145,6 +145,7 @@ pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Op
         mtu: old.mtu,
         answer_ping: old.answer_ping,
         forward_icmp: old.forward_icmp,
+        syn_flood_kps: old.syn_flood_kps,
         fragments: old.fragments,
         services,
     })

@@ -85,6 +85,10 @@ pub struct Config {
     /// ICMP errors about a VIP flow's replies go to the flow's backend (default
     /// true); off, they pass to the balancer's own stack (and are lost there).
     pub forward_icmp: bool,
+    /// SYN flood threshold, thousands of SYNs per CPU and second: past it a SYN of
+    /// a `maglev`/`sh` service is forwarded without a connection-table insert
+    /// (docs/architecture.md, "SYN floods"); 0 records every SYN.
+    pub syn_flood_kps: u16,
     /// The fragment table.
     pub fragments: Fragments,
     /// The virtual services, in file order.

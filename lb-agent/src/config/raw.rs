@@ -18,6 +18,7 @@ pub(super) struct RawConfig {
     pub mtu: Option<Int>,
     pub answer_ping: Option<bool>,
     pub forward_icmp: Option<bool>,
+    pub syn_flood_kps: Option<Int>,
     pub fragments: Option<RawFragments>,
     pub services: Option<Vec<RawService>>,
 }

@@ -152,6 +152,10 @@ impl Checker<'_> {
         let mtu = self.mtu(raw.mtu);
         let timeouts = self.timeouts(raw.timeouts.as_ref());
         let fragments = self.fragments(raw.fragments.as_ref());
+        let syn_flood_kps = match raw.syn_flood_kps {
+            None => Some(lb_common::DEFAULT_SYN_FLOOD_KPS),
+            Some(v) => self.ranged(v, "syn_flood_kps", "syn_flood_kps", 0u16, u16::MAX),
+        };
         let raw_services = self.required(raw.services, "services", "services");
         let mut services = Some(Vec::new());
         for (index, raw_service) in raw_services.into_iter().flatten().enumerate() {
@@ -170,6 +174,7 @@ impl Checker<'_> {
             mtu: mtu?,
             answer_ping: raw.answer_ping.unwrap_or(true),
             forward_icmp: raw.forward_icmp.unwrap_or(true),
+            syn_flood_kps: syn_flood_kps?,
             fragments: fragments?,
             services: services?,
         })

@@ -25,6 +25,7 @@ pub fn from_maps(
         established_size: sizes.established_size,
         answer_ping: sizes.answer_ping,
         forward_icmp: sizes.forward_icmp,
+        syn_flood_kps: sizes.syn_flood_kps,
         frags_size: sizes.frags_size,
         frag_timeout_s: sizes.frag_timeout_s,
         vip_addrs,

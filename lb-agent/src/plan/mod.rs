@@ -160,6 +160,8 @@ pub struct Plan {
     /// `answer_ping`, `forward_icmp`.
     pub answer_ping: bool,
     pub forward_icmp: bool,
+    /// `syn_flood_kps` (`CONFIG`): 0, as in `Plan::default`, records every SYN.
+    pub syn_flood_kps: u16,
     /// Size of `FRAGS` and its entries' lifetime in seconds.
     pub frags_size: u32,
     pub frag_timeout_s: u32,
@@ -199,6 +201,7 @@ impl Plan {
             nat: config.services.iter().any(|s| s.forwarding == Forwarding::Nat),
             answer_ping: config.answer_ping,
             forward_icmp: config.forward_icmp,
+            syn_flood_kps: config.syn_flood_kps,
             frags_size: config.fragments.size,
             frag_timeout_s: config.fragments.timeout.as_secs() as u32,
             ..Plan::default()

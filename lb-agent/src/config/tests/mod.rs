@@ -113,6 +113,7 @@ fn defaults_are_applied() {
         mtu: None,
         answer_ping: true,
         forward_icmp: true,
+        syn_flood_kps: lb_common::DEFAULT_SYN_FLOOD_KPS,
         fragments: Fragments::default(),
         services: vec![ServiceConfig {
             name: "web".to_string(),

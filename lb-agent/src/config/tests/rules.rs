@@ -8,7 +8,7 @@ fn unknown_fields_are_rejected_everywhere() {
         &lines(&["services: []", "conntrack: 5"]),
         &["test.yaml:2:1: unknown field `conntrack`, expected one of `conntrack_size`, `established_size`, \
            `timeouts`, `tunnel_source_v4`, `tunnel_source_v6`, `mtu`, `answer_ping`, `forward_icmp`, \
-           `fragments`, `services`"],
+           `syn_flood_kps`, `fragments`, `services`"],
     );
     assert_errors(
         &service(&["    port: 80", "    backend: []"]),
@@ -199,6 +199,19 @@ fn ports_must_be_in_range() {
             &[&format!(
                 "test.yaml:4:11: services[0].port: port {port} is out of range 0..=65535"
             )],
+        );
+    }
+}
+
+#[test]
+fn syn_flood_kps_defaults_and_is_bounded() {
+    assert_eq!(parse_ok("services: []\n").syn_flood_kps, lb_common::DEFAULT_SYN_FLOOD_KPS);
+    assert_eq!(parse_ok("syn_flood_kps: 0\nservices: []\n").syn_flood_kps, 0);
+    assert_eq!(parse_ok("syn_flood_kps: 65535\nservices: []\n").syn_flood_kps, 65535);
+    for v in ["-1", "65536"] {
+        assert_errors(
+            &lines(&[&format!("syn_flood_kps: {v}"), "services: []"]),
+            &[&format!("test.yaml:1:16: syn_flood_kps: syn_flood_kps {v} is out of range 0..=65535")],
         );
     }
 }
