@@ -56,6 +56,21 @@ pub fn lab_id(prefix: &str) -> (String, PathBuf) {
     (id, dir)
 }
 
+/// Writes `yaml` to `dir/name` the way editors do (write, then rename), so an
+/// agent never reads half a file; returns the path.
+pub fn write_config_in(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, yaml).expect("write config");
+    std::fs::rename(&tmp, &path).expect("rename config");
+    path
+}
+
+/// Where the agent of lab `id` pins its maps (unique per lab).
+pub fn pin_dir_of(id: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf").join(id)
+}
+
 pub struct Lab {
     pub id: String,
     pub client: String,
@@ -219,12 +234,7 @@ impl Lab {
 
     /// Writes a configuration file into the lab's directory.
     pub fn write_config(&self, name: &str, yaml: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        // Write then rename, as editors do, so the agent never reads half a file.
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, yaml).expect("write config");
-        std::fs::rename(&tmp, &path).expect("rename config");
-        path
+        write_config_in(&self.dir, name, yaml)
     }
 
     /// The agent's control socket (unique per lab).
@@ -234,7 +244,7 @@ impl Lab {
 
     /// Where a test's agent pins its maps (unique per lab).
     pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from("/sys/fs/bpf").join(&self.id)
+        pin_dir_of(&self.id)
     }
 
     /// Starts `lb-agent run` in the balancer namespace (through nsenter, so it sees

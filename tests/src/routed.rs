@@ -199,11 +199,7 @@ impl RoutedLab {
     }
 
     pub fn write_config(&self, yaml: &str) -> PathBuf {
-        let path = self.dir.join("lb.yaml");
-        let tmp = self.dir.join(".lb.yaml.tmp");
-        std::fs::write(&tmp, yaml).expect("write config");
-        std::fs::rename(&tmp, &path).expect("rename config");
-        path
+        crate::lab::write_config_in(&self.dir, "lb.yaml", yaml)
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -211,7 +207,7 @@ impl RoutedLab {
     }
 
     pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from("/sys/fs/bpf").join(&self.id)
+        crate::lab::pin_dir_of(&self.id)
     }
 
     /// Starts `lb-agent run` on the balancer's eth0 (native XDP).
