@@ -14,6 +14,7 @@ mod control;
 mod failover;
 mod frames;
 mod live;
+mod live_gen;
 mod live_flows;
 mod packets;
 mod plot;
