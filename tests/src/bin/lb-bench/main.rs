@@ -69,7 +69,34 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The flags `main` knows; any other argument (a typo, `--help`) is refused
+/// rather than starting the full run, which rewrites docs/benchmarks.md.
+const FLAGS: &[&str] = &[
+    "--quick",
+    "--scale-serve",
+    "--scale-only",
+    "--failover-only",
+    "--nat-only",
+    "--dataplane-only",
+    "--live-only",
+    "--probes-only",
+    "--schedulers-only",
+    "--packets-only",
+];
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let serve_at = args.iter().position(|a| a == "--scale-serve");
+    for (i, a) in args.iter().enumerate() {
+        let serve_arg = serve_at.is_some_and(|at| i > at && i <= at + 2 && a.parse::<usize>().is_ok());
+        if !FLAGS.contains(&a.as_str()) && !serve_arg {
+            eprintln!(
+                "lb-bench: unknown argument {a:?}\nusage: lb-bench [{}]\n(no argument: every section, written to docs/benchmarks.md)",
+                FLAGS.join(" | ")
+            );
+            std::process::exit(2);
+        }
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let p = if quick {
         Params {
