@@ -100,9 +100,10 @@ fn layout(text: &str) -> Option<Layout<'_>> {
 }
 
 /// `new_text`'s configuration built from `old` (the configuration `old_text`
-/// gave) and a parse of only the services whose text changed; `None` when that is
-/// not possible or not valid (see the module documentation).
-pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Option<Config> {
+/// gave) and a parse of only the services whose text changed, with the indices
+/// (in the new configuration) of those services; `None` when that is not
+/// possible or not valid (see the module documentation).
+pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Option<(Config, Vec<usize>)> {
     let (was, now) = (layout(old_text)?, layout(new_text)?);
     if was.before != now.before || was.after != now.after || was.items.len() != old.services.len() {
         return None;
@@ -118,10 +119,12 @@ pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Op
         return None;
     }
     let mut services = Vec::with_capacity(now.items.len());
+    let mut parsed = Vec::new();
     for (k, item) in now.items.iter().enumerate() {
         match find(k) {
             Some(i) => services.push(old.services[i].clone()),
             None => {
+                parsed.push(k);
                 let alone = parse(&format!("{}{item}{}", now.before, now.after), origin).ok()?;
                 let [service] = <[_; 1]>::try_from(alone.services).ok()?;
                 services.push(service);
@@ -136,7 +139,7 @@ pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Op
         }
     }
     // The text around the services is unchanged: so are the global fields.
-    Some(Config {
+    let config = Config {
         conntrack_size: old.conntrack_size,
         established_size: old.established_size,
         timeouts: old.timeouts,
@@ -148,7 +151,8 @@ pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Op
         syn_flood_kps: old.syn_flood_kps,
         fragments: old.fragments,
         services,
-    })
+    };
+    Some((config, parsed))
 }
 
 #[cfg(test)]
@@ -187,7 +191,7 @@ mod tests {
             file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.2", 1), ("c", "198.18.1.3", 1), ("d", "198.18.1.4", 2)]),
         ];
         for new_text in edits {
-            assert_eq!(reparse(&old_text, &old, &new_text, "t"), Some(parse(&new_text, "t").unwrap()), "{new_text}");
+            assert_eq!(reparse(&old_text, &old, &new_text, "t").map(|(c, _)| c), Some(parse(&new_text, "t").unwrap()), "{new_text}");
         }
         // Errors, and what spans services, are left to the full parse.
         let invalid = [

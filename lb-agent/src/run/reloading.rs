@@ -195,17 +195,17 @@ impl Agent {
         let (old, new) = (std::str::from_utf8(&self.in_force).ok()?, std::str::from_utf8(bytes).ok()?);
         let origin = self.args.config.display().to_string();
         let started = Instant::now();
-        let config = config::reparse(old, &self.config, new, &origin)?;
+        let (config, parsed) = config::reparse(old, &self.config, new, &origin)?;
         tracing::debug!(secs = started.elapsed().as_secs_f64(), "reparse");
         // New backends wait for their MACs in the parse task, and tunnel services
-        // for their routes: those take the full parse.
-        if config.services.iter().any(|s| s.forwarding.is_routed()) {
+        // for their routes: those take the full parse, as does a plan with a
+        // backend still unresolved (the parse task tries it again). The services
+        // taken from the configuration in force are known: only the parsed ones
+        // are looked up.
+        if config.services.iter().any(|s| s.forwarding.is_routed()) || self.plan.backends.iter().any(|b| b.mac.is_none()) {
             return None;
         }
-        // Hashed: every backend of every service is looked up.
-        let macs: std::collections::HashSet<&IpAddr> = self.macs.keys().collect();
-        let known = |a: &IpAddr| macs.contains(a);
-        if !config.services.iter().all(|s| s.backends.iter().all(|b| known(&b.address))) {
+        if !parsed.iter().all(|&i| config.services[i].backends.iter().all(|b| self.macs.contains_key(&b.address))) {
             return None;
         }
         tracing::debug!(why, "only the changed services were parsed");
