@@ -15,7 +15,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
-    map_names as names, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal,
+    map_names as names, AffinityKey, EgressMac, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal,
     LocalityKey, LocalityVal, NatReverse, PrefixKey, Service, TraceBudget, TraceFilter, VipAddrKey, VipAddrVal, VipKey,
 };
 
@@ -29,7 +29,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 22] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 24] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -53,6 +53,9 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 22] {
         (names::CONFIG, 4, size_of::<Config>(), 0),
         (names::FRAGS, size_of::<FragKey>(), size_of::<FragVal>(), 0),
         (names::NAT_REVERSE, size_of::<FlowKey>(), size_of::<NatReverse>(), 0),
+        // `struct bpf_devmap_val`: ifindex and program.
+        (names::EGRESS, 4, 8, 0),
+        (names::EGRESS_MAC, 4, size_of::<EgressMac>(), 0),
     ]
 }
 
@@ -68,6 +71,11 @@ impl PinDir {
     /// The pinned XDP link: present while a balancer is attached from here.
     pub fn link(&self) -> PathBuf {
         self.dir.join("link")
+    }
+
+    /// The pinned XDP link on the backend interface (two-arm).
+    pub fn backend_link(&self) -> PathBuf {
+        self.dir.join("link_backend")
     }
 
     pub fn program(&self) -> PathBuf {
@@ -150,6 +158,7 @@ impl PinDir {
     /// directory if it is empty.
     pub fn remove_all(&self) -> std::io::Result<()> {
         let _ = std::fs::remove_file(self.link());
+        let _ = std::fs::remove_file(self.backend_link());
         self.clear_maps()?;
         let _ = std::fs::remove_dir(&self.dir);
         Ok(())

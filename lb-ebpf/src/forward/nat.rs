@@ -65,7 +65,7 @@ pub fn forward(ctx: &XdpContext) -> Outcome {
         return Outcome::Pass(stat::PASS_NOT_READY);
     };
     let port = if b.port != 0 { b.port } else { pkt.dport };
-    let service_id = b.service_id;
+    let (service_id, egress) = (b.service_id, b.egress);
     if s.new_flow != 0 {
         remember(ctx, pkt, &b.addr, port, s.backend_id, service_id);
     }
@@ -75,7 +75,7 @@ pub fn forward(ctx: &XdpContext) -> Outcome {
         Ok(()) => {
             count(stat::NAT_FORWARDED);
             count_forward(service_id, s.backend_id, bytes, s.new_flow != 0);
-            Outcome::Tx
+            Outcome::Out(u32::from(egress))
         }
         Err(reason) => Outcome::Drop(reason),
     }
