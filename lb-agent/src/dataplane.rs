@@ -224,8 +224,9 @@ impl Dataplane {
         }
         // RARE_PROGS is pinned too: the kernel empties a program array when its last
         // user reference closes, which would cut the rare path off between agents.
+        // And EGRESS (two-arm's devmap), for bpftool; neither is in `layout()`.
         let paths: Vec<(&'static str, PathBuf)> = pins
-            .map(|p| layout().iter().map(|(n, ..)| *n).chain([names::RARE_PROGS]).map(|n| (n, p.map(n))).collect())
+            .map(|p| layout().iter().map(|(n, ..)| *n).chain([names::RARE_PROGS, names::EGRESS]).map(|n| (n, p.map(n))).collect())
             .unwrap_or_default();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
