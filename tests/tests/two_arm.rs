@@ -131,3 +131,55 @@ fn tunnel_backends_behind_the_second_interface() {
     let log = agent.log_text();
     assert!(!log.contains("unreachable"), "{log}");
 }
+
+/// Whether `dev` in the balancer's namespace carries an XDP program.
+fn has_xdp(lab: &TwoArmLab, dev: &str) -> bool {
+    let out = lb_tests::netns::ns_sh(&lab.balancer, &["ip", "link", "show", "dev", dev]);
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+fn answered(lab: &TwoArmLab, what: &str) {
+    let t = requests(&lab.client, Proto::Http, TwoArmLab::vip(false), 80, 200, 2, Duration::from_secs(60));
+    assert_eq!(t.failures, 0, "{what}: {:?}", t.first_errors);
+}
+
+/// `--keep-on-exit` leaves both links pinned and forwarding; the next two-arm
+/// agent adopts both; one started without `--backend-iface` detaches the
+/// balancer from eth1; a clean stop removes everything.
+#[test]
+fn restarts_adopt_both_links() {
+    let mut lab = TwoArmLab::new(3, Backends::Dr);
+    lab.start_servers(&[80]);
+    let b4 = backends(&lab, false);
+    let cfg = lab.write_config(&format!("services:\n  - {{ name: web4, vip: {VIP4}, port: 80, backends: [{b4}] }}\n"));
+    let two_arm = ["--backend-iface", "eth1", "--keep-on-exit"];
+    let link_backend = lab.pin_dir().join("link_backend");
+
+    let mut first = lab.start_agent_with(&cfg, &two_arm);
+    answered(&lab, "first agent");
+    let (status, log) = first.stop_keeping();
+    assert!(status.success(), "{log}");
+    assert!(link_backend.exists() && has_xdp(&lab, "eth0") && has_xdp(&lab, "eth1"), "both links kept:\n{log}");
+    answered(&lab, "no agent running");
+
+    let mut second = lab.start_agent_with(&cfg, &two_arm);
+    let log = second.log_text();
+    assert!(log.contains("replaced the program in the pinned link"), "{log}");
+    answered(&lab, "second agent (adopted)");
+    second.stop_keeping();
+
+    // One-arm now: eth1 is let go; its backends are on no interface of ours.
+    let mut third = lab.start_agent_with(&cfg, &["--keep-on-exit"]);
+    let log = third.log_text();
+    assert!(log.contains("detached from the earlier agent's backend interface"), "{log}");
+    assert!(!link_backend.exists() && !has_xdp(&lab, "eth1") && has_xdp(&lab, "eth0"), "eth1 detached:\n{log}");
+    third.stop_keeping();
+
+    // Two-arm again, then a clean stop (no --keep-on-exit): nothing is left.
+    let mut last = lab.start_agent(&cfg);
+    answered(&lab, "two-arm again");
+    let (status, log) = last.stop();
+    assert!(status.success(), "{log}");
+    assert!(!has_xdp(&lab, "eth0") && !has_xdp(&lab, "eth1"), "detached from both:\n{log}");
+    assert!(!lab.pin_dir().join("link").exists() && !link_backend.exists(), "pins removed:\n{log}");
+}
