@@ -12,7 +12,8 @@
 //! IPv4 header checksum and the TCP/UDP checksum incrementally (RFC 1624; an IPv4
 //! UDP checksum of 0, "none", stays 0), decrements the TTL / hop limit (a packet
 //! that would reach 0 is dropped, `drop_nat_ttl`), and sends the frame to the
-//! backend's next hop (`Backend::mac`) from our MAC (XDP_TX).
+//! backend's next hop (`Backend::mac`) from our MAC (XDP_TX; two-arm, by the
+//! backend's egress interface: `egress.rs`).
 
 use core::mem::MaybeUninit;
 
