@@ -35,6 +35,7 @@ use crate::{
     status::Status,
 };
 
+mod arms;
 mod reloading;
 mod routes;
 mod trace_session;
@@ -168,24 +169,14 @@ async fn run_async(args: RunArgs) -> Result<()> {
     tracing::info!(iface = %iface.name, index = iface.index, mac = %format_mac(&iface.mac), "interface");
     let pins = PinDir::new(&args.pin_dir);
     crate::ownership::check_interface(&iface, &pins)?;
-    let backend_iface = match &args.backend_iface {
-        None => None,
-        Some(name) if *name == iface.name => anyhow::bail!("--backend-iface {name} is --iface: leave it out for one-arm"),
-        Some(name) => {
-            let b = nl.interface(name).await.with_context(|| format!("--backend-iface {name}"))?;
-            tracing::info!(backend_iface = %b.name, index = b.index, mac = %format_mac(&b.mac), "backend interface (two-arm)");
-            crate::ownership::check_backend_interface(&b, &pins)?;
-            Some(b)
-        }
-    };
-    let arms = Arms { client: iface.clone(), backend: backend_iface };
+    let arms = arms::interfaces(&nl, &args, &iface, &pins).await?;
     let mut neigh_events = crate::neigh::watch()?;
     let mut announce = crate::announce::Announcer::start(args.announce_table).context("starting the announcements")?;
 
     // The bytes `cfg` came from, if the file did not change while it was loaded.
     let in_force: Arc<[u8]> =
         if std::fs::read(&args.config).is_ok_and(|again| again == seen) { seen.as_slice().into() } else { Arc::from([]) };
-    let addresses = tunnel_addresses(&nl, &arms).await?;
+    let addresses = arms::tunnel_addresses(&nl, &arms).await?;
     let tunnel = TunnelParams::resolve(&cfg, arms.tunnel_iface(), &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
     let nexthops = NextHops::lookup(&nl, &arms, &cfg).await;
     let backends = Plan::backend_addresses(&cfg);
@@ -227,19 +218,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
             return Err(e).with_context(|| format!("attaching to {}", iface.name));
         }
     };
-    let attached_backend = match &arms.backend {
-        Some(b) => dp.attach_backend(&b.name, mode).map(|()| None).with_context(|| format!("attaching to {} (--backend-iface)", b.name)),
-        None => dp.detach_stale_backend().context("detaching from the backend interface of an earlier agent"),
-    };
-    match attached_backend {
-        Ok(Some(path)) => tracing::info!(link = %path.display(), "one-arm now: detached from the earlier agent's backend interface"),
-        Ok(None) => {}
-        Err(e) => {
-            let _ = dp.detach();
-            dp.unpin();
-            return Err(e);
-        }
-    }
+    arms::attach_backend(&mut dp, &arms, mode, opened.adopted)?;
     let how = if opened.adopted { "replaced the program in the pinned link" } else { "attached" };
     tracing::info!(iface = %iface.name, %mode, services = plan.services.len(),
         backends = plan.backends.len(), pin_dir = %args.pin_dir.display(), "{how}");
@@ -359,17 +338,6 @@ async fn run_async(args: RunArgs) -> Result<()> {
     detached.context("detaching")?;
     tracing::info!(iface = %agent.arms.client.name, "detached");
     Ok(())
-}
-
-/// The addresses tunnel sources default to: the backend interface's first
-/// (two-arm: encapsulated frames leave by it), then the client interface's.
-async fn tunnel_addresses(nl: &Neighbours, arms: &Arms) -> Result<Vec<IpAddr>> {
-    let mut out = Vec::new();
-    if let Some(b) = &arms.backend {
-        out = nl.addresses(b.index).await?;
-    }
-    out.extend(nl.addresses(arms.client.index).await?);
-    Ok(out)
 }
 
 fn resolve_timeout(args: &RunArgs) -> Duration {

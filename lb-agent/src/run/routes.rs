@@ -36,7 +36,7 @@ impl Agent {
             return;
         }
         self.routes_checked = Instant::now();
-        if let Ok(addresses) = super::tunnel_addresses(&self.nl, &self.arms).await {
+        if let Ok(addresses) = super::arms::tunnel_addresses(&self.nl, &self.arms).await {
             self.addresses = addresses;
         }
         let fresh = NextHops::lookup(&self.nl, &self.arms, &self.config).await;
