@@ -30,7 +30,8 @@ const LO: u32 = 1;
 /// One backend per service, so the expected backend is known: DR on ports 80
 /// (IPv4, backend interface), 81 (IPv6, backend interface) and 82 (IPv4, client
 /// interface), IPIP on 83, GUE on 84 (both on the backend interface), and 85 a
-/// DR backend whose egress has no `EGRESS` entry.
+/// DR backend whose egress has no `EGRESS` entry, and 86 a `nat` backend (port
+/// 8086) on the backend interface.
 const YAML: &str = "services:
   - { name: dr4, vip: 198.18.1.10, port: 80, backends: [{ address: 198.18.5.11 }] }
   - { name: dr6, vip: \"2001:db8:1::10\", port: 81, backends: [{ address: \"2001:db8:5::11\" }] }
@@ -38,6 +39,7 @@ const YAML: &str = "services:
   - { name: ipip4, vip: 198.18.1.10, port: 83, forwarding: ipip, backends: [{ address: 198.18.6.11 }] }
   - { name: gue6, vip: \"2001:db8:1::10\", port: 84, forwarding: gue, backends: [{ address: \"2001:db8:6::11\" }] }
   - { name: lost, vip: 198.18.1.10, port: 85, backends: [{ address: 198.18.7.11 }] }
+  - { name: nat4, vip: 198.18.1.10, port: 86, forwarding: nat, backends: [{ address: 198.18.8.11, port: 8086 }] }
 ";
 
 /// An `EGRESS` index the agent never writes.
@@ -162,4 +164,17 @@ fn a_missing_egress_entry_drops_and_counts() {
     assert_eq!(verdict, XDP_DROP, "no EGRESS entry: dropped");
     assert_eq!(lab.count(stat::DROP_NO_EGRESS), 1, "drop_no_egress counted");
     assert_eq!(lab.count(stat::FORWARDED), 0, "not counted as forwarded");
+}
+
+#[test]
+fn nat_frames_leave_by_the_backend_interface() {
+    let mut lab = Lab::new();
+    let input = frame("198.18.1.10", 86);
+    let (verdict, out) = lab.run(&input);
+    assert_eq!(verdict, XDP_REDIRECT, "nat: XDP_REDIRECT expected (lb_nat, tail-called)");
+    assert_eq!(out[0..6], mac_of("198.18.8.11".parse().unwrap()), "nat: the backend's MAC");
+    assert_eq!(out[6..12], BACKEND_IFACE_MAC, "nat: the backend interface's MAC");
+    assert_eq!(out[ETH_HLEN + 16..ETH_HLEN + 20], [198, 18, 8, 11], "nat: destination rewritten");
+    assert_eq!(u16::from_be_bytes([out[ETH_HLEN + IPV4_HLEN + 2], out[ETH_HLEN + IPV4_HLEN + 3]]), 8086, "nat: port rewritten");
+    assert_eq!((lab.count(stat::NAT_FORWARDED), lab.count(stat::REDIRECTED)), (1, 1));
 }
