@@ -150,6 +150,12 @@ pub struct RunArgs {
     /// Interface to attach to (the one the VIP traffic arrives on).
     #[arg(long)]
     pub iface: String,
+    /// Two-arm: the interface the backends are reached by, when it is not
+    /// --iface. The balancer is attached to it too; a backend whose route (next
+    /// hop) is on it gets its frames there (XDP_REDIRECT), the others out of
+    /// --iface as one-arm (XDP_TX).
+    #[arg(long)]
+    pub backend_iface: Option<String>,
     /// native: in the driver; generic: in the stack (slower, works everywhere);
     /// auto: native, falling back to generic with a warning.
     #[arg(long, value_enum, default_value_t = ModeArg::Auto)]

@@ -60,6 +60,8 @@ pub enum DataplaneError {
     Capacity { what: String },
     #[error("XDP link {path}: {error}")]
     Link { path: PathBuf, error: String },
+    #[error("EGRESS[{index}] (the interfaces of two-arm forwarding): {error}")]
+    Egress { index: u8, error: String },
     #[error("pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: std::io::Error },
 }
@@ -136,6 +138,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     /// Our handle on the XDP link (pinned at `pins.link()` when `pins` is set).
     link: Option<FdLink>,
+    /// Two-arm: the link on the backend interface (`pins.backend_link()`).
+    backend_link: Option<FdLink>,
     pins: Option<PinDir>,
     pub(crate) capacity: Capacity,
     pub(crate) regions: Regions,
@@ -220,8 +224,9 @@ impl Dataplane {
         }
         // RARE_PROGS is pinned too: the kernel empties a program array when its last
         // user reference closes, which would cut the rare path off between agents.
+        // And EGRESS (two-arm's devmap), for bpftool; neither is in `layout()`.
         let paths: Vec<(&'static str, PathBuf)> = pins
-            .map(|p| layout().iter().map(|(n, ..)| *n).chain([names::RARE_PROGS]).map(|n| (n, p.map(n))).collect())
+            .map(|p| layout().iter().map(|(n, ..)| *n).chain([names::RARE_PROGS, names::EGRESS]).map(|n| (n, p.map(n))).collect())
             .unwrap_or_default();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -263,6 +268,7 @@ impl Dataplane {
             ebpf,
             maglev,
             link: None,
+            backend_link: None,
             pins: pins.cloned(),
             capacity,
             regions: Regions::new(capacity.maglev),
@@ -325,6 +331,28 @@ impl Dataplane {
     /// and tests change it afterwards.
     pub fn set_syn_flood_kps(&mut self, kps: u16) -> Result<()> {
         self.set_config(Config { syn_flood_kps: kps, ..self.config })
+    }
+
+    /// The interfaces frames may be redirected to (`EGRESS`, `EGRESS_MAC`): the
+    /// client interface at `EGRESS_CLIENT` and, two-arm, the backend interface at
+    /// `EGRESS_BACKEND`, each as (ifindex, MAC).
+    pub fn set_egress(&mut self, client: (u32, Mac), backend: Option<(u32, Mac)>) -> Result<()> {
+        use lb_common::{EgressMac, EGRESS_BACKEND, EGRESS_CLIENT};
+        let entries = [(EGRESS_CLIENT, Some(client)), (EGRESS_BACKEND, backend)];
+        let mut devs: aya::maps::DevMap<_> =
+            aya::maps::DevMap::try_from(map_mut(&mut self.ebpf, names::EGRESS)?).map_err(map_err(names::EGRESS))?;
+        for (index, entry) in entries {
+            if let Some((ifindex, _)) = entry {
+                devs.set(u32::from(index), ifindex, None, 0).map_err(|e| DataplaneError::Egress { index, error: e.to_string() })?;
+            }
+        }
+        let mut macs: Array<_, EgressMac> =
+            Array::try_from(map_mut(&mut self.ebpf, names::EGRESS_MAC)?).map_err(map_err(names::EGRESS_MAC))?;
+        for (index, entry) in entries {
+            let mac = entry.map(|(_, mac)| mac).unwrap_or_default();
+            macs.set(u32::from(index), EgressMac { mac, _pad: [0; 2] }, 0).map_err(map_err(names::EGRESS_MAC))?;
+        }
+        Ok(())
     }
 
     /// The tunnel modes' outer source addresses and the MTU encapsulated packets

@@ -6,6 +6,11 @@
 //! reported and gets no traffic, like an unresolved one. DR backends are their
 //! own next hop (they must be on the interface's segment).
 //!
+//! Two-arm (`--backend-iface`), every backend's route is looked up: one on the
+//! backend interface gets `EGRESS_BACKEND` (its frames are redirected there),
+//! one on the client interface `EGRESS_SAME`; a route by any other interface is
+//! reported as above.
+//!
 //! The agent looks the routes up again every 2 s and on reloads, so a route that
 //! changes moves the backends' frames to the new next hop.
 
@@ -20,6 +25,8 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage},
     AddressFamily, RouteNetlinkMessage,
 };
+
+use lb_common::{EGRESS_BACKEND, EGRESS_SAME};
 
 use crate::{
     config::Config,
@@ -47,25 +54,86 @@ impl std::fmt::Display for NoRoute {
 /// The next hop of every backend of a configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NextHops {
-    /// Tunnel backends: the neighbour their frames go to, or why none.
-    via: BTreeMap<IpAddr, Result<IpAddr, NoRoute>>,
+    /// Looked-up backends: the neighbour their frames go to and the interface
+    /// it is on (`Backend::egress`), or why none.
+    via: BTreeMap<IpAddr, Result<Hop, NoRoute>>,
+}
+
+/// Where a backend's frames go: the neighbour and its interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hop {
+    neighbour: IpAddr,
+    /// `EGRESS_SAME` (the client interface) or `EGRESS_BACKEND`.
+    egress: u8,
+}
+
+/// The interfaces the balancer is attached to: the one clients' frames arrive
+/// on (`--iface`) and, two-arm, the one backends are reached by
+/// (`--backend-iface`).
+#[derive(Debug, Clone)]
+pub struct Arms {
+    pub client: Interface,
+    pub backend: Option<Interface>,
+}
+
+impl Arms {
+    /// The interface of egress `e` (`Backend::egress`).
+    pub fn of(&self, e: u8) -> &Interface {
+        match &self.backend {
+            Some(b) if e == EGRESS_BACKEND => b,
+            _ => &self.client,
+        }
+    }
+
+    /// The interface tunnelled frames leave by (for the MTU): the backend
+    /// interface two-arm.
+    pub fn tunnel_iface(&self) -> &Interface {
+        self.backend.as_ref().unwrap_or(&self.client)
+    }
+
+    /// Whether `ifindex` is one of them.
+    pub fn has(&self, ifindex: u32) -> bool {
+        self.client.index == ifindex || self.backend.as_ref().is_some_and(|b| b.index == ifindex)
+    }
 }
 
 impl NextHops {
-    /// Looks up the route of every routed (tunnel or `nat`) backend of `config`
-    /// (DR backends need none).
-    pub async fn lookup(nl: &Neighbours, iface: &Interface, config: &Config) -> NextHops {
-        let tunnel: BTreeSet<IpAddr> = config
-            .services
-            .iter()
-            .filter(|s| s.forwarding.is_routed())
-            .flat_map(|s| s.backends.iter().map(|b| b.address))
-            .collect();
+    /// Whether `config`'s backends have routes to follow: routed (tunnel or
+    /// `nat`) services' always, every backend's two-arm (a DR backend's route
+    /// says which interface it is on).
+    pub fn needed(config: &Config, arms: &Arms) -> bool {
+        arms.backend.is_some() || config.services.iter().any(|s| s.forwarding.is_routed())
+    }
+
+    /// Looks up the route of every routed (tunnel or `nat`) backend of `config`,
+    /// and two-arm of every backend: one whose route leaves by the backend
+    /// interface gets `EGRESS_BACKEND`. One-arm, DR backends need none (they are
+    /// on the interface's segment); two-arm, a DR backend is its own next hop on
+    /// the interface its route names.
+    pub async fn lookup(nl: &Neighbours, arms: &Arms, config: &Config) -> NextHops {
+        let two_arm = arms.backend.as_ref();
+        let mut wanted: BTreeMap<IpAddr, bool> = BTreeMap::new();
+        for s in &config.services {
+            if !s.forwarding.is_routed() && two_arm.is_none() {
+                continue;
+            }
+            for b in &s.backends {
+                *wanted.entry(b.address).or_default() |= s.forwarding.is_routed();
+            }
+        }
         let mut via = BTreeMap::new();
-        for addr in tunnel {
+        for (addr, routed) in wanted {
             let hop = match route_to(nl, addr).await {
-                Ok((_, oif)) if oif != iface.index => Err(NoRoute::OtherInterface(oif)),
-                Ok((gateway, _)) => Ok(gateway.unwrap_or(addr)),
+                Ok((gateway, oif)) => {
+                    let neighbour = if routed { gateway.unwrap_or(addr) } else { addr };
+                    if oif == arms.client.index {
+                        Ok(Hop { neighbour, egress: EGRESS_SAME })
+                    } else if two_arm.is_some_and(|b| b.index == oif) {
+                        Ok(Hop { neighbour, egress: EGRESS_BACKEND })
+                    } else {
+                        Err(NoRoute::OtherInterface(oif))
+                    }
+                }
                 Err(e) => Err(NoRoute::Unreachable(e)),
             };
             via.insert(addr, hop);
@@ -78,8 +146,22 @@ impl NextHops {
     pub fn neighbour(&self, backend: IpAddr) -> Option<IpAddr> {
         match self.via.get(&backend) {
             None => Some(backend),
-            Some(hop) => hop.as_ref().ok().copied(),
+            Some(hop) => hop.as_ref().ok().map(|h| h.neighbour),
         }
+    }
+
+    /// The interface `backend`'s frames leave by (`Backend::egress`).
+    pub fn egress(&self, backend: IpAddr) -> u8 {
+        match self.via.get(&backend) {
+            Some(Ok(h)) => h.egress,
+            _ => EGRESS_SAME,
+        }
+    }
+
+    /// The interface neighbour `addr` is on (as `egress`).
+    pub fn egress_of_neighbour(&self, addr: IpAddr) -> u8 {
+        let on_backend = self.via.values().any(|h| matches!(h, Ok(h) if h.neighbour == addr && h.egress == EGRESS_BACKEND));
+        if on_backend { EGRESS_BACKEND } else { EGRESS_SAME }
     }
 
     /// The backends without a usable route, and why.
@@ -101,6 +183,26 @@ impl NextHops {
     /// Whether `addr` is the next hop of some backend in `backends`.
     pub fn is_neighbour_of(&self, addr: IpAddr, backends: impl IntoIterator<Item = IpAddr>) -> bool {
         backends.into_iter().any(|b| self.neighbour(b) == Some(addr))
+    }
+
+    /// Resolves neighbours `wanted` to MACs, each on its interface (`Neighbours::resolve`).
+    pub async fn resolve(
+        &self,
+        nl: &Neighbours,
+        arms: &Arms,
+        wanted: &[IpAddr],
+        timeout: std::time::Duration,
+    ) -> Result<BTreeMap<IpAddr, Mac>, crate::neigh::NeighError> {
+        let (far, near): (Vec<IpAddr>, Vec<IpAddr>) =
+            wanted.iter().partition(|a| arms.backend.is_some() && self.egress_of_neighbour(**a) == EGRESS_BACKEND);
+        let Some(b) = arms.backend.as_ref().filter(|_| !far.is_empty()) else {
+            return nl.resolve(&arms.client, &near, timeout).await;
+        };
+        // Both at once: each may wait up to `timeout`.
+        let (found, more) = tokio::join!(nl.resolve(&arms.client, &near, timeout), nl.resolve(b, &far, timeout));
+        let mut found = found?;
+        found.extend(more?);
+        Ok(found)
     }
 }
 

@@ -135,11 +135,21 @@ fn command_line(raw: &[u8]) -> String {
 /// Refuses an interface that carries an XDP program other than the balancer in
 /// `pins`' pinned link, and a pinned link whose program is not on the interface.
 pub fn check_interface(iface: &Interface, pins: &PinDir) -> Result<(), OwnershipError> {
+    check_link(iface, pins, pins.link())
+}
+
+/// `check_interface` for the backend interface (two-arm), whose link is pinned
+/// at `PinDir::backend_link`.
+pub fn check_backend_interface(iface: &Interface, pins: &PinDir) -> Result<(), OwnershipError> {
+    check_link(iface, pins, pins.backend_link())
+}
+
+fn check_link(iface: &Interface, pins: &PinDir, link_path: PathBuf) -> Result<(), OwnershipError> {
     let found = |id: Option<u32>| match id {
         Some(id) => format!("XDP program {}", program_name(id)),
         None => "no XDP program".into(),
     };
-    if !pins.has_link() {
+    if !link_path.exists() {
         return match iface.xdp_prog {
             None => Ok(()),
             Some(id) => Err(OwnershipError::ForeignProgram {
@@ -149,14 +159,14 @@ pub fn check_interface(iface: &Interface, pins: &PinDir) -> Result<(), Ownership
             }),
         };
     }
-    let link_err = |error: String| OwnershipError::Link { link: pins.link(), error };
-    let link = FdLink::from(PinnedLink::from_pin(pins.link()).map_err(|e| link_err(e.to_string()))?);
+    let link_err = |error: String| OwnershipError::Link { link: link_path.clone(), error };
+    let link = FdLink::from(PinnedLink::from_pin(&link_path).map_err(|e| link_err(e.to_string()))?);
     let link_prog = link.info().map_err(|e| link_err(e.to_string()))?.program_id();
     if iface.xdp_prog == Some(link_prog) {
         return Ok(());
     }
     Err(OwnershipError::LinkElsewhere {
-        link: pins.link(),
+        link: link_path,
         link_prog,
         iface: iface.name.clone(),
         found: found(iface.xdp_prog),

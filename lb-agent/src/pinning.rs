@@ -15,7 +15,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
-    map_names as names, AffinityKey, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal,
+    map_names as names, AffinityKey, EgressMac, AffinityVal, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal,
     LocalityKey, LocalityVal, NatReverse, PrefixKey, Service, TraceBudget, TraceFilter, VipAddrKey, VipAddrVal, VipKey,
 };
 
@@ -29,7 +29,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 22] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 23] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -53,6 +53,7 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 22] {
         (names::CONFIG, 4, size_of::<Config>(), 0),
         (names::FRAGS, size_of::<FragKey>(), size_of::<FragVal>(), 0),
         (names::NAT_REVERSE, size_of::<FlowKey>(), size_of::<NatReverse>(), 0),
+        (names::EGRESS_MAC, 4, size_of::<EgressMac>(), 0),
     ]
 }
 
@@ -68,6 +69,11 @@ impl PinDir {
     /// The pinned XDP link: present while a balancer is attached from here.
     pub fn link(&self) -> PathBuf {
         self.dir.join("link")
+    }
+
+    /// The pinned XDP link on the backend interface (two-arm).
+    pub fn backend_link(&self) -> PathBuf {
+        self.dir.join("link_backend")
     }
 
     pub fn program(&self) -> PathBuf {
@@ -114,26 +120,37 @@ impl PinDir {
     /// array takes part in neither `layout()` nor `reusable`: it holds programs,
     /// not state, and the agent fills it at every load.
     pub fn drop_unfit_prog_array(&self) -> std::io::Result<()> {
-        let path = self.map(names::RARE_PROGS);
+        use aya::maps::MapType;
+        self.drop_unfit(names::RARE_PROGS, MapType::ProgramArray, 4, lb_common::RARE_PROGS_ENTRIES, "program array")?;
+        // The devmap of two-arm forwarding: pinned apart from `layout()` too (the
+        // kernel takes no BTF for a devmap), and written at every start.
+        self.drop_unfit(names::EGRESS, MapType::DevMap, 8, lb_common::EGRESS_ENTRIES, "devmap")
+    }
+
+    /// Removes the pinned map `name` unless it is a `kind` of 4-byte keys,
+    /// `value`-byte values and `entries` entries.
+    fn drop_unfit(&self, name: &str, kind: aya::maps::MapType, value: u32, entries: u32, what: &str) -> std::io::Result<()> {
+        let path = self.map(name);
         let fits = match MapData::from_pin(&path).ok().and_then(|m| m.info().ok()) {
             None => return Ok(()),
             Some(info) => {
-                matches!(info.map_type(), Ok(aya::maps::MapType::ProgramArray))
+                info.map_type().is_ok_and(|t| t == kind)
                     && info.key_size() == 4
-                    && info.value_size() == 4
-                    && info.max_entries() == lb_common::RARE_PROGS_ENTRIES
+                    && info.value_size() == value
+                    && info.max_entries() == entries
             }
         };
         if fits {
             return Ok(());
         }
-        tracing::info!(path = %path.display(), "the pinned program array is another version's: replacing it");
+        tracing::info!(path = %path.display(), "the pinned {what} is another version's: replacing it");
         remove_if_present(&path)
     }
 
     /// Removes pinned maps (before creating fresh ones) and the program pin.
     pub fn clear_maps(&self) -> std::io::Result<()> {
         remove_if_present(&self.map(names::RARE_PROGS))?;
+        remove_if_present(&self.map(names::EGRESS))?;
         for (name, ..) in layout() {
             match std::fs::remove_file(self.map(name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -150,6 +167,7 @@ impl PinDir {
     /// directory if it is empty.
     pub fn remove_all(&self) -> std::io::Result<()> {
         let _ = std::fs::remove_file(self.link());
+        let _ = std::fs::remove_file(self.backend_link());
         self.clear_maps()?;
         let _ = std::fs::remove_dir(&self.dir);
         Ok(())

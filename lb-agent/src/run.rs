@@ -27,7 +27,7 @@ use crate::{
     dataplane::Dataplane,
     health::{Checker, Health, HealthEvent, ProbeKind, Target, TargetKey},
     neigh::{format_mac, Interface, Mac, NeighUpdate, Neighbours},
-    nexthop::{NextHops, TunnelParams},
+    nexthop::{Arms, NextHops, TunnelParams},
     pinning::PinDir,
     plan::{DownSet, Plan},
     control::{Call, Request, Response},
@@ -35,6 +35,7 @@ use crate::{
     status::Status,
 };
 
+mod arms;
 mod reloading;
 mod routes;
 mod trace_session;
@@ -66,7 +67,8 @@ struct Agent {
     seen: Vec<u8>,
     /// The bytes of the configuration in force: a reload of the same bytes is a no-op.
     in_force: Arc<[u8]>,
-    iface: Interface,
+    /// The interface clients' frames arrive on and, two-arm, the backends'.
+    arms: Arms,
     nl: Neighbours,
     /// MACs of the neighbours frames go to (DR backends, tunnel next hops).
     macs: BTreeMap<IpAddr, Mac>,
@@ -167,22 +169,23 @@ async fn run_async(args: RunArgs) -> Result<()> {
     tracing::info!(iface = %iface.name, index = iface.index, mac = %format_mac(&iface.mac), "interface");
     let pins = PinDir::new(&args.pin_dir);
     crate::ownership::check_interface(&iface, &pins)?;
+    let arms = arms::interfaces(&nl, &args, &iface, &pins).await?;
     let mut neigh_events = crate::neigh::watch()?;
     let mut announce = crate::announce::Announcer::start(args.announce_table).context("starting the announcements")?;
 
     // The bytes `cfg` came from, if the file did not change while it was loaded.
     let in_force: Arc<[u8]> =
         if std::fs::read(&args.config).is_ok_and(|again| again == seen) { seen.as_slice().into() } else { Arc::from([]) };
-    let addresses = nl.addresses(iface.index).await?;
-    let tunnel = TunnelParams::resolve(&cfg, &iface, &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let nexthops = NextHops::lookup(&nl, &iface, &cfg).await;
+    let addresses = arms::tunnel_addresses(&nl, &arms).await?;
+    let tunnel = TunnelParams::resolve(&cfg, arms.tunnel_iface(), &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let nexthops = NextHops::lookup(&nl, &arms, &cfg).await;
     let backends = Plan::backend_addresses(&cfg);
-    let macs = nl.resolve(&iface, &nexthops.neighbours(&backends), resolve_timeout(&args)).await?;
+    let macs = nexthops.resolve(&nl, &arms, &nexthops.neighbours(&backends), resolve_timeout(&args)).await?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthEvent>();
     let mut checker = Checker::new(MAX_CONCURRENT_PROBES, health_tx);
     checker.set_targets(probe_targets(&cfg));
     let down = initial_down(&cfg, &checker);
-    let plan = Plan::next(&cfg, &nexthops.backend_macs(&backends, &macs), &down, None);
+    let plan = Plan::next(&cfg, &nexthops.backend_macs(&backends, &macs), &down, None).set_egress(|a| nexthops.egress(a));
     report_unusable(&plan, &iface, &nexthops);
 
     let (mut dp, opened) = Dataplane::open(&plan, &pins).context("loading the XDP program")?;
@@ -196,11 +199,15 @@ async fn run_async(args: RunArgs) -> Result<()> {
     // Adopting: keep the ids the running balancer's maps use (its connection table
     // refers to them).
     let plan = match dp.applied() {
-        Some(running) => Plan::next(&cfg, &nexthops.backend_macs(&backends, &macs), &down, Some(running)),
+        Some(running) => {
+            Plan::next(&cfg, &nexthops.backend_macs(&backends, &macs), &down, Some(running)).set_egress(|a| nexthops.egress(a))
+        }
         None => plan,
     };
     let (source_v4, source_v6, mtu) = tunnel.for_dataplane();
     dp.set_tunnel(source_v4, source_v6, mtu).context("writing the tunnel settings")?;
+    let backend_egress = arms.backend.as_ref().map(|b| (b.index, b.mac));
+    dp.set_egress((iface.index, iface.mac), backend_egress).context("writing the egress interfaces")?;
     dp.write(&plan, iface.mac).context("filling the maps")?;
     let mode = match dp.attach(&iface.name, args.xdp_mode.mode()) {
         Ok(mode) => mode,
@@ -211,6 +218,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
             return Err(e).with_context(|| format!("attaching to {}", iface.name));
         }
     };
+    arms::attach_backend(&mut dp, &arms, mode, opened.adopted)?;
     let how = if opened.adopted { "replaced the program in the pinned link" } else { "attached" };
     tracing::info!(iface = %iface.name, %mode, services = plan.services.len(),
         backends = plan.backends.len(), pin_dir = %args.pin_dir.display(), "{how}");
@@ -236,7 +244,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         config: cfg,
         in_force,
         seen,
-        iface,
+        arms,
         nl,
         macs,
         nexthops,
@@ -320,7 +328,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let converge = Duration::from_secs_f64(agent.args.withdraw_wait_secs.max(0.0));
     std::mem::take(&mut agent.announce).stop(!agent.args.keep_on_exit, converge).await;
     if agent.args.keep_on_exit {
-        tracing::info!(iface = %agent.iface.name, pin_dir = %agent.args.pin_dir.display(),
+        tracing::info!(iface = %agent.arms.client.name, pin_dir = %agent.args.pin_dir.display(),
             "exiting with the balancer left attached (--keep-on-exit): the next agent adopts it");
         agent.dp.keep();
         return Ok(());
@@ -328,7 +336,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let detached = agent.dp.detach();
     agent.dp.unpin();
     detached.context("detaching")?;
-    tracing::info!(iface = %agent.iface.name, "detached");
+    tracing::info!(iface = %agent.arms.client.name, "detached");
     Ok(())
 }
 
@@ -386,7 +394,7 @@ impl Agent {
         let ctx = StatusContext {
             config: &self.config,
             config_path: &self.args.config.display().to_string(),
-            iface: &self.iface.name,
+            iface: &self.arms.client.name,
             attach_mode: &self.mode.to_string(),
             pin_dir: &self.args.pin_dir.display().to_string(),
             uptime: self.started.elapsed(),
@@ -488,7 +496,7 @@ impl Agent {
     /// when the maps could not take it.
     fn replan(&mut self, why: &str) -> bool {
         let config = self.effective(&self.config);
-        let plan = Plan::next(&config, &self.backend_macs(&config), &self.down, Some(&self.plan));
+        let plan = Plan::next(&config, &self.backend_macs(&config), &self.down, Some(&self.plan)).set_egress(|a| self.nexthops.egress(a));
         match self.dp.apply(&plan) {
             Ok(summary) => {
                 tracing::debug!(why, %summary, "maps updated");
@@ -535,11 +543,15 @@ impl Agent {
     /// answered (usually to `resolve_missing`'s probe) and goes into the tables.
     fn on_neighbour(&mut self, ev: NeighUpdate) {
         let backends = self.plan.backends.iter().map(|b| b.address);
-        if ev.ifindex != self.iface.index || !self.nexthops.is_neighbour_of(ev.addr, backends) {
+        if !self.arms.has(ev.ifindex) || !self.nexthops.is_neighbour_of(ev.addr, backends) {
+            return;
+        }
+        let iface = self.arms.of(self.nexthops.egress_of_neighbour(ev.addr));
+        if ev.ifindex != iface.index {
             return;
         }
         if ev.failed {
-            tracing::warn!(backend = %ev.addr, iface = %self.iface.name, "backend unreachable: no ARP/ND answer");
+            tracing::warn!(backend = %ev.addr, iface = %iface.name, "backend unreachable: no ARP/ND answer");
         }
         let Some(mac) = ev.mac else { return };
         let old = self.macs.insert(ev.addr, mac);
@@ -559,11 +571,12 @@ impl Agent {
         if due.is_empty() {
             return;
         }
-        match self.nl.resolve(&self.iface, &due, Duration::ZERO).await {
+        match self.nexthops.resolve(&self.nl, &self.arms, &due, Duration::ZERO).await {
             Ok(found) => {
                 for addr in due.iter().filter(|a| !found.contains_key(a)) {
-                    tracing::debug!(backend = %addr, iface = %self.iface.name, "probing an unresolved backend again");
-                    crate::neigh::probe(&self.iface.name, *addr);
+                    let iface = &self.arms.of(self.nexthops.egress_of_neighbour(*addr)).name;
+                    tracing::debug!(backend = %addr, iface = %iface, "probing an unresolved backend again");
+                    crate::neigh::probe(iface, *addr);
                 }
                 if found.is_empty() {
                     return;

@@ -11,9 +11,11 @@
 #![no_std]
 
 pub mod decap;
+pub mod egress;
 pub mod hash;
 pub mod prefix;
 
+pub use egress::{EgressMac, EGRESS_BACKEND, EGRESS_CLIENT, EGRESS_ENTRIES, EGRESS_SAME};
 pub use decap::{decap_stat, DecapAddrKey, DecapAddrVal, DecapConfig, DEFAULT_GUE_PORT, PROG_DECAP};
 pub use hash::{flow_hash, maglev_slot};
 pub use prefix::{LocalityKey, LocalityVal, PrefixKey, PREFIX_SLOT, PROG_PREFIX};
@@ -49,6 +51,7 @@ pub mod map_names {
     pub const RARE_PROGS: &str = "RARE_PROGS";
     pub const NAT_REVERSE: &str = "NAT_REVERSE";
     pub use crate::decap::names::*;
+    pub use crate::egress::names::*;
     pub use crate::prefix::names::*;
 }
 
@@ -261,7 +264,9 @@ pub struct Backend {
     pub mac: [u8; 6],
     /// `FORWARD_DR`, `FORWARD_IPIP`, `FORWARD_GUE`, `FORWARD_NAT`: the service's mode.
     pub forward: u8,
-    pub _pad: u8,
+    /// The interface its frames leave by: `EGRESS_SAME` (the one the frame came
+    /// in on, XDP_TX) or an `EGRESS` index (XDP_REDIRECT, two-arm: `egress.rs`).
+    pub egress: u8,
     /// `BACKEND_ACTIVE` when the slot holds a usable backend.
     pub flags: u32,
     /// The service this backend belongs to.

@@ -93,7 +93,13 @@ pub const DROP_NAT_TTL: u32 = 35;
 /// A fragment or an ICMP error of a `nat` service's flow: not translated yet,
 /// dropped.
 pub const DROP_NAT_UNSUPPORTED: u32 = 36;
-pub const COUNT: u32 = 37;
+/// Sent to a backend by another interface than the one it came in on
+/// (two-arm: XDP_REDIRECT through `EGRESS`; also counts `forwarded`).
+pub const REDIRECTED: u32 = 37;
+/// For a backend on another interface whose `EGRESS` entry is missing (the
+/// agent has not written it): dropped.
+pub const DROP_NO_EGRESS: u32 = 38;
+pub const COUNT: u32 = 39;
 
 /// Names for metrics and `lb-agent`, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -134,4 +140,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "nat_reply",
     "drop_nat_ttl",
     "drop_nat_unsupported",
+    "redirected",
+    "drop_no_egress",
 ];

@@ -68,8 +68,16 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         // SAFETY: as above, into `lb_nat_reply`; on failure the frame passes.
         unsafe { RARE_PROGS.tail_call(&ctx, NAT_REPLY_SLOT) };
     }
+    emit(&ctx, v as u32, counter)
+}
+
+/// Counts a verdict and returns its XDP action, redirecting the frame first when
+/// its backend is on another interface (`forward/egress.rs`).
+#[inline(always)]
+fn emit(ctx: &XdpContext, action: u32, counter: u32) -> u32 {
+    let (action, counter) = forward::egress::send(ctx, action, counter);
     count(counter);
-    v as u32
+    action
 }
 
 /// The packed verdict of a frame to no exact VIP.
@@ -107,8 +115,7 @@ pub fn lb_prefix(ctx: XdpContext) -> u32 {
         // prefix may be a `nat` reply); on failure the frame passes.
         unsafe { RARE_PROGS.tail_call(&ctx, NAT_REPLY_SLOT) };
     }
-    count((v >> 32) as u32);
-    v as u32
+    emit(&ctx, v as u32, (v >> 32) as u32)
 }
 
 /// Whether a `nat` service exists, so that frames to no VIP may be replies to
@@ -123,8 +130,7 @@ fn nat_on() -> bool {
 #[xdp]
 pub fn lb_nat(ctx: XdpContext) -> u32 {
     let (action, counter) = verdict(forward::nat::forward(&ctx));
-    count(counter);
-    action
+    emit(&ctx, action, counter)
 }
 
 /// `nat` forwarding, the backend-to-client direction: see `forward/nat_reply.rs`.
@@ -140,8 +146,7 @@ pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_rare(ctx: XdpContext) -> u32 {
     let v = rare_fast(&ctx);
-    count((v >> 32) as u32);
-    v as u32
+    emit(&ctx, v as u32, (v >> 32) as u32)
 }
 
 /// Action of a packed verdict that asks for the rare path.
@@ -253,7 +258,7 @@ pub fn lb_rare_trace(ctx: XdpContext) -> u32 {
 /// Counts a packed verdict, records it when a trace runs, and returns the action.
 #[inline(always)]
 fn finish_trace(ctx: &XdpContext, filter: Option<&TraceFilter>, r: &mut TraceRecord, v: u64) -> u32 {
-    let (action, counter) = (v as u32, (v >> 32) as u32);
+    let (action, counter) = forward::egress::send(ctx, v as u32, (v >> 32) as u32);
     count(counter);
     if let Some(filter) = filter {
         trace::record(ctx, filter, r, action, counter);
@@ -282,7 +287,8 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
     match outcome {
         Outcome::Pass(reason) => (xdp_action::XDP_PASS, reason),
         Outcome::Drop(reason) => (xdp_action::XDP_DROP, reason),
-        Outcome::Tx => (xdp_action::XDP_TX, stat::FORWARDED),
+        // XDP_TX, or a redirect `emit` carries out.
+        Outcome::Out(e) => (forward::egress::action(e), stat::FORWARDED),
         Outcome::TxAs(reason) => (xdp_action::XDP_TX, reason),
         // Never left over: the entry points run the rare path or `lb_nat` for them.
         Outcome::Rare => (xdp_action::XDP_PASS, stat::PASS_NOT_L4),

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    stat, AffinityKey, AffinityVal, LocalityKey, LocalityVal, NatReverse, PrefixKey, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
+    stat, AffinityKey, EgressMac, EGRESS_ENTRIES, AffinityVal, LocalityKey, LocalityVal, NatReverse, PrefixKey, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
     DEFAULT_FRAGS_SIZE, DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
@@ -172,6 +172,15 @@ pub struct Scratch {
     pub frag_key: FragKey,
     pub frag_val: FragVal,
 }
+
+/// Two-arm: the interfaces frames are redirected to (`lb_common::EGRESS_*`
+/// indices; `Backend::egress`), written by the agent (`forward/egress.rs`).
+#[btf_map]
+pub static EGRESS: DevMap<{ EGRESS_ENTRIES as usize }> = DevMap::new();
+
+/// The MAC of each `EGRESS` interface (same index): redirected frames' source.
+#[btf_map]
+pub static EGRESS_MAC: Array<EgressMac, { EGRESS_ENTRIES as usize }> = Array::new();
 
 /// Interface MAC and readiness, written by the agent.
 #[btf_map]

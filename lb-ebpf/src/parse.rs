@@ -58,8 +58,10 @@ pub enum Outcome {
     Pass(u32),
     /// XDP_DROP, counted under the given `stat` index.
     Drop(u32),
-    /// Rewritten and sent back out (XDP_TX) to a backend: `forwarded`.
-    Tx,
+    /// Rewritten for a backend and sent out by its `Backend::egress`: XDP_TX for
+    /// `EGRESS_SAME`, else XDP_REDIRECT through `EGRESS` (`forward/egress.rs`):
+    /// `forwarded`.
+    Out(u32),
     /// Sent back out (XDP_TX) as something else (an ICMP error to the client),
     /// counted under the given `stat` index.
     TxAs(u32),

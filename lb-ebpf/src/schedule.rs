@@ -237,7 +237,7 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let outcome = forward::deliver(ctx, pkt, flow, backend, cfg, (kind, backend_id, new_flow));
-    if let Outcome::Tx = outcome {
+    if let Outcome::Out(_) = outcome {
         count_forward(service_id, backend_id, bytes, new_flow);
         if is_frag_hit {
             count(stat::FRAG_FOLLOWED);

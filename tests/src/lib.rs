@@ -16,3 +16,4 @@ pub mod flood;
 pub mod frames;
 pub mod tls;
 pub mod tunnel;
+pub mod twoarm;

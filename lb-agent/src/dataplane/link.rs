@@ -1,5 +1,6 @@
 //! Attaching the balancer to an interface (or into an earlier agent's pinned
-//! link), detaching, and leaving or removing the pins.
+//! link), two-arm to the backend interface too, detaching, and leaving or
+//! removing the pins.
 
 use std::fs;
 
@@ -67,6 +68,50 @@ impl Dataplane {
         Ok(used)
     }
 
+    /// Two-arm: attaches the balancer to the backend interface `iface` too, in
+    /// `mode` (the client interface's), pinned beside the first link (or swapped
+    /// into the link an earlier agent pinned there). Frames arriving there are
+    /// balanced like the others; and some drivers (veth among them) take
+    /// redirected frames only on an interface with an XDP program.
+    pub fn attach_backend(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        let prog_err = |source| DataplaneError::Program { name: lb_common::PROG_BALANCER, source };
+        let pins = self.pins.clone();
+        let prog: &mut Xdp = program(&mut self.ebpf, lb_common::PROG_BALANCER)?;
+        let link_err = |path: std::path::PathBuf| move |e: String| DataplaneError::Link { path: path.clone(), error: e };
+        if let Some(path) = pins.as_ref().map(|p| p.backend_link()).filter(|p| p.exists()) {
+            let err = link_err(path.clone());
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| err(e.to_string()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| err(e.to_string()))?;
+            let id = prog.attach_to_link(link).map_err(prog_err)?;
+            let link = prog.take_link(id).map_err(prog_err)?;
+            self.backend_link = Some(FdLink::try_from(link).map_err(|e| err(e.to_string()))?);
+            return Ok(());
+        }
+        let flags = match mode {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+        };
+        let id = prog.attach(iface, flags).map_err(prog_err)?;
+        let link = prog.take_link(id).map_err(prog_err)?;
+        let link = FdLink::try_from(link).map_err(|e| DataplaneError::Link { path: "XDP link".into(), error: e.to_string() })?;
+        self.backend_link = Some(match &pins {
+            Some(p) => FdLink::from(
+                link.pin(p.backend_link()).map_err(|source| DataplaneError::Pin { path: p.backend_link(), source })?,
+            ),
+            None => link,
+        });
+        Ok(())
+    }
+
+    /// One-arm: detaches the balancer from a backend interface an earlier
+    /// (two-arm) agent left it on, by removing that link's pin.
+    pub fn detach_stale_backend(&mut self) -> Result<Option<std::path::PathBuf>> {
+        self.backend_link = None;
+        let Some(path) = self.pins.as_ref().map(|p| p.backend_link()).filter(|p| p.exists()) else { return Ok(None) };
+        fs::remove_file(&path).map_err(|source| DataplaneError::PinDir { path: path.clone(), source })?;
+        Ok(Some(path))
+    }
+
     fn pin_program(&mut self) -> Result<()> {
         let Some(pins) = self.pins.clone() else { return Ok(()) };
         let path = pins.program();
@@ -79,14 +124,17 @@ impl Dataplane {
     /// reference to the link.
     pub fn detach(&mut self) -> Result<()> {
         if let Some(pins) = &self.pins {
-            match fs::remove_file(pins.link()) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(DataplaneError::PinDir { path: pins.link(), source: e });
+            for path in [pins.link(), pins.backend_link()] {
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(DataplaneError::PinDir { path, source: e });
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
         }
         self.link = None;
+        self.backend_link = None;
         Ok(())
     }
 
@@ -103,6 +151,7 @@ impl Dataplane {
     /// data plane carries on; the next agent adopts it).
     pub fn keep(mut self) {
         self.link = None;
+        self.backend_link = None;
         self.pins = None;
     }
 }

@@ -89,6 +89,7 @@ pub fn from_maps(
             flags: b.flags,
             forward: b.forward,
             port: b.port,
+            egress: b.egress,
         });
     }
     let used_backends: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();

@@ -119,6 +119,9 @@ pub struct PlannedBackend {
     /// (`Backend::port`: the GUE port, or a `nat` backend's port).
     pub forward: u8,
     pub port: u16,
+    /// The interface its frames leave by (`Backend::egress`): `EGRESS_SAME` unless
+    /// two-arm puts its next hop on the backend interface (`Plan::set_egress`).
+    pub egress: u8,
 }
 
 impl PlannedService {
@@ -133,7 +136,7 @@ impl PlannedBackend {
         Backend {
             mac: self.mac.unwrap_or([0; 6]),
             forward: self.forward,
-            _pad: 0,
+            egress: self.egress,
             flags: self.flags,
             service_id,
             generation: self.generation,
@@ -274,6 +277,7 @@ impl Plan {
                         Forwarding::Nat => b.port.unwrap_or(svc.port),
                         _ => 0,
                     },
+                    egress: lb_common::EGRESS_SAME,
                 });
             }
             let members = &mut plan.backends[first..];
@@ -398,6 +402,16 @@ impl Plan {
     /// The backend with id `id` (a linear search: see `backends_by_id`).
     pub fn backend(&self, id: u32) -> Option<&PlannedBackend> {
         self.backends.iter().find(|b| b.id == id)
+    }
+
+    /// Sets every backend's egress interface (`Backend::egress`, two-arm) from
+    /// its address: the next hops' (`NextHops::egress`). Plans start with
+    /// `EGRESS_SAME` everywhere (one-arm).
+    pub fn set_egress(mut self, egress: impl Fn(IpAddr) -> u8) -> Plan {
+        for b in &mut self.backends {
+            b.egress = egress(b.address);
+        }
+        self
     }
 
     /// Backends that could not be resolved, as (service name, address).

@@ -131,3 +131,22 @@ fn reloads_keep_ids_and_reuse_freed_ones_with_a_new_generation() {
     assert_eq!(id, freed.0, "the freed id is reused");
     assert_eq!(generation, freed.1 + 1, "with a new generation");
 }
+
+#[test]
+fn egress_reaches_the_backend_entries_and_survives_adoption() {
+    let cfg = config::parse(CFG, "test.yaml").unwrap();
+    let one_arm = Plan::build(&cfg, &all_macs());
+    assert!(one_arm.backends.iter().all(|b| b.map_value(0).egress == lb_common::EGRESS_SAME));
+    let far: IpAddr = "198.18.0.13".parse().unwrap();
+    let plan = Plan::build(&cfg, &all_macs()).set_egress(|a| if a == far { lb_common::EGRESS_BACKEND } else { lb_common::EGRESS_SAME });
+    for b in &plan.backends {
+        let want = if b.address == far { lb_common::EGRESS_BACKEND } else { lb_common::EGRESS_SAME };
+        assert_eq!(b.map_value(plan.services[b.service].value.id).egress, want, "{}", b.address);
+    }
+    // What an adopting agent reads back from BACKENDS keeps it.
+    let backends: Vec<(u32, lb_common::Backend)> =
+        plan.backends.iter().map(|b| (b.id, b.map_value(plan.services[b.service].value.id))).collect();
+    let services: Vec<_> = plan.services.iter().map(|s| (s.key, s.value, s.table.to_vec())).collect();
+    let adopted = crate::plan::from_maps(&services, &backends, plan.vip_addrs.clone(), &plan);
+    assert!(adopted.backends.iter().all(|b| (b.address == far) == (b.egress == lb_common::EGRESS_BACKEND)));
+}

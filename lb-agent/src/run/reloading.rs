@@ -198,11 +198,11 @@ impl Agent {
         let (config, parsed) = config::reparse(old, &self.config, new, &origin)?;
         tracing::debug!(secs = started.elapsed().as_secs_f64(), "reparse");
         // New backends wait for their MACs in the parse task, and tunnel services
-        // for their routes: those take the full parse, as does a plan with a
-        // backend still unresolved (the parse task tries it again). The services
-        // taken from the configuration in force are known: only the parsed ones
-        // are looked up.
-        if config.services.iter().any(|s| s.forwarding.is_routed()) || self.plan.backends.iter().any(|b| b.mac.is_none()) {
+        // for their routes (every backend's, two-arm): those take the full
+        // parse, as does a plan with a backend still unresolved (the parse task
+        // tries it again). The services taken from the configuration in force are
+        // known: only the parsed ones are looked up.
+        if NextHops::needed(&config, &self.arms) || self.plan.backends.iter().any(|b| b.mac.is_none()) {
             return None;
         }
         if !parsed.iter().all(|&i| config.services[i].backends.iter().all(|b| self.macs.contains_key(&b.address))) {
@@ -217,8 +217,8 @@ impl Agent {
     fn spawn_parse(&self, generation: u64, job: Job) {
         let origin = self.args.config.display().to_string();
         let known: BTreeSet<IpAddr> = self.macs.keys().copied().collect();
-        let (nl, iface, timeout, done) =
-            (self.nl.clone(), self.iface.clone(), resolve_timeout(&self.args), self.reloads.done.clone());
+        let (nl, arms, timeout, done) =
+            (self.nl.clone(), self.arms.clone(), resolve_timeout(&self.args), self.reloads.done.clone());
         tracing::debug!(why = job.why, bytes = job.bytes.len(), "parsing the configuration");
         tokio::spawn(async move {
             let started = Instant::now();
@@ -236,7 +236,7 @@ impl Agent {
             }
             let result = match parsed {
                 Ok(config) => {
-                    let nexthops = NextHops::lookup(&nl, &iface, &config).await;
+                    let nexthops = NextHops::lookup(&nl, &arms, &config).await;
                     let missing: Vec<IpAddr> = nexthops
                         .neighbours(&Plan::backend_addresses(&config))
                         .into_iter()
@@ -245,7 +245,7 @@ impl Agent {
                     let found = if missing.is_empty() {
                         BTreeMap::new()
                     } else {
-                        nl.resolve(&iface, &missing, timeout).await.unwrap_or_else(|e| {
+                        nexthops.resolve(&nl, &arms, &missing, timeout).await.unwrap_or_else(|e| {
                             tracing::warn!(error = %e, "resolving new backends");
                             BTreeMap::new()
                         })
@@ -332,7 +332,7 @@ impl Agent {
         let old_hops = std::mem::replace(&mut self.nexthops, nexthops);
         let macs = self.backend_macs(&new);
         let t_plan = Instant::now();
-        let plan = Plan::next(&self.effective(&new), &macs, &down, Some(&self.plan));
+        let plan = Plan::next(&self.effective(&new), &macs, &down, Some(&self.plan)).set_egress(|a| self.nexthops.egress(a));
         let plan_secs = t_plan.elapsed().as_secs_f64();
         if let Err(e) = self.dp.check_fits(&plan) {
             self.checker.set_targets(probe_targets(&self.config));
@@ -361,7 +361,7 @@ impl Agent {
                 self.in_force = bytes;
                 self.down = down;
                 self.plan = plan;
-                report_unusable(&self.plan, &self.iface, &self.nexthops);
+                report_unusable(&self.plan, &self.arms.client, &self.nexthops);
                 Ok(format!("reload applied: {diff}"))
             }
             Err(e) => {

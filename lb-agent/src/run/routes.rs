@@ -27,23 +27,23 @@ impl Agent {
 
     /// The tunnel settings for `config` on this interface.
     pub(super) fn tunnel_params(&self, config: &Config) -> Result<TunnelParams, String> {
-        TunnelParams::resolve(config, &self.iface, &self.addresses)
+        TunnelParams::resolve(config, self.arms.tunnel_iface(), &self.addresses)
     }
 
     /// Looks the tunnel backends' routes up again when due; re-plans on a change.
     pub(super) async fn refresh_routes(&mut self) {
-        if !self.config.services.iter().any(|s| s.forwarding.is_routed()) || self.routes_checked.elapsed() < EVERY {
+        if !NextHops::needed(&self.config, &self.arms) || self.routes_checked.elapsed() < EVERY {
             return;
         }
         self.routes_checked = Instant::now();
-        if let Ok(addresses) = self.nl.addresses(self.iface.index).await {
+        if let Ok(addresses) = super::arms::tunnel_addresses(&self.nl, &self.arms).await {
             self.addresses = addresses;
         }
-        let fresh = NextHops::lookup(&self.nl, &self.iface, &self.config).await;
+        let fresh = NextHops::lookup(&self.nl, &self.arms, &self.config).await;
         if fresh == self.nexthops {
             return;
         }
-        tracing::info!("a tunnel backend's route changed: following it");
+        tracing::info!("a backend's route changed: following it");
         self.nexthops = fresh;
         for (addr, why) in self.nexthops.unroutable() {
             tracing::error!(backend = %addr, "tunnel backend unreachable: {why}; left out of the tables");

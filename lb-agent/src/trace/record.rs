@@ -135,6 +135,7 @@ pub fn describe(r: &RawRecord, plan: &Plan, drained: &dyn Fn(&str, IpAddr) -> bo
             1 => "drop",
             2 => "pass",
             3 => "tx",
+            4 => "redirect",
             _ => "?",
         }
         .into(),

@@ -13,5 +13,5 @@ pub fn rewrite(ctx: &XdpContext, b: &Backend, cfg: &Config) -> Outcome {
     let Some(eth) = bytes_mut::<12>(ctx, 0) else { return Outcome::Pass(stat::PASS_MALFORMED_L2) };
     eth[0..6].copy_from_slice(&b.mac);
     eth[6..12].copy_from_slice(&cfg.iface_mac);
-    Outcome::Tx
+    Outcome::Out(u32::from(b.egress))
 }

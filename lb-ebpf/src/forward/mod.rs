@@ -1,8 +1,10 @@
 //! Sending a frame to its backend, by the service's forwarding mode (carried in
 //! the backend's entry): `dr` rewrites the MACs, `ipip` and `gue` encapsulate,
-//! `nat` continues in a program of its own (`nat.rs`).
+//! `nat` continues in a program of its own (`nat.rs`). The frame leaves by the
+//! backend's egress interface (`egress.rs`).
 
 mod dr;
+pub mod egress;
 pub mod nat;
 pub mod nat_reply;
 mod too_big;

@@ -12,7 +12,8 @@
 //! IPv4 header checksum and the TCP/UDP checksum incrementally (RFC 1624; an IPv4
 //! UDP checksum of 0, "none", stays 0), decrements the TTL / hop limit (a packet
 //! that would reach 0 is dropped, `drop_nat_ttl`), and sends the frame to the
-//! backend's next hop (`Backend::mac`) from our MAC (XDP_TX).
+//! backend's next hop (`Backend::mac`) from our MAC (XDP_TX; two-arm, by the
+//! backend's egress interface: `egress.rs`).
 
 use core::mem::MaybeUninit;
 
@@ -65,7 +66,7 @@ pub fn forward(ctx: &XdpContext) -> Outcome {
         return Outcome::Pass(stat::PASS_NOT_READY);
     };
     let port = if b.port != 0 { b.port } else { pkt.dport };
-    let service_id = b.service_id;
+    let (service_id, egress) = (b.service_id, b.egress);
     if s.new_flow != 0 {
         remember(ctx, pkt, &b.addr, port, s.backend_id, service_id);
     }
@@ -75,7 +76,7 @@ pub fn forward(ctx: &XdpContext) -> Outcome {
         Ok(()) => {
             count(stat::NAT_FORWARDED);
             count_forward(service_id, s.backend_id, bytes, s.new_flow != 0);
-            Outcome::Tx
+            Outcome::Out(u32::from(egress))
         }
         Err(reason) => Outcome::Drop(reason),
     }

@@ -56,7 +56,7 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, b: &Backend, cfg: &Config, ha
         return Outcome::Drop(stat::DROP_ENCAP_FAILED);
     }
     count(if gue { stat::ENCAP_GUE } else { stat::ENCAP_IPIP });
-    Outcome::Tx
+    Outcome::Out(u32::from(b.egress))
 }
 
 /// `lb_common::v4_mapped`'s third 4-byte word (`::ffff:0:0/96`) as it lies in memory.
