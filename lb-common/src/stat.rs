@@ -90,10 +90,14 @@ pub const NAT_REPLY: u32 = 34;
 /// A packet of a `nat` flow (either direction) whose TTL / hop limit would reach
 /// 0: dropped (a router would send ICMP "time exceeded").
 pub const DROP_NAT_TTL: u32 = 35;
-/// A fragment or an ICMP error of a `nat` service's flow: not translated yet,
-/// dropped.
+/// A fragment of a `nat` service's flow (not translated), or an ICMP error about
+/// one whose embedded packet could not be rewritten: dropped.
 pub const DROP_NAT_UNSUPPORTED: u32 = 36;
-pub const COUNT: u32 = 37;
+/// An ICMP error about a packet sent to a `nat` backend (from the backend or a
+/// router on its path), translated back to the VIP and sent to the client
+/// (`lb_nat_reply`, XDP_TX).
+pub const NAT_ICMP_REPLY: u32 = 37;
+pub const COUNT: u32 = 38;
 
 /// Names for metrics and `lb-agent`, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -134,4 +138,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "nat_reply",
     "drop_nat_ttl",
     "drop_nat_unsupported",
+    "nat_icmp_reply",
 ];
