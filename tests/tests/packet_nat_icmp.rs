@@ -196,6 +196,9 @@ struct Want {
     inner_dst: IpAddr,
     sport: u16,
     dport: u16,
+    /// The whole packet the error quotes (as it was sent), to check the
+    /// embedded UDP checksum of a truncated quote against.
+    full: Vec<u8>,
 }
 
 /// Checks `out` is the error `input` translated as `w` says, every checksum
@@ -252,8 +255,13 @@ fn check(out: &[u8], input: &[u8], w: &Want, what: &str) {
         // whole header is there).
         let keep = if proto == 6 && seg.len() >= 20 { 18 } else if proto == 6 { 4 } else { 8 };
         assert_eq!(&seg[keep..], &ie[hl + keep..], "{what}: the quoted segment's rest");
-        if proto == 6 && seg.len() < 18 {
-            assert_eq!(&seg[4..], &ie[hl + 4..], "{what}: nothing but the ports changed");
+        if proto == 17 {
+            // The UDP checksum is quoted: it must be the translated datagram's.
+            let mut whole = w.full[hl..].to_vec();
+            whole[0..2].copy_from_slice(&w.sport.to_be_bytes());
+            whole[2..4].copy_from_slice(&w.dport.to_be_bytes());
+            let want = l4_checksum(w.inner_src, w.inner_dst, 17, &whole);
+            assert_eq!(u16::from_be_bytes([seg[6], seg[7]]), want, "{what}: truncated UDP checksum (recomputed over the whole datagram)");
         }
     }
 }
@@ -291,7 +299,7 @@ fn an_error_about_a_reply_reaches_the_backend_translated() {
                 let what = format!("{router} -> {vip} about {vip}:{vport} -> {client}:{cport} proto {proto}, {q} bytes quoted");
                 let (rc, out) = lab.run_counted(&f, &[stat::FORWARDED, stat::CONN_HIT, stat::ICMP_FORWARDED], &what);
                 assert_eq!(rc, XDP_TX, "{what}: sent on");
-                let w = Want { mac: mac_of(backend), src: router, dst: backend, inner_src: backend, inner_dst: client, sport: bport, dport: cport };
+                let w = Want { mac: mac_of(backend), src: router, dst: backend, inner_src: backend, inner_dst: client, sport: bport, dport: cport, full: reply.clone() };
                 check(&out, &f, &w, &what);
             }
         }
@@ -318,7 +326,7 @@ fn an_error_about_a_packet_to_the_backend_reaches_the_client_translated() {
                 assert_eq!(rc, XDP_TX, "{what}: sent on");
                 // The backend's own address becomes the VIP; a router keeps its own.
                 let src = if from == backend { vip } else { router };
-                let w = Want { mac: CLIENT_MAC, src, dst: client, inner_src: client, inner_dst: vip, sport: cport, dport: vport };
+                let w = Want { mac: CLIENT_MAC, src, dst: client, inner_src: client, inner_dst: vip, sport: cport, dport: vport, full: sent.clone() };
                 check(&out, &f, &w, &what);
             }
         }
@@ -376,12 +384,12 @@ fn a_tagged_error_keeps_its_tag() {
     let f = error(ROUTER_B6.into(), c6, &sent, sent.len(), false, BACKEND_MAC);
     let (rc, out) = lab.run(&tag(&f));
     assert_eq!(rc, XDP_TX);
-    let w = Want { mac: CLIENT_MAC, src: ROUTER_B6.into(), dst: c6, inner_src: c6, inner_dst: v6, sport: 44000, dport: 80 };
+    let w = Want { mac: CLIENT_MAC, src: ROUTER_B6.into(), dst: c6, inner_src: c6, inner_dst: v6, sport: 44000, dport: 80, full: sent };
     check(&untag(&out), &f, &w, "tagged, to the client");
     let reply = packet(v6, c6, 6, 80, 44000, 50);
     let g = error(ROUTER_C6.into(), v6, &reply, reply.len(), false, CLIENT_MAC);
     let (rc, out) = lab.run(&tag(&g));
     assert_eq!(rc, XDP_TX);
-    let w = Want { mac: mac_of(b6), src: ROUTER_C6.into(), dst: b6, inner_src: b6, inner_dst: c6, sport: 8080, dport: 44000 };
+    let w = Want { mac: mac_of(b6), src: ROUTER_C6.into(), dst: b6, inner_src: b6, inner_dst: c6, sport: 8080, dport: 44000, full: reply };
     check(&untag(&out), &g, &w, "tagged, to the backend");
 }
