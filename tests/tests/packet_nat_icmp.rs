@@ -393,3 +393,38 @@ fn a_tagged_error_keeps_its_tag() {
     let w = Want { mac: mac_of(b6), src: ROUTER_C6.into(), dst: b6, inner_src: b6, inner_dst: c6, sport: 8080, dport: 44000, full: reply };
     check(&untag(&out), &g, &w, "tagged, to the backend");
 }
+
+/// While a trace runs the balancer is `lb_xdp_trace`, whose rare path is
+/// `lb_rare_trace`: an error about a `nat` flow goes on from there into `lb_nat`
+/// as from `lb_rare` (counted, not recorded, as `nat` packets are).
+#[test]
+fn errors_are_translated_on_the_traced_path_too() {
+    use aya::programs::Xdp;
+    let mut lab = Lab::with("");
+    let ebpf = lab.dp.ebpf_mut();
+    for name in [lb_common::PROG_RARE_TRACE, lb_common::PROG_BALANCER_TRACE] {
+        let p: &mut Xdp = ebpf.program_mut(name).expect("program").try_into().expect("XDP");
+        if p.fd().is_err() {
+            p.load().expect("load a traced program");
+        }
+    }
+    let p: &mut Xdp = ebpf.program_mut(lb_common::PROG_RARE_TRACE).expect("program").try_into().expect("XDP");
+    let fd = p.fd().expect("fd").try_clone().expect("fd");
+    let mut slots: aya::maps::ProgramArray<_> =
+        aya::maps::ProgramArray::try_from(ebpf.map_mut(lb_common::map_names::RARE_PROGS).expect("RARE_PROGS")).expect("program array");
+    slots.set(lb_common::RARE_TRACE_SLOT, &fd, 0).expect("fill the traced rare slot");
+    let (c4, v4, b4) = (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), IpAddr::V4(BACKEND4));
+    open(&mut lab, c4, v4, 17, 45000, 53);
+    let reply = packet(v4, c4, 17, 53, 45000, 40);
+    let g = error(ROUTER_C4.into(), v4, &reply, reply.len(), true, CLIENT_MAC);
+    let mut out = vec![0u8; g.len() + 128];
+    let before = lab.counters();
+    let p: &mut Xdp = lab.dp.ebpf_mut().program_mut(lb_common::PROG_BALANCER_TRACE).expect("program").try_into().expect("XDP");
+    let r = p.test_run(TestRunOptions { data_in: Some(&g), data_out: Some(&mut out), ..Default::default() }).expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    assert_eq!(r.return_value, XDP_TX, "traced: sent on");
+    let w = Want { mac: mac_of(b4), src: ROUTER_C4.into(), dst: b4, inner_src: b4, inner_dst: c4, sport: 53, dport: 45000, full: reply };
+    check(&out, &g, &w, "traced, to the backend");
+    let after = lab.counters();
+    assert_eq!(after[stat::ICMP_FORWARDED as usize] - before[stat::ICMP_FORWARDED as usize], 1, "icmp_forwarded");
+}
