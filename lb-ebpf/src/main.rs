@@ -142,11 +142,27 @@ pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
 }
 
 /// The rare path of `lb_xdp` (tail-called): ICMP errors, echo requests and
-/// fragments to a VIP.
+/// fragments to a VIP. An ICMP error about a `nat` flow continues in `lb_nat`.
 #[xdp]
 pub fn lb_rare(ctx: XdpContext) -> u32 {
     let v = rare_fast(&ctx);
+    if v as u32 == NAT_ACTION {
+        // An ICMP error about a `nat` flow: translated in `lb_nat`
+        // (`forward/nat_icmp.rs`).
+        return to_nat(&ctx, v);
+    }
     emit(&ctx, v as u32, (v >> 32) as u32)
+}
+
+/// Stores a `NAT_ACTION` verdict's word and tail-calls `lb_nat`; counted
+/// `pass_not_ready` and passed if that slot is empty.
+#[inline(always)]
+fn to_nat(ctx: &XdpContext, v: u64) -> u32 {
+    forward::nat::stash((v >> 32) as u32);
+    // SAFETY: a tail call into `lb_nat`; control comes back only when it fails.
+    unsafe { RARE_PROGS.tail_call(ctx, NAT_SLOT) };
+    count(stat::PASS_NOT_READY);
+    xdp_action::XDP_PASS
 }
 
 /// Action of a packed verdict that asks for the rare path.
@@ -252,6 +268,11 @@ pub fn lb_rare_trace(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let v = rare_call(&ctx, &mut r.decision);
+    if v as u32 == NAT_ACTION {
+        // As in `lb_rare`; counted, not recorded (as `lb_xdp_trace`'s `nat`
+        // packets).
+        return to_nat(&ctx, v);
+    }
     finish_trace(&ctx, trace::active(), r, v)
 }
 

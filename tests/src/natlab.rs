@@ -121,6 +121,11 @@ impl NatLab {
             ns_sh(&router, &["sysctl", "-qw", k]);
         }
         ns_sh(&router, &["ip", "link", "add", "br0", "type", "bridge"]);
+        // A MAC of its own: a bridge otherwise takes its lowest port's, and
+        // changes it when that port goes (a backend's link deleted), while the
+        // balancer sends each nat flow's replies to the MAC its first frame came
+        // from (tests/tests/nat_failure.rs saw every older flow stall).
+        ns_sh(&router, &["ip", "link", "set", "br0", "address", "02:00:c6:12:33:01"]);
         ns_sh(&router, &["sysctl", "-qw", "net.ipv6.conf.br0.accept_dad=0"]);
         ns_sh(&router, &["ip", "link", "set", "br0", "up"]);
         ns_sh(&router, &["ip", "addr", "add", "198.18.51.1/24", "dev", "br0"]);

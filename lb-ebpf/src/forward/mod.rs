@@ -6,6 +6,7 @@
 mod dr;
 pub mod egress;
 pub mod nat;
+pub mod nat_icmp;
 pub mod nat_reply;
 mod too_big;
 mod tunnel;

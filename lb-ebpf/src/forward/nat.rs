@@ -23,7 +23,7 @@ use lb_common::{stat, FlowKey, NatReverse, PROTO_TCP};
 use super::{bytes_mut, fold};
 use crate::{
     maps::{NatStash, BACKENDS, CONFIG, NAT_REVERSE, NAT_STASH},
-    parse::{self, Outcome, Packet, KIND_L4},
+    parse::{self, Outcome, Packet, KIND_ICMP_ERROR, KIND_L4},
     stats::{count, count_forward},
 };
 
@@ -33,10 +33,14 @@ const NEW_FLOW: u32 = 1 << 31;
 /// `lb_xdp`'s half, in the balancer: the decision as `Outcome::Nat`'s word (the
 /// backend id and `NEW_FLOW`), which `lb_xdp` stores in `NAT_STASH` before the tail
 /// call (one store there; a store here, on every path of the balancer, cost the
-/// verifier 140,000 instructions). Fragments and ICMP errors of `nat` flows are
-/// not translated yet: dropped.
+/// verifier 140,000 instructions). An ICMP error about a `nat` flow (from
+/// `lb_rare`) goes to `lb_nat` too, marked (`nat_icmp.rs`); fragments of `nat`
+/// flows are not translated: dropped.
 #[inline(always)]
 pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool) -> Outcome {
+    if kind == KIND_ICMP_ERROR {
+        return Outcome::Nat(backend_id | super::nat_icmp::ICMP_ERROR);
+    }
     if kind != KIND_L4 {
         return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED);
     }
@@ -56,6 +60,9 @@ pub fn stash(word: u32) {
 #[inline(always)]
 pub fn forward(ctx: &XdpContext) -> Outcome {
     let Some(s) = NAT_STASH.get(0).copied() else { return Outcome::Pass(stat::PASS_NOT_READY) };
+    if s.backend_id & super::nat_icmp::ICMP_ERROR != 0 {
+        return super::nat_icmp::to_backend(ctx, s.backend_id & !super::nat_icmp::ICMP_ERROR);
+    }
     let mut pkt = MaybeUninit::uninit();
     if let Err(outcome) = parse::parse::<false, false>(ctx, &mut pkt) {
         return outcome;

@@ -25,7 +25,8 @@ use crate::{
 #[inline(always)]
 pub fn reply(ctx: &XdpContext) -> Outcome {
     let not_ours = Outcome::Pass(stat::PASS_NOT_VIP);
-    let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return not_ours };
+    // Not a reply: maybe an ICMP error about a packet sent to a backend.
+    let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return super::nat_icmp::to_client(ctx) };
     // SAFETY: copied out at once.
     let Some(r) = (unsafe { NAT_REVERSE.get(&key) }).copied() else { return not_ours };
     let Some(cfg) = CONFIG.get(0) else { return not_ours };
