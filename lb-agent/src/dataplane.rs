@@ -201,7 +201,7 @@ impl Dataplane {
         ];
         let opened = if pins.has_link() {
             match pins.reusable(&needed) {
-                Ok(()) => Opened { adopted: true, maps_reused: true, why_not: None },
+                Ok(_) => Opened { adopted: true, maps_reused: true, why_not: None },
                 Err(why) => Opened { adopted: true, maps_reused: false, why_not: Some(why) },
             }
         } else {

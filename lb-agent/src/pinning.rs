@@ -22,6 +22,17 @@ use lb_common::{
 /// BPF_F_MMAPABLE.
 const MMAPABLE: u32 = 1 << 10;
 
+/// Maps that hold no flow state, written at every start or counting afresh:
+/// one that does not fit this build is created anew while the others are
+/// adopted (the global counters then restart from 0, as after a fresh start).
+const REPLACEABLE: &[&str] =
+    &[names::CT_CLOCK, names::TRACE_FILTER, names::TRACE_BUDGET, names::STATS, names::CONFIG, names::EGRESS_MAC];
+
+/// Maps added after the first version that pinned its maps: pins made by an
+/// older version lack them, and they start empty (that version had no such
+/// state to keep).
+const ADDED: &[&str] = &[names::PREFIX_SERVICES, names::LOCALITY, names::NAT_REVERSE, names::EGRESS_MAC];
+
 /// The pin directory and the paths in it.
 #[derive(Debug, Clone)]
 pub struct PinDir {
@@ -89,21 +100,31 @@ impl PinDir {
     }
 
     /// Whether the pinned maps can be reused for maps of at least `needed`
-    /// entries: `Err` says why not.
-    pub fn reusable(&self, needed: &[(&'static str, u32)]) -> Result<(), String> {
+    /// entries: `Err` says why not. `Ok` lists the pinned maps to create afresh
+    /// (removed here): maps that hold no flow state and do not fit this build
+    /// (see [`REPLACEABLE`]). A map this build has and the pins lack (one an older
+    /// version did not have, see [`ADDED`]) is created empty by the load.
+    pub fn reusable(&self, needed: &[(&'static str, u32)]) -> Result<Vec<&'static str>, String> {
+        let mut replace = Vec::new();
         for (name, key, value, flags) in layout() {
-            let info = self.info(name).ok_or_else(|| format!("map {name} is not pinned"))?;
+            let Some(info) = self.info(name) else {
+                if ADDED.contains(&name) || REPLACEABLE.contains(&name) {
+                    continue;
+                }
+                return Err(format!("map {name} is not pinned"));
+            };
+            let mut unfit = None;
             if info.key_size() as usize != key || info.value_size() as usize != value {
-                return Err(format!(
+                unfit = Some(format!(
                     "map {name} has the layout of another version (key {} / value {} bytes, this build: {key} / {value})",
                     info.key_size(),
                     info.value_size()
                 ));
-            }
-            if info.map_flags() & flags != flags {
-                return Err(format!("map {name} was created with other flags"));
-            }
-            if let Some((_, need)) = needed.iter().find(|(n, _)| *n == name) {
+            } else if info.map_flags() & flags != flags {
+                unfit = Some(format!("map {name} was created with other flags"));
+            } else if name == names::STATS && info.max_entries() < lb_common::stat::COUNT {
+                unfit = Some(format!("map {name} holds {} counters, this build {}", info.max_entries(), lb_common::stat::COUNT));
+            } else if let Some((_, need)) = needed.iter().find(|(n, _)| *n == name) {
                 if info.max_entries() < *need {
                     return Err(format!(
                         "map {name} holds {} entries, the configuration needs {need}",
@@ -111,8 +132,17 @@ impl PinDir {
                     ));
                 }
             }
+            match unfit {
+                Some(_) if REPLACEABLE.contains(&name) => replace.push(name),
+                Some(why) => return Err(why),
+                None => {}
+            }
         }
-        Ok(())
+        for name in &replace {
+            tracing::info!(map = name, "the pinned map is another version's and holds no flow state: creating it afresh");
+            remove_if_present(&self.map(name)).map_err(|e| format!("removing the pinned map {name}: {e}"))?;
+        }
+        Ok(replace)
     }
 
     /// Drops a pinned `RARE_PROGS` that is not the program array this build

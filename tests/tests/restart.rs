@@ -151,6 +151,38 @@ fn keep_on_exit_then_replacement_loses_nothing() {
     });
 }
 
+/// An upgrade: the pins an older version left lack the maps added since
+/// (`NAT_REVERSE`, `EGRESS_MAC`) and hold a `STATS` of fewer counters. The new
+/// agent creates those afresh and adopts the rest, the connection table with it.
+#[test]
+fn an_older_versions_pins_are_adopted_with_the_maps_it_lacked_created() {
+    let mut lab = Lab::new(4);
+    lab.start_servers();
+    let mut first = lab.start_agent(&config(&lab, 3));
+    across(&mut lab, |lab| {
+        first.kill();
+        let pins = lab.pin_dir();
+        for name in [lb_common::map_names::NAT_REVERSE, lb_common::map_names::EGRESS_MAC, lb_common::map_names::STATS] {
+            std::fs::remove_file(pins.join(name)).unwrap_or_else(|e| panic!("remove the pin of {name}: {e}"));
+        }
+        let stats = pins.join(lb_common::map_names::STATS);
+        let out = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&stats)
+            .args(["type", "percpu_array", "key", "4", "value", "8", "entries", "8", "name", "STATS"])
+            .output()
+            .expect("run bpftool");
+        assert!(out.status.success(), "bpftool map create: {}", String::from_utf8_lossy(&out.stderr));
+        let agent = lab.start_agent(&config(lab, 4));
+        let log = agent.log_text();
+        assert!(log.contains("creating it afresh") && log.contains("STATS"), "STATS of 8 counters is replaced:\n{log}");
+        for name in [lb_common::map_names::NAT_REVERSE, lb_common::map_names::EGRESS_MAC] {
+            assert!(pins.join(name).exists(), "{name} is created and pinned");
+        }
+        agent
+    });
+}
+
 /// Starts another `lb-agent run` on the balancer's eth0 with `pin_dir` and its own
 /// control socket and metrics port (so only the pin directory or the interface can
 /// collide), and waits up to 15 s for it to exit: (exit code, how long it ran,
