@@ -29,7 +29,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 22] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 25] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -53,6 +53,9 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 22] {
         (names::CONFIG, 4, size_of::<Config>(), 0),
         (names::FRAGS, size_of::<FragKey>(), size_of::<FragVal>(), 0),
         (names::NAT_REVERSE, size_of::<FlowKey>(), size_of::<NatReverse>(), 0),
+        (names::FULLNAT_REVERSE, size_of::<FlowKey>(), size_of::<NatReverse>(), 0),
+        (names::FULLNAT_FORWARD, size_of::<FlowKey>(), size_of::<lb_common::SnatFwd>(), 0),
+        (names::SNAT_POOLS, 4, size_of::<lb_common::SnatPool>(), 0),
     ]
 }
 

@@ -48,6 +48,9 @@ pub mod map_names {
     /// a program array has no BTF value type to check).
     pub const RARE_PROGS: &str = "RARE_PROGS";
     pub const NAT_REVERSE: &str = "NAT_REVERSE";
+    pub const FULLNAT_REVERSE: &str = "FULLNAT_REVERSE";
+    pub const FULLNAT_FORWARD: &str = "FULLNAT_FORWARD";
+    pub const SNAT_POOLS: &str = "SNAT_POOLS";
     pub use crate::decap::names::*;
     pub use crate::prefix::names::*;
 }
@@ -290,6 +293,12 @@ pub const FORWARD_GUE: u8 = 2;
 /// come back through the balancer and leave from the VIP (`lb_nat`, `lb_nat_reply`).
 pub const FORWARD_NAT: u8 = 3;
 
+/// FULLNAT: both addresses (and ports) change: the client's becomes a SNAT
+/// address and port of the balancer's (`SNAT_POOLS`), the VIP the backend's; the
+/// backend's replies come back to the SNAT address and leave from the VIP to the
+/// client (`lb_nat`, `lb_nat_reply`, `FULLNAT_FORWARD`, `FULLNAT_REVERSE`).
+pub const FORWARD_FULLNAT: u8 = 4;
+
 /// Established flows may use the backend (it is up).
 pub const BACKEND_ACTIVE: u32 = 1;
 /// New flows may be sent to it (up and weight > 0); a draining backend has only
@@ -471,6 +480,9 @@ pub const CONFIG_PREFIX: u32 = 32;
 /// A `nat` service exists: frames to no VIP are looked up in `NAT_REVERSE`
 /// (`lb_nat_reply`). Without it they pass at once, as before.
 pub const CONFIG_NAT: u32 = 64;
+/// A `fullnat` service exists: frames to no VIP are looked up in
+/// `FULLNAT_REVERSE` first (`lb_nat_reply`).
+pub const CONFIG_FULLNAT: u32 = 128;
 
 /// Value of `NAT_REVERSE`, keyed by a `nat` flow's reply as it leaves the backend
 /// (`FlowKey` with src = backend address and port, dst = client address and port):
@@ -486,7 +498,59 @@ pub struct NatReverse {
     pub mac: [u8; 6],
     pub backend_id: u32,
     pub service_id: u32,
+    /// The client's address and port (host byte order): a `fullnat` reply's
+    /// destination (a `nat` reply's is the client already).
+    pub client: [u8; 16],
+    pub cport: u16,
+    pub _pad: [u8; 2],
+    /// `CT_CLOCK` when the entry was written: the agent's sweep leaves entries of
+    /// the last seconds alone (their `FULLNAT_FORWARD` entry may be on its way).
+    pub created: u32,
 }
+
+/// Value of `FULLNAT_FORWARD`, keyed by a `fullnat` flow (client to VIP, as in
+/// `CONNTRACK`): the SNAT address and port it was given, and the backend address
+/// and port it goes to, which together are its `FULLNAT_REVERSE` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatFwd {
+    pub snat: [u8; 16],
+    pub backend: [u8; 16],
+    /// Host byte order.
+    pub snat_port: u16,
+    pub backend_port: u16,
+    pub backend_id: u32,
+    /// `Backend::generation` when the mapping was made: a mapping for an earlier
+    /// incarnation of the id is replaced.
+    pub generation: u32,
+}
+
+/// SNAT addresses of one family a pool holds at most (`SNAT_POOLS`).
+pub const MAX_SNAT_ADDRS: usize = 8;
+
+/// Value of `SNAT_POOLS`, indexed by service id: where a `fullnat` service's new
+/// flows get their source. Candidates are numbered address-major: candidate `c`
+/// is address `c / ports`, port `port_lo + c % ports` (`ports = port_hi -
+/// port_lo + 1`), probed from `cursor` on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatPool {
+    /// IPv4 addresses (network order), the first `n_v4` used.
+    pub v4: [[u8; 4]; MAX_SNAT_ADDRS],
+    pub v6: [[u8; 16]; MAX_SNAT_ADDRS],
+    pub n_v4: u8,
+    pub n_v6: u8,
+    pub _pad: [u8; 2],
+    /// Port range, inclusive, host byte order.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// Where the next probe starts (the program moves it; the agent writes 0).
+    pub cursor: u32,
+}
+
+/// Probes of one new `fullnat` flow for a free (address, port) before it is
+/// dropped as exhaustion (`drop_snat_exhausted`).
+pub const SNAT_PROBES: u32 = 256;
 
 pub mod trace;
 pub use trace::{Decision, TraceBudget, TraceFilter, TraceRecord};
@@ -508,7 +572,9 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 20);
     assert!(core::mem::size_of::<BackendConns>() == 16);
-    assert!(core::mem::size_of::<NatReverse>() == 32);
+    assert!(core::mem::size_of::<NatReverse>() == 56);
+    assert!(core::mem::size_of::<SnatFwd>() == 44);
+    assert!(core::mem::size_of::<SnatPool>() == 172);
 };
 
 #[cfg(feature = "user")]
@@ -531,6 +597,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityVal {}
     unsafe impl aya::Pod for NatReverse {}
+    unsafe impl aya::Pod for SnatFwd {}
+    unsafe impl aya::Pod for SnatPool {}
     unsafe impl aya::Pod for TraceFilter {}
     unsafe impl aya::Pod for TraceBudget {}
     unsafe impl aya::Pod for TraceRecord {}

@@ -93,7 +93,17 @@ pub const DROP_NAT_TTL: u32 = 35;
 /// A fragment or an ICMP error of a `nat` service's flow: not translated yet,
 /// dropped.
 pub const DROP_NAT_UNSUPPORTED: u32 = 36;
-pub const COUNT: u32 = 37;
+/// Forwarded to a `fullnat` backend, both addresses rewritten (`lb_nat`; also
+/// counts `forwarded`).
+pub const FULLNAT_FORWARDED: u32 = 37;
+/// A `fullnat` backend's reply to a SNAT address, rewritten to go from the VIP
+/// to the client (`lb_nat_reply`, XDP_TX).
+pub const FULLNAT_REPLY: u32 = 38;
+/// A new `fullnat` flow found no free SNAT (address, port) for its backend in
+/// its pool (`SNAT_PROBES` probes), or `FULLNAT_REVERSE` was full: dropped. A
+/// live port is never reused.
+pub const DROP_SNAT_EXHAUSTED: u32 = 39;
+pub const COUNT: u32 = 40;
 
 /// Names for metrics and `lb-agent`, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -134,4 +144,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "nat_reply",
     "drop_nat_ttl",
     "drop_nat_unsupported",
+    "fullnat_forwarded",
+    "fullnat_reply",
+    "drop_snat_exhausted",
 ];

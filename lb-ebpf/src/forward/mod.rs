@@ -1,15 +1,18 @@
 //! Sending a frame to its backend, by the service's forwarding mode (carried in
 //! the backend's entry): `dr` rewrites the MACs, `ipip` and `gue` encapsulate,
-//! `nat` continues in a program of its own (`nat.rs`).
+//! `nat` and `fullnat` continue in a program of their own (`nat.rs`,
+//! `fullnat.rs`).
 
 mod dr;
+pub mod fullnat;
 pub mod nat;
+pub use fullnat::Scratch as FullnatScratch;
 pub mod nat_reply;
 mod too_big;
 mod tunnel;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Backend, Config, FlowKey, FORWARD_DR, FORWARD_GUE, FORWARD_NAT};
+use lb_common::{Backend, Config, FlowKey, FORWARD_DR, FORWARD_FULLNAT, FORWARD_GUE, FORWARD_NAT};
 
 use crate::parse::{Outcome, Packet};
 
@@ -38,7 +41,7 @@ pub fn deliver(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, b: &Backend, cfg:
     match b.forward {
         FORWARD_DR => dr::rewrite(ctx, b, cfg),
         // `lb_nat` takes over (`nat.rs`); `kind`, backend id, new flow.
-        FORWARD_NAT => nat::hand_over(nat.0, nat.1, nat.2),
+        FORWARD_NAT | FORWARD_FULLNAT => nat::hand_over(nat.0, nat.1, nat.2),
         mode => tunnel::encapsulate(ctx, pkt, b, cfg, tunnel::flow_mix(flow), mode == FORWARD_GUE),
     }
 }

@@ -88,19 +88,19 @@ fn remember(ctx: &XdpContext, pkt: &Packet, backend: &[u8; 16], port: u16, backe
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&eth[6..12]);
     let key = FlowKey { src: *backend, dst: pkt.src, sport: port, dport: pkt.sport, proto: pkt.proto, _pad: [0; 3] };
-    let val = NatReverse { vip: pkt.dst, vport: pkt.dport, mac, backend_id, service_id };
+    let val = NatReverse { vip: pkt.dst, vport: pkt.dport, mac, backend_id, service_id, client: pkt.src, cport: pkt.sport, _pad: [0; 2], created: 0 };
     let _ = NAT_REVERSE.insert(&key, &val, BPF_ANY as u64);
 }
 
 /// One's-complement sum of a 16-bit word's replacement (RFC 1624, eqn. 3: the
 /// new checksum is `fold(!old_checksum + Σ(!m + m'))`).
 #[inline(always)]
-fn acc(sum: u32, old: u16, new: u16) -> u32 {
+pub(super) fn acc(sum: u32, old: u16, new: u16) -> u32 {
     sum + u32::from(!old) + u32::from(new)
 }
 
 #[inline(always)]
-fn word(b: &[u8], i: usize) -> u16 {
+pub(super) fn word(b: &[u8], i: usize) -> u16 {
     u16::from_be_bytes([b[i], b[i + 1]])
 }
 

@@ -114,6 +114,7 @@ fn defaults_are_applied() {
         answer_ping: true,
         forward_icmp: true,
         syn_flood_kps: lb_common::DEFAULT_SYN_FLOOD_KPS,
+        snat: Snat::default(),
         fragments: Fragments::default(),
         services: vec![ServiceConfig {
             name: "web".to_string(),
@@ -124,6 +125,7 @@ fn defaults_are_applied() {
             scheduler: Scheduler::Maglev,
             forwarding: Forwarding::Dr,
             gue_port: DEFAULT_GUE_PORT,
+            snat: None,
             table_size: 257,
             backends: vec![BackendConfig {
                 address: "198.18.0.11".parse().unwrap(),
