@@ -55,6 +55,9 @@ pub struct Flow {
     pub forwarding: Option<String>,
     /// `established` (`CT_ESTABLISHED`, kept against floods) or `new` (`CONNTRACK`).
     pub table: String,
+    /// A `fullnat` flow's SNAT address and port (the source its backend sees).
+    #[serde(default)]
+    pub snat: Option<SocketAddr>,
 }
 
 fn mode(forward: u8) -> &'static str {
@@ -62,6 +65,7 @@ fn mode(forward: u8) -> &'static str {
         lb_common::FORWARD_IPIP => "ipip",
         lb_common::FORWARD_GUE => "gue",
         lb_common::FORWARD_NAT => "nat",
+        lb_common::FORWARD_FULLNAT => "fullnat",
         _ => "dr",
     }
 }
@@ -111,9 +115,10 @@ fn flows_of(
                 vip: SocketAddr::new(ip_of(key.dst), key.dport),
                 service: services.get(&val.service_id).copied().unwrap_or_default().to_string(),
                 backend: backend.map(|b| b.address),
-                backend_port: backend.map(|b| if b.forward == lb_common::FORWARD_NAT && b.port != 0 { b.port } else { key.dport }),
+                backend_port: backend.map(|b| if (b.forward == lb_common::FORWARD_NAT || b.forward == lb_common::FORWARD_FULLNAT) && b.port != 0 { b.port } else { key.dport }),
                 forwarding: backend.map(|b| mode(b.forward).to_string()),
                 table: table.to_string(),
+                snat: None,
             }
         })
         .collect()
@@ -130,6 +135,7 @@ pub fn format(flows: &[Flow]) -> String {
         "{:<4} {:>7} {:<11} {:<46} {:<46} {:<46} {:<4} {}\n",
         "pro", "expire", "state", "client", "virtual", "backend", "mode", "service"
     );
+    let with_snat = flows.iter().any(|f| f.snat.is_some());
     for f in flows {
         let expire = format!("{:02}:{:02}", f.expire_s / 60, f.expire_s % 60);
         let backend = match (f.backend, f.backend_port) {
@@ -147,6 +153,11 @@ pub fn format(flows: &[Flow]) -> String {
             f.forwarding.as_deref().unwrap_or("-"),
             f.service
         );
+        if let (true, Some(snat)) = (with_snat, f.snat) {
+            // client <-> snat: what the backend sees of this client.
+            out.pop();
+            out += &format!(" snat {snat}\n");
+        }
     }
     out
 }
@@ -177,10 +188,42 @@ pub fn read(pin_dir: &Path, config_path: Option<&Path>) -> Result<Vec<Flow>> {
         // that vanished is skipped.
         let entries: Vec<(FlowKey, FlowVal)> = map.iter().filter_map(|e| e.ok()).collect();
         let mut part = flows_of(entries, table, &plan, &timeouts, now);
+        add_snat(&mut part, pin_dir);
         part.sort_by(|a, b| (a.client, a.vip).cmp(&(b.client, b.vip)));
         flows.extend(part);
     }
     Ok(flows)
+}
+
+/// Fills `snat` of the `fullnat` flows from the pinned `FULLNAT_FORWARD` (absent
+/// on an older pin directory: nothing to fill).
+fn add_snat(flows: &mut [Flow], pin_dir: &Path) {
+    if !flows.iter().any(|f| f.forwarding.as_deref() == Some("fullnat")) {
+        return;
+    }
+    let Ok(map) = MapData::from_pin(pin_dir.join(names::FULLNAT_FORWARD)) else { return };
+    let Ok(map) = BpfHashMap::<MapData, FlowKey, lb_common::SnatFwd>::try_from(aya::maps::Map::HashMap(map)) else { return };
+    for f in flows.iter_mut().filter(|f| f.forwarding.as_deref() == Some("fullnat")) {
+        let key = FlowKey {
+            src: addr16(f.client.ip()),
+            dst: addr16(f.vip.ip()),
+            sport: f.client.port(),
+            dport: f.vip.port(),
+            proto: if f.protocol == "UDP" { PROTO_UDP } else { PROTO_TCP },
+            _pad: [0; 3],
+        };
+        if let Ok(m) = map.get(&key, 0) {
+            f.snat = Some(SocketAddr::new(ip_of(m.snat), m.snat_port));
+        }
+    }
+}
+
+/// The 16-byte map form of an address.
+fn addr16(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => lb_common::v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 /// `lb-agent flows`.

@@ -160,9 +160,9 @@ impl Checker<'_> {
         let snat = self.global_snat(raw.snat_addresses.as_deref(), raw.snat_ports.as_deref());
         let raw_services = self.required(raw.services, "services", "services");
         let mut services = Some(Vec::new());
-        let global_snat = snat.clone().unwrap_or_default();
+        let global_snat = snat.clone();
         for (index, raw_service) in raw_services.into_iter().flatten().enumerate() {
-            let service = self.service(index, raw_service, &global_snat);
+            let service = self.service(index, raw_service, global_snat.as_ref());
             services = services.zip(service).map(|(mut all, s)| {
                 all.push(s);
                 all
@@ -194,7 +194,7 @@ impl Checker<'_> {
         })
     }
 
-    fn service(&mut self, index: usize, raw: RawService, global_snat: &super::Snat) -> Option<ServiceConfig> {
+    fn service(&mut self, index: usize, raw: RawService, global_snat: Option<&super::Snat>) -> Option<ServiceConfig> {
         let path = format!("services[{index}]");
         let field = |name: &str| format!("{path}.{name}");
 

@@ -12,6 +12,7 @@ mod policy;
 mod prefix;
 mod probes;
 mod rules;
+mod snat;
 
 /// Joins `lines` into a YAML text (line `n` is `lines[n - 1]`).
 fn lines(lines: &[&str]) -> String {

@@ -17,14 +17,16 @@ impl Checker<'_> {
     pub(super) fn snat_addresses(&mut self, raw: Option<&[String]>, path: &str) -> Option<Option<Vec<IpAddr>>> {
         let Some(list) = raw else { return Some(None) };
         let mut out = Some(Vec::with_capacity(list.len()));
+        let mut seen = Vec::new();
         for (i, text) in list.iter().enumerate() {
             let item = format!("{path}[{i}]");
             let addr = self.address(text, &item, "snat address", "a SNAT address");
             let addr = addr.filter(|a| {
-                let dup = out.as_ref().is_some_and(|o: &Vec<IpAddr>| o.contains(a));
+                let dup = seen.contains(a);
                 if dup {
                     self.at_value(&item, format!("duplicate snat address {a}"));
                 }
+                seen.push(*a);
                 !dup
             });
             out = out.zip(addr).map(|(mut o, a)| {
@@ -75,7 +77,7 @@ impl Checker<'_> {
     pub(super) fn service_snat(
         &mut self,
         own: (Option<&[String]>, Option<&str>),
-        global: &Snat,
+        global: Option<&Snat>,
         forwarding: Option<Forwarding>,
         vip: Option<IpAddr>,
         path: &str,
@@ -93,9 +95,17 @@ impl Checker<'_> {
             }
             return Some(None);
         }
+        // A global pool with errors (reported there) reports nothing more here.
+        let (addresses, ports) = (addresses?, ports?);
         let snat = Snat {
-            addresses: addresses?.unwrap_or_else(|| global.addresses.clone()),
-            ports: ports?.unwrap_or(global.ports),
+            addresses: match addresses {
+                Some(a) => a,
+                None => global?.addresses.clone(),
+            },
+            ports: match ports {
+                Some(p) => p,
+                None => global?.ports,
+            },
         };
         if let Some(vip) = vip {
             if !snat.addresses.iter().any(|a| a.is_ipv4() == vip.is_ipv4()) {
