@@ -19,14 +19,12 @@
 //! `lb_nat_reply` (`nat_reply.rs`) looks replies up in `FULLNAT_REVERSE` first
 //! while `CONFIG_FULLNAT` is set (`reply` here).
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     programs::XdpContext,
 };
 use lb_common::{
-    stat, v4_mapped, Backend, Config, FlowKey, NatReverse, CONFIG_FULLNAT, FORWARD_FULLNAT, MAX_SNAT_ADDRS, PROTO_TCP,
+    stat, Backend, Config, FlowKey, NatReverse, CONFIG_FULLNAT, FORWARD_FULLNAT, MAX_SNAT_ADDRS, PROTO_TCP,
     SNAT_PROBES, SnatFwd,
 };
 
@@ -37,7 +35,7 @@ use super::{
 use crate::{
     conntrack,
     maps::{BACKENDS, CONFIG, CT_CLOCK, FULLNAT_FORWARD, FULLNAT_REVERSE, FULLNAT_SCRATCH, NAT_STASH, SNAT_POOLS},
-    parse::{self, Outcome, Packet},
+    parse::Outcome,
     stats::{count, count_forward},
 };
 
@@ -52,69 +50,59 @@ pub fn stashed() -> bool {
 }
 
 /// `lb_nat` for a `fullnat` backend's packet, as a packed verdict. A call of its
-/// own: `lb_nat`'s frame holds neither path's stack, so this one's calls
-/// (`allocate`, `translate`) fit the 512 bytes of the chain.
+/// own: `lb_nat`'s frame holds neither path's stack. The frame was parsed in full
+/// by `lb_xdp` (a VIP flow's TCP/UDP packet): the 5-tuple parser of the reply
+/// direction is enough here, and, like `translate`, inline: on this CPU every
+/// BPF-to-BPF return costs a "safe RET" (SRSO mitigation), and an established
+/// packet makes no call but this one (new flows call `allocate`).
 #[inline(never)]
 pub fn run(ctx: &XdpContext) -> u64 {
-    let mut pkt = MaybeUninit::uninit();
-    let v = parse_call(ctx, &mut pkt);
-    if v != 0 {
-        return v;
-    }
-    // SAFETY: `parse` wrote the whole packet when it returned Ok.
-    crate::packed(run_inline(ctx, unsafe { pkt.assume_init_ref() }))
+    crate::packed(run_inline(ctx))
 }
 
 #[inline(always)]
-fn run_inline(ctx: &XdpContext, pkt: &Packet) -> Outcome {
+fn run_inline(ctx: &XdpContext) -> Outcome {
     let Some(st) = NAT_STASH.get(0).copied() else { return Outcome::Pass(stat::PASS_NOT_READY) };
     let (Some(b), Some(cfg)) = (BACKENDS.get(st.backend_id), CONFIG.get(0)) else {
         return Outcome::Pass(stat::PASS_NOT_READY);
     };
-    forward_inline(ctx, pkt, b, st.backend_id, st.new_flow != 0, cfg)
-}
-
-/// `parse::parse` into `pkt`, a call of its own (its frame is gone before
-/// `allocate` and `translate` run): 0, or the outcome packed (never 0: an
-/// action of 0 is XDP_ABORTED, which the parser does not return).
-#[inline(never)]
-fn parse_call(ctx: &XdpContext, pkt: &mut MaybeUninit<Packet>) -> u64 {
-    match parse::parse::<false, false>(ctx, pkt) {
-        Ok(()) => 0,
-        Err(outcome) => crate::packed(outcome),
-    }
-}
-
-/// The flow, its mapping and the candidate's entry are built in this CPU's
-/// `FULLNAT_SCRATCH`.
-#[inline(always)]
-fn forward_inline(ctx: &XdpContext, pkt: &Packet, b: &Backend, backend_id: u32, new_flow: bool, cfg: &Config) -> Outcome {
     let Some(s) = FULLNAT_SCRATCH.get_ptr_mut(0) else { return Outcome::Pass(stat::PASS_NOT_READY) };
     // SAFETY: this CPU's entry, used by this program run only.
     let s = unsafe { &mut *s };
-    s.flow.src = pkt.src;
-    s.flow.dst = pkt.dst;
-    s.flow.sport = pkt.sport;
-    s.flow.dport = pkt.dport;
-    s.flow.proto = pkt.proto;
-    s.flow._pad = [0; 3];
-    let bport = if b.port != 0 { b.port } else { pkt.dport };
+    let Some((flow, l3, l4, v6, _)) = super::nat_reply::parse(ctx) else { return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED) };
+    s.flow = flow;
+    forward_inline(ctx, s, (l3, l4, v6), b, st.backend_id, st.new_flow != 0, cfg)
+}
+
+/// The flow (in `s.flow`), its mapping and the candidate's entry are built in
+/// this CPU's `FULLNAT_SCRATCH`.
+#[inline(always)]
+fn forward_inline(
+    ctx: &XdpContext,
+    s: &mut Scratch,
+    (l3, l4, v6): (usize, usize, bool),
+    b: &Backend,
+    backend_id: u32,
+    new_flow: bool,
+    cfg: &Config,
+) -> Outcome {
+    let bport = if b.port != 0 { b.port } else { s.flow.dport };
     // SAFETY: copied out at once.
     let known = match unsafe { FULLNAT_FORWARD.get(&s.flow) } {
         Some(m) if m.backend_id == backend_id && m.generation == b.generation && m.backend_port == bport => {
-            s.m = *m;
+            copy_words(&mut s.m, m);
             true
         }
         _ => false,
     };
-    if !known && !allocate(ctx, pkt, s, b, u64::from(backend_id) << 16 | u64::from(bport)) {
+    if !known && !allocate(ctx, s, b, u64::from(backend_id) << 16 | u64::from(bport), v6 as u64) {
         return Outcome::Drop(stat::DROP_SNAT_EXHAUSTED);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     s.macs[..6].copy_from_slice(&b.mac);
     s.macs[6..].copy_from_slice(&cfg.iface_mac);
-    let how = shape(pkt.l3, pkt.v6, pkt.l4, pkt.proto, s.m.snat_port, s.m.backend_port);
-    match unpack_err(translate(ctx, how, &s.m.snat, &s.m.backend, &s.macs)) {
+    let how = shape(l3, v6, l4, s.flow.proto, s.m.snat_port, s.m.backend_port);
+    match translate_inline(ctx, how, &s.m.snat, &s.m.backend, &s.macs) {
         Ok(()) => {
             count(stat::FULLNAT_FORWARDED);
             count_forward(b.service_id, backend_id, bytes, new_flow);
@@ -122,6 +110,30 @@ fn forward_inline(ctx: &XdpContext, pkt: &Packet, b: &Backend, backend_id: u32, 
         }
         Err(reason) => Outcome::Drop(reason),
     }
+}
+
+/// `*dst = *src` in 32-bit words: a plain assignment between two map values
+/// (which LLVM cannot prove apart) becomes a call to a byte-by-byte `memmove`
+/// (44 iterations: most of an established packet's cost, measured).
+#[inline(always)]
+fn copy_words(dst: &mut SnatFwd, src: &SnatFwd) {
+    const WORDS: usize = core::mem::size_of::<SnatFwd>() / 4;
+    let (d, s) = (dst as *mut SnatFwd as *mut u32, src as *const SnatFwd as *const u32);
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: both are 4-aligned (SnatFwd holds u32s), `WORDS` words long.
+        unsafe { *d.add(i) = *s.add(i) };
+        i += 1;
+    }
+}
+
+/// Zeroes a 3-byte padding field byte by byte (an array store becomes a call
+/// to a byte-loop `memset`).
+#[inline(always)]
+fn zero_pad(pad: &mut [u8; 3]) {
+    pad[0] = 0;
+    pad[1] = 0;
+    pad[2] = 0;
 }
 
 /// Value of `FULLNAT_SCRATCH` (never pinned).
@@ -144,13 +156,13 @@ pub struct Scratch {
 /// bits), packed (a BPF call takes five arguments). A call of its own: its frame
 /// is not added to `lb_nat`'s, and the verifier walks its loop once.
 #[inline(never)]
-fn allocate(ctx: &XdpContext, pkt: &Packet, s: &mut Scratch, b: &Backend, id_port: u64) -> bool {
-    let (backend_id, bport) = ((id_port >> 16) as u32, id_port as u16);
+fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: u64, v6: u64) -> bool {
+    let (backend_id, bport, v6) = ((id_port >> 16) as u32, id_port as u16, v6 != 0);
     let Some(pool) = SNAT_POOLS.get_ptr_mut(b.service_id) else { return false };
     // SAFETY: a live array element; the fields are copied out.
     let (n, lo, hi, cursor) = unsafe {
         let p = &*pool;
-        (u32::from(if pkt.v6 { p.n_v6 } else { p.n_v4 }), p.port_lo, p.port_hi, p.cursor)
+        (u32::from(if v6 { p.n_v6 } else { p.n_v4 }), p.port_lo, p.port_hi, p.cursor)
     };
     if n == 0 || n > MAX_SNAT_ADDRS as u32 || hi < lo {
         return false;
@@ -164,18 +176,19 @@ fn allocate(ctx: &XdpContext, pkt: &Packet, s: &mut Scratch, b: &Backend, id_por
     // Field by field: a value built on the stack and copied costs its size there.
     let v = &mut s.val;
     v.mac.copy_from_slice(&eth[6..12]);
-    v.vip = pkt.dst;
-    v.vport = pkt.dport;
+    v.vip = s.flow.dst;
+    v.vport = s.flow.dport;
     v.backend_id = backend_id;
     v.service_id = b.service_id;
-    v.client = pkt.src;
-    v.cport = pkt.sport;
-    v._pad = [0; 2];
+    v.client = s.flow.src;
+    v.cport = s.flow.sport;
+    v._pad[0] = 0;
+    v._pad[1] = 0;
     v.created = CT_CLOCK.get(0).copied().unwrap_or(0);
     s.key.src = b.addr;
     s.key.sport = bport;
-    s.key.proto = pkt.proto;
-    s.key._pad = [0; 3];
+    s.key.proto = s.flow.proto;
+    zero_pad(&mut s.key._pad);
     let probes = if total < SNAT_PROBES { total } else { SNAT_PROBES };
     let mut k = 0;
     while k < probes && k < SNAT_PROBES {
@@ -185,8 +198,18 @@ fn allocate(ctx: &XdpContext, pkt: &Packet, s: &mut Scratch, b: &Backend, id_por
         }
         let (Some(i), Some(p)) = (c.checked_div(ports), c.checked_rem(ports)) else { return false };
         let i = i as usize & (MAX_SNAT_ADDRS - 1);
-        // SAFETY: as above; `i` is within the arrays.
-        s.key.dst = unsafe { if pkt.v6 { (*pool).v6[i] } else { v4_mapped((*pool).v4[i]) } };
+        // SAFETY: as above; `i` is within the arrays. Written in place (a
+        // temporary address per branch costs this frame 32 bytes).
+        unsafe {
+            if v6 {
+                s.key.dst = (*pool).v6[i];
+            } else {
+                s.key.dst[..10].fill(0);
+                s.key.dst[10] = 0xff;
+                s.key.dst[11] = 0xff;
+                s.key.dst[12..].copy_from_slice(&(*pool).v4[i]);
+            }
+        }
         s.key.dport = lo.wrapping_add(p as u16);
         match FULLNAT_REVERSE.insert(&s.key, &s.val, BPF_NOEXIST as u64) {
             Ok(()) => {
@@ -256,7 +279,7 @@ fn reply(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize, v6: bool, fin: b
     })
 }
 
-/// `translate`'s packet shape in one register: L3 offset, family, L4 offset,
+/// `translate_inline`'s packet shape in one register: L3 offset, family, L4 offset,
 /// protocol, the new source and destination ports.
 #[inline(always)]
 fn shape(l3: usize, v6: bool, l4: usize, proto: u8, sport: u16, dport: u16) -> u64 {
@@ -268,26 +291,10 @@ fn shape(l3: usize, v6: bool, l4: usize, proto: u8, sport: u16, dport: u16) -> u
         | u64::from(dport) << 48
 }
 
-/// `translate`'s answer: 0, or the counter of the drop.
-#[inline(always)]
-fn unpack_err(v: u32) -> Result<(), u32> {
-    if v == 0 { Ok(()) } else { Err(v) }
-}
-
 /// Rewrites both ends of the packet (`shape`) to `src` and `dst` with the ports
 /// `how` carries, decrements the TTL / hop limit and sets the MACs (`macs`:
 /// destination, source); checksums updated incrementally (RFC 1624), an IPv4 UDP
-/// checksum of 0 kept. Returns 0, or the counter of the drop. A call of its own
-/// (five arguments, packed): inlined, its four header variants overflowed the
-/// 512-byte stack of its callers.
-#[inline(never)]
-fn translate(ctx: &XdpContext, how: u64, src: &[u8; 16], dst: &[u8; 16], macs: &[u8; 12]) -> u32 {
-    match translate_inline(ctx, how, src, dst, macs) {
-        Ok(()) => 0,
-        Err(reason) => reason,
-    }
-}
-
+/// checksum of 0 kept. `Err`: the counter of the drop.
 #[inline(always)]
 fn translate_inline(ctx: &XdpContext, how: u64, src: &[u8; 16], dst: &[u8; 16], macs: &[u8; 12]) -> Result<(), u32> {
     let (l3, v6, l4, proto) = ((how & 0xff) as usize, (how >> 8) & 1 != 0, ((how >> 16) & 0xff) as usize, (how >> 24) as u8);
