@@ -141,10 +141,15 @@ fn nat_call(ctx: &XdpContext) -> u64 {
 /// `forward/nat_reply.rs`, `forward/fullnat.rs`.
 #[xdp]
 pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
-    // `fullnat` replies first (a call, as in `lb_nat`), then `nat`'s.
-    let mut v = forward::fullnat::reply_call(&ctx);
+    // `fullnat` replies first (a call, as in `lb_nat`), then `nat`'s, each only
+    // while such a service exists.
+    let flags = CONFIG.get(0).map_or(0, |c| c.flags);
+    let mut v = forward::fullnat::NOT_FULLNAT;
+    if flags & CONFIG_FULLNAT != 0 {
+        v = forward::fullnat::reply_call(&ctx);
+    }
     if v == forward::fullnat::NOT_FULLNAT {
-        v = nat_reply_call(&ctx);
+        v = if flags & CONFIG_NAT != 0 { nat_reply_call(&ctx) } else { NOT_VIP };
     }
     count((v >> 32) as u32);
     v as u32
