@@ -307,6 +307,21 @@ mod tests {
     }
 
     #[test]
+    fn a_fullnat_flow_shows_its_snat_address_and_port() {
+        let t = Timeouts::default();
+        let est = FlowVal { state: CT_STATE_ESTABLISHED, last_seen: 90, ..Default::default() };
+        let plan = Plan::default();
+        let mut f = flows_of([(key(PROTO_TCP), est), (key(PROTO_UDP), est)], "established", &plan, &t, 100);
+        f[0].snat = Some("198.18.51.3:20001".parse().unwrap());
+        let text = format(&f);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].ends_with(" snat 198.18.51.3:20001"), "{text}");
+        assert!(!lines[2].contains("snat"), "{text}");
+        let json = serde_json::to_string(&f[0]).unwrap();
+        assert!(json.contains("\"snat\":\"198.18.51.3:20001\""), "{json}");
+    }
+
+    #[test]
     fn ipv6_addresses_stay_ipv6() {
         let a: Ipv6Addr = "2001:db8::1".parse().unwrap();
         assert_eq!(ip_of(a.octets()), IpAddr::V6(a));

@@ -218,3 +218,40 @@ fn a_pool_of_64_ports_serves_64_of_200_flows_and_its_ports_return() {
     let again = open_many(&lab.client, 64);
     assert_eq!(again.len(), 64, "the 64 ports serve new flows once the old ones are gone");
 }
+
+#[test]
+fn a_snat_address_not_on_the_interface_is_refused_at_start_and_on_reload() {
+    let mut lab = NatLab::fullnat(1);
+    lab.start_servers(&[80]);
+    let b = backends(&lab, false, &[0], &[]);
+    let yaml = |snat: &str| format!("snat_addresses: [{snat}]\nservices:\n  - {{ name: web, vip: {VIP4}, port: 80, forwarding: fullnat, backends: [{b}] }}\n");
+    // At start: the agent stops with the reason.
+    let cfg = lab.write_config(&yaml("198.18.51.99"));
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.balancer))
+        .arg("--")
+        .arg(lb_tests::lab::agent_bin())
+        .args(["run", "--iface", "eth0", "--xdp-mode", "native", "--metrics-listen", "off", "--config"])
+        .arg(&cfg)
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .output()
+        .expect("lb-agent run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "lb-agent started with a SNAT address not its own:\n{err}");
+    assert!(
+        err.contains("service web: snat address 198.18.51.99 is not an address of interface eth0"),
+        "the reason is given:\n{err}"
+    );
+    // On reload: refused, the running configuration stays.
+    lab.write_config(&yaml(&SNAT4.to_string()));
+    let agent = lab.start_agent(&cfg);
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 20, 1, Duration::from_secs(30));
+    assert_eq!(t.failures, 0, "{:?}", t.first_errors);
+    lab.write_config(&yaml("198.18.51.99"));
+    agent.wait_log("reload failed", 0, Duration::from_secs(15));
+    let log = agent.log_text();
+    assert!(log.contains("snat address 198.18.51.99 is not an address of interface eth0"), "{log}");
+    let t = requests(&lab.client, Proto::Http, IpAddr::V4(VIP4), 80, 20, 1, Duration::from_secs(30));
+    assert_eq!(t.failures, 0, "the old configuration still serves: {:?}", t.first_errors);
+}

@@ -338,3 +338,31 @@ fn an_exhausted_pool_drops_new_flows_and_a_freed_port_is_reused() {
     assert_eq!(&out[30..34], &addr16(client(3))[12..], "the reused port's replies go to its new flow");
     assert_eq!(lab.count(stat::DROP_SNAT_EXHAUSTED), 3, "no more drops");
 }
+
+#[test]
+fn a_tagged_frame_keeps_its_tag_both_ways() {
+    let mut lab = Lab::new();
+    let (c6, v6, b6) = (IpAddr::V6(CLIENT6), IpAddr::V6(VIP6), IpAddr::V6(BACKEND6));
+    let tag = |f: Vec<u8>| {
+        let mut t = f[..12].to_vec();
+        t.extend_from_slice(&[0x81, 0x00, 0x00, 100]);
+        t.extend_from_slice(&f[12..]);
+        t
+    };
+    let untag = |f: &[u8]| {
+        assert_eq!(&f[12..16], &[0x81, 0x00, 0x00, 100], "the 802.1Q tag kept");
+        let mut u = f[..12].to_vec();
+        u.extend_from_slice(&f[16..]);
+        u
+    };
+    let f = frame(c6, v6, 6, 44000, 80, 21, CLIENT_MAC);
+    let (rc, out) = lab.run(&tag(f.clone()));
+    assert_eq!(rc, XDP_TX);
+    let out = untag(&out);
+    let sport = sport_of(&out, true);
+    check(&out, &f, mac_of(b6), IpAddr::V6(SNAT6), b6, sport, 8080, "tagged, to the backend");
+    let r = frame(b6, IpAddr::V6(SNAT6), 6, 8080, sport, 22, BACKEND_MAC);
+    let (rc, out) = lab.run(&tag(r.clone()));
+    assert_eq!(rc, XDP_TX);
+    check(&untag(&out), &r, CLIENT_MAC, v6, c6, 80, 44000, "tagged reply");
+}
