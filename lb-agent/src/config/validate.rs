@@ -168,14 +168,7 @@ impl Checker<'_> {
                 all
             });
         }
-        let fullnat = services.as_ref().is_some_and(|s| s.iter().any(|s: &ServiceConfig| s.forwarding == Forwarding::Fullnat));
-        if fullnat && established_size == Some(0) {
-            self.at_value(
-                "established_size",
-                "established_size 0 cannot serve forwarding: fullnat (a flow's SNAT port is returned when its \
-                 established entry expires); give a table size"
-                    .into(),
-            );
+        if !self.fullnat_table(services.as_deref(), established_size) {
             return None;
         }
         Some(Config {

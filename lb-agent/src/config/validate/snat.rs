@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use lb_common::MAX_SNAT_ADDRS;
 
-use super::super::{Forwarding, Snat, DEFAULT_SNAT_PORTS};
+use super::super::{Forwarding, ServiceConfig, Snat, DEFAULT_SNAT_PORTS};
 use super::Checker;
 
 impl Checker<'_> {
@@ -125,6 +125,22 @@ impl Checker<'_> {
             }
         }
         Some(Some(snat))
+    }
+
+    /// `fullnat` needs the established table (ports are returned when a flow's
+    /// established entry expires); `false`: reported.
+    pub(super) fn fullnat_table(&mut self, services: Option<&[ServiceConfig]>, established_size: Option<u32>) -> bool {
+        let fullnat = services.is_some_and(|s| s.iter().any(|s| s.forwarding == Forwarding::Fullnat));
+        if fullnat && established_size == Some(0) {
+            self.at_value(
+                "established_size",
+                "established_size 0 cannot serve forwarding: fullnat (a flow's SNAT port is returned when its \
+                 established entry expires); give a table size"
+                    .into(),
+            );
+            return false;
+        }
+        true
     }
 
     /// The top-level pool.
