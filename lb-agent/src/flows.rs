@@ -1,7 +1,9 @@
 //! `lb-agent flows`: the live connection table, like `ipvsadm -Lnc`, read from the
 //! pinned `CONNTRACK` and `CT_ESTABLISHED` maps (so it works while no agent runs):
-//! protocol, expiry, state, client, VIP, the backend (with the port a `nat` flow
-//! goes to), the forwarding mode and the service.
+//! protocol, expiry, state, client, VIP, the backend (with the port a `nat` or
+//! `fullnat` flow goes to), the forwarding mode and the service; for a `fullnat`
+//! flow also its SNAT address and port (from the pinned `FULLNAT_FORWARD`): the
+//! backend sees that, not the client.
 //!
 //! Which id is which service and backend comes from the pinned `SERVICES` and
 //! `BACKENDS` maps, as for `stats`; the configuration file, if given, names the
