@@ -311,6 +311,18 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
         zero_counters(dp, names::BACKEND_STATS, id)?;
     }
 
+    // 1b. SNAT pools of `fullnat` services, before their entries (a pool that did
+    // not change is not written: that would reset its cursor).
+    if !plan.snat_pools.is_empty() {
+        let mut m: Array<_, lb_common::SnatPool> =
+            Array::try_from(map_mut(dp.ebpf_mut(), names::SNAT_POOLS)?).map_err(map_err(names::SNAT_POOLS))?;
+        for (id, pool) in &plan.snat_pools {
+            if prev.snat_pools.get(id) != Some(pool) {
+                m.set(*id, *pool, 0).map_err(map_err(names::SNAT_POOLS))?;
+            }
+        }
+    }
+
     // 2. Tables into the idle half (or a new region), 3. then the service entries.
     let prev_services: BTreeMap<VipKey, &crate::plan::PlannedService> =
         prev.services.iter().map(|s| (s.key, s)).collect();

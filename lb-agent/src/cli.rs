@@ -118,7 +118,8 @@ pub enum Commands {
     },
     /// Print the live connection table, like `ipvsadm -Lnc` (read from the pinned
     /// maps): protocol, expiry, state, client, VIP, backend (with the port a `nat`
-    /// flow goes to), forwarding mode, service.
+    /// or `fullnat` flow goes to), forwarding mode, service, and a `fullnat` flow's
+    /// SNAT address and port (what its backend sees of the client).
     Flows {
         /// The configuration the agent runs with: names the services and gives the
         /// timeouts the expiry is computed with (IPVS's defaults without it).

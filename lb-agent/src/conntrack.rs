@@ -221,6 +221,10 @@ pub struct SweepMaps {
     pub conn_delta: MapData,
     /// `NAT_REVERSE`, swept after the tables (`nat_table.rs`).
     pub nat_reverse: MapData,
+    /// `FULLNAT_FORWARD` and `FULLNAT_REVERSE`, swept after them
+    /// (`fullnat_table.rs`).
+    pub fullnat_forward: MapData,
+    pub fullnat_reverse: MapData,
 }
 
 /// What one sweep task holds between sweeps.
@@ -229,6 +233,8 @@ struct Sweeper {
     new: HashMap<MapData, FlowKey, FlowVal>,
     conns: ConnMaps,
     nat: HashMap<MapData, FlowKey, lb_common::NatReverse>,
+    fullnat_forward: HashMap<MapData, FlowKey, lb_common::SnatFwd>,
+    fullnat_reverse: HashMap<MapData, FlowKey, lb_common::NatReverse>,
 }
 
 /// The bases in `BACKEND_CONNS` by backend id, as the sweep last wrote them: the
@@ -247,13 +253,15 @@ pub async fn run(
     bases: Bases,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let SweepMaps { established, new, clock, conns, conn_delta, nat_reverse } = maps;
+    let SweepMaps { established, new, clock, conns, conn_delta, nat_reverse, fullnat_forward, fullnat_reverse } = maps;
     let sweeper = (|| {
         Ok::<_, aya::maps::MapError>(Sweeper {
             established: HashMap::try_from(aya::maps::Map::HashMap(established))?,
             new: HashMap::try_from(aya::maps::Map::LruHashMap(new))?,
             conns: ConnMaps::new(conns, conn_delta)?,
             nat: HashMap::try_from(aya::maps::Map::LruHashMap(nat_reverse))?,
+            fullnat_forward: HashMap::try_from(aya::maps::Map::HashMap(fullnat_forward))?,
+            fullnat_reverse: HashMap::try_from(aya::maps::Map::HashMap(fullnat_reverse))?,
         })
     })();
     let map = match sweeper {
@@ -301,6 +309,13 @@ pub async fn run(
                 count_new(&m.new, now, &t, &mut counts);
                 m.conns.publish(&counts, &deltas);
                 crate::nat_table::sweep(&mut m.nat, &m.established, &m.new);
+                let mut tables = crate::fullnat_table::Tables {
+                    forward: &mut m.fullnat_forward,
+                    reverse: &mut m.fullnat_reverse,
+                    established: &m.established,
+                    new: &m.new,
+                };
+                crate::fullnat_table::sweep(&mut tables, now, &t);
                 if let Ok(mut b) = b.write() {
                     b.clone_from(&m.conns.written);
                 }

@@ -87,7 +87,7 @@ impl std::fmt::Display for AttachMode {
 /// Map sizes for a plan, with room for the configuration to grow: twice the
 /// services and backends, and for `MAGLEV` two tables per service (the double
 /// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 15] {
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 18] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
@@ -110,14 +110,20 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 15] {
         (names::AFFINITY, (plan.conntrack_size / 4).max(1024)),
         (names::FRAGS, plan.frags_size.max(1)),
         (names::NAT_REVERSE, plan.conntrack_size.saturating_add(plan.established_size).max(1)),
+        (names::FULLNAT_REVERSE, plan.conntrack_size.saturating_add(plan.established_size).max(1)),
+        (names::FULLNAT_FORWARD, plan.conntrack_size.saturating_add(plan.established_size).max(1)),
+        (names::SNAT_POOLS, services),
     ]
 }
 
 /// `CONFIG` flags with the plan's `answer_ping`, `forward_icmp`, whether it has
 /// prefix services and `nat` services, and its fragment lifetime.
 fn icmp_policy(flags: u32, plan: &Plan) -> (u32, u32) {
-    use lb_common::{CONFIG_ANSWER_PING, CONFIG_FORWARD_ICMP, CONFIG_NAT, CONFIG_PREFIX};
-    let mut flags = flags & !(CONFIG_ANSWER_PING | CONFIG_FORWARD_ICMP | CONFIG_PREFIX | CONFIG_NAT);
+    use lb_common::{CONFIG_ANSWER_PING, CONFIG_FORWARD_ICMP, CONFIG_FULLNAT, CONFIG_NAT, CONFIG_PREFIX};
+    let mut flags = flags & !(CONFIG_ANSWER_PING | CONFIG_FORWARD_ICMP | CONFIG_PREFIX | CONFIG_NAT | CONFIG_FULLNAT);
+    if plan.fullnat {
+        flags |= CONFIG_FULLNAT;
+    }
     if plan.has_prefix() {
         flags |= CONFIG_PREFIX;
     }

@@ -1,7 +1,9 @@
 //! `lb-agent flows`: the live connection table, like `ipvsadm -Lnc`, read from the
 //! pinned `CONNTRACK` and `CT_ESTABLISHED` maps (so it works while no agent runs):
-//! protocol, expiry, state, client, VIP, the backend (with the port a `nat` flow
-//! goes to), the forwarding mode and the service.
+//! protocol, expiry, state, client, VIP, the backend (with the port a `nat` or
+//! `fullnat` flow goes to), the forwarding mode and the service; for a `fullnat`
+//! flow also its SNAT address and port (from the pinned `FULLNAT_FORWARD`): the
+//! backend sees that, not the client.
 //!
 //! Which id is which service and backend comes from the pinned `SERVICES` and
 //! `BACKENDS` maps, as for `stats`; the configuration file, if given, names the
@@ -55,6 +57,9 @@ pub struct Flow {
     pub forwarding: Option<String>,
     /// `established` (`CT_ESTABLISHED`, kept against floods) or `new` (`CONNTRACK`).
     pub table: String,
+    /// A `fullnat` flow's SNAT address and port (the source its backend sees).
+    #[serde(default)]
+    pub snat: Option<SocketAddr>,
 }
 
 fn mode(forward: u8) -> &'static str {
@@ -62,6 +67,7 @@ fn mode(forward: u8) -> &'static str {
         lb_common::FORWARD_IPIP => "ipip",
         lb_common::FORWARD_GUE => "gue",
         lb_common::FORWARD_NAT => "nat",
+        lb_common::FORWARD_FULLNAT => "fullnat",
         _ => "dr",
     }
 }
@@ -111,9 +117,10 @@ fn flows_of(
                 vip: SocketAddr::new(ip_of(key.dst), key.dport),
                 service: services.get(&val.service_id).copied().unwrap_or_default().to_string(),
                 backend: backend.map(|b| b.address),
-                backend_port: backend.map(|b| if b.forward == lb_common::FORWARD_NAT && b.port != 0 { b.port } else { key.dport }),
+                backend_port: backend.map(|b| if (b.forward == lb_common::FORWARD_NAT || b.forward == lb_common::FORWARD_FULLNAT) && b.port != 0 { b.port } else { key.dport }),
                 forwarding: backend.map(|b| mode(b.forward).to_string()),
                 table: table.to_string(),
+                snat: None,
             }
         })
         .collect()
@@ -130,6 +137,7 @@ pub fn format(flows: &[Flow]) -> String {
         "{:<4} {:>7} {:<11} {:<46} {:<46} {:<46} {:<4} {}\n",
         "pro", "expire", "state", "client", "virtual", "backend", "mode", "service"
     );
+    let with_snat = flows.iter().any(|f| f.snat.is_some());
     for f in flows {
         let expire = format!("{:02}:{:02}", f.expire_s / 60, f.expire_s % 60);
         let backend = match (f.backend, f.backend_port) {
@@ -147,6 +155,11 @@ pub fn format(flows: &[Flow]) -> String {
             f.forwarding.as_deref().unwrap_or("-"),
             f.service
         );
+        if let (true, Some(snat)) = (with_snat, f.snat) {
+            // client <-> snat: what the backend sees of this client.
+            out.pop();
+            out += &format!(" snat {snat}\n");
+        }
     }
     out
 }
@@ -177,10 +190,42 @@ pub fn read(pin_dir: &Path, config_path: Option<&Path>) -> Result<Vec<Flow>> {
         // that vanished is skipped.
         let entries: Vec<(FlowKey, FlowVal)> = map.iter().filter_map(|e| e.ok()).collect();
         let mut part = flows_of(entries, table, &plan, &timeouts, now);
+        add_snat(&mut part, pin_dir);
         part.sort_by(|a, b| (a.client, a.vip).cmp(&(b.client, b.vip)));
         flows.extend(part);
     }
     Ok(flows)
+}
+
+/// Fills `snat` of the `fullnat` flows from the pinned `FULLNAT_FORWARD` (absent
+/// on an older pin directory: nothing to fill).
+fn add_snat(flows: &mut [Flow], pin_dir: &Path) {
+    if !flows.iter().any(|f| f.forwarding.as_deref() == Some("fullnat")) {
+        return;
+    }
+    let Ok(map) = MapData::from_pin(pin_dir.join(names::FULLNAT_FORWARD)) else { return };
+    let Ok(map) = BpfHashMap::<MapData, FlowKey, lb_common::SnatFwd>::try_from(aya::maps::Map::HashMap(map)) else { return };
+    for f in flows.iter_mut().filter(|f| f.forwarding.as_deref() == Some("fullnat")) {
+        let key = FlowKey {
+            src: addr16(f.client.ip()),
+            dst: addr16(f.vip.ip()),
+            sport: f.client.port(),
+            dport: f.vip.port(),
+            proto: if f.protocol == "UDP" { PROTO_UDP } else { PROTO_TCP },
+            _pad: [0; 3],
+        };
+        if let Ok(m) = map.get(&key, 0) {
+            f.snat = Some(SocketAddr::new(ip_of(m.snat), m.snat_port));
+        }
+    }
+}
+
+/// The 16-byte map form of an address.
+fn addr16(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => lb_common::v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 /// `lb-agent flows`.
@@ -261,6 +306,21 @@ mod tests {
         let stale = FlowVal { generation: b.generation + 1, ..val };
         let f = flows_of([(key(PROTO_TCP), stale)], "established", &plan, &Timeouts::default(), 160);
         assert_eq!((f[0].backend, f[0].forwarding.as_deref()), (None, None), "another generation is another backend");
+    }
+
+    #[test]
+    fn a_fullnat_flow_shows_its_snat_address_and_port() {
+        let t = Timeouts::default();
+        let est = FlowVal { state: CT_STATE_ESTABLISHED, last_seen: 90, ..Default::default() };
+        let plan = Plan::default();
+        let mut f = flows_of([(key(PROTO_TCP), est), (key(PROTO_UDP), est)], "established", &plan, &t, 100);
+        f[0].snat = Some("198.18.51.3:20001".parse().unwrap());
+        let text = format(&f);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].ends_with(" snat 198.18.51.3:20001"), "{text}");
+        assert!(!lines[2].contains("snat"), "{text}");
+        let json = serde_json::to_string(&f[0]).unwrap();
+        assert!(json.contains("\"snat\":\"198.18.51.3:20001\""), "{json}");
     }
 
     #[test]

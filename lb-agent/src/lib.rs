@@ -15,6 +15,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod nat_table;
+pub mod fullnat_table;
 pub mod neigh;
 pub mod nexthop;
 pub mod object;

@@ -273,6 +273,7 @@ impl TunnelParams {
             source_v6: config.tunnel_source_v6.or(first_v6),
             mtu: config.mtu.unwrap_or(if iface.mtu == 0 { 1500 } else { iface.mtu }),
         };
+        check_snat(config, iface, addresses)?;
         for s in config.services.iter().filter(|s| s.forwarding.is_tunnel()) {
             for b in &s.backends {
                 let (missing, field) = match b.address {
@@ -298,4 +299,22 @@ impl TunnelParams {
             self.mtu,
         )
     }
+}
+
+/// Every SNAT address a `fullnat` service uses must be one of the interface's
+/// own (`addresses`): the backends' replies come back to it, and the kernel
+/// answers ARP/ND for it only then. Checked at start and at every reload.
+pub fn check_snat(config: &Config, iface: &Interface, addresses: &[IpAddr]) -> Result<(), String> {
+    for s in &config.services {
+        for a in s.snat.iter().flat_map(|p| p.addresses.iter()) {
+            if !addresses.contains(a) {
+                return Err(format!(
+                    "service {}: snat address {a} is not an address of interface {}; a SNAT address must be the \
+                     balancer's own (add it to the interface, or list another in snat_addresses)",
+                    s.name, iface.name
+                ));
+            }
+        }
+    }
+    Ok(())
 }

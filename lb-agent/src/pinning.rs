@@ -31,7 +31,15 @@ const REPLACEABLE: &[&str] =
 /// Maps added after the first version that pinned its maps: pins made by an
 /// older version lack them, and they start empty (that version had no such
 /// state to keep).
-const ADDED: &[&str] = &[names::PREFIX_SERVICES, names::LOCALITY, names::NAT_REVERSE, names::EGRESS_MAC];
+const ADDED: &[&str] = &[
+    names::PREFIX_SERVICES,
+    names::LOCALITY,
+    names::NAT_REVERSE,
+    names::EGRESS_MAC,
+    names::FULLNAT_REVERSE,
+    names::FULLNAT_FORWARD,
+    names::SNAT_POOLS,
+];
 
 /// The pin directory and the paths in it.
 #[derive(Debug, Clone)]
@@ -40,7 +48,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 23] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 26] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -65,6 +73,9 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 23] {
         (names::FRAGS, size_of::<FragKey>(), size_of::<FragVal>(), 0),
         (names::NAT_REVERSE, size_of::<FlowKey>(), size_of::<NatReverse>(), 0),
         (names::EGRESS_MAC, 4, size_of::<EgressMac>(), 0),
+        (names::FULLNAT_REVERSE, size_of::<FlowKey>(), size_of::<NatReverse>(), 0),
+        (names::FULLNAT_FORWARD, size_of::<FlowKey>(), size_of::<lb_common::SnatFwd>(), 0),
+        (names::SNAT_POOLS, 4, size_of::<lb_common::SnatPool>(), 0),
     ]
 }
 

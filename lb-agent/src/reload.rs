@@ -55,6 +55,7 @@ pub fn describe(old: &Config, new: &Config) -> String {
             scheduler,
             forwarding,
             gue_port,
+            snat,
             table_size,
             backends: _,
             on_all_down,
@@ -64,6 +65,7 @@ pub fn describe(old: &Config, new: &Config) -> String {
             && *scheduler == s.scheduler
             && *forwarding == s.forwarding
             && *gue_port == s.gue_port
+            && *snat == s.snat
             && *table_size == s.table_size
             && *on_all_down == s.on_all_down
             && *persistence == s.persistence;

@@ -231,6 +231,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
         conns: handle(&mut dp, lb_common::map_names::BACKEND_CONNS)?,
         conn_delta: handle(&mut dp, lb_common::map_names::BACKEND_CONN_DELTA)?,
         nat_reverse: handle(&mut dp, lb_common::map_names::NAT_REVERSE)?,
+        fullnat_forward: handle(&mut dp, lb_common::map_names::FULLNAT_FORWARD)?,
+        fullnat_reverse: handle(&mut dp, lb_common::map_names::FULLNAT_REVERSE)?,
     };
     let ct_capacity = dp.conntrack_capacity(&plan).context("reading the connection-table sizes")?;
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);

@@ -50,6 +50,9 @@ pub mod map_names {
     /// a program array has no BTF value type to check).
     pub const RARE_PROGS: &str = "RARE_PROGS";
     pub const NAT_REVERSE: &str = "NAT_REVERSE";
+    pub const FULLNAT_REVERSE: &str = "FULLNAT_REVERSE";
+    pub const FULLNAT_FORWARD: &str = "FULLNAT_FORWARD";
+    pub const SNAT_POOLS: &str = "SNAT_POOLS";
     pub use crate::decap::names::*;
     pub use crate::egress::names::*;
     pub use crate::prefix::names::*;
@@ -295,6 +298,12 @@ pub const FORWARD_GUE: u8 = 2;
 /// come back through the balancer and leave from the VIP (`lb_nat`, `lb_nat_reply`).
 pub const FORWARD_NAT: u8 = 3;
 
+/// FULLNAT: both addresses (and ports) change: the client's becomes a SNAT
+/// address and port of the balancer's (`SNAT_POOLS`), the VIP the backend's; the
+/// backend's replies come back to the SNAT address and leave from the VIP to the
+/// client (`lb_nat`, `lb_nat_reply`, `FULLNAT_FORWARD`, `FULLNAT_REVERSE`).
+pub const FORWARD_FULLNAT: u8 = 4;
+
 /// Established flows may use the backend (it is up).
 pub const BACKEND_ACTIVE: u32 = 1;
 /// New flows may be sent to it (up and weight > 0); a draining backend has only
@@ -476,6 +485,9 @@ pub const CONFIG_PREFIX: u32 = 32;
 /// A `nat` service exists: frames to no VIP are looked up in `NAT_REVERSE`
 /// (`lb_nat_reply`). Without it they pass at once, as before.
 pub const CONFIG_NAT: u32 = 64;
+/// A `fullnat` service exists: frames to no VIP are looked up in
+/// `FULLNAT_REVERSE` first (`lb_nat_reply`).
+pub const CONFIG_FULLNAT: u32 = 128;
 
 /// Value of `NAT_REVERSE`, keyed by a `nat` flow's reply as it leaves the backend
 /// (`FlowKey` with src = backend address and port, dst = client address and port):
@@ -491,7 +503,18 @@ pub struct NatReverse {
     pub mac: [u8; 6],
     pub backend_id: u32,
     pub service_id: u32,
+    /// The client's address and port (host byte order): a `fullnat` reply's
+    /// destination (a `nat` reply's is the client already).
+    pub client: [u8; 16],
+    pub cport: u16,
+    pub _pad: [u8; 2],
+    /// `CT_CLOCK` when the entry was written: the agent's sweep leaves entries of
+    /// the last seconds alone (their `FULLNAT_FORWARD` entry may be on its way).
+    pub created: u32,
 }
+
+pub mod snat;
+pub use snat::{SnatFwd, SnatPool, MAX_SNAT_ADDRS, SNAT_PROBES};
 
 pub mod trace;
 pub use trace::{Decision, TraceBudget, TraceFilter, TraceRecord};
@@ -513,7 +536,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 20);
     assert!(core::mem::size_of::<BackendConns>() == 16);
-    assert!(core::mem::size_of::<NatReverse>() == 32);
+    assert!(core::mem::size_of::<NatReverse>() == 56);
 };
 
 #[cfg(feature = "user")]

@@ -103,7 +103,17 @@ pub const DROP_NO_EGRESS: u32 = 38;
 /// router on its path), translated back to the VIP and sent to the client
 /// (`lb_nat_reply`, XDP_TX).
 pub const NAT_ICMP_REPLY: u32 = 39;
-pub const COUNT: u32 = 40;
+/// Forwarded to a `fullnat` backend, both addresses rewritten (`lb_nat`; also
+/// counts `forwarded`).
+pub const FULLNAT_FORWARDED: u32 = 40;
+/// A `fullnat` backend's reply to a SNAT address, rewritten to go from the VIP
+/// to the client (`lb_nat_reply`, XDP_TX).
+pub const FULLNAT_REPLY: u32 = 41;
+/// A new `fullnat` flow found no free SNAT (address, port) for its backend in
+/// its pool (`SNAT_PROBES` probes), or `FULLNAT_REVERSE` was full: dropped. A
+/// live port is never reused.
+pub const DROP_SNAT_EXHAUSTED: u32 = 42;
+pub const COUNT: u32 = 43;
 
 /// Names for metrics and `lb-agent`, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -147,4 +157,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "redirected",
     "drop_no_egress",
     "nat_icmp_reply",
+    "fullnat_forwarded",
+    "fullnat_reply",
+    "drop_snat_exhausted",
 ];

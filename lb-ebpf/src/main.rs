@@ -29,7 +29,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    stat, FlowKey, TraceFilter, TraceRecord, CONFIG_NAT, NAT_REPLY_SLOT, NAT_SLOT, PREFIX_SLOT, RARE_SLOT,
+    stat, FlowKey, TraceFilter, TraceRecord, CONFIG_FULLNAT, CONFIG_NAT, NAT_REPLY_SLOT, NAT_SLOT, PREFIX_SLOT, RARE_SLOT,
     RARE_TRACE_SLOT,
 };
 
@@ -118,27 +118,65 @@ pub fn lb_prefix(ctx: XdpContext) -> u32 {
     emit(&ctx, v as u32, (v >> 32) as u32)
 }
 
-/// Whether a `nat` service exists, so that frames to no VIP may be replies to
-/// translate (`CONFIG_NAT`): one array read, only for frames that pass.
+/// Whether a `nat` or `fullnat` service exists, so that frames to no VIP may be
+/// replies to translate (`CONFIG_NAT`, `CONFIG_FULLNAT`): one array read, only for
+/// frames that pass.
 #[inline(always)]
 fn nat_on() -> bool {
-    CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_NAT != 0)
+    CONFIG.get(0).is_some_and(|c| c.flags & (CONFIG_NAT | CONFIG_FULLNAT) != 0)
 }
 
-/// `nat` forwarding, the client-to-backend direction (tail-called from `lb_xdp`
-/// and `lb_xdp_trace` with the decision in `NAT_STASH`): see `forward/nat.rs`.
+/// `nat` and `fullnat` forwarding, the client-to-backend direction (tail-called
+/// from `lb_xdp` and `lb_xdp_trace` with the decision in `NAT_STASH`): see
+/// `forward/nat.rs`, `forward/fullnat.rs`.
 #[xdp]
 pub fn lb_nat(ctx: XdpContext) -> u32 {
-    let (action, counter) = verdict(forward::nat::forward(&ctx));
-    emit(&ctx, action, counter)
+    // Each path a call of its own, so that neither's stack adds to the other's
+    // (`fullnat` makes calls of its own: the chain must fit 512 bytes).
+    let v = if forward::nat::icmp_stashed() {
+        nat_icmp_call(&ctx)
+    } else if forward::fullnat::stashed() {
+        forward::fullnat::run(&ctx)
+    } else {
+        nat_call(&ctx)
+    };
+    emit(&ctx, v as u32, (v >> 32) as u32)
 }
 
-/// `nat` forwarding, the backend-to-client direction: see `forward/nat_reply.rs`.
+/// The ICMP error path of `lb_nat` (`forward/nat_icmp.rs`).
+#[inline(never)]
+fn nat_icmp_call(ctx: &XdpContext) -> u64 {
+    packed(forward::nat::icmp(ctx))
+}
+
+/// The `nat` path of `lb_nat`.
+#[inline(never)]
+fn nat_call(ctx: &XdpContext) -> u64 {
+    packed(forward::nat::forward(ctx))
+}
+
+/// `nat` and `fullnat` forwarding, the backend-to-client direction: see
+/// `forward/nat_reply.rs`, `forward/fullnat.rs`.
 #[xdp]
 pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
-    let (action, counter) = verdict(forward::nat_reply::reply(&ctx));
-    count(counter);
-    action
+    // `fullnat` replies first (a call, as in `lb_nat`), then `nat`'s, each only
+    // while such a service exists.
+    let flags = CONFIG.get(0).map_or(0, |c| c.flags);
+    let mut v = forward::fullnat::NOT_FULLNAT;
+    if flags & CONFIG_FULLNAT != 0 {
+        v = forward::fullnat::reply_call(&ctx);
+    }
+    if v == forward::fullnat::NOT_FULLNAT {
+        v = if flags & CONFIG_NAT != 0 { nat_reply_call(&ctx) } else { NOT_VIP };
+    }
+    count((v >> 32) as u32);
+    v as u32
+}
+
+/// The `nat` path of `lb_nat_reply`.
+#[inline(never)]
+fn nat_reply_call(ctx: &XdpContext) -> u64 {
+    packed(forward::nat_reply::reply(ctx))
 }
 
 /// The rare path of `lb_xdp` (tail-called): ICMP errors, echo requests and

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    stat, AffinityKey, EgressMac, EGRESS_ENTRIES, AffinityVal, LocalityKey, LocalityVal, NatReverse, PrefixKey, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
+    stat, AffinityKey, EgressMac, EGRESS_ENTRIES, AffinityVal, LocalityKey, LocalityVal, NatReverse, SnatFwd, SnatPool, PrefixKey, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
     DEFAULT_FRAGS_SIZE, DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
@@ -101,6 +101,28 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityVal, { CT as usize }> = Lru
 /// scheduled; sized by the agent as both connection tables together.
 #[btf_map]
 pub static NAT_REVERSE: LruHashMap<FlowKey, NatReverse, { CT as usize }> = LruHashMap::new();
+
+/// A `fullnat` flow's reply (backend -> SNAT address and port, as it leaves the
+/// backend) -> what it becomes (`forward/fullnat.rs`). A plain hash: inserted with
+/// `BPF_NOEXIST` when a flow gets its SNAT port, it is what keeps two live flows
+/// from sharing one, and nothing evicts it; the agent's sweep removes the entries
+/// of flows gone from the connection table. Sized as `NAT_REVERSE`.
+#[btf_map]
+pub static FULLNAT_REVERSE: HashMap<FlowKey, NatReverse, { CT as usize }> = HashMap::new();
+
+/// A `fullnat` flow (client -> VIP, as in `CONNTRACK`) -> its SNAT address and
+/// port and its backend's (`forward/fullnat.rs`). Swept with `FULLNAT_REVERSE`.
+#[btf_map]
+pub static FULLNAT_FORWARD: HashMap<FlowKey, SnatFwd, { CT as usize }> = HashMap::new();
+
+/// Service id -> the SNAT addresses and ports of a `fullnat` service, and the
+/// cursor its new flows probe from. Agent-written (the cursor: program-moved).
+#[btf_map]
+pub static SNAT_POOLS: Array<SnatPool, { MS as usize }> = Array::new();
+
+/// Per CPU: `lb_nat`'s working space for a `fullnat` packet (off the stack).
+#[btf_map]
+pub static FULLNAT_SCRATCH: PerCpuArray<crate::forward::FullnatScratch, 1> = PerCpuArray::new();
 
 /// Per CPU: what `lb_xdp` decided for a `nat` flow's packet, for `lb_nat` (the
 /// program it tail-calls) to carry out.

@@ -12,6 +12,18 @@
 //! ```
 //! (and the same in 2001:db8:50::/64 and 2001:db8:51::/64). VIPs 198.18.52.10 and
 //! 2001:db8:52::10, routed by the router to the balancer.
+//!
+//! The FULLNAT lab (`NatLab::fullnat`) puts the backends in a subnet of their own
+//! behind a second router, `r2`, which has no route to the clients (no default
+//! route at all); the balancer holds the SNAT addresses 198.18.51.3 and
+//! 2001:db8:51::3 on its eth0 and routes 198.18.53.0/24 via r2:
+//!
+//! ```text
+//!  client ── r ──br── balancer 198.18.51.2, SNAT 198.18.51.3 (route 198.18.53.0/24 via r2)
+//!                 └── r2 198.18.51.5 ──br1── b1 198.18.53.11 (default via r2 198.18.53.1)
+//!                                        ├── b2 198.18.53.12
+//!                                        └── ...
+//! ```
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -31,6 +43,11 @@ pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x52, 0, 0, 0, 0, 0x10);
 pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 2);
 pub const BALANCER4: Ipv4Addr = Ipv4Addr::new(198, 18, 51, 2);
 pub const BALANCER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 2);
+/// The FULLNAT lab's SNAT addresses (on the balancer's eth0) and second router.
+pub const SNAT4: Ipv4Addr = Ipv4Addr::new(198, 18, 51, 3);
+pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 3);
+pub const R2_4: Ipv4Addr = Ipv4Addr::new(198, 18, 51, 5);
+pub const R2_6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 5);
 /// The echo service's port on the backends (long-lived connections).
 pub const ECHO_PORT: u16 = 7000;
 
@@ -49,6 +66,8 @@ pub struct NatLab {
     pub router: String,
     pub balancer: String,
     pub backends: Vec<Host>,
+    /// FULLNAT lab: the backends' router (no route to the clients).
+    pub r2: Option<String>,
     pub dir: PathBuf,
     namespaces: Vec<String>,
     servers: Vec<Server>,
@@ -58,7 +77,17 @@ pub struct NatLab {
 impl NatLab {
     /// The lab with `n` backends (at most 9), nothing running yet.
     pub fn new(n: u8) -> NatLab {
+        Self::with(n, false)
+    }
+
+    /// The FULLNAT lab with `n` backends (at most 9) behind `r2`.
+    pub fn fullnat(n: u8) -> NatLab {
+        Self::with(n, true)
+    }
+
+    fn with(n: u8, fullnat: bool) -> NatLab {
         netns::require_root();
+        let net = if fullnat { 53 } else { 51 };
         let id = format!("nt{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir).expect("lab dir");
@@ -66,8 +95,8 @@ impl NatLab {
             .map(|i| Host {
                 ns: format!("{id}-b{i}"),
                 name: format!("b{i}"),
-                v4: Ipv4Addr::new(198, 18, 51, 10 + i),
-                v6: format!("2001:db8:51::{}", 10 + i).parse().expect("address"),
+                v4: Ipv4Addr::new(198, 18, net, 10 + i),
+                v6: format!("2001:db8:{net}::{}", 10 + i).parse().expect("address"),
             })
             .collect();
         let mut lab = NatLab {
@@ -75,6 +104,7 @@ impl NatLab {
             router: format!("{id}-r"),
             balancer: format!("{id}-lb"),
             backends,
+            r2: fullnat.then(|| format!("{id}-r2")),
             id,
             dir,
             namespaces: Vec::new(),
@@ -94,8 +124,14 @@ impl NatLab {
 
     /// `ns`'s eth0 with these addresses, wired to `port` in the router (on the
     /// bridge when `bridged`), default routes via `gw4` / `gw6`.
-    fn wire(&self, ns: &str, port: &str, bridged: bool, (v4, v6): (Ipv4Addr, Ipv6Addr), (gw4, gw6): (String, String)) {
-        sh(&["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &self.router]);
+    fn wire(&self, ns: &str, port: &str, bridged: bool, addrs: (Ipv4Addr, Ipv6Addr), gw: (String, String)) {
+        self.wire_to(&self.router, "br0", ns, port, bridged, addrs, gw);
+    }
+
+    /// `wire` to router `router`'s bridge `bridge`.
+    #[allow(clippy::too_many_arguments)]
+    fn wire_to(&self, router: &str, bridge: &str, ns: &str, port: &str, bridged: bool, (v4, v6): (Ipv4Addr, Ipv6Addr), (gw4, gw6): (String, String)) {
+        sh(&["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", router]);
         ns_sh(ns, &["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
         ns_sh(ns, &["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
         ns_sh(ns, &["ip", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
@@ -106,9 +142,9 @@ impl NatLab {
         ns_sh(ns, &["ip", "route", "add", "default", "via", &gw4]);
         ns_sh(ns, &["ip", "-6", "route", "add", "default", "via", &gw6]);
         if bridged {
-            ns_sh(&self.router, &["ip", "link", "set", port, "master", "br0", "up"]);
+            ns_sh(router, &["ip", "link", "set", port, "master", bridge, "up"]);
         } else {
-            ns_sh(&self.router, &["ip", "link", "set", port, "up"]);
+            ns_sh(router, &["ip", "link", "set", port, "up"]);
         }
     }
 
@@ -140,11 +176,15 @@ impl NatLab {
         ns_sh(&balancer, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
         ns_sh(&router, &["ip", "route", "add", &format!("{VIP4}/32"), "via", &BALANCER4.to_string()]);
         ns_sh(&router, &["ip", "-6", "route", "add", &format!("{VIP6}/128"), "via", &BALANCER6.to_string()]);
-        let lb_gw = (BALANCER4.to_string(), BALANCER6.to_string());
-        for i in 0..self.backends.len() {
-            let (ns, v4, v6) = (self.backends[i].ns.clone(), self.backends[i].v4, self.backends[i].v6);
-            self.add_ns(&ns);
-            self.wire(&ns, &format!("p-b{}", i + 1), true, (v4, v6), lb_gw.clone());
+        if let Some(r2) = self.r2.clone() {
+            self.build_r2(&r2);
+        } else {
+            let lb_gw = (BALANCER4.to_string(), BALANCER6.to_string());
+            for i in 0..self.backends.len() {
+                let (ns, v4, v6) = (self.backends[i].ns.clone(), self.backends[i].v4, self.backends[i].v6);
+                self.add_ns(&ns);
+                self.wire(&ns, &format!("p-b{}", i + 1), true, (v4, v6), lb_gw.clone());
+            }
         }
         // Native XDP_TX from the balancer's eth0 needs a program on its peer.
         let ebpf = netns::run_in(&router, move || {
@@ -156,6 +196,36 @@ impl NatLab {
             ebpf
         });
         self.pass = Some(ebpf);
+    }
+
+    /// The FULLNAT lab's back end: `r2` on the segment (no route to the clients),
+    /// the backends behind it, the SNAT addresses on the balancer and its route
+    /// to the backends' subnet via `r2`.
+    fn build_r2(&mut self, r2: &str) {
+        self.add_ns(r2);
+        for k in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
+            ns_sh(r2, &["sysctl", "-qw", k]);
+        }
+        self.wire(r2, "p-r2", true, (R2_4, R2_6), ("198.18.51.1".into(), "2001:db8:51::1".into()));
+        // No route to the clients: r2 knows its two subnets and nothing else.
+        ns_sh(r2, &["ip", "route", "del", "default"]);
+        ns_sh(r2, &["ip", "-6", "route", "del", "default"]);
+        ns_sh(r2, &["ip", "link", "add", "br1", "type", "bridge"]);
+        ns_sh(r2, &["sysctl", "-qw", "net.ipv6.conf.br1.accept_dad=0"]);
+        ns_sh(r2, &["ip", "link", "set", "br1", "up"]);
+        ns_sh(r2, &["ip", "addr", "add", "198.18.53.1/24", "dev", "br1"]);
+        ns_sh(r2, &["ip", "addr", "add", "2001:db8:53::1/64", "dev", "br1", "nodad"]);
+        let gw = ("198.18.53.1".to_string(), "2001:db8:53::1".to_string());
+        for i in 0..self.backends.len() {
+            let (ns, v4, v6) = (self.backends[i].ns.clone(), self.backends[i].v4, self.backends[i].v6);
+            self.add_ns(&ns);
+            self.wire_to(r2, "br1", &ns, &format!("p-b{}", i + 1), true, (v4, v6), gw.clone());
+        }
+        let lb = self.balancer.clone();
+        ns_sh(&lb, &["ip", "addr", "add", &format!("{SNAT4}/24"), "dev", "eth0"]);
+        ns_sh(&lb, &["ip", "addr", "add", &format!("{SNAT6}/64"), "dev", "eth0", "nodad"]);
+        ns_sh(&lb, &["ip", "route", "add", "198.18.53.0/24", "via", &R2_4.to_string()]);
+        ns_sh(&lb, &["ip", "-6", "route", "add", "2001:db8:53::/64", "via", &R2_6.to_string()]);
     }
 
     /// HTTP on `ports`, UDP on 53 and echo on `ECHO_PORT` on backend `i`, each

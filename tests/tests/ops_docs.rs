@@ -245,10 +245,11 @@ fn bpftool_recipes_in_operations_md_work() {
             other => vec![other],
         };
         assert!(entries.iter().all(|e| e.get("formatted").is_some()), "{name}: an entry without `formatted`: {json:.300}");
-        if !["AFFINITY", "FRAGS", "PREFIX_SERVICES", "LOCALITY", "NAT_REVERSE"].contains(&name) {
-            // The demo has no persistence, sends no fragments and has no prefix
-            // and no nat service: AFFINITY, FRAGS, PREFIX_SERVICES, LOCALITY and
-            // NAT_REVERSE are empty, their BTF is checked above.
+        if !["AFFINITY", "FRAGS", "PREFIX_SERVICES", "LOCALITY", "NAT_REVERSE", "FULLNAT_REVERSE", "FULLNAT_FORWARD"].contains(&name) {
+            // The demo has no persistence, sends no fragments and has no prefix,
+            // no nat and no fullnat service: AFFINITY, FRAGS, PREFIX_SERVICES,
+            // LOCALITY, NAT_REVERSE, FULLNAT_REVERSE and FULLNAT_FORWARD are empty,
+            // their BTF is checked above.
             assert!(!entries.is_empty(), "{name} is empty after traffic");
         }
         assert!(doc.contains(&format!("`{name}`")), "docs/operations.md does not mention the map {name}");

@@ -149,6 +149,7 @@ pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Op
         answer_ping: old.answer_ping,
         forward_icmp: old.forward_icmp,
         syn_flood_kps: old.syn_flood_kps,
+        snat: old.snat.clone(),
         fragments: old.fragments,
         services,
     };

@@ -16,10 +16,16 @@ pub enum Forwarding {
     /// backends route their replies through the balancer, which sends them from
     /// the VIP.
     Nat,
+    /// FULLNAT: the source becomes a SNAT address and port of the balancer's
+    /// (`snat_addresses`, `snat_ports`) and the destination the backend's; the
+    /// replies come back to the SNAT address and leave from the VIP. Backends
+    /// need no route to the clients (and never see their addresses).
+    Fullnat,
 }
 
 impl Forwarding {
-    pub const ALL: [Forwarding; 4] = [Forwarding::Dr, Forwarding::Ipip, Forwarding::Gue, Forwarding::Nat];
+    pub const ALL: [Forwarding; 5] =
+        [Forwarding::Dr, Forwarding::Ipip, Forwarding::Gue, Forwarding::Nat, Forwarding::Fullnat];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -27,6 +33,7 @@ impl Forwarding {
             Forwarding::Ipip => "ipip",
             Forwarding::Gue => "gue",
             Forwarding::Nat => "nat",
+            Forwarding::Fullnat => "fullnat",
         }
     }
 
@@ -41,7 +48,13 @@ impl Forwarding {
             Forwarding::Ipip => lb_common::FORWARD_IPIP,
             Forwarding::Gue => lb_common::FORWARD_GUE,
             Forwarding::Nat => lb_common::FORWARD_NAT,
+            Forwarding::Fullnat => lb_common::FORWARD_FULLNAT,
         }
+    }
+
+    /// Whether a backend may give its own `port` (the destination is rewritten).
+    pub fn is_nat(self) -> bool {
+        matches!(self, Forwarding::Nat | Forwarding::Fullnat)
     }
 
     pub fn is_tunnel(self) -> bool {

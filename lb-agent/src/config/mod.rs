@@ -92,10 +92,31 @@ pub struct Config {
     /// a `maglev`/`sh` service is forwarded without a connection-table insert
     /// (docs/architecture.md, "SYN floods"); 0 records every SYN.
     pub syn_flood_kps: u16,
+    /// `snat_addresses` and `snat_ports` as the file gives them at the top level:
+    /// the pool of `fullnat` services without their own.
+    pub snat: Snat,
     /// The fragment table.
     pub fragments: Fragments,
     /// The virtual services, in file order.
     pub services: Vec<ServiceConfig>,
+}
+
+/// A SNAT pool (`forwarding: fullnat`): the balancer's own addresses new flows
+/// leave from (a service uses those of its backends' family) and the source
+/// ports given out, `ports.0..=ports.1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snat {
+    pub addresses: Vec<IpAddr>,
+    pub ports: (u16, u16),
+}
+
+/// Default `snat_ports`.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 65535);
+
+impl Default for Snat {
+    fn default() -> Self {
+        Snat { addresses: Vec::new(), ports: DEFAULT_SNAT_PORTS }
+    }
 }
 
 /// The table that remembers where a fragmented datagram's first fragment went.
@@ -158,6 +179,10 @@ pub struct ServiceConfig {
     pub forwarding: Forwarding,
     /// GUE destination port (with `Forwarding::Gue`).
     pub gue_port: u16,
+    /// The SNAT pool in force (`Forwarding::Fullnat`: the service's own fields,
+    /// else the global ones; holds an address of the backends' family); `None`
+    /// for the other modes.
+    pub snat: Option<Snat>,
     /// Size of the Maglev lookup table: a prime larger than the number of backends
     /// (`default_table_size` of the backend count when the file names none).
     pub table_size: u32,
@@ -177,7 +202,7 @@ pub struct BackendConfig {
     pub weight: u32,
     /// A backup receives traffic only while no primary (non-backup) backend is up.
     pub backup: bool,
-    /// The port `forwarding: nat` sends to (`None`: the service's port).
+    /// The port `forwarding: nat` / `fullnat` sends to (`None`: the service's port).
     pub port: Option<u16>,
     /// The backend's liveness probe: the service's `probe`, with the fields of the
     /// backend's own `probe` replacing the service's, defaults filled in.

@@ -19,6 +19,9 @@ pub(super) struct RawConfig {
     pub answer_ping: Option<bool>,
     pub forward_icmp: Option<bool>,
     pub syn_flood_kps: Option<Int>,
+    /// `forwarding: fullnat`: the SNAT pool every service without its own uses.
+    pub snat_addresses: Option<Vec<String>>,
+    pub snat_ports: Option<String>,
     pub fragments: Option<RawFragments>,
     pub services: Option<Vec<RawService>>,
 }
@@ -53,6 +56,9 @@ pub(super) struct RawService {
     pub prefix_v6: Option<Int>,
     pub forwarding: Option<String>,
     pub gue_port: Option<Int>,
+    /// `forwarding: fullnat` only: this service's SNAT pool.
+    pub snat_addresses: Option<Vec<String>>,
+    pub snat_ports: Option<String>,
     pub table_size: Option<Int>,
     pub backends: Option<Vec<RawBackend>>,
     /// Boxed, as in `RawBackend`.
@@ -68,7 +74,7 @@ pub(super) struct RawBackend {
     pub address: Option<String>,
     pub weight: Option<Int>,
     pub backup: Option<bool>,
-    /// `forwarding: nat` only: the port the backend listens on.
+    /// `forwarding: nat` and `fullnat` only: the port the backend listens on.
     pub port: Option<Int>,
     /// Boxed: a file may hold hundreds of thousands of backends, most without a probe
     /// of their own, and a `RawProbe` is about 500 bytes.

@@ -11,6 +11,7 @@ mod policy;
 mod prefix;
 mod probe;
 mod sched;
+mod snat;
 
 use self::probe::{Level, ProbeFields};
 use super::limits::MAX_ERRORS;
@@ -156,14 +157,19 @@ impl Checker<'_> {
             None => Some(lb_common::DEFAULT_SYN_FLOOD_KPS),
             Some(v) => self.ranged(v, "syn_flood_kps", "syn_flood_kps", 0u16, u16::MAX),
         };
+        let snat = self.global_snat(raw.snat_addresses.as_deref(), raw.snat_ports.as_deref());
         let raw_services = self.required(raw.services, "services", "services");
         let mut services = Some(Vec::new());
+        let global_snat = snat.clone();
         for (index, raw_service) in raw_services.into_iter().flatten().enumerate() {
-            let service = self.service(index, raw_service);
+            let service = self.service(index, raw_service, global_snat.as_ref());
             services = services.zip(service).map(|(mut all, s)| {
                 all.push(s);
                 all
             });
+        }
+        if !self.fullnat_table(services.as_deref(), established_size) {
+            return None;
         }
         Some(Config {
             conntrack_size: conntrack_size?,
@@ -175,12 +181,13 @@ impl Checker<'_> {
             answer_ping: raw.answer_ping.unwrap_or(true),
             forward_icmp: raw.forward_icmp.unwrap_or(true),
             syn_flood_kps: syn_flood_kps?,
+            snat: snat?,
             fragments: fragments?,
             services: services?,
         })
     }
 
-    fn service(&mut self, index: usize, raw: RawService) -> Option<ServiceConfig> {
+    fn service(&mut self, index: usize, raw: RawService, global_snat: Option<&super::Snat>) -> Option<ServiceConfig> {
         let path = format!("services[{index}]");
         let field = |name: &str| format!("{path}.{name}");
 
@@ -209,6 +216,8 @@ impl Checker<'_> {
         let scheduler = self.scheduler_needs_prefix(scheduler, vip_and_prefix, &field("scheduler"));
         let forwarding = self.forwarding(raw.forwarding.as_deref(), &field("forwarding"));
         let gue_port = self.gue_port(raw.gue_port, forwarding, &field("gue_port"));
+        let own_snat = (raw.snat_addresses.as_deref(), raw.snat_ports.as_deref());
+        let snat = self.service_snat(own_snat, global_snat, forwarding, vip, &path);
 
         if let (Some((vip, prefix)), Some(port), Some(protocol)) = (vip_and_prefix, port, protocol) {
             if let Some((first_path, first_name)) = self.triples.get(&(vip, prefix, port, protocol)) {
@@ -261,10 +270,12 @@ impl Checker<'_> {
             fits
         });
 
-        if forwarding == Some(Forwarding::Nat) && vip_and_prefix.is_some_and(|(_, p)| p.is_some()) {
-            // lb_prefix hands no frame to lb_nat; refused rather than passed.
-            self.at_value(&field("forwarding"), "forwarding: nat needs an exact vip, not a prefix".to_string());
-            return None;
+        if let Some(mode) = forwarding.filter(|f| f.is_nat()) {
+            if vip_and_prefix.is_some_and(|(_, p)| p.is_some()) {
+                // lb_prefix hands no frame to lb_nat; refused rather than passed.
+                self.at_value(&field("forwarding"), format!("forwarding: {mode} needs an exact vip, not a prefix"));
+                return None;
+            }
         }
         Some(ServiceConfig {
             name: name?,
@@ -275,6 +286,7 @@ impl Checker<'_> {
             scheduler: scheduler?,
             forwarding: forwarding?,
             gue_port: gue_port?,
+            snat: snat?,
             table_size: table_size?,
             backends: backends?,
             on_all_down: on_all_down?,

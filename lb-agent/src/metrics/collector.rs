@@ -13,7 +13,7 @@ use prometheus_client::registry::Unit;
 use crate::status::{ServiceStatus, Status};
 
 /// Outcome counters that are not a packet's verdict, and the family each goes to.
-const NOT_VERDICTS: [(&str, &str, &str); 15] = [
+const NOT_VERDICTS: [(&str, &str, &str); 16] = [
     (
         "conn_hit",
         "lb_conntrack_hits",
@@ -58,6 +58,11 @@ const NOT_VERDICTS: [(&str, &str, &str); 15] = [
         "nat_forwarded",
         "lb_nat_forwarded",
         "Packets forwarded to a nat backend, destination rewritten (also counted as forwarded).",
+    ),
+    (
+        "fullnat_forwarded",
+        "lb_fullnat_forwarded",
+        "Packets forwarded to a fullnat backend, both addresses rewritten (also counted as forwarded).",
     ),
     (
         "ct_midflow_miss",

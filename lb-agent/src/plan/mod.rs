@@ -160,6 +160,10 @@ pub struct Plan {
     pub established_size: u32,
     /// Some service forwards with `nat` (`CONFIG_NAT`: replies are looked for).
     pub nat: bool,
+    /// Some service forwards with `fullnat` (`CONFIG_FULLNAT`).
+    pub fullnat: bool,
+    /// `SNAT_POOLS` contents: service id -> the pool of a `fullnat` service.
+    pub snat_pools: BTreeMap<u32, lb_common::SnatPool>,
     /// `answer_ping`, `forward_icmp`.
     pub answer_ping: bool,
     pub forward_icmp: bool,
@@ -202,6 +206,7 @@ impl Plan {
             conntrack_size: config.conntrack_size,
             established_size: config.established_size,
             nat: config.services.iter().any(|s| s.forwarding == Forwarding::Nat),
+            fullnat: config.services.iter().any(|s| s.forwarding == Forwarding::Fullnat),
             answer_ping: config.answer_ping,
             forward_icmp: config.forward_icmp,
             syn_flood_kps: config.syn_flood_kps,
@@ -212,6 +217,7 @@ impl Plan {
         // By id (small and dense), as `prev_by_id`: a reload of thousands of
         // services looks up every backend here.
         let mut kept_services: Vec<bool> = Vec::new();
+        let mut snat_pools = BTreeMap::new();
         let mut kept_backends = vec![false; prev_by_id.len()];
         let keep = |kept: &mut Vec<bool>, id: u32| {
             if kept.len() <= id as usize {
@@ -235,6 +241,9 @@ impl Plan {
                 }
                 None => service_ids.take().0,
             };
+            if let Some(snat) = &svc.snat {
+                snat_pools.insert(id, snat_pool(snat));
+            }
             let mut sorted: Vec<_> = svc.backends.iter().collect();
             sorted.sort_by_key(|b| addr_key(b.address));
             // The previous backends of this service: (address key, address, id, generation), sorted.
@@ -274,7 +283,7 @@ impl Plan {
                     forward: svc.forwarding.number(),
                     port: match svc.forwarding {
                         Forwarding::Gue => svc.gue_port,
-                        Forwarding::Nat => b.port.unwrap_or(svc.port),
+                        Forwarding::Nat | Forwarding::Fullnat => b.port.unwrap_or(svc.port),
                         _ => 0,
                     },
                     egress: lb_common::EGRESS_SAME,
@@ -369,6 +378,7 @@ impl Plan {
             }
         }
         plan.service_ids = service_ids;
+        plan.snat_pools = snat_pools;
         plan.backend_ids = backend_ids;
         plan
     }
@@ -438,3 +448,23 @@ impl Plan {
 
 #[cfg(test)]
 mod tests;
+
+/// The `SNAT_POOLS` value of a service's pool (addresses past
+/// `lb_common::MAX_SNAT_ADDRS` per family are refused by the configuration).
+pub fn snat_pool(snat: &crate::config::Snat) -> lb_common::SnatPool {
+    let mut pool = lb_common::SnatPool { port_lo: snat.ports.0, port_hi: snat.ports.1, ..Default::default() };
+    for a in &snat.addresses {
+        match a {
+            IpAddr::V4(v4) if (pool.n_v4 as usize) < lb_common::MAX_SNAT_ADDRS => {
+                pool.v4[pool.n_v4 as usize] = v4.octets();
+                pool.n_v4 += 1;
+            }
+            IpAddr::V6(v6) if (pool.n_v6 as usize) < lb_common::MAX_SNAT_ADDRS => {
+                pool.v6[pool.n_v6 as usize] = v6.octets();
+                pool.n_v6 += 1;
+            }
+            _ => {}
+        }
+    }
+    pool
+}

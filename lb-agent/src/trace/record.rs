@@ -127,6 +127,7 @@ pub fn describe(r: &RawRecord, plan: &Plan, drained: &dyn Fn(&str, IpAddr) -> bo
                 lb_common::FORWARD_IPIP => "ipip",
                 lb_common::FORWARD_GUE => "gue",
                 lb_common::FORWARD_NAT => "nat",
+                lb_common::FORWARD_FULLNAT => "fullnat",
                 _ => "dr",
             }
             .to_string()

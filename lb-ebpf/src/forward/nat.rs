@@ -18,7 +18,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
-use lb_common::{stat, FlowKey, NatReverse, PROTO_TCP};
+use lb_common::{stat, FORWARD_FULLNAT, FlowKey, NatReverse, PROTO_TCP};
 
 use super::{bytes_mut, fold};
 use crate::{
@@ -56,13 +56,30 @@ pub fn stash(word: u32) {
     }
 }
 
+/// Whether `lb_xdp` (through `lb_rare`) left an ICMP error about a reply in
+/// `NAT_STASH` (`lb_nat` then runs `icmp`, a call of its own: with the
+/// translation's own call it would not fit `nat`'s stack frame).
+#[inline(always)]
+pub fn icmp_stashed() -> bool {
+    NAT_STASH.get(0).is_some_and(|s| s.backend_id & super::nat_icmp::ICMP_ERROR != 0)
+}
+
+/// `lb_nat` for an ICMP error about a reply of a `nat` flow (see `nat_icmp.rs`);
+/// those of `fullnat` flows are not translated yet (dropped).
+#[inline(always)]
+pub fn icmp(ctx: &XdpContext) -> Outcome {
+    let Some(s) = NAT_STASH.get(0).copied() else { return Outcome::Pass(stat::PASS_NOT_READY) };
+    let id = s.backend_id & !super::nat_icmp::ICMP_ERROR;
+    if BACKENDS.get(id).is_some_and(|b| b.forward == FORWARD_FULLNAT) {
+        return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED);
+    }
+    super::nat_icmp::to_backend(ctx, id)
+}
+
 /// `lb_nat`: the forward direction.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext) -> Outcome {
     let Some(s) = NAT_STASH.get(0).copied() else { return Outcome::Pass(stat::PASS_NOT_READY) };
-    if s.backend_id & super::nat_icmp::ICMP_ERROR != 0 {
-        return super::nat_icmp::to_backend(ctx, s.backend_id & !super::nat_icmp::ICMP_ERROR);
-    }
     let mut pkt = MaybeUninit::uninit();
     if let Err(outcome) = parse::parse::<false, false>(ctx, &mut pkt) {
         return outcome;
@@ -96,19 +113,19 @@ fn remember(ctx: &XdpContext, pkt: &Packet, backend: &[u8; 16], port: u16, backe
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&eth[6..12]);
     let key = FlowKey { src: *backend, dst: pkt.src, sport: port, dport: pkt.sport, proto: pkt.proto, _pad: [0; 3] };
-    let val = NatReverse { vip: pkt.dst, vport: pkt.dport, mac, backend_id, service_id };
+    let val = NatReverse { vip: pkt.dst, vport: pkt.dport, mac, backend_id, service_id, client: pkt.src, cport: pkt.sport, _pad: [0; 2], created: 0 };
     let _ = NAT_REVERSE.insert(&key, &val, BPF_ANY as u64);
 }
 
 /// One's-complement sum of a 16-bit word's replacement (RFC 1624, eqn. 3: the
 /// new checksum is `fold(!old_checksum + Σ(!m + m'))`).
 #[inline(always)]
-fn acc(sum: u32, old: u16, new: u16) -> u32 {
+pub(super) fn acc(sum: u32, old: u16, new: u16) -> u32 {
     sum + u32::from(!old) + u32::from(new)
 }
 
 #[inline(always)]
-fn word(b: &[u8], i: usize) -> u16 {
+pub(super) fn word(b: &[u8], i: usize) -> u16 {
     u16::from_be_bytes([b[i], b[i + 1]])
 }
 

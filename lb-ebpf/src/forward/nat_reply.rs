@@ -45,7 +45,7 @@ pub fn reply(ctx: &XdpContext) -> Outcome {
 /// a fragment), the IP and L4 header offsets, the family, and whether it is a TCP
 /// FIN or RST.
 #[inline(always)]
-fn parse(ctx: &XdpContext) -> Option<(FlowKey, usize, usize, bool, bool)> {
+pub(super) fn parse(ctx: &XdpContext) -> Option<(FlowKey, usize, usize, bool, bool)> {
     let mut l3 = 14;
     let mut ethertype = read_be16(ctx, 12).ok()?;
     if ethertype == 0x8100 || ethertype == 0x88a8 {

@@ -52,7 +52,7 @@ fn bad_nat_ports_are_refused_with_their_position() {
     );
     assert_errors(
         &service(&["    port: 80", "    backends: [{address: 198.18.5.11, port: 8080}]"]),
-        &["test.yaml:5:45: services[0].backends[0].port: a backend's port applies only to forwarding: nat (the other modes keep the client's port)"],
+        &["test.yaml:5:45: services[0].backends[0].port: a backend's port applies only to forwarding: nat and fullnat (the other modes keep the client's port)"],
     );
 }
 
@@ -66,7 +66,7 @@ fn bad_tunnel_fields_are_refused_with_their_position() {
     );
     assert_errors(
         &service(&["    port: 80", "    forwarding: gre", "    backends: [{address: 198.18.0.11}]"]),
-        &["test.yaml:5:17: services[0].forwarding: unknown forwarding \"gre\"; expected one of dr, ipip, gue, nat"],
+        &["test.yaml:5:17: services[0].forwarding: unknown forwarding \"gre\"; expected one of dr, ipip, gue, nat, fullnat"],
     );
     assert_errors(
         &service(&["    port: 80", "    forwarding: gue", "    gue_port: 0", "    backends: [{address: 198.18.0.11}]"]),

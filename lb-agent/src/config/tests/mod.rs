@@ -12,6 +12,7 @@ mod policy;
 mod prefix;
 mod probes;
 mod rules;
+mod snat;
 
 /// Joins `lines` into a YAML text (line `n` is `lines[n - 1]`).
 fn lines(lines: &[&str]) -> String {
@@ -114,6 +115,7 @@ fn defaults_are_applied() {
         answer_ping: true,
         forward_icmp: true,
         syn_flood_kps: lb_common::DEFAULT_SYN_FLOOD_KPS,
+        snat: Snat::default(),
         fragments: Fragments::default(),
         services: vec![ServiceConfig {
             name: "web".to_string(),
@@ -124,6 +126,7 @@ fn defaults_are_applied() {
             scheduler: Scheduler::Maglev,
             forwarding: Forwarding::Dr,
             gue_port: DEFAULT_GUE_PORT,
+            snat: None,
             table_size: 257,
             backends: vec![BackendConfig {
                 address: "198.18.0.11".parse().unwrap(),

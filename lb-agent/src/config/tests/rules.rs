@@ -8,13 +8,13 @@ fn unknown_fields_are_rejected_everywhere() {
         &lines(&["services: []", "conntrack: 5"]),
         &["test.yaml:2:1: unknown field `conntrack`, expected one of `conntrack_size`, `established_size`, \
            `timeouts`, `tunnel_source_v4`, `tunnel_source_v6`, `mtu`, `answer_ping`, `forward_icmp`, \
-           `syn_flood_kps`, `fragments`, `services`"],
+           `syn_flood_kps`, `snat_addresses`, `snat_ports`, `fragments`, `services`"],
     );
     assert_errors(
         &service(&["    port: 80", "    backend: []"]),
         &[
             "test.yaml:5:5: services[0]: unknown field `backend`, expected one of `name`, `vip`, \
-           `port`, `protocol`, `scheduler`, `prefix_v4`, `prefix_v6`, `forwarding`, `gue_port`, `table_size`, `backends`, `probe`, \
+           `port`, `protocol`, `scheduler`, `prefix_v4`, `prefix_v6`, `forwarding`, `gue_port`, `snat_addresses`, `snat_ports`, `table_size`, `backends`, `probe`, \
            `on_all_down`, `persistence`",
         ],
     );

@@ -39,8 +39,8 @@ impl Checker<'_> {
     /// A backend's `port`: only for `forwarding: nat`, `1..=65535`.
     pub(super) fn backend_port(&mut self, raw: Option<Int>, forwarding: Option<Forwarding>, path: &str) -> Option<Option<u16>> {
         let Some(v) = raw else { return Some(None) };
-        if forwarding.is_some_and(|f| f != Forwarding::Nat) {
-            self.at_value(path, "a backend's port applies only to forwarding: nat (the other modes keep the client's port)".into());
+        if forwarding.is_some_and(|f| !f.is_nat()) {
+            self.at_value(path, "a backend's port applies only to forwarding: nat and fullnat (the other modes keep the client's port)".into());
             return None;
         }
         if v.0 == 0 {

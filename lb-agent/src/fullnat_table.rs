@@ -1,0 +1,122 @@
+//! The agent's side of `FULLNAT_FORWARD` and `FULLNAT_REVERSE` (`forwarding:
+//! fullnat`): a flow's SNAT mapping lives as long as the flow's entry in the
+//! connection table. Both maps are plain hashes (a SNAT port must never be taken
+//! from a live flow), so nothing but this sweep returns a port to its pool. After
+//! each sweep of the connection table (`conntrack::run`) it removes:
+//!
+//! - the mappings whose flow is gone: in neither `CT_ESTABLISHED` nor, fresh
+//!   (within its timeout), `CONNTRACK` (the LRU keeps entries of flows long
+//!   ended until it evicts them);
+//! - reverse entries whose flow's mapping now names another port or backend (the
+//!   flow was scheduled again), or has none.
+//!
+//! Entries written in the last `YOUNG_S` seconds are left alone: the program
+//! writes the reverse entry just before the mapping, and a sweep between the two
+//! must not take the port back.
+
+use aya::maps::{HashMap, MapData};
+use lb_common::{FlowKey, FlowVal, NatReverse, SnatFwd, CT_STATE_NEW};
+
+use crate::{
+    config::Timeouts,
+    conntrack::{expired, timeout_of},
+};
+
+/// Seconds a new reverse entry is left alone.
+pub const YOUNG_S: u32 = 2;
+
+/// The client-to-VIP flow of a reverse entry.
+pub fn forward_flow(key: &FlowKey, val: &NatReverse) -> FlowKey {
+    FlowKey { src: val.client, dst: val.vip, sport: val.cport, dport: val.vport, proto: key.proto, _pad: [0; 3] }
+}
+
+/// The reverse key a mapping owns.
+pub fn reverse_key(flow: &FlowKey, m: &SnatFwd) -> FlowKey {
+    FlowKey { src: m.backend, dst: m.snat, sport: m.backend_port, dport: m.snat_port, proto: flow.proto, _pad: [0; 3] }
+}
+
+/// The maps one sweep works on.
+pub struct Tables<'a> {
+    pub forward: &'a mut HashMap<MapData, FlowKey, SnatFwd>,
+    pub reverse: &'a mut HashMap<MapData, FlowKey, NatReverse>,
+    pub established: &'a HashMap<MapData, FlowKey, FlowVal>,
+    pub new: &'a HashMap<MapData, FlowKey, FlowVal>,
+}
+
+/// Whether `flow` is live at `now`: established, or fresh in `CONNTRACK`.
+fn live(t: &Tables<'_>, flow: &FlowKey, now: u32, timeouts: &Timeouts) -> bool {
+    if t.established.get(flow, 0).is_ok() {
+        return true;
+    }
+    match t.new.get(flow, 0) {
+        Ok(v) => {
+            // A TCP flow seen once counts for the tcp_fin timeout (as `flows`).
+            let once = flow.proto == lb_common::PROTO_TCP && v.state == CT_STATE_NEW;
+            let timeout = if once { timeouts.tcp_fin } else { timeout_of(flow, &v, timeouts) };
+            !expired(now, v.last_seen, timeout)
+        }
+        Err(_) => false,
+    }
+}
+
+/// One sweep; returns (mappings removed, reverse entries removed).
+pub fn sweep(t: &mut Tables<'_>, now: u32, timeouts: &Timeouts) -> (u64, u64) {
+    // Collect first: deleting while walking makes the kernel restart the walk.
+    let gone: Vec<(FlowKey, SnatFwd)> = t
+        .forward
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| !live(t, k, now, timeouts))
+        .collect();
+    let (mut fwd_removed, mut rev_removed) = (0, 0);
+    for (flow, m) in gone {
+        // Its flow may have come back since the walk: keep it then.
+        if live(t, &flow, now, timeouts) {
+            continue;
+        }
+        let rk = reverse_key(&flow, &m);
+        let young = t.reverse.get(&rk, 0).is_ok_and(|r| now.wrapping_sub(r.created) < YOUNG_S);
+        if young || t.forward.get(&flow, 0).ok() != Some(m) {
+            continue;
+        }
+        if t.reverse.remove(&rk).is_ok() {
+            rev_removed += 1;
+        }
+        if t.forward.remove(&flow).is_ok() {
+            fwd_removed += 1;
+        }
+    }
+    // Reverse entries no mapping owns (rescheduled flows, or a mapping that
+    // could not be written).
+    let orphans: Vec<FlowKey> = t
+        .reverse
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| {
+            now.wrapping_sub(v.created) >= YOUNG_S
+                && t.forward.get(&forward_flow(k, v), 0).ok().is_none_or(|m| reverse_key(&forward_flow(k, v), &m) != *k)
+        })
+        .map(|(k, _)| k)
+        .collect();
+    for k in orphans {
+        if t.reverse.remove(&k).is_ok() {
+            rev_removed += 1;
+        }
+    }
+    (fwd_removed, rev_removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mapping_owns_the_reverse_key_of_its_reply() {
+        let flow = FlowKey { src: [1; 16], dst: [2; 16], sport: 40000, dport: 80, proto: 6, _pad: [0; 3] };
+        let m = SnatFwd { snat: [3; 16], backend: [4; 16], snat_port: 2000, backend_port: 8080, ..Default::default() };
+        let rk = reverse_key(&flow, &m);
+        assert_eq!((rk.src, rk.dst, rk.sport, rk.dport, rk.proto), ([4; 16], [3; 16], 8080, 2000, 6));
+        let val = NatReverse { vip: [2; 16], vport: 80, client: [1; 16], cport: 40000, ..Default::default() };
+        assert_eq!(forward_flow(&rk, &val), flow);
+    }
+}

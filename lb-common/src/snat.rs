@@ -1,0 +1,60 @@
+//! `forwarding: fullnat`'s SNAT mappings and pools (`FULLNAT_FORWARD`,
+//! `SNAT_POOLS`; `FULLNAT_REVERSE` holds `NatReverse` values).
+
+/// Value of `FULLNAT_FORWARD`, keyed by a `fullnat` flow (client to VIP, as in
+/// `CONNTRACK`): the SNAT address and port it was given, and the backend address
+/// and port it goes to, which together are its `FULLNAT_REVERSE` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatFwd {
+    pub snat: [u8; 16],
+    pub backend: [u8; 16],
+    /// Host byte order.
+    pub snat_port: u16,
+    pub backend_port: u16,
+    pub backend_id: u32,
+    /// `Backend::generation` when the mapping was made: a mapping for an earlier
+    /// incarnation of the id is replaced.
+    pub generation: u32,
+}
+
+/// SNAT addresses of one family a pool holds at most (`SNAT_POOLS`).
+pub const MAX_SNAT_ADDRS: usize = 8;
+
+/// Value of `SNAT_POOLS`, indexed by service id: where a `fullnat` service's new
+/// flows get their source. Candidates are numbered address-major: candidate `c`
+/// is address `c / ports`, port `port_lo + c % ports` (`ports = port_hi -
+/// port_lo + 1`), probed from `cursor` on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatPool {
+    /// IPv4 addresses (network order), the first `n_v4` used.
+    pub v4: [[u8; 4]; MAX_SNAT_ADDRS],
+    pub v6: [[u8; 16]; MAX_SNAT_ADDRS],
+    pub n_v4: u8,
+    pub n_v6: u8,
+    pub _pad: [u8; 2],
+    /// Port range, inclusive, host byte order.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// Where the next probe starts (the program moves it; the agent writes 0).
+    pub cursor: u32,
+}
+
+/// Probes of one new `fullnat` flow for a free (address, port) before it is
+/// dropped as exhaustion (`drop_snat_exhausted`).
+pub const SNAT_PROBES: u32 = 256;
+
+const _: () = {
+    assert!(core::mem::size_of::<SnatFwd>() == 44);
+    assert!(core::mem::size_of::<SnatPool>() == 172);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: repr(C), integers and byte arrays with explicit padding: every bit
+    // pattern is valid and none is uninit.
+    unsafe impl aya::Pod for SnatFwd {}
+    unsafe impl aya::Pod for SnatPool {}
+}

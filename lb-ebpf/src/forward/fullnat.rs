@@ -1,0 +1,392 @@
+//! FULLNAT, one-arm: the client's packet to VIP:port leaves from a SNAT address
+//! and port of the balancer's to backend:port (both ends rewritten), and the
+//! backend's reply, sent to the SNAT address (which is on the balancer's
+//! interface, so the backend needs no route to the clients), leaves from VIP:port
+//! to the client. The backend never sees the client's address.
+//!
+//! `lb_nat` (`nat.rs`) hands a `fullnat` backend's packet here. The flow's
+//! mapping is in `FULLNAT_FORWARD` (client-to-VIP flow -> SNAT address and port,
+//! backend address and port); a flow without one for its backend (new, or
+//! rescheduled) gets one: candidates of the service's pool (`SNAT_POOLS`) are
+//! probed from the pool's cursor, each by inserting the reply's 5-tuple into
+//! `FULLNAT_REVERSE` with `BPF_NOEXIST`. That map is a plain hash, so a live
+//! mapping is never evicted and no two live flows to one backend address and port
+//! share a SNAT address and port; no free candidate within `SNAT_PROBES` probes,
+//! or a full map, drops the packet (`drop_snat_exhausted`). The agent's sweep
+//! removes the mappings of flows gone from the connection table
+//! (lb-agent/src/fullnat_table.rs): their ports return to the pool.
+//!
+//! `lb_nat_reply` (`nat_reply.rs`) looks replies up in `FULLNAT_REVERSE` first
+//! while `CONFIG_FULLNAT` is set (`reply` here).
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    programs::XdpContext,
+};
+use lb_common::{
+    stat, Backend, Config, FlowKey, NatReverse, CONFIG_FULLNAT, FORWARD_FULLNAT, MAX_SNAT_ADDRS, PROTO_TCP,
+    SNAT_PROBES, SnatFwd,
+};
+
+use super::{
+    bytes_mut, fold,
+    nat::{acc, word},
+};
+use crate::{
+    conntrack,
+    maps::{BACKENDS, CONFIG, CT_CLOCK, FULLNAT_FORWARD, FULLNAT_REVERSE, FULLNAT_SCRATCH, NAT_STASH, SNAT_POOLS},
+    parse::Outcome,
+    stats::{count, count_forward},
+};
+
+const EEXIST: i64 = 17;
+
+/// Whether `lb_xdp` left a `fullnat` backend's packet in `NAT_STASH` (`lb_nat`
+/// then runs `run`, else the `nat` path).
+#[inline(always)]
+pub fn stashed() -> bool {
+    let Some(s) = NAT_STASH.get(0) else { return false };
+    BACKENDS.get(s.backend_id).is_some_and(|b| b.forward == FORWARD_FULLNAT)
+}
+
+/// `lb_nat` for a `fullnat` backend's packet, as a packed verdict. A call of its
+/// own: `lb_nat`'s frame holds neither path's stack. The frame was parsed in full
+/// by `lb_xdp` (a VIP flow's TCP/UDP packet): the 5-tuple parser of the reply
+/// direction is enough here, and, like `translate`, inline: on this CPU every
+/// BPF-to-BPF return costs a "safe RET" (SRSO mitigation), and an established
+/// packet makes no call but this one (new flows call `allocate`).
+#[inline(never)]
+pub fn run(ctx: &XdpContext) -> u64 {
+    crate::packed(run_inline(ctx))
+}
+
+#[inline(always)]
+fn run_inline(ctx: &XdpContext) -> Outcome {
+    let Some(st) = NAT_STASH.get(0).copied() else { return Outcome::Pass(stat::PASS_NOT_READY) };
+    let (Some(b), Some(cfg)) = (BACKENDS.get(st.backend_id), CONFIG.get(0)) else {
+        return Outcome::Pass(stat::PASS_NOT_READY);
+    };
+    let Some(s) = FULLNAT_SCRATCH.get_ptr_mut(0) else { return Outcome::Pass(stat::PASS_NOT_READY) };
+    // SAFETY: this CPU's entry, used by this program run only.
+    let s = unsafe { &mut *s };
+    let Some((flow, l3, l4, v6, _)) = super::nat_reply::parse(ctx) else { return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED) };
+    s.flow = flow;
+    forward_inline(ctx, s, (l3, l4, v6), b, st.backend_id, st.new_flow != 0, cfg)
+}
+
+/// The flow (in `s.flow`), its mapping and the candidate's entry are built in
+/// this CPU's `FULLNAT_SCRATCH`.
+#[inline(always)]
+fn forward_inline(
+    ctx: &XdpContext,
+    s: &mut Scratch,
+    (l3, l4, v6): (usize, usize, bool),
+    b: &Backend,
+    backend_id: u32,
+    new_flow: bool,
+    cfg: &Config,
+) -> Outcome {
+    let bport = if b.port != 0 { b.port } else { s.flow.dport };
+    // SAFETY: copied out at once.
+    let known = match unsafe { FULLNAT_FORWARD.get(&s.flow) } {
+        Some(m) if m.backend_id == backend_id && m.generation == b.generation && m.backend_port == bport => {
+            copy_words(&mut s.m, m);
+            true
+        }
+        _ => false,
+    };
+    if !known && !allocate(ctx, s, b, u64::from(backend_id) << 16 | u64::from(bport), v6 as u64) {
+        return Outcome::Drop(stat::DROP_SNAT_EXHAUSTED);
+    }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    s.macs[..6].copy_from_slice(&b.mac);
+    s.macs[6..].copy_from_slice(&cfg.iface_mac);
+    let how = shape(l3, v6, l4, s.flow.proto, s.m.snat_port, s.m.backend_port);
+    match translate_inline(ctx, how, &s.m.snat, &s.m.backend, &s.macs) {
+        Ok(()) => {
+            count(stat::FULLNAT_FORWARDED);
+            count_forward(b.service_id, backend_id, bytes, new_flow);
+            Outcome::Out(u32::from(b.egress))
+        }
+        Err(reason) => Outcome::Drop(reason),
+    }
+}
+
+/// `*dst = *src` in 32-bit words: a plain assignment between two map values
+/// (which LLVM cannot prove apart) becomes a call to a byte-by-byte `memmove`
+/// (44 iterations: most of an established packet's cost, measured).
+#[inline(always)]
+fn copy_words(dst: &mut SnatFwd, src: &SnatFwd) {
+    const WORDS: usize = core::mem::size_of::<SnatFwd>() / 4;
+    let (d, s) = (dst as *mut SnatFwd as *mut u32, src as *const SnatFwd as *const u32);
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: both are 4-aligned (SnatFwd holds u32s), `WORDS` words long.
+        unsafe { *d.add(i) = *s.add(i) };
+        i += 1;
+    }
+}
+
+/// Zeroes a 3-byte padding field byte by byte (an array store becomes a call
+/// to a byte-loop `memset`).
+#[inline(always)]
+fn zero_pad(pad: &mut [u8; 3]) {
+    pad[0] = 0;
+    pad[1] = 0;
+    pad[2] = 0;
+}
+
+/// Value of `FULLNAT_SCRATCH` (never pinned).
+#[repr(C)]
+pub struct Scratch {
+    /// The packet's flow (client to VIP).
+    pub flow: FlowKey,
+    /// The `FULLNAT_REVERSE` key being tried, and its value.
+    pub key: FlowKey,
+    pub val: NatReverse,
+    /// The flow's mapping.
+    pub m: SnatFwd,
+    /// The MACs a translated frame gets: destination, then source.
+    pub macs: [u8; 12],
+}
+
+/// A new mapping for `s.flow` into `s.m`: the first free (SNAT address, port) of
+/// the pool for this backend address and port, from the pool's cursor on.
+/// `false`: exhausted. `id_port`: the backend id (high bits) and port (low 16
+/// bits), packed (a BPF call takes five arguments). A call of its own: its frame
+/// is not added to `lb_nat`'s, and the verifier walks its loop once.
+#[inline(never)]
+fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: u64, v6: u64) -> bool {
+    let (backend_id, bport, v6) = ((id_port >> 16) as u32, id_port as u16, v6 != 0);
+    let Some(pool) = SNAT_POOLS.get_ptr_mut(b.service_id) else { return false };
+    // SAFETY: a live array element; the fields are copied out.
+    let (n, lo, hi, cursor) = unsafe {
+        let p = &*pool;
+        (u32::from(if v6 { p.n_v6 } else { p.n_v4 }), p.port_lo, p.port_hi, p.cursor)
+    };
+    if n == 0 || n > MAX_SNAT_ADDRS as u32 || hi < lo {
+        return false;
+    }
+    let ports = u32::from(hi - lo) + 1;
+    let total = n * ports;
+    // `checked_*`: a division LLVM cannot prove safe would call a panic (which
+    // the verifier refuses), not return.
+    let Some(start) = cursor.checked_rem(total) else { return false };
+    let Some(eth) = bytes_mut::<12>(ctx, 0) else { return false };
+    // Field by field: a value built on the stack and copied costs its size there.
+    let v = &mut s.val;
+    v.mac.copy_from_slice(&eth[6..12]);
+    v.vip = s.flow.dst;
+    v.vport = s.flow.dport;
+    v.backend_id = backend_id;
+    v.service_id = b.service_id;
+    v.client = s.flow.src;
+    v.cport = s.flow.sport;
+    v._pad[0] = 0;
+    v._pad[1] = 0;
+    v.created = CT_CLOCK.get(0).copied().unwrap_or(0);
+    s.key.src = b.addr;
+    s.key.sport = bport;
+    s.key.proto = s.flow.proto;
+    zero_pad(&mut s.key._pad);
+    let probes = if total < SNAT_PROBES { total } else { SNAT_PROBES };
+    let mut k = 0;
+    while k < probes && k < SNAT_PROBES {
+        let mut c = start + k;
+        if c >= total {
+            c -= total;
+        }
+        let (Some(i), Some(p)) = (c.checked_div(ports), c.checked_rem(ports)) else { return false };
+        let i = i as usize & (MAX_SNAT_ADDRS - 1);
+        // SAFETY: as above; `i` is within the arrays. Written in place (a
+        // temporary address per branch costs this frame 32 bytes).
+        unsafe {
+            if v6 {
+                s.key.dst = (*pool).v6[i];
+            } else {
+                s.key.dst[..10].fill(0);
+                s.key.dst[10] = 0xff;
+                s.key.dst[11] = 0xff;
+                s.key.dst[12..].copy_from_slice(&(*pool).v4[i]);
+            }
+        }
+        s.key.dport = lo.wrapping_add(p as u16);
+        match FULLNAT_REVERSE.insert(&s.key, &s.val, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                // SAFETY: as above; a racy store is harmless (the insert decides).
+                unsafe { (*pool).cursor = c + 1 };
+                s.m.snat = s.key.dst;
+                s.m.backend = b.addr;
+                s.m.snat_port = s.key.dport;
+                s.m.backend_port = bport;
+                s.m.backend_id = backend_id;
+                s.m.generation = b.generation;
+                if FULLNAT_FORWARD.insert(&s.flow, &s.m, BPF_ANY as u64).is_err() {
+                    let _ = FULLNAT_REVERSE.remove(&s.key);
+                    return false;
+                }
+                return true;
+            }
+            Err(e) if e as i64 == -EEXIST => {}
+            // Full (or any other failure): no candidate will do better.
+            Err(_) => return false,
+        }
+        k += 1;
+    }
+    false
+}
+
+/// What `reply_call` returns for a frame that is no `fullnat` reply (the `nat`
+/// lookup follows): an action no outcome has.
+pub const NOT_FULLNAT: u64 = u32::MAX as u64;
+
+/// `lb_nat_reply`'s first look, a call of its own: a reply to a SNAT address and
+/// port of a live `fullnat` flow leaves from VIP:port to the client (packed
+/// verdict); anything else is `NOT_FULLNAT`.
+#[inline(never)]
+pub fn reply_call(ctx: &XdpContext) -> u64 {
+    match CONFIG.get(0) {
+        Some(c) if c.flags & CONFIG_FULLNAT != 0 => {}
+        _ => return NOT_FULLNAT,
+    }
+    let Some((key, l3, l4, v6, fin)) = super::nat_reply::parse(ctx) else { return NOT_FULLNAT };
+    match reply(ctx, &key, l3, l4, v6, fin) {
+        Some(outcome) => crate::packed(outcome),
+        None => NOT_FULLNAT,
+    }
+}
+
+#[inline(always)]
+fn reply(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize, v6: bool, fin: bool) -> Option<Outcome> {
+    let cfg = CONFIG.get(0)?;
+    // SAFETY: a live entry, read in place (the agent removes it only once its
+    // flow is gone; the kernel frees it after this run).
+    let r: &NatReverse = unsafe { FULLNAT_REVERSE.get(key) }?;
+    let s = FULLNAT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's entry, used by this program run only.
+    let s = unsafe { &mut *s };
+    s.macs[..6].copy_from_slice(&r.mac);
+    s.macs[6..].copy_from_slice(&cfg.iface_mac);
+    let how = shape(l3, v6, l4, key.proto, r.vport, r.cport);
+    // Inline here: this frame and `translate`'s would pass 512 bytes together.
+    Some(match translate_inline(ctx, how, &r.vip, &r.client, &s.macs) {
+        Ok(()) => {
+            let flow = FlowKey { src: r.client, dst: r.vip, sport: r.cport, dport: r.vport, proto: key.proto, _pad: [0; 3] };
+            conntrack::follow_reply(&flow, fin);
+            Outcome::TxAs(stat::FULLNAT_REPLY)
+        }
+        Err(reason) => Outcome::Drop(reason),
+    })
+}
+
+/// `translate_inline`'s packet shape in one register: L3 offset, family, L4 offset,
+/// protocol, the new source and destination ports.
+#[inline(always)]
+fn shape(l3: usize, v6: bool, l4: usize, proto: u8, sport: u16, dport: u16) -> u64 {
+    (l3 as u64 & 0xff)
+        | u64::from(v6) << 8
+        | (l4 as u64 & 0xff) << 16
+        | u64::from(proto) << 24
+        | u64::from(sport) << 32
+        | u64::from(dport) << 48
+}
+
+/// Rewrites both ends of the packet (`shape`) to `src` and `dst` with the ports
+/// `how` carries, decrements the TTL / hop limit and sets the MACs (`macs`:
+/// destination, source); checksums updated incrementally (RFC 1624), an IPv4 UDP
+/// checksum of 0 kept. `Err`: the counter of the drop.
+#[inline(always)]
+fn translate_inline(ctx: &XdpContext, how: u64, src: &[u8; 16], dst: &[u8; 16], macs: &[u8; 12]) -> Result<(), u32> {
+    let (l3, v6, l4, proto) = ((how & 0xff) as usize, (how >> 8) & 1 != 0, ((how >> 16) & 0xff) as usize, (how >> 24) as u8);
+    let (sport, dport) = ((how >> 32) as u16, (how >> 48) as u16);
+    let delta = match (l3, v6) {
+        (14, false) => ip4::<14>(ctx, src, dst),
+        (18, false) => ip4::<18>(ctx, src, dst),
+        (14, true) => ip6::<14>(ctx, src, dst),
+        _ => ip6::<18>(ctx, src, dst),
+    }?;
+    let l4 = l4 & 0x7f;
+    let done = if proto == PROTO_TCP {
+        l4_ports::<20, 16>(ctx, l4, delta, sport, dport, false)
+    } else {
+        l4_ports::<8, 6>(ctx, l4, delta, sport, dport, !v6)
+    };
+    done.ok_or(stat::DROP_NAT_UNSUPPORTED)?;
+    let eth = bytes_mut::<12>(ctx, 0).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
+    eth.copy_from_slice(macs);
+    Ok(())
+}
+
+/// The IPv4 header: TTL and both addresses; returns the pseudo-header's change.
+#[inline(always)]
+fn ip4<const L2: usize>(ctx: &XdpContext, src: &[u8; 16], dst: &[u8; 16]) -> Result<u32, u32> {
+    let h = bytes_mut::<20>(ctx, L2).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
+    if h[8] <= 1 {
+        return Err(stat::DROP_NAT_TTL);
+    }
+    let mut ip = u32::from(!word(h, 10));
+    let old_ttl = word(h, 8);
+    h[8] -= 1;
+    ip = acc(ip, old_ttl, word(h, 8));
+    let mut pseudo = 0;
+    for (at, addr) in [(12, src), (16, dst)] {
+        let (o0, o1) = (word(h, at), word(h, at + 2));
+        let (n0, n1) = (word(addr, 12), word(addr, 14));
+        ip = acc(acc(ip, o0, n0), o1, n1);
+        pseudo = acc(acc(pseudo, o0, n0), o1, n1);
+        h[at..at + 4].copy_from_slice(&addr[12..16]);
+    }
+    h[10..12].copy_from_slice(&fold(ip).to_be_bytes());
+    Ok(pseudo)
+}
+
+/// The IPv6 header: hop limit and both addresses; the pseudo-header's change.
+#[inline(always)]
+fn ip6<const L2: usize>(ctx: &XdpContext, src: &[u8; 16], dst: &[u8; 16]) -> Result<u32, u32> {
+    let h = bytes_mut::<40>(ctx, L2).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
+    if h[7] <= 1 {
+        return Err(stat::DROP_NAT_TTL);
+    }
+    h[7] -= 1;
+    let mut pseudo = 0;
+    let mut i = 0;
+    // Word by word, each written as soon as it is summed: summing first and
+    // copying after keeps 64 values live (504 bytes of spills).
+    while i < 16 {
+        pseudo = acc(pseudo, word(h, 8 + i), word(src, i));
+        h[8 + i] = src[i];
+        h[9 + i] = src[i + 1];
+        pseudo = acc(pseudo, word(h, 24 + i), word(dst, i));
+        h[24 + i] = dst[i];
+        h[25 + i] = dst[i + 1];
+        i += 2;
+    }
+    Ok(pseudo)
+}
+
+/// The TCP/UDP header: both ports and the checksum at `C` (`zero_is_none`: IPv4
+/// UDP, where 0 means no checksum and stays, and a computed 0 is sent as 0xffff).
+#[inline(always)]
+fn l4_ports<const N: usize, const C: usize>(
+    ctx: &XdpContext,
+    l4: usize,
+    delta: u32,
+    sport: u16,
+    dport: u16,
+    zero_is_none: bool,
+) -> Option<()> {
+    let h = bytes_mut::<N>(ctx, l4)?;
+    let delta = acc(acc(delta, word(h, 0), sport), word(h, 2), dport);
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    let old = word(h, C);
+    if zero_is_none && old == 0 {
+        return Some(());
+    }
+    let mut sum = fold(u32::from(!old) + delta);
+    if zero_is_none && sum == 0 {
+        sum = 0xffff;
+    }
+    h[C..C + 2].copy_from_slice(&sum.to_be_bytes());
+    Some(())
+}
