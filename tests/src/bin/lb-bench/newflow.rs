@@ -24,7 +24,7 @@ use crate::{
 
 const XDP_TX: u32 = 3;
 
-/// Classes, in the order of the table's columns.
+/// Classes, in the order of the table's rows.
 const CLASSES: [&str; 8] = [
     "bench_macswap",
     "ACK, established",
@@ -155,22 +155,36 @@ pub fn bench_newflow(p: &Params) -> String {
             samples[i][6].push(run(prog(&s.wrap_full, "bench_newflow"), &syn, repeat));
         }
     }
-    let mut md = String::from("| object |");
-    for c in CLASSES {
-        let _ = write!(md, " {c} |");
+    // One column per object, one row per class, then the ratios.
+    let meds: Vec<Vec<f64>> = samples.iter().map(|per| per.iter().map(|v| median(v.clone())).collect()).collect();
+    let mut md = String::from("| packet class (ns, median) |");
+    for s in &subjects {
+        let _ = write!(md, " {} |", s.name);
     }
-    md.push_str(" SYN same / ACK | SYN new, room / wrapped ACK | SYN new, full / wrapped ACK |\n|---|");
-    md.push_str(&"---:|".repeat(CLASSES.len() + 3));
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(n));
     md.push('\n');
-    for (i, s) in subjects.iter().enumerate() {
-        let m: Vec<f64> = samples[i].iter().map(|v| median(v.clone())).collect();
-        let _ = write!(md, "| {} |", s.name);
-        for v in &m {
-            let _ = write!(md, " {v:.0} |");
+    for (c, class) in CLASSES.iter().enumerate() {
+        let _ = write!(md, "| {class} |");
+        for m in &meds {
+            let _ = write!(md, " {:.0} |", m[c]);
         }
-        let _ = writeln!(md, " {:.2}x | {:.2}x | {:.2}x |", m[2] / m[1], m[5] / m[4], m[6] / m[4]);
+        md.push('\n');
     }
-    let first: Vec<f64> = samples[0].iter().map(|v| median(v.clone())).collect();
+    let ratios: [(&str, usize, usize); 4] = [
+        ("SYN, same 5-tuple / ACK", 2, 1),
+        ("SYN, unrecorded / ACK", 3, 1),
+        ("SYN, new 5-tuple, room / wrapped ACK", 5, 4),
+        ("SYN, new 5-tuple, full / wrapped ACK", 6, 4),
+    ];
+    for (name, a, b) in ratios {
+        let _ = write!(md, "| **{name}** |");
+        for m in &meds {
+            let _ = write!(md, " {:.2}x |", m[a] / m[b]);
+        }
+        md.push('\n');
+    }
+    let first = &meds[0];
     let verdict = |r: f64| if r <= 2.5 { "met" } else { "missed" };
     let _ = write!(
         md,
@@ -179,17 +193,18 @@ pub fn bench_newflow(p: &Params) -> String {
          {:.2}x.\n\n\
          {rounds} rounds, each one run of every class and object at repeat {repeat} (the objects in a different order \
          each round); medians over rounds. 10 TCP services x 50 backends, table_size 65537, `established_size` 65536, \
-         every SYN recorded (`syn_flood_kps` 0: no flood check at all) except in the unrecorded column (1: past 1000 SYNs \
-         in the CPU's current second) and the last (125, the default: every SYN recorded here, after the flood check). The first four columns run \
+         every SYN recorded (`syn_flood_kps` 0: no flood check at all) except in the unrecorded row (1: past 1000 SYNs \
+         in the CPU's current second) and the last class (125, the default: every SYN recorded here, after the flood check). The first four classes run \
          `lb_xdp` on one frame repeated: the established ACK is a `CT_ESTABLISHED` hit, the SYN an LRU update over \
-         its own key (the per-packet table's SYN row). The wrapped columns run `bench_newflow` (tests/bench-ebpf) \
+         its own key (the per-packet table's SYN row). The wrapped classes run `bench_newflow` (tests/bench-ebpf) \
          in front of `lb_xdp` (a tail call): it writes a sequence number into the frame's source port and the low \
          half of its source address, the same number every repeat for the wrapped ACK and a new one every repeat for \
          the wrapped SYNs, so each of those is a new flow: a miss in cold buckets, a Maglev slot out of cache and an \
-         LRU insert of a new key (the wrapper itself costs about the difference of the two ACK columns). \
+         LRU insert of a new key (the wrapper itself costs about the difference of the two ACK rows). \
          \"Table has room\": `conntrack_size` 1048576, never full in the run; \"table full\": a second balancer \
          with `conntrack_size` 65536, filled before the first round, so every insert evicts (what a live SYN flood \
-         sees).",
+         sees). Where the time goes, stage by stage (scratch builds compared with `LB_BENCH_OBJECTS`): \
+         docs/architecture.md, \"Where a new flow's time goes\".",
         subjects[0].name,
         first[2] / first[1],
         first[5] / first[4],
