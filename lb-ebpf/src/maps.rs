@@ -156,15 +156,16 @@ pub static TRACE_SCRATCH: PerCpuArray<TraceRecord, 1> = PerCpuArray::new();
 #[btf_map]
 pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
-/// Per CPU: SYNs that could skip their `CONNTRACK` insert in the current second
-/// (`flood.rs`). Never pinned: a new program starts counting afresh.
+/// Per CPU: SYNs that could skip their `CONNTRACK` insert, counted since the
+/// current window began (`flood.rs`). Never pinned: a new program starts counting afresh.
 #[btf_map]
 pub static SYN_RATE: PerCpuArray<SynRate, 1> = PerCpuArray::new();
 
 /// Value of `SYN_RATE`.
 #[repr(C)]
 pub struct SynRate {
-    /// `bpf_ktime_get_coarse_ns` when the current second began.
+    /// `bpf_ktime_get_coarse_ns` when the current window began (read only once
+    /// the count passes the threshold: see `flood::over`).
     pub start_ns: u64,
     pub count: u64,
 }

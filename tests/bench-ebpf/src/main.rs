@@ -26,6 +26,13 @@
 //!   last (BPF_PROG_TEST_RUN keeps the rewritten frame between repeats), then
 //!   tail-calls the balancer, so a repeated run encapsulates the same client frame
 //!   every time. Its own work is the same for every frame (see there).
+//!
+//! And for the new-flow cost (`lb-bench --newflow-only`):
+//!
+//! - `bench_newflow`: writes a sequence number into the IPv4 frame's source port
+//!   and the low half of its source address, then tail-calls the balancer. Counting
+//!   (`NEWFLOW[0]` = 1) makes every repeat of a repeated run a new 5-tuple; fixed
+//!   (0) writes the same number every time. The same steps either way.
 #![no_std]
 #![no_main]
 
@@ -249,6 +256,36 @@ pub fn bench_untunnel(ctx: XdpContext) -> u32 {
     eth[12..14].copy_from_slice(&ethertype);
     // SAFETY: a tail call; control comes back only when it fails (empty slot).
     unsafe { UNTUNNEL_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+/// `bench_newflow`'s settings and state, shared by all CPUs (the benchmark runs
+/// one repeated run at a time): index 0 the step (0 or 1), index 1 the sequence.
+#[map]
+static NEWFLOW: Array<u32> = Array::with_max_entries(2, 0);
+/// Index 0: the balancer program `bench_newflow` hands the frame to.
+#[map]
+static NEWFLOW_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+#[xdp]
+pub fn bench_newflow(ctx: XdpContext) -> u32 {
+    let (Some(step), Some(seq)) = (NEWFLOW.get(0), NEWFLOW.get_ptr_mut(1)) else { return xdp_action::XDP_ABORTED };
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + SPORT_OFF + 2 > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: an element of an array map; the benchmark runs one run at a time.
+    let n = unsafe {
+        *seq = (*seq).wrapping_add(*step);
+        *seq
+    };
+    // SAFETY: both offsets are within the first SPORT_OFF + 2 bytes (checked above).
+    unsafe {
+        *((start + SPORT_OFF) as *mut [u8; 2]) = (n as u16).to_be_bytes();
+        *((start + SADDR_LO_OFF) as *mut [u8; 2]) = ((n >> 16) as u16).to_be_bytes();
+    }
+    // SAFETY: a tail call; control comes back only when it fails (empty slot).
+    unsafe { NEWFLOW_TARGET.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
 }
 

@@ -27,6 +27,7 @@ mod prefix;
 mod schedulers;
 mod topo;
 mod nat;
+mod newflow;
 mod tunnel;
 mod trace;
 
@@ -180,6 +181,12 @@ fn main() {
         println!("\n## NAT forwarding: cost per packet\n\n{}", nat::bench_nat(&p));
         return;
     }
+    // Only the new-flow path, printed and not written (for working on it).
+    if std::env::args().any(|a| a == "--newflow-only") {
+        println!("\n## New-flow path\n\n{}", newflow::bench_newflow(&p));
+        eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
+        return;
+    }
     if std::env::args().any(|a| a == "--dataplane-only") {
         println!("\n## Tunnel forwarding: cost per packet\n\n{}", tunnel::bench_tunnel(&p));
         println!("\n## NAT forwarding: cost per packet\n\n{}", nat::bench_nat(&p));
@@ -215,6 +222,9 @@ fn main() {
     println!("\n## Per-packet cost (BPF_PROG_TEST_RUN)\n\n{packets}");
     // Only the per-packet table, printed and not written (for working on the
     // data plane).
+    eprintln!("lb-bench: the new-flow path ...");
+    let newflow = newflow::bench_newflow(&p);
+    println!("\n## New-flow path: a recorded SYN against an established ACK\n\n{newflow}");
     if std::env::args().any(|a| a == "--packets-only") {
         drop(rows);
         eprintln!("lb-bench: done in {:.1} s", started.elapsed().as_secs_f64());
@@ -323,6 +333,7 @@ fn main() {
          - date: {}\n- machine: {nproc} CPUs, `{cpu}`, kernel `{}`\n- command: `cargo xtask bench` (release build), total run time {:.0} s\n\n\
          ![Live forwarding rate of (a), (b), (c), and per-packet cost by frame class](benchmarks.png)\n\n\
          ## Per-packet cost of the XDP program\n\n{packets}\n\
+         ### New-flow path: a recorded SYN against an established ACK\n\n{newflow}\n\n\
          ### Established-flow table: cost per packet, off vs on\n\n{protection}\n\
          ### Tunnel forwarding: cost per packet\n\n{tunnel}\n\
          ### NAT forwarding: cost per packet\n\n{nat}\n\

@@ -388,10 +388,11 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
          load + fill of the maps took {:.2} s. TCP frames are ACKs (established) unless marked SYN: \
          the program schedules every SYN afresh (a reused 5-tuple must not inherit an old backend). \
          A repeat row runs one frame over and over, so the repeated SYN is a CONNTRACK insert over an \
-         existing key: the kernel's LRU update takes a fresh node and frees the old one, the work of \
-         inserting a new key while the table has free nodes; the table never fills, so eviction is not \
-         in it (the live SYN-flood row (e) below has it). Rows other than the SYN-flood one run with \
-         the SYN-flood threshold off (`syn_flood_kps` 0: every SYN recorded).",
+         existing key: the kernel's LRU update takes a fresh node and frees the old one, with every \
+         cache line it touches hot; the table never fills, so eviction is not in it. A new 5-tuple \
+         costs about twice as much (cold buckets, Maglev slot and node) and more with the table full: \
+         the new-flow section below measures both, the live SYN-flood rows (e) and (f) the rate. \
+         Rows other than the SYN-flood one run with the SYN-flood threshold off (`syn_flood_kps` 0: every SYN recorded).",
         plan.maglev_slots(),
         apply.as_secs_f64()
     );

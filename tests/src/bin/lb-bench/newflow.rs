@@ -1,0 +1,219 @@
+//! The new-flow path (`--newflow-only`): a recorded TCP SYN against an established
+//! ACK, with the SYN's 5-tuple repeated (what the per-packet table's repeat row
+//! measures: an insert over an existing key) and new in every repeat
+//! (`bench_newflow` in front of `lb_xdp`), while `CONNTRACK` has free entries and
+//! while it is full. `LB_BENCH_OBJECTS=name=path,...` compares builds of lb-ebpf
+//! (each on maps of its own, interleaved round by round); without it, the
+//! object as built.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use aya::{
+    Ebpf,
+    maps::{Array, ProgramArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lb_agent::{config, dataplane::Dataplane, plan::Plan};
+
+use crate::{
+    Params,
+    frames::{IFACE_MAC, config_yaml, fake_macs, ipv4_frame, ipv4_syn},
+    live::BENCH_OBJECT,
+    median,
+};
+
+const XDP_TX: u32 = 3;
+
+/// Classes, in the order of the table's rows.
+const CLASSES: [&str; 8] = [
+    "bench_macswap",
+    "ACK, established",
+    "SYN, same 5-tuple (insert over its key)",
+    "SYN, unrecorded (past `syn_flood_kps`)",
+    "wrapped ACK, established",
+    "wrapped SYN, new 5-tuple, table has room",
+    "wrapped SYN, new 5-tuple, table full",
+    "SYN, same 5-tuple, `syn_flood_kps` 125 (the default)",
+];
+
+/// One object under test: a balancer with room in `CONNTRACK`, one whose
+/// `CONNTRACK` is full, and `bench_newflow` in front of each.
+struct Subject {
+    name: String,
+    roomy: Dataplane,
+    /// Kept loaded: `wrap_full` tail-calls its program.
+    _full: Dataplane,
+    wrap_roomy: Ebpf,
+    wrap_full: Ebpf,
+}
+
+fn prog<'a>(e: &'a Ebpf, name: &str) -> &'a Xdp {
+    e.program(name).unwrap_or_else(|| panic!("{name} in the object")).try_into().expect("XDP")
+}
+
+fn run(p: &Xdp, frame: &[u8], repeat: u32) -> f64 {
+    let r = p.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() }).expect("BPF_PROG_TEST_RUN");
+    assert_eq!(r.return_value, XDP_TX, "unexpected XDP action");
+    r.duration.as_nanos() as f64
+}
+
+fn set_step(w: &mut Ebpf, step: u32) {
+    let mut m: Array<_, u32> = Array::try_from(w.map_mut("NEWFLOW").expect("NEWFLOW")).expect("array");
+    m.set(0, step, 0).expect("NEWFLOW[0]");
+}
+
+fn balancer(object: &[u8], conntrack: u32) -> Dataplane {
+    let text = format!("established_size: 65536\n{}", config_yaml(10, 50, 65537, conntrack, false));
+    let cfg = config::parse(&text, "newflow.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let plan = Plan::build(&cfg, &fake_macs(&cfg));
+    let mut dp = Dataplane::load_object(object, &plan).expect("load the XDP object");
+    dp.write(&plan, IFACE_MAC).expect("fill the maps");
+    dp.set_syn_flood_kps(0).expect("SYN flood threshold");
+    for name in ["bench_macswap"] {
+        let p: &mut Xdp = dp.ebpf_mut().program_mut(name).expect("in the object").try_into().expect("XDP");
+        p.load().expect("load");
+    }
+    dp
+}
+
+fn wrapper(dp: &mut Dataplane) -> Ebpf {
+    let mut w = Ebpf::load(BENCH_OBJECT).expect("load the bench object");
+    let p: &mut Xdp = w.program_mut("bench_newflow").expect("bench_newflow").try_into().expect("XDP");
+    p.load().expect("load bench_newflow");
+    let target: &Xdp = dp.ebpf_mut().program(lb_common::PROG_BALANCER).expect("lb_xdp").try_into().expect("XDP");
+    let fd = target.fd().expect("lb_xdp loaded").try_clone().expect("dup lb_xdp's fd");
+    let mut m = ProgramArray::try_from(w.map_mut("NEWFLOW_TARGET").expect("NEWFLOW_TARGET")).expect("program array");
+    m.set(0, &fd, 0).expect("NEWFLOW_TARGET[0] = lb_xdp");
+    w
+}
+
+fn objects() -> Vec<(String, Vec<u8>)> {
+    match std::env::var("LB_BENCH_OBJECTS") {
+        Ok(list) => list
+            .split(',')
+            .map(|item| {
+                let (name, path) = item.split_once('=').expect("LB_BENCH_OBJECTS: name=path,...");
+                (name.to_string(), std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}")))
+            })
+            .collect(),
+        Err(_) => vec![("as built".to_string(), lb_agent::object::OBJECT.to_vec())],
+    }
+}
+
+pub fn bench_newflow(p: &Params) -> String {
+    let (rounds, repeat) = if p.quick { (3, 10_000) } else { (9, 20_000) };
+    let full_size = 65_536;
+    let (client, vip) = (Ipv4Addr::new(203, 0, 113, 9), Ipv4Addr::new(198, 18, 0, 1));
+    let ack = ipv4_frame(client, vip, true, 40001, 80);
+    let syn = ipv4_syn(client, vip, 40002, 80);
+    let mut subjects: Vec<Subject> = objects()
+        .into_iter()
+        .map(|(name, obj)| {
+            eprintln!("lb-bench:   loading {name}");
+            let mut roomy = balancer(&obj, 1 << 20);
+            let mut full = balancer(&obj, full_size);
+            let mut wrap_roomy = wrapper(&mut roomy);
+            let mut wrap_full = wrapper(&mut full);
+            // The established flow: SYN, then two ACKs (the second is a hit).
+            let direct = prog(roomy.ebpf_mut(), lb_common::PROG_BALANCER);
+            run(direct, &syn, 1);
+            for _ in 0..2 {
+                run(direct, &ack, 1);
+            }
+            // The wrapped ACK: its own 5-tuple (the fixed sequence number).
+            set_step(&mut wrap_roomy, 0);
+            let w = prog(&wrap_roomy, "bench_newflow");
+            let wsyn = ipv4_syn(client, vip, 1, 80);
+            run(w, &wsyn, 1);
+            run(w, &ack, 2);
+            // Fill the small table: every later insert evicts.
+            set_step(&mut wrap_full, 1);
+            run(prog(&wrap_full, "bench_newflow"), &syn, 4 * full_size);
+            Subject { name, roomy, _full: full, wrap_roomy, wrap_full }
+        })
+        .collect();
+    let n = subjects.len();
+    let mut samples = vec![vec![Vec::new(); CLASSES.len()]; n];
+    for round in 0..rounds {
+        for k in 0..n {
+            let i = (round + k) % n;
+            let s = &mut subjects[i];
+            samples[i][0].push(run(prog(s.roomy.ebpf_mut(), "bench_macswap"), &ack, repeat));
+            samples[i][1].push(run(prog(s.roomy.ebpf_mut(), lb_common::PROG_BALANCER), &ack, repeat));
+            samples[i][2].push(run(prog(s.roomy.ebpf_mut(), lb_common::PROG_BALANCER), &syn, repeat));
+            s.roomy.set_syn_flood_kps(1).expect("SYN flood threshold");
+            samples[i][3].push(run(prog(s.roomy.ebpf_mut(), lb_common::PROG_BALANCER), &syn, repeat));
+            s.roomy.set_syn_flood_kps(0).expect("SYN flood threshold");
+            set_step(&mut s.wrap_roomy, 0);
+            samples[i][4].push(run(prog(&s.wrap_roomy, "bench_newflow"), &ack, repeat));
+            set_step(&mut s.wrap_roomy, 1);
+            samples[i][5].push(run(prog(&s.wrap_roomy, "bench_newflow"), &syn, repeat));
+            s.roomy.set_syn_flood_kps(125).expect("SYN flood threshold");
+            samples[i][7].push(run(prog(s.roomy.ebpf_mut(), lb_common::PROG_BALANCER), &syn, repeat));
+            s.roomy.set_syn_flood_kps(0).expect("SYN flood threshold");
+            set_step(&mut s.wrap_roomy, 0);
+            samples[i][6].push(run(prog(&s.wrap_full, "bench_newflow"), &syn, repeat));
+        }
+    }
+    // One column per object, one row per class, then the ratios.
+    let meds: Vec<Vec<f64>> = samples.iter().map(|per| per.iter().map(|v| median(v.clone())).collect()).collect();
+    let mut md = String::from("| packet class (ns, median) |");
+    for s in &subjects {
+        let _ = write!(md, " {} |", s.name);
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(n));
+    md.push('\n');
+    for (c, class) in CLASSES.iter().enumerate() {
+        let _ = write!(md, "| {class} |");
+        for m in &meds {
+            let _ = write!(md, " {:.0} |", m[c]);
+        }
+        md.push('\n');
+    }
+    let ratios: [(&str, usize, usize); 4] = [
+        ("SYN, same 5-tuple / ACK", 2, 1),
+        ("SYN, unrecorded / ACK", 3, 1),
+        ("SYN, new 5-tuple, room / wrapped ACK", 5, 4),
+        ("SYN, new 5-tuple, full / wrapped ACK", 6, 4),
+    ];
+    for (name, a, b) in ratios {
+        let _ = write!(md, "| **{name}** |");
+        for m in &meds {
+            let _ = write!(md, " {:.2}x |", m[a] / m[b]);
+        }
+        md.push('\n');
+    }
+    let first = &meds[0];
+    let verdict = |r: f64| if r <= 2.5 { "met" } else { "missed" };
+    let _ = write!(
+        md,
+        "\nRecorded SYN / established ACK ({}): same 5-tuple **{:.2}x**, new 5-tuple with room **{:.2}x**, new 5-tuple, \
+         table full **{:.2}x** (target <= 2.5x: {}, {}, {}); a SYN past `syn_flood_kps` (forwarded, not recorded) \
+         {:.2}x.\n\n\
+         {rounds} rounds, each one run of every class and object at repeat {repeat} (the objects in a different order \
+         each round); medians over rounds. 10 TCP services x 50 backends, table_size 65537, `established_size` 65536, \
+         every SYN recorded (`syn_flood_kps` 0: no flood check at all) except in the unrecorded row (1: past 1000 SYNs \
+         in the CPU's current second) and the last class (125, the default: every SYN recorded here, after the flood check). The first four classes run \
+         `lb_xdp` on one frame repeated: the established ACK is a `CT_ESTABLISHED` hit, the SYN an LRU update over \
+         its own key (the per-packet table's SYN row). The wrapped classes run `bench_newflow` (tests/bench-ebpf) \
+         in front of `lb_xdp` (a tail call): it writes a sequence number into the frame's source port and the low \
+         half of its source address, the same number every repeat for the wrapped ACK and a new one every repeat for \
+         the wrapped SYNs, so each of those is a new flow: a miss in cold buckets, a Maglev slot out of cache and an \
+         LRU insert of a new key (the wrapper itself costs about the difference of the two ACK rows). \
+         \"Table has room\": `conntrack_size` 1048576, never full in the run; \"table full\": a second balancer \
+         with `conntrack_size` 65536, filled before the first round, so every insert evicts (what a live SYN flood \
+         sees). Where the time goes, stage by stage (scratch builds compared with `LB_BENCH_OBJECTS`): \
+         docs/architecture.md, \"Where a new flow's time goes\".",
+        subjects[0].name,
+        first[2] / first[1],
+        first[5] / first[4],
+        first[6] / first[4],
+        verdict(first[2] / first[1]),
+        verdict(first[5] / first[4]),
+        verdict(first[6] / first[4]),
+        first[3] / first[1],
+    );
+    drop(subjects);
+    md
+}
