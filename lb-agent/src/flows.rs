@@ -191,7 +191,7 @@ pub fn read(pin_dir: &Path, config_path: Option<&Path>) -> Result<Vec<Flow>> {
         let entries: Vec<(FlowKey, FlowVal)> = map.iter().filter_map(|e| e.ok()).collect();
         let mut part = flows_of(entries, table, &plan, &timeouts, now);
         add_snat(&mut part, pin_dir);
-        part.sort_by(|a, b| (a.client, a.vip).cmp(&(b.client, b.vip)));
+        part.sort_by_key(|a| (a.client, a.vip));
         flows.extend(part);
     }
     Ok(flows)

@@ -61,6 +61,9 @@ pub(super) fn validate(
     Err(errors)
 }
 
+/// A service's (vip, prefix length, port, protocol): unique across services.
+type Triple = (IpAddr, Option<u8>, u16, Protocol);
+
 struct Checker<'a> {
     positions: &'a Positions<'a>,
     origin: &'a str,
@@ -69,7 +72,7 @@ struct Checker<'a> {
     names: HashMap<String, usize>,
     /// First use of each (vip, port, protocol): that service's path and name
     /// (its line is looked up only when a duplicate needs it).
-    triples: HashMap<(IpAddr, Option<u8>, u16, Protocol), (String, Option<String>)>,
+    triples: HashMap<Triple, (String, Option<String>)>,
     /// Errors found after the first [`MAX_ERRORS`], only counted.
     not_shown: usize,
 }

@@ -69,10 +69,8 @@ fn balancer(object: &[u8], conntrack: u32) -> Dataplane {
     let mut dp = Dataplane::load_object(object, &plan).expect("load the XDP object");
     dp.write(&plan, IFACE_MAC).expect("fill the maps");
     dp.set_syn_flood_kps(0).expect("SYN flood threshold");
-    for name in ["bench_macswap"] {
-        let p: &mut Xdp = dp.ebpf_mut().program_mut(name).expect("in the object").try_into().expect("XDP");
-        p.load().expect("load");
-    }
+    let p: &mut Xdp = dp.ebpf_mut().program_mut("bench_macswap").expect("in the object").try_into().expect("XDP");
+    p.load().expect("load");
     dp
 }
 
