@@ -507,7 +507,9 @@ pub struct NatReverse {
     /// destination (a `nat` reply's is the client already).
     pub client: [u8; 16],
     pub cport: u16,
-    pub _pad: [u8; 2],
+    /// Low 16 bits of `CT_CLOCK` when a reply last refreshed the flow's
+    /// connection-table entry: replies refresh it once a second, not each one.
+    pub seen: u16,
     /// `CT_CLOCK` when the entry was written: the agent's sweep leaves entries of
     /// the last seconds alone (their `FULLNAT_FORWARD` entry may be on its way).
     pub created: u32,

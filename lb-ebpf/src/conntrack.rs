@@ -218,6 +218,26 @@ fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32,
 /// talks, and closing once the backend sent FIN or RST (`fin`), as the client's
 /// own packets do. A flow seen once (still in `CONNTRACK`) is left as it is.
 #[inline(always)]
+/// Whether a reply should call `follow_reply`: a FIN or RST at once, anything
+/// else once per second of `CT_CLOCK` (`seen`: the low 16 bits of the second
+/// of the last one, a field of the flow's reverse entry, updated here). The
+/// client's own packets refresh the entry too; this keeps a flow alive whose
+/// client is silent (a UDP stream) for one lookup a second.
+#[inline(always)]
+pub fn reply_due(seen: *mut u16, fin: bool) -> bool {
+    let now = now() as u16;
+    // SAFETY: a field of a live map value (plain loads and stores).
+    unsafe {
+        if *seen == now && !fin {
+            return false;
+        }
+        if *seen != now {
+            *seen = now;
+        }
+    }
+    true
+}
+
 pub fn follow_reply(flow: &FlowKey, fin: bool) {
     let Some(p) = CT_ESTABLISHED.get_ptr_mut(flow) else { return };
     // SAFETY: a live entry; copied out, fields written back one by one.

@@ -182,8 +182,7 @@ fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: u64, v6: u6
     v.service_id = b.service_id;
     v.client = s.flow.src;
     v.cport = s.flow.sport;
-    v._pad[0] = 0;
-    v._pad[1] = 0;
+    v.seen = 0;
     v.created = CT_CLOCK.get(0).copied().unwrap_or(0);
     s.key.src = b.addr;
     s.key.sport = bport;
@@ -261,7 +260,9 @@ fn reply(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize, v6: bool, fin: b
     let cfg = CONFIG.get(0)?;
     // SAFETY: a live entry, read in place (the agent removes it only once its
     // flow is gone; the kernel frees it after this run).
-    let r: &NatReverse = unsafe { FULLNAT_REVERSE.get(key) }?;
+    let p = FULLNAT_REVERSE.get_ptr_mut(key)?;
+    // SAFETY: as above; only `seen` is written.
+    let r: &NatReverse = unsafe { &*p };
     let s = FULLNAT_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's entry, used by this program run only.
     let s = unsafe { &mut *s };
@@ -271,8 +272,11 @@ fn reply(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize, v6: bool, fin: b
     // Inline here: this frame and `translate`'s would pass 512 bytes together.
     Some(match translate_inline(ctx, how, &r.vip, &r.client, &s.macs) {
         Ok(()) => {
-            let flow = FlowKey { src: r.client, dst: r.vip, sport: r.cport, dport: r.vport, proto: key.proto, _pad: [0; 3] };
-            conntrack::follow_reply(&flow, fin);
+            // SAFETY: a field of the live entry.
+            if conntrack::reply_due(unsafe { &raw mut (*p).seen }, fin) {
+                let flow = FlowKey { src: r.client, dst: r.vip, sport: r.cport, dport: r.vport, proto: key.proto, _pad: [0; 3] };
+                conntrack::follow_reply(&flow, fin);
+            }
             Outcome::TxAs(stat::FULLNAT_REPLY)
         }
         Err(reason) => Outcome::Drop(reason),

@@ -113,7 +113,7 @@ fn remember(ctx: &XdpContext, pkt: &Packet, backend: &[u8; 16], port: u16, backe
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&eth[6..12]);
     let key = FlowKey { src: *backend, dst: pkt.src, sport: port, dport: pkt.sport, proto: pkt.proto, _pad: [0; 3] };
-    let val = NatReverse { vip: pkt.dst, vport: pkt.dport, mac, backend_id, service_id, client: pkt.src, cport: pkt.sport, _pad: [0; 2], created: 0 };
+    let val = NatReverse { vip: pkt.dst, vport: pkt.dport, mac, backend_id, service_id, client: pkt.src, cport: pkt.sport, seen: 0, created: 0 };
     let _ = NAT_REVERSE.insert(&key, &val, BPF_ANY as u64);
 }
 

@@ -27,14 +27,17 @@ pub fn reply(ctx: &XdpContext) -> Outcome {
     let not_ours = Outcome::Pass(stat::PASS_NOT_VIP);
     // Not a reply: maybe an ICMP error about a packet sent to a backend.
     let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return super::nat_icmp::to_client(ctx) };
-    // SAFETY: copied out at once.
-    let Some(r) = (unsafe { NAT_REVERSE.get(&key) }).copied() else { return not_ours };
+    let Some(p) = NAT_REVERSE.get_ptr_mut(&key) else { return not_ours };
+    // SAFETY: a live entry, copied out (only `seen` is written back).
+    let r: NatReverse = unsafe { *p };
     let Some(cfg) = CONFIG.get(0) else { return not_ours };
-    let r: NatReverse = r;
     match translate::<true>(ctx, l3, v6, l4, key.proto, &r.vip, r.vport, &r.mac, &cfg.iface_mac) {
         Ok(()) => {
-            let flow = FlowKey { src: key.dst, dst: r.vip, sport: key.dport, dport: r.vport, proto: key.proto, _pad: [0; 3] };
-            conntrack::follow_reply(&flow, fin);
+            // SAFETY: a field of the live entry.
+            if conntrack::reply_due(unsafe { &raw mut (*p).seen }, fin) {
+                let flow = FlowKey { src: key.dst, dst: r.vip, sport: key.dport, dport: r.vport, proto: key.proto, _pad: [0; 3] };
+                conntrack::follow_reply(&flow, fin);
+            }
             Outcome::TxAs(stat::NAT_REPLY)
         }
         Err(reason) => Outcome::Drop(reason),

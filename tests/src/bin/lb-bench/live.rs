@@ -1,7 +1,7 @@
 //! Live forwarding rate on veth with native XDP: (a) the MAC-swap ceiling, (b) the
 //! balancer, (c) nftables DNAT with conntrack, in one topology (see `topo`); then
 //! the balancer with (d) established TCP flows and (e), (f) a SYN flood
-//! (`live_flows`), and the balancer with the tunnel modes, (g) ipip and (h) gue.
+//! (`live_flows`), and the balancer with the tunnel modes, (g) ipip and (h) gue, and with `fullnat`, (i).
 //!
 //! The generator is `bench_gen` run with BPF_PROG_TEST_RUN and
 //! BPF_F_TEST_XDP_LIVE_FRAMES from a thread inside the generator's namespace (the
@@ -55,12 +55,15 @@ pub enum Kind {
     FloodRecorded,
     /// The balancer, UDP to the service on `VIP_PORT + 1` (ipip) or `+ 2` (gue).
     Tunnel(u16),
+    /// The balancer, UDP to the `fullnat` service on `VIP_PORT + 3`: both
+    /// addresses rewritten in `lb_nat`.
+    Fullnat,
 }
 
 impl Kind {
     /// Whether `lb_xdp` is the program on b0.
     fn balancer(self) -> bool {
-        matches!(self, Kind::Balancer | Kind::Established | Kind::Flood | Kind::FloodRecorded | Kind::Tunnel(_))
+        matches!(self, Kind::Balancer | Kind::Established | Kind::Flood | Kind::FloodRecorded | Kind::Tunnel(_) | Kind::Fullnat)
     }
 }
 
@@ -160,7 +163,7 @@ pub struct Live {
     pub held: Held,
 }
 
-/// Runs the eight variants `lp.runs` times, interleaved (a, b, ..., h, a, ...)
+/// Runs the nine variants `lp.runs` times, interleaved (a, b, ..., i, a, ...)
 /// so that drift on a shared machine hits all of them alike.
 pub fn bench_live(lp: &LiveParams) -> Live {
     let topo = Topo::new();
@@ -187,10 +190,15 @@ pub fn bench_live(lp: &LiveParams) -> Live {
     // and UDP services in the tunnel modes (ipip on VIP_PORT + 1, gue on + 2), the
     // same backends nftables uses, every backend's MAC (the tunnel modes' next hop
     // too) being g0's.
-    let mut yaml = String::from("services:\n");
-    for (name, proto, offset, mode) in
-        [("udp", "udp", 0, "dr"), ("tcp", "tcp", 0, "dr"), ("ipip", "udp", 1, "ipip"), ("gue", "udp", 2, "gue")]
-    {
+    // And a UDP `fullnat` service on + 3, from b0's address (the SNAT pool).
+    let mut yaml = String::from("snat_addresses: [\"198.18.0.1\"]\nservices:\n");
+    for (name, proto, offset, mode) in [
+        ("udp", "udp", 0, "dr"),
+        ("tcp", "tcp", 0, "dr"),
+        ("ipip", "udp", 1, "ipip"),
+        ("gue", "udp", 2, "gue"),
+        ("fullnat", "udp", 3, "fullnat"),
+    ] {
         yaml.push_str(&format!(
             "  - name: live-{name}\n    vip: {VIP}\n    port: {}\n    protocol: {proto}\n    forwarding: {mode}\n    backends:\n",
             VIP_PORT + offset
@@ -283,6 +291,14 @@ pub fn bench_live(lp: &LiveParams) -> Live {
             sent_pps: vec![],
             prog_ns: vec![],
         },
+        Variant {
+            kind: Kind::Fullnat,
+            short: "i",
+            label: "(i) balancer, fullnat: lb_xdp, then lb_nat rewrites both addresses, XDP_TX",
+            pps: vec![],
+            sent_pps: vec![],
+            prog_ns: vec![],
+        },
     ];
     // Established connections first (the floods must not move them), then the
     // connection table filled by a flood before the first timed round.
@@ -307,11 +323,13 @@ fn flood_kps() -> u16 {
     std::env::var("LB_BENCH_SYN_FLOOD_KPS").ok().and_then(|v| v.parse().ok()).unwrap_or(lb_common::DEFAULT_SYN_FLOOD_KPS)
 }
 
-/// The frames lb_xdp has encapsulated in `kind`'s tunnel mode (0 for the others).
+/// The frames the balancer has encapsulated in `kind`'s tunnel mode, or
+/// translated for `fullnat` (0 for the others).
 fn encapsulated(dp: &mut Dataplane, kind: Kind) -> u64 {
     let i = match kind {
         Kind::Tunnel(1) => lb_common::stat::ENCAP_IPIP,
         Kind::Tunnel(_) => lb_common::stat::ENCAP_GUE,
+        Kind::Fullnat => lb_common::stat::FULLNAT_FORWARDED,
         _ => return 0,
     };
     dp.stats().expect("balancer counters").global[i as usize]
@@ -376,9 +394,9 @@ fn run_rounds(
                     v.label
                 );
             }
-            if let Kind::Tunnel(_) = v.kind {
+            if let Kind::Tunnel(_) | Kind::Fullnat = v.kind {
                 let encap = encapsulated(dp, v.kind) - encap0;
-                assert!(encap >= got, "{}: {got} frames came back but lb_xdp encapsulated {encap}", v.label);
+                assert!(encap >= got, "{}: {got} frames came back but the balancer rewrote {encap}", v.label);
             }
             if v.kind == Kind::Nftables {
                 assert!(

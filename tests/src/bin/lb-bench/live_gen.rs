@@ -79,6 +79,7 @@ pub(crate) fn set_generator(bench: &mut Ebpf, kind: Kind, flows: u32) {
         Kind::Established => (live_flows::tcp_template(live_flows::ACK), 0),
         Kind::Flood | Kind::FloodRecorded => (live_flows::tcp_template(live_flows::SYN), GEN_FLOOD),
         Kind::Tunnel(offset) => (udp_template(VIP_PORT + offset), 0),
+        Kind::Fullnat => (udp_template(VIP_PORT + 3), 0),
         _ => (template(), 0),
     };
     let mut cfg: aya::maps::Array<_, [u32; 4]> =

@@ -57,11 +57,11 @@ pub fn live_md(
     let bc = b.mpps() / c.mpps();
     let _ = writeln!(
         md,
-        "\n{runs} runs of {secs} s per path, interleaved (a, b, c, ..., h, a, b, ...); {flows} UDP flows in (a) to (c), (g) and (h); \
+        "\n{runs} runs of {secs} s per path, interleaved (a, b, c, ..., i, a, b, ...); {flows} UDP flows in (a) to (c) and (g) to (i); \
          load average when the live runs started: {load}.\n"
     );
-    for t in v.iter().filter(|x| matches!(x.kind, Kind::Tunnel(_))) {
-        // Per round, the tunnel path's rate over the DR path's of the same round.
+    for t in v.iter().filter(|x| matches!(x.kind, Kind::Tunnel(_) | Kind::Fullnat)) {
+        // Per round, the tunnel or fullnat path's rate over the DR path's of the same round.
         let r: Vec<f64> = t.pps.iter().zip(&b.pps).map(|(t, b)| t / b).collect();
         let (lo, hi) = (r.iter().copied().fold(f64::INFINITY, f64::min), r.iter().copied().fold(0.0, f64::max));
         let _ = writeln!(
@@ -247,6 +247,8 @@ pub const LIVE_METHOD: &str = "\
                                           (f) as (e), syn_flood_kps 0
                                           (g) lb_xdp, ipip service: IPIP to the backend, XDP_TX
                                           (h) lb_xdp, gue service: IPv4/UDP/IPv4, XDP_TX
+                                          (i) lb_xdp -> lb_nat, fullnat service:
+                                              198.18.0.1:port -> backend, XDP_TX
 ```
 
 - One arm: frames go g0 → b0, the path under test sends them back out b0 to a backend
@@ -270,11 +272,14 @@ pub const LIVE_METHOD: &str = "\
   attached natively to b0 from a thread inside BAL. The same maps hold an `ipip` service
   (port 81) and a `gue` service (port 82) with the same backends, tunnel source b0's address:
   for (g) and (h) the generator's template is (b)'s frame to those ports, and the
-  encapsulated frame (84 and 92 bytes) goes to g0's MAC as the backends' next hop.
+  encapsulated frame (84 and 92 bytes) goes to g0's MAC as the backends' next hop. And a
+  `fullnat` service (port 83, SNAT address b0's 198.18.0.1, ports 1024-65535): for (i)
+  the frame leaves from 198.18.0.1 and a SNAT port to the backend; each of the 1,024
+  flows takes its port on its first frame (warm-up), then is established.
 - A run: attach, warm up (fills lb_xdp's and the kernel's connection tables; the BPF
   run-time statistics are on only then), then send for the run's time in calls of 65,536
   frames (at most 20 Mpps x the run time in all); rate = frames counted on g0 / seconds of
-  sending. The eight paths are measured in turn in each round; the table gives medians.
+  sending. The nine paths are measured in turn in each round; the table gives medians.
 - The namespaces are removed at the end (also on panic); only 198.18.0.0/15 addresses.
   The machine is shared and small: compare the paths within one run (the ratios), not
   absolute rates across runs.
