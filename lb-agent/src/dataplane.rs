@@ -160,6 +160,8 @@ pub struct Dataplane {
     /// `lb_prefix` is loaded and in `RARE_PROGS` (done with the first plan that
     /// has prefix services: its verification costs as much as `lb_xdp`'s).
     prefix_loaded: bool,
+    /// `lb_nat` and `lb_nat_reply` are loaded and in `RARE_PROGS`.
+    nat_loaded: bool,
 }
 
 pub(crate) fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map> {
@@ -245,17 +247,13 @@ impl Dataplane {
             &[
                 lb_common::PROG_BALANCER,
                 lb_common::PROG_RARE,
-                lb_common::PROG_NAT,
-                lb_common::PROG_NAT_REPLY,
                 lb_common::PROG_PASS,
             ],
         )?;
         // lb_xdp tail-calls lb_rare (ICMP, fragments) through RARE_PROGS[0].
         set_rare_slot(&mut ebpf, lb_common::PROG_RARE, lb_common::RARE_SLOT)?;
-        // And `nat` services' packets into lb_nat and lb_nat_reply (both
-        // directions; also from lb_xdp_trace).
-        set_rare_slot(&mut ebpf, lb_common::PROG_NAT, lb_common::NAT_SLOT)?;
-        set_rare_slot(&mut ebpf, lb_common::PROG_NAT_REPLY, lb_common::NAT_REPLY_SLOT)?;
+        // lb_nat and lb_nat_reply are loaded with the first `nat` or `fullnat`
+        // service (`load_prefix`).
         let max_entries = |ebpf: &mut Ebpf, name: &'static str| -> Result<u32> {
             let info = map_data(ebpf, name)?.info().map_err(map_err(name))?;
             Ok(info.max_entries())
@@ -283,6 +281,7 @@ impl Dataplane {
             fresh: true,
             config: Config { mtu: 1500, ..Config::default() },
             prefix_loaded: false,
+            nat_loaded: false,
         })
     }
 
@@ -382,16 +381,27 @@ impl Dataplane {
     }
 
     /// Loads `lb_prefix` into `RARE_PROGS` the first time a plan has prefix
-    /// services (before `CONFIG_PREFIX` is set, so `lb_xdp` finds it there).
+    /// services, and `lb_nat` and `lb_nat_reply` the first time it has `nat` or
+    /// `fullnat` services (before the maps and `CONFIG` send frames there): the
+    /// verifier's time for them (`lb_nat`'s SNAT probe loop is most of a second)
+    /// is spent only by configurations that use them.
     fn load_prefix(&mut self, plan: &Plan) -> Result<()> {
-        if self.prefix_loaded || !plan.has_prefix() {
-            return Ok(());
+        if !self.prefix_loaded && plan.has_prefix() {
+            let name = lb_common::PROG_PREFIX;
+            let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+            load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
+            set_rare_slot(&mut self.ebpf, name, lb_common::PREFIX_SLOT)?;
+            self.prefix_loaded = true;
         }
-        let name = lb_common::PROG_PREFIX;
-        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
-        load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
-        set_rare_slot(&mut self.ebpf, name, lb_common::PREFIX_SLOT)?;
-        self.prefix_loaded = true;
+        if !self.nat_loaded && (plan.nat || plan.fullnat) {
+            programs::load_all(&mut self.ebpf, &[lb_common::PROG_NAT, lb_common::PROG_NAT_REPLY])?;
+            // lb_xdp (and lb_rare, for ICMP errors) tail-call lb_nat with a
+            // `nat`/`fullnat` backend's packet, and frames to no VIP go to
+            // lb_nat_reply while CONFIG_NAT or CONFIG_FULLNAT is set.
+            set_rare_slot(&mut self.ebpf, lb_common::PROG_NAT, lb_common::NAT_SLOT)?;
+            set_rare_slot(&mut self.ebpf, lb_common::PROG_NAT_REPLY, lb_common::NAT_REPLY_SLOT)?;
+            self.nat_loaded = true;
+        }
         Ok(())
     }
 
