@@ -253,7 +253,7 @@ impl Dataplane {
         // lb_xdp tail-calls lb_rare (ICMP, fragments) through RARE_PROGS[0].
         set_rare_slot(&mut ebpf, lb_common::PROG_RARE, lb_common::RARE_SLOT)?;
         // lb_nat and lb_nat_reply are loaded with the first `nat` or `fullnat`
-        // service (`load_prefix`).
+        // service (`load_on_demand`).
         let max_entries = |ebpf: &mut Ebpf, name: &'static str| -> Result<u32> {
             let info = map_data(ebpf, name)?.info().map_err(map_err(name))?;
             Ok(info.max_entries())
@@ -323,7 +323,7 @@ impl Dataplane {
         crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
         let syn_flood_kps = plan.syn_flood_kps;
         self.set_config(Config { iface_mac, syn_flood_kps, flags, frag_timeout_s, ..self.config })?;
-        self.load_prefix(plan)?;
+        self.load_on_demand(plan)?;
         let summary = apply::apply(self, plan)?;
         // A trace an earlier agent left running ends here.
         self.set_trace_filter(lb_common::TraceFilter::default())?;
@@ -369,7 +369,7 @@ impl Dataplane {
 
     /// Moves the maps from the last applied plan to `plan` (see `apply`).
     pub fn apply(&mut self, plan: &Plan) -> Result<Summary> {
-        self.load_prefix(plan)?;
+        self.load_on_demand(plan)?;
         let summary = apply::apply(self, plan)?;
         let (flags, frag_timeout_s) = icmp_policy(self.config.flags, plan);
         let syn_flood_kps = plan.syn_flood_kps;
@@ -378,31 +378,6 @@ impl Dataplane {
             self.set_config(Config { flags, frag_timeout_s, syn_flood_kps, ..cfg })?;
         }
         Ok(summary)
-    }
-
-    /// Loads `lb_prefix` into `RARE_PROGS` the first time a plan has prefix
-    /// services, and `lb_nat` and `lb_nat_reply` the first time it has `nat` or
-    /// `fullnat` services (before the maps and `CONFIG` send frames there): the
-    /// verifier's time for them (`lb_nat`'s SNAT probe loop is most of a second)
-    /// is spent only by configurations that use them.
-    fn load_prefix(&mut self, plan: &Plan) -> Result<()> {
-        if !self.prefix_loaded && plan.has_prefix() {
-            let name = lb_common::PROG_PREFIX;
-            let prog: &mut Xdp = program(&mut self.ebpf, name)?;
-            load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
-            set_rare_slot(&mut self.ebpf, name, lb_common::PREFIX_SLOT)?;
-            self.prefix_loaded = true;
-        }
-        if !self.nat_loaded && (plan.nat || plan.fullnat) {
-            programs::load_all(&mut self.ebpf, &[lb_common::PROG_NAT, lb_common::PROG_NAT_REPLY])?;
-            // lb_xdp (and lb_rare, for ICMP errors) tail-call lb_nat with a
-            // `nat`/`fullnat` backend's packet, and frames to no VIP go to
-            // lb_nat_reply while CONFIG_NAT or CONFIG_FULLNAT is set.
-            set_rare_slot(&mut self.ebpf, lb_common::PROG_NAT, lb_common::NAT_SLOT)?;
-            set_rare_slot(&mut self.ebpf, lb_common::PROG_NAT_REPLY, lb_common::NAT_REPLY_SLOT)?;
-            self.nat_loaded = true;
-        }
-        Ok(())
     }
 
     /// The plan the maps hold now (after `open` adopted them, or after an apply).

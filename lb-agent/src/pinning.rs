@@ -221,3 +221,33 @@ fn remove_if_present(path: &Path) -> std::io::Result<()> {
         _ => Ok(()),
     }
 }
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Makes sure the pin directory's parent is on a bpffs, mounting one at
+/// /sys/fs/bpf when none is mounted there (as systemd would).
+pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let base = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(base) || is_bpffs(base) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .context("running mount -t bpf")?;
+    anyhow::ensure!(status.success() && is_bpffs(base), "could not mount a bpffs on /sys/fs/bpf");
+    tracing::info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: statfs writes into the zeroed struct; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}

@@ -9,7 +9,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    path::Path,
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
@@ -26,18 +25,20 @@ use crate::{
     conntrack::TableStatus,
     dataplane::Dataplane,
     health::{Checker, Health, HealthEvent, ProbeKind, Target, TargetKey},
-    neigh::{format_mac, Interface, Mac, NeighUpdate, Neighbours},
+    neigh::{format_mac, Mac, NeighUpdate, Neighbours},
     nexthop::{Arms, NextHops, TunnelParams},
     pinning::PinDir,
     plan::{DownSet, Plan},
-    control::{Call, Request, Response},
+    control::Call,
     observe::{Context as StatusContext, Sampler},
     status::Status,
 };
 
 mod arms;
+mod calls;
 mod reloading;
 mod routes;
+use routes::report_unusable;
 mod trace_session;
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -148,7 +149,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     // Before touching the kernel: a second agent on the same pin directory, socket or
     // port, or a bad address, stops here. The pin directory stays ours until we exit.
-    ensure_bpffs(&args.pin_dir)?;
+    crate::pinning::ensure_bpffs(&args.pin_dir)?;
     let _owner = crate::ownership::lock_pin_dir(&args.pin_dir)?;
     let listener = crate::control::bind(&args.control_socket)
         .with_context(|| format!("control socket {}", args.control_socket.display()))?;
@@ -347,26 +348,6 @@ fn resolve_timeout(args: &RunArgs) -> Duration {
     Duration::from_secs_f64(args.resolve_timeout_secs.max(0.0))
 }
 
-fn report_unusable(plan: &Plan, iface: &Interface, nexthops: &NextHops) {
-    for (addr, why) in nexthops.unroutable() {
-        tracing::error!(backend = %addr, iface = %iface.name, "tunnel backend unreachable: {why}; left out of the tables");
-    }
-    for (service, addr) in plan.unresolved() {
-        if nexthops.neighbour(addr).is_none() {
-            continue;
-        }
-        tracing::error!(service, backend = %addr, iface = %iface.name,
-            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table");
-    }
-    for s in &plan.services {
-        if s.table.is_empty() {
-            tracing::error!(service = %s.name, "service has no usable backend");
-        } else if s.using_backups {
-            tracing::warn!(service = %s.name, "no primary backend is up: serving from backups");
-        }
-    }
-}
-
 impl Agent {
     /// The configuration with run-time drains applied (weight 0).
     fn effective<'a>(&self, config: &'a Config) -> std::borrow::Cow<'a, Config> {
@@ -413,86 +394,6 @@ impl Agent {
         status.conntrack = conntrack;
         (status.conntrack.new_capacity, status.conntrack.established_capacity) = self.ct_capacity;
         status.announce = announce;
-    }
-
-    /// Answers a control-socket call; a reload is answered once its file has been
-    /// parsed and applied (`reloading`).
-    fn on_call(&mut self, call: Call) {
-        let response = match call.request {
-            Request::Status => {
-                self.refresh_status();
-                // Encoded from the shared status, beside the event loop.
-                let (status, reply) = (self.status.clone(), call.reply);
-                tokio::task::spawn_blocking(move || {
-                    let _ = reply.send(crate::control::encode_status(&status.read().unwrap_or_else(|e| e.into_inner())));
-                });
-                return;
-            }
-            Request::StatusText { filter, json } => {
-                self.refresh_status();
-                // Rendered from the shared status, beside the event loop.
-                let (status, reply) = (self.status.clone(), call.reply);
-                tokio::task::spawn_blocking(move || {
-                    let status = status.read().unwrap_or_else(|e| e.into_inner());
-                    let _ = reply.send(crate::control::status_text(&status, &filter, json));
-                });
-                return;
-            }
-            Request::StatusOf(filter) => {
-                self.refresh_status();
-                Response::Status(self.status.read().map(|s| filter.select(&s)).unwrap_or_default())
-            }
-            Request::Drain { backend, service } => self.set_drain(backend, service, true),
-            Request::Undrain { backend, service } => self.set_drain(backend, service, false),
-            Request::Reload => return self.request_reload("lb-agent reload", Some(call.reply)),
-            Request::Trace(request) => self.trace_start(request, call.stream),
-            Request::TraceStop => {
-                self.trace_client_left();
-                Response::Done { message: "trace stopped".into() }
-            }
-        };
-        let _ = call.reply.send(response);
-    }
-
-    fn set_drain(&mut self, backend: IpAddr, service: Option<String>, drain: bool) -> Response {
-        // `::ffff:198.18.0.12` names the backend 198.18.0.12 (the file cannot hold
-        // the mapped form).
-        let backend = backend.to_canonical();
-        let hits: Vec<(String, u32)> = self
-            .config
-            .services
-            .iter()
-            .filter(|s| service.as_ref().is_none_or(|n| *n == s.name))
-            .filter_map(|s| s.backends.iter().find(|b| b.address == backend).map(|b| (s.name.clone(), b.weight)))
-            .collect();
-        if hits.is_empty() {
-            let scope = service.map(|s| format!("service {s}")).unwrap_or_else(|| "any service".into());
-            return Response::Error { message: format!("{backend} is not a backend of {scope}") };
-        }
-        for (name, _) in &hits {
-            if drain {
-                self.drained.insert((name.clone(), backend));
-            } else {
-                self.drained.remove(&(name.clone(), backend));
-            }
-        }
-        if !self.replan(if drain { "drain" } else { "undrain" }) {
-            return Response::Error { message: "the maps could not be updated (see the agent's log)".into() };
-        }
-        let what = if drain { "drained" } else { "undrained" };
-        let lines: Vec<String> = hits
-            .iter()
-            .map(|(name, w)| {
-                if drain {
-                    format!("{what} {backend} in {name}: weight 0 now, established flows continue; the file still says weight {w}")
-                } else {
-                    format!("{what} {backend} in {name}: weight {w} (from the file)")
-                }
-            })
-            .collect();
-        tracing::warn!(backend = %backend, services = hits.len(), "{what} at run time");
-        self.refresh_status();
-        Response::Done { message: lines.join("\n") }
     }
 
     /// Recomputes the plan from the current inputs and applies it; false (logged)
@@ -592,34 +493,5 @@ impl Agent {
             }
             Err(e) => tracing::warn!(error = %e, "reading the neighbour table"),
         }
-    }
-}
-
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-/// Makes sure the pin directory's parent is on a bpffs, mounting one at
-/// /sys/fs/bpf when none is mounted there (as systemd would).
-fn ensure_bpffs(dir: &Path) -> Result<()> {
-    let base = Path::new("/sys/fs/bpf");
-    if !dir.starts_with(base) || is_bpffs(base) {
-        return Ok(());
-    }
-    std::fs::create_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
-    let status = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-        .status()
-        .context("running mount -t bpf")?;
-    anyhow::ensure!(status.success() && is_bpffs(base), "could not mount a bpffs on /sys/fs/bpf");
-    tracing::info!("mounted bpffs on /sys/fs/bpf");
-    Ok(())
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
-    // SAFETY: statfs writes into the zeroed struct; the path is NUL-terminated.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
     }
 }

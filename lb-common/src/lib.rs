@@ -12,12 +12,16 @@
 
 pub mod decap;
 pub mod egress;
+pub mod frag;
 pub mod hash;
+pub mod nat;
 pub mod prefix;
 
 pub use egress::{EgressMac, EGRESS_BACKEND, EGRESS_CLIENT, EGRESS_ENTRIES, EGRESS_SAME};
 pub use decap::{decap_stat, DecapAddrKey, DecapAddrVal, DecapConfig, DEFAULT_GUE_PORT, PROG_DECAP};
+pub use frag::{FragKey, FragVal};
 pub use hash::{flow_hash, maglev_slot};
+pub use nat::{NatReverse, NAT_REPLY_SLOT, NAT_SLOT, PROG_NAT, PROG_NAT_REPLY};
 pub use prefix::{LocalityKey, LocalityVal, PrefixKey, PREFIX_SLOT, PROG_PREFIX};
 
 /// IP protocol numbers the data plane balances.
@@ -88,16 +92,7 @@ pub const RARE_PROGS_ENTRIES: u32 = 8;
 pub const RARE_SLOT: u32 = 0;
 /// `RARE_PROGS` index of `lb_rare_trace` (filled when the first trace starts).
 pub const RARE_TRACE_SLOT: u32 = 1;
-/// Name of the `nat` forward direction (DNAT to the backend), tail-called from
-/// `lb_xdp` and `lb_xdp_trace` through `RARE_PROGS[NAT_SLOT]`.
-pub const PROG_NAT: &str = "lb_nat";
-/// Name of the `nat` reply direction (backend to client, from the VIP), tail-called
-/// for frames to no VIP while `CONFIG_NAT` is set.
-pub const PROG_NAT_REPLY: &str = "lb_nat_reply";
-/// `RARE_PROGS` index of `lb_nat`.
-pub const NAT_SLOT: u32 = 3;
-/// `RARE_PROGS` index of `lb_nat_reply`.
-pub const NAT_REPLY_SLOT: u32 = 4;
+
 /// Name of the balancer with the trace hook (attached while `lb-agent trace` runs).
 pub const PROG_BALANCER_TRACE: &str = "lb_xdp_trace";
 /// Name of a program that only returns XDP_PASS. Attached to the far end of a veth
@@ -116,34 +111,6 @@ pub const DEFAULT_FRAG_TIMEOUT_S: u32 = 2;
 /// ICMP (IPv4) and ICMPv6 protocol numbers.
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
-
-/// Key of `FRAGS`: one fragmented datagram (RFC 791 / RFC 8200 reassembly key).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct FragKey {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    /// IPv4 identification (16 bits) or IPv6 fragment identification, host order.
-    pub id: u32,
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
-
-/// Value of `FRAGS`: where the datagram's first fragment went.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FragVal {
-    pub backend_id: u32,
-    pub service_id: u32,
-    pub generation: u32,
-    /// `CT_CLOCK` when the first fragment was seen; the entry is used for
-    /// `Config::frag_timeout_s` seconds after it.
-    pub created: u32,
-    /// The first fragment's ports (host order): the later fragments are
-    /// encapsulated with the same per-flow entropy.
-    pub sport: u16,
-    pub dport: u16,
-}
 
 /// Maps an IPv4 address (network order octets) to the 16-byte key form.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -488,32 +455,6 @@ pub const CONFIG_NAT: u32 = 64;
 /// A `fullnat` service exists: frames to no VIP are looked up in
 /// `FULLNAT_REVERSE` first (`lb_nat_reply`).
 pub const CONFIG_FULLNAT: u32 = 128;
-
-/// Value of `NAT_REVERSE`, keyed by a `nat` flow's reply as it leaves the backend
-/// (`FlowKey` with src = backend address and port, dst = client address and port):
-/// what the reply becomes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct NatReverse {
-    /// The VIP and port the client sent to (host byte order): the reply's source.
-    pub vip: [u8; 16],
-    pub vport: u16,
-    /// The source MAC of the client's first frame (its next hop): the reply's
-    /// destination MAC (one-arm).
-    pub mac: [u8; 6],
-    pub backend_id: u32,
-    pub service_id: u32,
-    /// The client's address and port (host byte order): a `fullnat` reply's
-    /// destination (a `nat` reply's is the client already).
-    pub client: [u8; 16],
-    pub cport: u16,
-    /// Low 16 bits of `CT_CLOCK` when a reply last refreshed the flow's
-    /// connection-table entry: replies refresh it once a second, not each one.
-    pub seen: u16,
-    /// `CT_CLOCK` when the entry was written: the agent's sweep leaves entries of
-    /// the last seconds alone (their `FULLNAT_FORWARD` entry may be on its way).
-    pub created: u32,
-}
 
 pub mod snat;
 pub use snat::{SnatFwd, SnatPool, MAX_SNAT_ADDRS, SNAT_PROBES};

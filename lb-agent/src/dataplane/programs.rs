@@ -2,7 +2,8 @@
 
 use aya::{programs::Xdp, Ebpf};
 
-use super::{map_err, map_mut, DataplaneError, Result};
+use super::{map_err, map_mut, Dataplane, DataplaneError, Result};
+use crate::plan::Plan;
 
 /// Loads a program, again when the verifier gave up with EAGAIN: it stops when a
 /// signal is pending, and the agent's probes (exec children: SIGCHLD) and its
@@ -88,4 +89,31 @@ pub(super) fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp>
     };
     let prog = ebpf.program_mut(name).ok_or_else(missing)?;
     prog.try_into().map_err(|_| missing())
+}
+
+impl Dataplane {
+    /// Loads `lb_prefix` into `RARE_PROGS` the first time a plan has prefix
+    /// services, and `lb_nat` and `lb_nat_reply` the first time it has `nat` or
+    /// `fullnat` services (before the maps and `CONFIG` send frames there): the
+    /// verifier's time for them (`lb_nat`'s SNAT probe loop is most of a second)
+    /// is spent only by configurations that use them.
+    pub(super) fn load_on_demand(&mut self, plan: &Plan) -> Result<()> {
+        if !self.prefix_loaded && plan.has_prefix() {
+            let name = lb_common::PROG_PREFIX;
+            let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+            load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
+            set_rare_slot(&mut self.ebpf, name, lb_common::PREFIX_SLOT)?;
+            self.prefix_loaded = true;
+        }
+        if !self.nat_loaded && (plan.nat || plan.fullnat) {
+            load_all(&mut self.ebpf, &[lb_common::PROG_NAT, lb_common::PROG_NAT_REPLY])?;
+            // lb_xdp (and lb_rare, for ICMP errors) tail-call lb_nat with a
+            // `nat`/`fullnat` backend's packet, and frames to no VIP go to
+            // lb_nat_reply while CONFIG_NAT or CONFIG_FULLNAT is set.
+            set_rare_slot(&mut self.ebpf, lb_common::PROG_NAT, lb_common::NAT_SLOT)?;
+            set_rare_slot(&mut self.ebpf, lb_common::PROG_NAT_REPLY, lb_common::NAT_REPLY_SLOT)?;
+            self.nat_loaded = true;
+        }
+        Ok(())
+    }
 }

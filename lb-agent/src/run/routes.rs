@@ -11,7 +11,7 @@ use std::{
 use super::Agent;
 use crate::{
     config::Config,
-    neigh::Mac,
+    neigh::{Interface, Mac},
     nexthop::{NextHops, TunnelParams},
     plan::Plan,
 };
@@ -51,5 +51,27 @@ impl Agent {
             tracing::error!(backend = %addr, "tunnel backend unreachable: {why}; left out of the tables");
         }
         let _ = self.replan("route");
+    }
+}
+
+/// Logs what keeps backends or services out of `plan`: unroutable tunnel
+/// backends, unresolved MACs, services with no usable backend or on backups.
+pub(super) fn report_unusable(plan: &Plan, iface: &Interface, nexthops: &NextHops) {
+    for (addr, why) in nexthops.unroutable() {
+        tracing::error!(backend = %addr, iface = %iface.name, "tunnel backend unreachable: {why}; left out of the tables");
+    }
+    for (service, addr) in plan.unresolved() {
+        if nexthops.neighbour(addr).is_none() {
+            continue;
+        }
+        tracing::error!(service, backend = %addr, iface = %iface.name,
+            "backend MAC not resolved (no ARP/ND answer on the interface): left out of the table");
+    }
+    for s in &plan.services {
+        if s.table.is_empty() {
+            tracing::error!(service = %s.name, "service has no usable backend");
+        } else if s.using_backups {
+            tracing::warn!(service = %s.name, "no primary backend is up: serving from backups");
+        }
     }
 }
