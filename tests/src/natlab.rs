@@ -211,6 +211,9 @@ impl NatLab {
         ns_sh(r2, &["ip", "route", "del", "default"]);
         ns_sh(r2, &["ip", "-6", "route", "del", "default"]);
         ns_sh(r2, &["ip", "link", "add", "br1", "type", "bridge"]);
+        // A MAC of its own, as br0's: the backends' gateway keeps its MAC when a
+        // backend's link goes (tests/tests/nat_failure.rs).
+        ns_sh(r2, &["ip", "link", "set", "br1", "address", "02:00:c6:12:35:01"]);
         ns_sh(r2, &["sysctl", "-qw", "net.ipv6.conf.br1.accept_dad=0"]);
         ns_sh(r2, &["ip", "link", "set", "br1", "up"]);
         ns_sh(r2, &["ip", "addr", "add", "198.18.53.1/24", "dev", "br1"]);

@@ -1,4 +1,4 @@
-//! A `nat` backend killed under load (tests/src/natlab.rs): its link is deleted
+//! A `nat` or `fullnat` backend killed under load (tests/src/natlab.rs): its link is deleted
 //! while long-lived connections to every backend and a stream of requests run,
 //! over IPv4 and IPv6. As docs/architecture.md ("Health, drain, backups") says,
 //! the probes take it out and its flows are scheduled again on a live backend;
@@ -82,7 +82,19 @@ impl Echo {
 
 #[test]
 fn nat_backend_killed_under_load_resets_its_flows_and_touches_no_other() {
-    let mut lab = NatLab::new(3);
+    killed_under_load(NatLab::new(3), "nat", "");
+}
+
+/// The same in the FULLNAT lab (backends behind a router with no route to the
+/// clients): the live backend that inherits b3's flows sees segments from a SNAT
+/// address and port it has no connection for, and its RST reaches the client
+/// translated by `lb_nat_reply`.
+#[test]
+fn fullnat_backend_killed_under_load_resets_its_flows_and_touches_no_other() {
+    killed_under_load(NatLab::fullnat(3), "fullnat", "snat_addresses: [198.18.51.3, \"2001:db8:51::3\"]\n");
+}
+
+fn killed_under_load(mut lab: NatLab, forwarding: &str, pool: &str) {
     lab.start_servers(&[80]);
     let probe = "probe: { kind: tcp, interval: 200ms, timeout: 150ms, rise: 2, fall: 2 }";
     let list = |v6: bool| {
@@ -94,11 +106,11 @@ fn nat_backend_killed_under_load_resets_its_flows_and_touches_no_other() {
     };
     let (b4, b6) = (list(false), list(true));
     let yaml = format!(
-        "services:
-  - {{ name: echo4, vip: {VIP4}, port: {ECHO_PORT}, forwarding: nat, {probe}, backends: [{b4}] }}
-  - {{ name: echo6, vip: \"{VIP6}\", port: {ECHO_PORT}, forwarding: nat, {probe}, backends: [{b6}] }}
-  - {{ name: http4, vip: {VIP4}, port: 80, forwarding: nat, {probe}, backends: [{b4}] }}
-  - {{ name: http6, vip: \"{VIP6}\", port: 80, forwarding: nat, {probe}, backends: [{b6}] }}
+        "{pool}services:
+  - {{ name: echo4, vip: {VIP4}, port: {ECHO_PORT}, forwarding: {forwarding}, {probe}, backends: [{b4}] }}
+  - {{ name: echo6, vip: \"{VIP6}\", port: {ECHO_PORT}, forwarding: {forwarding}, {probe}, backends: [{b6}] }}
+  - {{ name: http4, vip: {VIP4}, port: 80, forwarding: {forwarding}, {probe}, backends: [{b4}] }}
+  - {{ name: http6, vip: \"{VIP6}\", port: 80, forwarding: {forwarding}, {probe}, backends: [{b6}] }}
 "
     );
     let cfg = lab.write_config(&yaml);
@@ -127,7 +139,9 @@ fn nat_backend_killed_under_load_resets_its_flows_and_touches_no_other() {
     // Kill b3: its link to the segment disappears (a pulled cable, a dead host).
     let downs = agent.count_log("backend down");
     let killed = Instant::now();
-    ns_sh(&lab.router, &["ip", "link", "del", "p-b3"]);
+    // (In the FULLNAT lab the backends' links are on r2.)
+    let segment = lab.r2.clone().unwrap_or_else(|| lab.router.clone());
+    ns_sh(&segment, &["ip", "link", "del", "p-b3"]);
     let deadline = Instant::now() + Duration::from_secs(15);
     while agent.count_log("backend down") < downs + 4 {
         assert!(Instant::now() < deadline, "b3 not taken out of the 4 services within 15 s:\n{}", agent.log_text());
