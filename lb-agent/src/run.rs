@@ -145,6 +145,7 @@ fn initial_down(config: &Config, checker: &Checker) -> DownSet {
 }
 
 async fn run_async(args: RunArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
     let seen = std::fs::read(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     // Before touching the kernel: a second agent on the same pin directory, socket or
@@ -187,10 +188,13 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let mut checker = Checker::new(MAX_CONCURRENT_PROBES, health_tx);
     checker.set_targets(probe_targets(&cfg));
     let down = initial_down(&cfg, &checker);
+    let t_plan = std::time::Instant::now();
     let plan = Plan::next(&cfg, &nexthops.backend_macs(&backends, &macs), &down, None).set_egress(|a| nexthops.egress(a));
     report_unusable(&plan, &iface, &nexthops);
 
+    let t_open = std::time::Instant::now();
     let (mut dp, opened) = Dataplane::open(&plan, &pins).context("loading the XDP program")?;
+    let t_write = std::time::Instant::now();
     match (&opened.maps_reused, &opened.why_not) {
         (true, _) => tracing::info!(pin_dir = %args.pin_dir.display(),
             "adopting the balancer left attached here: maps reused, connection table kept"),
@@ -211,6 +215,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let backend_egress = arms.backend.as_ref().map(|b| (b.index, b.mac));
     dp.set_egress((iface.index, iface.mac), backend_egress).context("writing the egress interfaces")?;
     dp.write(&plan, iface.mac).context("filling the maps")?;
+    let t_attach = std::time::Instant::now();
     let mode = match dp.attach(&iface.name, args.xdp_mode.mode()) {
         Ok(mode) => mode,
         Err(e) => {
@@ -222,6 +227,15 @@ async fn run_async(args: RunArgs) -> Result<()> {
     };
     arms::attach_backend(&mut dp, &arms, mode, opened.adopted)?;
     let how = if opened.adopted { "replaced the program in the pinned link" } else { "attached" };
+    let secs = |from: std::time::Instant, to: std::time::Instant| (to - from).as_secs_f64();
+    tracing::debug!(
+        read_and_resolve = secs(t0, t_plan),
+        plan = secs(t_plan, t_open),
+        load = secs(t_open, t_write),
+        fill = secs(t_write, t_attach),
+        attach = t_attach.elapsed().as_secs_f64(),
+        "start phases"
+    );
     tracing::info!(iface = %iface.name, %mode, services = plan.services.len(),
         backends = plan.backends.len(), pin_dir = %args.pin_dir.display(), "{how}");
 

@@ -162,6 +162,7 @@ impl Agent {
 
     /// Asks for a reload of `bytes`, the file's content just read.
     pub(super) fn reload_bytes(&mut self, bytes: Vec<u8>, why: &str, reply: Option<oneshot::Sender<Response>>) {
+        let started = Instant::now();
         self.seen = bytes.clone();
         // The bytes in force again, nothing pending, every backend resolved: there
         // is nothing a parse could change.
@@ -179,6 +180,7 @@ impl Agent {
             if let Some(reply) = reply {
                 let _ = reply.send(response(outcome));
             }
+            tracing::debug!(secs = started.elapsed().as_secs_f64(), "incremental reload answered");
             release_freed_memory();
             return;
         }
@@ -315,6 +317,7 @@ impl Agent {
         for (addr, mac) in found {
             self.macs.entry(addr).or_insert(mac);
         }
+        let t_probes = Instant::now();
         // Unchanged probes keep their state; new ones start in their initial state.
         self.checker.set_targets(probe_targets(&new));
         let down = initial_down(&new, &self.checker);
@@ -330,10 +333,12 @@ impl Agent {
             }
         };
         let old_hops = std::mem::replace(&mut self.nexthops, nexthops);
+        let t_macs = Instant::now();
         let macs = self.backend_macs(&new);
         let t_plan = Instant::now();
         let plan = Plan::next(&self.effective(&new), &macs, &down, Some(&self.plan)).set_egress(|a| self.nexthops.egress(a));
         let plan_secs = t_plan.elapsed().as_secs_f64();
+        let t_fits = Instant::now();
         if let Err(e) = self.dp.check_fits(&plan) {
             self.checker.set_targets(probe_targets(&self.config));
             self.nexthops = old_hops;
@@ -352,8 +357,17 @@ impl Agent {
         match self.dp.apply(&plan) {
             Ok(_) => {
                 let apply_secs = t_apply.elapsed().as_secs_f64();
+                let t_describe = Instant::now();
                 let diff = reload::describe(&self.config, &new);
-                tracing::debug!(plan_secs, apply_secs, "reload phases");
+                tracing::debug!(
+                    probes = (t_macs - t_probes).as_secs_f64(),
+                    macs = (t_plan - t_macs).as_secs_f64(),
+                    plan_secs,
+                    fits = (t_apply - t_fits).as_secs_f64(),
+                    apply_secs,
+                    describe = t_describe.elapsed().as_secs_f64(),
+                    "reload phases"
+                );
                 self.reloads_ok += 1;
                 tracing::info!(why, reloads = self.reloads_ok, "reload applied: {diff}");
                 self.timeouts.send_replace(new.timeouts);
