@@ -20,10 +20,12 @@ use lb_common::{
 
 mod link;
 mod programs;
+mod sizes;
 mod stats;
 mod trace_hook;
 
 use programs::{load_retrying, prog_name, program, set_rare_slot};
+pub use sizes::{map_sizes, Opening, Sizes};
 pub use stats::Stats;
 
 use crate::{
@@ -82,38 +84,6 @@ impl std::fmt::Display for AttachMode {
             AttachMode::Generic => "generic",
         })
     }
-}
-
-/// Map sizes for a plan, with room for the configuration to grow: twice the
-/// services and backends, and for `MAGLEV` two tables per service (the double
-/// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 18] {
-    let services = (plan.services.len() as u32 * 2).max(16);
-    let backends = (plan.backends.len() as u32 * 2).max(64);
-    // Every service's configured size, even while its table is empty (all down):
-    // it needs its region the moment a backend comes up.
-    let tables: u64 = plan.services.iter().map(|s| s.table_size as u64).sum();
-    let maglev = (tables * 2 + tables / 2 + 2 * 65537).min(u32::MAX as u64) as u32;
-    [
-        (names::VIP_ADDRS, services),
-        (names::SERVICES, services),
-        (names::PREFIX_SERVICES, services),
-        (names::SERVICE_STATS, services),
-        (names::ROTATION, services),
-        (names::BACKENDS, backends),
-        (names::BACKEND_STATS, backends),
-        (names::BACKEND_CONNS, backends),
-        (names::BACKEND_CONN_DELTA, backends),
-        (names::MAGLEV, maglev),
-        (names::CONNTRACK, plan.conntrack_size.max(1)),
-        (names::CT_ESTABLISHED, plan.established_size.max(1)),
-        (names::AFFINITY, (plan.conntrack_size / 4).max(1024)),
-        (names::FRAGS, plan.frags_size.max(1)),
-        (names::NAT_REVERSE, plan.conntrack_size.saturating_add(plan.established_size).max(1)),
-        (names::FULLNAT_REVERSE, plan.conntrack_size.saturating_add(plan.established_size).max(1)),
-        (names::FULLNAT_FORWARD, plan.conntrack_size.saturating_add(plan.established_size).max(1)),
-        (names::SNAT_POOLS, services),
-    ]
 }
 
 /// `CONFIG` flags with the plan's `answer_ping`, `forward_icmp`, whether it has
@@ -196,16 +166,17 @@ impl Dataplane {
         Self::load_with(object, plan, None)
     }
 
-    /// Loads the object with every map pinned under `pins`. When an earlier agent
-    /// left a balancer attached there and its maps fit, they are reused (see
-    /// `pinning`); `Opened` says which happened and why.
-    pub fn open(plan: &Plan, pins: &PinDir) -> Result<(Self, Opened)> {
+    /// Loads the object with every map pinned under `pins`, the maps sized for
+    /// `sizes`. When an earlier agent left a balancer attached there and its maps
+    /// fit, they are reused (see `pinning`): `Opened` says which happened and why,
+    /// and `adopt` then reads back what they hold.
+    pub fn open(sizes: &Sizes, pins: &PinDir) -> Result<(Self, Opened)> {
         fs::create_dir_all(&pins.dir).map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
-        let tables: u32 = plan.services.iter().map(|s| s.table_size).sum();
+        let tables = u32::try_from(sizes.tables).unwrap_or(u32::MAX);
         let needed = [
-            (names::SERVICES, plan.services.len() as u32),
-            (names::BACKENDS, plan.backends.len() as u32),
-            (names::MAGLEV, 2 * tables),
+            (names::SERVICES, sizes.services),
+            (names::BACKENDS, sizes.backends),
+            (names::MAGLEV, tables.saturating_mul(2)),
         ];
         let opened = if pins.has_link() {
             match pins.reusable(&needed) {
@@ -217,17 +188,24 @@ impl Dataplane {
         };
         let cleared = if opened.maps_reused { pins.drop_unfit_prog_array() } else { pins.clear_maps() };
         cleared.map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
-        let mut dp = Self::load_with(crate::object::OBJECT, plan, Some(pins))?;
-        if opened.maps_reused {
-            dp.adopt_state(plan)?;
-        }
+        let dp = Self::load_sized(crate::object::OBJECT, sizes, Some(pins))?;
         Ok((dp, opened))
     }
 
+    /// After `open` reused the maps: rebuilds what the earlier agent applied
+    /// (ids, generations, table placement), keeping what `plan` shares with it.
+    pub fn adopt(&mut self, plan: &Plan) -> Result<()> {
+        self.adopt_state(plan)
+    }
+
     fn load_with(object: &[u8], plan: &Plan, pins: Option<&PinDir>) -> Result<Self> {
+        Self::load_sized(object, &Sizes::of(plan), pins)
+    }
+
+    fn load_sized(object: &[u8], sizes: &Sizes, pins: Option<&PinDir>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         // Ignored for pinned maps that are reused: their sizes are read back below.
-        for (name, size) in map_sizes(plan) {
+        for (name, size) in sizes::sized(sizes) {
             loader.map_max_entries(name, size);
         }
         // RARE_PROGS is pinned too: the kernel empties a program array when its last

@@ -23,7 +23,7 @@ use crate::{
     cli::RunArgs,
     config::{self, Config},
     conntrack::TableStatus,
-    dataplane::Dataplane,
+    dataplane::{Dataplane, Opening, Sizes},
     health::{Checker, Health, HealthEvent, ProbeKind, Target, TargetKey},
     neigh::{format_mac, Mac, NeighUpdate, Neighbours},
     nexthop::{Arms, NextHops, TunnelParams},
@@ -181,6 +181,11 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let addresses = arms::tunnel_addresses(&nl, &arms).await?;
     arms::check_modes(&arms, &cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tunnel = TunnelParams::resolve(&cfg, arms.tunnel_iface(), &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A fresh start verifies the programs (most of the start-up time) while the
+    // backends are resolved and the tables built. Adopting waits: whether the
+    // pinned maps can be kept decides what is cleared, and a start that fails
+    // before then must leave the running balancer's pins as they are.
+    let early = (!pins.has_link()).then(|| Opening::start(Sizes::of_config(&cfg), pins.clone()));
     let nexthops = NextHops::lookup(&nl, &arms, &cfg).await;
     let backends = Plan::backend_addresses(&cfg);
     let macs = nexthops.resolve(&nl, &arms, &nexthops.neighbours(&backends), resolve_timeout(&args)).await?;
@@ -193,7 +198,14 @@ async fn run_async(args: RunArgs) -> Result<()> {
     report_unusable(&plan, &iface, &nexthops);
 
     let t_open = std::time::Instant::now();
-    let (mut dp, opened) = Dataplane::open(&plan, &pins).context("loading the XDP program")?;
+    let (mut dp, opened) = match early {
+        Some(opening) => opening.finish(),
+        None => Dataplane::open(&Sizes::of(&plan), &pins),
+    }
+    .context("loading the XDP program")?;
+    if opened.maps_reused {
+        dp.adopt(&plan).context("reading the adopted maps")?;
+    }
     let t_write = std::time::Instant::now();
     match (&opened.maps_reused, &opened.why_not) {
         (true, _) => tracing::info!(pin_dir = %args.pin_dir.display(),
