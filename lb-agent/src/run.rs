@@ -178,7 +178,6 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let in_force: Arc<[u8]> =
         if std::fs::read(&args.config).is_ok_and(|again| again == seen) { seen.as_slice().into() } else { Arc::from([]) };
     let addresses = arms::tunnel_addresses(&nl, &arms).await?;
-    arms::check_modes(&arms, &cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tunnel = TunnelParams::resolve(&cfg, arms.tunnel_iface(), &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
     let nexthops = NextHops::lookup(&nl, &arms, &cfg).await;
     let backends = Plan::backend_addresses(&cfg);
