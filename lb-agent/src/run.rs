@@ -179,7 +179,6 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let in_force: Arc<[u8]> =
         if std::fs::read(&args.config).is_ok_and(|again| again == seen) { seen.as_slice().into() } else { Arc::from([]) };
     let addresses = arms::tunnel_addresses(&nl, &arms).await?;
-    arms::check_modes(&arms, &cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tunnel = TunnelParams::resolve(&cfg, arms.tunnel_iface(), &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
     // A fresh start verifies the programs (most of the start-up time) while the
     // backends are resolved and the tables built. Adopting waits: whether the

@@ -479,7 +479,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 20);
     assert!(core::mem::size_of::<BackendConns>() == 16);
-    assert!(core::mem::size_of::<NatReverse>() == 56);
+    assert!(core::mem::size_of::<NatReverse>() == 60);
 };
 
 #[cfg(feature = "user")]

@@ -22,7 +22,7 @@ pub struct NatReverse {
     pub vip: [u8; 16],
     pub vport: u16,
     /// The source MAC of the client's first frame (its next hop): the reply's
-    /// destination MAC (one-arm).
+    /// destination MAC.
     pub mac: [u8; 6],
     pub backend_id: u32,
     pub service_id: u32,
@@ -36,4 +36,10 @@ pub struct NatReverse {
     /// `CT_CLOCK` when the entry was written: the agent's sweep leaves entries of
     /// the last seconds alone (their `FULLNAT_FORWARD` entry may be on its way).
     pub created: u32,
+    /// The interface the reply leaves by: `EGRESS_SAME` (0, the one it came in
+    /// on: XDP_TX, one-arm) or the `EGRESS` index of the interface the client's
+    /// first frame came in on, when its backend is reached by another (two-arm:
+    /// the reply arrives there and is redirected back, from that interface's MAC).
+    pub egress: u8,
+    pub _pad: [u8; 3],
 }

@@ -169,14 +169,14 @@ pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
     if v == forward::fullnat::NOT_FULLNAT {
         v = if flags & CONFIG_NAT != 0 { nat_reply_call(&ctx) } else { NOT_VIP };
     }
-    count((v >> 32) as u32);
-    v as u32
+    // Two-arm, a reply goes back to the client's interface (redirected).
+    emit(&ctx, v as u32, (v >> 32) as u32)
 }
 
 /// The `nat` path of `lb_nat_reply`.
 #[inline(never)]
 fn nat_reply_call(ctx: &XdpContext) -> u64 {
-    packed(forward::nat_reply::reply(ctx))
+    forward::nat_reply::reply(ctx)
 }
 
 /// The rare path of `lb_xdp` (tail-called): ICMP errors, echo requests and

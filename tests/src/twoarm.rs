@@ -4,8 +4,11 @@
 //! `eth1`; their default route is the balancer's `eth1` address, and the
 //! balancer's kernel forwards their replies (from the VIP) to the client. DR
 //! backends carry the VIPs on `lo` (`lb-realserver.sh up`), tunnel backends
-//! decapsulate with `lb-agent decap` (`up-tunnel`, XDP). Everything lives in
-//! namespaces removed on drop.
+//! decapsulate with `lb-agent decap` (`up-tunnel`, XDP); `nat` backends need
+//! nothing more (the balancer is their default route: its XDP translates their
+//! replies). `fullnat` backends get no default route at all (no route to the
+//! clients), and the balancer holds the SNAT addresses 198.18.51.3 and
+//! 2001:db8:51::3 on `eth1`. Everything lives in namespaces removed on drop.
 //!
 //! ```text
 //!  client 198.18.50.2 ── eth0 198.18.50.1  balancer (XDP on both)  eth1 198.18.51.1 ── br0 ── b1 .51.11, b2 .51.12, b3 .51.13
@@ -13,7 +16,7 @@
 //! (and the same in 2001:db8:50::/64 and 2001:db8:51::/64).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::Command,
 };
@@ -26,6 +29,9 @@ use crate::{
 
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 52, 10);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x52, 0, 0, 0, 0, 0x10);
+/// The `fullnat` lab's SNAT addresses, on the balancer's `eth1`.
+pub const SNAT4: Ipv4Addr = Ipv4Addr::new(198, 18, 51, 3);
+pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 3);
 
 pub struct Host {
     pub ns: String,
@@ -43,7 +49,7 @@ pub struct TwoArmLab {
     pub dir: PathBuf,
     namespaces: Vec<String>,
     servers: Vec<Server>,
-    pass: Option<aya::Ebpf>,
+    pass: Vec<aya::Ebpf>,
     decap_up: Vec<usize>,
 }
 
@@ -54,6 +60,9 @@ pub enum Backends {
     Dr,
     /// `lb-agent decap` (ipip and gue).
     Tunnel,
+    /// Nothing: no VIP, no route to the clients, the SNAT addresses on the
+    /// balancer's `eth1` (`fullnat`; `nat` works with any kind but this one).
+    Fullnat,
 }
 
 impl TwoArmLab {
@@ -76,7 +85,7 @@ impl TwoArmLab {
             dir,
             namespaces: Vec::new(),
             servers: Vec::new(),
-            pass: None,
+            pass: Vec::new(),
             decap_up: Vec::new(),
         };
         lab.build(kind);
@@ -117,6 +126,10 @@ impl TwoArmLab {
         sh(&["ip", "link", "add", "eth1", "netns", &balancer, "type", "veth", "peer", "name", "p-lb", "netns", &switch]);
         ns_sh(&switch, &["ip", "link", "set", "p-lb", "master", "br0", "up"]);
         Self::address(&balancer, "eth1", "198.18.51.1", "2001:db8:51::1");
+        if kind == Backends::Fullnat {
+            ns_sh(&balancer, &["ip", "addr", "add", &format!("{SNAT4}/24"), "dev", "eth1"]);
+            ns_sh(&balancer, &["ip", "addr", "add", &format!("{SNAT6}/64"), "dev", "eth1", "nodad"]);
+        }
         // The balancer routes the backends' replies to the client (its kernel;
         // XDP passes them: they are to no VIP).
         for k in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
@@ -131,22 +144,27 @@ impl TwoArmLab {
             sh(&["ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &switch]);
             ns_sh(&switch, &["ip", "link", "set", &port, "master", "br0", "up"]);
             Self::address(&ns, "eth0", &v4.to_string(), &v6.to_string());
-            ns_sh(&ns, &["ip", "route", "add", "default", "via", "198.18.51.1"]);
-            ns_sh(&ns, &["ip", "-6", "route", "add", "default", "via", "2001:db8:51::1"]);
+            if kind != Backends::Fullnat {
+                ns_sh(&ns, &["ip", "route", "add", "default", "via", "198.18.51.1"]);
+                ns_sh(&ns, &["ip", "-6", "route", "add", "default", "via", "2001:db8:51::1"]);
+            }
             if kind == Backends::Dr {
                 ns_sh(&ns, &["bash", &script, "up", &VIP4.to_string(), &VIP6.to_string()]);
             }
         }
-        // Native XDP_REDIRECT into eth1 needs a program on its peer.
-        let ebpf = netns::run_in(&switch, move || {
-            let mut ebpf = aya::Ebpf::load(lb_agent::object::OBJECT).expect("load the XDP object");
-            let prog: &mut aya::programs::Xdp =
-                ebpf.program_mut(lb_common::PROG_PASS).expect("lb_pass").try_into().expect("XDP");
-            prog.load().expect("load lb_pass");
-            prog.attach("p-lb", aya::programs::XdpMode::Driver).expect("attach lb_pass to the switch port");
-            ebpf
-        });
-        self.pass = Some(ebpf);
+        // Native XDP_REDIRECT into eth1 (to the backends) and into eth0 (`nat`
+        // and `fullnat` replies, to the client) needs a program on each peer.
+        for (ns, dev) in [(switch.clone(), "p-lb"), (client.clone(), "eth0")] {
+            let ebpf = netns::run_in(&ns, move || {
+                let mut ebpf = aya::Ebpf::load(lb_agent::object::OBJECT).expect("load the XDP object");
+                let prog: &mut aya::programs::Xdp =
+                    ebpf.program_mut(lb_common::PROG_PASS).expect("lb_pass").try_into().expect("XDP");
+                prog.load().expect("load lb_pass");
+                prog.attach(dev, aya::programs::XdpMode::Driver).expect("attach lb_pass to the balancer's peer");
+                ebpf
+            });
+            self.pass.push(ebpf);
+        }
         if kind == Backends::Tunnel {
             for i in 0..self.backends.len() {
                 self.decap(i, "up-tunnel");
@@ -195,6 +213,14 @@ impl TwoArmLab {
         }
     }
 
+    /// UDP on port 53 of every backend's addresses, answering with its name.
+    pub fn start_udp_servers(&mut self) {
+        for b in &self.backends {
+            let at = [SocketAddr::new(IpAddr::V4(b.v4), 53), SocketAddr::new(IpAddr::V6(b.v6), 53)];
+            self.servers.extend(traffic::udp_server(&b.ns, &at, &b.name));
+        }
+    }
+
     pub fn write_config(&self, yaml: &str) -> PathBuf {
         crate::lab::write_config_in(&self.dir, "lb.yaml", yaml)
     }
@@ -232,7 +258,7 @@ impl Drop for TwoArmLab {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decap(i, "down-tunnel")));
             let _ = std::fs::remove_dir_all(self.decap_pin_dir(i));
         }
-        self.pass = None;
+        self.pass.clear();
         for ns in self.namespaces.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         }

@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 
 use crate::{
     cli::RunArgs,
-    config::{Config, Forwarding},
     dataplane::{AttachMode, Dataplane},
     neigh::{format_mac, Interface, Neighbours},
     nexthop::Arms,
@@ -68,20 +67,4 @@ pub(super) async fn tunnel_addresses(nl: &Neighbours, arms: &Arms) -> Result<Vec
     }
     out.extend(nl.addresses(arms.client.index).await?);
     Ok(out)
-}
-
-/// Two-arm, `nat` and `fullnat` services are refused (at start and at reload):
-/// their replies arrive on the backend interface and are not sent back across
-/// yet, so their clients would get nothing.
-pub(super) fn check_modes(arms: &Arms, config: &Config) -> Result<(), String> {
-    let Some(b) = &arms.backend else { return Ok(()) };
-    match config.services.iter().find(|s| matches!(s.forwarding, Forwarding::Nat | Forwarding::Fullnat)) {
-        Some(s) => Err(format!(
-            "service {}: forwarding: {} does not work two-arm yet (--backend-iface {}): its replies would not be sent back to the clients' interface; run it one-arm",
-            s.name,
-            s.forwarding.as_str(),
-            b.name
-        )),
-        None => Ok(()),
-    }
 }

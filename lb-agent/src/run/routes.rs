@@ -26,9 +26,7 @@ impl Agent {
     }
 
     /// The tunnel settings for `config` on this interface.
-    /// Two-arm, also refuses the modes that do not work two-arm yet.
     pub(super) fn tunnel_params(&self, config: &Config) -> Result<TunnelParams, String> {
-        super::arms::check_modes(&self.arms, config)?;
         TunnelParams::resolve(config, self.arms.tunnel_iface(), &self.addresses)
     }
 

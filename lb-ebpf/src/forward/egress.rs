@@ -2,10 +2,11 @@
 //! on leaves through the `EGRESS` devmap (XDP_REDIRECT), from that interface's
 //! MAC (`EGRESS_MAC`). The balancer only carries the backend's `egress` in its
 //! verdict's action (`action`); the entry points send (`send`), after it, so the
-//! one-arm path pays a shift and a comparison.
+//! one-arm path pays a shift and a comparison. `nat` and `fullnat` replies go
+//! back by the interface their client's frames came in on (`reply_egress`).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::stat;
+use lb_common::{stat, EGRESS_BACKEND, EGRESS_CLIENT, EGRESS_SAME};
 
 use super::bytes_mut;
 use crate::{
@@ -18,6 +19,30 @@ use crate::{
 #[inline(always)]
 pub fn action(e: u32) -> u32 {
     xdp_action::XDP_TX | (e << 8)
+}
+
+/// The egress of a `nat` or `fullnat` flow's replies, for its reverse entry
+/// (`NatReverse::egress`), at the flow's first frame: `EGRESS_SAME` while its
+/// backend is reached by the interface the frame came in on (the replies arrive
+/// there too: XDP_TX), else the `EGRESS` index of that interface (two-arm: the
+/// replies arrive on the backend's and are redirected back to the client's).
+/// `EGRESS_SAME` as well for an interface that is in no `EGRESS` entry.
+#[inline(always)]
+pub fn reply_egress(ctx: &XdpContext, backend_egress: u8) -> u8 {
+    if backend_egress == EGRESS_SAME {
+        return EGRESS_SAME;
+    }
+    let at = ctx.ingress_ifindex() as u32;
+    // An empty entry as ifindex 0 (no interface has it): compared as an
+    // `Option`, LLVM reads the undefined result of the missing entry's
+    // comparison, a register the verifier refuses to read.
+    if EGRESS.get_ifindex(u32::from(EGRESS_CLIENT)).unwrap_or(0) == at {
+        EGRESS_CLIENT
+    } else if EGRESS.get_ifindex(u32::from(EGRESS_BACKEND)).unwrap_or(0) == at {
+        EGRESS_BACKEND
+    } else {
+        EGRESS_SAME
+    }
 }
 
 /// Largest action the kernel knows (XDP_REDIRECT); above it, `action`'s redirects.

@@ -1,8 +1,9 @@
-//! FULLNAT, one-arm: the client's packet to VIP:port leaves from a SNAT address
+//! FULLNAT: the client's packet to VIP:port leaves from a SNAT address
 //! and port of the balancer's to backend:port (both ends rewritten), and the
 //! backend's reply, sent to the SNAT address (which is on the balancer's
 //! interface, so the backend needs no route to the clients), leaves from VIP:port
-//! to the client. The backend never sees the client's address.
+//! to the client, by the interface the client's frames came in on (two-arm:
+//! redirected, `NatReverse::egress`). The backend never sees the client's address.
 //!
 //! `lb_nat` (`nat.rs`) hands a `fullnat` backend's packet here. The flow's
 //! mapping is in `FULLNAT_FORWARD` (client-to-VIP flow -> SNAT address and port,
@@ -184,6 +185,8 @@ fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: u64, v6: u6
     v.cport = s.flow.sport;
     v.seen = 0;
     v.created = CT_CLOCK.get(0).copied().unwrap_or(0);
+    v.egress = super::egress::reply_egress(ctx, b.egress);
+    zero_pad(&mut v._pad);
     s.key.src = b.addr;
     s.key.sport = bport;
     s.key.proto = s.flow.proto;
@@ -249,14 +252,13 @@ pub fn reply_call(ctx: &XdpContext) -> u64 {
         _ => return NOT_FULLNAT,
     }
     let Some((key, l3, l4, v6, fin)) = super::nat_reply::parse(ctx) else { return NOT_FULLNAT };
-    match reply(ctx, &key, l3, l4, v6, fin) {
-        Some(outcome) => crate::packed(outcome),
-        None => NOT_FULLNAT,
-    }
+    reply(ctx, &key, l3, l4, v6, fin).unwrap_or(NOT_FULLNAT)
 }
 
+/// A `fullnat` reply's packed verdict: back by the interface its entry names
+/// (`nat_reply::sent_back`).
 #[inline(always)]
-fn reply(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize, v6: bool, fin: bool) -> Option<Outcome> {
+fn reply(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize, v6: bool, fin: bool) -> Option<u64> {
     let cfg = CONFIG.get(0)?;
     // SAFETY: a live entry, read in place (the agent removes it only once its
     // flow is gone; the kernel frees it after this run).
@@ -277,9 +279,9 @@ fn reply(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize, v6: bool, fin: b
                 let flow = FlowKey { src: r.client, dst: r.vip, sport: r.cport, dport: r.vport, proto: key.proto, _pad: [0; 3] };
                 conntrack::follow_reply(&flow, fin);
             }
-            Outcome::TxAs(stat::FULLNAT_REPLY)
+            super::nat_reply::sent_back(r.egress, stat::FULLNAT_REPLY)
         }
-        Err(reason) => Outcome::Drop(reason),
+        Err(reason) => crate::packed(Outcome::Drop(reason)),
     })
 }
 

@@ -1,4 +1,4 @@
-//! LVS-NAT, one-arm: the client's packet to VIP:port leaves for backend:port (the
+//! LVS-NAT: the client's packet to VIP:port leaves for backend:port (the
 //! destination rewritten), and the backend's reply, which comes back through the
 //! balancer (its route to the clients), leaves from VIP:port (`nat_reply.rs`).
 //!
@@ -7,8 +7,8 @@
 //! tail-calls `lb_nat` (`RARE_PROGS[NAT_SLOT]`): the rewrite and the reverse
 //! entry cost the balancer's verification nothing. `lb_nat` parses the frame
 //! again, records the reply's translation in `NAT_REVERSE` when the flow was just
-//! scheduled (with the MAC the client's frame came from: one-arm, the reply goes
-//! back to that next hop), rewrites the destination address and port, updates the
+//! scheduled (with the MAC the client's frame came from: the reply goes back to
+//! that next hop, by the interface the frame came in on), rewrites the destination address and port, updates the
 //! IPv4 header checksum and the TCP/UDP checksum incrementally (RFC 1624; an IPv4
 //! UDP checksum of 0, "none", stays 0), decrements the TTL / hop limit (a packet
 //! that would reach 0 is dropped, `drop_nat_ttl`), and sends the frame to the
@@ -92,7 +92,7 @@ pub fn forward(ctx: &XdpContext) -> Outcome {
     let port = if b.port != 0 { b.port } else { pkt.dport };
     let (service_id, egress) = (b.service_id, b.egress);
     if s.new_flow != 0 {
-        remember(ctx, pkt, &b.addr, port, s.backend_id, service_id);
+        remember(ctx, pkt, (&b.addr, port), s.backend_id, service_id, egress);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let done = translate::<false>(ctx, pkt.l3, pkt.v6, pkt.l4, pkt.proto, &b.addr, port, &b.mac, &cfg.iface_mac);
@@ -106,14 +106,28 @@ pub fn forward(ctx: &XdpContext) -> Outcome {
     }
 }
 
-/// Records how the flow's replies are translated back.
+/// Records how the flow's replies are translated back, and by which interface
+/// they leave (`egress::reply_egress`: the backend's `egress` given).
 #[inline(always)]
-fn remember(ctx: &XdpContext, pkt: &Packet, backend: &[u8; 16], port: u16, backend_id: u32, service_id: u32) {
+fn remember(ctx: &XdpContext, pkt: &Packet, (backend, port): (&[u8; 16], u16), backend_id: u32, service_id: u32, egress: u8) {
     let Some(eth) = bytes_mut::<12>(ctx, 0) else { return };
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&eth[6..12]);
+    let egress = super::egress::reply_egress(ctx, egress);
     let key = FlowKey { src: *backend, dst: pkt.src, sport: port, dport: pkt.sport, proto: pkt.proto, _pad: [0; 3] };
-    let val = NatReverse { vip: pkt.dst, vport: pkt.dport, mac, backend_id, service_id, client: pkt.src, cport: pkt.sport, seen: 0, created: 0 };
+    let val = NatReverse {
+        vip: pkt.dst,
+        vport: pkt.dport,
+        mac,
+        backend_id,
+        service_id,
+        client: pkt.src,
+        cport: pkt.sport,
+        seen: 0,
+        created: 0,
+        egress,
+        _pad: [0; 3],
+    };
     let _ = NAT_REVERSE.insert(&key, &val, BPF_ANY as u64);
 }
 

@@ -2,7 +2,8 @@
 //! service exists (`CONFIG_NAT`), is looked up in `NAT_REVERSE` by its 5-tuple.
 //! A backend's reply found there leaves from VIP:port to the client, its checksums
 //! updated and TTL / hop limit decremented (`nat::translate`), to the MAC the
-//! client's first frame came from (one-arm: the client's next hop). The flow's
+//! client's first frame came from (the client's next hop), by the interface
+//! that frame came in on (two-arm: redirected, `NatReverse::egress`). The flow's
 //! connection-table entry is kept fresh by the replies and closes on the
 //! backend's FIN or RST (`conntrack::follow_reply`). Anything else passes, counted
 //! `pass_not_vip` as before. Fragments and IPv6 extension headers
@@ -21,16 +22,17 @@ use crate::{
     parse::{ptr_at, read_be16, Outcome},
 };
 
-/// `lb_nat_reply`.
+/// `lb_nat_reply`, as a packed verdict (`main.rs`): a reply leaves by the
+/// interface its entry names (`sent_back`).
 #[inline(always)]
-pub fn reply(ctx: &XdpContext) -> Outcome {
+pub fn reply(ctx: &XdpContext) -> u64 {
     let not_ours = Outcome::Pass(stat::PASS_NOT_VIP);
     // Not a reply: maybe an ICMP error about a packet sent to a backend.
-    let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return super::nat_icmp::to_client(ctx) };
-    let Some(p) = NAT_REVERSE.get_ptr_mut(&key) else { return not_ours };
+    let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return crate::packed(super::nat_icmp::to_client(ctx)) };
+    let Some(p) = NAT_REVERSE.get_ptr_mut(&key) else { return crate::packed(not_ours) };
     // SAFETY: a live entry, copied out (only `seen` is written back).
     let r: NatReverse = unsafe { *p };
-    let Some(cfg) = CONFIG.get(0) else { return not_ours };
+    let Some(cfg) = CONFIG.get(0) else { return crate::packed(not_ours) };
     match translate::<true>(ctx, l3, v6, l4, key.proto, &r.vip, r.vport, &r.mac, &cfg.iface_mac) {
         Ok(()) => {
             // SAFETY: a field of the live entry.
@@ -38,10 +40,18 @@ pub fn reply(ctx: &XdpContext) -> Outcome {
                 let flow = FlowKey { src: key.dst, dst: r.vip, sport: key.dport, dport: r.vport, proto: key.proto, _pad: [0; 3] };
                 conntrack::follow_reply(&flow, fin);
             }
-            Outcome::TxAs(stat::NAT_REPLY)
+            sent_back(r.egress, stat::NAT_REPLY)
         }
-        Err(reason) => Outcome::Drop(reason),
+        Err(reason) => crate::packed(Outcome::Drop(reason)),
     }
+}
+
+/// The packed verdict of a translated reply, counted `counter`: XDP_TX when its
+/// entry's `egress` is `EGRESS_SAME` (one-arm), else a redirect to the client's
+/// interface (`egress::send`, from that interface's MAC).
+#[inline(always)]
+pub(super) fn sent_back(egress: u8, counter: u32) -> u64 {
+    (u64::from(counter) << 32) | u64::from(super::egress::action(u32::from(egress)))
 }
 
 /// The frame's 5-tuple (TCP/UDP over IPv4 or IPv6 without extension headers, not
