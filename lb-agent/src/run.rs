@@ -68,6 +68,9 @@ struct Agent {
     seen: Vec<u8>,
     /// The bytes of the configuration in force: a reload of the same bytes is a no-op.
     in_force: Arc<[u8]>,
+    /// Where the services are in a text (the one in force, if the pointers are
+    /// equal), so an incremental reload cuts only the new text.
+    in_force_cut: Option<(Arc<[u8]>, config::Cut)>,
     /// The interface clients' frames arrive on and, two-arm, the backends'.
     arms: Arms,
     nl: Neighbours,
@@ -272,6 +275,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         args,
         config: cfg,
         in_force,
+        in_force_cut: None,
         seen,
         arms,
         nl,
@@ -392,6 +396,7 @@ impl Agent {
 
     /// Refreshes the shared status in place (see `Sampler::refresh`).
     fn refresh_status(&mut self) {
+        let t0 = std::time::Instant::now();
         let (services, backends) = (self.plan.service_ids.high_water(), self.plan.backend_ids.high_water());
         let stats = {
             let bases = self.conn_bases.read().unwrap_or_else(|e| e.into_inner());
@@ -419,6 +424,7 @@ impl Agent {
         status.conntrack = conntrack;
         (status.conntrack.new_capacity, status.conntrack.established_capacity) = self.ct_capacity;
         status.announce = announce;
+        tracing::debug!(secs = t0.elapsed().as_secs_f64(), "TMP status refreshed");
     }
 
     /// Recomputes the plan from the current inputs and applies it; false (logged)

@@ -38,73 +38,114 @@ enum At {
     After,
 }
 
+/// Where a text's services are, as offsets into it: the start of the first item
+/// (the end of the text before the list), each item's start, and the end of the
+/// list. Kept with the text in force, so a reload cuts only the new text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cut {
+    first: usize,
+    items: Vec<usize>,
+    end: usize,
+}
+
+impl Cut {
+    /// `text` cut where `Cut::of(text)` found its services.
+    fn apply<'a>(&self, text: &'a str) -> Option<Layout<'a>> {
+        let (first, end) = (self.first, self.end);
+        if end > text.len() || first > end {
+            return None;
+        }
+        let mut items = Vec::with_capacity(self.items.len());
+        for (k, &s) in self.items.iter().enumerate() {
+            items.push(text.get(s..self.items.get(k + 1).copied().unwrap_or(end))?);
+        }
+        Some(Layout { before: text.get(..first)?, items, after: text.get(end..)? })
+    }
+
+    /// The cut of `text`, if it qualifies (see the module documentation).
+    pub fn of(text: &str) -> Option<Cut> {
+        let bytes = text.as_bytes();
+        // Searched with SIMD: fast even for megabytes.
+        if text.len() > MAX_BYTES
+            || text.starts_with('\u{feff}')
+            || memchr::memchr3(b'&', b'*', b'\t', bytes).is_some()
+            || memchr::memchr(b'\r', bytes).is_some()
+        {
+            return None;
+        }
+        let mut state = At::Before;
+        let (mut first, mut end, mut item_indent) = (0, text.len(), 0);
+        let mut item_starts = Vec::new();
+        let mut at = 0;
+        let mut ends = memchr::memchr_iter(b'\n', bytes);
+        while at < text.len() {
+            let next = ends.next().map_or(text.len(), |n| n + 1);
+            let line = text[at..next].trim_end_matches('\n');
+            let bytes = line.as_bytes();
+            let indent = bytes.iter().take_while(|&&b| b == b' ').count();
+            let filler = indent == bytes.len() || bytes[indent] == b'#';
+            let top = !filler && indent == 0;
+            if top && state == At::Items {
+                (state, end) = (At::After, at);
+            }
+            match state {
+                At::Before | At::After if top => {
+                    if line.starts_with("---") || line.starts_with("...") {
+                        return None;
+                    }
+                    let rest = line.strip_prefix("services:").map(|r| r.trim_start_matches(' '));
+                    if rest.is_some_and(|r| r.is_empty() || r.starts_with('#')) {
+                        if state == At::After {
+                            return None;
+                        }
+                        state = At::First;
+                    } else if rest.is_some() {
+                        return None; // `services: [...]` and the like
+                    }
+                }
+                At::First | At::Items if !filler => {
+                    let item = line[indent..].starts_with("- ");
+                    if state == At::First {
+                        if indent == 0 || !item {
+                            return None;
+                        }
+                        (state, first, item_indent) = (At::Items, at, indent);
+                    }
+                    if indent == item_indent && item {
+                        item_starts.push(at);
+                    } else if indent <= item_indent {
+                        return None;
+                    }
+                }
+                _ => {}
+            }
+            at = next;
+        }
+        if item_starts.is_empty() {
+            return None;
+        }
+        Some(Cut { first, items: item_starts, end })
+    }
+}
+
+#[cfg(test)]
 fn layout(text: &str) -> Option<Layout<'_>> {
-    // Single characters are searched with memchr: fast even for megabytes.
-    if text.len() > MAX_BYTES || text.starts_with('\u{feff}') || ['&', '*', '\t', '\r'].iter().any(|&c| text.contains(c)) {
-        return None;
-    }
-    let (mut at, mut state) = (0, At::Before);
-    let (mut first, mut end, mut item_indent) = (0, text.len(), 0);
-    let mut item_starts = Vec::new();
-    while at < text.len() {
-        let next = text[at..].find('\n').map_or(text.len(), |n| at + n + 1);
-        let line = text[at..next].trim_end_matches('\n');
-        let bytes = line.as_bytes();
-        let indent = bytes.iter().take_while(|&&b| b == b' ').count();
-        let filler = indent == bytes.len() || bytes[indent] == b'#';
-        let top = !filler && indent == 0;
-        if top && state == At::Items {
-            (state, end) = (At::After, at);
-        }
-        match state {
-            At::Before | At::After if top => {
-                if line.starts_with("---") || line.starts_with("...") {
-                    return None;
-                }
-                let rest = line.strip_prefix("services:").map(|r| r.trim_start_matches(' '));
-                if rest.is_some_and(|r| r.is_empty() || r.starts_with('#')) {
-                    if state == At::After {
-                        return None;
-                    }
-                    state = At::First;
-                } else if rest.is_some() {
-                    return None; // `services: [...]` and the like
-                }
-            }
-            At::First | At::Items if !filler => {
-                let item = line[indent..].starts_with("- ");
-                if state == At::First {
-                    if indent == 0 || !item {
-                        return None;
-                    }
-                    (state, first, item_indent) = (At::Items, at, indent);
-                }
-                if indent == item_indent && item {
-                    item_starts.push(at);
-                } else if indent <= item_indent {
-                    return None;
-                }
-            }
-            _ => {}
-        }
-        at = next;
-    }
-    if item_starts.is_empty() {
-        return None;
-    }
-    let mut items = Vec::with_capacity(item_starts.len());
-    for (k, &s) in item_starts.iter().enumerate() {
-        items.push(&text[s..item_starts.get(k + 1).copied().unwrap_or(end)]);
-    }
-    Some(Layout { before: &text[..first], items, after: &text[end..] })
+    Cut::of(text)?.apply(text)
 }
 
 /// `new_text`'s configuration built from `old` (the configuration `old_text`
 /// gave) and a parse of only the services whose text changed, with the indices
 /// (in the new configuration) of those services; `None` when that is not
 /// possible or not valid (see the module documentation).
-pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Option<(Config, Vec<usize>)> {
-    let (was, now) = (layout(old_text)?, layout(new_text)?);
+/// `old_cut` is `old_text`'s cut when known (else it is cut here); the new
+/// text's cut is returned, to be passed with it next time.
+pub fn reparse(old_text: &str, old_cut: Option<&Cut>, old: &Config, new_text: &str, origin: &str) -> Option<(Config, Vec<usize>, Cut)> {
+    let was = match old_cut {
+        Some(cut) => cut.apply(old_text)?,
+        None => Cut::of(old_text)?.apply(old_text)?,
+    };
+    let cut = Cut::of(new_text)?;
+    let now = cut.apply(new_text)?;
     if was.before != now.before || was.after != now.after || was.items.len() != old.services.len() {
         return None;
     }
@@ -153,7 +194,7 @@ pub fn reparse(old_text: &str, old: &Config, new_text: &str, origin: &str) -> Op
         fragments: old.fragments,
         services,
     };
-    Some((config, parsed))
+    Some((config, parsed, cut))
 }
 
 #[cfg(test)]
@@ -192,7 +233,10 @@ mod tests {
             file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.2", 1), ("c", "198.18.1.3", 1), ("d", "198.18.1.4", 2)]),
         ];
         for new_text in edits {
-            assert_eq!(reparse(&old_text, &old, &new_text, "t").map(|(c, _)| c), Some(parse(&new_text, "t").unwrap()), "{new_text}");
+            assert_eq!(reparse(&old_text, None, &old, &new_text, "t").map(|(c, ..)| c), Some(parse(&new_text, "t").unwrap()), "{new_text}");
+            // With the old text's cut given, the same.
+            let cut = Cut::of(&old_text);
+            assert_eq!(reparse(&old_text, cut.as_ref(), &old, &new_text, "t").map(|(c, ..)| c), Some(parse(&new_text, "t").unwrap()));
         }
         // Errors, and what spans services, are left to the full parse.
         let invalid = [
@@ -202,7 +246,7 @@ mod tests {
             old_text.replace("conntrack_size: 65536", "conntrack_size: 1"),
         ];
         for new_text in invalid {
-            assert_eq!(reparse(&old_text, &old, &new_text, "t"), None, "{new_text}");
+            assert_eq!(reparse(&old_text, None, &old, &new_text, "t"), None, "{new_text}");
         }
     }
 }

@@ -270,7 +270,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, &origin)
 }
 
-pub use self::incremental::reparse;
+pub use self::incremental::{reparse, Cut};
 
 /// Parses and validates configuration text; `origin` is the file name used in messages.
 ///

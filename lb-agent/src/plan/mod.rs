@@ -244,24 +244,38 @@ impl Plan {
             if let Some(snat) = &svc.snat {
                 snat_pools.insert(id, snat_pool(snat));
             }
-            let mut sorted: Vec<_> = svc.backends.iter().collect();
-            sorted.sort_by_key(|b| addr_key(b.address));
+            // The service's backends in address order (the file's order among
+            // equal keys), each key computed once.
+            let mut sorted: Vec<([u8; 16], usize)> = svc.backends.iter().enumerate().map(|(i, b)| (addr_key(b.address), i)).collect();
+            sorted.sort_unstable();
             // The previous backends of this service: (address key, address, id, generation), sorted.
-            let mut before: Vec<([u8; 16], IpAddr, (u32, u32))> = old
-                .map(|o| o.backend_ids.iter().filter_map(|id| prev_by_id.get(*id as usize).copied().flatten()).collect())
-                .unwrap_or_else(Vec::new)
-                .into_iter()
-                .map(|b: &PlannedBackend| (addr_key(b.address), b.address, (b.id, b.generation)))
-                .collect();
+            let mut before: Vec<([u8; 16], IpAddr, (u32, u32))> = match old {
+                Some(o) => o
+                    .backend_ids
+                    .iter()
+                    .filter_map(|id| prev_by_id.get(*id as usize).copied().flatten())
+                    .map(|b| (addr_key(b.address), b.address, (b.id, b.generation)))
+                    .collect(),
+                None => Vec::new(),
+            };
             before.sort_unstable_by_key(|e| e.0);
-            let known = |address: IpAddr| {
-                let k = addr_key(address);
-                let from = before.partition_point(|e| e.0 < k);
-                before[from..].iter().take_while(|e| e.0 == k).find(|e| e.1 == address).map(|e| e.2)
+            // This service's backends that are down (one name clone per service).
+            let down_here: Vec<IpAddr> = if down.is_empty() {
+                Vec::new()
+            } else {
+                let from = (svc.name.clone(), IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+                down.range(from..).take_while(|(name, _)| *name == svc.name).map(|(_, a)| *a).collect()
             };
             let first = plan.backends.len();
-            for b in &sorted {
-                let (bid, generation) = match known(b.address) {
+            // Both in key order: one walk finds each backend's previous ids.
+            let mut at = 0;
+            for &(k, i) in &sorted {
+                let b = &svc.backends[i];
+                while at < before.len() && before[at].0 < k {
+                    at += 1;
+                }
+                let known = before[at..].iter().take_while(|e| e.0 == k).find(|e| e.1 == b.address).map(|e| e.2);
+                let (bid, generation) = match known {
                     Some(ids) => {
                         keep(&mut kept_backends, ids.0);
                         ids
@@ -269,7 +283,7 @@ impl Plan {
                     None => backend_ids.take(),
                 };
                 let mac = macs.get(&b.address).copied();
-                let up = down.is_empty() || !down.contains(&(svc.name.clone(), b.address));
+                let up = !down_here.contains(&b.address);
                 plan.backends.push(PlannedBackend {
                     id: bid,
                     generation,

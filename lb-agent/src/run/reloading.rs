@@ -197,7 +197,8 @@ impl Agent {
         let (old, new) = (std::str::from_utf8(&self.in_force).ok()?, std::str::from_utf8(bytes).ok()?);
         let origin = self.args.config.display().to_string();
         let started = Instant::now();
-        let (config, parsed) = config::reparse(old, &self.config, new, &origin)?;
+        let cut = self.in_force_cut.as_ref().filter(|(text, _)| Arc::ptr_eq(text, &self.in_force)).map(|(_, cut)| cut);
+        let (config, parsed, new_cut) = config::reparse(old, cut, &self.config, new, &origin)?;
         tracing::debug!(secs = started.elapsed().as_secs_f64(), "reparse");
         // New backends wait for their MACs in the parse task, and tunnel services
         // for their routes (every backend's, two-arm): those take the full
@@ -211,7 +212,12 @@ impl Agent {
             return None;
         }
         tracing::debug!(why, "only the changed services were parsed");
-        Some(self.apply_reload(why, config, self.nexthops.clone(), BTreeMap::new(), bytes.into()))
+        let bytes: Arc<[u8]> = bytes.into();
+        let outcome = self.apply_reload(why, config, self.nexthops.clone(), BTreeMap::new(), bytes.clone());
+        if Arc::ptr_eq(&self.in_force, &bytes) {
+            self.in_force_cut = Some((bytes, new_cut));
+        }
+        Some(outcome)
     }
 
     /// Parses `job` on the blocking pool, then resolves the new backends' MACs,
