@@ -160,23 +160,37 @@ fn nat_call(ctx: &XdpContext) -> u64 {
 #[xdp]
 pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
     // `fullnat` replies first (a call, as in `lb_nat`), then `nat`'s, each only
-    // while such a service exists.
+    // while such a service exists; a frame that is neither's reply may be an
+    // ICMP error about a packet sent to a backend of either (a call of its
+    // own: within `nat_reply_call` it would pass the 512-byte stack).
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
     let mut v = forward::fullnat::NOT_FULLNAT;
     if flags & CONFIG_FULLNAT != 0 {
         v = forward::fullnat::reply_call(&ctx);
     }
+    if v == forward::fullnat::NOT_FULLNAT && flags & CONFIG_NAT != 0 {
+        v = nat_reply_call(&ctx);
+    }
     if v == forward::fullnat::NOT_FULLNAT {
-        v = if flags & CONFIG_NAT != 0 { nat_reply_call(&ctx) } else { NOT_VIP };
+        v = nat_icmp_reply_call(&ctx);
     }
     count((v >> 32) as u32);
     v as u32
 }
 
-/// The `nat` path of `lb_nat_reply`.
+/// The `nat` path of `lb_nat_reply` (`NOT_FULLNAT`: no TCP/UDP packet, which
+/// `reply` says with `Outcome::Rare`).
 #[inline(never)]
 fn nat_reply_call(ctx: &XdpContext) -> u64 {
     packed(forward::nat_reply::reply(ctx))
+}
+
+const _: () = assert!(forward::fullnat::NOT_FULLNAT == RARE_ACTION as u64, "packed(Outcome::Rare) is NOT_FULLNAT");
+
+/// The ICMP error path of `lb_nat_reply` (`forward/nat_icmp.rs`).
+#[inline(never)]
+fn nat_icmp_reply_call(ctx: &XdpContext) -> u64 {
+    packed(forward::nat_icmp::to_client(ctx))
 }
 
 /// The rare path of `lb_xdp` (tail-called): ICMP errors, echo requests and

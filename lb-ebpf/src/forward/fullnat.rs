@@ -236,7 +236,8 @@ fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: u64, v6: u6
 }
 
 /// What `reply_call` returns for a frame that is no `fullnat` reply (the `nat`
-/// lookup follows): an action no outcome has.
+/// lookup follows, then the ICMP error path; `main.rs`'s `nat_reply_call` uses
+/// it too): an action no outcome has.
 pub const NOT_FULLNAT: u64 = u32::MAX as u64;
 
 /// `lb_nat_reply`'s first look, a call of its own: a reply to a SNAT address and

@@ -18,7 +18,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
-use lb_common::{stat, FORWARD_FULLNAT, FlowKey, NatReverse, PROTO_TCP};
+use lb_common::{stat, FlowKey, NatReverse, PROTO_TCP};
 
 use super::{bytes_mut, fold};
 use crate::{
@@ -64,16 +64,12 @@ pub fn icmp_stashed() -> bool {
     NAT_STASH.get(0).is_some_and(|s| s.backend_id & super::nat_icmp::ICMP_ERROR != 0)
 }
 
-/// `lb_nat` for an ICMP error about a reply of a `nat` flow (see `nat_icmp.rs`);
-/// those of `fullnat` flows are not translated yet (dropped).
+/// `lb_nat` for an ICMP error about a reply of a `nat` or `fullnat` flow (see
+/// `nat_icmp.rs`, `fullnat_icmp.rs`).
 #[inline(always)]
 pub fn icmp(ctx: &XdpContext) -> Outcome {
     let Some(s) = NAT_STASH.get(0).copied() else { return Outcome::Pass(stat::PASS_NOT_READY) };
-    let id = s.backend_id & !super::nat_icmp::ICMP_ERROR;
-    if BACKENDS.get(id).is_some_and(|b| b.forward == FORWARD_FULLNAT) {
-        return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED);
-    }
-    super::nat_icmp::to_backend(ctx, id)
+    super::nat_icmp::to_backend(ctx, s.backend_id & !super::nat_icmp::ICMP_ERROR)
 }
 
 /// `lb_nat`: the forward direction.

@@ -21,12 +21,14 @@ use crate::{
     parse::{ptr_at, read_be16, Outcome},
 };
 
-/// `lb_nat_reply`.
+/// `lb_nat_reply`. `Outcome::Rare`: the frame is no TCP/UDP packet at all (maybe
+/// an ICMP error about a packet sent to a backend: `nat_icmp::to_client`, which
+/// `lb_nat_reply` calls next). Not an `Option`: an `Option<Outcome>` returned
+/// through memory made `nat_reply_call`'s frame pass 512 bytes.
 #[inline(always)]
 pub fn reply(ctx: &XdpContext) -> Outcome {
     let not_ours = Outcome::Pass(stat::PASS_NOT_VIP);
-    // Not a reply: maybe an ICMP error about a packet sent to a backend.
-    let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return super::nat_icmp::to_client(ctx) };
+    let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return Outcome::Rare };
     let Some(p) = NAT_REVERSE.get_ptr_mut(&key) else { return not_ours };
     // SAFETY: a live entry, copied out (only `seen` is written back).
     let r: NatReverse = unsafe { *p };
