@@ -133,8 +133,11 @@ fn nat_on() -> bool {
 pub fn lb_nat(ctx: XdpContext) -> u32 {
     // Each path a call of its own, so that neither's stack adds to the other's
     // (`fullnat` makes calls of its own: the chain must fit 512 bytes).
-    let v = if forward::nat::icmp_stashed() {
+    let rare = forward::nat::rare_stashed();
+    let v = if rare & forward::nat_icmp::ICMP_ERROR != 0 {
         nat_icmp_call(&ctx)
+    } else if rare != 0 {
+        forward::nat_frag::run(&ctx)
     } else if forward::fullnat::stashed() {
         forward::fullnat::run(&ctx)
     } else {

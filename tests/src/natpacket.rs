@@ -246,3 +246,111 @@ pub fn open(lab: &mut Lab, client: IpAddr, vip: IpAddr, proto: u8, cport: u16, v
     f[6..12].copy_from_slice(&CLIENT_MAC);
     assert_eq!(lab.run(&f).0, XDP_TX, "the flow's first packet");
 }
+
+/// A TCP/UDP datagram `src`:`sport` -> `dst`:`dport` with `payload` bytes and a
+/// correct checksum (IPv4 UDP with `no_checksum`: 0), cut into fragments of at
+/// most `step` bytes of L4 data each (a multiple of 8), IP identification `id`:
+/// the frames (from `CLIENT_MAC`) and the whole L4 segment.
+#[allow(clippy::too_many_arguments)]
+pub fn fragments(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    (sport, dport): (u16, u16),
+    payload: usize,
+    id: u32,
+    step: usize,
+    no_checksum: bool,
+) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let body: Vec<u8> = (0..payload).map(|i| (i * 7 + 1) as u8).collect();
+    let mut seg = if proto == 6 { tcp(sport, dport, &body) } else { udp(sport, dport, &body) };
+    let at = if proto == 6 { 16 } else { 6 };
+    if !no_checksum {
+        let c = l4_checksum(src, dst, proto, &seg);
+        seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let mut frames = Vec::new();
+    for (i, chunk) in seg.chunks(step).enumerate() {
+        let more = (i + 1) * step < seg.len();
+        let off = i * step;
+        let mut f = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut ip = ipv4(s, d, proto, chunk);
+                ip[4..6].copy_from_slice(&(id as u16).to_be_bytes());
+                let fo = (off / 8) as u16 | if more { 0x2000 } else { 0 };
+                ip[6..8].copy_from_slice(&fo.to_be_bytes());
+                let mut f = ethernet(None, ETH_P_IP, &ip);
+                crate::frames::fix_ipv4_checksum(&mut f, 14);
+                f
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let mut fh = vec![proto, 0];
+                fh.extend_from_slice(&((off as u16) | u16::from(more)).to_be_bytes());
+                fh.extend_from_slice(&id.to_be_bytes());
+                fh.extend_from_slice(chunk);
+                ethernet(None, ETH_P_IPV6, &ipv6(s, d, crate::frames::PROTO_IPV6_FRAG, &fh))
+            }
+            _ => panic!("mixed families"),
+        };
+        f[6..12].copy_from_slice(&CLIENT_MAC);
+        frames.push(f);
+    }
+    (frames, seg)
+}
+
+/// What translated fragments must carry.
+pub struct FragWant {
+    pub mac: [u8; 6],
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Checks `out` (the translated fragments, in order) against `input`: MACs,
+/// addresses, TTL / hop limit, the IPv4 header checksum, every fragment field
+/// and byte of data unchanged but the first fragment's ports and checksum; and
+/// the reassembled segment's checksum recomputed from scratch over the new
+/// addresses (an IPv4 UDP checksum of 0 stays 0).
+pub fn check_fragments(out: &[Vec<u8>], input: &[Vec<u8>], w: &FragWant, what: &str) {
+    assert_eq!(out.len(), input.len(), "{what}: every fragment sent");
+    let v4 = w.src.is_ipv4();
+    let (hl, addrs, alen) = if v4 { (20, 12, 4) } else { (48, 8, 16) };
+    let mut seg = Vec::new();
+    let mut proto = 0;
+    for (n, (o, i)) in out.iter().zip(input).enumerate() {
+        let what = format!("{what}, fragment {n}");
+        assert_eq!(o.len(), i.len(), "{what}: length kept");
+        assert_eq!((&o[0..6], &o[6..12]), (&w.mac[..], &LB_MAC[..]), "{what}: MACs");
+        let (o, i) = (&o[14..], &i[14..]);
+        if v4 {
+            assert_eq!(ipv4_checksum(&o[..20]), 0, "{what}: IPv4 header checksum");
+            assert_eq!(o[8], i[8] - 1, "{what}: TTL decremented");
+            assert_eq!((&o[..8], o[9]), (&i[..8], i[9]), "{what}: id, fragment offset and flags kept");
+            proto = o[9];
+        } else {
+            assert_eq!(o[7], i[7] - 1, "{what}: hop limit decremented");
+            assert_eq!((&o[..7], &o[40..48]), (&i[..7], &i[40..48]), "{what}: the Fragment header kept");
+            proto = o[40];
+        }
+        assert_eq!(&o[addrs..addrs + alen], &ip_bytes(w.src)[..], "{what}: source");
+        assert_eq!(&o[addrs + alen..addrs + 2 * alen], &ip_bytes(w.dst)[..], "{what}: destination");
+        let at = if proto == 6 { 16 } else { 6 };
+        let keep = if n == 0 { at + 2 } else { 0 };
+        assert_eq!(&o[hl + keep..], &i[hl + keep..], "{what}: data kept");
+        if n == 0 {
+            assert_eq!(&o[hl + 4..hl + at], &i[hl + 4..hl + at], "{what}: the L4 header kept but ports and checksum");
+        }
+        seg.extend_from_slice(&o[hl..]);
+    }
+    let ports = (u16::from_be_bytes([seg[0], seg[1]]), u16::from_be_bytes([seg[2], seg[3]]));
+    assert_eq!(ports, (w.sport, w.dport), "{what}: ports");
+    let at = if proto == 6 { 16 } else { 6 };
+    let got = u16::from_be_bytes([seg[at], seg[at + 1]]);
+    if v4 && proto == 17 && got == 0 {
+        let first_in = &input[0][14 + hl..];
+        assert_eq!(&first_in[6..8], &[0, 0], "{what}: a UDP checksum of 0 only where there was none");
+        return;
+    }
+    assert_eq!(got, l4_checksum(w.src, w.dst, proto, &seg), "{what}: reassembled L4 checksum (recomputed)");
+}
