@@ -163,9 +163,10 @@ fn nat_call(ctx: &XdpContext) -> u64 {
 #[xdp]
 pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
     // `fullnat` replies first (a call, as in `lb_nat`), then `nat`'s, each only
-    // while such a service exists; a frame that is neither's reply may be an
-    // ICMP error about a packet sent to a backend of either (a call of its
-    // own: within `nat_reply_call` it would pass the 512-byte stack).
+    // while such a service exists; a frame that is neither's reply may be a
+    // fragment of one, or an ICMP error about a packet sent to a backend of
+    // either (calls of their own: within `nat_reply_call` they would pass the
+    // 512-byte stack).
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
     let mut v = forward::fullnat::NOT_FULLNAT;
     if flags & CONFIG_FULLNAT != 0 {
@@ -175,7 +176,8 @@ pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
         v = nat_reply_call(&ctx);
     }
     if v == forward::fullnat::NOT_FULLNAT {
-        v = nat_icmp_reply_call(&ctx);
+        // A fragment of a reply (`forward/nat_frag.rs`), else maybe an ICMP error.
+        v = if forward::nat_frag::is_fragment(&ctx) { forward::nat_frag::reply(&ctx) } else { nat_icmp_reply_call(&ctx) };
     }
     count((v >> 32) as u32);
     v as u32

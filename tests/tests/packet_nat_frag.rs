@@ -8,7 +8,9 @@
 //! compared. IPv4 and IPv6 (Fragment header), TCP and UDP, a new flow (its first
 //! datagram fragmented: the reverse entry or SNAT mapping is made by the first
 //! fragment, so the replies come back) and an established one (the fragments
-//! keep its SNAT port), an IPv4 UDP checksum of 0.
+//! keep its SNAT port), an IPv4 UDP checksum of 0; and the backend's fragmented
+//! replies, translated back to the client (the first fragment by the flow's
+//! reverse entry, the later ones by the ports it left in `FRAGS`).
 //!
 //! Needs root: `cargo test -p lb-tests --test packet_nat_frag -- --test-threads=1`.
 
@@ -17,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_common::stat;
 use lb_tests::{
     frames::{ethernet, CLIENT_MAC, ETH_P_IP, ETH_P_IPV6},
-    natpacket::{check_fragments, fragments, mac_of, packet, FragWant, Lab, XDP_DROP, XDP_TX},
+    natpacket::{check_fragments, fragments, mac_of, packet, FragWant, Lab, XDP_DROP, XDP_PASS, XDP_TX},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 7);
@@ -184,6 +186,67 @@ fn an_established_flows_fragments_keep_its_translation() {
             assert_eq!(c.sport(&out[0], cport), sport, "{what}: datagram {n} keeps the flow's SNAT port");
             check_fragments(&out, &frames, &c.want(sport), &format!("{what}, datagram {n}"));
         }
+    }
+}
+
+impl Case {
+    /// Opens the flow with one unfragmented packet: the port the backend sees.
+    fn open(&self, lab: &mut Lab, cport: u16, what: &str) -> u16 {
+        let ip = packet(self.client, self.vip, self.proto, cport, self.vport, 20);
+        let mut f = ethernet(None, if self.client.is_ipv4() { ETH_P_IP } else { ETH_P_IPV6 }, &ip);
+        f[6..12].copy_from_slice(&CLIENT_MAC);
+        let (rc, first) = lab.run(&f);
+        assert_eq!(rc, XDP_TX, "{what}: the first packet");
+        let l4 = 14 + if self.client.is_ipv4() { 20 } else { 40 };
+        if self.fullnat { u16::from_be_bytes([first[l4], first[l4 + 1]]) } else { cport }
+    }
+
+    /// The backend's reply datagram, fragmented, from its next hop's MAC.
+    fn reply_fragments(&self, sport: u16, payload: usize, id: u32) -> Vec<Vec<u8>> {
+        let to = if self.fullnat { self.snat } else { self.client };
+        let (mut frames, _) = fragments(self.backend, to, self.proto, (self.bport, sport), payload, id, 1400, false);
+        for f in &mut frames {
+            f[6..12].copy_from_slice(&BACKEND_MAC);
+        }
+        frames
+    }
+}
+
+#[test]
+fn a_fragmented_reply_reaches_the_client_translated() {
+    let mut lab = lab();
+    let mut cport = 44000;
+    for c in cases() {
+        cport += 1;
+        let what = format!("reply of {}", c.name(cport));
+        let sport = c.open(&mut lab, cport, &what);
+        let frames = c.reply_fragments(sport, 3500, 0x5500 + u32::from(cport));
+        assert_eq!(frames.len(), 3, "{what}: three fragments");
+        let counter = if c.fullnat { stat::FULLNAT_REPLY } else { stat::NAT_REPLY };
+        let before = lab.counters()[counter as usize];
+        let out = c.send(&mut lab, &frames, &what);
+        assert_eq!(lab.counters()[counter as usize] - before, 3, "{what}: every fragment counted");
+        let w = FragWant { mac: CLIENT_MAC, src: c.vip, dst: c.client, sport: c.vport, dport: cport };
+        check_fragments(&out, &frames, &w, &what);
+    }
+}
+
+#[test]
+fn a_reply_fragment_of_no_flow_or_before_its_first_passes() {
+    let mut lab = lab();
+    for c in cases() {
+        let what = format!("reply of {}", c.name(45000));
+        // No such flow: every fragment passes untouched.
+        let frames = c.reply_fragments(45000, 3000, 0x6600);
+        for f in &frames {
+            let (rc, out) = lab.run_counted(f, &[stat::PASS_NOT_VIP], &what);
+            assert_eq!((rc, &out[..]), (XDP_PASS, &f[..]), "{what}: passed untouched");
+        }
+        // The flow exists, but a later fragment comes before its first.
+        let sport = c.open(&mut lab, 45001, &what);
+        let frames = c.reply_fragments(sport, 3000, 0x6601);
+        let (rc, _) = lab.run_counted(&frames[2], &[stat::PASS_NOT_VIP], &what);
+        assert_eq!(rc, XDP_PASS, "{what}: a later fragment first passes");
     }
 }
 

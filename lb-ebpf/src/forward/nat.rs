@@ -168,15 +168,22 @@ pub(super) fn translate<const SRC: bool>(
     Ok(())
 }
 
-/// `translate` for a later fragment (no TCP/UDP header): the destination
-/// address, TTL / hop limit, MACs.
+/// `translate` for a later fragment (no TCP/UDP header): the source (`SRC`: a
+/// reply) or destination address, TTL / hop limit, MACs.
 #[inline(always)]
-pub(super) fn translate_l3(ctx: &XdpContext, l3: usize, v6: bool, addr: &[u8; 16], to: &[u8; 6], from: &[u8; 6]) -> Result<(), u32> {
+pub(super) fn translate_l3<const SRC: bool>(
+    ctx: &XdpContext,
+    l3: usize,
+    v6: bool,
+    addr: &[u8; 16],
+    to: &[u8; 6],
+    from: &[u8; 6],
+) -> Result<(), u32> {
     match (l3, v6) {
-        (14, false) => ip4::<14, false>(ctx, addr),
-        (18, false) => ip4::<18, false>(ctx, addr),
-        (14, true) => ip6::<14, false>(ctx, addr),
-        _ => ip6::<18, false>(ctx, addr),
+        (14, false) => ip4::<14, SRC>(ctx, addr),
+        (18, false) => ip4::<18, SRC>(ctx, addr),
+        (14, true) => ip6::<14, SRC>(ctx, addr),
+        _ => ip6::<18, SRC>(ctx, addr),
     }?;
     let eth = bytes_mut::<12>(ctx, 0).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
     eth[0..6].copy_from_slice(to);
