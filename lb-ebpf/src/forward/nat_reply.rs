@@ -5,8 +5,8 @@
 //! client's first frame came from (one-arm: the client's next hop). The flow's
 //! connection-table entry is kept fresh by the replies and closes on the
 //! backend's FIN or RST (`conntrack::follow_reply`). Anything else passes, counted
-//! `pass_not_vip` as before. Fragments and IPv6 extension headers
-//! are not looked up (pass).
+//! `pass_not_vip` as before. Fragments are not looked up here
+//! (`nat_frag::reply` translates them); IPv6 extension headers pass.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{stat, v4_mapped, FlowKey, NatReverse, PROTO_TCP, PROTO_UDP};
