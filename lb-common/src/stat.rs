@@ -90,8 +90,9 @@ pub const NAT_REPLY: u32 = 34;
 /// A packet of a `nat` flow (either direction) whose TTL / hop limit would reach
 /// 0: dropped (a router would send ICMP "time exceeded").
 pub const DROP_NAT_TTL: u32 = 35;
-/// A fragment of a `nat` service's flow (not translated), or an ICMP error about
-/// one whose embedded packet could not be rewritten: dropped.
+/// A packet of a `nat` or `fullnat` service's flow that could not be rewritten,
+/// a later fragment of a `fullnat` flow without a SNAT mapping, or an ICMP
+/// error about one whose embedded packet could not be rewritten: dropped.
 pub const DROP_NAT_UNSUPPORTED: u32 = 36;
 /// Sent to a backend by another interface than the one it came in on
 /// (two-arm: XDP_REDIRECT through `EGRESS`; also counts `forwarded`).
@@ -99,8 +100,9 @@ pub const REDIRECTED: u32 = 37;
 /// For a backend on another interface whose `EGRESS` entry is missing (the
 /// agent has not written it): dropped.
 pub const DROP_NO_EGRESS: u32 = 38;
-/// An ICMP error about a packet sent to a `nat` backend (from the backend or a
-/// router on its path), translated back to the VIP and sent to the client
+/// An ICMP error about a packet sent to a `nat` or `fullnat` backend (from the
+/// backend or a router on its path), translated back to the VIP and sent to the
+/// client
 /// (`lb_nat_reply`, XDP_TX).
 pub const NAT_ICMP_REPLY: u32 = 39;
 /// Forwarded to a `fullnat` backend, both addresses rewritten (`lb_nat`; also

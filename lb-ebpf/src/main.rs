@@ -133,8 +133,11 @@ fn nat_on() -> bool {
 pub fn lb_nat(ctx: XdpContext) -> u32 {
     // Each path a call of its own, so that neither's stack adds to the other's
     // (`fullnat` makes calls of its own: the chain must fit 512 bytes).
-    let v = if forward::nat::icmp_stashed() {
+    let rare = forward::nat::rare_stashed();
+    let v = if rare & forward::nat_icmp::ICMP_ERROR != 0 {
         nat_icmp_call(&ctx)
+    } else if rare != 0 {
+        forward::nat_frag::run(&ctx)
     } else if forward::fullnat::stashed() {
         forward::fullnat::run(&ctx)
     } else {
@@ -160,23 +163,39 @@ fn nat_call(ctx: &XdpContext) -> u64 {
 #[xdp]
 pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
     // `fullnat` replies first (a call, as in `lb_nat`), then `nat`'s, each only
-    // while such a service exists.
+    // while such a service exists; a frame that is neither's reply may be a
+    // fragment of one, or an ICMP error about a packet sent to a backend of
+    // either (calls of their own: within `nat_reply_call` they would pass the
+    // 512-byte stack).
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
     let mut v = forward::fullnat::NOT_FULLNAT;
     if flags & CONFIG_FULLNAT != 0 {
         v = forward::fullnat::reply_call(&ctx);
     }
+    if v == forward::fullnat::NOT_FULLNAT && flags & CONFIG_NAT != 0 {
+        v = nat_reply_call(&ctx);
+    }
     if v == forward::fullnat::NOT_FULLNAT {
-        v = if flags & CONFIG_NAT != 0 { nat_reply_call(&ctx) } else { NOT_VIP };
+        // A fragment of a reply (`forward/nat_frag.rs`), else maybe an ICMP error.
+        v = if forward::nat_frag::is_fragment(&ctx) { forward::nat_frag::reply(&ctx) } else { nat_icmp_reply_call(&ctx) };
     }
     // Two-arm, a reply goes back to the client's interface (redirected).
     emit(&ctx, v as u32, (v >> 32) as u32)
 }
 
-/// The `nat` path of `lb_nat_reply`.
+/// The `nat` path of `lb_nat_reply` (`NOT_FULLNAT`: no TCP/UDP packet, which
+/// `reply` says with `Outcome::Rare`).
 #[inline(never)]
 fn nat_reply_call(ctx: &XdpContext) -> u64 {
     forward::nat_reply::reply(ctx)
+}
+
+const _: () = assert!(forward::fullnat::NOT_FULLNAT == RARE_ACTION as u64, "packed(Outcome::Rare) is NOT_FULLNAT");
+
+/// The ICMP error path of `lb_nat_reply` (`forward/nat_icmp.rs`).
+#[inline(never)]
+fn nat_icmp_reply_call(ctx: &XdpContext) -> u64 {
+    forward::nat_icmp::to_client(ctx)
 }
 
 /// The rare path of `lb_xdp` (tail-called): ICMP errors, echo requests and

@@ -6,6 +6,7 @@ pub mod ecmp;
 pub mod failover;
 pub mod lab;
 pub mod natlab;
+pub mod natpacket;
 pub mod natpmtu;
 pub mod netns;
 pub mod pmtu;

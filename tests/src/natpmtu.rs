@@ -41,6 +41,16 @@ pub fn narrow_client_link(lab: &NatLab) {
     ns_sh(&lab.router, &["ip", "link", "set", "p-cl", "mtu", &NARROW_MTU.to_string()]);
 }
 
+/// The FULLNAT lab (`NatLab::fullnat`): lowers the MTU of `r2`'s bridge towards
+/// the backends (their own links keep 1500, so they announce an MSS of 1460): a
+/// full-sized segment of an upload, translated to come from the SNAT address,
+/// makes `r2` send its error to the SNAT address, that is to the balancer,
+/// which must translate it for the client.
+pub fn narrow_backend_bridge(lab: &NatLab) {
+    let r2 = lab.r2.as_ref().expect("a FULLNAT lab (NatLab::fullnat)");
+    ns_sh(r2, &["ip", "link", "set", "br1", "mtu", &NARROW_MTU.to_string()]);
+}
+
 /// Forgets every path MTU learned in `ns`.
 pub fn forget_pmtu(ns: &str) {
     ns_sh(ns, &["ip", "route", "flush", "cache"]);

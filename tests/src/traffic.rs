@@ -110,6 +110,17 @@ pub fn http_server(ns: &str, port: u16, name: &str) -> Server {
 /// UDP server bound to each of `addrs` (the VIPs, so replies leave from the VIP as
 /// DR needs) answering every datagram with `name`.
 pub fn udp_server(ns: &str, addrs: &[SocketAddr], name: &str) -> Vec<Server> {
+    udp_serve(ns, addrs, Some(name))
+}
+
+/// A UDP server on each of `addrs` in `ns` that sends every datagram back whole
+/// (up to 64 KiB: large ones leave in fragments).
+pub fn udp_echo_server(ns: &str, addrs: &[SocketAddr]) -> Vec<Server> {
+    udp_serve(ns, addrs, None)
+}
+
+/// Answers each datagram with `name`, or (`None`) with the datagram itself.
+fn udp_serve(ns: &str, addrs: &[SocketAddr], name: Option<&str>) -> Vec<Server> {
     addrs
         .iter()
         .map(|addr| {
@@ -119,12 +130,13 @@ pub fn udp_server(ns: &str, addrs: &[SocketAddr], name: &str) -> Vec<Server> {
             let fd = sock.as_raw_fd();
             let stop = Arc::new(AtomicBool::new(false));
             let stop2 = stop.clone();
-            let name = name.to_string();
+            let name = name.map(str::to_string);
             let thread = std::thread::spawn(move || {
-                let mut buf = [0u8; 1500];
+                let mut buf = vec![0u8; 65536];
                 while !stop2.load(Ordering::SeqCst) {
-                    if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                        let _ = sock.send_to(name.as_bytes(), from);
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        let answer = name.as_ref().map_or(&buf[..n], |name| name.as_bytes());
+                        let _ = sock.send_to(answer, from);
                     }
                 }
             });

@@ -117,7 +117,7 @@ fn forward_inline(
 /// (which LLVM cannot prove apart) becomes a call to a byte-by-byte `memmove`
 /// (44 iterations: most of an established packet's cost, measured).
 #[inline(always)]
-fn copy_words(dst: &mut SnatFwd, src: &SnatFwd) {
+pub(super) fn copy_words(dst: &mut SnatFwd, src: &SnatFwd) {
     const WORDS: usize = core::mem::size_of::<SnatFwd>() / 4;
     let (d, s) = (dst as *mut SnatFwd as *mut u32, src as *const SnatFwd as *const u32);
     let mut i = 0;
@@ -157,7 +157,7 @@ pub struct Scratch {
 /// bits), packed (a BPF call takes five arguments). A call of its own: its frame
 /// is not added to `lb_nat`'s, and the verifier walks its loop once.
 #[inline(never)]
-fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: u64, v6: u64) -> bool {
+pub(super) fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: u64, v6: u64) -> bool {
     let (backend_id, bport, v6) = ((id_port >> 16) as u32, id_port as u16, v6 != 0);
     let Some(pool) = SNAT_POOLS.get_ptr_mut(b.service_id) else { return false };
     // SAFETY: a live array element; the fields are copied out.
@@ -239,7 +239,8 @@ fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: u64, v6: u6
 }
 
 /// What `reply_call` returns for a frame that is no `fullnat` reply (the `nat`
-/// lookup follows): an action no outcome has.
+/// lookup follows, then the ICMP error path; `main.rs`'s `nat_reply_call` uses
+/// it too): an action no outcome has.
 pub const NOT_FULLNAT: u64 = u32::MAX as u64;
 
 /// `lb_nat_reply`'s first look, a call of its own: a reply to a SNAT address and
@@ -288,7 +289,7 @@ fn reply(ctx: &XdpContext, key: &FlowKey, l3: usize, l4: usize, v6: bool, fin: b
 /// `translate_inline`'s packet shape in one register: L3 offset, family, L4 offset,
 /// protocol, the new source and destination ports.
 #[inline(always)]
-fn shape(l3: usize, v6: bool, l4: usize, proto: u8, sport: u16, dport: u16) -> u64 {
+pub(super) fn shape(l3: usize, v6: bool, l4: usize, proto: u8, sport: u16, dport: u16) -> u64 {
     (l3 as u64 & 0xff)
         | u64::from(v6) << 8
         | (l4 as u64 & 0xff) << 16
@@ -302,7 +303,7 @@ fn shape(l3: usize, v6: bool, l4: usize, proto: u8, sport: u16, dport: u16) -> u
 /// destination, source); checksums updated incrementally (RFC 1624), an IPv4 UDP
 /// checksum of 0 kept. `Err`: the counter of the drop.
 #[inline(always)]
-fn translate_inline(ctx: &XdpContext, how: u64, src: &[u8; 16], dst: &[u8; 16], macs: &[u8; 12]) -> Result<(), u32> {
+pub(super) fn translate_inline(ctx: &XdpContext, how: u64, src: &[u8; 16], dst: &[u8; 16], macs: &[u8; 12]) -> Result<(), u32> {
     let (l3, v6, l4, proto) = ((how & 0xff) as usize, (how >> 8) & 1 != 0, ((how >> 16) & 0xff) as usize, (how >> 24) as u8);
     let (sport, dport) = ((how >> 32) as u16, (how >> 48) as u16);
     let delta = match (l3, v6) {
@@ -318,6 +319,21 @@ fn translate_inline(ctx: &XdpContext, how: u64, src: &[u8; 16], dst: &[u8; 16], 
         l4_ports::<8, 6>(ctx, l4, delta, sport, dport, !v6)
     };
     done.ok_or(stat::DROP_NAT_UNSUPPORTED)?;
+    let eth = bytes_mut::<12>(ctx, 0).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
+    eth.copy_from_slice(macs);
+    Ok(())
+}
+
+/// `translate_inline` for a later fragment (no TCP/UDP header): both addresses,
+/// TTL / hop limit, MACs.
+#[inline(always)]
+pub(super) fn translate_l3(ctx: &XdpContext, l3: usize, v6: bool, src: &[u8; 16], dst: &[u8; 16], macs: &[u8; 12]) -> Result<(), u32> {
+    match (l3, v6) {
+        (14, false) => ip4::<14>(ctx, src, dst),
+        (18, false) => ip4::<18>(ctx, src, dst),
+        (14, true) => ip6::<14>(ctx, src, dst),
+        _ => ip6::<18>(ctx, src, dst),
+    }?;
     let eth = bytes_mut::<12>(ctx, 0).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
     eth.copy_from_slice(macs);
     Ok(())

@@ -7,7 +7,9 @@
 mod dr;
 pub mod egress;
 pub mod fullnat;
+mod fullnat_icmp;
 pub mod nat;
+pub mod nat_frag;
 pub mod nat_icmp;
 pub use fullnat::Scratch as FullnatScratch;
 pub mod nat_reply;

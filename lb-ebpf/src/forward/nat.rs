@@ -18,12 +18,12 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
-use lb_common::{stat, FORWARD_FULLNAT, FlowKey, NatReverse, PROTO_TCP};
+use lb_common::{stat, FlowKey, NatReverse, PROTO_TCP};
 
 use super::{bytes_mut, fold};
 use crate::{
     maps::{NatStash, BACKENDS, CONFIG, NAT_REVERSE, NAT_STASH},
-    parse::{self, Outcome, Packet, KIND_ICMP_ERROR, KIND_L4},
+    parse::{self, Outcome, Packet, KIND_FRAG_LATER, KIND_ICMP_ERROR, KIND_L4},
     stats::{count, count_forward},
 };
 
@@ -33,18 +33,22 @@ const NEW_FLOW: u32 = 1 << 31;
 /// `lb_xdp`'s half, in the balancer: the decision as `Outcome::Nat`'s word (the
 /// backend id and `NEW_FLOW`), which `lb_xdp` stores in `NAT_STASH` before the tail
 /// call (one store there; a store here, on every path of the balancer, cost the
-/// verifier 140,000 instructions). An ICMP error about a `nat` flow (from
-/// `lb_rare`) goes to `lb_nat` too, marked (`nat_icmp.rs`); fragments of `nat`
-/// flows are not translated: dropped.
+/// verifier 140,000 instructions). An ICMP error about a `nat` or `fullnat` flow
+/// and a fragment of one (from `lb_rare`) go to `lb_nat` too, marked
+/// (`nat_icmp.rs`, `nat_frag.rs`).
 #[inline(always)]
 pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool) -> Outcome {
+    let new = if new_flow { NEW_FLOW } else { 0 };
     if kind == KIND_ICMP_ERROR {
         return Outcome::Nat(backend_id | super::nat_icmp::ICMP_ERROR);
     }
-    if kind != KIND_L4 {
-        return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED);
+    if kind == KIND_FRAG_LATER {
+        return Outcome::Nat(backend_id | super::nat_frag::FRAG | super::nat_frag::LATER | new);
     }
-    Outcome::Nat(backend_id | if new_flow { NEW_FLOW } else { 0 })
+    if kind != KIND_L4 {
+        return Outcome::Nat(backend_id | super::nat_frag::FRAG | new);
+    }
+    Outcome::Nat(backend_id | new)
 }
 
 /// Leaves `Outcome::Nat`'s word for `lb_nat` in this CPU's `NAT_STASH`.
@@ -56,24 +60,22 @@ pub fn stash(word: u32) {
     }
 }
 
-/// Whether `lb_xdp` (through `lb_rare`) left an ICMP error about a reply in
-/// `NAT_STASH` (`lb_nat` then runs `icmp`, a call of its own: with the
-/// translation's own call it would not fit `nat`'s stack frame).
+/// What `lb_xdp` (through `lb_rare`) left in `NAT_STASH` besides a flow's
+/// packet: `ICMP_ERROR` (an ICMP error about a reply: `lb_nat` then runs `icmp`,
+/// a call of its own: with the translation's own call it would not fit `nat`'s
+/// stack frame), `FRAG` (a fragment: `nat_frag.rs`), or 0. One read, as the
+/// ICMP test alone was.
 #[inline(always)]
-pub fn icmp_stashed() -> bool {
-    NAT_STASH.get(0).is_some_and(|s| s.backend_id & super::nat_icmp::ICMP_ERROR != 0)
+pub fn rare_stashed() -> u32 {
+    NAT_STASH.get(0).map_or(0, |s| s.backend_id & (super::nat_icmp::ICMP_ERROR | super::nat_frag::FRAG))
 }
 
-/// `lb_nat` for an ICMP error about a reply of a `nat` flow (see `nat_icmp.rs`);
-/// those of `fullnat` flows are not translated yet (dropped).
+/// `lb_nat` for an ICMP error about a reply of a `nat` or `fullnat` flow (see
+/// `nat_icmp.rs`, `fullnat_icmp.rs`).
 #[inline(always)]
 pub fn icmp(ctx: &XdpContext) -> Outcome {
     let Some(s) = NAT_STASH.get(0).copied() else { return Outcome::Pass(stat::PASS_NOT_READY) };
-    let id = s.backend_id & !super::nat_icmp::ICMP_ERROR;
-    if BACKENDS.get(id).is_some_and(|b| b.forward == FORWARD_FULLNAT) {
-        return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED);
-    }
-    super::nat_icmp::to_backend(ctx, id)
+    super::nat_icmp::to_backend(ctx, s.backend_id & !super::nat_icmp::ICMP_ERROR)
 }
 
 /// `lb_nat`: the forward direction.
@@ -174,6 +176,29 @@ pub(super) fn translate<const SRC: bool>(
         l4_ports::<8, 6, SRC>(ctx, l4, delta, port, !v6)
     };
     done.ok_or(stat::DROP_NAT_UNSUPPORTED)?;
+    let eth = bytes_mut::<12>(ctx, 0).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
+    eth[0..6].copy_from_slice(to);
+    eth[6..12].copy_from_slice(from);
+    Ok(())
+}
+
+/// `translate` for a later fragment (no TCP/UDP header): the source (`SRC`: a
+/// reply) or destination address, TTL / hop limit, MACs.
+#[inline(always)]
+pub(super) fn translate_l3<const SRC: bool>(
+    ctx: &XdpContext,
+    l3: usize,
+    v6: bool,
+    addr: &[u8; 16],
+    to: &[u8; 6],
+    from: &[u8; 6],
+) -> Result<(), u32> {
+    match (l3, v6) {
+        (14, false) => ip4::<14, SRC>(ctx, addr),
+        (18, false) => ip4::<18, SRC>(ctx, addr),
+        (14, true) => ip6::<14, SRC>(ctx, addr),
+        _ => ip6::<18, SRC>(ctx, addr),
+    }?;
     let eth = bytes_mut::<12>(ctx, 0).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
     eth[0..6].copy_from_slice(to);
     eth[6..12].copy_from_slice(from);

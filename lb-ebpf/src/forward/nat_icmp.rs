@@ -12,25 +12,31 @@
 //!   becomes VIP:vport, and the outer source the VIP when it is the backend (a
 //!   router keeps its own address).
 //!
+//! Errors about `fullnat` flows take the same two ways, with both embedded ends
+//! and both outer addresses translated (`fullnat_icmp.rs`: the flow's
+//! `FULLNAT_FORWARD` entry towards the backend, its `FULLNAT_REVERSE` entry
+//! towards the client).
+//!
 //! Both then fix every checksum incrementally (RFC 1624): the outer IPv4 header's,
 //! the embedded IPv4 header's, the embedded TCP/UDP checksum when quoted (TCP: the
 //! whole 20-byte header; IPv4 UDP 0 stays 0), and the ICMP checksum, which for
 //! ICMPv6 covers the outer addresses through its pseudo-header. TTL / hop limit
 //! are decremented (at 1: `drop_nat_ttl`), MACs set to the next hop's and ours.
 //! The translation (`rewrite`) takes the addresses and ports the frame should
-//! carry, whatever they are: FULLNAT's (both embedded ends, the outer
-//! destination) go through it unchanged.
+//! carry, whatever they are: FULLNAT's go through it unchanged.
 //!
 //! Limits, as in `icmp.rs`: outer and embedded IPv4 without options, ICMPv6 and
 //! the embedded TCP/UDP header right after the fixed IPv6 headers, no embedded
 //! later fragment; anything else is not translated.
 
 use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map, programs::XdpContext};
-use lb_common::{stat, FlowKey, CONFIG_FORWARD_ICMP, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    stat, FlowKey, NatReverse, CONFIG_FORWARD_ICMP, FORWARD_FULLNAT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+};
 
 use super::{bytes_mut, fold};
 use crate::{
-    maps::{BACKENDS, CONFIG, NAT_REVERSE},
+    maps::{BACKENDS, CONFIG, FULLNAT_REVERSE, NAT_REVERSE},
     parse::{read_be16, Outcome},
     stats::{count, count_forward},
 };
@@ -42,6 +48,10 @@ pub const ICMP_ERROR: u32 = 1 << 30;
 
 /// What an `_at` function returns for a frame sent (else a counter).
 const SENT: u32 = u32::MAX;
+
+/// What `to_client_at` returns for a frame sent: this bit with the flow's reply
+/// `egress` in the low byte (two-arm: redirected to the client's interface).
+const SENT_VIA: u32 = 1 << 31;
 
 /// Per CPU: the addresses of the ICMP error at hand (`read` fills it, the
 /// direction changes it, `rewrite` writes it): kept off the stack, where its
@@ -65,7 +75,8 @@ pub struct Addresses {
     pub _pad: [u8; 3],
     /// The IP packet's length (IPv4 total length, IPv6 40 + payload length).
     pub ip_len: u32,
-    /// `to_client`'s `NAT_REVERSE` key (off the stack too).
+    /// A lookup's key (off the stack too): `to_client`'s `NAT_REVERSE` /
+    /// `FULLNAT_REVERSE` key, `fullnat_icmp::to_backend`'s `FULLNAT_FORWARD` key.
     pub key: FlowKey,
 }
 
@@ -86,13 +97,13 @@ pub fn to_backend(ctx: &XdpContext, backend_id: u32) -> Outcome {
     }
 }
 
-/// `lb_nat_reply` for a frame that is no `nat` reply: an ICMP error about a
-/// packet sent to a `nat` backend is translated for its client; anything else
-/// passes (`pass_not_vip`, as before).
+/// `lb_nat_reply` for a frame that is no `nat` or `fullnat` reply: an ICMP
+/// error about a packet sent to a `nat` or `fullnat` backend is translated for
+/// its client; anything else passes (`pass_not_vip`, as before).
 #[inline(always)]
-pub fn to_client(ctx: &XdpContext) -> Outcome {
+pub fn to_client(ctx: &XdpContext) -> u64 {
     if CONFIG.get(0).map_or(0, |c| c.flags) & CONFIG_FORWARD_ICMP == 0 {
-        return Outcome::Pass(stat::PASS_NOT_VIP);
+        return crate::packed(Outcome::Pass(stat::PASS_NOT_VIP));
     }
     let c = match layout(ctx) {
         Some((14, false)) => to_client_at::<14, false>(ctx),
@@ -101,10 +112,11 @@ pub fn to_client(ctx: &XdpContext) -> Outcome {
         Some(_) => to_client_at::<18, true>(ctx),
         None => stat::PASS_NOT_VIP,
     };
-    match c {
-        SENT => Outcome::TxAs(stat::NAT_ICMP_REPLY),
-        c => outcome(c),
+    // By the interface the flow's first frame came in on, as its replies.
+    if c & SENT_VIA != 0 {
+        return super::nat_reply::sent_back(c as u8, stat::NAT_ICMP_REPLY);
     }
+    crate::packed(outcome(c))
 }
 
 #[inline(always)]
@@ -137,10 +149,16 @@ fn layout(ctx: &XdpContext) -> Option<(usize, bool)> {
 fn to_backend_at<const L2: usize, const V6: bool>(ctx: &XdpContext, backend_id: u32) -> u32 {
     let Some(a) = read::<L2, V6>(ctx) else { return stat::PASS_ICMP };
     let (Some(b), Some(cfg)) = (BACKENDS.get(backend_id), CONFIG.get(0)) else { return stat::PASS_NOT_READY };
-    a.dst = b.addr;
-    a.inner_src = b.addr;
-    if b.port != 0 {
-        a.inner_sport = b.port;
+    if b.forward == FORWARD_FULLNAT {
+        if !super::fullnat_icmp::to_backend(a, backend_id) {
+            return stat::PASS_ICMP;
+        }
+    } else {
+        a.dst = b.addr;
+        a.inner_src = b.addr;
+        if b.port != 0 {
+            a.inner_sport = b.port;
+        }
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     match rewrite::<L2, V6>(ctx, a, &b.mac, &cfg.iface_mac) {
@@ -165,16 +183,24 @@ fn to_client_at<const L2: usize, const V6: bool>(ctx: &XdpContext) -> u32 {
         proto: a.proto,
         _pad: [0; 3],
     };
-    // SAFETY: a live entry, read in place (the LRU frees it only after this run).
-    let Some(r) = (unsafe { NAT_REVERSE.get(&a.key) }) else { return stat::PASS_NOT_VIP };
     let Some(cfg) = CONFIG.get(0) else { return stat::PASS_NOT_VIP };
-    if a.src == a.inner_dst {
-        a.src = r.vip;
-    }
-    a.inner_dst = r.vip;
-    a.inner_dport = r.vport;
+    // SAFETY: live entries, read in place (the kernel frees them only after
+    // this run).
+    let r: &NatReverse = if let Some(r) = unsafe { NAT_REVERSE.get(&a.key) } {
+        if a.src == a.inner_dst {
+            a.src = r.vip;
+        }
+        a.inner_dst = r.vip;
+        a.inner_dport = r.vport;
+        r
+    } else if let Some(r) = unsafe { FULLNAT_REVERSE.get(&a.key) } {
+        super::fullnat_icmp::to_client(a, r);
+        r
+    } else {
+        return stat::PASS_NOT_VIP;
+    };
     match rewrite::<L2, V6>(ctx, a, &r.mac, &cfg.iface_mac) {
-        Ok(()) => SENT,
+        Ok(()) => SENT_VIA | u32::from(r.egress),
         Err(c) => c,
     }
 }

@@ -6,8 +6,8 @@
 //! that frame came in on (two-arm: redirected, `NatReverse::egress`). The flow's
 //! connection-table entry is kept fresh by the replies and closes on the
 //! backend's FIN or RST (`conntrack::follow_reply`). Anything else passes, counted
-//! `pass_not_vip` as before. Fragments and IPv6 extension headers
-//! are not looked up (pass).
+//! `pass_not_vip` as before. Fragments are not looked up here
+//! (`nat_frag::reply` translates them); IPv6 extension headers pass.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{stat, v4_mapped, FlowKey, NatReverse, PROTO_TCP, PROTO_UDP};
@@ -23,12 +23,15 @@ use crate::{
 };
 
 /// `lb_nat_reply`, as a packed verdict (`main.rs`): a reply leaves by the
-/// interface its entry names (`sent_back`).
+/// interface its entry names (`sent_back`). `packed(Outcome::Rare)`
+/// (`NOT_FULLNAT`): the frame is no TCP/UDP packet at all (maybe an ICMP error
+/// about a packet sent to a backend: `nat_icmp::to_client`, which `lb_nat_reply`
+/// calls next). Not an `Option`: an `Option<Outcome>` returned through memory
+/// made `nat_reply_call`'s frame pass 512 bytes.
 #[inline(always)]
 pub fn reply(ctx: &XdpContext) -> u64 {
     let not_ours = Outcome::Pass(stat::PASS_NOT_VIP);
-    // Not a reply: maybe an ICMP error about a packet sent to a backend.
-    let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return crate::packed(super::nat_icmp::to_client(ctx)) };
+    let Some((key, l3, l4, v6, fin)) = parse(ctx) else { return crate::packed(Outcome::Rare) };
     let Some(p) = NAT_REVERSE.get_ptr_mut(&key) else { return crate::packed(not_ours) };
     // SAFETY: a live entry, copied out (only `seen` is written back).
     let r: NatReverse = unsafe { *p };
