@@ -304,3 +304,46 @@ fn nat_and_fullnat_replies_of_client_interface_backends_stay_one_arm() {
     assert_eq!(lab.count(stat::REDIRECTED), 0, "nothing redirected");
     assert_eq!((lab.count(stat::NAT_REPLY), lab.count(stat::FULLNAT_REPLY)), (1, 1));
 }
+
+/// An ICMP error about a packet sent to a backend on the backend interface (a
+/// router on its path, or the backend) and a backend's fragmented reply arrive
+/// on the backend interface too: they go back to the client interface like the
+/// flow's replies (the reverse entry's `egress`), for `nat` and `fullnat`.
+#[test]
+fn icmp_errors_and_reply_fragments_of_two_arm_flows_go_back_to_the_client_interface() {
+    use lb_tests::natpacket::{error, fragments, packet};
+    let mut lab = Lab::new();
+    let (vip, client) = (IpAddr::V4(Ipv4Addr::new(198, 18, 1, 10)), IpAddr::V4(CLIENT4));
+    let router: IpAddr = "198.18.8.1".parse().unwrap();
+    // nat: the client's frame, then a router's "too big" about it (as sent:
+    // client -> backend:8086), then a fragmented reply.
+    let (verdict, _) = lab.run(&frame("198.18.1.10", 86));
+    assert_eq!(verdict, XDP_REDIRECT, "nat: the client's frame to the backend interface");
+    let backend: IpAddr = "198.18.8.11".parse().unwrap();
+    let sent = packet(client, backend, 6, 40000, 8086, 16);
+    let (verdict, out) = lab.run(&error(router, client, &sent, 28, false, REPLY_FROM));
+    assert_eq!(verdict, XDP_REDIRECT, "nat: the ICMP error redirected to the client interface");
+    assert_eq!((out[0..6].to_vec(), out[6..12].to_vec()), (CLIENT_MAC.to_vec(), IFACE_MAC.to_vec()), "nat ICMP error: MACs");
+    assert_eq!(lab.count(stat::NAT_ICMP_REPLY), 1, "counted nat_icmp_reply");
+    let (frags, _) = fragments(backend, client, 6, (8086, 40000), 3000, 77, 1480, false);
+    assert!(frags.len() >= 3, "a reply in {} fragments", frags.len());
+    for (i, f) in frags.iter().enumerate() {
+        let (verdict, out) = lab.run(f);
+        assert_eq!(verdict, XDP_REDIRECT, "nat: reply fragment {i} redirected to the client interface");
+        assert_eq!((out[0..6].to_vec(), out[6..12].to_vec()), (CLIENT_MAC.to_vec(), IFACE_MAC.to_vec()), "nat reply fragment {i}: MACs");
+        assert_eq!(ends(&out, false).0, vip, "nat reply fragment {i}: from the VIP");
+    }
+    assert_eq!(lab.count(stat::NAT_REPLY), frags.len() as u64, "each fragment counted nat_reply");
+    // fullnat: the client's frame (its SNAT port from the output), then a
+    // router's error about it.
+    let (verdict, out) = lab.run(&frame("198.18.1.10", 88));
+    assert_eq!(verdict, XDP_REDIRECT, "fullnat: the client's frame to the backend interface");
+    let (snat, fbackend, sport, bport) = ends(&out, false);
+    let sent = packet(snat, fbackend, 6, sport, bport, 16);
+    let (verdict, out) = lab.run(&error(router, snat, &sent, 28, false, REPLY_FROM));
+    assert_eq!(verdict, XDP_REDIRECT, "fullnat: the ICMP error redirected to the client interface");
+    assert_eq!((out[0..6].to_vec(), out[6..12].to_vec()), (CLIENT_MAC.to_vec(), IFACE_MAC.to_vec()), "fullnat ICMP error: MACs");
+    assert_eq!(ends(&out, false).1, client, "fullnat ICMP error: to the client");
+    assert_eq!(lab.count(stat::NAT_ICMP_REPLY), 2, "counted nat_icmp_reply");
+    assert_eq!(lab.count(stat::DROP_NO_EGRESS), 0);
+}
