@@ -220,16 +220,19 @@ impl Dataplane {
         let mut ebpf = loader.load(object)?;
         // The balancer with the trace hook is verified when a trace first needs it
         // (`set_tracing`): a third of the start-up time otherwise.
-        programs::load_all(
-            &mut ebpf,
-            &[
-                lb_common::PROG_BALANCER,
-                lb_common::PROG_RARE,
-                lb_common::PROG_PASS,
-            ],
-        )?;
+        // With them, the programs the configuration will need (`load_on_demand`
+        // otherwise): verified in parallel.
+        let mut names = vec![lb_common::PROG_BALANCER, lb_common::PROG_RARE, lb_common::PROG_PASS];
+        if sizes.prefix {
+            names.push(lb_common::PROG_PREFIX);
+        }
+        if sizes.nat {
+            names.extend([lb_common::PROG_NAT, lb_common::PROG_NAT_REPLY]);
+        }
+        programs::load_all(&mut ebpf, &names)?;
         // lb_xdp tail-calls lb_rare (ICMP, fragments) through RARE_PROGS[0].
         set_rare_slot(&mut ebpf, lb_common::PROG_RARE, lb_common::RARE_SLOT)?;
+        programs::set_on_demand_slots(&mut ebpf, sizes.prefix, sizes.nat)?;
         // lb_nat and lb_nat_reply are loaded with the first `nat` or `fullnat`
         // service (`load_on_demand`).
         let max_entries = |ebpf: &mut Ebpf, name: &'static str| -> Result<u32> {
@@ -258,8 +261,8 @@ impl Dataplane {
             applied: None,
             fresh: true,
             config: Config { mtu: 1500, ..Config::default() },
-            prefix_loaded: false,
-            nat_loaded: false,
+            prefix_loaded: sizes.prefix,
+            nat_loaded: sizes.nat,
         })
     }
 

@@ -102,18 +102,29 @@ impl Dataplane {
             let name = lb_common::PROG_PREFIX;
             let prog: &mut Xdp = program(&mut self.ebpf, name)?;
             load_retrying(prog).map_err(|source| DataplaneError::Program { name: prog_name(name), source })?;
-            set_rare_slot(&mut self.ebpf, name, lb_common::PREFIX_SLOT)?;
+            set_on_demand_slots(&mut self.ebpf, true, false)?;
             self.prefix_loaded = true;
         }
         if !self.nat_loaded && (plan.nat || plan.fullnat) {
             load_all(&mut self.ebpf, &[lb_common::PROG_NAT, lb_common::PROG_NAT_REPLY])?;
-            // lb_xdp (and lb_rare, for ICMP errors) tail-call lb_nat with a
-            // `nat`/`fullnat` backend's packet, and frames to no VIP go to
-            // lb_nat_reply while CONFIG_NAT or CONFIG_FULLNAT is set.
-            set_rare_slot(&mut self.ebpf, lb_common::PROG_NAT, lb_common::NAT_SLOT)?;
-            set_rare_slot(&mut self.ebpf, lb_common::PROG_NAT_REPLY, lb_common::NAT_REPLY_SLOT)?;
+            set_on_demand_slots(&mut self.ebpf, false, true)?;
             self.nat_loaded = true;
         }
         Ok(())
     }
+}
+
+/// Puts the loaded `lb_prefix` (`prefix`) and `lb_nat` and `lb_nat_reply`
+/// (`nat`) in their `RARE_PROGS` slots. lb_xdp (and lb_rare, for ICMP errors)
+/// tail-call lb_nat with a `nat`/`fullnat` backend's packet, and frames to no VIP
+/// go to lb_nat_reply while CONFIG_NAT or CONFIG_FULLNAT is set.
+pub(super) fn set_on_demand_slots(ebpf: &mut Ebpf, prefix: bool, nat: bool) -> Result<()> {
+    if prefix {
+        set_rare_slot(ebpf, lb_common::PROG_PREFIX, lb_common::PREFIX_SLOT)?;
+    }
+    if nat {
+        set_rare_slot(ebpf, lb_common::PROG_NAT, lb_common::NAT_SLOT)?;
+        set_rare_slot(ebpf, lb_common::PROG_NAT_REPLY, lb_common::NAT_REPLY_SLOT)?;
+    }
+    Ok(())
 }

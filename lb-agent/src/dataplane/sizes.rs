@@ -4,7 +4,7 @@
 use lb_common::map_names as names;
 
 use super::{Dataplane, DataplaneError, Opened, PinDir, Result};
-use crate::plan::Plan;
+use crate::{config::Forwarding, plan::Plan};
 
 /// What the maps are sized for: known from the configuration alone, so the
 /// maps can be created and the programs verified while the plan is computed.
@@ -18,6 +18,10 @@ pub struct Sizes {
     pub conntrack: u32,
     pub established: u32,
     pub frags: u32,
+    /// Prefix services, and `nat` or `fullnat` services: their programs are
+    /// loaded with the others (`Dataplane::load_programs_for`).
+    pub prefix: bool,
+    pub nat: bool,
 }
 
 impl Sizes {
@@ -29,6 +33,8 @@ impl Sizes {
             conntrack: plan.conntrack_size,
             established: plan.established_size,
             frags: plan.frags_size,
+            prefix: plan.has_prefix(),
+            nat: plan.nat || plan.fullnat,
         }
     }
 
@@ -41,6 +47,8 @@ impl Sizes {
             conntrack: config.conntrack_size,
             established: config.established_size,
             frags: config.fragments.size,
+            prefix: config.services.iter().any(|s| s.vip_prefix.is_some()),
+            nat: config.services.iter().any(|s| matches!(s.forwarding, Forwarding::Nat | Forwarding::Fullnat)),
         }
     }
 }
@@ -134,6 +142,15 @@ mod tests {
   - { name: b, vip: \"2001:db8::1\", port: 53, protocol: udp, table_size: 4099, backends: [{address: \"2001:db8::11\"}] }
   - { name: c, vip: 198.18.1.2, port: 80, backends: [{address: 198.18.0.11}, {address: 198.18.0.13}, {address: 198.18.0.14}] }
 ";
+        let more = "snat_addresses: [198.18.0.2]\nservices:
+  - { name: a, vip: 198.18.1.0/24, port: 80, backends: [{address: 198.18.0.11}] }
+  - { name: b, vip: 198.18.2.1, port: 80, forwarding: fullnat, backends: [{address: 198.18.0.12}] }
+";
+        for text in [text, more] {
+            let config = crate::config::parse(text, "t").expect("valid");
+            let plan = Plan::build(&config, &Default::default());
+            assert_eq!(Sizes::of_config(&config), Sizes::of(&plan), "{text}");
+        }
         let config = crate::config::parse(text, "t").expect("valid");
         let plan = Plan::build(&config, &Default::default());
         assert_eq!(Sizes::of_config(&config), Sizes::of(&plan));
