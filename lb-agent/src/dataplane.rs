@@ -87,7 +87,7 @@ impl std::fmt::Display for AttachMode {
 /// Map sizes for a plan, with room for the configuration to grow: twice the
 /// services and backends, and for `MAGLEV` two tables per service (the double
 /// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 18] {
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 19] {
     let services = (plan.services.len() as u32 * 2).max(16);
     let backends = (plan.backends.len() as u32 * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
@@ -107,6 +107,7 @@ pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 18] {
         (names::MAGLEV, maglev),
         (names::CONNTRACK, plan.conntrack_size.max(1)),
         (names::CT_ESTABLISHED, plan.established_size.max(1)),
+        (names::FIRST_RECORD, lb_common::first_record_entries(plan.conntrack_size)),
         (names::AFFINITY, (plan.conntrack_size / 4).max(1024)),
         (names::FRAGS, plan.frags_size.max(1)),
         (names::NAT_REVERSE, plan.conntrack_size.saturating_add(plan.established_size).max(1)),
@@ -322,13 +323,22 @@ impl Dataplane {
             Array::try_from(map_mut(&mut self.ebpf, names::CT_CLOCK)?).map_err(map_err(names::CT_CLOCK))?;
         crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
         let syn_flood_kps = plan.syn_flood_kps;
-        self.set_config(Config { iface_mac, syn_flood_kps, flags, frag_timeout_s, ..self.config })?;
+        let first_record_mask = if protect != 0 { self.first_record_mask()? } else { 0 };
+        self.set_config(Config { iface_mac, syn_flood_kps, flags, frag_timeout_s, first_record_mask, ..self.config })?;
         self.load_on_demand(plan)?;
         let summary = apply::apply(self, plan)?;
         // A trace an earlier agent left running ends here.
         self.set_trace_filter(lb_common::TraceFilter::default())?;
         self.set_config(Config { flags: flags | CONFIG_READY, ..self.config })?;
         Ok(summary)
+    }
+
+    /// `Config::first_record_mask` for `FIRST_RECORD` as it was created (or
+    /// adopted): its entries rounded down to a power of two, minus one.
+    fn first_record_mask(&mut self) -> Result<u32> {
+        let name = names::FIRST_RECORD;
+        let entries = map_data(&mut self.ebpf, name)?.info().map_err(map_err(name))?.max_entries();
+        Ok(if entries == 0 { 0 } else { (1u32 << (31 - entries.leading_zeros())) - 1 })
     }
 
     /// The SYN flood threshold (`Config::syn_flood_kps`; 0: every SYN recorded).

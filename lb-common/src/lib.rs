@@ -12,6 +12,7 @@
 
 pub mod decap;
 pub mod egress;
+pub mod first;
 pub mod frag;
 pub mod hash;
 pub mod nat;
@@ -19,8 +20,9 @@ pub mod prefix;
 
 pub use egress::{EgressMac, EGRESS_BACKEND, EGRESS_CLIENT, EGRESS_ENTRIES, EGRESS_SAME};
 pub use decap::{decap_stat, DecapAddrKey, DecapAddrVal, DecapConfig, DEFAULT_GUE_PORT, PROG_DECAP};
+pub use first::{first_record_check, first_record_entries, first_record_slot, FirstRecord};
 pub use frag::{FragKey, FragVal};
-pub use hash::{flow_hash, maglev_slot};
+pub use hash::{flow_hash, flow_hash_by, maglev_slot};
 pub use nat::{NatReverse, NAT_REPLY_SLOT, NAT_SLOT, PROG_NAT, PROG_NAT_REPLY};
 pub use prefix::{LocalityKey, LocalityVal, PrefixKey, PREFIX_SLOT, PROG_PREFIX};
 
@@ -58,6 +60,7 @@ pub mod map_names {
     pub const FULLNAT_FORWARD: &str = "FULLNAT_FORWARD";
     pub const SNAT_POOLS: &str = "SNAT_POOLS";
     pub use crate::decap::names::*;
+    pub use crate::first::names::*;
     pub use crate::egress::names::*;
     pub use crate::prefix::names::*;
 }
@@ -430,6 +433,10 @@ pub struct Config {
     pub mtu: u32,
     /// Lifetime of a `FRAGS` entry in seconds of `CT_CLOCK`.
     pub frag_timeout_s: u32,
+    /// `FIRST_RECORD` slots minus one (a power of two minus one): SYNs of `maglev`
+    /// and `sh` services go there instead of `CONNTRACK` (`lb_common::first`).
+    /// 0: off (every SYN in `CONNTRACK`), as while `CONFIG_CT_PROTECT` is clear.
+    pub first_record_mask: u32,
 }
 
 /// `Config::syn_flood_kps` the agent writes: Katran's default rate, 125,000 new
@@ -475,7 +482,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityVal>() == 16);
     assert!(core::mem::size_of::<Counters>() == 24);
-    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Config>() == 44);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 20);
     assert!(core::mem::size_of::<BackendConns>() == 16);
