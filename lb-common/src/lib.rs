@@ -317,7 +317,8 @@ pub struct FlowVal {
     pub _pad: [u8; 3],
 }
 
-/// A flow seen once (or a TCP SYN): in `CONNTRACK`, the LRU table.
+/// A flow seen once (or a TCP SYN of a service that does not use `FIRST_RECORD`):
+/// in `CONNTRACK`, the LRU table.
 pub const CT_STATE_NEW: u8 = 0;
 /// A flow that sent a second packet (TCP: a non-SYN after the SYN; UDP: any):
 /// in `CT_ESTABLISHED`, expired by the agent after the `tcp`/`udp` timeout.
@@ -420,7 +421,7 @@ pub struct Config {
     pub iface_mac: [u8; 6],
     /// SYN flood threshold: new TCP flows per CPU per second, in thousands, above
     /// which a SYN of a `maglev` or `sh` service without persistence is forwarded
-    /// without a `CONNTRACK` insert (`ct_syn_unrecorded`) for the rest of that
+    /// without being recorded (`ct_syn_unrecorded`) for the rest of that
     /// second. 0: always recorded. See docs/architecture.md, "SYN floods".
     pub syn_flood_kps: u16,
     /// Set to `CONFIG_READY` once the agent has filled the maps.

@@ -1,8 +1,10 @@
 //! The connection table, in two parts (see docs/architecture.md, "Connection
 //! table"):
 //!
-//! - `CONNTRACK`, an LRU hash, holds flows seen once (and every TCP SYN). A flood
-//!   of new flows churns it; that is what it is for.
+//! - `CONNTRACK`, an LRU hash, holds flows seen once (and the TCP SYNs of
+//!   services that do not use `FIRST_RECORD`, `first.rs`: a `maglev`/`sh` SYN is
+//!   recorded there with one store, and its ACK takes it). A flood of new flows
+//!   churns it; that is what it is for.
 //! - `CT_ESTABLISHED`, a plain hash, holds flows that sent a second packet (TCP: a
 //!   packet without SYN after the SYN; UDP: a second datagram). New flows never
 //!   evict an entry there: entries leave when the agent expires them (idle past
@@ -201,8 +203,10 @@ pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, gene
 }
 
 /// A new `CONNTRACK` entry, unless the packet is a TCP SYN of a service whose
-/// scheduler is a function of the flow (maglev, sh; no persistence) and this CPU
-/// is past the SYN flood threshold (`flood::over`), when the SYN is only counted
+/// scheduler is a function of the flow (maglev, sh; no persistence): then, while
+/// the first record is on and the backend is not a `nat`/`fullnat` one, a
+/// `FIRST_RECORD` store instead (`first.rs`); and when this CPU is past the SYN
+/// flood threshold (`flood::over`), nothing: the SYN is only counted
 /// (`ct_syn_unrecorded`): its flow's next packet (never a SYN: a midflow miss)
 /// finds no entry, is scheduled to the same backend and recorded then; a SYN
 /// flood's spoofed SYNs, which have no next packet, then cost no insert and evict
