@@ -7,7 +7,7 @@
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::maps::MapData;
-use lb_common::{first_record_check, flow_hash, FirstRecord};
+use lb_common::{first_record_check, flow_hash, FirstRecord, FlowKey, FlowVal};
 
 use crate::conntrack::{expired, Counts};
 use crate::config::Timeouts;
@@ -45,17 +45,38 @@ impl FirstRecords {
         (0..self.len).map(|i| unsafe { std::ptr::read_volatile(self.ptr.add(i)) })
     }
 
-    /// Counts the valid records within `tcp_fin` into `counts` (inactive).
+    /// The valid records within `tcp_fin` of their SYN: half-open connections.
+    fn live(&self, now: u32, t: &Timeouts) -> impl Iterator<Item = FirstRecord> + '_ {
+        let tcp_fin = t.tcp_fin;
+        self.records().filter(move |r| r.check != 0 && valid(r) && !expired(now, r.first_seen, tcp_fin))
+    }
+
+    /// Counts the live records into `counts` (inactive); returns how many.
     pub fn count(&self, now: u32, t: &Timeouts, counts: &mut Counts) -> u64 {
         let mut n = 0;
-        for r in self.records() {
-            if r.check == 0 || !valid(&r) || expired(now, r.first_seen, t.tcp_fin) {
-                continue;
-            }
+        for r in self.live(now, t) {
             counts.entry(r.backend_id).or_default().1 += 1;
             n += 1;
         }
         n
+    }
+
+    /// The live records as `CONNTRACK` would hold them (state new, `last_seen`
+    /// the SYN's second), for `lb-agent flows`.
+    pub fn entries(&self, now: u32, t: &Timeouts) -> Vec<(FlowKey, FlowVal)> {
+        self.live(now, t)
+            .map(|r| {
+                let val = FlowVal {
+                    backend_id: r.backend_id,
+                    service_id: r.service_id,
+                    generation: r.generation,
+                    last_seen: r.first_seen,
+                    state: lb_common::CT_STATE_NEW,
+                    _pad: [0; 3],
+                };
+                (r.key, val)
+            })
+            .collect()
     }
 }
 
@@ -75,7 +96,6 @@ pub fn valid(r: &FirstRecord) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::FlowKey;
 
     #[test]
     fn a_record_is_valid_only_with_its_check() {

@@ -128,13 +128,15 @@ impl Bench {
         (r.key == f.key() && valid(&r)).then_some(r)
     }
 
-    /// What the agent's sweep counts in `FIRST_RECORD` (`first_record.rs`).
-    fn swept(&mut self) -> lb_agent::conntrack::Counts {
+    /// What the agent's sweep counts in `FIRST_RECORD` (`first_record.rs`), and
+    /// the flows `lb-agent flows` lists from it.
+    fn swept(&mut self) -> (lb_agent::conntrack::Counts, Vec<FlowKey>) {
         let m = self.dp.map_handle(map_names::FIRST_RECORD).expect("map handle");
         let records = lb_agent::first_record::FirstRecords::new(m).expect("map FIRST_RECORD");
         let mut counts = lb_agent::conntrack::Counts::new();
-        records.count(lb_agent::conntrack::now_s(), &config::Timeouts::default(), &mut counts);
-        counts
+        let (now, t) = (lb_agent::conntrack::now_s(), config::Timeouts::default());
+        records.count(now, &t, &mut counts);
+        (counts, records.entries(now, &t).into_iter().map(|(k, _)| k).collect())
     }
 
     fn id_of(&self, a: IpAddr) -> u32 {
@@ -192,7 +194,7 @@ fn a_syn_leaves_a_first_record_and_its_ack_on_another_cpu_takes_it() {
     assert_eq!(b.address_of(r.backend_id), to, "the record names the SYN's backend");
     assert_eq!(b.conns(to), (0, 1), "the SYN counts a half-open (inactive) connection");
     // The agent's sweep counts it too (the exact base it writes).
-    assert_eq!(b.swept(), BTreeMap::from([(r.backend_id, (0, 1))]), "the sweep's count after the SYN");
+    assert_eq!(b.swept(), (BTreeMap::from([(r.backend_id, (0, 1))]), vec![f.key()]), "the sweep's count after the SYN");
     // The ACK on the other CPU when there is one: the array is shared.
     pin_to(1 % cpus);
     assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "the ACK follows the SYN");
@@ -201,7 +203,7 @@ fn a_syn_leaves_a_first_record_and_its_ack_on_another_cpu_takes_it() {
     assert!(b.entry(map_names::CONNTRACK, &f).is_none(), "the ACK went into CONNTRACK");
     assert!(b.record(&f).is_none(), "the record stays valid after the ACK took it");
     assert_eq!(b.conns(to), (1, 0), "after the ACK: active");
-    assert!(b.swept().is_empty(), "the sweep still counts the taken record");
+    assert_eq!(b.swept(), (BTreeMap::new(), vec![]), "the sweep still counts the taken record");
     assert_eq!(b.count(stat::CT_PROMOTED), 1);
     assert_eq!(b.count(stat::CT_MIDFLOW_MISS), 0, "the ACK was taken for a midflow miss");
     assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "later packets: a CT_ESTABLISHED hit");
