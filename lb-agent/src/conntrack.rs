@@ -216,6 +216,8 @@ pub fn sweep(
 pub struct SweepMaps {
     pub established: MapData,
     pub new: MapData,
+    /// `FIRST_RECORD`, counted with `CONNTRACK` (`first_record.rs`).
+    pub first: MapData,
     pub clock: MapData,
     pub conns: MapData,
     pub conn_delta: MapData,
@@ -231,6 +233,7 @@ pub struct SweepMaps {
 struct Sweeper {
     established: HashMap<MapData, FlowKey, FlowVal>,
     new: HashMap<MapData, FlowKey, FlowVal>,
+    first: crate::first_record::FirstRecords,
     conns: ConnMaps,
     nat: HashMap<MapData, FlowKey, lb_common::NatReverse>,
     fullnat_forward: HashMap<MapData, FlowKey, lb_common::SnatFwd>,
@@ -253,11 +256,14 @@ pub async fn run(
     bases: Bases,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let SweepMaps { established, new, clock, conns, conn_delta, nat_reverse, fullnat_forward, fullnat_reverse } = maps;
+    let SweepMaps { established, new, first, clock, conns, conn_delta, nat_reverse, fullnat_forward, fullnat_reverse } = maps;
     let sweeper = (|| {
         Ok::<_, aya::maps::MapError>(Sweeper {
             established: HashMap::try_from(aya::maps::Map::HashMap(established))?,
             new: HashMap::try_from(aya::maps::Map::LruHashMap(new))?,
+            first: crate::first_record::FirstRecords::new(first).map_err(|e| aya::maps::MapError::SyscallError(
+                aya::sys::SyscallError { call: "mmap FIRST_RECORD", io_error: e },
+            ))?,
             conns: ConnMaps::new(conns, conn_delta)?,
             nat: HashMap::try_from(aya::maps::Map::LruHashMap(nat_reverse))?,
             fullnat_forward: HashMap::try_from(aya::maps::Map::HashMap(fullnat_forward))?,
@@ -307,6 +313,7 @@ pub async fn run(
                 let mut counts = Counts::new();
                 sweep(&mut m.established, now, &t, &mut status, &mut counts);
                 count_new(&m.new, now, &t, &mut counts);
+                m.first.count(now, &t, &mut counts);
                 m.conns.publish(&counts, &deltas);
                 crate::nat_table::sweep(&mut m.nat, &m.established, &m.new);
                 let mut tables = crate::fullnat_table::Tables {

@@ -303,13 +303,22 @@ impl Dataplane {
             Array::try_from(map_mut(&mut self.ebpf, names::CT_CLOCK)?).map_err(map_err(names::CT_CLOCK))?;
         crate::conntrack::publish_clock(&mut clock).map_err(map_err(names::CT_CLOCK))?;
         let syn_flood_kps = plan.syn_flood_kps;
-        self.set_config(Config { iface_mac, syn_flood_kps, flags, frag_timeout_s, ..self.config })?;
+        let first_record_mask = if protect != 0 { self.first_record_mask()? } else { 0 };
+        self.set_config(Config { iface_mac, syn_flood_kps, flags, frag_timeout_s, first_record_mask, ..self.config })?;
         self.load_on_demand(plan)?;
         let summary = apply::apply(self, plan)?;
         // A trace an earlier agent left running ends here.
         self.set_trace_filter(lb_common::TraceFilter::default())?;
         self.set_config(Config { flags: flags | CONFIG_READY, ..self.config })?;
         Ok(summary)
+    }
+
+    /// `Config::first_record_mask` for `FIRST_RECORD` as it was created (or
+    /// adopted): its entries rounded down to a power of two, minus one.
+    fn first_record_mask(&mut self) -> Result<u32> {
+        let name = names::FIRST_RECORD;
+        let entries = map_data(&mut self.ebpf, name)?.info().map_err(map_err(name))?.max_entries();
+        Ok(if entries == 0 { 0 } else { (1u32 << (31 - entries.leading_zeros())) - 1 })
     }
 
     /// The SYN flood threshold (`Config::syn_flood_kps`; 0: every SYN recorded).

@@ -188,7 +188,14 @@ pub fn read(pin_dir: &Path, config_path: Option<&Path>) -> Result<Vec<Flow>> {
         let map: BpfHashMap<MapData, FlowKey, FlowVal> = BpfHashMap::try_from(map)?;
         // Entries can go while the table is walked (the sweep, LRU eviction): a key
         // that vanished is skipped.
-        let entries: Vec<(FlowKey, FlowVal)> = map.iter().filter_map(|e| e.ok()).collect();
+        let mut entries: Vec<(FlowKey, FlowVal)> = map.iter().filter_map(|e| e.ok()).collect();
+        if name == names::CONNTRACK {
+            // Half-open flows whose SYN went into `FIRST_RECORD` (absent on an
+            // older pin directory).
+            if let Ok(first) = open(names::FIRST_RECORD).and_then(|m| Ok(crate::first_record::FirstRecords::new(m)?)) {
+                entries.extend(first.entries(now, &timeouts));
+            }
+        }
         let mut part = flows_of(entries, table, &plan, &timeouts, now);
         add_snat(&mut part, pin_dir);
         part.sort_by_key(|a| (a.client, a.vip));

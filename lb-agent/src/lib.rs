@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod control;
 pub mod dataplane;
 pub mod decap;
+pub mod first_record;
 pub mod flows;
 pub mod health;
 pub mod maglev;

@@ -39,6 +39,7 @@ const ADDED: &[&str] = &[
     names::FULLNAT_REVERSE,
     names::FULLNAT_FORWARD,
     names::SNAT_POOLS,
+    names::FIRST_RECORD,
 ];
 
 /// The pin directory and the paths in it.
@@ -48,7 +49,7 @@ pub struct PinDir {
 }
 
 /// Every map of the object: name, key size, value size, required flags.
-pub fn layout() -> [(&'static str, usize, usize, u32); 26] {
+pub fn layout() -> [(&'static str, usize, usize, u32); 27] {
     [
         (names::VIP_FILTER, 4, 8, 0),
         (names::VIP_ADDRS, size_of::<VipAddrKey>(), size_of::<VipAddrVal>(), 0),
@@ -59,6 +60,7 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 26] {
         (names::BACKENDS, 4, size_of::<Backend>(), 0),
         (names::CONNTRACK, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),
         (names::CT_ESTABLISHED, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),
+        (names::FIRST_RECORD, 4, size_of::<lb_common::FirstRecord>(), MMAPABLE),
         (names::CT_CLOCK, 4, 4, 0),
         (names::TRACE_FILTER, 4, size_of::<TraceFilter>(), 0),
         (names::TRACE_BUDGET, 4, size_of::<TraceBudget>(), 0),

@@ -257,6 +257,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let sweep_maps = crate::conntrack::SweepMaps {
         established: handle(&mut dp, lb_common::map_names::CT_ESTABLISHED)?,
         new: handle(&mut dp, lb_common::map_names::CONNTRACK)?,
+        first: handle(&mut dp, lb_common::map_names::FIRST_RECORD)?,
         clock: handle(&mut dp, lb_common::map_names::CT_CLOCK)?,
         conns: handle(&mut dp, lb_common::map_names::BACKEND_CONNS)?,
         conn_delta: handle(&mut dp, lb_common::map_names::BACKEND_CONN_DELTA)?,

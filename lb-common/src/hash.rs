@@ -32,18 +32,31 @@ fn word(b: &[u8; 16], i: usize) -> u32 {
 /// Hash of a flow's 5-tuple (source and destination address and port, protocol).
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
+    let w = |i: usize| if i < 4 { word(&key.src, i) } else { word(&key.dst, i - 4) };
+    flow_hash_by(w, ((key.sport as u32) << 16) | key.dport as u32, key.proto as u32)
+}
+
+/// `flow_hash` with the addresses' eight little-endian 32-bit words given by
+/// `word` (source 0..4, destination 4..8), the ports as `sport << 16 | dport`.
+#[inline(always)]
+pub fn flow_hash_by(word: impl Fn(usize) -> u32, ports: u32, proto: u32) -> u32 {
     let mut h = SEED;
-    h = mix(h, word(&key.src, 0));
-    h = mix(h, word(&key.src, 1));
-    h = mix(h, word(&key.src, 2));
-    h = mix(h, word(&key.src, 3));
-    h = mix(h, word(&key.dst, 0));
-    h = mix(h, word(&key.dst, 1));
-    h = mix(h, word(&key.dst, 2));
-    h = mix(h, word(&key.dst, 3));
-    h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
-    h = mix(h, key.proto as u32);
+    for i in 0..8 {
+        h = mix(h, word(i));
+    }
+    h = mix(h, ports);
+    h = mix(h, proto);
     finish(h, 40)
+}
+
+/// MurmurHash3's mix of `words` into `hash`, finished: `first::first_record_check`.
+#[inline(always)]
+pub fn check_mix(hash: u32, words: [u32; 4]) -> u32 {
+    let mut h = mix(SEED ^ hash, words[0]);
+    h = mix(h, words[1]);
+    h = mix(h, words[2]);
+    h = mix(h, words[3]);
+    finish(h, 20)
 }
 
 /// Slot of a flow in a Maglev table of `table_size` slots (`table_size` > 0).

@@ -12,6 +12,7 @@
 
 pub mod decap;
 pub mod egress;
+pub mod first;
 pub mod frag;
 pub mod hash;
 pub mod nat;
@@ -19,8 +20,9 @@ pub mod prefix;
 
 pub use egress::{EgressMac, EGRESS_BACKEND, EGRESS_CLIENT, EGRESS_ENTRIES, EGRESS_SAME};
 pub use decap::{decap_stat, DecapAddrKey, DecapAddrVal, DecapConfig, DEFAULT_GUE_PORT, PROG_DECAP};
+pub use first::{first_record_check, first_record_entries, first_record_slot, FirstRecord};
 pub use frag::{FragKey, FragVal};
-pub use hash::{flow_hash, maglev_slot};
+pub use hash::{flow_hash, flow_hash_by, maglev_slot};
 pub use nat::{NatReverse, NAT_REPLY_SLOT, NAT_SLOT, PROG_NAT, PROG_NAT_REPLY};
 pub use prefix::{LocalityKey, LocalityVal, PrefixKey, PREFIX_SLOT, PROG_PREFIX};
 
@@ -58,6 +60,7 @@ pub mod map_names {
     pub const FULLNAT_FORWARD: &str = "FULLNAT_FORWARD";
     pub const SNAT_POOLS: &str = "SNAT_POOLS";
     pub use crate::decap::names::*;
+    pub use crate::first::names::*;
     pub use crate::egress::names::*;
     pub use crate::prefix::names::*;
 }
@@ -314,7 +317,8 @@ pub struct FlowVal {
     pub _pad: [u8; 3],
 }
 
-/// A flow seen once (or a TCP SYN): in `CONNTRACK`, the LRU table.
+/// A flow seen once (or a TCP SYN of a service that does not use `FIRST_RECORD`):
+/// in `CONNTRACK`, the LRU table.
 pub const CT_STATE_NEW: u8 = 0;
 /// A flow that sent a second packet (TCP: a non-SYN after the SYN; UDP: any):
 /// in `CT_ESTABLISHED`, expired by the agent after the `tcp`/`udp` timeout.
@@ -417,7 +421,7 @@ pub struct Config {
     pub iface_mac: [u8; 6],
     /// SYN flood threshold: new TCP flows per CPU per second, in thousands, above
     /// which a SYN of a `maglev` or `sh` service without persistence is forwarded
-    /// without a `CONNTRACK` insert (`ct_syn_unrecorded`) for the rest of that
+    /// without being recorded (`ct_syn_unrecorded`) for the rest of that
     /// second. 0: always recorded. See docs/architecture.md, "SYN floods".
     pub syn_flood_kps: u16,
     /// Set to `CONFIG_READY` once the agent has filled the maps.
@@ -430,6 +434,10 @@ pub struct Config {
     pub mtu: u32,
     /// Lifetime of a `FRAGS` entry in seconds of `CT_CLOCK`.
     pub frag_timeout_s: u32,
+    /// `FIRST_RECORD` slots minus one (a power of two minus one): SYNs of `maglev`
+    /// and `sh` services go there instead of `CONNTRACK` (`lb_common::first`).
+    /// 0: off (every SYN in `CONNTRACK`), as while `CONFIG_CT_PROTECT` is clear.
+    pub first_record_mask: u32,
 }
 
 /// `Config::syn_flood_kps` the agent writes: Katran's default rate, 125,000 new
@@ -475,7 +483,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityVal>() == 16);
     assert!(core::mem::size_of::<Counters>() == 24);
-    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Config>() == 44);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 20);
     assert!(core::mem::size_of::<BackendConns>() == 16);

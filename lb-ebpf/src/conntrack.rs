@@ -1,8 +1,10 @@
 //! The connection table, in two parts (see docs/architecture.md, "Connection
 //! table"):
 //!
-//! - `CONNTRACK`, an LRU hash, holds flows seen once (and every TCP SYN). A flood
-//!   of new flows churns it; that is what it is for.
+//! - `CONNTRACK`, an LRU hash, holds flows seen once (and the TCP SYNs of
+//!   services that do not use `FIRST_RECORD`, `first.rs`: a `maglev`/`sh` SYN is
+//!   recorded there with one store, and its ACK takes it). A flood of new flows
+//!   churns it; that is what it is for.
 //! - `CT_ESTABLISHED`, a plain hash, holds flows that sent a second packet (TCP: a
 //!   packet without SYN after the SYN; UDP: a second datagram). New flows never
 //!   evict an entry there: entries leave when the agent expires them (idle past
@@ -19,8 +21,8 @@ use lb_common::{
 
 use crate::{
     backend::backend,
-    conns, flood,
-    maps::{CONNTRACK, CT_CLOCK, CT_ESTABLISHED},
+    conns, first, flood,
+    maps::{BACKENDS, CONNTRACK, CT_CLOCK, CT_ESTABLISHED},
     stats::count,
     trace::Decision,
 };
@@ -96,6 +98,18 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
         // there), scheduled afresh.
         d.ct = ct_step::MISS;
         return Lookup::Miss(Slot::New { midflow: false });
+    }
+    if protect {
+        // A TCP packet without SYN: its flow's SYN may be in `FIRST_RECORD`
+        // (`first.rs`). Looked at before `CONNTRACK`: a SYN recorded there leaves
+        // an older `CONNTRACK` entry of its 5-tuple in place, which must not win.
+        let taken = first::take(flow, first::hash_of(flow), fin, now());
+        if taken != first::NONE {
+            if let Some(b) = BACKENDS.get(taken as u32) {
+                d.ct = (taken >> 32) as u8;
+                return Lookup::Hit { service_id: b.service_id, backend_id: taken as u32, backend: b };
+            }
+        }
     }
     // SAFETY: copied out at once.
     let Some(v) = (unsafe { CONNTRACK.get(flow) }).copied() else {
@@ -189,8 +203,10 @@ pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, gene
 }
 
 /// A new `CONNTRACK` entry, unless the packet is a TCP SYN of a service whose
-/// scheduler is a function of the flow (maglev, sh; no persistence) and this CPU
-/// is past the SYN flood threshold (`flood::over`), when the SYN is only counted
+/// scheduler is a function of the flow (maglev, sh; no persistence): then, while
+/// the first record is on and the backend is not a `nat`/`fullnat` one, a
+/// `FIRST_RECORD` store instead (`first.rs`); and when this CPU is past the SYN
+/// flood threshold (`flood::over`), nothing: the SYN is only counted
 /// (`ct_syn_unrecorded`): its flow's next packet (never a SYN: a midflow miss)
 /// finds no entry, is scheduled to the same backend and recorded then; a SYN
 /// flood's spoofed SYNs, which have no next packet, then cost no insert and evict
@@ -201,9 +217,17 @@ pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, gene
 fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32, flood: u64) {
     let (kps, syn, scheduler, flags) = (flood as u16, (flood >> 16) & 1, (flood >> 24) as u8, (flood >> 32) as u32);
     let deterministic = (scheduler == SCHED_MAGLEV || scheduler == SCHED_SH) && flags & SERVICE_PERSIST == 0;
-    if syn != 0 && deterministic && flood::over(u32::from(kps)) {
-        count(stat::CT_SYN_UNRECORDED);
-        return;
+    if syn != 0 && deterministic {
+        if flood::over(u32::from(kps)) {
+            count(stat::CT_SYN_UNRECORDED);
+            return;
+        }
+        let mask = first::mask_for(backend_id);
+        if mask != 0 {
+            first::store(flow, first::hash_of(flow), mask, backend_id, service_id, generation, now());
+            conns::opened(backend_id);
+            return;
+        }
     }
     let val = FlowVal { backend_id, service_id, generation, last_seen: now(), state: CT_STATE_NEW, _pad: [0; 3] };
     if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {

@@ -14,6 +14,7 @@ mod backend;
 mod conns;
 mod conntrack;
 mod decap;
+mod first;
 mod flood;
 mod forward;
 mod frag;

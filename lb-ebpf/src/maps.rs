@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    stat, AffinityKey, EgressMac, EGRESS_ENTRIES, AffinityVal, LocalityKey, LocalityVal, NatReverse, SnatFwd, SnatPool, PrefixKey, Backend, BackendConns, Config, Counters, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
+    stat, AffinityKey, EgressMac, EGRESS_ENTRIES, AffinityVal, LocalityKey, LocalityVal, NatReverse, SnatFwd, SnatPool, PrefixKey, Backend, BackendConns, Config, Counters, FirstRecord, FlowKey, FlowVal, FragKey, FragVal, Service, TraceBudget, TraceFilter, TraceRecord,
     VipAddrKey, VipAddrVal, VipKey, DEFAULT_CONNTRACK_SIZE as CT, DEFAULT_MAX_BACKENDS as MB,
     DEFAULT_FRAGS_SIZE, DEFAULT_MAX_SERVICES as MS, VIP_FILTER_WORDS,
 };
@@ -51,6 +51,13 @@ pub static BACKENDS: Array<Backend, { MB as usize }> = Array::new();
 /// Flow -> backend, shared by all CPUs (a flow's packets may arrive on any CPU).
 #[btf_map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowVal, { CT as usize }> = LruHashMap::new();
+
+/// Slot (`lb_common::first_record_slot`) -> where a TCP SYN of a `maglev` or
+/// `sh` service went (`first.rs`): one store per SYN instead of a `CONNTRACK`
+/// insert; collisions overwrite. Shared by all CPUs (the flow's ACK may arrive on
+/// another); memory-mappable, so the agent's sweep reads it with one copy.
+#[btf_map]
+pub static FIRST_RECORD: Array<FirstRecord, { CT as usize }, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Flows that sent a second packet: a plain hash, so new flows cannot evict them
 /// (see `conntrack.rs`). The agent expires idle entries.

@@ -1,5 +1,6 @@
 //! The two-part connection table at packet level (BPF_PROG_TEST_RUN): flows move
-//! from `CONNTRACK` (LRU) to `CT_ESTABLISHED` at their second packet, keep their
+//! from `CONNTRACK` (LRU; a Maglev service's SYN from `FIRST_RECORD`) to
+//! `CT_ESTABLISHED` at their second packet, keep their
 //! backend there through an LRU flood and a table change, record FIN/RST and their
 //! last-seen time, and stay forwarded (from the LRU) when `CT_ESTABLISHED` is full.
 //!
@@ -103,6 +104,15 @@ impl Bench {
         // The LRU map is read through the same syscall; its type tag does not matter.
         self.table(name).get(&f.key(), 0).ok()
     }
+
+    /// The flow's valid `FIRST_RECORD` entry (its slot holds it, check matching).
+    fn first_record(&mut self, f: &Flow) -> Option<lb_common::FirstRecord> {
+        let m = self.dp.map_handle(map_names::FIRST_RECORD).expect("map handle");
+        let mask = m.info().expect("map info").max_entries() - 1;
+        let a: aya::maps::Array<_, lb_common::FirstRecord> = aya::maps::Array::try_from(aya::maps::Map::Array(m)).expect("array");
+        let r = a.get(&lb_common::first_record_slot(lb_common::flow_hash(&f.key()), mask), 0).expect("slot");
+        (r.key == f.key() && lb_agent::first_record::valid(&r)).then_some(r)
+    }
 }
 
 fn tcp(src_last: u8, sport: u16) -> Flow {
@@ -126,14 +136,17 @@ fn second_packet_moves_the_flow_to_the_established_table() {
     let mut b = Bench::new(&["198.18.0.11", "198.18.0.12", "198.18.0.13"], TABLE);
     let f = tcp(7, 40000);
     let first = b.fwd(&with_flags(&f, SYN));
-    let lru = b.entry(map_names::CONNTRACK, &f).expect("the SYN's entry is in CONNTRACK");
-    assert_eq!(lru.state, CT_STATE_NEW);
+    // A Maglev service's SYN is recorded in `FIRST_RECORD`, not `CONNTRACK`
+    // (`packet_first_record.rs` has the details).
+    assert!(b.entry(map_names::CONNTRACK, &f).is_none(), "the SYN went into CONNTRACK");
+    assert!(b.first_record(&f).is_some(), "the SYN left no first record");
     assert!(b.entry(map_names::CT_ESTABLISHED, &f).is_none(), "established after one packet");
     assert_eq!(b.fwd(&with_flags(&f, ACK)), first, "the ACK follows the SYN");
     let est = b.entry(map_names::CT_ESTABLISHED, &f).expect("established after the ACK");
     assert_eq!(est.state, CT_STATE_ESTABLISHED);
     assert!(now_s().abs_diff(est.last_seen) <= 1, "last_seen {} vs now {}", est.last_seen, now_s());
-    assert!(b.entry(map_names::CONNTRACK, &f).is_none(), "the LRU entry is removed once promoted");
+    assert!(b.entry(map_names::CONNTRACK, &f).is_none(), "the flow went into CONNTRACK");
+    assert!(b.first_record(&f).is_none(), "the first record is emptied once taken");
     assert_eq!(b.count(stat::CT_PROMOTED), 1);
 
     // Later packets refresh last_seen (written back as 0 here to see it move).
@@ -151,9 +164,10 @@ fn second_packet_moves_the_flow_to_the_established_table() {
     assert_eq!(b.fwd(&with_flags(&g, RST)), to);
     assert_eq!(b.entry(map_names::CT_ESTABLISHED, &g).expect("entry").state, CT_STATE_CLOSING);
 
-    // UDP: the second datagram.
+    // UDP: the second datagram (the first in `CONNTRACK`).
     let u = Flow::udp(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), VIP, 5353, 53);
     b.fwd(&u.frame(None, 4));
+    assert_eq!(b.entry(map_names::CONNTRACK, &u).expect("the first datagram's entry").state, CT_STATE_NEW);
     assert!(b.entry(map_names::CT_ESTABLISHED, &u).is_none());
     b.fwd(&u.frame(None, 4));
     assert!(b.entry(map_names::CT_ESTABLISHED, &u).is_some(), "UDP established at its second datagram");
@@ -211,6 +225,7 @@ fn a_full_established_table_leaves_new_flows_in_the_lru() {
     assert_eq!(b.fwd(&with_flags(&f, ACK)), to);
     assert_eq!(b.count(stat::CT_ESTABLISHED_FULL), 2, "each packet that could not be promoted is counted");
     assert!(b.entry(map_names::CONNTRACK, &f).is_some(), "the flow stays in the LRU");
+    assert!(b.first_record(&f).is_none(), "the first record is emptied once taken");
     assert!(b.entry(map_names::CT_ESTABLISHED, &f).is_none());
 }
 
@@ -282,7 +297,8 @@ fn verifier_work_stays_well_under_the_limit() {
 }
 
 /// During a SYN flood (this CPU past `syn_flood_kps` thousand SYNs in the current
-/// second) a Maglev service's SYN is forwarded without a `CONNTRACK` insert; the
+/// second) a Maglev service's SYN is forwarded without being recorded (neither in
+/// `FIRST_RECORD`, where it goes below the threshold, nor in `CONNTRACK`); the
 /// flow's ACK goes to the same backend and is recorded then (as a midflow miss),
 /// and its next packet moves it to `CT_ESTABLISHED`.
 #[test]
@@ -303,11 +319,12 @@ fn syns_past_the_flood_threshold_go_unrecorded() {
             found = Some((f, to, i));
             break;
         }
-        assert!(b.entry(map_names::CONNTRACK, &f).is_some(), "SYN {i} below the threshold is recorded");
+        assert!(b.first_record(&f).is_some(), "SYN {i} below the threshold is recorded");
     }
     let (f, to, i) = found.expect("no SYN of 5,000 went unrecorded with the threshold at 1,000 per second");
     assert!(i >= 1000, "only {i} SYNs recorded before the threshold");
     assert!(b.entry(map_names::CONNTRACK, &f).is_none(), "the unrecorded SYN left a CONNTRACK entry");
+    assert!(b.first_record(&f).is_none(), "the unrecorded SYN left a first record");
     let midflow = b.count(stat::CT_MIDFLOW_MISS);
     assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "the ACK goes where the unrecorded SYN went");
     assert_eq!(b.count(stat::CT_MIDFLOW_MISS), midflow + 1, "the ACK is a midflow miss");
@@ -320,5 +337,5 @@ fn syns_past_the_flood_threshold_go_unrecorded() {
     b.dp.apply(&b.plan).expect("apply");
     let g = tcp(9, 45000);
     b.fwd(&with_flags(&g, SYN));
-    assert!(b.entry(map_names::CONNTRACK, &g).is_some(), "with syn_flood_kps 0 every SYN is recorded");
+    assert!(b.first_record(&g).is_some(), "with syn_flood_kps 0 every SYN is recorded");
 }

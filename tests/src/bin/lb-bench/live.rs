@@ -49,7 +49,7 @@ pub enum Kind {
     Nftables,
     /// The balancer, TCP ACKs of `flows` established connections.
     Established,
-    /// The balancer, a TCP SYN of a new flow in every frame, `CONNTRACK` full.
+    /// The balancer, a TCP SYN of a new flow in every frame, the connection table full.
     Flood,
     /// `Flood` with the SYN-flood threshold off: every SYN recorded.
     FloodRecorded,
@@ -213,7 +213,15 @@ pub fn bench_live(lp: &LiveParams) -> Live {
         .map(|a| (a, G0_MAC))
         .collect();
     let plan = Plan::build(&cfg, &macs);
-    let mut dp = Dataplane::load(&plan).expect("load the balancer object");
+    // `LB_BENCH_LIVE_OBJECT=PATH`: another build of lb-ebpf in place of the
+    // agent's (to compare builds run by run).
+    let mut dp = match std::env::var("LB_BENCH_LIVE_OBJECT") {
+        Ok(path) => {
+            let obj = std::fs::read(&path).unwrap_or_else(|e| panic!("LB_BENCH_LIVE_OBJECT {path}: {e}"));
+            Dataplane::load_object(&obj, &plan).expect("load the balancer object")
+        }
+        Err(_) => Dataplane::load(&plan).expect("load the balancer object"),
+    };
     // The tunnel source: b0's address.
     dp.set_tunnel(
         [198, 18, 0, 1],
@@ -262,7 +270,7 @@ pub fn bench_live(lp: &LiveParams) -> Live {
         Variant {
             kind: Kind::Flood,
             short: "e",
-            label: "(e) balancer: lb_xdp, SYN flood (every frame a new flow, CONNTRACK full)",
+            label: "(e) balancer: lb_xdp, SYN flood (every frame a new flow, the connection table full)",
             pps: vec![],
             sent_pps: vec![],
             prog_ns: vec![],

@@ -100,8 +100,10 @@ pub fn establish(dp: &mut Dataplane, n: u16) -> Vec<(FlowKey, FlowVal)> {
         .collect()
 }
 
-/// Floods until `CONNTRACK` (`size` entries) has seen twice its size in new flows
-/// (at most 20 s); returns the frames sent and the entries it then holds.
+/// Floods until the connection table (`size` entries) has seen twice its size in
+/// new flows (at most 20 s); returns the frames sent and the SYNs then recorded:
+/// valid `FIRST_RECORD` slots (where a Maglev service's SYNs go) plus `CONNTRACK`
+/// entries.
 pub fn fill(topo: &Topo, bench: &Ebpf, dp: &mut Dataplane, size: u32) -> (u64, usize) {
     let gen_prog: &Xdp = bench.program("bench_gen").expect("bench_gen").try_into().expect("XDP");
     let target = 2 * u64::from(size);
@@ -110,7 +112,10 @@ pub fn fill(topo: &Topo, bench: &Ebpf, dp: &mut Dataplane, size: u32) -> (u64, u
         sent += blast(&topo.gen_ns, gen_prog, 0.2).0;
     }
     assert!(sent >= target, "the flood sent {sent} frames in 20 s, fewer than {target}");
-    (sent, table(dp, map_names::CONNTRACK).keys().count())
+    let first = lb_agent::first_record::FirstRecords::new(dp.map_handle(map_names::FIRST_RECORD).expect("FIRST_RECORD"))
+        .expect("map FIRST_RECORD");
+    let records = first.count(lb_agent::conntrack::now_s(), &Default::default(), &mut Default::default());
+    (sent, table(dp, map_names::CONNTRACK).keys().count() + records as usize)
 }
 
 /// What the floods left of the held connections.
@@ -188,11 +193,12 @@ pub fn flows_md(v: &[Variant], held: &Held, flows: u32) -> String {
         "\n(d) sends ACKs of {flows} TCP connections (each in `CT_ESTABLISHED` after the warm-up's first two frames); \
          (e) a SYN of a new 5-tuple in every frame (the generator counts source port and address up per CPU), \
          at the default `syn_flood_kps` ({}: past {} new flows per CPU in a second, SYNs go unrecorded); \
-         (f) the same with `syn_flood_kps: 0` (every SYN inserted). The program times come from the warm-up \
+         (f) the same with `syn_flood_kps: 0` (every SYN recorded). The program times come from the warm-up \
          (0.3 s), which opens a new one-second window: for (e) its first {} SYNs per CPU are recorded, so its \
          time is mostly that of recorded SYNs (`LB_BENCH_SYN_FLOOD_KPS=1` shows an unrecorded one's). \
-         Before the first round a flood of {} SYNs, all recorded, filled `CONNTRACK` (the default `conntrack_size`, {}; {} entries after it), so \
-         every recorded timed SYN's insert evicts an entry. {} TCP connections established before the floods (SYN, ACK \
+         Before the first round a flood of {} SYNs, all recorded, filled the connection table (the default `conntrack_size`, {}; \
+         {} SYNs recorded after it: valid `FIRST_RECORD` slots, where this Maglev service's SYNs go, and `CONNTRACK` entries), so \
+         every recorded timed SYN overwrites another's record. {} TCP connections established before the floods (SYN, ACK \
          through BPF_PROG_TEST_RUN) were checked after all rounds: {} moved or left `CT_ESTABLISHED`, and \
          each one's next ACK was a table hit.",
         lb_common::DEFAULT_SYN_FLOOD_KPS,

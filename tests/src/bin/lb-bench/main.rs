@@ -78,6 +78,7 @@ const FLAGS: &[&str] = &[
     "--scale-only",
     "--failover-only",
     "--nat-only",
+    "--newflow-only",
     "--dataplane-only",
     "--live-only",
     "--probes-only",

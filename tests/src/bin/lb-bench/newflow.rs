@@ -1,6 +1,7 @@
 //! The new-flow path (`--newflow-only`): a recorded TCP SYN against an established
 //! ACK, with the SYN's 5-tuple repeated (what the per-packet table's repeat row
-//! measures: an insert over an existing key) and new in every repeat
+//! measures: a store into its own `FIRST_RECORD` slot, or without the first
+//! record an insert over an existing key) and new in every repeat
 //! (`bench_newflow` in front of `lb_xdp`), while `CONNTRACK` has free entries and
 //! while it is full. `LB_BENCH_OBJECTS=name=path,...` compares builds of lb-ebpf
 //! (each on maps of its own, interleaved round by round); without it, the
@@ -193,15 +194,16 @@ pub fn bench_newflow(p: &Params) -> String {
          each round); medians over rounds. 10 TCP services x 50 backends, table_size 65537, `established_size` 65536, \
          every SYN recorded (`syn_flood_kps` 0: no flood check at all) except in the unrecorded row (1: past 1000 SYNs \
          in the CPU's current second) and the last class (125, the default: every SYN recorded here, after the flood check). The first four classes run \
-         `lb_xdp` on one frame repeated: the established ACK is a `CT_ESTABLISHED` hit, the SYN an LRU update over \
-         its own key (the per-packet table's SYN row). The wrapped classes run `bench_newflow` (tests/bench-ebpf) \
+         `lb_xdp` on one frame repeated: the established ACK is a `CT_ESTABLISHED` hit, the SYN a store into \
+         its own `FIRST_RECORD` slot (the service is Maglev; an LRU update over its own key in builds without the \
+         first record; the per-packet table's SYN row). The wrapped classes run `bench_newflow` (tests/bench-ebpf) \
          in front of `lb_xdp` (a tail call): it writes a sequence number into the frame's source port and the low \
          half of its source address, the same number every repeat for the wrapped ACK and a new one every repeat for \
-         the wrapped SYNs, so each of those is a new flow: a miss in cold buckets, a Maglev slot out of cache and an \
-         LRU insert of a new key (the wrapper itself costs about the difference of the two ACK rows). \
-         \"Table has room\": `conntrack_size` 1048576, never full in the run; \"table full\": a second balancer \
-         with `conntrack_size` 65536, filled before the first round, so every insert evicts (what a live SYN flood \
-         sees). Where the time goes, stage by stage (scratch builds compared with `LB_BENCH_OBJECTS`): \
+         the wrapped SYNs, so each of those is a new flow: a miss in cold buckets, a Maglev slot out of cache and a \
+         store into a cold `FIRST_RECORD` slot (without the first record: an LRU insert of a new key; the wrapper itself costs about the difference of the two ACK rows). \
+         \"Table has room\": `conntrack_size` 1048576 (so `FIRST_RECORD` 64 MB), never full in the run; \"table \
+         full\": a second balancer with `conntrack_size` 65536 (`FIRST_RECORD` 4 MB), filled before the first round, \
+         so every insert evicts, every record overwrites one (what a live SYN flood sees). Where the time goes, stage by stage (scratch builds compared with `LB_BENCH_OBJECTS`): \
          docs/architecture.md, \"Where a new flow's time goes\".",
         subjects[0].name,
         first[2] / first[1],
