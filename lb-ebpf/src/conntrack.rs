@@ -237,11 +237,6 @@ fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32,
     }
 }
 
-/// A `nat` flow's reply (`forward/nat_reply.rs`), `flow` in the client-to-VIP
-/// direction: keeps the flow's `CT_ESTABLISHED` entry fresh while the backend
-/// talks, and closing once the backend sent FIN or RST (`fin`), as the client's
-/// own packets do. A flow seen once (still in `CONNTRACK`) is left as it is.
-#[inline(always)]
 /// Whether a reply should call `follow_reply`: a FIN or RST at once, anything
 /// else once per second of `CT_CLOCK` (`seen`: the low 16 bits of the second
 /// of the last one, a field of the flow's reverse entry, updated here). The
@@ -262,6 +257,11 @@ pub fn reply_due(seen: *mut u16, fin: bool) -> bool {
     true
 }
 
+/// A `nat` flow's reply (`forward/nat_reply.rs`), `flow` in the client-to-VIP
+/// direction: keeps the flow's `CT_ESTABLISHED` entry fresh while the backend
+/// talks, and closing once the backend sent FIN or RST (`fin`), as the client's
+/// own packets do. A flow seen once (still in `CONNTRACK`) is left as it is.
+#[inline(always)]
 pub fn follow_reply(flow: &FlowKey, fin: bool) {
     let Some(p) = CT_ESTABLISHED.get_ptr_mut(flow) else { return };
     // SAFETY: a live entry; copied out, fields written back one by one.
