@@ -311,7 +311,10 @@ pub struct FlowVal {
     pub last_seen: u32,
     /// `CT_STATE_*`.
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// A `fullnat` flow's SNAT address and port (`snat::snat_slot`), written by
+    /// `lb_nat` into its `CT_ESTABLISHED` entry once its mapping is known, so that
+    /// its packets skip the `FULLNAT_FORWARD` lookup; zeros elsewhere.
+    pub snat: [u8; 3],
 }
 
 /// A flow seen once (or a TCP SYN): in `CONNTRACK`, the LRU table.
@@ -457,7 +460,7 @@ pub const CONFIG_NAT: u32 = 64;
 pub const CONFIG_FULLNAT: u32 = 128;
 
 pub mod snat;
-pub use snat::{SnatFwd, SnatPool, MAX_SNAT_ADDRS, SNAT_PROBES};
+pub use snat::{snat_check, snat_slot, SnatFwd, SnatPool, MAX_SNAT_ADDRS, SNAT_PROBES};
 
 pub mod trace;
 pub use trace::{Decision, TraceBudget, TraceFilter, TraceRecord};

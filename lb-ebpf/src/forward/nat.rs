@@ -31,28 +31,31 @@ use crate::{
 const NEW_FLOW: u32 = 1 << 31;
 
 /// `lb_xdp`'s half, in the balancer: the decision as `Outcome::Nat`'s word (the
-/// backend id and `NEW_FLOW`), which `lb_xdp` stores in `NAT_STASH` before the tail
-/// call (one store there; a store here, on every path of the balancer, cost the
-/// verifier 140,000 instructions). An ICMP error about a `nat` flow (from
+/// backend id and `NEW_FLOW`) and the flow's `FlowVal::snat` (`fullnat`: the SNAT
+/// address and port of an established flow, `fullnat.rs`), which `lb_xdp` stores
+/// in `NAT_STASH` before the tail call (one store there; a store here, on every
+/// path of the balancer, cost the verifier 140,000 instructions). An ICMP error about a `nat` flow (from
 /// `lb_rare`) goes to `lb_nat` too, marked (`nat_icmp.rs`); fragments of `nat`
 /// flows are not translated: dropped.
 #[inline(always)]
-pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool) -> Outcome {
+pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool, snat: u32) -> Outcome {
     if kind == KIND_ICMP_ERROR {
-        return Outcome::Nat(backend_id | super::nat_icmp::ICMP_ERROR);
+        return Outcome::Nat(backend_id | super::nat_icmp::ICMP_ERROR, 0);
     }
     if kind != KIND_L4 {
         return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED);
     }
-    Outcome::Nat(backend_id | if new_flow { NEW_FLOW } else { 0 })
+    Outcome::Nat(backend_id | if new_flow { NEW_FLOW } else { 0 }, snat)
 }
 
-/// Leaves `Outcome::Nat`'s word for `lb_nat` in this CPU's `NAT_STASH`.
+/// Leaves `Outcome::Nat`'s word (high half of the packed verdict) and the
+/// flow's `FlowVal::snat` (low 24 bits) for `lb_nat` in this CPU's `NAT_STASH`.
 #[inline(always)]
-pub fn stash(word: u32) {
+pub fn stash(v: u64) {
+    let word = (v >> 32) as u32;
     if let Some(s) = NAT_STASH.get_ptr_mut(0) {
         // SAFETY: this CPU's entry, read by the program tail-called next.
-        unsafe { *s = NatStash { backend_id: word & !NEW_FLOW, new_flow: word >> 31 } };
+        unsafe { *s = NatStash { backend_id: word & !NEW_FLOW, new_flow: word >> 31, snat: v as u32 & 0xff_ffff } };
     }
 }
 
