@@ -79,6 +79,15 @@ pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
     h & (VIP_FILTER_BITS - 1)
 }
 
+/// The `VIP_FILTER` bit of a SNAT address (`snat_addresses`, 16-byte form):
+/// another bit than the address's `vip_filter_bit`, so the balancer's VIP test
+/// does not take it for a VIP. `lb_nat_reply` looks a frame up in
+/// `FULLNAT_REVERSE` only when this bit of its destination is set.
+#[inline(always)]
+pub fn snat_filter_bit(addr: &[u8; 16]) -> u32 {
+    vip_filter_bit(addr) ^ (VIP_FILTER_BITS / 2)
+}
+
 /// Name of the balancer's XDP program in the object.
 pub const PROG_BALANCER: &str = "lb_xdp";
 /// Name of the balancer's rare path (ICMP, fragments), tail-called from `lb_xdp`

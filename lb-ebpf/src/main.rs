@@ -160,10 +160,11 @@ fn nat_call(ctx: &XdpContext) -> u64 {
 #[xdp]
 pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
     // `fullnat` replies first (a call, as in `lb_nat`), then `nat`'s, each only
-    // while such a service exists.
+    // while such a service exists; `fullnat`'s only for frames to what may be a
+    // SNAT address (`maybe_snat`): a `nat` reply, to a client, skips that lookup.
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
     let mut v = forward::fullnat::NOT_FULLNAT;
-    if flags & CONFIG_FULLNAT != 0 {
+    if flags & CONFIG_FULLNAT != 0 && forward::fullnat::maybe_snat(&ctx) {
         v = forward::fullnat::reply_call(&ctx);
     }
     if v == forward::fullnat::NOT_FULLNAT {

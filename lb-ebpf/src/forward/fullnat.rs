@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    snat_check, snat_slot, stat, Backend, Config, FlowKey, NatReverse, CONFIG_FULLNAT, FORWARD_FULLNAT, MAX_SNAT_ADDRS,
+    snat_check, snat_filter_bit, snat_slot, stat, v4_mapped, Backend, Config, FlowKey, NatReverse, CONFIG_FULLNAT, FORWARD_FULLNAT, MAX_SNAT_ADDRS,
     PROTO_TCP, SNAT_PROBES, SnatFwd,
 };
 
@@ -36,8 +36,9 @@ use crate::{
     conntrack,
     maps::{
         BACKENDS, CONFIG, CT_CLOCK, CT_ESTABLISHED, FULLNAT_FORWARD, FULLNAT_REVERSE, FULLNAT_SCRATCH, NAT_STASH, SNAT_POOLS,
+        VIP_FILTER,
     },
-    parse::Outcome,
+    parse::{read_be16, Outcome},
     stats::{count, count_forward},
 };
 
@@ -104,7 +105,11 @@ fn forward_inline(
         if !known && !allocate(ctx, s, b, u64::from(backend_id) << 16 | u64::from(bport), v6 as u64) {
             return Outcome::Drop(stat::DROP_SNAT_EXHAUSTED);
         }
-        note_slot(s, b, backend_id, v6 as u64);
+        // A flow scheduled by this packet has no `CT_ESTABLISHED` entry yet (or
+        // one just rescheduled): its next packets note it.
+        if !new_flow {
+            note_slot(s, b, backend_id, v6 as u64);
+        }
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     s.macs[..6].copy_from_slice(&b.mac);
@@ -323,6 +328,34 @@ fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: u64, v6: u6
         k += 1;
     }
     false
+}
+
+/// Whether the frame's destination may be a SNAT address: its
+/// `lb_common::snat_filter_bit` is set in `VIP_FILTER` (the agent sets the bits
+/// of every pool's addresses). A clear bit: no `FULLNAT_REVERSE` entry has this
+/// destination. Frames that are not IPv4 or IPv6 answer yes (`reply_call`
+/// decides, as before).
+#[inline(always)]
+pub fn maybe_snat(ctx: &XdpContext) -> bool {
+    let Ok(mut ethertype) = read_be16(ctx, 12) else { return true };
+    let mut l3 = 14;
+    if ethertype == 0x8100 || ethertype == 0x88a8 {
+        let Ok(inner) = read_be16(ctx, 16) else { return true };
+        (ethertype, l3) = (inner, 18);
+    }
+    let dst = match ethertype {
+        0x0800 => {
+            let Some(a) = bytes_mut::<4>(ctx, l3 + 16) else { return true };
+            v4_mapped(*a)
+        }
+        0x86dd => {
+            let Some(a) = bytes_mut::<16>(ctx, l3 + 24) else { return true };
+            *a
+        }
+        _ => return true,
+    };
+    let bit = snat_filter_bit(&dst);
+    VIP_FILTER.get(bit >> 6).is_none_or(|w| *w & (1u64 << (bit & 63)) != 0)
 }
 
 /// What `reply_call` returns for a frame that is no `fullnat` reply (the `nat`
