@@ -82,3 +82,21 @@ mod pod {
     unsafe impl aya::Pod for SnatFwd {}
     unsafe impl aya::Pod for SnatPool {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_never_zero_and_keeps_port_index_and_check() {
+        let addr = crate::v4_mapped([198, 18, 0, 2]);
+        let slot = snat_slot(20000, 5, snat_check(&addr));
+        assert_eq!(u16::from_le_bytes([slot[0], slot[1]]), 20000);
+        assert_eq!((slot[2] & 7, slot[2] >> 3), (5, snat_check(&addr)));
+        assert!(snat_check(&addr) < 32);
+        // Another address at the same index is noticed (for these two).
+        assert_ne!(snat_check(&addr), snat_check(&crate::v4_mapped([198, 18, 0, 3])));
+        // The filter bit of a SNAT address is not its VIP bit.
+        assert_ne!(crate::snat_filter_bit(&addr), crate::vip_filter_bit(&addr));
+    }
+}

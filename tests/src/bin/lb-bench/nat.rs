@@ -58,8 +58,8 @@ fn not_vip(p: &Params, rounds: u32) -> String {
     let (off, on) = (median(t[0].clone()), median(t[1].clone()));
     format!(
         "A TCP frame to no VIP at repeat {}: {off:.1} ns with no nat service (`CONFIG_NAT` off: one array read \
-         more than before), {on:.1} ns with a nat and a fullnat service (the tail call into `lb_nat_reply` and \
-         its `FULLNAT_REVERSE` and `NAT_REVERSE` misses), {rounds} alternating rounds, medians.",
+         more than before), {on:.1} ns with a nat and a fullnat service (the tail call into `lb_nat_reply`, its \
+         SNAT address filter test and its `NAT_REVERSE` miss), {rounds} alternating rounds, medians.",
         p.repeat
     )
 }
@@ -193,7 +193,9 @@ pub fn bench_nat(p: &Params) -> String {
          `FULLNAT_REVERSE` insert, usually the first candidate); per round the mean of the single runs (outliers \
          over 3x the median left out), then the median over rounds. A reply is a frame to no VIP: `lb_xdp` \
          passes it to `lb_nat_reply` (tail call) only because a nat or fullnat service exists (`CONFIG_NAT`, \
-         `CONFIG_FULLNAT`; a fullnat reply is found in `FULLNAT_REVERSE` first, a nat reply after that miss).",
+         `CONFIG_FULLNAT`; a frame to a SNAT address, by its `VIP_FILTER` bit, is looked up in `FULLNAT_REVERSE` \
+         first, any other in `NAT_REVERSE` only). An established fullnat packet takes its SNAT address and port \
+         from its `CT_ESTABLISHED` entry (`FlowVal::snat`), not from `FULLNAT_FORWARD`.",
         p.repeat,
         p.repeat,
         dr_rep[0],
