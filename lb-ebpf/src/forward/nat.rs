@@ -199,14 +199,22 @@ fn ip6<const L2: usize, const SRC: bool>(ctx: &XdpContext, addr: &[u8; 16]) -> R
         return Err(stat::DROP_NAT_TTL);
     }
     h[7] -= 1;
-    let at = if SRC { 8 } else { 24 };
+    let at = if SRC { 4 } else { 12 };
     let mut pseudo = 0;
+    let (h, addr) = (h.as_mut_ptr() as *mut u16, addr.as_ptr() as *const u16);
     let mut i = 0;
-    while i < 16 {
-        pseudo = acc(pseudo, word(h, at + i), word(addr, i));
-        i += 2;
+    // In 16-bit words (the header is 2-aligned, the address 4-aligned in its
+    // map value), each written as soon as it is summed.
+    while i < 8 {
+        // SAFETY: words 4..12 or 12..20 of the 40-byte header checked above, and
+        // of the 16-byte address.
+        unsafe {
+            let n = *addr.add(i);
+            pseudo = acc(pseudo, u16::from_be(*h.add(at + i)), u16::from_be(n));
+            *h.add(at + i) = n;
+        }
+        i += 1;
     }
-    h[at..at + 16].copy_from_slice(addr);
     Ok(pseudo)
 }
 
