@@ -245,11 +245,15 @@ fn zero_counters(dp: &mut Dataplane, name: &'static str, id: u32) -> Result<(), 
     m.set(id, zeros, 0).map_err(map_err(name))
 }
 
-/// Sets `VIP_FILTER` to exactly the bits of `addrs`.
-fn write_filter<'a>(dp: &mut Dataplane, addrs: impl Iterator<Item = &'a [u8; 16]>) -> Result<(), DataplaneError> {
+/// Sets `VIP_FILTER` to exactly the bits of `addrs` and of the SNAT addresses
+/// `snat` (`lb_common::snat_filter_bit`).
+fn write_filter<'a>(
+    dp: &mut Dataplane,
+    addrs: impl Iterator<Item = &'a [u8; 16]>,
+    snat: impl Iterator<Item = &'a [u8; 16]>,
+) -> Result<(), DataplaneError> {
     let mut words = [0u64; lb_common::VIP_FILTER_WORDS as usize];
-    for a in addrs {
-        let bit = lb_common::vip_filter_bit(a);
+    for bit in addrs.map(lb_common::vip_filter_bit).chain(snat.map(lb_common::snat_filter_bit)) {
         words[(bit >> 6) as usize] |= 1 << (bit & 63);
     }
     let mut m: Array<_, u64> =
@@ -258,6 +262,16 @@ fn write_filter<'a>(dp: &mut Dataplane, addrs: impl Iterator<Item = &'a [u8; 16]
         m.set(i as u32, w, 0).map_err(map_err(names::VIP_FILTER))?;
     }
     Ok(())
+}
+
+/// The SNAT addresses of `plan`'s pools (16-byte form).
+fn snat_addrs(plan: &Plan) -> BTreeSet<[u8; 16]> {
+    let mut out = BTreeSet::new();
+    for p in plan.snat_pools.values() {
+        out.extend(p.v4[..usize::from(p.n_v4).min(p.v4.len())].iter().map(|a| lb_common::v4_mapped(*a)));
+        out.extend(p.v6[..usize::from(p.n_v6).min(p.v6.len())].iter().copied());
+    }
+    out
 }
 
 /// Applies `plan`; see the module documentation for the order of writes.
@@ -312,7 +326,12 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
     }
 
     // 1b. SNAT pools of `fullnat` services, before their entries (a pool that did
-    // not change is not written: that would reset its cursor).
+    // not change is not written: that would reset its cursor); their addresses'
+    // filter bits first (replies to them are looked up: `snat_filter_bit`).
+    let (prev_snat, plan_snat) = (snat_addrs(&prev), snat_addrs(plan));
+    if prev_snat != plan_snat {
+        write_filter(dp, prev.vip_addrs.keys().chain(plan.vip_addrs.keys()), prev_snat.iter().chain(&plan_snat))?;
+    }
     if !plan.snat_pools.is_empty() {
         let mut m: Array<_, lb_common::SnatPool> =
             Array::try_from(map_mut(dp.ebpf_mut(), names::SNAT_POOLS)?).map_err(map_err(names::SNAT_POOLS))?;
@@ -401,9 +420,11 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
 
     // 4. The VIP address filter: the Bloom bits of old and new addresses first (a
     // new VIP is never filtered out), then the exact map, then the new bits alone.
-    let same_addrs = prev.vip_addrs.len() == plan.vip_addrs.len() && prev.vip_addrs.keys().eq(plan.vip_addrs.keys());
+    let same_addrs = prev.vip_addrs.len() == plan.vip_addrs.len()
+        && prev.vip_addrs.keys().eq(plan.vip_addrs.keys())
+        && prev_snat == plan_snat;
     if !same_addrs {
-        write_filter(dp, prev.vip_addrs.keys().chain(plan.vip_addrs.keys()))?;
+        write_filter(dp, prev.vip_addrs.keys().chain(plan.vip_addrs.keys()), prev_snat.iter().chain(&plan_snat))?;
     }
     {
         let mut m: HashMap<_, VipAddrKey, VipAddrVal> =
@@ -420,7 +441,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
     }
 
     if !same_addrs || prev.services.is_empty() {
-        write_filter(dp, plan.vip_addrs.keys())?;
+        write_filter(dp, plan.vip_addrs.keys(), plan_snat.iter())?;
     }
 
     // 5. What went away: service entries, then their backends.

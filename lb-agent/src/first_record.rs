@@ -72,7 +72,7 @@ impl FirstRecords {
                     generation: r.generation,
                     last_seen: r.first_seen,
                     state: lb_common::CT_STATE_NEW,
-                    _pad: [0; 3],
+                    snat: [0; 3],
                 };
                 (r.key, val)
             })

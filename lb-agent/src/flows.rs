@@ -305,7 +305,7 @@ mod tests {
             generation: b.generation,
             last_seen: 100,
             state: CT_STATE_ESTABLISHED,
-            _pad: [0; 3],
+            snat: [0; 3],
         };
         let f = flows_of([(key(PROTO_TCP), val)], "established", &plan, &Timeouts::default(), 160);
         assert_eq!((f[0].backend, f[0].backend_port), (Some("198.18.5.11".parse().unwrap()), Some(8080)));

@@ -82,6 +82,15 @@ pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
     h & (VIP_FILTER_BITS - 1)
 }
 
+/// The `VIP_FILTER` bit of a SNAT address (`snat_addresses`, 16-byte form):
+/// another bit than the address's `vip_filter_bit`, so the balancer's VIP test
+/// does not take it for a VIP. `lb_nat_reply` looks a frame up in
+/// `FULLNAT_REVERSE` only when this bit of its destination is set.
+#[inline(always)]
+pub fn snat_filter_bit(addr: &[u8; 16]) -> u32 {
+    vip_filter_bit(addr) ^ (VIP_FILTER_BITS / 2)
+}
+
 /// Name of the balancer's XDP program in the object.
 pub const PROG_BALANCER: &str = "lb_xdp";
 /// Name of the balancer's rare path (ICMP, fragments), tail-called from `lb_xdp`
@@ -314,7 +323,10 @@ pub struct FlowVal {
     pub last_seen: u32,
     /// `CT_STATE_*`.
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// A `fullnat` flow's SNAT address and port (`snat::snat_slot`), written by
+    /// `lb_nat` into its `CT_ESTABLISHED` entry once its mapping is known, so that
+    /// its packets skip the `FULLNAT_FORWARD` lookup; zeros elsewhere.
+    pub snat: [u8; 3],
 }
 
 /// A flow seen once (or a TCP SYN of a service that does not use `FIRST_RECORD`):
@@ -465,7 +477,7 @@ pub const CONFIG_NAT: u32 = 64;
 pub const CONFIG_FULLNAT: u32 = 128;
 
 pub mod snat;
-pub use snat::{SnatFwd, SnatPool, MAX_SNAT_ADDRS, SNAT_PROBES};
+pub use snat::{snat_check, snat_slot, SnatFwd, SnatPool, MAX_SNAT_ADDRS, SNAT_PROBES};
 
 pub mod trace;
 pub use trace::{Decision, TraceBudget, TraceFilter, TraceRecord};

@@ -29,8 +29,10 @@ use crate::{
 
 /// What the tables say about a packet's flow.
 pub enum Lookup {
-    /// A live entry: forward to this backend.
-    Hit { service_id: u32, backend_id: u32, backend: &'static Backend },
+    /// A live entry: forward to this backend. `snat`: the entry's `FlowVal::snat`
+    /// as a word (`CT_ESTABLISHED` only; 0 from `CONNTRACK`, whose entries the
+    /// agent may outlive with the flow's mapping).
+    Hit { service_id: u32, backend_id: u32, backend: &'static Backend, snat: u32 },
     /// Schedule the flow, then `record` the choice where `Slot` says.
     Miss(Slot),
 }
@@ -84,7 +86,8 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
                         }
                     }
                     d.ct = ct_step::HIT_ESTABLISHED;
-                    Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b }
+                    let snat = u32::from_le_bytes([v.snat[0], v.snat[1], v.snat[2], 0]);
+                    Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b, snat }
                 }
                 None => {
                     d.ct = ct_step::RESCHEDULED;
@@ -107,7 +110,7 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
         if taken != first::NONE {
             if let Some(b) = BACKENDS.get(taken as u32) {
                 d.ct = (taken >> 32) as u8;
-                return Lookup::Hit { service_id: b.service_id, backend_id: taken as u32, backend: b };
+                return Lookup::Hit { service_id: b.service_id, backend_id: taken as u32, backend: b, snat: 0 };
             }
         }
     }
@@ -122,7 +125,7 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
         return Lookup::Miss(Slot::New { midflow: false });
     };
     d.ct = if protect { promote(flow, &v, fin) } else { ct_step::HIT_NEW };
-    Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b }
+    Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b, snat: 0 }
 }
 
 /// A SYN whose flow is in `CONNTRACK`, seen once, for `service_id` and a backend
@@ -145,7 +148,9 @@ pub fn repeated_syn(flow: &FlowKey, service_id: u32) -> Option<(u32, &'static Ba
 #[inline(always)]
 fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) -> u8 {
     let state = if fin { CT_STATE_CLOSING } else { CT_STATE_ESTABLISHED };
-    let est = FlowVal { last_seen: now(), state, ..*v };
+    // `snat` is not carried over: `lb_nat` writes it once it has checked the
+    // mapping (a `CONNTRACK` entry may be older than its flow's mapping).
+    let est = FlowVal { last_seen: now(), state, snat: [0; 3], ..*v };
     match CT_ESTABLISHED.insert(flow, &est, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(stat::CT_PROMOTED);
@@ -197,6 +202,11 @@ pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, gene
                 (*p).generation = generation;
                 (*p).last_seen = now;
                 (*p).state = CT_STATE_ESTABLISHED;
+                // A new backend: its SNAT mapping is not known yet.
+                // Byte by byte (an array store becomes a call to a byte-loop `memset`).
+                (*p).snat[0] = 0;
+                (*p).snat[1] = 0;
+                (*p).snat[2] = 0;
             }
         }
     }
@@ -229,7 +239,7 @@ fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32,
             return;
         }
     }
-    let val = FlowVal { backend_id, service_id, generation, last_seen: now(), state: CT_STATE_NEW, _pad: [0; 3] };
+    let val = FlowVal { backend_id, service_id, generation, last_seen: now(), state: CT_STATE_NEW, snat: [0; 3] };
     if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
         count(stat::CONN_INSERT_FAILED);
     } else {

@@ -109,7 +109,7 @@ pub fn take(flow: &FlowKey, hash: u32, fin: bool, now: u32) -> u64 {
         generation,
         last_seen: now,
         state,
-        _pad: [0; 3],
+        snat: [0; 3],
     };
     let step = match CT_ESTABLISHED.insert(flow, &val, BPF_NOEXIST as u64) {
         Ok(()) => {

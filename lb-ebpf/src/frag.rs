@@ -61,7 +61,7 @@ pub fn find(pkt: &Packet, cfg: &Config, d: &mut Decision) -> Option<Lookup> {
     }
     let b = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE)?;
     d.ct = ct_step::FRAG_HIT;
-    Some(Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b })
+    Some(Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b, snat: 0 })
 }
 
 /// Remembers where a first fragment goes.

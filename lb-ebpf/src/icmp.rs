@@ -199,7 +199,7 @@ pub fn peek(flow: &FlowKey, protect: bool, d: &mut Decision) -> Lookup {
         if let Some(v) = unsafe { CT_ESTABLISHED.get(flow) }.copied() {
             if let Some(b) = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE) {
                 d.ct = ct_step::ICMP_HIT;
-                return Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b };
+                return Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b, snat: 0 };
             }
         }
     }
@@ -207,7 +207,7 @@ pub fn peek(flow: &FlowKey, protect: bool, d: &mut Decision) -> Lookup {
     if let Some(v) = unsafe { CONNTRACK.get(flow) }.copied() {
         if let Some(b) = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE) {
             d.ct = ct_step::ICMP_HIT;
-            return Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b };
+            return Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b, snat: 0 };
         }
     }
     d.ct = ct_step::ICMP_MISS;

@@ -57,8 +57,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         count(counter);
         return xdp_action::XDP_PASS;
     }
-    if v as u32 == NAT_ACTION {
-        forward::nat::stash((v >> 32) as u32);
+    if is_nat(v) {
+        forward::nat::stash(v);
         // SAFETY: as above, into `lb_nat` (`forward/nat.rs`).
         unsafe { RARE_PROGS.tail_call(&ctx, NAT_SLOT) };
         count(stat::PASS_NOT_READY);
@@ -164,13 +164,14 @@ fn nat_call(ctx: &XdpContext) -> u64 {
 #[xdp]
 pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
     // `fullnat` replies first (a call, as in `lb_nat`), then `nat`'s, each only
-    // while such a service exists; a frame that is neither's reply may be a
-    // fragment of one, or an ICMP error about a packet sent to a backend of
-    // either (calls of their own: within `nat_reply_call` they would pass the
-    // 512-byte stack).
+    // while such a service exists, `fullnat`'s only for frames to what may be a
+    // SNAT address (`maybe_snat`: a `nat` reply, to a client, skips that
+    // lookup); a frame that is neither's reply may be a fragment of one, or an
+    // ICMP error about a packet sent to a backend of either (calls of their own:
+    // within `nat_reply_call` they would pass the 512-byte stack).
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
     let mut v = forward::fullnat::NOT_FULLNAT;
-    if flags & CONFIG_FULLNAT != 0 {
+    if flags & CONFIG_FULLNAT != 0 && forward::fullnat::maybe_snat(&ctx) {
         v = forward::fullnat::reply_call(&ctx);
     }
     if v == forward::fullnat::NOT_FULLNAT && flags & CONFIG_NAT != 0 {
@@ -204,7 +205,7 @@ fn nat_icmp_reply_call(ctx: &XdpContext) -> u64 {
 #[xdp]
 pub fn lb_rare(ctx: XdpContext) -> u32 {
     let v = rare_fast(&ctx);
-    if v as u32 == NAT_ACTION {
+    if is_nat(v) {
         // An ICMP error about a `nat` flow: translated in `lb_nat`
         // (`forward/nat_icmp.rs`).
         return to_nat(&ctx, v);
@@ -216,7 +217,7 @@ pub fn lb_rare(ctx: XdpContext) -> u32 {
 /// `pass_not_ready` and passed if that slot is empty.
 #[inline(always)]
 fn to_nat(ctx: &XdpContext, v: u64) -> u32 {
-    forward::nat::stash((v >> 32) as u32);
+    forward::nat::stash(v);
     // SAFETY: a tail call into `lb_nat`; control comes back only when it fails.
     unsafe { RARE_PROGS.tail_call(ctx, NAT_SLOT) };
     count(stat::PASS_NOT_READY);
@@ -225,8 +226,15 @@ fn to_nat(ctx: &XdpContext, v: u64) -> u32 {
 
 /// Action of a packed verdict that asks for the rare path.
 const RARE_ACTION: u32 = u32::MAX;
-/// Action of a packed verdict that asks for `lb_nat`.
-const NAT_ACTION: u32 = u32::MAX - 1;
+/// Action of a packed verdict that asks for `lb_nat`: its top byte; the low 24
+/// bits carry the flow's `FlowVal::snat` (`is_nat`).
+const NAT_ACTION: u32 = 0xfe00_0000;
+
+/// Whether a packed verdict asks for `lb_nat`.
+#[inline(always)]
+fn is_nat(v: u64) -> bool {
+    v as u32 & 0xff00_0000 == NAT_ACTION
+}
 
 /// An outcome as the XDP action (low half) and its counter (high half): what the
 /// calls below return, in a register and fully defined (an `Outcome` returned
@@ -236,7 +244,7 @@ fn packed(outcome: Outcome) -> u64 {
     let (action, counter) = match outcome {
         Outcome::Rare => (RARE_ACTION, 0),
         Outcome::Prefix => (RARE_ACTION, TO_PREFIX),
-        Outcome::Nat(word) => (NAT_ACTION, word),
+        Outcome::Nat(word, snat) => (NAT_ACTION | snat & 0xff_ffff, word),
         o => verdict(o),
     };
     (u64::from(counter) << 32) | u64::from(action)
@@ -304,8 +312,8 @@ pub fn lb_xdp_trace(ctx: XdpContext) -> u32 {
     }
     // `nat` packets continue in the untraced `lb_nat` / `lb_nat_reply`: they are
     // counted, not recorded.
-    if v as u32 == NAT_ACTION {
-        forward::nat::stash((v >> 32) as u32);
+    if is_nat(v) {
+        forward::nat::stash(v);
         // SAFETY: as above, into `lb_nat`.
         unsafe { RARE_PROGS.tail_call(&ctx, NAT_SLOT) };
         v = packed(Outcome::Pass(stat::PASS_NOT_READY));
@@ -326,7 +334,7 @@ pub fn lb_rare_trace(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let v = rare_call(&ctx, &mut r.decision);
-    if v as u32 == NAT_ACTION {
+    if is_nat(v) {
         // As in `lb_rare`; counted, not recorded (as `lb_xdp_trace`'s `nat`
         // packets).
         return to_nat(&ctx, v);
@@ -372,7 +380,7 @@ fn verdict(outcome: Outcome) -> (u32, u32) {
         // Never left over: the entry points run the rare path or `lb_nat` for them.
         Outcome::Rare => (xdp_action::XDP_PASS, stat::PASS_NOT_L4),
         Outcome::Prefix => (xdp_action::XDP_PASS, stat::PASS_NOT_VIP),
-        Outcome::Nat(_) => (xdp_action::XDP_PASS, stat::PASS_NOT_READY),
+        Outcome::Nat(..) => (xdp_action::XDP_PASS, stat::PASS_NOT_READY),
     }
 }
 

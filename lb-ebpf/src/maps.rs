@@ -143,6 +143,9 @@ pub struct NatStash {
     pub backend_id: u32,
     /// 1: the flow was scheduled by this packet (write its `NAT_REVERSE` entry).
     pub new_flow: u32,
+    /// The flow's `FlowVal::snat` (`lb_common::snat_slot`) as a word: a
+    /// `fullnat` flow's known SNAT address and port, or 0.
+    pub snat: u32,
 }
 
 /// The running trace's filter (`lb-agent trace`); flags 0 while none runs.

@@ -70,8 +70,9 @@ pub enum Outcome {
     /// To no exact VIP while prefix services exist: for `lb_prefix` (`main.rs`).
     Prefix,
     /// A `nat` service's packet, scheduled: for `lb_nat` (`forward/nat.rs`); the
-    /// backend id and whether the flow is new (`nat::hand_over`).
-    Nat(u32),
+    /// backend id and whether the flow is new (`nat::hand_over`), and the flow's
+    /// `FlowVal::snat` as a word (24 bits).
+    Nat(u32, u32),
 }
 
 /// The outcome of a frame to no exact VIP: `Prefix` while prefix services

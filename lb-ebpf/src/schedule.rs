@@ -172,13 +172,13 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
         None if kind == KIND_ICMP_ERROR => icmp::peek(flow, protect, d),
         None => conntrack::lookup(flow, syn, fin, protect, d),
     };
-    let (service_id, backend_id, backend, new_flow) = match lookup {
-        Lookup::Hit { service_id, backend_id, backend } => {
+    let (service_id, backend_id, backend, new_flow, snat) = match lookup {
+        Lookup::Hit { service_id, backend_id, backend, snat } => {
             if !is_frag_hit {
                 count(stat::CONN_HIT);
             }
             d.service = service_id;
-            (service_id, backend_id, backend, false)
+            (service_id, backend_id, backend, false, snat)
         }
         Lookup::Miss(slot) => {
             let svc = match prefix_svc {
@@ -208,7 +208,7 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
                 None => schedule::<PREFIX>(flow, &svc, d),
             };
             match picked {
-                Ok((id, b)) if again.is_some() => (svc.id, id, b, false),
+                Ok((id, b)) if again.is_some() => (svc.id, id, b, false, 0),
                 Ok((id, b)) => {
                     // An ICMP error is forwarded as its flow's packets would be,
                     // but records nothing. A SYN of a service whose scheduler is
@@ -222,7 +222,7 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
                     if kind != KIND_ICMP_ERROR {
                         conntrack::record(flow, slot, id, svc.id, b.generation, flood);
                     }
-                    (svc.id, id, b, kind != KIND_ICMP_ERROR)
+                    (svc.id, id, b, kind != KIND_ICMP_ERROR, 0)
                 }
                 Err(NoBackend::Empty) if svc.flags & SERVICE_PASS_ON_EMPTY != 0 => {
                     return Outcome::Pass(stat::PASS_ALL_DOWN);
@@ -236,7 +236,7 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
         frag::remember(pkt, backend_id, service_id, backend.generation);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let outcome = forward::deliver(ctx, pkt, flow, backend, cfg, (kind, backend_id, new_flow));
+    let outcome = forward::deliver(ctx, pkt, flow, backend, cfg, (kind, backend_id, new_flow, snat));
     if let Outcome::Out(_) = outcome {
         count_forward(service_id, backend_id, bytes, new_flow);
         if is_frag_hit {

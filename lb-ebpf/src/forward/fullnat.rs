@@ -25,8 +25,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    stat, Backend, Config, FlowKey, NatReverse, CONFIG_FULLNAT, FORWARD_FULLNAT, MAX_SNAT_ADDRS, PROTO_TCP,
-    SNAT_PROBES, SnatFwd,
+    snat_check, snat_filter_bit, snat_slot, stat, v4_mapped, Backend, Config, FlowKey, NatReverse, CONFIG_FULLNAT, FORWARD_FULLNAT, MAX_SNAT_ADDRS,
+    PROTO_TCP, SNAT_PROBES, SnatFwd,
 };
 
 use super::{
@@ -35,8 +35,11 @@ use super::{
 };
 use crate::{
     conntrack,
-    maps::{BACKENDS, CONFIG, CT_CLOCK, FULLNAT_FORWARD, FULLNAT_REVERSE, FULLNAT_SCRATCH, NAT_STASH, SNAT_POOLS},
-    parse::Outcome,
+    maps::{
+        BACKENDS, CONFIG, CT_CLOCK, CT_ESTABLISHED, FULLNAT_FORWARD, FULLNAT_REVERSE, FULLNAT_SCRATCH, NAT_STASH, SNAT_POOLS,
+        VIP_FILTER,
+    },
+    parse::{read_be16, Outcome},
     stats::{count, count_forward},
 };
 
@@ -72,32 +75,42 @@ fn run_inline(ctx: &XdpContext) -> Outcome {
     let s = unsafe { &mut *s };
     let Some((flow, l3, l4, v6, _)) = super::nat_reply::parse(ctx) else { return Outcome::Drop(stat::DROP_NAT_UNSUPPORTED) };
     s.flow = flow;
-    forward_inline(ctx, s, (l3, l4, v6), b, st.backend_id, st.new_flow != 0, cfg)
+    forward_inline(ctx, s, (l3, l4, v6), b, (st.backend_id, st.snat), st.new_flow != 0, cfg)
 }
 
 /// The flow (in `s.flow`), its mapping and the candidate's entry are built in
-/// this CPU's `FULLNAT_SCRATCH`.
+/// this CPU's `FULLNAT_SCRATCH`. An established flow whose `CT_ESTABLISHED`
+/// entry holds its SNAT address and port (`snat`, from `FlowVal::snat`) takes
+/// them from there and its pool: no `FULLNAT_FORWARD` lookup. Any other looks
+/// its mapping up (or makes one) and writes it into that entry (`note_slot`).
 #[inline(always)]
 fn forward_inline(
     ctx: &XdpContext,
     s: &mut Scratch,
     (l3, l4, v6): (usize, usize, bool),
     b: &Backend,
-    backend_id: u32,
+    (backend_id, snat): (u32, u32),
     new_flow: bool,
     cfg: &Config,
 ) -> Outcome {
     let bport = if b.port != 0 { b.port } else { s.flow.dport };
-    // SAFETY: copied out at once.
-    let known = match unsafe { FULLNAT_FORWARD.get(&s.flow) } {
-        Some(m) if m.backend_id == backend_id && m.generation == b.generation && m.backend_port == bport => {
-            copy_words(&mut s.m, m);
-            true
+    if !(snat as u16 != 0 && from_slot(s, b, snat, v6, bport)) {
+        // SAFETY: copied out at once.
+        let known = match unsafe { FULLNAT_FORWARD.get(&s.flow) } {
+            Some(m) if m.backend_id == backend_id && m.generation == b.generation && m.backend_port == bport => {
+                copy_words(&mut s.m, m);
+                true
+            }
+            _ => false,
+        };
+        if !known && !allocate(ctx, s, b, u64::from(backend_id) << 16 | u64::from(bport), v6 as u64) {
+            return Outcome::Drop(stat::DROP_SNAT_EXHAUSTED);
         }
-        _ => false,
-    };
-    if !known && !allocate(ctx, s, b, u64::from(backend_id) << 16 | u64::from(bport), v6 as u64) {
-        return Outcome::Drop(stat::DROP_SNAT_EXHAUSTED);
+        // A flow scheduled by this packet has no `CT_ESTABLISHED` entry yet (or
+        // one just rescheduled): its next packets note it.
+        if !new_flow {
+            note_slot(s, b, backend_id, v6 as u64);
+        }
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     s.macs[..6].copy_from_slice(&b.mac);
@@ -110,6 +123,88 @@ fn forward_inline(
             Outcome::Out(u32::from(b.egress))
         }
         Err(reason) => Outcome::Drop(reason),
+    }
+}
+
+/// The mapping of an established flow from its `FlowVal::snat` (`snat`, as
+/// `lb_common::snat_slot` packs it) into `s.m`: the address at its index in the
+/// service's pool, if that is still the address it names (`snat_check`).
+#[inline(always)]
+fn from_slot(s: &mut Scratch, b: &Backend, snat: u32, v6: bool, bport: u16) -> bool {
+    let Some(pool) = SNAT_POOLS.get(b.service_id) else { return false };
+    let i = ((snat >> 16) & 7) as usize;
+    let n = if v6 { pool.n_v6 } else { pool.n_v4 };
+    if i >= n as usize {
+        return false;
+    }
+    let w = s.m.snat.as_mut_ptr() as *mut u32;
+    // SAFETY: `snat` is the first field of `SnatFwd` (4-aligned, 16 bytes): four
+    // words, written as words (a 10-byte fill becomes a call to a byte loop).
+    unsafe {
+        if v6 {
+            copy16(&mut s.m.snat, &pool.v6[i]);
+        } else {
+            (*w, *w.add(1), *w.add(2)) = (0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]));
+            *w.add(3) = u32::from_ne_bytes(pool.v4[i]);
+        }
+    }
+    if u32::from(snat_check(&s.m.snat)) != (snat >> 19) & 0x1f {
+        return false;
+    }
+    s.m.snat_port = snat as u16;
+    copy16(&mut s.m.backend, &b.addr);
+    s.m.backend_port = bport;
+    true
+}
+
+/// `*dst = *src` for 16-byte addresses at 4-aligned offsets of their structs,
+/// in words (a plain assignment becomes a call to a byte-loop `memmove`).
+#[inline(always)]
+fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
+    let (d, s) = (dst.as_mut_ptr() as *mut u32, src.as_ptr() as *const u32);
+    // SAFETY: every caller's arrays sit at 4-aligned offsets of 4-aligned
+    // structs (`SnatFwd`, `SnatPool::v6`, `Backend::addr`); four words each.
+    unsafe { (*d, *d.add(1), *d.add(2), *d.add(3)) = (*s, *s.add(1), *s.add(2), *s.add(3)) };
+}
+
+/// Writes the flow's mapping (`s.m`) into its `CT_ESTABLISHED` entry
+/// (`FlowVal::snat`) while that entry still names this backend: its next packets
+/// skip the `FULLNAT_FORWARD` lookup (`from_slot`). Only there: a `CONNTRACK`
+/// entry can outlive its mapping (the agent's sweep takes the ports of flows idle
+/// past their timeout back while the LRU still holds their entry), and a flow
+/// moving to `CT_ESTABLISHED` does not take the field along. A call of its own:
+/// its frame is not added to `lb_nat`'s.
+#[inline(never)]
+fn note_slot(s: &mut Scratch, b: &Backend, backend_id: u32, v6: u64) {
+    let Some(pool) = SNAT_POOLS.get(b.service_id) else { return };
+    let n = if v6 != 0 { pool.n_v6 } else { pool.n_v4 } as usize;
+    let w = |a: &[u8; 16], k: usize| u32::from_ne_bytes([a[k], a[k + 1], a[k + 2], a[k + 3]]);
+    let mut i = 0;
+    while i < n && i < MAX_SNAT_ADDRS {
+        let same = if v6 != 0 {
+            let a = &pool.v6[i];
+            (0..4).all(|k| w(a, 4 * k) == w(&s.m.snat, 4 * k))
+        } else {
+            u32::from_ne_bytes(pool.v4[i]) == w(&s.m.snat, 12)
+        };
+        if same {
+            break;
+        }
+        i += 1;
+    }
+    if i >= n || i >= MAX_SNAT_ADDRS {
+        return;
+    }
+    let Some(p) = CT_ESTABLISHED.get_ptr_mut(&s.flow) else { return };
+    let slot = snat_slot(s.m.snat_port, i, snat_check(&s.m.snat));
+    // SAFETY: a live entry; plain stores (a reader racing them sees a check that
+    // does not match, or the old zeros, and looks the mapping up).
+    unsafe {
+        if (*p).backend_id == backend_id && (*p).generation == b.generation {
+            (*p).snat[0] = slot[0];
+            (*p).snat[1] = slot[1];
+            (*p).snat[2] = slot[2];
+        }
     }
 }
 
@@ -236,6 +331,34 @@ pub(super) fn allocate(ctx: &XdpContext, s: &mut Scratch, b: &Backend, id_port: 
         k += 1;
     }
     false
+}
+
+/// Whether the frame's destination may be a SNAT address: its
+/// `lb_common::snat_filter_bit` is set in `VIP_FILTER` (the agent sets the bits
+/// of every pool's addresses). A clear bit: no `FULLNAT_REVERSE` entry has this
+/// destination. Frames that are not IPv4 or IPv6 answer yes (`reply_call`
+/// decides, as before).
+#[inline(always)]
+pub fn maybe_snat(ctx: &XdpContext) -> bool {
+    let Ok(mut ethertype) = read_be16(ctx, 12) else { return true };
+    let mut l3 = 14;
+    if ethertype == 0x8100 || ethertype == 0x88a8 {
+        let Ok(inner) = read_be16(ctx, 16) else { return true };
+        (ethertype, l3) = (inner, 18);
+    }
+    let dst = match ethertype {
+        0x0800 => {
+            let Some(a) = bytes_mut::<4>(ctx, l3 + 16) else { return true };
+            v4_mapped(*a)
+        }
+        0x86dd => {
+            let Some(a) = bytes_mut::<16>(ctx, l3 + 24) else { return true };
+            *a
+        }
+        _ => return true,
+    };
+    let bit = snat_filter_bit(&dst);
+    VIP_FILTER.get(bit >> 6).is_none_or(|w| *w & (1u64 << (bit & 63)) != 0)
 }
 
 /// What `reply_call` returns for a frame that is no `fullnat` reply (the `nat`
@@ -371,17 +494,22 @@ fn ip6<const L2: usize>(ctx: &XdpContext, src: &[u8; 16], dst: &[u8; 16]) -> Res
     }
     h[7] -= 1;
     let mut pseudo = 0;
+    let (h, src, dst) = (h.as_mut_ptr() as *mut u16, src.as_ptr() as *const u16, dst.as_ptr() as *const u16);
     let mut i = 0;
-    // Word by word, each written as soon as it is summed: summing first and
-    // copying after keeps 64 values live (504 bytes of spills).
-    while i < 16 {
-        pseudo = acc(pseudo, word(h, 8 + i), word(src, i));
-        h[8 + i] = src[i];
-        h[9 + i] = src[i + 1];
-        pseudo = acc(pseudo, word(h, 24 + i), word(dst, i));
-        h[24 + i] = dst[i];
-        h[25 + i] = dst[i + 1];
-        i += 2;
+    // In 16-bit words (the header is 2-aligned, the addresses 4-aligned in
+    // their map values), each written as soon as it is summed: summing first
+    // and copying after keeps 64 values live (504 bytes of spills).
+    while i < 8 {
+        // SAFETY: words 4..12 and 12..20 of the 40-byte header checked above,
+        // and of the two 16-byte addresses.
+        unsafe {
+            let (s, d) = (*src.add(i), *dst.add(i));
+            pseudo = acc(pseudo, u16::from_be(*h.add(4 + i)), u16::from_be(s));
+            *h.add(4 + i) = s;
+            pseudo = acc(pseudo, u16::from_be(*h.add(12 + i)), u16::from_be(d));
+            *h.add(12 + i) = d;
+        }
+        i += 1;
     }
     Ok(pseudo)
 }

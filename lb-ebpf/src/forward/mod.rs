@@ -42,13 +42,14 @@ pub(crate) fn fold(mut sum: u32) -> u16 {
 
 /// Forwards the frame of `flow` to `b` (a `nat` backend: leaves it to `lb_nat`).
 #[inline(always)]
-pub fn deliver(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, b: &Backend, cfg: &Config, nat: (u8, u32, bool)) -> Outcome {
+pub fn deliver(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, b: &Backend, cfg: &Config, nat: (u8, u32, bool, u32)) -> Outcome {
     match b.forward {
         FORWARD_DR => dr::rewrite(ctx, b, cfg),
-        // `lb_nat` takes over (`nat.rs`); `kind`, backend id, new flow.
+        // `lb_nat` takes over (`nat.rs`); `kind`, backend id, new flow, the
+        // flow's `FlowVal::snat`.
         // `nat` and `fullnat` (the modes from FORWARD_NAT on): one comparison,
         // as before `fullnat` (two cost lb_xdp ~10,000 verified instructions).
-        mode if mode >= FORWARD_NAT => nat::hand_over(nat.0, nat.1, nat.2),
+        mode if mode >= FORWARD_NAT => nat::hand_over(nat.0, nat.1, nat.2, nat.3),
         mode => tunnel::encapsulate(ctx, pkt, b, cfg, tunnel::flow_mix(flow), mode == FORWARD_GUE),
     }
 }

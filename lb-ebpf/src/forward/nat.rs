@@ -31,32 +31,35 @@ use crate::{
 const NEW_FLOW: u32 = 1 << 31;
 
 /// `lb_xdp`'s half, in the balancer: the decision as `Outcome::Nat`'s word (the
-/// backend id and `NEW_FLOW`), which `lb_xdp` stores in `NAT_STASH` before the tail
-/// call (one store there; a store here, on every path of the balancer, cost the
-/// verifier 140,000 instructions). An ICMP error about a `nat` or `fullnat` flow
-/// and a fragment of one (from `lb_rare`) go to `lb_nat` too, marked
-/// (`nat_icmp.rs`, `nat_frag.rs`).
+/// backend id and `NEW_FLOW`) and the flow's `FlowVal::snat` (`fullnat`: the SNAT
+/// address and port of an established flow, `fullnat.rs`), which `lb_xdp` stores
+/// in `NAT_STASH` before the tail call (one store there; a store here, on every
+/// path of the balancer, cost the verifier 140,000 instructions). An ICMP error
+/// about a `nat` or `fullnat` flow and a fragment of one (from `lb_rare`) go to
+/// `lb_nat` too, marked (`nat_icmp.rs`, `nat_frag.rs`).
 #[inline(always)]
-pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool) -> Outcome {
+pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool, snat: u32) -> Outcome {
     let new = if new_flow { NEW_FLOW } else { 0 };
     if kind == KIND_ICMP_ERROR {
-        return Outcome::Nat(backend_id | super::nat_icmp::ICMP_ERROR);
+        return Outcome::Nat(backend_id | super::nat_icmp::ICMP_ERROR, 0);
     }
     if kind == KIND_FRAG_LATER {
-        return Outcome::Nat(backend_id | super::nat_frag::FRAG | super::nat_frag::LATER | new);
+        return Outcome::Nat(backend_id | super::nat_frag::FRAG | super::nat_frag::LATER | new, 0);
     }
     if kind != KIND_L4 {
-        return Outcome::Nat(backend_id | super::nat_frag::FRAG | new);
+        return Outcome::Nat(backend_id | super::nat_frag::FRAG | new, 0);
     }
-    Outcome::Nat(backend_id | new)
+    Outcome::Nat(backend_id | new, snat)
 }
 
-/// Leaves `Outcome::Nat`'s word for `lb_nat` in this CPU's `NAT_STASH`.
+/// Leaves `Outcome::Nat`'s word (high half of the packed verdict) and the
+/// flow's `FlowVal::snat` (low 24 bits) for `lb_nat` in this CPU's `NAT_STASH`.
 #[inline(always)]
-pub fn stash(word: u32) {
+pub fn stash(v: u64) {
+    let word = (v >> 32) as u32;
     if let Some(s) = NAT_STASH.get_ptr_mut(0) {
         // SAFETY: this CPU's entry, read by the program tail-called next.
-        unsafe { *s = NatStash { backend_id: word & !NEW_FLOW, new_flow: word >> 31 } };
+        unsafe { *s = NatStash { backend_id: word & !NEW_FLOW, new_flow: word >> 31, snat: v as u32 & 0xff_ffff } };
     }
 }
 
@@ -235,14 +238,22 @@ fn ip6<const L2: usize, const SRC: bool>(ctx: &XdpContext, addr: &[u8; 16]) -> R
         return Err(stat::DROP_NAT_TTL);
     }
     h[7] -= 1;
-    let at = if SRC { 8 } else { 24 };
+    let at = if SRC { 4 } else { 12 };
     let mut pseudo = 0;
+    let (h, addr) = (h.as_mut_ptr() as *mut u16, addr.as_ptr() as *const u16);
     let mut i = 0;
-    while i < 16 {
-        pseudo = acc(pseudo, word(h, at + i), word(addr, i));
-        i += 2;
+    // In 16-bit words (the header is 2-aligned, the address 4-aligned in its
+    // map value), each written as soon as it is summed.
+    while i < 8 {
+        // SAFETY: words 4..12 or 12..20 of the 40-byte header checked above, and
+        // of the 16-byte address.
+        unsafe {
+            let n = *addr.add(i);
+            pseudo = acc(pseudo, u16::from_be(*h.add(at + i)), u16::from_be(n));
+            *h.add(at + i) = n;
+        }
+        i += 1;
     }
-    h[at..at + 16].copy_from_slice(addr);
     Ok(pseudo)
 }
 

@@ -79,6 +79,7 @@ const FLAGS: &[&str] = &[
     "--failover-only",
     "--nat-only",
     "--newflow-only",
+    "--nat-probe",
     "--dataplane-only",
     "--live-only",
     "--probes-only",
@@ -89,9 +90,11 @@ const FLAGS: &[&str] = &[
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let serve_at = args.iter().position(|a| a == "--scale-serve");
+    let probe_at = args.iter().position(|a| a == "--nat-probe");
     for (i, a) in args.iter().enumerate() {
         let serve_arg = serve_at.is_some_and(|at| i > at && i <= at + 2 && a.parse::<usize>().is_ok());
-        if !FLAGS.contains(&a.as_str()) && !serve_arg {
+        let probe_arg = probe_at.is_some_and(|at| i > at && i <= at + 2);
+        if !FLAGS.contains(&a.as_str()) && !serve_arg && !probe_arg {
             eprintln!(
                 "lb-bench: unknown argument {a:?}\nusage: lb-bench [{}]\n(no argument: every section, written to docs/benchmarks.md)",
                 FLAGS.join(" | ")
@@ -178,6 +181,13 @@ fn main() {
     // Only the probe benchmark, printed and not written (for working on the prober).
     // Only the per-packet sections added with tunnels and tracing (for working on
     // the data plane).
+    if let Some(at) = std::env::args().position(|a| a == "--nat-probe") {
+        let arg = |i: usize| std::env::args().nth(at + i).unwrap_or_default();
+        for class in arg(1).split(',') {
+            nat::probe(class, arg(2).parse().unwrap_or(2.0));
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--nat-only") {
         println!("\n## NAT forwarding: cost per packet\n\n{}", nat::bench_nat(&p));
         return;

@@ -58,8 +58,8 @@ fn not_vip(p: &Params, rounds: u32) -> String {
     let (off, on) = (median(t[0].clone()), median(t[1].clone()));
     format!(
         "A TCP frame to no VIP at repeat {}: {off:.1} ns with no nat service (`CONFIG_NAT` off: one array read \
-         more than before), {on:.1} ns with a nat and a fullnat service (the tail call into `lb_nat_reply` and \
-         its `FULLNAT_REVERSE` and `NAT_REVERSE` misses), {rounds} alternating rounds, medians.",
+         more than before), {on:.1} ns with a nat and a fullnat service (the tail call into `lb_nat_reply`, its \
+         SNAT address filter test and its `NAT_REVERSE` miss), {rounds} alternating rounds, medians.",
         p.repeat
     )
 }
@@ -193,7 +193,9 @@ pub fn bench_nat(p: &Params) -> String {
          `FULLNAT_REVERSE` insert, usually the first candidate); per round the mean of the single runs (outliers \
          over 3x the median left out), then the median over rounds. A reply is a frame to no VIP: `lb_xdp` \
          passes it to `lb_nat_reply` (tail call) only because a nat or fullnat service exists (`CONFIG_NAT`, \
-         `CONFIG_FULLNAT`; a fullnat reply is found in `FULLNAT_REVERSE` first, a nat reply after that miss).",
+         `CONFIG_FULLNAT`; a frame to a SNAT address, by its `VIP_FILTER` bit, is looked up in `FULLNAT_REVERSE` \
+         first, any other in `NAT_REVERSE` only). An established fullnat packet takes its SNAT address and port \
+         from its `CT_ESTABLISHED` entry (`FlowVal::snat`), not from `FULLNAT_FORWARD`.",
         p.repeat,
         p.repeat,
         dr_rep[0],
@@ -204,4 +206,47 @@ pub fn bench_nat(p: &Params) -> String {
         verdict(worst[1])
     );
     md
+}
+
+/// `--nat-probe CLASS SECS`: one class of `bench_nat` run at repeat 1 over and
+/// over for SECS seconds (to profile it with `perf record -e cpu-clock`); prints
+/// the mean. CLASS: dr4 nat4 fnat4 natrep4 fnatrep4 (and ...6), notvip.
+pub fn probe(class: &str, secs: f64) {
+    let cfg = config::parse(&yaml(), "bench-nat.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let plan = Plan::build(&cfg, &fake_macs(&cfg));
+    let mut dp = Dataplane::load(&plan).expect("load the XDP object");
+    dp.write(&plan, IFACE_MAC).expect("fill the maps");
+    let (vip4, vip6): (Ipv4Addr, Ipv6Addr) = ("198.18.0.1".parse().unwrap(), "2001:db8:1::1".parse().unwrap());
+    let (c4, c6): (Ipv4Addr, Ipv6Addr) = ("203.0.113.7".parse().unwrap(), "2001:db8:ff::7".parse().unwrap());
+    let prog: &Xdp = dp.ebpf_mut().program(lb_common::PROG_BALANCER).expect("lb_xdp").try_into().expect("XDP");
+    let v6 = class.ends_with('6');
+    let port = match class.trim_end_matches(['4', '6']) { "dr" => 80, "nat" | "natrep" => 81, _ => 82 };
+    let fwd = if v6 { ipv6_frame(c6, vip6, 40001, port) } else { ipv4_frame(c4, vip4, true, 40001, port) };
+    let frame = if class == "notvip" {
+        ipv4_frame("203.0.113.7".parse().unwrap(), "192.0.2.1".parse().unwrap(), true, 40000, 80)
+    } else if class.contains("rep") {
+        run(prog, &fwd, 1);
+        let o = sent(prog, &fwd);
+        if v6 {
+            let (b, s) = (Ipv6Addr::from(<[u8; 16]>::try_from(&o[38..54]).unwrap()), Ipv6Addr::from(<[u8; 16]>::try_from(&o[22..38]).unwrap()));
+            ipv6_frame(b, s, port, u16::from_be_bytes([o[54], o[55]]))
+        } else {
+            ipv4_frame(Ipv4Addr::new(o[30], o[31], o[32], o[33]), Ipv4Addr::new(o[26], o[27], o[28], o[29]), true, port, u16::from_be_bytes([o[34], o[35]]))
+        }
+    } else {
+        run(prog, &fwd, 1);
+        run(prog, &fwd, 1);
+        fwd
+    };
+    let start = std::time::Instant::now();
+    let mut t = Vec::new();
+    while start.elapsed().as_secs_f64() < secs {
+        if class == "notvip" {
+            let r = prog.test_run(TestRunOptions { data_in: Some(&frame), repeat: 1000, ..TestRunOptions::new() }).expect("run");
+            t.push(r.duration.as_nanos() as f64);
+        } else {
+            t.push(run(prog, &frame, 1));
+        }
+    }
+    println!("{class}: {:.1} ns (median {:.1}, {} runs)", trimmed_mean(t.clone()), median(t.clone()), t.len());
 }
