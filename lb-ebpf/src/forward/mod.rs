@@ -8,6 +8,7 @@ mod dr;
 pub mod egress;
 pub mod fullnat;
 mod fullnat_icmp;
+mod fullnat_reply;
 pub mod nat;
 pub mod nat_frag;
 pub mod nat_icmp;
