@@ -296,7 +296,10 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
         u64::from(p.new_flows),
         "every ACK after its flow's SYN must be a connection-table hit or a midflow miss"
     );
-    assert!(midflow * 50 <= u64::from(p.new_flows), "{midflow} of {} ACKs lost their first record", p.new_flows);
+    // Outstanding handshakes share FIRST_RECORD's slots by hash: about n^2 / 2m
+    // of n collide in m slots (20,000 in 262,144: ~760).
+    assert!(midflow * 10 <= u64::from(p.new_flows), "{midflow} of {} ACKs lost their first record", p.new_flows);
+    eprintln!("lb-bench: {midflow} of {} ACKs found their SYN's first record overwritten (rescheduled by Maglev)", p.new_flows);
     rows.push(PacketRow {
         class: "VIP IPv4 TCP SYN, new flow (miss + insert)",
         action: "TX",
