@@ -19,7 +19,7 @@ pub struct Sizes {
     pub established: u32,
     pub frags: u32,
     /// Prefix services, and `nat` or `fullnat` services: their programs are
-    /// loaded with the others (`Dataplane::load_programs_for`).
+    /// verified with the others when the maps are created (`load_sized`).
     pub prefix: bool,
     pub nat: bool,
 }
