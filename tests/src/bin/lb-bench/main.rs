@@ -9,6 +9,7 @@
 //! `docs/benchmarks.png`; with `--quick` fewer repetitions and sizes are used, the
 //! plot is drawn to a temporary file and removed, and nothing is written.
 
+mod breakdown;
 mod conntrack;
 mod control;
 mod failover;
