@@ -198,7 +198,16 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
     let (ns, min) = per_packet(xdp(&mut dp, lb_common::PROG_BALANCER), &syn, p, XDP_TX);
     let unrecorded = dp.stats().expect("counters").get(stat::CT_SYN_UNRECORDED) - unrecorded;
     let total = p.runs as u64 * u64::from(p.repeat);
-    assert!(unrecorded * 10 >= total * 9, "only {unrecorded} of {total} SYNs above the threshold went unrecorded");
+    // Recorded at most: each CPU's window a second old restarts at its first SYN
+    // past the threshold, so a CPU records up to twice the threshold in the
+    // first window (docs/architecture.md, "SYN floods"), and a window that ends
+    // during the run another thousand.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let most_recorded = (3 * 1000 * cpus).max(total / 10);
+    assert!(
+        unrecorded + most_recorded >= total,
+        "only {unrecorded} of {total} SYNs above the threshold went unrecorded (at most {most_recorded} may be recorded)"
+    );
     dp.set_syn_flood_kps(0).expect("SYN flood threshold");
     rows.push(PacketRow {
         class: "VIP IPv4 TCP SYN during a SYN flood (above `syn_flood_kps`: not recorded)",
