@@ -132,8 +132,15 @@ fn nat_on() -> bool {
 /// `forward/nat.rs`, `forward/fullnat.rs`.
 #[xdp]
 pub fn lb_nat(ctx: XdpContext) -> u32 {
-    // Each path a call of its own, so that neither's stack adds to the other's
-    // (`fullnat` makes calls of its own: the chain must fit 512 bytes).
+    // An established flow's TCP/UDP packet first, on its lean path
+    // (`forward/nat_est.rs`); what that path leaves (`nat_est::FULL_PATH`) and
+    // everything else takes the full one. Each path a call of its own, so
+    // that neither's stack adds to the other's (`fullnat` makes calls of its
+    // own: the chain must fit 512 bytes).
+    let v = forward::nat_est::run(&ctx);
+    if v != forward::nat_est::FULL_PATH {
+        return emit(&ctx, v as u32, (v >> 32) as u32);
+    }
     let rare = forward::nat::rare_stashed();
     let v = if rare & forward::nat_icmp::ICMP_ERROR != 0 {
         nat_icmp_call(&ctx)
@@ -225,15 +232,17 @@ fn to_nat(ctx: &XdpContext, v: u64) -> u32 {
 }
 
 /// Action of a packed verdict that asks for the rare path.
-const RARE_ACTION: u32 = u32::MAX;
-/// Action of a packed verdict that asks for `lb_nat`: its top byte; the low 24
-/// bits carry the flow's `FlowVal::snat` (`is_nat`).
-const NAT_ACTION: u32 = 0xfe00_0000;
+pub(crate) const RARE_ACTION: u32 = u32::MAX;
+/// Action of a packed verdict that asks for `lb_nat`: its top 7 bits; bit 24
+/// says the backend is a `fullnat` one (`forward::nat::FULLNAT_MARK`), the low
+/// 24 bits carry the flow's `FlowVal::snat` (`is_nat`).
+const NAT_ACTION: u32 = 0xfc00_0000;
 
-/// Whether a packed verdict asks for `lb_nat`.
+/// Whether a packed verdict asks for `lb_nat` (neither an XDP action nor
+/// `RARE_ACTION`).
 #[inline(always)]
 fn is_nat(v: u64) -> bool {
-    v as u32 & 0xff00_0000 == NAT_ACTION
+    v as u32 & 0xfe00_0000 == NAT_ACTION
 }
 
 /// An outcome as the XDP action (low half) and its counter (high half): what the
@@ -244,7 +253,7 @@ fn packed(outcome: Outcome) -> u64 {
     let (action, counter) = match outcome {
         Outcome::Rare => (RARE_ACTION, 0),
         Outcome::Prefix => (RARE_ACTION, TO_PREFIX),
-        Outcome::Nat(word, snat) => (NAT_ACTION | snat & 0xff_ffff, word),
+        Outcome::Nat(word, snat) => (NAT_ACTION | snat & (forward::nat::FULLNAT_MARK | 0xff_ffff), word),
         o => verdict(o),
     };
     (u64::from(counter) << 32) | u64::from(action)

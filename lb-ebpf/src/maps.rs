@@ -144,7 +144,8 @@ pub struct NatStash {
     /// 1: the flow was scheduled by this packet (write its `NAT_REVERSE` entry).
     pub new_flow: u32,
     /// The flow's `FlowVal::snat` (`lb_common::snat_slot`) as a word: a
-    /// `fullnat` flow's known SNAT address and port, or 0.
+    /// `fullnat` flow's known SNAT address and port, or 0; bit 24:
+    /// `forward::nat::FULLNAT_MARK`.
     pub snat: u32,
 }
 

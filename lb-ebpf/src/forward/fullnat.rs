@@ -29,10 +29,7 @@ use lb_common::{
     PROTO_TCP, SNAT_PROBES, SnatFwd,
 };
 
-use super::{
-    bytes_mut, fold,
-    nat::{acc, word},
-};
+use super::{be16, bytes_mut, fold, nat::acc, set_be16};
 use crate::{
     maps::{
         BACKENDS, CONFIG, CT_CLOCK, CT_ESTABLISHED, FULLNAT_FORWARD, FULLNAT_REVERSE, FULLNAT_SCRATCH, NAT_STASH, SNAT_POOLS,
@@ -351,6 +348,15 @@ pub(super) fn shape(l3: usize, v6: bool, l4: usize, proto: u8, sport: u16, dport
 /// checksum of 0 kept. `Err`: the counter of the drop.
 #[inline(always)]
 pub(super) fn translate_inline(ctx: &XdpContext, how: u64, src: &[u8; 16], dst: &[u8; 16], macs: &[u8; 12]) -> Result<(), u32> {
+    rewrite(ctx, how, src, dst)?;
+    let eth = bytes_mut::<12>(ctx, 0).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
+    eth.copy_from_slice(macs);
+    Ok(())
+}
+
+/// `translate_inline` without the MACs.
+#[inline(always)]
+pub(super) fn rewrite(ctx: &XdpContext, how: u64, src: &[u8; 16], dst: &[u8; 16]) -> Result<(), u32> {
     let (l3, v6, l4, proto) = ((how & 0xff) as usize, (how >> 8) & 1 != 0, ((how >> 16) & 0xff) as usize, (how >> 24) as u8);
     let (sport, dport) = ((how >> 32) as u16, (how >> 48) as u16);
     let delta = match (l3, v6) {
@@ -365,10 +371,7 @@ pub(super) fn translate_inline(ctx: &XdpContext, how: u64, src: &[u8; 16], dst: 
     } else {
         l4_ports::<8, 6>(ctx, l4, delta, sport, dport, !v6)
     };
-    done.ok_or(stat::DROP_NAT_UNSUPPORTED)?;
-    let eth = bytes_mut::<12>(ctx, 0).ok_or(stat::DROP_NAT_UNSUPPORTED)?;
-    eth.copy_from_slice(macs);
-    Ok(())
+    done.ok_or(stat::DROP_NAT_UNSUPPORTED)
 }
 
 /// `translate_inline` for a later fragment (no TCP/UDP header): both addresses,
@@ -393,19 +396,21 @@ fn ip4<const L2: usize>(ctx: &XdpContext, src: &[u8; 16], dst: &[u8; 16]) -> Res
     if h[8] <= 1 {
         return Err(stat::DROP_NAT_TTL);
     }
-    let mut ip = u32::from(!word(h, 10));
-    let old_ttl = word(h, 8);
-    h[8] -= 1;
-    ip = acc(ip, old_ttl, word(h, 8));
+    let mut ip = u32::from(!be16(h, 10));
+    let old_ttl = be16(h, 8);
+    let new_ttl = old_ttl - 0x100;
+    set_be16(h, 8, new_ttl);
+    ip = acc(ip, old_ttl, new_ttl);
     let mut pseudo = 0;
     for (at, addr) in [(12, src), (16, dst)] {
-        let (o0, o1) = (word(h, at), word(h, at + 2));
-        let (n0, n1) = (word(addr, 12), word(addr, 14));
+        let (o0, o1) = (be16(h, at), be16(h, at + 2));
+        let (n0, n1) = (be16(addr, 12), be16(addr, 14));
         ip = acc(acc(ip, o0, n0), o1, n1);
         pseudo = acc(acc(pseudo, o0, n0), o1, n1);
-        h[at..at + 4].copy_from_slice(&addr[12..16]);
+        set_be16(h, at, n0);
+        set_be16(h, at + 2, n1);
     }
-    h[10..12].copy_from_slice(&fold(ip).to_be_bytes());
+    set_be16(h, 10, fold(ip));
     Ok(pseudo)
 }
 
@@ -450,10 +455,10 @@ fn l4_ports<const N: usize, const C: usize>(
     zero_is_none: bool,
 ) -> Option<()> {
     let h = bytes_mut::<N>(ctx, l4)?;
-    let delta = acc(acc(delta, word(h, 0), sport), word(h, 2), dport);
-    h[0..2].copy_from_slice(&sport.to_be_bytes());
-    h[2..4].copy_from_slice(&dport.to_be_bytes());
-    let old = word(h, C);
+    let delta = acc(acc(delta, be16(h, 0), sport), be16(h, 2), dport);
+    set_be16(h, 0, sport);
+    set_be16(h, 2, dport);
+    let old = be16(h, C);
     if zero_is_none && old == 0 {
         return Some(());
     }
@@ -461,6 +466,6 @@ fn l4_ports<const N: usize, const C: usize>(
     if zero_is_none && sum == 0 {
         sum = 0xffff;
     }
-    h[C..C + 2].copy_from_slice(&sum.to_be_bytes());
+    set_be16(h, C, sum);
     Some(())
 }

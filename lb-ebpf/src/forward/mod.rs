@@ -11,6 +11,7 @@ mod fullnat_icmp;
 mod fullnat_reply;
 pub mod nat;
 pub mod nat_frag;
+pub mod nat_est;
 pub mod nat_icmp;
 pub use fullnat::Scratch as FullnatScratch;
 pub mod nat_reply;
@@ -18,7 +19,7 @@ mod too_big;
 mod tunnel;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Backend, Config, FlowKey, FORWARD_DR, FORWARD_GUE, FORWARD_NAT};
+use lb_common::{Backend, Config, FlowKey, FORWARD_DR, FORWARD_FULLNAT, FORWARD_GUE, FORWARD_NAT};
 
 use crate::parse::{Outcome, Packet};
 
@@ -31,6 +32,27 @@ pub(crate) fn bytes_mut<const N: usize>(ctx: &XdpContext, offset: usize) -> Opti
     }
     // SAFETY: bounds checked just above; XDP frames are writable.
     Some(unsafe { &mut *((start + offset) as *mut [u8; N]) })
+}
+
+/// The big-endian 16-bit word at byte `i` of `b`, in one load (`word` in
+/// `nat.rs` makes two byte loads of it). For the rewrite's header fields and
+/// addresses only: each sits at an even offset of a 2-aligned frame (the IP
+/// header at 14 or 18, the TCP/UDP header a multiple of 4 bytes further) or of
+/// a 4-aligned map value (`Backend::addr`, `SnatPool`, `NatReverse`), as
+/// `nat::ip6` has always assumed.
+#[inline(always)]
+pub(crate) fn be16(b: &[u8], i: usize) -> u16 {
+    let w = &b[i..i + 2];
+    // SAFETY: two bytes in bounds, 2-aligned as said above.
+    u16::from_be(unsafe { *(w.as_ptr() as *const u16) })
+}
+
+/// Stores `v` big-endian at byte `i` of `b` in one store (as `be16`).
+#[inline(always)]
+pub(crate) fn set_be16(b: &mut [u8], i: usize, v: u16) {
+    let w = &mut b[i..i + 2];
+    // SAFETY: as in `be16`.
+    unsafe { *(w.as_mut_ptr() as *mut u16) = v.to_be() };
 }
 
 /// RFC 1071 one's-complement sum folded to 16 bits and inverted.
@@ -50,7 +72,7 @@ pub fn deliver(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, b: &Backend, cfg:
         // flow's `FlowVal::snat`.
         // `nat` and `fullnat` (the modes from FORWARD_NAT on): one comparison,
         // as before `fullnat` (two cost lb_xdp ~10,000 verified instructions).
-        mode if mode >= FORWARD_NAT => nat::hand_over(nat.0, nat.1, nat.2, nat.3),
+        mode if mode >= FORWARD_NAT => nat::hand_over(nat.0, nat.1, nat.2, nat.3, mode == FORWARD_FULLNAT),
         mode => tunnel::encapsulate(ctx, pkt, b, cfg, tunnel::flow_mix(flow), mode == FORWARD_GUE),
     }
 }

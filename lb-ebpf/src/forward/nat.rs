@@ -20,7 +20,7 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{stat, FlowKey, NatReverse, PROTO_TCP};
 
-use super::{bytes_mut, fold};
+use super::{be16, bytes_mut, fold, set_be16};
 use crate::{
     maps::{NatStash, BACKENDS, CONFIG, NAT_REVERSE, NAT_STASH},
     parse::{self, Outcome, Packet, KIND_FRAG_LATER, KIND_ICMP_ERROR, KIND_L4},
@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// Bit of `Outcome::Nat`'s word: the flow was scheduled by this packet.
-const NEW_FLOW: u32 = 1 << 31;
+pub(super) const NEW_FLOW: u32 = 1 << 31;
 
 /// `lb_xdp`'s half, in the balancer: the decision as `Outcome::Nat`'s word (the
 /// backend id and `NEW_FLOW`) and the flow's `FlowVal::snat` (`fullnat`: the SNAT
@@ -37,8 +37,9 @@ const NEW_FLOW: u32 = 1 << 31;
 /// path of the balancer, cost the verifier 140,000 instructions). An ICMP error
 /// about a `nat` or `fullnat` flow and a fragment of one (from `lb_rare`) go to
 /// `lb_nat` too, marked (`nat_icmp.rs`, `nat_frag.rs`).
+/// `fullnat`: the backend is a `fullnat` one (`FULLNAT_MARK` in the last word).
 #[inline(always)]
-pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool, snat: u32) -> Outcome {
+pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool, snat: u32, fullnat: bool) -> Outcome {
     let new = if new_flow { NEW_FLOW } else { 0 };
     if kind == KIND_ICMP_ERROR {
         return Outcome::Nat(backend_id | super::nat_icmp::ICMP_ERROR, 0);
@@ -49,17 +50,23 @@ pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool, snat: u32) -> Outcom
     if kind != KIND_L4 {
         return Outcome::Nat(backend_id | super::nat_frag::FRAG | new, 0);
     }
-    Outcome::Nat(backend_id | new, snat)
+    Outcome::Nat(backend_id | new, snat & 0xff_ffff | u32::from(fullnat) << 24)
 }
 
+/// Bit of `Outcome::Nat`'s second word and of `NatStash::snat`: the backend is
+/// a `fullnat` one (set only for a TCP/UDP packet: `nat_est.rs` reads it).
+pub const FULLNAT_MARK: u32 = 1 << 24;
+const _: () = assert!(FULLNAT_MARK == 1 << 24, "hand_over shifts the mark by 24");
+
 /// Leaves `Outcome::Nat`'s word (high half of the packed verdict) and the
-/// flow's `FlowVal::snat` (low 24 bits) for `lb_nat` in this CPU's `NAT_STASH`.
+/// flow's `FlowVal::snat` (low 24 bits, with `FULLNAT_MARK`) for `lb_nat` in
+/// this CPU's `NAT_STASH`.
 #[inline(always)]
 pub fn stash(v: u64) {
     let word = (v >> 32) as u32;
     if let Some(s) = NAT_STASH.get_ptr_mut(0) {
         // SAFETY: this CPU's entry, read by the program tail-called next.
-        unsafe { *s = NatStash { backend_id: word & !NEW_FLOW, new_flow: word >> 31, snat: v as u32 & 0xff_ffff } };
+        unsafe { *s = NatStash { backend_id: word & !NEW_FLOW, new_flow: word >> 31, snat: v as u32 & (FULLNAT_MARK | 0xff_ffff) } };
     }
 }
 
@@ -143,11 +150,6 @@ pub(super) fn acc(sum: u32, old: u16, new: u16) -> u32 {
     sum + u32::from(!old) + u32::from(new)
 }
 
-#[inline(always)]
-pub(super) fn word(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([b[i], b[i + 1]])
-}
-
 /// Rewrites one end of the packet, its source (`SRC`: a reply) or its destination,
 /// to `addr`:`port`, decrements the TTL / hop limit and sets the MACs. `Err`: the
 /// counter of the drop.
@@ -216,17 +218,19 @@ fn ip4<const L2: usize, const SRC: bool>(ctx: &XdpContext, addr: &[u8; 16]) -> R
         return Err(stat::DROP_NAT_TTL);
     }
     let at = if SRC { 12 } else { 16 };
-    let mut ip = u32::from(!word(h, 10));
-    let old_ttl = word(h, 8);
-    h[8] -= 1;
-    ip = acc(ip, old_ttl, word(h, 8));
+    let mut ip = u32::from(!be16(h, 10));
+    let old_ttl = be16(h, 8);
+    let new_ttl = old_ttl - 0x100;
+    set_be16(h, 8, new_ttl);
+    ip = acc(ip, old_ttl, new_ttl);
     let mut pseudo = 0;
-    let (o0, o1) = (word(h, at), word(h, at + 2));
-    let (n0, n1) = (word(addr, 12), word(addr, 14));
+    let (o0, o1) = (be16(h, at), be16(h, at + 2));
+    let (n0, n1) = (be16(addr, 12), be16(addr, 14));
     ip = acc(acc(ip, o0, n0), o1, n1);
     pseudo = acc(acc(pseudo, o0, n0), o1, n1);
-    h[at..at + 4].copy_from_slice(&addr[12..16]);
-    h[10..12].copy_from_slice(&fold(ip).to_be_bytes());
+    set_be16(h, at, n0);
+    set_be16(h, at + 2, n1);
+    set_be16(h, 10, fold(ip));
     Ok(pseudo)
 }
 
@@ -270,9 +274,9 @@ fn l4_ports<const N: usize, const C: usize, const SRC: bool>(
 ) -> Option<()> {
     let h = bytes_mut::<N>(ctx, l4)?;
     let at = if SRC { 0 } else { 2 };
-    let delta = acc(delta, word(h, at), port);
-    h[at..at + 2].copy_from_slice(&port.to_be_bytes());
-    let old = word(h, C);
+    let delta = acc(delta, be16(h, at), port);
+    set_be16(h, at, port);
+    let old = be16(h, C);
     if zero_is_none && old == 0 {
         return Some(());
     }
@@ -280,6 +284,6 @@ fn l4_ports<const N: usize, const C: usize, const SRC: bool>(
     if zero_is_none && sum == 0 {
         sum = 0xffff;
     }
-    h[C..C + 2].copy_from_slice(&sum.to_be_bytes());
+    set_be16(h, C, sum);
     Some(())
 }

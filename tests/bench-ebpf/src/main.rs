@@ -259,6 +259,42 @@ pub fn bench_untunnel(ctx: XdpContext) -> u32 {
     xdp_action::XDP_ABORTED
 }
 
+/// `bench_restore`'s template, index 0: the frame's first 74 bytes (Ethernet,
+/// IPv6 and TCP headers; an IPv4 frame's first 54 fill the front), and at byte 79
+/// which length to write back: 1 for 74, 0 for 54.
+#[map]
+static RESTORE: Array<[u8; 80]> = Array::with_max_entries(1, 0);
+/// Index 0: the balancer program `bench_restore` hands the frame to.
+#[map]
+static RESTORE_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Writes the template's headers over the frame, then tail-calls the balancer:
+/// a program that rewrites the frame in place (`nat`, `fullnat`: addresses,
+/// ports, checksums, TTL) sees the same frame on every repeat of
+/// BPF_PROG_TEST_RUN. The same copy for every mode of a family, so it cancels
+/// in their difference.
+#[xdp]
+pub fn bench_restore(ctx: XdpContext) -> u32 {
+    let Some(t) = RESTORE.get(0) else { return xdp_action::XDP_ABORTED };
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if t[79] != 0 {
+        if start + 74 > end {
+            return xdp_action::XDP_ABORTED;
+        }
+        // SAFETY: 74 bytes within the packet (checked above), from the map value.
+        unsafe { *(start as *mut [u8; 74]) = *(t.as_ptr() as *const [u8; 74]) };
+    } else {
+        if start + 54 > end {
+            return xdp_action::XDP_ABORTED;
+        }
+        // SAFETY: as above, 54 bytes.
+        unsafe { *(start as *mut [u8; 54]) = *(t.as_ptr() as *const [u8; 54]) };
+    }
+    // SAFETY: a tail call; control comes back only when it fails (empty slot).
+    unsafe { RESTORE_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
 /// `bench_newflow`'s settings and state, shared by all CPUs (the benchmark runs
 /// one repeated run at a time): index 0 the step (0 or 1), index 1 the sequence.
 #[map]

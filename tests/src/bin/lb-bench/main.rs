@@ -28,6 +28,7 @@ mod prefix;
 mod schedulers;
 mod topo;
 mod nat;
+mod nat_restore;
 mod newflow;
 mod tunnel;
 mod trace;
