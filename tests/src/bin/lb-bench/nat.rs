@@ -74,10 +74,16 @@ fn sent(prog: &Xdp, frame: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `LB_BENCH_NAT_OBJECT=PATH` measures another build of lb-ebpf (an earlier
+/// commit's, to compare) with the same maps and frames.
 pub fn bench_nat(p: &Params) -> String {
     let cfg = config::parse(&yaml(), "bench-nat.yaml").unwrap_or_else(|e| panic!("{e}"));
     let plan = Plan::build(&cfg, &fake_macs(&cfg));
-    let mut dp = Dataplane::load(&plan).expect("load the XDP object");
+    let mut dp = match std::env::var("LB_BENCH_NAT_OBJECT") {
+        Ok(path) => Dataplane::load_object(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")), &plan),
+        Err(_) => Dataplane::load(&plan),
+    }
+    .expect("load the XDP object");
     dp.write(&plan, IFACE_MAC).expect("fill the maps");
     let (vip4, vip6): (Ipv4Addr, Ipv6Addr) = ("198.18.0.1".parse().unwrap(), "2001:db8:1::1".parse().unwrap());
     let (c4, c6): (Ipv4Addr, Ipv6Addr) = ("203.0.113.7".parse().unwrap(), "2001:db8:ff::7".parse().unwrap());
