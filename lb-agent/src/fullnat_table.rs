@@ -14,8 +14,10 @@
 //! writes the reverse entry just before the mapping, and a sweep between the two
 //! must not take the port back.
 
+use std::collections::BTreeSet;
+
 use aya::maps::{HashMap, MapData};
-use lb_common::{FlowKey, FlowVal, NatReverse, SnatFwd, CT_STATE_NEW};
+use lb_common::{FlowKey, FlowVal, NatReverse, SnatFwd, SnatPool, CT_STATE_NEW};
 
 use crate::{
     config::Timeouts,
@@ -119,4 +121,34 @@ mod tests {
         let val = NatReverse { vip: [2; 16], vport: 80, client: [1; 16], cport: 40000, ..Default::default() };
         assert_eq!(forward_flow(&rk, &val), flow);
     }
+}
+
+/// Whether a reload moves an address of a `fullnat` pool: an index that held
+/// one address now holds another. An established flow's `FlowVal::snat` names
+/// its SNAT address by index and a 5-bit check of it; one flow in 32 on a moved
+/// index would pass the check with the new address (`forget_moved_slots`).
+pub fn addresses_moved(old: &SnatPool, new: &SnatPool) -> bool {
+    let (o4, n4) = (usize::from(old.n_v4).min(old.v4.len()), usize::from(new.n_v4).min(new.v4.len()));
+    let (o6, n6) = (usize::from(old.n_v6).min(old.v6.len()), usize::from(new.n_v6).min(new.v6.len()));
+    (0..o4).any(|i| i < n4 && old.v4[i] != new.v4[i]) || (0..o6).any(|i| i < n6 && old.v6[i] != new.v6[i])
+}
+
+/// Clears the SNAT slot (`FlowVal::snat`) of every `CT_ESTABLISHED` entry of the
+/// services in `services` (pools whose addresses moved, written just before):
+/// their next packets look their mapping up in `FULLNAT_FORWARD` (which names the
+/// address itself) and note the slot again against the new pool. Entries are
+/// rewritten only while they exist (`BPF_EXIST`); a packet updating one between
+/// the read and the write has its `last_seen` set back by that instant. Returns
+/// the entries cleared.
+pub fn forget_moved_slots(established: &mut HashMap<&mut MapData, FlowKey, FlowVal>, services: &BTreeSet<u32>) -> u64 {
+    const BPF_EXIST: u64 = 2;
+    let keys: Vec<FlowKey> = established.keys().filter_map(Result::ok).collect();
+    let mut cleared = 0;
+    for k in keys {
+        let Ok(v) = established.get(&k, 0) else { continue };
+        if v.snat != [0; 3] && services.contains(&v.service_id) && established.insert(k, FlowVal { snat: [0; 3], ..v }, BPF_EXIST).is_ok() {
+            cleared += 1;
+        }
+    }
+    cleared
 }

@@ -197,3 +197,35 @@ fn a_nat_reply_is_translated_while_a_fullnat_service_exists() {
     assert_eq!(lab.count(stat::NAT_REPLY), 1);
     assert_eq!(lab.count(stat::FULLNAT_REPLY), 0);
 }
+
+#[test]
+fn a_reload_that_moves_a_pool_address_clears_the_flows_slots() {
+    let mut lab = Lab::new();
+    let (client, vip) = (IpAddr::V4(Ipv4Addr::new(198, 18, 10, 11)), IpAddr::V4(Ipv4Addr::new(198, 18, 1, 10)));
+    let (m, v) = establish(&mut lab, client, vip, 40003);
+    assert_ne!(v.snat, [0; 3], "the entry holds the SNAT slot");
+    assert_eq!(m.snat, addr16("198.18.0.2".parse().unwrap()), "the pool's first address");
+    // The reload puts at index 0 an address whose 5-bit check is the old one's:
+    // the slot alone cannot tell them apart, so the agent clears it.
+    let same_check = (4..=254)
+        .map(|x| Ipv4Addr::new(198, 18, 0, x))
+        .find(|a| snat_check(&addr16(IpAddr::V4(*a))) == snat_check(&m.snat))
+        .expect("an address of 198.18.0.0/24 with the same check");
+    let yaml = YAML.replace("198.18.0.2, 198.18.0.3", &format!("{same_check}, 198.18.0.3"));
+    let cfg = config::parse(&yaml, "packet_fullnat_est.rs").expect("reloaded config");
+    let macs: BTreeMap<IpAddr, [u8; 6]> = Plan::backend_addresses(&cfg).into_iter().map(|a| (a, [2, 0xbe, 0, 0, 0, 1])).collect();
+    let plan = Plan::build(&cfg, &macs);
+    lab.dp.write(&plan, LB_MAC).expect("apply the reload");
+    let key = flow(client, vip, 40003);
+    let entry = lab.hash::<FlowVal>(map_names::CT_ESTABLISHED).get(&key, 0).expect("the entry is kept");
+    assert_eq!(entry.snat, [0; 3], "the slot of a flow on a moved pool address is cleared");
+    assert_eq!((entry.backend_id, entry.service_id), (v.backend_id, v.service_id), "the rest of the entry kept");
+    // The flow keeps its mapping's address and port, then notes no slot (its
+    // address is in the pool no more).
+    for n in 0..3 {
+        let (rc, out) = lab.run(&frame(client, vip, 40003, 80));
+        assert_eq!(rc, XDP_TX);
+        let (src, sport, _, _) = ends(&out, false);
+        assert_eq!((addr16(src), sport), (m.snat, m.snat_port), "packet {n} after the reload: from the mapping's address and port");
+    }
+}
