@@ -273,3 +273,28 @@ fn a_later_fragment_before_its_first_is_dropped() {
         assert_eq!(rc, XDP_DROP, "{what}: dropped");
     }
 }
+
+#[test]
+fn a_fragmented_reply_keeps_the_flow_fresh() {
+    use aya::maps::{HashMap, MapData};
+    use lb_common::{map_names, FlowKey, FlowVal};
+    let mut lab = lab();
+    let mut cport = 46000;
+    for c in cases() {
+        cport += 1;
+        let what = format!("reply of {}", c.name(cport));
+        // Two packets: the flow is in `CT_ESTABLISHED`.
+        c.open(&mut lab, cport, &what);
+        let sport = c.open(&mut lab, cport, &what);
+        let key = FlowKey { src: lb_tests::frames::addr16(c.client), dst: lb_tests::frames::addr16(c.vip), sport: cport, dport: c.vport, proto: c.proto, _pad: [0; 3] };
+        let mut table: HashMap<MapData, FlowKey, FlowVal> =
+            HashMap::try_from(aya::maps::Map::HashMap(lab.dp.map_handle(map_names::CT_ESTABLISHED).expect("map"))).expect("hash map");
+        let est = table.get(&key, 0).unwrap_or_else(|_| panic!("{what}: established after two packets"));
+        assert_ne!(est.last_seen, 0, "{what}: the clock runs");
+        table.insert(key, FlowVal { last_seen: 0, ..est }, 0).expect("age the entry");
+        let frames = c.reply_fragments(sport, 3000, 0x7700 + u32::from(cport));
+        c.send(&mut lab, &frames, &what);
+        let fresh = table.get(&key, 0).expect("entry");
+        assert_eq!(fresh.last_seen, est.last_seen, "{what}: the fragmented reply refreshed the flow");
+    }
+}

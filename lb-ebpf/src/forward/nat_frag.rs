@@ -26,7 +26,8 @@
 //!
 //! Fragmented replies (backend to client, or to a SNAT address) are translated
 //! in `lb_nat_reply` (`reply`): the first fragment by the reply's reverse entry,
-//! the later ones by the ports it leaves in `FRAGS`.
+//! the later ones by the ports it leaves in `FRAGS`; the first keeps the flow's
+//! connection-table entry fresh, as a whole reply does.
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{
@@ -36,6 +37,7 @@ use lb_common::{
 
 use super::{bytes_mut, fullnat, nat};
 use crate::{
+    conntrack,
     maps::{
         BACKENDS, CONFIG, CT_CLOCK, FRAGS, FULLNAT_FORWARD, FULLNAT_REVERSE, FULLNAT_SCRATCH, NAT_REVERSE, NAT_STASH,
         SCRATCH,
@@ -245,14 +247,15 @@ fn reply_inline(ctx: &XdpContext) -> u64 {
         s.key.dport = v.dport;
     }
     let mut full = true;
-    // SAFETY: live entries, read in place (freed only after this run).
-    let mut r = if cfg.flags & CONFIG_FULLNAT != 0 { unsafe { FULLNAT_REVERSE.get(&s.key) } } else { None };
-    if r.is_none() && cfg.flags & CONFIG_NAT != 0 {
-        // SAFETY: as above.
-        r = unsafe { NAT_REVERSE.get(&s.key) };
+    let mut p = if cfg.flags & CONFIG_FULLNAT != 0 { FULLNAT_REVERSE.get_ptr_mut(&s.key) } else { None };
+    if p.is_none() && cfg.flags & CONFIG_NAT != 0 {
+        p = NAT_REVERSE.get_ptr_mut(&s.key);
         full = false;
     }
-    let Some(r) = r else { return not_ours };
+    let Some(p) = p else { return not_ours };
+    // SAFETY: a live entry, read in place (freed only after this run; only
+    // `seen` is written, by `reply_due`).
+    let r = unsafe { &*p };
     if !later {
         f.frag_val.backend_id = r.backend_id;
         f.frag_val.service_id = r.service_id;
@@ -277,7 +280,16 @@ fn reply_inline(ctx: &XdpContext) -> u64 {
     };
     match done {
         // By the interface the flow's first frame came in on (two-arm: redirected).
-        Ok(()) => super::nat_reply::sent_back(r.egress, if full { stat::FULLNAT_REPLY } else { stat::NAT_REPLY }),
+        Ok(()) => {
+            // A first fragment keeps the flow fresh as a whole reply does (a FIN
+            // in a fragmented reply is not followed: whole replies close flows).
+            // SAFETY: a field of the live entry.
+            if !later && conntrack::reply_due(unsafe { &raw mut (*p).seen }, false) {
+                let flow = FlowKey { src: r.client, dst: r.vip, sport: r.cport, dport: r.vport, proto: s.key.proto, _pad: [0; 3] };
+                conntrack::follow_reply(&flow, false);
+            }
+            super::nat_reply::sent_back(r.egress, if full { stat::FULLNAT_REPLY } else { stat::NAT_REPLY })
+        }
         Err(reason) => crate::packed(Outcome::Drop(reason)),
     }
 }
