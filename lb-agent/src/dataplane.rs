@@ -26,7 +26,7 @@ mod trace_hook;
 
 use programs::{load_retrying, prog_name, program, set_rare_slot};
 pub use sizes::{map_sizes, Opening, Sizes};
-pub use stats::Stats;
+pub use stats::{Stats, StatsMaps};
 
 use crate::{
     apply::{self, Capacity, MaglevMap, Placement, Regions, Summary},
@@ -424,6 +424,11 @@ impl Dataplane {
     /// what `BACKEND_CONNS` holds by backend id, if known (`conntrack::Bases`).
     pub fn stats_of(&mut self, services: u32, backends: u32, conn_bases: &[lb_common::BackendConns]) -> Result<Stats> {
         Stats::read_loaded(&mut self.ebpf, Some((services, backends)), conn_bases)
+    }
+
+    /// Handles of the counter maps, to read them away from the `Dataplane`.
+    pub fn stats_maps(&mut self) -> Result<StatsMaps> {
+        StatsMaps::of(&mut self.ebpf)
     }
 }
 

@@ -89,7 +89,7 @@ impl Sampler {
         }
         // Indexes, not searches: thousands of services, tens of thousands of backends.
         let configs: BTreeMap<&str, &crate::config::ServiceConfig> =
-            ctx.config.services.iter().map(|c| (c.name.as_str(), c)).collect();
+            ctx.config.services.iter().map(|c| (c.name.as_str(), &**c)).collect();
         let by_id = plan.backends_by_id();
         let mut mac = String::with_capacity(17);
         status.services.truncate(plan.services.len());

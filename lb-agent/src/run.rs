@@ -39,6 +39,7 @@ mod calls;
 mod events;
 mod reloading;
 mod routes;
+mod stats_reader;
 use routes::report_unusable;
 mod trace_session;
 
@@ -67,6 +68,8 @@ struct Agent {
     config: Config,
     /// The file's bytes when last read, to notice edits.
     seen: Vec<u8>,
+    /// The file's length and modification time when last read (`file_tick`).
+    seen_meta: Option<(u64, Option<std::time::SystemTime>)>,
     /// The bytes of the configuration in force: a reload of the same bytes is a no-op.
     in_force: Arc<[u8]>,
     /// Where the services are in a text (the one in force, if the pointers are
@@ -97,6 +100,8 @@ struct Agent {
     drained: BTreeSet<(String, IpAddr)>,
     status: Arc<RwLock<Status>>,
     sampler: Sampler,
+    /// Reads the counters for the periodic status refresh off the loop.
+    stats_reader: stats_reader::StatsReader,
     /// Published by the connection-table sweeper.
     conntrack: Arc<Mutex<TableStatus>>,
     /// What the sweeper last wrote into `BACKEND_CONNS`.
@@ -271,6 +276,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let conntrack = Arc::new(Mutex::new(TableStatus::default()));
     let conn_bases = crate::conntrack::Bases::default();
     let (reloads, mut parsed) = reloading::Reloads::new();
+    let (stats_reader, mut stats_read) =
+        stats_reader::StatsReader::start(dp.stats_maps().context("opening the counter maps")?, conn_bases.clone());
     // Announced only now that the program is attached and the maps filled.
     announce.update(&plan);
     let mut agent = Agent {
@@ -279,6 +286,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         in_force,
         in_force_cut: None,
         seen,
+        seen_meta: None,
         arms,
         nl,
         macs,
@@ -297,6 +305,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         drained: BTreeSet::new(),
         status: Arc::new(RwLock::new(Status::default())),
         sampler: Sampler::default(),
+        stats_reader,
         conntrack: conntrack.clone(),
         conn_bases: conn_bases.clone(),
         timeouts,
@@ -327,19 +336,16 @@ async fn run_async(args: RunArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = hup.recv() => agent.request_reload("SIGHUP", None),
-            _ = file_tick.tick() => {
-                if let Ok(bytes) = std::fs::read(&agent.args.config) && bytes != agent.seen {
-                    agent.reload_bytes(bytes, "the file changed", None);
-                }
-            }
+            _ = file_tick.tick() => agent.file_tick(),
             Some(p) = parsed.recv() => agent.on_parsed(p),
             Some(ev) = health_rx.recv() => agent.on_health(ev),
             Some(ev) = neigh_events.recv() => agent.on_neighbour(ev),
             _ = resolve_tick.tick() => agent.resolve_missing().await,
             _ = status_tick.tick() => {
-                agent.refresh_status();
+                agent.request_stats();
                 agent.trace_tick();
             }
+            Some(stats) = stats_read.recv() => agent.on_stats(stats),
             Some(call) = calls.recv() => agent.on_call(call),
             Some(raw) = trace_records.recv() => agent.on_trace_record(raw),
         }

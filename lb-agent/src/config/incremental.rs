@@ -149,10 +149,18 @@ pub fn reparse(old_text: &str, old_cut: Option<&Cut>, old: &Config, new_text: &s
     if was.before != now.before || was.after != now.after || was.items.len() != old.services.len() {
         return None;
     }
-    // Most items are where they were; the others are looked up by their text.
+    // Most items are where they were; the others are looked up by their text:
+    // with as many items as before, an item that moved left a place that differs
+    // too (names are unique: no two items have the same text), so only those
+    // places are candidates; else every item is.
     let moved: Vec<usize> = (0..now.items.len()).filter(|&i| was.items.get(i) != Some(&now.items[i])).collect();
-    let known: HashMap<&str, usize> =
-        if moved.is_empty() { HashMap::new() } else { was.items.iter().enumerate().map(|(i, t)| (*t, i)).collect() };
+    let known: HashMap<&str, usize> = if moved.is_empty() {
+        HashMap::new()
+    } else if was.items.len() == now.items.len() {
+        moved.iter().map(|&i| (was.items[i], i)).collect()
+    } else {
+        was.items.iter().enumerate().map(|(i, t)| (*t, i)).collect()
+    };
     let find = |i: usize| if was.items.get(i) == Some(&now.items[i]) { Some(i) } else { known.get(now.items[i]).copied() };
     let changed = moved.iter().filter(|&&i| find(i).is_none()).count();
     // Many changes: one parse of the whole file is as cheap and reports them all.
@@ -231,9 +239,13 @@ mod tests {
             file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.2", 5), ("c", "198.18.1.3", 1)]),
             file(&[("c", "198.18.1.3", 1), ("a", "198.18.1.1", 1)]),
             file(&[("a", "198.18.1.1", 1), ("b", "198.18.1.2", 1), ("c", "198.18.1.3", 1), ("d", "198.18.1.4", 2)]),
+            // As many items, two swapped and one changed: only the changed one parsed.
+            file(&[("c", "198.18.1.3", 1), ("b", "198.18.1.2", 7), ("a", "198.18.1.1", 1)]),
         ];
-        for new_text in edits {
-            assert_eq!(reparse(&old_text, None, &old, &new_text, "t").map(|(c, ..)| c), Some(parse(&new_text, "t").unwrap()), "{new_text}");
+        for (n, new_text) in edits.into_iter().enumerate() {
+            let (config, parsed, _) = reparse(&old_text, None, &old, &new_text, "t").expect("reparsed");
+            assert_eq!(config, parse(&new_text, "t").unwrap(), "{new_text}");
+            assert_eq!(parsed, [vec![1], vec![], vec![3], vec![1]][n], "{new_text}: the services parsed");
             // With the old text's cut given, the same.
             let cut = Cut::of(&old_text);
             assert_eq!(reparse(&old_text, cut.as_ref(), &old, &new_text, "t").map(|(c, ..)| c), Some(parse(&new_text, "t").unwrap()));

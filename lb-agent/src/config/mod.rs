@@ -98,7 +98,7 @@ pub struct Config {
     /// The fragment table.
     pub fragments: Fragments,
     /// The virtual services, in file order.
-    pub services: Vec<ServiceConfig>,
+    pub services: Vec<std::sync::Arc<ServiceConfig>>,
 }
 
 /// A SNAT pool (`forwarding: fullnat`): the balancer's own addresses new flows

@@ -186,7 +186,7 @@ impl Checker<'_> {
             syn_flood_kps: syn_flood_kps?,
             snat: snat?,
             fragments: fragments?,
-            services: services?,
+            services: services?.into_iter().map(std::sync::Arc::new).collect(),
         })
     }
 

@@ -70,6 +70,45 @@ fn read_counters(data: MapData, name: &'static str, limit: Option<u32>) -> Resul
     m.iter().take(len as usize).map(|v| v.map(|v| sum_counters(&v)).map_err(map_err(name))).collect()
 }
 
+/// Handles of the counter maps of a loaded object, for reading them away from
+/// the `Dataplane` (the agent's status refresh reads them on a thread of its
+/// own: at 10,000 services the read takes milliseconds the event loop would
+/// otherwise wait for).
+pub struct StatsMaps {
+    maps: [MapData; 5],
+}
+
+impl StatsMaps {
+    pub(super) fn of(e: &mut Ebpf) -> Result<StatsMaps> {
+        Ok(StatsMaps {
+            maps: [
+                map_data(e, names::STATS)?,
+                map_data(e, names::SERVICE_STATS)?,
+                map_data(e, names::BACKEND_STATS)?,
+                map_data(e, names::BACKEND_CONNS)?,
+                map_data(e, names::BACKEND_CONN_DELTA)?,
+            ],
+        })
+    }
+
+    /// As `Dataplane::stats_of`.
+    pub fn read(&self, services: u32, backends: u32, bases: &[BackendConns]) -> Result<Stats> {
+        const NAMES: [&str; 5] =
+            [names::STATS, names::SERVICE_STATS, names::BACKEND_STATS, names::BACKEND_CONNS, names::BACKEND_CONN_DELTA];
+        let dup = |i: usize| -> Result<MapData> {
+            let fd = self.maps[i]
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| DataplaneError::PinDir { path: NAMES[i].into(), source })?;
+            MapData::from_fd(fd).map_err(map_err(NAMES[i]))
+        };
+        let mut stats = Stats::read(dup(0)?, dup(1)?, dup(2)?, Some((services, backends)))?;
+        stats.conns = read_conns(dup(3)?, dup(4)?, Some(backends), bases)?;
+        Ok(stats)
+    }
+}
+
 impl Stats {
     /// From the maps of a loaded object; `limit`: (services, backends) ids to read;
     /// `bases`: what `BACKEND_CONNS` holds, if known (else it is read).

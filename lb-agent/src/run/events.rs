@@ -21,6 +21,11 @@ impl Agent {
         }
         let mut c = config.clone();
         for s in &mut c.services {
+            // Only the services with a drained backend are copied.
+            if !s.backends.iter().any(|b| self.drained.contains(&(s.name.clone(), b.address))) {
+                continue;
+            }
+            let s = std::sync::Arc::make_mut(s);
             for b in &mut s.backends {
                 if self.drained.contains(&(s.name.clone(), b.address)) {
                     b.weight = 0;
@@ -30,7 +35,27 @@ impl Agent {
         std::borrow::Cow::Owned(c)
     }
 
-    /// Refreshes the shared status in place (see `Sampler::refresh`).
+    /// Once a second: reloads the file if its content changed. Its length and
+    /// modification time are looked at first (reading a large file every second
+    /// on the loop costs about a millisecond per megabyte); a file modified in
+    /// the last two seconds is read anyway (a second write within the clock's
+    /// granularity keeps the time and maybe the length).
+    pub(super) fn file_tick(&mut self) {
+        let meta = std::fs::metadata(&self.args.config).ok().map(|m| (m.len(), m.modified().ok()));
+        let recent = meta.and_then(|(_, t)| t?.elapsed().ok()).is_none_or(|age| age < std::time::Duration::from_secs(2));
+        if meta.is_some() && meta == self.seen_meta && !recent {
+            return;
+        }
+        self.seen_meta = meta;
+        if let Ok(bytes) = std::fs::read(&self.args.config)
+            && bytes != self.seen
+        {
+            self.reload_bytes(bytes, "the file changed", None);
+        }
+    }
+
+    /// Refreshes the shared status in place (see `Sampler::refresh`), the
+    /// counters read now.
     pub(super) fn refresh_status(&mut self) {
         let (services, backends) = (self.plan.service_ids.high_water(), self.plan.backend_ids.high_water());
         let stats = {
@@ -40,6 +65,26 @@ impl Agent {
                 Err(e) => return tracing::warn!(error = %e, "reading the counters"),
             }
         };
+        self.refresh_with(stats);
+    }
+
+    /// The periodic refresh: the counters are read on the reader's thread
+    /// (`stats_reader.rs`), the status built when they arrive (`on_stats`).
+    pub(super) fn request_stats(&mut self) {
+        let (services, backends) = (self.plan.service_ids.high_water(), self.plan.backend_ids.high_water());
+        self.stats_reader.request(services, backends);
+    }
+
+    /// The counters the reader's thread read (`None`: it failed, logged there).
+    pub(super) fn on_stats(&mut self, stats: Option<crate::dataplane::Stats>) {
+        self.stats_reader.answered();
+        if let Some(stats) = stats {
+            self.refresh_with(stats);
+        }
+    }
+
+    /// Refreshes the shared status from `stats`.
+    fn refresh_with(&mut self, stats: crate::dataplane::Stats) {
         let ctx = StatusContext {
             config: &self.config,
             config_path: &self.args.config.display().to_string(),

@@ -213,7 +213,7 @@ impl Agent {
         }
         tracing::debug!(why, "only the changed services were parsed");
         let bytes: Arc<[u8]> = bytes.into();
-        let outcome = self.apply_reload(why, config, self.nexthops.clone(), BTreeMap::new(), bytes.clone());
+        let outcome = self.apply_reload(why, config, Some(&parsed), self.nexthops.clone(), BTreeMap::new(), bytes.clone());
         if Arc::ptr_eq(&self.in_force, &bytes) {
             self.in_force_cut = Some((bytes, new_cut));
         }
@@ -280,7 +280,7 @@ impl Agent {
                 let outcome = match parsed.result {
                     Ok((config, nexthops, found)) => {
                         let started = Instant::now();
-                        let outcome = self.apply_reload(&parsed.why, config, nexthops, found, parsed.bytes);
+                        let outcome = self.apply_reload(&parsed.why, config, None, nexthops, found, parsed.bytes);
                         tracing::debug!(parse_secs = parsed.secs, apply_secs = started.elapsed().as_secs_f64(), "reload timing");
                         outcome
                     }
@@ -299,18 +299,25 @@ impl Agent {
     }
 
     /// Applies a parsed configuration: returns the log line's summary, or why the
-    /// running configuration stays in force.
+    /// running configuration stays in force. `parsed`: from `config::reparse`,
+    /// the services that may differ from the configuration in force (the
+    /// others are its copies, not compared again).
     fn apply_reload(
         &mut self,
         why: &str,
         new: Config,
+        parsed: Option<&[usize]>,
         nexthops: NextHops,
         found: BTreeMap<IpAddr, Mac>,
         bytes: Arc<[u8]>,
     ) -> Result<String, String> {
         // Other bytes, the same configuration (a comment, the order of keys), no
         // backend newly resolved and no route changed: no plan, no map writes.
-        if new == self.config && found.is_empty() && nexthops == self.nexthops {
+        let same = match parsed {
+            Some(parsed) => reload::same_among(&self.config, &new, parsed),
+            None => new == self.config,
+        };
+        if same && found.is_empty() && nexthops == self.nexthops {
             self.in_force = bytes;
             self.reloads_ok += 1;
             tracing::info!(why, reloads = self.reloads_ok, "reload applied: no change");
@@ -364,7 +371,7 @@ impl Agent {
             Ok(_) => {
                 let apply_secs = t_apply.elapsed().as_secs_f64();
                 let t_describe = Instant::now();
-                let diff = reload::describe(&self.config, &new);
+                let diff = reload::describe_among(&self.config, &new, parsed);
                 tracing::debug!(
                     probes = (t_macs - t_probes).as_secs_f64(),
                     macs = (t_plan - t_macs).as_secs_f64(),

@@ -117,7 +117,7 @@ fn defaults_are_applied() {
         syn_flood_kps: lb_common::DEFAULT_SYN_FLOOD_KPS,
         snat: Snat::default(),
         fragments: Fragments::default(),
-        services: vec![ServiceConfig {
+        services: vec![std::sync::Arc::new(ServiceConfig {
             name: "web".to_string(),
             vip: "198.18.1.10".parse().unwrap(),
             vip_prefix: None,
@@ -137,7 +137,7 @@ fn defaults_are_applied() {
             }],
             on_all_down: OnAllDown::Drop,
             persistence: None,
-        }],
+        })],
     };
     assert_eq!(config, expected);
     assert_eq!((default_table_size(1), default_table_size(32), default_table_size(400)), (257, 4099, 65537));
