@@ -51,6 +51,7 @@ pub fn from_maps(
             maglev_input: Vec::new(),
             table_size: value.table_size,
             using_backups: false,
+            source: None,
         });
     }
     let high = |ids: &mut dyn Iterator<Item = u32>| ids.max().map_or(0, |m| m + 1);

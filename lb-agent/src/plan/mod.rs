@@ -16,7 +16,7 @@ use std::{
 
 use lb_common::{
     Backend, Service, VipKey, BACKEND_ACCEPTS_NEW, BACKEND_ACTIVE, SERVICE_PASS_ON_EMPTY,
-    SERVICE_PERSIST, VIP_ANY_PORT_TCP, VIP_ANY_PORT_UDP,
+    SERVICE_PERSIST,
 };
 
 use crate::{
@@ -26,6 +26,7 @@ use crate::{
 };
 
 mod adopt;
+mod reuse;
 
 pub use self::adopt::from_maps;
 
@@ -98,6 +99,9 @@ pub struct PlannedService {
     pub table_size: u32,
     /// No primary is usable and the table is built from backups.
     pub using_backups: bool,
+    /// The configuration this entry was planned from (`None`: adopted from the
+    /// maps), so that the next plan copies it while it is the same (`reuse.rs`).
+    pub source: Option<Arc<crate::config::ServiceConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,6 +248,24 @@ impl Plan {
             if let Some(snat) = &svc.snat {
                 snat_pools.insert(id, snat_pool(snat));
             }
+            // This service's backends that are down (one name clone per service).
+            let down_here: Vec<IpAddr> = if down.is_empty() {
+                Vec::new()
+            } else {
+                let from = (svc.name.clone(), IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+                down.range(from..).take_while(|(name, _)| *name == svc.name).map(|(_, a)| *a).collect()
+            };
+            if let Some(o) = old
+                && let Some(members) = reuse::unchanged(o, svc, &prev_by_id, &macs, &down_here)
+            {
+                for b in members {
+                    keep(&mut kept_backends, b.id);
+                    plan.backends.push(PlannedBackend { service: index, ..b.clone() });
+                }
+                reuse::vip_flags(&mut plan.vip_addrs, svc, &key);
+                plan.services.push(o.clone());
+                continue;
+            }
             // The service's backends in address order (the file's order among
             // equal keys), each key computed once.
             let mut sorted: Vec<([u8; 16], usize)> = svc.backends.iter().enumerate().map(|(i, b)| (addr_key(b.address), i)).collect();
@@ -259,13 +281,6 @@ impl Plan {
                 None => Vec::new(),
             };
             before.sort_unstable_by_key(|e| e.0);
-            // This service's backends that are down (one name clone per service).
-            let down_here: Vec<IpAddr> = if down.is_empty() {
-                Vec::new()
-            } else {
-                let from = (svc.name.clone(), IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-                down.range(from..).take_while(|(name, _)| *name == svc.name).map(|(_, a)| *a).collect()
-            };
             let first = plan.backends.len();
             // Both in key order: one walk finds each backend's previous ids.
             let mut at = 0;
@@ -339,14 +354,7 @@ impl Plan {
                 }
             };
 
-            let mut no_addr = 0;
-            let flags = if svc.vip_prefix.is_some() { &mut no_addr } else { plan.vip_addrs.entry(key.addr).or_insert(0) };
-            if svc.port == 0 {
-                *flags |= match svc.protocol {
-                    Protocol::Tcp => VIP_ANY_PORT_TCP,
-                    Protocol::Udp => VIP_ANY_PORT_UDP,
-                };
-            }
+            reuse::vip_flags(&mut plan.vip_addrs, svc, &key);
             let mut value =
                 Service { id, table_size: table.len() as u32, scheduler: svc.scheduler.number(), ..Service::default() };
             if svc.on_all_down == OnAllDown::Pass {
@@ -376,6 +384,7 @@ impl Plan {
                 maglev_input,
                 table_size: svc.table_size,
                 using_backups,
+                source: Some(svc.clone()),
             });
         }
         // Ids the new configuration no longer uses become reusable.

@@ -58,7 +58,7 @@ fn service_flags_follow_the_configuration() {
     assert_eq!((any.persist_timeout_s, any.persist_prefix_v4, any.persist_prefix_v6), (60, 24, 128));
     assert_eq!(plan.services[0].value.flags, 0);
     let flags = plan.vip_addrs[&addr_key("198.18.1.10".parse().unwrap())];
-    assert_eq!(flags, VIP_ANY_PORT_UDP);
+    assert_eq!(flags, lb_common::VIP_ANY_PORT_UDP);
 }
 
 #[test]
@@ -149,4 +149,56 @@ fn egress_reaches_the_backend_entries_and_survives_adoption() {
     let services: Vec<_> = plan.services.iter().map(|s| (s.key, s.value, s.table.to_vec())).collect();
     let adopted = crate::plan::from_maps(&services, &backends, plan.vip_addrs.clone(), &plan);
     assert!(adopted.backends.iter().all(|b| (b.address == far) == (b.egress == lb_common::EGRESS_BACKEND)));
+}
+
+fn same_plan(a: &Plan, b: &Plan, what: &str) {
+    assert_eq!(a.services, b.services, "{what}: services");
+    assert_eq!(a.backends, b.backends, "{what}: backends");
+    assert_eq!(a.vip_addrs, b.vip_addrs, "{what}: VIP addresses");
+    assert_eq!(a.snat_pools, b.snat_pools, "{what}: SNAT pools");
+    assert_eq!((a.service_ids.high_water(), a.backend_ids.high_water()), (b.service_ids.high_water(), b.backend_ids.high_water()), "{what}: ids");
+}
+
+/// `cfg` with every service a copy of its own (nothing shared with `cfg`): the
+/// plan cannot take `reuse.rs`'s shortcut for any of them.
+fn unshared(cfg: &Config) -> Config {
+    Config { services: cfg.services.iter().map(|s| Arc::new((**s).clone())).collect(), ..cfg.clone() }
+}
+
+#[test]
+fn services_copied_from_the_previous_plan_are_planned_as_afresh() {
+    let cfg = config::parse(CFG, "a").unwrap();
+    let first = Plan::build(&cfg, &all_macs());
+    let nobody_down = DownSet::new();
+    let web_down: DownSet = [("web".to_string(), "198.18.0.11".parse().unwrap())].into();
+    let mut reweighted = cfg.clone();
+    Arc::make_mut(&mut reweighted.services[0]).backends[0].weight = 5;
+    let mut reordered = cfg.clone();
+    reordered.services.swap(0, 1);
+    let one_mac_moved = {
+        let mut m = all_macs();
+        m.insert("198.18.0.12".parse().unwrap(), [2, 0, 0, 0, 0, 9]);
+        m
+    };
+    // (the configuration, sharing its services with `cfg`; MACs; down)
+    let cases: [(&Config, BTreeMap<IpAddr, Mac>, &DownSet); 6] = [
+        (&cfg, all_macs(), &nobody_down),
+        (&reweighted, all_macs(), &nobody_down),
+        (&reordered, all_macs(), &nobody_down),
+        (&cfg, one_mac_moved, &nobody_down),
+        (&cfg, macs(&["198.18.0.11", "198.18.0.13"]), &nobody_down),
+        (&cfg, all_macs(), &web_down),
+    ];
+    for (n, (c, m, down)) in cases.into_iter().enumerate() {
+        let copied = Plan::next(c, &m, down, Some(&first));
+        let afresh = Plan::next(&unshared(c), &m, down, Some(&first));
+        same_plan(&copied, &afresh, &format!("case {n}"));
+        // And a plan built on the copied one copies again.
+        same_plan(&Plan::next(c, &m, down, Some(&copied)), &Plan::next(&unshared(c), &m, down, Some(&afresh)), &format!("case {n}, next"));
+    }
+    // The shortcut is taken: the shared table of an unchanged service is the
+    // previous plan's (also true when planned afresh with equal inputs), and its
+    // entry names the configuration it came from.
+    let again = Plan::next(&cfg, &all_macs(), &nobody_down, Some(&first));
+    assert!(again.services.iter().zip(&cfg.services).all(|(p, s)| p.source.as_ref().is_some_and(|x| Arc::ptr_eq(x, s))));
 }
