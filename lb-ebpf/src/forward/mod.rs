@@ -34,8 +34,8 @@ pub(crate) fn bytes_mut<const N: usize>(ctx: &XdpContext, offset: usize) -> Opti
     Some(unsafe { &mut *((start + offset) as *mut [u8; N]) })
 }
 
-/// The big-endian 16-bit word at byte `i` of `b`, in one load (`word` in
-/// `nat.rs` makes two byte loads of it). For the rewrite's header fields and
+/// The big-endian 16-bit word at byte `i` of `b`, in one load (not two byte
+/// loads, as `u16::from_be_bytes` of two bytes compiles to). For the rewrite's header fields and
 /// addresses only: each sits at an even offset of a 2-aligned frame (the IP
 /// header at 14 or 18, the TCP/UDP header a multiple of 4 bytes further) or of
 /// a 4-aligned map value (`Backend::addr`, `SnatPool`, `NatReverse`), as

@@ -50,13 +50,12 @@ pub fn hand_over(kind: u8, backend_id: u32, new_flow: bool, snat: u32, fullnat: 
     if kind != KIND_L4 {
         return Outcome::Nat(backend_id | super::nat_frag::FRAG | new, 0);
     }
-    Outcome::Nat(backend_id | new, snat & 0xff_ffff | u32::from(fullnat) << 24)
+    Outcome::Nat(backend_id | new, snat & 0xff_ffff | u32::from(fullnat) * FULLNAT_MARK)
 }
 
 /// Bit of `Outcome::Nat`'s second word and of `NatStash::snat`: the backend is
 /// a `fullnat` one (set only for a TCP/UDP packet: `nat_est.rs` reads it).
 pub const FULLNAT_MARK: u32 = 1 << 24;
-const _: () = assert!(FULLNAT_MARK == 1 << 24, "hand_over shifts the mark by 24");
 
 /// Leaves `Outcome::Nat`'s word (high half of the packed verdict) and the
 /// flow's `FlowVal::snat` (low 24 bits, with `FULLNAT_MARK`) for `lb_nat` in
