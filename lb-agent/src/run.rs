@@ -66,8 +66,9 @@ const MAX_CONCURRENT_PROBES: usize = 256;
 struct Agent {
     args: RunArgs,
     config: Config,
-    /// The file's bytes when last read, to notice edits.
-    seen: Vec<u8>,
+    /// The file's bytes when last read, to notice edits (shared with
+    /// `in_force` and the reload that read them: no copy).
+    seen: Arc<[u8]>,
     /// The file's length and modification time when last read (`file_tick`).
     seen_meta: Option<(u64, Option<std::time::SystemTime>)>,
     /// The bytes of the configuration in force: a reload of the same bytes is a no-op.
@@ -283,10 +284,10 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let mut agent = Agent {
         args,
         config: cfg,
+        seen: in_force.clone(),
+        seen_meta: None,
         in_force,
         in_force_cut: None,
-        seen,
-        seen_meta: None,
         arms,
         nl,
         macs,

@@ -48,7 +48,7 @@ impl Agent {
         }
         self.seen_meta = meta;
         if let Ok(bytes) = std::fs::read(&self.args.config)
-            && bytes != self.seen
+            && *bytes != *self.seen
         {
             self.reload_bytes(bytes, "the file changed", None);
         }

@@ -150,7 +150,7 @@ impl Agent {
         match std::fs::read(&self.args.config) {
             Ok(bytes) => self.reload_bytes(bytes, why, reply),
             Err(e) => {
-                self.seen.clear();
+                self.seen = Arc::from([]);
                 let message = format!("invalid configuration:\n{}: cannot read the file: {e}", self.args.config.display());
                 let outcome = self.reload_failed(why, &message);
                 if let Some(reply) = reply {
@@ -163,6 +163,8 @@ impl Agent {
     /// Asks for a reload of `bytes`, the file's content just read.
     pub(super) fn reload_bytes(&mut self, bytes: Vec<u8>, why: &str, reply: Option<oneshot::Sender<Response>>) {
         let started = Instant::now();
+        // One copy, shared from here on (what was seen, the job, the text in force).
+        let bytes: Arc<[u8]> = bytes.into();
         self.seen = bytes.clone();
         // The bytes in force again, nothing pending, every backend resolved: there
         // is nothing a parse could change.
@@ -184,7 +186,7 @@ impl Agent {
             release_freed_memory();
             return;
         }
-        let job = Job { bytes: bytes.into(), why: why.to_string() };
+        let job = Job { bytes, why: why.to_string() };
         if let Some((generation, job)) = self.reloads.queue.request(job, reply) {
             self.spawn_parse(generation, job);
         }
@@ -193,7 +195,7 @@ impl Agent {
     /// Applies `bytes` at once when only a few services changed and every backend's
     /// MAC is known: those services are parsed here (`config::reparse`), the rest is
     /// the configuration in force. `None`: the whole file is to be parsed.
-    fn reload_incremental(&mut self, bytes: &[u8], why: &str) -> Option<Result<String, String>> {
+    fn reload_incremental(&mut self, bytes: &Arc<[u8]>, why: &str) -> Option<Result<String, String>> {
         let (old, new) = (std::str::from_utf8(&self.in_force).ok()?, std::str::from_utf8(bytes).ok()?);
         let origin = self.args.config.display().to_string();
         let started = Instant::now();
@@ -212,10 +214,9 @@ impl Agent {
             return None;
         }
         tracing::debug!(why, "only the changed services were parsed");
-        let bytes: Arc<[u8]> = bytes.into();
         let outcome = self.apply_reload(why, config, Some(&parsed), self.nexthops.clone(), BTreeMap::new(), bytes.clone());
-        if Arc::ptr_eq(&self.in_force, &bytes) {
-            self.in_force_cut = Some((bytes, new_cut));
+        if Arc::ptr_eq(&self.in_force, bytes) {
+            self.in_force_cut = Some((bytes.clone(), new_cut));
         }
         Some(outcome)
     }
