@@ -96,12 +96,14 @@ fn persistent<const PREFIX: bool>(flow: &FlowKey, svc: &Service, d: &mut Decisio
 }
 
 /// A new flow (or one whose backend went down or was replaced): persistence or
-/// the service's scheduler (`sched/`).
+/// the service's scheduler (`sched/`). Also returns the hash the flow was
+/// scheduled by (0 with persistence): for `maglev` the flow hash, which
+/// `conntrack::insert_new` reuses for the SYN's `FIRST_RECORD` slot.
 #[inline(always)]
-fn schedule<const PREFIX: bool>(flow: &FlowKey, svc: &Service, d: &mut Decision) -> Pick {
+fn schedule<const PREFIX: bool>(flow: &FlowKey, svc: &Service, d: &mut Decision) -> (u32, Pick) {
     count(stat::CONN_MISS);
     if svc.flags & SERVICE_PERSIST != 0 {
-        return persistent::<PREFIX>(flow, svc, d);
+        return (0, persistent::<PREFIX>(flow, svc, d));
     }
     // One call for every scheduler (sh: the masked client address, no source
     // port; the others: the flow as is): a branch here would double the states the
@@ -110,7 +112,8 @@ fn schedule<const PREFIX: bool>(flow: &FlowKey, svc: &Service, d: &mut Decision)
     if PREFIX && svc.scheduler == SCHED_DH {
         mode = HASH_DST;
     }
-    sched::pick::<PREFIX>(scheduling_hash(flow, svc.persist_prefix_v4, svc.persist_prefix_v6, mode), svc, &flow.dst, d)
+    let hash = scheduling_hash(flow, svc.persist_prefix_v4, svc.persist_prefix_v6, mode);
+    (hash, sched::pick::<PREFIX>(hash, svc, &flow.dst, d))
 }
 
 /// `scheduling_hash`'s mode for `dh`: the destination address alone.
@@ -203,8 +206,8 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
             // A match, not `Option::ok_or(..).or_else(closure)`: LLVM may leave a
             // closure out of line, a BPF-to-BPF call returning a `Result` whose BTF
             // the kernel refuses (every map creation then fails).
-            let picked = match again {
-                Some(pick) => Ok(pick),
+            let (hash, picked) = match again {
+                Some(pick) => (0, Ok(pick)),
                 None => schedule::<PREFIX>(flow, &svc, d),
             };
             match picked {
@@ -218,7 +221,7 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
                     // The SYN flood check's inputs, packed without a branch (a
                     // branch here would double what the verifier walks after
                     // it): `conntrack::insert_new` decides.
-                    let flood = conntrack::flood_inputs(syn, svc.scheduler, svc.flags, cfg.syn_flood_kps);
+                    let flood = conntrack::flood_inputs(syn, svc.scheduler, svc.flags, cfg.syn_flood_kps, hash);
                     if kind != KIND_ICMP_ERROR {
                         conntrack::record(flow, slot, id, svc.id, b.generation, flood);
                     }
