@@ -476,6 +476,26 @@ fn frames_not_for_a_service_pass_untouched() {
     lab.expect_pass(&tagged, PASS_NOT_VIP, "802.1Q-tagged TCP to a non-VIP");
 }
 
+/// A frame to an address that is no VIP but shares a VIP's `VIP_FILTER` bit (a
+/// Bloom-bit collision) passes as not a VIP, to a service's port or not, SYN
+/// or not: the service lookup comes first for frames that miss the connection
+/// table (`schedule::service_of`) and `VIP_ADDRS` says why there is none.
+#[test]
+fn a_vip_filter_collision_passes_as_not_a_vip() {
+    let mut lab = Lab::new(&[web(), web6()]);
+    let bit = lb_common::vip_filter_bit(&addr16(VIP));
+    let twin = (0..=u16::MAX)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8)))
+        .find(|a| lb_common::vip_filter_bit(&addr16(*a)) == bit)
+        .expect("an address in 198.19.0.0/16 with the VIP's filter bit");
+    lab.expect_pass(&seg(PROTO_TCP, twin, 80), PASS_NOT_VIP, "TCP to the VIP's port on a filter twin");
+    let mut syn = seg(PROTO_TCP, twin, 80);
+    syn[ETH_HLEN + 20 + 13] = 0x02; // TCP flags: SYN only
+    lab.expect_pass(&syn, PASS_NOT_VIP, "a SYN to the VIP's port on a filter twin");
+    lab.expect_pass(&seg(PROTO_TCP, twin, 81), PASS_NOT_VIP, "TCP to another port on a filter twin");
+    lab.expect_pass(&seg(PROTO_UDP, twin, 80), PASS_NOT_VIP, "UDP on a filter twin");
+}
+
 #[test]
 fn any_port_service_and_exact_port_precedence() {
     let b = ["198.18.0.31", "198.18.0.32", "198.18.0.33"];

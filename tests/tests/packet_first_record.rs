@@ -294,6 +294,27 @@ fn a_torn_or_garbage_record_is_never_taken() {
     assert_eq!(b.fwd(&with_flags(&f, ACK)), to);
 }
 
+/// A SYN's record lies in its flow's slot (`first_record_slot` of `flow_hash`)
+/// whatever hash scheduled it: a `maglev` SYN's slot comes from the hash Maglev
+/// used (the flow hash, not computed twice), an `sh` SYN's from the flow hash
+/// computed for the record (`sh` scheduled by the masked client address alone).
+/// Many flows, so that a slot taken from the wrong hash would show.
+#[test]
+fn a_syn_is_recorded_in_its_flows_slot_whatever_hash_scheduled_it() {
+    for extra in ["", "    scheduler: sh\n"] {
+        let mut b = Bench::new(&BACKENDS, extra);
+        for p in 0..64u16 {
+            let f = tcp(7 + (p % 5) as u8, 40000 + p * 7);
+            let to = b.fwd(&with_flags(&f, SYN));
+            let r = b.record(&f).unwrap_or_else(|| panic!("{extra:?}: no record in the flow's slot for port {}", f.sport));
+            assert_eq!(b.address_of(r.backend_id), to, "{extra:?}: the record names another backend");
+            assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "{extra:?}: the ACK left the SYN's backend");
+            assert!(b.entry(map_names::CT_ESTABLISHED, &f).is_some(), "{extra:?}: the ACK did not take the record");
+        }
+        assert_eq!(b.count(stat::CT_MIDFLOW_MISS), 0, "{extra:?}: an ACK found no record");
+    }
+}
+
 /// `rr` (its choice is not a function of the flow: a lost record would move the
 /// connection) and persistence services record their SYNs in `CONNTRACK`.
 #[test]

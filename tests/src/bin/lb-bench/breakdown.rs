@@ -65,7 +65,7 @@ pub(crate) fn breakdown(dp: &mut Dataplane, p: &Params, client: Ipv4Addr, vip4: 
             frame: ipv4_frame(client, vip4, true, 41002, 81),
             expect: XDP_PASS,
             counter: stat::PASS_NO_SERVICE,
-            adds: "`VIP_FILTER` bit set, L4 header, `CONFIG` read, `CT_ESTABLISHED` + `CONNTRACK` lookups (miss), `VIP_ADDRS` hit, `SERVICES` lookup (miss)",
+            adds: "`VIP_FILTER` bit set, L4 header, `CONFIG` read, `CT_ESTABLISHED` + `CONNTRACK` lookups (miss), `SERVICES` lookup (miss), then `VIP_ADDRS` hit (twice: in `schedule::service_of` and for the reason)",
         },
         Stage {
             name: "4. service with an empty table, on_all_down pass (ACK)",
