@@ -42,10 +42,21 @@ pub(super) fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
             source: aya::programs::ProgramError::UnexpectedProgramType,
         });
     }
+    // At start, lb_xdp's verification is the longest: the others (and the agent's
+    // own work meanwhile) fit beside it, so they yield the CPU to it.
+    let balancer = names.contains(&lb_common::PROG_BALANCER);
     let loaded: Vec<std::result::Result<(), (&str, aya::programs::ProgramError)>> = std::thread::scope(|s| {
         let threads: Vec<_> = progs
             .into_iter()
-            .map(|(name, prog)| s.spawn(move || load_retrying(prog).map_err(|e| (name, e))))
+            .map(|(name, prog)| {
+                s.spawn(move || {
+                    if balancer && name != lb_common::PROG_BALANCER {
+                        // SAFETY: setpriority(2) on this thread only; a failure leaves the priority as it was.
+                        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+                    }
+                    load_retrying(prog).map_err(|e| (name, e))
+                })
+            })
             .collect();
         threads.into_iter().map(|t| t.join().expect("a program load does not panic")).collect()
     });
