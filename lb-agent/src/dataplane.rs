@@ -20,6 +20,7 @@ use lb_common::{
 
 mod link;
 mod programs;
+mod scan;
 mod sizes;
 mod stats;
 mod trace_hook;
@@ -217,7 +218,9 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let t_maps = std::time::Instant::now();
         let mut ebpf = loader.load(object)?;
+        let t_verify = std::time::Instant::now();
         // The balancer with the trace hook is verified when a trace first needs it
         // (`set_tracing`): a third of the start-up time otherwise.
         // With them, the programs the configuration will need (`load_on_demand`
@@ -230,6 +233,7 @@ impl Dataplane {
             names.extend([lb_common::PROG_NAT, lb_common::PROG_NAT_REPLY]);
         }
         programs::load_all(&mut ebpf, &names)?;
+        tracing::debug!(maps = (t_verify - t_maps).as_secs_f64(), verify = t_verify.elapsed().as_secs_f64(), "open phases");
         // lb_xdp tail-calls lb_rare (ICMP, fragments) through RARE_PROGS[0].
         set_rare_slot(&mut ebpf, lb_common::PROG_RARE, lb_common::RARE_SLOT)?;
         programs::set_on_demand_slots(&mut ebpf, sizes.prefix, sizes.nat)?;

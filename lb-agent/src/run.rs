@@ -157,11 +157,25 @@ fn initial_down(config: &Config, checker: &Checker) -> DownSet {
 async fn run_async(args: RunArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let seen = std::fs::read(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
-    let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     // Before touching the kernel: a second agent on the same pin directory, socket or
     // port, or a bad address, stops here. The pin directory stays ours until we exit.
     crate::pinning::ensure_bpffs(&args.pin_dir)?;
     let _owner = crate::ownership::lock_pin_dir(&args.pin_dir)?;
+    let pins = PinDir::new(&args.pin_dir);
+    // A fresh start verifies the programs (most of the start-up time) while the
+    // file is parsed, the backends resolved and the tables built: with the sizes a
+    // quick scan of the text reads (`Sizes::scan`), checked against the parse's
+    // below. Adopting waits: whether the pinned maps can be kept decides what is
+    // cleared, and a start that fails before then must leave the running balancer's
+    // pins as they are.
+    let scanned = match std::str::from_utf8(&seen).ok().and_then(Sizes::scan) {
+        Some(sizes) if !pins.has_link() => Some((sizes, Opening::start(sizes, pins.clone()))),
+        _ => None,
+    };
+    let t_scanned = std::time::Instant::now();
+    // An invalid file: the scan's maps (if any) are removed as `Opening` drops.
+    let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let t_read = std::time::Instant::now();
     let listener = crate::control::bind(&args.control_socket)
         .with_context(|| format!("control socket {}", args.control_socket.display()))?;
     let metrics_listener = match args.metrics_listen.as_str() {
@@ -179,7 +193,6 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let nl = Neighbours::connect()?;
     let iface = nl.interface(&args.iface).await?;
     tracing::info!(iface = %iface.name, index = iface.index, mac = %format_mac(&iface.mac), "interface");
-    let pins = PinDir::new(&args.pin_dir);
     crate::ownership::check_interface(&iface, &pins)?;
     let arms = arms::interfaces(&nl, &args, &iface, &pins).await?;
     let mut neigh_events = crate::neigh::watch()?;
@@ -190,11 +203,20 @@ async fn run_async(args: RunArgs) -> Result<()> {
         if std::fs::read(&args.config).is_ok_and(|again| again == seen) { seen.as_slice().into() } else { Arc::from([]) };
     let addresses = arms::tunnel_addresses(&nl, &arms).await?;
     let tunnel = TunnelParams::resolve(&cfg, arms.tunnel_iface(), &addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
-    // A fresh start verifies the programs (most of the start-up time) while the
-    // backends are resolved and the tables built. Adopting waits: whether the
-    // pinned maps can be kept decides what is cleared, and a start that fails
-    // before then must leave the running balancer's pins as they are.
-    let early = (!pins.has_link()).then(|| Opening::start(Sizes::of_config(&cfg), pins.clone()));
+    // The parse decides the sizes: a scan that read other ones (or none) is opened
+    // again (or now) with the parse's.
+    let sizes = Sizes::of_config(&cfg);
+    let early = match scanned {
+        Some((scan, opening)) if scan == sizes => Some(opening),
+        scanned => {
+            if let Some((scan, opening)) = scanned {
+                tracing::warn!(?scan, parsed = ?sizes, "the quick scan of the file read other map sizes than its parse: creating the maps again");
+                drop(opening);
+            }
+            (!pins.has_link()).then(|| Opening::start(sizes, pins.clone()))
+        }
+    };
+    let t_early = std::time::Instant::now();
     let nexthops = NextHops::lookup(&nl, &arms, &cfg).await;
     let backends = Plan::backend_addresses(&cfg);
     let macs = nexthops.resolve(&nl, &arms, &nexthops.neighbours(&backends), resolve_timeout(&args)).await?;
@@ -250,6 +272,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let how = if opened.adopted { "replaced the program in the pinned link" } else { "attached" };
     let secs = |from: std::time::Instant, to: std::time::Instant| (to - from).as_secs_f64();
     tracing::debug!(
+        scan = secs(t0, t_scanned),
+        read = secs(t0, t_read),
+        sizes_checked = secs(t0, t_early),
         read_and_resolve = secs(t0, t_plan),
         plan = secs(t_plan, t_open),
         load = secs(t_open, t_write),

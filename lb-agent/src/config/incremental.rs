@@ -64,10 +64,17 @@ impl Cut {
 
     /// The cut of `text`, if it qualifies (see the module documentation).
     pub fn of(text: &str) -> Option<Cut> {
+        if text.len() > MAX_BYTES {
+            return None;
+        }
+        Cut::of_any_size(text)
+    }
+
+    /// `Cut::of` without its bound on the size.
+    fn of_any_size(text: &str) -> Option<Cut> {
         let bytes = text.as_bytes();
         // Searched with SIMD: fast even for megabytes.
-        if text.len() > MAX_BYTES
-            || text.starts_with('\u{feff}')
+        if text.starts_with('\u{feff}')
             || memchr::memchr3(b'&', b'*', b'\t', bytes).is_some()
             || memchr::memchr(b'\r', bytes).is_some()
         {
@@ -126,6 +133,15 @@ impl Cut {
         }
         Some(Cut { first, items: item_starts, end })
     }
+}
+
+/// A plain block-style file (as the module documentation describes, of any size)
+/// cut at its services: the text before the list (with the `services:` line), each
+/// item's text, and the text after the list. For a quick look at a file before it
+/// is parsed (`dataplane::Sizes::scan`).
+pub fn split_services(text: &str) -> Option<(&str, Vec<&str>, &str)> {
+    let layout = Cut::of_any_size(text)?.apply(text)?;
+    Some((layout.before, layout.items, layout.after))
 }
 
 #[cfg(test)]

@@ -270,7 +270,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, &origin)
 }
 
-pub use self::incremental::{reparse, Cut};
+pub use self::incremental::{reparse, split_services, Cut};
 
 /// Parses and validates configuration text; `origin` is the file name used in messages.
 ///

@@ -42,10 +42,22 @@ pub(super) fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
             source: aya::programs::ProgramError::UnexpectedProgramType,
         });
     }
+    // At start, lb_xdp's verification is longer than lb_rare's and lb_pass's,
+    // which (with the agent's parse and plan meanwhile) fit beside it: they yield
+    // the CPU to it. lb_prefix and lb_nat take longer than lb_xdp: not these.
+    let balancer = names.contains(&lb_common::PROG_BALANCER);
     let loaded: Vec<std::result::Result<(), (&str, aya::programs::ProgramError)>> = std::thread::scope(|s| {
         let threads: Vec<_> = progs
             .into_iter()
-            .map(|(name, prog)| s.spawn(move || load_retrying(prog).map_err(|e| (name, e))))
+            .map(|(name, prog)| {
+                s.spawn(move || {
+                    if balancer && matches!(name, lb_common::PROG_RARE | lb_common::PROG_PASS) {
+                        // SAFETY: setpriority(2) on this thread only; a failure leaves the priority as it was.
+                        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+                    }
+                    load_retrying(prog).map_err(|e| (name, e))
+                })
+            })
             .collect();
         threads.into_iter().map(|t| t.join().expect("a program load does not panic")).collect()
     });

@@ -209,7 +209,7 @@ impl Agent {
         if std::env::var_os("LB_SCALE_AGENT_LOG").is_some() {
             let log = self.sock.with_file_name("agent.log");
             let text = std::fs::read_to_string(log).unwrap_or_default();
-            text.lines().filter(|l| l.contains("reload")).for_each(|l| eprintln!("{l}"));
+            text.lines().filter(|l| l.contains("reload") || l.contains("phases")).for_each(|l| eprintln!("{l}"));
         }
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -345,7 +345,7 @@ pub fn serve(services: usize, backends: usize) {
     let cfg = host.dir.join("lb.yaml");
     std::fs::write(&cfg, yaml(services, backends, backends < 32, Variant::default())).expect("writing the configuration");
     let (agent, secs) = Agent::start(&host, &cfg);
-    println!("pid {} socket {} config {} (attached in {secs:.2} s)", agent.child.id(), agent.sock.display(), cfg.display());
+    println!("pid {} socket {} config {} (attached in {secs:.3} s)", agent.child.id(), agent.sock.display(), cfg.display());
     let _ = std::io::stdin().read_line(&mut String::new());
     agent.stop();
 }
