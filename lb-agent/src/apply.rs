@@ -86,6 +86,9 @@ pub struct Capacity {
     pub services: u32,
     pub backends: u32,
     pub maglev: u32,
+    /// The NAT tables were sized (the configuration at start had `nat` or
+    /// `fullnat` services, or the adopted maps were sized).
+    pub nat: bool,
 }
 
 /// First-fit allocator of `MAGLEV` regions.
@@ -208,6 +211,13 @@ impl std::fmt::Display for Summary {
 /// Checks that `plan` fits the maps as they were created.
 pub fn check_fits(dp: &Dataplane, plan: &Plan) -> Result<(), DataplaneError> {
     let cap = dp.capacity;
+    if (plan.nat || plan.fullnat) && !cap.nat {
+        return Err(DataplaneError::Capacity {
+            what: "the first nat or fullnat service needs the NAT tables (NAT_REVERSE, FULLNAT_REVERSE, \
+                   FULLNAT_FORWARD), created with one entry each as the configuration at start had none"
+                .into(),
+        });
+    }
     let need_services = plan.service_ids.high_water();
     let need_backends = plan.backend_ids.high_water();
     if need_services > cap.services || need_backends > cap.backends {

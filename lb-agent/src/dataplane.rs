@@ -32,7 +32,7 @@ pub use stats::{Stats, StatsMaps};
 use crate::{
     apply::{self, Capacity, MaglevMap, Placement, Regions, Summary},
     neigh::Mac,
-    pinning::{layout, PinDir},
+    pinning::{layout, PinDir, NAT_UNSIZED},
     plan::Plan,
 };
 
@@ -174,10 +174,16 @@ impl Dataplane {
     pub fn open(sizes: &Sizes, pins: &PinDir) -> Result<(Self, Opened)> {
         fs::create_dir_all(&pins.dir).map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
         let tables = u32::try_from(sizes.tables).unwrap_or(u32::MAX);
+        // With `nat` or `fullnat` services, NAT tables larger than the unsized ones
+        // (`pinning` creates those afresh: they never held a flow).
+        let nat = if sizes.nat { NAT_UNSIZED + 1 } else { 0 };
         let needed = [
             (names::SERVICES, sizes.services),
             (names::BACKENDS, sizes.backends),
             (names::MAGLEV, tables.saturating_mul(2)),
+            (names::NAT_REVERSE, nat),
+            (names::FULLNAT_REVERSE, nat),
+            (names::FULLNAT_FORWARD, nat),
         ];
         let opened = if pins.has_link() {
             match pins.reusable(&needed) {
@@ -247,6 +253,7 @@ impl Dataplane {
             services: max_entries(&mut ebpf, names::SERVICES)?,
             backends: max_entries(&mut ebpf, names::BACKENDS)?,
             maglev: max_entries(&mut ebpf, names::MAGLEV)?,
+            nat: max_entries(&mut ebpf, names::NAT_REVERSE)? > NAT_UNSIZED,
         };
         let maglev = match map_mut(&mut ebpf, names::MAGLEV)? {
             Map::Array(m) => MaglevMap::new(m.fd().as_fd(), capacity.maglev as usize)

@@ -28,6 +28,14 @@ const MMAPABLE: u32 = 1 << 10;
 const REPLACEABLE: &[&str] =
     &[names::CT_CLOCK, names::TRACE_FILTER, names::TRACE_BUDGET, names::STATS, names::CONFIG, names::EGRESS_MAC];
 
+/// Entries of `NAT_REVERSE`, `FULLNAT_REVERSE` and `FULLNAT_FORWARD` as created for
+/// a configuration without `nat` or `fullnat` services (`dataplane::Sizes::nat`).
+/// Such a map never held a flow: an adopting agent that needs it sized creates
+/// it afresh.
+pub const NAT_UNSIZED: u32 = 1;
+
+const NAT_MAPS: [&str; 3] = [names::NAT_REVERSE, names::FULLNAT_REVERSE, names::FULLNAT_FORWARD];
+
 /// Maps added after the first version that pinned its maps: pins made by an
 /// older version lack them, and they start empty (that version had no such
 /// state to keep).
@@ -127,6 +135,7 @@ impl PinDir {
                 return Err(format!("map {name} is not pinned"));
             };
             let mut unfit = None;
+            let mut replaceable = REPLACEABLE.contains(&name);
             if info.key_size() as usize != key || info.value_size() as usize != value {
                 unfit = Some(format!(
                     "map {name} has the layout of another version (key {} / value {} bytes, this build: {key} / {value})",
@@ -138,7 +147,10 @@ impl PinDir {
             } else if name == names::STATS && info.max_entries() < lb_common::stat::COUNT {
                 unfit = Some(format!("map {name} holds {} counters, this build {}", info.max_entries(), lb_common::stat::COUNT));
             } else if let Some((_, need)) = needed.iter().find(|(n, _)| *n == name) {
-                if info.max_entries() < *need {
+                if info.max_entries() < *need && NAT_MAPS.contains(&name) && info.max_entries() <= NAT_UNSIZED {
+                    unfit = Some(format!("map {name} was created unsized (no nat or fullnat service)"));
+                    replaceable = true;
+                } else if info.max_entries() < *need {
                     return Err(format!(
                         "map {name} holds {} entries, the configuration needs {need}",
                         info.max_entries()
@@ -146,13 +158,13 @@ impl PinDir {
                 }
             }
             match unfit {
-                Some(_) if REPLACEABLE.contains(&name) => replace.push(name),
+                Some(_) if replaceable => replace.push(name),
                 Some(why) => return Err(why),
                 None => {}
             }
         }
         for name in &replace {
-            tracing::info!(map = name, "the pinned map is another version's and holds no flow state: creating it afresh");
+            tracing::info!(map = name, "the pinned map does not fit this build or configuration and holds no flow state: creating it afresh");
             remove_if_present(&self.map(name)).map_err(|e| format!("removing the pinned map {name}: {e}"))?;
         }
         Ok(replace)

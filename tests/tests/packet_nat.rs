@@ -310,3 +310,38 @@ fn a_tagged_frame_keeps_its_tag_both_ways() {
     assert_eq!(rc, XDP_TX);
     check(&untag(&out), &r, CLIENT_MAC, v4, c4, 80, 44000, "tagged reply");
 }
+
+/// A data plane created for a configuration without `nat` or `fullnat` services
+/// creates the NAT tables with one entry each: a plan that adds the first `nat`
+/// service is refused (before `lb_nat` is verified), saying a restart sizes them;
+/// the DR service keeps its maps.
+#[test]
+fn the_first_nat_service_after_a_start_without_one_is_refused_until_a_restart() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(unsafe { libc::geteuid() } == 0, "the packet tests load XDP programs and need root");
+    let plan_of = |yaml: &str, prev: Option<&Plan>| {
+        let cfg = config::parse(yaml, "t.yaml").expect("test config");
+        let macs = Plan::backend_addresses(&cfg).into_iter().map(|a| (a, [0x02, 0xbe, 0, 0, 0, 1])).collect();
+        Plan::next(&cfg, &macs, &Default::default(), prev)
+    };
+    let dr = plan_of("services:\n  - { name: a, vip: 198.18.1.1, port: 80, backends: [{address: 198.18.0.11}] }\n", None);
+    let mut dp = Dataplane::load(&dr).expect("load the XDP object");
+    dp.write(&dr, LB_MAC).expect("fill the maps");
+    let nat = plan_of(
+        "services:\n  - { name: a, vip: 198.18.1.1, port: 80, backends: [{address: 198.18.0.11}] }
+  - { name: b, vip: 198.18.1.2, port: 80, forwarding: nat, backends: [{address: 198.18.0.12, port: 8080}] }\n",
+        Some(&dr),
+    );
+    let err = dp.check_fits(&nat).expect_err("the NAT tables are unsized");
+    assert!(err.to_string().contains("restart the agent"), "{err}");
+    let err = dp.apply(&nat).expect_err("the NAT tables are unsized");
+    assert!(err.to_string().contains("NAT_REVERSE"), "{err}");
+    let lb_nat: &mut aya::programs::Xdp =
+        dp.ebpf_mut().program_mut(lb_common::PROG_NAT).expect("lb_nat").try_into().expect("XDP");
+    assert!(lb_nat.fd().is_err(), "lb_nat was verified for a plan that was refused");
+    let nat_reverse = dp.map_handle(lb_common::map_names::NAT_REVERSE).expect("NAT_REVERSE");
+    assert_eq!(nat_reverse.info().expect("info").max_entries(), lb_agent::pinning::NAT_UNSIZED);
+    // Started with it, the same plan is sized.
+    let mut sized = Dataplane::load(&nat).expect("load the XDP object");
+    sized.write(&nat, LB_MAC).expect("a start with a nat service sizes the NAT tables");
+}

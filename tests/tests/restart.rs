@@ -283,3 +283,38 @@ fn an_agent_with_another_pin_dir_is_refused_the_interface() {
     assert!(!leftover, "the refused agent left {} behind", other.display());
     assert_first_intact(&lab, &prog);
 }
+
+/// A first agent started without `nat` services creates the NAT tables with one
+/// entry each; a restart whose file adds a `nat` service adopts the maps (the
+/// connection table with them) and creates those three afresh at full size.
+#[test]
+fn a_restart_that_adds_the_first_nat_service_sizes_the_nat_tables_and_keeps_the_rest() {
+    let mut lab = Lab::new(4);
+    lab.start_servers();
+    let mut first = lab.start_agent(&config(&lab, 3));
+    let names = [lb_common::map_names::NAT_REVERSE, lb_common::map_names::FULLNAT_REVERSE, lb_common::map_names::FULLNAT_FORWARD];
+    let entries = |pins: &Path, name: &str| {
+        let data = aya::maps::MapData::from_pin(pins.join(name)).unwrap_or_else(|e| panic!("{name} pinned: {e}"));
+        data.info().expect("map info").max_entries()
+    };
+    for name in names {
+        assert_eq!(entries(&lab.pin_dir(), name), lb_agent::pinning::NAT_UNSIZED, "{name} unsized without nat services");
+    }
+    across(&mut lab, |lab| {
+        first.kill();
+        let path = config(lab, 4);
+        let mut text = std::fs::read_to_string(&path).expect("the configuration");
+        text += &format!(
+            "  - name: natweb\n    vip: {VIP4}\n    port: 8080\n    forwarding: nat\n    backends:\n      - address: {}\n        port: 80\n",
+            lab.backends[0].v4
+        );
+        std::fs::write(&path, text).expect("write the configuration");
+        let agent = lab.start_agent(&path);
+        let log = agent.log_text();
+        for name in names {
+            assert!(log.contains("creating it afresh") && log.contains(name), "{name} is created afresh:\n{log}");
+            assert!(entries(&lab.pin_dir(), name) > lb_agent::pinning::NAT_UNSIZED, "{name} sized for the nat service");
+        }
+        agent
+    });
+}

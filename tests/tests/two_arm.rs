@@ -115,8 +115,10 @@ fn dr_and_nat_backends_behind_the_second_interface() {
     assert!(!log.contains("ERROR"), "{log}");
     // `nat` two-arm: the backends' default route is the balancer's eth1, where
     // their replies arrive; they go back to the client by eth0 (redirected), from
-    // the VIP. Added by a reload, beside the `dr` services.
-    let reloads = agent.count_log("reload applied");
+    // the VIP. Added beside the `dr` services: a reload is refused (the agent
+    // started without nat services created the NAT tables unsized), a restart
+    // sizes them.
+    let failed = agent.count_log("reload failed");
     lab.write_config(&format!(
         "services:
   - {{ name: web4, vip: {VIP4}, port: 80, backends: [{b4}] }}
@@ -125,7 +127,10 @@ fn dr_and_nat_backends_behind_the_second_interface() {
   - {{ name: n6, vip: \"{VIP6}\", port: 81, forwarding: nat, backends: [{b6}] }}
 "
     ));
-    agent.wait_log("reload applied", reloads, Duration::from_secs(15));
+    agent.wait_log("reload failed", failed, Duration::from_secs(15));
+    assert!(agent.log_text().contains("restart the agent to resize them"), "{}", agent.log_text());
+    drop(agent);
+    let agent = lab.start_agent(&cfg);
     let nat_replies = counter(&lab, stat::NAT_REPLY);
     run_cases(
         &lab,

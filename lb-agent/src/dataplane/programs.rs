@@ -118,6 +118,8 @@ impl Dataplane {
             self.prefix_loaded = true;
         }
         if !self.nat_loaded && (plan.nat || plan.fullnat) {
+            // Refused before lb_nat's verification when the NAT tables are unsized.
+            crate::apply::check_fits(self, plan)?;
             load_all(&mut self.ebpf, &[lb_common::PROG_NAT, lb_common::PROG_NAT_REPLY])?;
             set_on_demand_slots(&mut self.ebpf, false, true)?;
             self.nat_loaded = true;

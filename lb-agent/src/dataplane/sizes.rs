@@ -4,7 +4,7 @@
 use lb_common::map_names as names;
 
 use super::{Dataplane, DataplaneError, Opened, PinDir, Result};
-use crate::{config::Forwarding, plan::Plan};
+use crate::{config::Forwarding, pinning::NAT_UNSIZED, plan::Plan};
 
 /// What the maps are sized for: known from the configuration alone, so the
 /// maps can be created and the programs verified while the plan is computed.
@@ -68,6 +68,11 @@ pub(super) fn sized(sizes: &Sizes) -> [(&'static str, u32); 19] {
     let tables = sizes.tables;
     let maglev = (tables * 2 + tables / 2 + 2 * 65537).min(u32::MAX as u64) as u32;
     let (conntrack, established) = (sizes.conntrack, sizes.established);
+    // The NAT tables: both connection tables' size with `nat` or `fullnat`
+    // services, one entry otherwise (a reload that adds the first one is refused
+    // until a restart: `apply::check_fits`). Preallocated, they are most of the
+    // maps' creation time and 250 MB at the default `conntrack_size`.
+    let nat = if sizes.nat { conntrack.saturating_add(established).max(1) } else { NAT_UNSIZED };
     [
         (names::VIP_ADDRS, services),
         (names::SERVICES, services),
@@ -84,9 +89,9 @@ pub(super) fn sized(sizes: &Sizes) -> [(&'static str, u32); 19] {
         (names::FIRST_RECORD, lb_common::first_record_entries(conntrack)),
         (names::AFFINITY, (conntrack / 4).max(1024)),
         (names::FRAGS, sizes.frags.max(1)),
-        (names::NAT_REVERSE, conntrack.saturating_add(established).max(1)),
-        (names::FULLNAT_REVERSE, conntrack.saturating_add(established).max(1)),
-        (names::FULLNAT_FORWARD, conntrack.saturating_add(established).max(1)),
+        (names::NAT_REVERSE, nat),
+        (names::FULLNAT_REVERSE, nat),
+        (names::FULLNAT_FORWARD, nat),
         (names::SNAT_POOLS, services),
     ]
 }
@@ -156,5 +161,20 @@ mod tests {
         let plan = Plan::build(&config, &Default::default());
         assert_eq!(Sizes::of_config(&config), Sizes::of(&plan));
         assert_eq!(Sizes::of(&plan).backends, 6);
+    }
+
+    /// The NAT tables are sized with `nat` or `fullnat` services only.
+    #[test]
+    fn the_nat_tables_are_sized_with_nat_services_only() {
+        let nat_sizes = |sizes: &Sizes| -> Vec<u32> {
+            let all = sized(sizes);
+            [names::NAT_REVERSE, names::FULLNAT_REVERSE, names::FULLNAT_FORWARD]
+                .iter()
+                .map(|n| all.iter().find(|(m, _)| m == n).expect("sized").1)
+                .collect()
+        };
+        let dr = Sizes { services: 1, backends: 1, tables: 251, conntrack: 5000, established: 3000, frags: 8, prefix: false, nat: false };
+        assert_eq!(nat_sizes(&dr), [NAT_UNSIZED; 3]);
+        assert_eq!(nat_sizes(&Sizes { nat: true, ..dr }), [8000; 3]);
     }
 }
