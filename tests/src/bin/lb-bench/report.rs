@@ -132,14 +132,14 @@ pub fn live_md(
              if lb_xdp costs at most {budget:.0} ns more per frame than the MAC swap; it costs {:.0} ns more here \
              (and {:.0} ns vs {:.0} ns for an established UDP frame under BPF_PROG_TEST_RUN above). On this \
              veth path the ceiling is so cheap that any real parse-lookup-rewrite program is a large share: \
-             the per-frame work of lb_xdp is the VIP_FILTER read and a VIP_ADDRS hash lookup, a SERVICES hash lookup, a CONNTRACK \
-             lookup in the shared LRU hash (40-byte key), the BACKENDS and CONFIG array reads, and four \
-             per-CPU counter updates (STATS twice, conn_hit and forwarded; SERVICE_STATS; BACKEND_STATS); \
-             the per-stage breakdown above shows the three hash lookups as most of an established frame's \
-             cost. What would close most of the \
-             gap: one combined per-CPU counter update instead of four, a per-CPU LRU connection table in \
-             front of the shared one (hit without touching shared LRU lists), a 4-byte IPv4 key path instead \
-             of 16-byte mapped addresses, and merging VIP_ADDRS into the SERVICES lookup. On a real NIC at \
+             an established frame costs lb_xdp the VIP_FILTER read, one `CT_ESTABLISHED` hash lookup (jhash \
+             of a 40-byte key; on this live path a cache miss per flow), the CONFIG and BACKENDS array \
+             reads, the MAC rewrite and four per-CPU counter updates (STATS twice, conn_hit and forwarded; \
+             SERVICE_STATS; BACKEND_STATS); a frame that misses the table also pays the SERVICES lookup (and \
+             VIP_ADDRS after a SERVICES miss). What would close most of the gap: one combined per-CPU \
+             counter update instead of four, a 4-byte IPv4 key path instead of 16-byte mapped addresses (a \
+             cheaper hash and more entries per cache line), and a per-CPU table in front of the shared one \
+             (hit without touching shared lines). On a real NIC at \
              line rate the fixed path cost per frame is larger (DMA, descriptor rings, cache misses on \
              packet data), so the same program difference gives a ratio closer to 1; this veth figure is \
              the strict case.",
