@@ -343,29 +343,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
     if prev_snat != plan_snat {
         write_filter(dp, prev.vip_addrs.keys().chain(plan.vip_addrs.keys()), prev_snat.iter().chain(&plan_snat))?;
     }
-    if !plan.snat_pools.is_empty() {
-        let mut m: Array<_, lb_common::SnatPool> =
-            Array::try_from(map_mut(dp.ebpf_mut(), names::SNAT_POOLS)?).map_err(map_err(names::SNAT_POOLS))?;
-        // Established flows name their SNAT address by its index in the pool:
-        // where a pool's addresses moved (against what the map held: the last
-        // write, or a previous agent's before a restart), their slots are
-        // cleared, after the write (before it, their next packets would note
-        // the old pool again).
-        let mut moved = BTreeSet::new();
-        for (id, pool) in &plan.snat_pools {
-            if prev.snat_pools.get(id) != Some(pool) {
-                if m.get(id, 0).is_ok_and(|held| fullnat_table::addresses_moved(&held, pool)) {
-                    moved.insert(*id);
-                }
-                m.set(*id, *pool, 0).map_err(map_err(names::SNAT_POOLS))?;
-            }
-        }
-        if !moved.is_empty() && plan.established_size > 0 {
-            let mut est = HashMap::try_from(map_mut(dp.ebpf_mut(), names::CT_ESTABLISHED)?).map_err(map_err(names::CT_ESTABLISHED))?;
-            let n = fullnat_table::forget_moved_slots(&mut est, &moved);
-            tracing::info!(services = moved.len(), flows = n, "SNAT addresses moved in their pools: the flows' slots cleared");
-        }
-    }
+    fullnat_table::write_pools(dp, &prev, plan)?;
 
     // 2. Tables into the idle half (or a new region), 3. then the service entries.
     let prev_services: BTreeMap<VipKey, &crate::plan::PlannedService> =

@@ -1,5 +1,5 @@
 //! The agent's side of `FULLNAT_FORWARD` and `FULLNAT_REVERSE` (`forwarding:
-//! fullnat`): a flow's SNAT mapping lives as long as the flow's entry in the
+//! fullnat`; and `SNAT_POOLS`, written by `write_pools`): a flow's SNAT mapping lives as long as the flow's entry in the
 //! connection table. Both maps are plain hashes (a SNAT port must never be taken
 //! from a live flow), so nothing but this sweep returns a port to its pool. After
 //! each sweep of the connection table (`conntrack::run`) it removes:
@@ -16,12 +16,14 @@
 
 use std::collections::BTreeSet;
 
-use aya::maps::{HashMap, MapData};
-use lb_common::{FlowKey, FlowVal, NatReverse, SnatFwd, SnatPool, CT_STATE_NEW};
+use aya::maps::{Array, HashMap, MapData};
+use lb_common::{map_names as names, FlowKey, FlowVal, NatReverse, SnatFwd, SnatPool, CT_STATE_NEW};
 
 use crate::{
     config::Timeouts,
     conntrack::{expired, timeout_of},
+    dataplane::{map_err, map_mut, Dataplane, DataplaneError},
+    plan::Plan,
 };
 
 /// Seconds a new reverse entry is left alone.
@@ -140,7 +142,7 @@ pub fn addresses_moved(old: &SnatPool, new: &SnatPool) -> bool {
 /// rewritten only while they exist (`BPF_EXIST`); a packet updating one between
 /// the read and the write has its `last_seen` set back by that instant. Returns
 /// the entries cleared.
-pub fn forget_moved_slots(established: &mut HashMap<&mut MapData, FlowKey, FlowVal>, services: &BTreeSet<u32>) -> u64 {
+fn forget_moved_slots(established: &mut HashMap<&mut MapData, FlowKey, FlowVal>, services: &BTreeSet<u32>) -> u64 {
     const BPF_EXIST: u64 = 2;
     let keys: Vec<FlowKey> = established.keys().filter_map(Result::ok).collect();
     let mut cleared = 0;
@@ -151,4 +153,34 @@ pub fn forget_moved_slots(established: &mut HashMap<&mut MapData, FlowKey, FlowV
         }
     }
     cleared
+}
+
+/// Writes the SNAT pools of `fullnat` services that changed since `prev` (a
+/// pool that did not change is not written: that would reset its cursor).
+/// Established flows name their SNAT address by its index in the pool: where a
+/// pool's addresses moved (against what the map held: the last write, or a
+/// previous agent's before a restart), their slots are cleared, after the
+/// write (before it, their next packets would note the old pool again).
+pub fn write_pools(dp: &mut Dataplane, prev: &Plan, plan: &Plan) -> Result<(), DataplaneError> {
+    if plan.snat_pools.is_empty() {
+        return Ok(());
+    }
+    let mut m: Array<_, SnatPool> =
+        Array::try_from(map_mut(dp.ebpf_mut(), names::SNAT_POOLS)?).map_err(map_err(names::SNAT_POOLS))?;
+    let mut moved = BTreeSet::new();
+    for (id, pool) in &plan.snat_pools {
+        if prev.snat_pools.get(id) != Some(pool) {
+            if m.get(id, 0).is_ok_and(|held| addresses_moved(&held, pool)) {
+                moved.insert(*id);
+            }
+            m.set(*id, *pool, 0).map_err(map_err(names::SNAT_POOLS))?;
+        }
+    }
+    if !moved.is_empty() && plan.established_size > 0 {
+        let mut est =
+            HashMap::try_from(map_mut(dp.ebpf_mut(), names::CT_ESTABLISHED)?).map_err(map_err(names::CT_ESTABLISHED))?;
+        let n = forget_moved_slots(&mut est, &moved);
+        tracing::info!(services = moved.len(), flows = n, "SNAT addresses moved in their pools: the flows' slots cleared");
+    }
+    Ok(())
 }
