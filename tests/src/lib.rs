@@ -2,6 +2,7 @@
 //! traffic, and frame builders.
 
 pub mod daemon;
+pub mod drpacket;
 pub mod ecmp;
 pub mod failover;
 pub mod lab;
