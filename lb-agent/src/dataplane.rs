@@ -145,6 +145,11 @@ fn map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData> {
         Map::HashMap(m) | Map::Array(m) | Map::PerCpuArray(m) | Map::LruHashMap(m) => m,
         _ => return Err(DataplaneError::MissingMap { name }),
     };
+    dup_map(data, name)
+}
+
+/// A second handle on map `name`, `data` (a duplicated descriptor).
+fn dup_map(data: &MapData, name: &'static str) -> Result<MapData> {
     let fd = data
         .fd()
         .as_fd()

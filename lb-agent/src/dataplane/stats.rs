@@ -9,7 +9,7 @@ use aya::{
 };
 use lb_common::{map_names as names, stat, BackendConns, Counters};
 
-use super::{map_data, map_err, DataplaneError, Result};
+use super::{dup_map, map_data, map_err, DataplaneError, Result};
 
 /// Counters summed over CPUs.
 #[derive(Debug, Clone, Default)]
@@ -70,6 +70,10 @@ fn read_counters(data: MapData, name: &'static str, limit: Option<u32>) -> Resul
     m.iter().take(len as usize).map(|v| v.map(|v| sum_counters(&v)).map_err(map_err(name))).collect()
 }
 
+/// The maps `StatsMaps` holds, in its order.
+const MAPS: [&str; 5] =
+    [names::STATS, names::SERVICE_STATS, names::BACKEND_STATS, names::BACKEND_CONNS, names::BACKEND_CONN_DELTA];
+
 /// Handles of the counter maps of a loaded object, for reading them away from
 /// the `Dataplane` (the agent's status refresh reads them on a thread of its
 /// own: at 10,000 services the read takes milliseconds the event loop would
@@ -80,31 +84,23 @@ pub struct StatsMaps {
 
 impl StatsMaps {
     pub(super) fn of(e: &mut Ebpf) -> Result<StatsMaps> {
-        Ok(StatsMaps {
-            maps: [
-                map_data(e, names::STATS)?,
-                map_data(e, names::SERVICE_STATS)?,
-                map_data(e, names::BACKEND_STATS)?,
-                map_data(e, names::BACKEND_CONNS)?,
-                map_data(e, names::BACKEND_CONN_DELTA)?,
-            ],
-        })
+        let mut get = |i: usize| map_data(e, MAPS[i]);
+        Ok(StatsMaps { maps: [get(0)?, get(1)?, get(2)?, get(3)?, get(4)?] })
     }
 
     /// As `Dataplane::stats_of`.
     pub fn read(&self, services: u32, backends: u32, bases: &[BackendConns]) -> Result<Stats> {
-        const NAMES: [&str; 5] =
-            [names::STATS, names::SERVICE_STATS, names::BACKEND_STATS, names::BACKEND_CONNS, names::BACKEND_CONN_DELTA];
-        let dup = |i: usize| -> Result<MapData> {
-            let fd = self.maps[i]
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|source| DataplaneError::PinDir { path: NAMES[i].into(), source })?;
-            MapData::from_fd(fd).map_err(map_err(NAMES[i]))
-        };
-        let mut stats = Stats::read(dup(0)?, dup(1)?, dup(2)?, Some((services, backends)))?;
-        stats.conns = read_conns(dup(3)?, dup(4)?, Some(backends), bases)?;
+        let dup = |i: usize| dup_map(&self.maps[i], MAPS[i]);
+        let maps = StatsMaps { maps: [dup(0)?, dup(1)?, dup(2)?, dup(3)?, dup(4)?] };
+        maps.read_once(Some((services, backends)), bases)
+    }
+
+    /// Reads the counters through these handles, which the reading uses up;
+    /// `limit` and `bases` as `Stats::read_loaded`.
+    fn read_once(self, limit: Option<(u32, u32)>, bases: &[BackendConns]) -> Result<Stats> {
+        let [global, services, backends, base, delta] = self.maps;
+        let mut stats = Stats::read(global, services, backends, limit)?;
+        stats.conns = read_conns(base, delta, limit.map(|l| l.1), bases)?;
         Ok(stats)
     }
 }
@@ -113,11 +109,7 @@ impl Stats {
     /// From the maps of a loaded object; `limit`: (services, backends) ids to read;
     /// `bases`: what `BACKEND_CONNS` holds, if known (else it is read).
     pub(super) fn read_loaded(e: &mut Ebpf, limit: Option<(u32, u32)>, bases: &[BackendConns]) -> Result<Stats> {
-        let (g, s, b) = (map_data(e, names::STATS)?, map_data(e, names::SERVICE_STATS)?, map_data(e, names::BACKEND_STATS)?);
-        let mut stats = Stats::read(g, s, b, limit)?;
-        let (base, delta) = (map_data(e, names::BACKEND_CONNS)?, map_data(e, names::BACKEND_CONN_DELTA)?);
-        stats.conns = read_conns(base, delta, limit.map(|l| l.1), bases)?;
-        Ok(stats)
+        StatsMaps::of(e)?.read_once(limit, bases)
     }
 
     fn read(global: MapData, services: MapData, backends: MapData, limit: Option<(u32, u32)>) -> Result<Stats> {
