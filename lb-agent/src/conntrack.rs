@@ -29,7 +29,10 @@ use lb_common::{BackendConns, FlowKey, FlowVal, CT_STATE_CLOSING, CT_STATE_ESTAB
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::Timeouts;
+use crate::{
+    config::Timeouts,
+    syn_filter::{Rebuild, SynFilter},
+};
 
 /// What `CT_ESTABLISHED` held at the last sweep.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -168,20 +171,30 @@ fn read_all(map: &Array<MapData, BackendConns>) -> Vec<BackendConns> {
 
 /// One pass over the table at clock `now` (the value last published, so a clock
 /// that stalled never makes entries look idle): counts entries by state, and by
-/// backend into `counts`, and removes expired ones.
+/// backend into `counts`, and removes expired ones. With `filter`, sets the bit
+/// of every entry walked in the SYN filter's copy being rebuilt. Returns whether
+/// the walk reached the end of the table (an error ends it early).
 pub fn sweep(
     map: &mut HashMap<MapData, FlowKey, FlowVal>,
     now: u32,
     t: &Timeouts,
     status: &mut TableStatus,
     counts: &mut Counts,
-) {
+    filter: Option<(&SynFilter, Rebuild)>,
+) -> bool {
     let started = Instant::now();
     let (mut established, mut closing) = (0u64, 0u64);
     let mut stale = Vec::new();
+    let mut complete = true;
     // Collect first: deleting while walking makes the kernel restart the walk.
     for entry in map.iter() {
-        let Ok((key, val)) = entry else { continue };
+        let Ok((key, val)) = entry else {
+            complete = false;
+            continue;
+        };
+        if let Some((f, r)) = filter {
+            f.add(r, &key);
+        }
         if expired(now, val.last_seen, timeout_of(&key, &val, t)) {
             stale.push(key);
             continue;
@@ -210,6 +223,7 @@ pub fn sweep(
     status.established = established;
     status.closing = closing;
     status.sweep_secs = started.elapsed().as_secs_f64();
+    complete
 }
 
 /// The maps the sweep works on (second handles; the dataplane keeps its own).
@@ -227,6 +241,9 @@ pub struct SweepMaps {
     /// (`fullnat_table.rs`).
     pub fullnat_forward: MapData,
     pub fullnat_reverse: MapData,
+    /// `CT_SYN_FILTER`, rebuilt by each walk of `CT_ESTABLISHED`
+    /// (`syn_filter.rs`).
+    pub syn_filter: MapData,
 }
 
 /// What one sweep task holds between sweeps.
@@ -238,6 +255,8 @@ struct Sweeper {
     nat: HashMap<MapData, FlowKey, lb_common::NatReverse>,
     fullnat_forward: HashMap<MapData, FlowKey, lb_common::SnatFwd>,
     fullnat_reverse: HashMap<MapData, FlowKey, lb_common::NatReverse>,
+    /// `None` when it could not be mapped: the filter then stays off.
+    syn_filter: Option<SynFilter>,
 }
 
 /// The bases in `BACKEND_CONNS` by backend id, as the sweep last wrote them: the
@@ -256,7 +275,11 @@ pub async fn run(
     bases: Bases,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let SweepMaps { established, new, first, clock, conns, conn_delta, nat_reverse, fullnat_forward, fullnat_reverse } = maps;
+    let SweepMaps { established, new, first, clock, conns, conn_delta, nat_reverse, fullnat_forward, fullnat_reverse, syn_filter } =
+        maps;
+    let syn_filter = SynFilter::new(syn_filter)
+        .inspect_err(|e| tracing::warn!(error = %e, "CT_SYN_FILTER: cannot map it; the SYN filter stays off"))
+        .ok();
     let sweeper = (|| {
         Ok::<_, aya::maps::MapError>(Sweeper {
             established: HashMap::try_from(aya::maps::Map::HashMap(established))?,
@@ -268,6 +291,7 @@ pub async fn run(
             nat: HashMap::try_from(aya::maps::Map::LruHashMap(nat_reverse))?,
             fullnat_forward: HashMap::try_from(aya::maps::Map::HashMap(fullnat_forward))?,
             fullnat_reverse: HashMap::try_from(aya::maps::Map::HashMap(fullnat_reverse))?,
+            syn_filter,
         })
     })();
     let map = match sweeper {
@@ -311,7 +335,14 @@ pub async fn run(
                 let m = &mut *m;
                 let deltas = m.conns.deltas();
                 let mut counts = Counts::new();
-                sweep(&mut m.established, now, &t, &mut status, &mut counts);
+                let rebuild = m.syn_filter.as_mut().and_then(SynFilter::begin);
+                let complete = sweep(&mut m.established, now, &t, &mut status, &mut counts, m.syn_filter.as_ref().zip(rebuild));
+                if let (Some(f), Some(r), true) = (m.syn_filter.as_mut(), rebuild, complete) {
+                    if !f.is_on() {
+                        tracing::info!("SYN filter on: SYNs of new 5-tuples skip the CT_ESTABLISHED lookup");
+                    }
+                    f.finish(r);
+                }
                 count_new(&m.new, now, &t, &mut counts);
                 m.first.count(now, &t, &mut counts);
                 m.conns.publish(&counts, &deltas);

@@ -30,4 +30,5 @@ pub mod resolve;
 pub mod run;
 pub mod sched_tables;
 pub mod status;
+pub mod syn_filter;
 pub mod trace;

@@ -296,6 +296,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         nat_reverse: handle(&mut dp, lb_common::map_names::NAT_REVERSE)?,
         fullnat_forward: handle(&mut dp, lb_common::map_names::FULLNAT_FORWARD)?,
         fullnat_reverse: handle(&mut dp, lb_common::map_names::FULLNAT_REVERSE)?,
+        syn_filter: handle(&mut dp, lb_common::map_names::CT_SYN_FILTER)?,
     };
     let ct_capacity = dp.conntrack_capacity(&plan).context("reading the connection-table sizes")?;
     let (timeouts, timeouts_rx) = tokio::sync::watch::channel(cfg.timeouts);

@@ -18,6 +18,7 @@ pub mod frag;
 pub mod hash;
 pub mod nat;
 pub mod prefix;
+pub mod syn_filter;
 
 pub use conntrack::{
     AffinityKey, AffinityVal, BackendConns, FlowKey, FlowVal, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
@@ -67,6 +68,7 @@ pub mod map_names {
     pub use crate::first::names::*;
     pub use crate::egress::names::*;
     pub use crate::prefix::names::*;
+    pub use crate::syn_filter::names::*;
 }
 
 /// Bits in `VIP_FILTER`, a one-hash Bloom filter over the VIP addresses kept in a

@@ -22,6 +22,7 @@ use lb_common::{
 use crate::{
     backend::backend,
     conns, first, flood,
+    syn_filter,
     maps::{BACKENDS, CONNTRACK, CT_CLOCK, CT_ESTABLISHED},
     stats::count,
     trace::Decision,
@@ -58,7 +59,9 @@ fn now() -> u32 {
 /// Looks the flow up. `syn`: a TCP SYN without ACK; `fin`: a TCP FIN or RST.
 #[inline(always)]
 pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decision) -> Lookup {
-    if protect {
+    // A SYN whose bit in the SYN filter is clear has no entry there: it skips
+    // the lookup (`syn_filter.rs`; the rest of this function is unchanged).
+    if protect && !(syn && syn_filter::absent(flow)) {
         if let Some(p) = CT_ESTABLISHED.get_ptr_mut(flow) {
             // SAFETY: a live entry; copied out, fields written back one by one.
             let v = unsafe { *p };
@@ -108,6 +111,9 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
         // an older `CONNTRACK` entry of its 5-tuple in place, which must not win.
         let taken = first::take(flow, first::hash_of(flow), fin, now());
         if taken != first::NONE {
+            if (taken >> 32) as u8 == ct_step::PROMOTED {
+                syn_filter::add(flow);
+            }
             if let Some(b) = BACKENDS.get(taken as u32) {
                 d.ct = (taken >> 32) as u8;
                 return Lookup::Hit { service_id: b.service_id, backend_id: taken as u32, backend: b, snat: 0 };
@@ -153,6 +159,7 @@ fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) -> u8 {
     let est = FlowVal { last_seen: now(), state, snat: [0; 3], ..*v };
     match CT_ESTABLISHED.insert(flow, &est, BPF_NOEXIST as u64) {
         Ok(()) => {
+            syn_filter::add(flow);
             count(stat::CT_PROMOTED);
             if conns::is_active(flow.proto, state) {
                 conns::add(v.backend_id, 1, -1);

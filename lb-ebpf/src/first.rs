@@ -64,8 +64,8 @@ pub fn store(flow: &FlowKey, hash: u32, mask: u32, backend_id: u32, service_id: 
 /// records the flow as `CONNTRACK` would have on this packet: moved to
 /// `CT_ESTABLISHED` (closing if `fin`), or kept in `CONNTRACK` when that is
 /// full. Returns the backend id, the `ct_step` (bits 32..40) and `FOUND`, or
-/// `NONE`. `hash`: the flow's `hash_of`. A call of its own: its branches stay
-/// in here.
+/// `NONE`; the caller sets the SYN filter's bit after a `PROMOTED` one.
+/// `hash`: the flow's `hash_of`. A call of its own: its branches stay in here.
 #[inline(never)]
 pub fn take(flow: &FlowKey, hash: u32, fin: bool, now: u32) -> u64 {
     let mask = CONFIG.get(0).map_or(0, |c| c.first_record_mask);

@@ -24,6 +24,7 @@ mod parse;
 mod sched;
 mod schedule;
 mod stats;
+mod syn_filter;
 mod trace;
 
 use core::mem::MaybeUninit;

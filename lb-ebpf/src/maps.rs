@@ -230,3 +230,10 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 #[aya_ebpf::macros::map]
 pub static RARE_PROGS: aya_ebpf::maps::ProgramArray =
     aya_ebpf::maps::ProgramArray::with_max_entries(lb_common::RARE_PROGS_ENTRIES, 0);
+
+/// The SYN filter (`lb_common::syn_filter`, `syn_filter.rs`): the head word,
+/// then two copies of one bit per hash of every `CT_ESTABLISHED` flow. Set by
+/// the program, rebuilt by the agent's sweep (memory-mapped); not pinned (an
+/// agent starts it off and turns it on after its own walks).
+#[btf_map]
+pub static CT_SYN_FILTER: Array<u64, { 1 + 2 * 64 }, { BPF_F_MMAPABLE as usize }> = Array::new();

@@ -339,3 +339,76 @@ fn syns_past_the_flood_threshold_go_unrecorded() {
     b.fwd(&with_flags(&g, SYN));
     assert!(b.first_record(&g).is_some(), "with syn_flood_kps 0 every SYN is recorded");
 }
+
+/// One sweep of `CT_ESTABLISHED` with the SYN filter, as the agent's sweep task
+/// runs it (`conntrack::run`).
+fn sweep_with(b: &mut Bench, f: &mut lb_agent::syn_filter::SynFilter) {
+    let rebuild = f.begin();
+    let mut table = b.table(map_names::CT_ESTABLISHED);
+    let (mut status, mut counts) = (Default::default(), Default::default());
+    let t = config::Timeouts::default();
+    let filter = rebuild.map(|r| (&*f, r));
+    assert!(lb_agent::conntrack::sweep(&mut table, now_s(), &t, &mut status, &mut counts, filter), "the walk ended early");
+    if let Some(r) = rebuild {
+        f.finish(r);
+    }
+}
+
+/// The SYN filter (`lb_common::syn_filter`): while it is off every SYN looks
+/// `CT_ESTABLISHED` up; the agent turns it on at its second sweep; then a SYN
+/// whose bit is clear skips the lookup (an entry written behind the program's
+/// back, without its bit, is not found), the program sets the bit of every flow
+/// it establishes (through `FIRST_RECORD` and through `CONNTRACK`), so a SYN
+/// reusing an established flow's 5-tuple still finds its entry, and each rebuild
+/// sets the bits of what the table holds and drops those of what left it.
+#[test]
+fn syns_skip_the_established_table_only_when_their_filter_bit_is_clear() {
+    let mut b = Bench::new(&["198.18.0.11", "198.18.0.12", "198.18.0.13"], TABLE);
+    let mut filter = lb_agent::syn_filter::SynFilter::new(b.dp.map_handle(map_names::CT_SYN_FILTER).expect("map handle"))
+        .expect("map CT_SYN_FILTER");
+    // An entry written here, behind the program's back (no bit), closing: a SYN
+    // that finds it reschedules the flow in place, which makes it established.
+    let (d, e, m) = (tcp(19, 40999), tcp(20, 41000), tcp(21, 41001));
+    b.fwd(&with_flags(&d, SYN));
+    b.fwd(&with_flags(&d, ACK));
+    let est = b.entry(map_names::CT_ESTABLISHED, &d).expect("d established");
+    let closing = FlowVal { state: CT_STATE_CLOSING, ..est };
+    let plant = |b: &mut Bench, f: &Flow| b.table(map_names::CT_ESTABLISHED).insert(f.key(), closing, 0).expect("plant");
+    let found_by_syn = |b: &mut Bench, f: &Flow| {
+        b.fwd(&with_flags(f, SYN));
+        let v = b.entry(map_names::CT_ESTABLISHED, f).expect("the entry stays");
+        v.state == CT_STATE_ESTABLISHED
+    };
+    let (g, h) = (tcp(22, 41002), tcp(23, 41003));
+    plant(&mut b, &g);
+    assert!(found_by_syn(&mut b, &g), "off: a SYN looks the table up");
+    sweep_with(&mut b, &mut filter);
+    assert!(!filter.is_on(), "on after one sweep");
+    sweep_with(&mut b, &mut filter);
+    assert!(filter.is_on(), "off after two sweeps");
+    plant(&mut b, &h);
+    assert!(!found_by_syn(&mut b, &h), "on: a SYN whose bit is clear looked the table up");
+    // Established by the program while the filter is on, through `FIRST_RECORD`
+    // (SYN, ACK) and through `CONNTRACK` (two ACKs: a midflow miss, then its
+    // promotion): their bits are set, so a SYN reusing their 5-tuple finds them.
+    b.fwd(&with_flags(&e, SYN));
+    b.fwd(&with_flags(&e, ACK));
+    b.fwd(&with_flags(&m, ACK));
+    b.fwd(&with_flags(&m, ACK));
+    for f in [&e, &m] {
+        assert!(b.entry(map_names::CT_ESTABLISHED, f).is_some(), "not established");
+        plant(&mut b, f);
+        assert!(found_by_syn(&mut b, f), "a SYN reusing a flow the program established missed its entry");
+    }
+    // The next rebuild walks the table: h's bit is set now.
+    plant(&mut b, &h);
+    sweep_with(&mut b, &mut filter);
+    assert!(found_by_syn(&mut b, &h), "a rebuilt filter lacks the bit of an entry in the table");
+    // Gone from the table: the next rebuild (the other copy, zeroed) drops its bit.
+    b.table(map_names::CT_ESTABLISHED).remove(&h.key()).expect("remove h");
+    sweep_with(&mut b, &mut filter);
+    plant(&mut b, &h);
+    assert!(!found_by_syn(&mut b, &h), "the bit of an entry that left the table survived a rebuild");
+    plant(&mut b, &g);
+    assert!(found_by_syn(&mut b, &g), "g is in the table and walked: its bit is set");
+}

@@ -56,11 +56,11 @@ impl Sizes {
 /// Map sizes for a plan, with room for the configuration to grow: twice the
 /// services and backends, and for `MAGLEV` two tables per service (the double
 /// buffer) plus a quarter more and room for one more default-sized service.
-pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 19] {
+pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 20] {
     sized(&Sizes::of(plan))
 }
 
-pub(super) fn sized(sizes: &Sizes) -> [(&'static str, u32); 19] {
+pub(super) fn sized(sizes: &Sizes) -> [(&'static str, u32); 20] {
     let services = (sizes.services * 2).max(16);
     let backends = (sizes.backends * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
@@ -87,6 +87,7 @@ pub(super) fn sized(sizes: &Sizes) -> [(&'static str, u32); 19] {
         (names::CONNTRACK, conntrack.max(1)),
         (names::CT_ESTABLISHED, established.max(1)),
         (names::FIRST_RECORD, lb_common::first_record_entries(conntrack)),
+        (names::CT_SYN_FILTER, lb_common::syn_filter::entries(established)),
         (names::AFFINITY, (conntrack / 4).max(1024)),
         (names::FRAGS, sizes.frags.max(1)),
         (names::NAT_REVERSE, nat),

@@ -75,6 +75,28 @@ fn balancer(object: &[u8], conntrack: u32) -> Dataplane {
     dp
 }
 
+/// Turns the SYN filter on as the agent does (`lb_agent::syn_filter`): two
+/// sweeps of `CT_ESTABLISHED`, the second rebuilding a copy and pointing the
+/// head at it. Objects built before the filter have no `CT_SYN_FILTER`: left as
+/// they are.
+fn syn_filter_on(dp: &mut Dataplane) {
+    let Ok(map) = dp.map_handle(lb_common::map_names::CT_SYN_FILTER) else { return };
+    let mut filter = lb_agent::syn_filter::SynFilter::new(map).expect("map CT_SYN_FILTER");
+    let est = dp.map_handle(lb_common::map_names::CT_ESTABLISHED).expect("CT_ESTABLISHED");
+    let mut table = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(est)).expect("hash map");
+    for _ in 0..2 {
+        let rebuild = filter.begin();
+        let (mut status, mut counts) = (Default::default(), Default::default());
+        let t = config::Timeouts::default();
+        let now = lb_agent::conntrack::now_s();
+        assert!(lb_agent::conntrack::sweep(&mut table, now, &t, &mut status, &mut counts, rebuild.map(|r| (&filter, r))));
+        if let Some(r) = rebuild {
+            filter.finish(r);
+        }
+    }
+    assert!(filter.is_on(), "the SYN filter is on after two sweeps");
+}
+
 fn wrapper(dp: &mut Dataplane) -> Ebpf {
     let mut w = Ebpf::load(BENCH_OBJECT).expect("load the bench object");
     let p: &mut Xdp = w.program_mut("bench_newflow").expect("bench_newflow").try_into().expect("XDP");
@@ -128,6 +150,8 @@ pub fn bench_newflow(p: &Params) -> String {
             // Fill the small table: every later insert evicts.
             set_step(&mut wrap_full, 1);
             run(prog(&wrap_full, "bench_newflow"), &syn, 4 * full_size);
+            syn_filter_on(&mut roomy);
+            syn_filter_on(&mut full);
             Subject { name, roomy, _full: full, wrap_roomy, wrap_full }
         })
         .collect();
