@@ -230,6 +230,8 @@ pub fn bench_live(lp: &LiveParams) -> Live {
     )
     .expect("tunnel source");
     dp.write(&plan, B0_MAC).expect("fill the maps");
+    // The SYN filter, as an agent has it on from its second sweep.
+    crate::newflow::syn_filter_on(&mut dp);
     xdp(dp.ebpf_mut(), "bench_macswap")
         .load()
         .expect("load bench_macswap");

@@ -79,7 +79,7 @@ fn balancer(object: &[u8], conntrack: u32) -> Dataplane {
 /// sweeps of `CT_ESTABLISHED`, the second rebuilding a copy and pointing the
 /// head at it. Objects built before the filter have no `CT_SYN_FILTER`: left as
 /// they are.
-fn syn_filter_on(dp: &mut Dataplane) {
+pub fn syn_filter_on(dp: &mut Dataplane) {
     let Ok(map) = dp.map_handle(lb_common::map_names::CT_SYN_FILTER) else { return };
     let mut filter = lb_agent::syn_filter::SynFilter::new(map).expect("map CT_SYN_FILTER");
     let est = dp.map_handle(lb_common::map_names::CT_ESTABLISHED).expect("CT_ESTABLISHED");
