@@ -32,7 +32,8 @@
 //! - `bench_newflow`: writes a sequence number into the IPv4 frame's source port
 //!   and the low half of its source address, then tail-calls the balancer. Counting
 //!   (`NEWFLOW[0]` = 1) makes every repeat of a repeated run a new 5-tuple; fixed
-//!   (0) writes the same number every time. The same steps either way.
+//!   (0) writes the same number every time; counting with a modulus N
+//!   (`NEWFLOW[2]`) cycles over N flows (0..N). The same steps in every mode.
 #![no_std]
 #![no_main]
 
@@ -296,24 +297,33 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
 }
 
 /// `bench_newflow`'s settings and state, shared by all CPUs (the benchmark runs
-/// one repeated run at a time): index 0 the step (0 or 1), index 1 the sequence.
+/// one repeated run at a time): index 0 the step (0 or 1), index 1 the sequence,
+/// index 2 the modulus (0: none; N: with step 1 the sequence cycles 0..N).
 #[map]
-static NEWFLOW: Array<u32> = Array::with_max_entries(2, 0);
+static NEWFLOW: Array<u32> = Array::with_max_entries(3, 0);
 /// Index 0: the balancer program `bench_newflow` hands the frame to.
 #[map]
 static NEWFLOW_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn bench_newflow(ctx: XdpContext) -> u32 {
-    let (Some(step), Some(seq)) = (NEWFLOW.get(0), NEWFLOW.get_ptr_mut(1)) else { return xdp_action::XDP_ABORTED };
+    let (Some(step), Some(modulus), Some(seq)) = (NEWFLOW.get(0), NEWFLOW.get(2), NEWFLOW.get_ptr_mut(1)) else {
+        return xdp_action::XDP_ABORTED;
+    };
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + SPORT_OFF + 2 > end {
         return xdp_action::XDP_ABORTED;
     }
+    // The same compare whatever the modulus: with 0 it is true only when the
+    // sequence wraps, where n is 0 already.
     // SAFETY: an element of an array map; the benchmark runs one run at a time.
     let n = unsafe {
-        *seq = (*seq).wrapping_add(*step);
-        *seq
+        let mut n = (*seq).wrapping_add(*step);
+        if n == *modulus {
+            n = 0;
+        }
+        *seq = n;
+        n
     };
     // SAFETY: both offsets are within the first SPORT_OFF + 2 bytes (checked above).
     unsafe {

@@ -30,6 +30,7 @@ mod topo;
 mod nat;
 mod nat_restore;
 mod newflow;
+mod newflow_cycle;
 mod tunnel;
 mod trace;
 
