@@ -252,7 +252,7 @@ fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32,
             // A `maglev` flow was scheduled by its flow hash: no second hashing
             // (about 30 ns a SYN); `sh` by its masked client's.
             let hash = if scheduler == SCHED_MAGLEV { (flood >> 32) as u32 } else { first::hash_of(flow) };
-            first::store(flow, hash, mask, backend_id, service_id, generation, now());
+            first::store(flow, hash, mask, backend_id, generation, now());
             conns::opened(backend_id);
             return;
         }

@@ -54,7 +54,7 @@ pub fn add(flow: &FlowKey) {
 /// `syn_filter::hash_by` of the key, its words read in order with volatile
 /// loads (as `first::hash_of`, so that none is spilled to the stack).
 #[inline(always)]
-fn hash_of(flow: &FlowKey) -> u32 {
+pub fn hash_of(flow: &FlowKey) -> u32 {
     let p = (flow as *const FlowKey).cast::<u16>();
     // SAFETY: within the key (16 u16 words of addresses), 2-byte aligned.
     let w = |i: usize| unsafe { u32::from(read_volatile(p.add(2 * i))) | (u32::from(read_volatile(p.add(2 * i + 1))) << 16) };
