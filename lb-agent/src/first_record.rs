@@ -130,5 +130,7 @@ mod tests {
         assert!(first_record_expired(65_536 + 10, 65_530, 15));
         assert!(!first_record_expired(100, 100, 0));
         assert!(first_record_expired(221, 100, 120));
+        // A tcp_fin past 65,535 s would never expire a 16-bit age: capped.
+        assert!(first_record_expired(65_100, 0, 7 * 24 * 3600));
     }
 }

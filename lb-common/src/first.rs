@@ -39,7 +39,7 @@ pub struct FirstRecord {
     pub generation: u16,
     /// The low 16 bits of `CT_CLOCK` at the SYN: the agent counts the entry as a
     /// half-open connection (inactive) for `timeouts.tcp_fin` after it, with
-    /// wrapping 16-bit arithmetic (`tcp_fin` is below 65,536 s), as it counts a
+    /// wrapping 16-bit arithmetic (`tcp_fin` capped at 65,000 s), as it counts a
     /// SYN in `CONNTRACK`.
     pub first_seen: u16,
     /// `first_record_check` of the fields above; written last. An entry whose
@@ -68,10 +68,15 @@ pub fn first_record_check(tag: u32, backend_id: u32, generation: u16, first_seen
     check_mix(tag, [backend_id, u32::from(generation) | (u32::from(first_seen) << 16), 0, 0]) | 1
 }
 
+/// Longest a record counts (s): below 65,536 so that the sweep, which empties
+/// expired records (every 2 s at most), does so well before the 16-bit age wraps.
+pub const FIRST_RECORD_MAX_AGE: u64 = 65_000;
+
 /// Whether a 16-bit second (`FirstRecord::first_seen`) is past `timeout_secs`
-/// at `now` (the full `CT_CLOCK` second), in wrapping 16-bit arithmetic.
+/// (at most `FIRST_RECORD_MAX_AGE`) at `now` (the full `CT_CLOCK` second), in
+/// wrapping 16-bit arithmetic.
 pub fn first_record_expired(now: u32, first_seen: u16, timeout_secs: u64) -> bool {
-    u64::from((now as u16).wrapping_sub(first_seen)) > timeout_secs
+    u64::from((now as u16).wrapping_sub(first_seen)) > timeout_secs.min(FIRST_RECORD_MAX_AGE)
 }
 
 /// Entries of `FIRST_RECORD` for a `conntrack_size`: the next power of two.
