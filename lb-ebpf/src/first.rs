@@ -42,11 +42,11 @@ pub fn mask_for(backend_id: u32) -> u32 {
 /// there (another flow's record is lost, as an LRU evicts). The check covers
 /// the tag and every value field, so a reader that sees a mix of two writes (or
 /// of one write and the entry before it) finds it does not match.
-/// `hash`: the flow's `hash_of` (the slot); the tag is `syn_filter::hash_of`.
+/// `hash`: the flow's `hash_of` (the slot); `tag`: its `syn_filter::hash_of`,
+/// computed by `syn_filter::absent` for the SYN (not hashed again here).
 #[inline(always)]
-pub fn store(flow: &FlowKey, hash: u32, mask: u32, backend_id: u32, generation: u32, now: u32) {
+pub fn store(hash: u32, tag: u32, mask: u32, backend_id: u32, generation: u32, now: u32) {
     let Some(e) = FIRST_RECORD.get_ptr_mut(first_record_slot(hash, mask)) else { return };
-    let tag = syn_filter::hash_of(flow);
     let (generation, now) = (generation as u16, now as u16);
     let check = first_record_check(tag, backend_id, generation, now);
     // SAFETY: a live array element; readers verify it (`take`).
