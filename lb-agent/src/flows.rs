@@ -216,17 +216,21 @@ pub fn half_open(pin_dir: &Path, config_path: Option<&Path>) -> Result<String> {
     if per.is_empty() {
         return Ok(String::new());
     }
-    let plan = dataplane::read_pinned_plan(pin_dir)?;
+    Ok(format_half_open(&per, &dataplane::read_pinned_plan(pin_dir)?))
+}
+
+/// `half_open`'s lines for the live records per backend id.
+fn format_half_open(per: &std::collections::BTreeMap<u32, u64>, plan: &Plan) -> String {
     let backends = plan.backends_by_id();
     let total: u64 = per.values().sum();
     let mut out = format!(
         "# {total} more half-open TCP flows (SYN seen, in FIRST_RECORD: counted, not listed, the record keeps no 5-tuple):\n"
     );
     for (id, n) in per {
-        let name = backends.get(&id).map_or(format!("backend id {id}"), |b| format!("backend {}", b.address));
+        let name = backends.get(id).map_or(format!("backend id {id}"), |b| format!("backend {}", b.address));
         out += &format!("#   {name}: {n}\n");
     }
-    Ok(out)
+    out
 }
 
 /// Fills `snat` of the `fullnat` flows from the pinned `FULLNAT_FORWARD` (absent
@@ -293,6 +297,17 @@ mod tests {
             proto,
             _pad: [0; 3],
         }
+    }
+
+    #[test]
+    fn half_open_records_are_counted_per_backend_not_listed() {
+        let per = std::collections::BTreeMap::from([(3, 2), (9, 1)]);
+        let text = format_half_open(&per, &Plan::default());
+        assert_eq!(
+            text,
+            "# 3 more half-open TCP flows (SYN seen, in FIRST_RECORD: counted, not listed, the record keeps no 5-tuple):\n\
+             #   backend id 3: 2\n#   backend id 9: 1\n"
+        );
     }
 
     #[test]

@@ -211,6 +211,28 @@ fn a_syn_leaves_a_first_record_and_its_ack_on_another_cpu_takes_it() {
     pin_to(0);
 }
 
+/// The agent's sweep empties a valid record past `tcp_fin` (its 16-bit second
+/// would otherwise look young again 65,536 s later), and its flow's ACK is then
+/// a midflow miss, scheduled again by Maglev; a live one it counts and keeps.
+#[test]
+fn the_sweep_empties_records_past_tcp_fin() {
+    let mut b = Bench::new(&BACKENDS, "");
+    let (f, g) = (tcp(7, 40000), tcp(8, 40000));
+    let to = b.fwd(&with_flags(&f, SYN));
+    b.fwd(&with_flags(&g, SYN));
+    let r = b.record(&f).expect("the SYN's record");
+    let old = r.first_seen.wrapping_sub(121);
+    b.set_record(&f, FirstRecord { first_seen: old, check: first_record_check(r.tag, r.backend_id, r.generation, old), ..r });
+    assert!(b.record(&f).is_some(), "the aged record is valid");
+    let rg = b.record(&g).expect("the other SYN's record");
+    assert_eq!(b.swept().1, BTreeMap::from([(rg.backend_id, 1)]), "the sweep counts only the live record");
+    assert_eq!(b.raw_record(&f).check, 0, "the sweep emptied the expired record");
+    assert_eq!(b.record(&g), Some(rg), "the sweep kept the live record");
+    let midflow = b.count(stat::CT_MIDFLOW_MISS);
+    assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "Maglev sends the ACK to the SYN's backend");
+    assert_eq!(b.count(stat::CT_MIDFLOW_MISS), midflow + 1, "the ACK of the emptied record is a midflow miss");
+}
+
 /// The reason for a record at all: a reload between the SYN and the ACK that
 /// moves the flow's Maglev slot to another backend does not move the handshake.
 #[test]
