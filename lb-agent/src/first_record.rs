@@ -2,25 +2,32 @@
 //! and `sh` services recorded with one store instead of a `CONNTRACK` insert.
 //! The sweep counts the records still valid (check matching, within
 //! `timeouts.tcp_fin` of the SYN) as half-open connections, inactive on their
-//! backend, as it counts a SYN in `CONNTRACK`.
+//! backend, as it counts a SYN in `CONNTRACK`, and empties the valid ones past
+//! it (their `first_seen` keeps 16 bits of the second: a record left in place
+//! would look young again 65,536 s later). A record keeps a tag of its
+//! flow, not the 5-tuple: the half-open flows here can be counted (per
+//! backend), not listed.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use aya::maps::MapData;
-use lb_common::{first_record_check, flow_hash, FirstRecord, FlowKey, FlowVal};
+use lb_common::{first_record_check, first_record_expired, FirstRecord};
 
-use crate::conntrack::{expired, Counts};
+use crate::conntrack::Counts;
 use crate::config::Timeouts;
 
-/// `FIRST_RECORD` mapped read-only (the map is `BPF_F_MMAPABLE`; its 64-byte
-/// elements lie back to back).
+/// `FIRST_RECORD` mapped (the map is `BPF_F_MMAPABLE`; its 16-byte elements
+/// lie back to back). Written only to empty expired records (`count`).
 pub struct FirstRecords {
     ptr: *const FirstRecord,
     len: usize,
     _map: MapData,
 }
 
-// SAFETY: a read-only mapping owned by this value.
+// SAFETY: a mapping owned by this value.
 unsafe impl Send for FirstRecords {}
 
 impl FirstRecords {
@@ -28,10 +35,10 @@ impl FirstRecords {
     pub fn new(map: MapData) -> std::io::Result<Self> {
         let len = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
         let bytes = (len * size_of::<FirstRecord>()).max(1);
-        // SAFETY: a shared read-only mapping of a BPF array the kernel allows to be
+        // SAFETY: a shared mapping of a BPF array the kernel allows to be
         // mapped; `_map` keeps the map alive (and the mapping does too).
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0)
+            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0)
         };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
@@ -48,35 +55,41 @@ impl FirstRecords {
     /// The valid records within `tcp_fin` of their SYN: half-open connections.
     fn live(&self, now: u32, t: &Timeouts) -> impl Iterator<Item = FirstRecord> + '_ {
         let tcp_fin = t.tcp_fin;
-        self.records().filter(move |r| r.check != 0 && valid(r) && !expired(now, r.first_seen, tcp_fin))
+        self.records().filter(move |r| r.check != 0 && valid(r) && !first_record_expired(now, r.first_seen, tcp_fin.as_secs()))
     }
 
     /// Counts the live records into `counts` (inactive); returns how many.
+    /// Empties the valid records past `tcp_fin` (as the sweep removes a SYN's
+    /// `CONNTRACK` entry): the check goes from the one read to 0 in one
+    /// compare-and-swap, so a SYN that wrote the slot since keeps its record.
     pub fn count(&self, now: u32, t: &Timeouts, counts: &mut Counts) -> u64 {
+        let tcp_fin = t.tcp_fin.as_secs();
         let mut n = 0;
-        for r in self.live(now, t) {
+        for (i, r) in self.records().enumerate() {
+            if r.check == 0 || !valid(&r) {
+                continue;
+            }
+            if first_record_expired(now, r.first_seen, tcp_fin) {
+                // SAFETY: in bounds of the live, writable mapping; the check is a
+                // 4-byte aligned u32 the program writes with plain stores.
+                let check = unsafe { &*(&raw const (*self.ptr.add(i)).check).cast::<AtomicU32>() };
+                let _ = check.compare_exchange(r.check, 0, Ordering::Relaxed, Ordering::Relaxed);
+                continue;
+            }
             counts.entry(r.backend_id).or_default().1 += 1;
             n += 1;
         }
         n
     }
 
-    /// The live records as `CONNTRACK` would hold them (state new, `last_seen`
-    /// the SYN's second), for `lb-agent flows`.
-    pub fn entries(&self, now: u32, t: &Timeouts) -> Vec<(FlowKey, FlowVal)> {
-        self.live(now, t)
-            .map(|r| {
-                let val = FlowVal {
-                    backend_id: r.backend_id,
-                    service_id: r.service_id,
-                    generation: r.generation,
-                    last_seen: r.first_seen,
-                    state: lb_common::CT_STATE_NEW,
-                    snat: [0; 3],
-                };
-                (r.key, val)
-            })
-            .collect()
+    /// The live records per backend id (half-open handshakes), for `lb-agent
+    /// flows`, which cannot list them: a record holds no 5-tuple.
+    pub fn per_backend(&self, now: u32, t: &Timeouts) -> std::collections::BTreeMap<u32, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for r in self.live(now, t) {
+            *out.entry(r.backend_id).or_default() += 1;
+        }
+        out
     }
 }
 
@@ -87,10 +100,10 @@ impl Drop for FirstRecords {
     }
 }
 
-/// Whether a record's check matches its key and value (an empty or torn slot's
+/// Whether a record's check matches its fields (an empty, taken or torn slot's
 /// does not).
 pub fn valid(r: &FirstRecord) -> bool {
-    r.check == first_record_check(flow_hash(&r.key), r.backend_id, r.service_id, r.generation, r.first_seen)
+    r.check == first_record_check(r.tag, r.backend_id, r.generation, r.first_seen)
 }
 
 #[cfg(test)]
@@ -99,13 +112,25 @@ mod tests {
 
     #[test]
     fn a_record_is_valid_only_with_its_check() {
-        let key = FlowKey { src: [1; 16], dst: [2; 16], sport: 40000, dport: 80, proto: 6, _pad: [0; 3] };
-        let check = first_record_check(flow_hash(&key), 3, 1, 7, 100);
-        let r = FirstRecord { key, backend_id: 3, service_id: 1, generation: 7, first_seen: 100, check, _pad: 0 };
+        let tag = lb_common::first_record_tag(&lb_common::FlowKey { src: [1; 16], dst: [2; 16], sport: 40000, dport: 80, proto: 6, _pad: [0; 3] });
+        let check = first_record_check(tag, 3, 7, 100);
+        let r = FirstRecord { tag, backend_id: 3, generation: 7, first_seen: 100, check };
         assert!(valid(&r), "a record written whole is valid");
         assert!(!valid(&FirstRecord { check: !check, ..r }), "a taken record (check inverted) is not");
         assert!(!valid(&FirstRecord { backend_id: 4, ..r }), "a torn value is not");
-        assert!(!valid(&FirstRecord { key: FlowKey { sport: 40001, ..key }, ..r }), "a torn key is not");
+        assert!(!valid(&FirstRecord { first_seen: 101, ..r }), "a torn second is not");
+        assert!(!valid(&FirstRecord { tag: tag ^ 1, ..r }), "a torn tag is not");
         assert!(!valid(&FirstRecord::default()), "an empty slot is not");
+    }
+
+    #[test]
+    fn sixteen_bit_seconds_expire_across_the_wrap() {
+        // The SYN at second 65,530 (low bits), now 65,536 + 10: 16 s later.
+        assert!(!first_record_expired(65_536 + 10, 65_530, 120));
+        assert!(first_record_expired(65_536 + 10, 65_530, 15));
+        assert!(!first_record_expired(100, 100, 0));
+        assert!(first_record_expired(221, 100, 120));
+        // A tcp_fin past 65,535 s would never expire a 16-bit age: capped.
+        assert!(first_record_expired(65_100, 0, 7 * 24 * 3600));
     }
 }

@@ -188,20 +188,49 @@ pub fn read(pin_dir: &Path, config_path: Option<&Path>) -> Result<Vec<Flow>> {
         let map: BpfHashMap<MapData, FlowKey, FlowVal> = BpfHashMap::try_from(map)?;
         // Entries can go while the table is walked (the sweep, LRU eviction): a key
         // that vanished is skipped.
-        let mut entries: Vec<(FlowKey, FlowVal)> = map.iter().filter_map(|e| e.ok()).collect();
-        if name == names::CONNTRACK {
-            // Half-open flows whose SYN went into `FIRST_RECORD` (absent on an
-            // older pin directory).
-            if let Ok(first) = open(names::FIRST_RECORD).and_then(|m| Ok(crate::first_record::FirstRecords::new(m)?)) {
-                entries.extend(first.entries(now, &timeouts));
-            }
-        }
+        let entries: Vec<(FlowKey, FlowVal)> = map.iter().filter_map(|e| e.ok()).collect();
         let mut part = flows_of(entries, table, &plan, &timeouts, now);
         add_snat(&mut part, pin_dir);
         part.sort_by_key(|a| (a.client, a.vip));
         flows.extend(part);
     }
     Ok(flows)
+}
+
+/// The half-open handshakes recorded in `FIRST_RECORD` (SYNs of `maglev`/`sh`
+/// services), which `read` cannot list (a record keeps a tag of its flow, not
+/// the 5-tuple): their number per backend, as text lines, the backend named
+/// when the plan knows its id. Empty when there are none (or the map is absent:
+/// an older pin directory).
+pub fn half_open(pin_dir: &Path, config_path: Option<&Path>) -> Result<String> {
+    let open = |name: &'static str| MapData::from_pin(pin_dir.join(name));
+    let Ok(first) = open(names::FIRST_RECORD) else { return Ok(String::new()) };
+    let first = crate::first_record::FirstRecords::new(first)?;
+    let timeouts = match config_path {
+        Some(path) => config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?.timeouts,
+        None => Timeouts::default(),
+    };
+    let clock: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(open(names::CT_CLOCK)?))?;
+    let now = clock.get(&0, 0)?;
+    let per = first.per_backend(now, &timeouts);
+    if per.is_empty() {
+        return Ok(String::new());
+    }
+    Ok(format_half_open(&per, &dataplane::read_pinned_plan(pin_dir)?))
+}
+
+/// `half_open`'s lines for the live records per backend id.
+fn format_half_open(per: &std::collections::BTreeMap<u32, u64>, plan: &Plan) -> String {
+    let backends = plan.backends_by_id();
+    let total: u64 = per.values().sum();
+    let mut out = format!(
+        "# {total} more half-open TCP flows (SYN seen, in FIRST_RECORD: counted, not listed, the record keeps no 5-tuple):\n"
+    );
+    for (id, n) in per {
+        let name = backends.get(id).map_or(format!("backend id {id}"), |b| format!("backend {}", b.address));
+        out += &format!("#   {name}: {n}\n");
+    }
+    out
 }
 
 /// Fills `snat` of the `fullnat` flows from the pinned `FULLNAT_FORWARD` (absent
@@ -248,6 +277,9 @@ pub fn print(pin_dir: &Path, config_path: Option<&Path>, service: Option<&str>, 
         println!("{}", serde_json::to_string(&flows)?);
     } else {
         print!("{}", format(&flows));
+        if service.is_none() {
+            print!("{}", half_open(pin_dir, config_path)?);
+        }
     }
     Ok(())
 }
@@ -265,6 +297,17 @@ mod tests {
             proto,
             _pad: [0; 3],
         }
+    }
+
+    #[test]
+    fn half_open_records_are_counted_per_backend_not_listed() {
+        let per = std::collections::BTreeMap::from([(3, 2), (9, 1)]);
+        let text = format_half_open(&per, &Plan::default());
+        assert_eq!(
+            text,
+            "# 3 more half-open TCP flows (SYN seen, in FIRST_RECORD: counted, not listed, the record keeps no 5-tuple):\n\
+             #   backend id 3: 2\n#   backend id 9: 1\n"
+        );
     }
 
     #[test]

@@ -28,6 +28,13 @@ const MMAPABLE: u32 = 1 << 10;
 const REPLACEABLE: &[&str] =
     &[names::CT_CLOCK, names::TRACE_FILTER, names::TRACE_BUDGET, names::STATS, names::CONFIG, names::EGRESS_MAC];
 
+/// Maps that hold only half-open handshakes (`FIRST_RECORD`): one whose layout
+/// is not this build's (an older version's 64-byte records) is created anew.
+/// The handshakes in flight lose their records: each one's ACK is then a
+/// midflow miss, scheduled again by the same function (to the same backend
+/// while the table is unchanged).
+const HALF_OPEN: &[&str] = &[names::FIRST_RECORD];
+
 /// Entries of `NAT_REVERSE`, `FULLNAT_REVERSE` and `FULLNAT_FORWARD` as created for
 /// a configuration without `nat` or `fullnat` services (`dataplane::Sizes::nat`).
 /// Such a map never held a flow: an adopting agent that needs it sized creates
@@ -137,6 +144,7 @@ impl PinDir {
             let mut unfit = None;
             let mut replaceable = REPLACEABLE.contains(&name);
             if info.key_size() as usize != key || info.value_size() as usize != value {
+                replaceable |= HALF_OPEN.contains(&name);
                 unfit = Some(format!(
                     "map {name} has the layout of another version (key {} / value {} bytes, this build: {key} / {value})",
                     info.key_size(),

@@ -4,12 +4,22 @@
 //!
 //! One entry per slot, the slot chosen by the flow hash (`first_record_slot`):
 //! a SYN writes its entry with plain stores, and a colliding SYN overwrites it,
-//! as an LRU evicts. The flow's next packet (the client's ACK) takes the entry
-//! if it names the same 5-tuple and its `check` matches: a torn write (two CPUs
-//! writing the slot at once, or a reader between the stores of one) or a stale
-//! entry of another flow is never taken for a hit.
+//! as an LRU evicts. An entry is 16 bytes (four to a cache line): it does not
+//! hold the flow's key but a 32-bit tag of it (`first_record_tag`, the SYN
+//! filter's hash: a second hash of the 5-tuple, independent of the flow hash
+//! whose low bits choose the slot). The flow's next packet (the client's ACK)
+//! takes the entry if its tag is the packet's and its `check` matches: a torn
+//! write (two CPUs writing the slot at once, or a reader between the stores of
+//! one) is never taken for a hit.
+//!
+//! What the tag costs: an ACK of another flow that is in neither connection
+//! table, falls on the same slot and has the same tag takes the entry (and the
+//! backend of the SYN recorded there); for such an ACK the chance is about
+//! 2^-32. The flow whose SYN it was then misses at its ACK and is scheduled
+//! again by the same function (to the same backend while the table is
+//! unchanged).
 
-use crate::{hash::check_mix, FlowKey};
+use crate::hash::check_mix;
 
 pub mod names {
     pub const FIRST_RECORD: &str = "FIRST_RECORD";
@@ -19,21 +29,23 @@ pub mod names {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FirstRecord {
-    /// The SYN's flow: an entry is taken only by a packet of this exact flow.
-    pub key: FlowKey,
+    /// `first_record_tag` of the SYN's flow: an entry is taken only by a packet
+    /// with this tag (in this slot).
+    pub tag: u32,
+    /// The backend the SYN went to (its service: `Backend::service_id`).
     pub backend_id: u32,
-    pub service_id: u32,
-    /// `Backend::generation` when the SYN was scheduled.
-    pub generation: u32,
-    /// `CT_CLOCK` at the SYN: the agent counts the entry as a half-open
-    /// connection (inactive) for `timeouts.tcp_fin` after it, as it counts a SYN
-    /// in `CONNTRACK`.
-    pub first_seen: u32,
+    /// The low 16 bits of `Backend::generation` when the SYN was scheduled
+    /// (compared as such).
+    pub generation: u16,
+    /// The low 16 bits of `CT_CLOCK` at the SYN: the agent counts the entry as a
+    /// half-open connection (inactive) for `timeouts.tcp_fin` after it, with
+    /// wrapping 16-bit arithmetic (`tcp_fin` capped at 65,000 s), as it counts a
+    /// SYN in `CONNTRACK`.
+    pub first_seen: u16,
     /// `first_record_check` of the fields above; written last. An entry whose
     /// check does not match is empty (the flow's ACK took it: the check is then
     /// inverted).
     pub check: u32,
-    pub _pad: u32,
 }
 
 /// The slot of a flow (its `flow_hash`) in a `FIRST_RECORD` of `mask + 1` slots.
@@ -42,12 +54,29 @@ pub fn first_record_slot(hash: u32, mask: u32) -> u32 {
     hash & mask
 }
 
-/// The check of an entry: the flow hash of its key mixed with every value
-/// field, never 0 (a zeroed slot is never valid). A reader that found the key
-/// equal to its own flow recomputes it from the hash it already has.
+/// The tag of a flow: its `syn_filter::hash_by`, a hash of the 5-tuple other
+/// than the flow hash (whose low bits are the slot), so that all 32 bits tell
+/// flows of one slot apart.
+pub fn first_record_tag(key: &crate::FlowKey) -> u32 {
+    crate::syn_filter::hash(key)
+}
+
+/// The check of an entry: its tag mixed with every other field, never 0 (a
+/// zeroed slot is never valid) and odd (a taken entry, check inverted, is even).
 #[inline(always)]
-pub fn first_record_check(hash: u32, backend_id: u32, service_id: u32, generation: u32, first_seen: u32) -> u32 {
-    check_mix(hash, [backend_id, service_id, generation, first_seen]) | 1
+pub fn first_record_check(tag: u32, backend_id: u32, generation: u16, first_seen: u16) -> u32 {
+    check_mix(tag, [backend_id, u32::from(generation) | (u32::from(first_seen) << 16), 0, 0]) | 1
+}
+
+/// Longest a record counts (s): below 65,536 so that the sweep, which empties
+/// expired records (every 2 s at most), does so well before the 16-bit age wraps.
+pub const FIRST_RECORD_MAX_AGE: u64 = 65_000;
+
+/// Whether a 16-bit second (`FirstRecord::first_seen`) is past `timeout_secs`
+/// (at most `FIRST_RECORD_MAX_AGE`) at `now` (the full `CT_CLOCK` second), in
+/// wrapping 16-bit arithmetic.
+pub fn first_record_expired(now: u32, first_seen: u16, timeout_secs: u64) -> bool {
+    u64::from((now as u16).wrapping_sub(first_seen)) > timeout_secs.min(FIRST_RECORD_MAX_AGE)
 }
 
 /// Entries of `FIRST_RECORD` for a `conntrack_size`: the next power of two.
@@ -55,8 +84,8 @@ pub fn first_record_entries(conntrack_size: u32) -> u32 {
     conntrack_size.max(1024).checked_next_power_of_two().unwrap_or(1 << 31)
 }
 
-const _: () = assert!(core::mem::size_of::<FirstRecord>() == 64);
+const _: () = assert!(core::mem::size_of::<FirstRecord>() == 16);
 
 #[cfg(feature = "user")]
-// SAFETY: repr(C), integers and a repr(C) key, explicit padding.
+// SAFETY: repr(C), integers, no padding.
 unsafe impl aya::Pod for FirstRecord {}

@@ -42,7 +42,8 @@ pub enum Lookup {
 pub enum Slot {
     /// A new entry in `CONNTRACK`. `midflow`: a TCP packet without SYN found in
     /// neither table (counted once the packet turns out to be for a service).
-    New { midflow: bool },
+    /// `tag`: a TCP SYN's `FIRST_RECORD` tag (`syn_filter::absent`; 0 otherwise).
+    New { midflow: bool, tag: u32 },
     /// In place, in this `CT_ESTABLISHED` entry (its backend went away, or a SYN
     /// reuses its 5-tuple): the flow stays protected on its new backend.
     Established(*mut FlowVal),
@@ -61,7 +62,8 @@ fn now() -> u32 {
 pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decision) -> Lookup {
     // A SYN whose bit in the SYN filter is clear has no entry there: it skips
     // the lookup (`syn_filter.rs`; the rest of this function is unchanged).
-    if protect && !(syn && syn_filter::absent(flow)) {
+    let filter = if protect && syn { syn_filter::absent(flow) } else { 0 };
+    if protect && filter & 1 == 0 {
         if let Some(p) = CT_ESTABLISHED.get_ptr_mut(flow) {
             // SAFETY: a live entry; copied out, fields written back one by one.
             let v = unsafe { *p };
@@ -103,7 +105,7 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
         // A new connection (maybe on a reused 5-tuple whose LRU entry is still
         // there), scheduled afresh.
         d.ct = ct_step::MISS;
-        return Lookup::Miss(Slot::New { midflow: false });
+        return Lookup::Miss(Slot::New { midflow: false, tag: (filter >> 32) as u32 });
     }
     if protect {
         // A TCP packet without SYN: its flow's SYN may be in `FIRST_RECORD`
@@ -124,11 +126,11 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
     let Some(v) = (unsafe { CONNTRACK.get(flow) }).copied() else {
         let midflow = flow.proto == PROTO_TCP;
         d.ct = if midflow { ct_step::MIDFLOW_MISS } else { ct_step::MISS };
-        return Lookup::Miss(Slot::New { midflow });
+        return Lookup::Miss(Slot::New { midflow, tag: 0 });
     };
     let Some(b) = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE) else {
         d.ct = ct_step::RESCHEDULED;
-        return Lookup::Miss(Slot::New { midflow: false });
+        return Lookup::Miss(Slot::New { midflow: false, tag: 0 });
     };
     d.ct = if protect { promote(flow, &v, fin) } else { ct_step::HIT_NEW };
     Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b, snat: 0 }
@@ -200,7 +202,7 @@ const _: () = assert!(SERVICE_PERSIST == 1 << 1, "flood_inputs shifts the persis
 #[inline(always)]
 pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, generation: u32, flood: u64) {
     match slot {
-        Slot::New { .. } => insert_new(flow, backend_id, service_id, generation, flood),
+        Slot::New { tag, .. } => insert_new(flow, u64::from(backend_id) | (u64::from(generation) << 32), service_id, tag, flood),
         Slot::Established(p) => {
             let now = now();
             // SAFETY: the live entry `lookup` found; other CPUs reading it half
@@ -239,7 +241,8 @@ pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, gene
 /// branches on them stay in here, and both outcomes end here, so the verifier
 /// walks the rest of the balancer once.
 #[inline(never)]
-fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32, flood: u64) {
+fn insert_new(flow: &FlowKey, id_generation: u64, service_id: u32, tag: u32, flood: u64) {
+    let (backend_id, generation) = (id_generation as u32, (id_generation >> 32) as u32);
     let (kps, syn, persist, scheduler) = (flood as u16, (flood >> 16) & 1, (flood >> 17) & 1, (flood >> 24) as u8);
     let deterministic = (scheduler == SCHED_MAGLEV || scheduler == SCHED_SH) && persist == 0;
     if syn != 0 && deterministic {
@@ -252,7 +255,7 @@ fn insert_new(flow: &FlowKey, backend_id: u32, service_id: u32, generation: u32,
             // A `maglev` flow was scheduled by its flow hash: no second hashing
             // (about 30 ns a SYN); `sh` by its masked client's.
             let hash = if scheduler == SCHED_MAGLEV { (flood >> 32) as u32 } else { first::hash_of(flow) };
-            first::store(flow, hash, mask, backend_id, service_id, generation, now());
+            first::store(hash, tag, mask, backend_id, generation, now());
             conns::opened(backend_id);
             return;
         }

@@ -13,10 +13,10 @@ use lb_common::{
 };
 
 use crate::{
-    backend::backend,
     conns,
     maps::{BACKENDS, CONFIG, CONNTRACK, CT_ESTABLISHED, FIRST_RECORD},
     stats::count,
+    syn_filter,
 };
 
 /// `take`'s answer when there is no record to take.
@@ -40,18 +40,19 @@ pub fn mask_for(backend_id: u32) -> u32 {
 
 /// Writes a SYN's record: plain stores into the flow's slot, over whatever was
 /// there (another flow's record is lost, as an LRU evicts). The check covers
-/// the key and every value field, so a reader that sees a mix of two writes (or
+/// the tag and every value field, so a reader that sees a mix of two writes (or
 /// of one write and the entry before it) finds it does not match.
-/// `hash`: the flow's `hash_of`.
+/// `hash`: the flow's `hash_of` (the slot); `tag`: its `syn_filter::hash_of`,
+/// computed by `syn_filter::absent` for the SYN (not hashed again here).
 #[inline(always)]
-pub fn store(flow: &FlowKey, hash: u32, mask: u32, backend_id: u32, service_id: u32, generation: u32, now: u32) {
+pub fn store(hash: u32, tag: u32, mask: u32, backend_id: u32, generation: u32, now: u32) {
     let Some(e) = FIRST_RECORD.get_ptr_mut(first_record_slot(hash, mask)) else { return };
-    let check = first_record_check(hash, backend_id, service_id, generation, now);
+    let (generation, now) = (generation as u16, now as u16);
+    let check = first_record_check(tag, backend_id, generation, now);
     // SAFETY: a live array element; readers verify it (`take`).
     unsafe {
-        (*e).key = *flow;
+        (*e).tag = tag;
         (*e).backend_id = backend_id;
-        (*e).service_id = service_id;
         (*e).generation = generation;
         (*e).first_seen = now;
         (*e).check = check;
@@ -59,13 +60,13 @@ pub fn store(flow: &FlowKey, hash: u32, mask: u32, backend_id: u32, service_id: 
 }
 
 /// A TCP packet without SYN whose flow is in neither connection table: if its
-/// flow's record is in `FIRST_RECORD` (same 5-tuple, check matching) and names
-/// a backend still active in its service, takes it (the record is emptied) and
-/// records the flow as `CONNTRACK` would have on this packet: moved to
-/// `CT_ESTABLISHED` (closing if `fin`), or kept in `CONNTRACK` when that is
-/// full. Returns the backend id, the `ct_step` (bits 32..40) and `FOUND`, or
-/// `NONE`; the caller sets the SYN filter's bit after a `PROMOTED` one.
-/// `hash`: the flow's `hash_of`. A call of its own: its branches stay in here.
+/// flow's record is in `FIRST_RECORD` (same tag, check matching) and names a
+/// backend still active in the same incarnation, takes it (the record is
+/// emptied) and records the flow as `CONNTRACK` would have on this packet:
+/// moved to `CT_ESTABLISHED` (closing if `fin`), or kept in `CONNTRACK` when
+/// that is full. Returns the backend id, the `ct_step` (bits 32..40) and
+/// `FOUND`, or `NONE`; the caller sets the SYN filter's bit after a `PROMOTED`
+/// one. `hash`: the flow's `hash_of`. A call of its own: its branches stay in here.
 #[inline(never)]
 pub fn take(flow: &FlowKey, hash: u32, fin: bool, now: u32) -> u64 {
     let mask = CONFIG.get(0).map_or(0, |c| c.first_record_mask);
@@ -74,28 +75,32 @@ pub fn take(flow: &FlowKey, hash: u32, fin: bool, now: u32) -> u64 {
     }
     let Some(e) = FIRST_RECORD.get_ptr_mut(first_record_slot(hash, mask)) else { return NONE };
     // SAFETY: a live array element, read field by field (no copy on the stack,
-    // which the verifier limits to 512 bytes per call chain): the key is compared
-    // in place, then each value field and the check are read once, and the check
-    // is recomputed from this flow's hash and the values read. A SYN writing the
-    // slot meanwhile leaves values and check that do not match it.
-    let (backend_id, service_id, generation, first_seen, check) = unsafe {
-        if !same_flow(&(*e).key, flow) {
+    // which the verifier limits to 512 bytes per call chain): the tag is
+    // compared, then each value field and the check are read once, and the
+    // check is recomputed from the values read. A SYN writing the slot
+    // meanwhile leaves values and check that do not match it.
+    let tag = syn_filter::hash_of(flow);
+    let (backend_id, generation, first_seen, check) = unsafe {
+        if read_volatile(&raw const (*e).tag) != tag {
             return NONE;
         }
         (
             read_volatile(&raw const (*e).backend_id),
-            read_volatile(&raw const (*e).service_id),
             read_volatile(&raw const (*e).generation),
             read_volatile(&raw const (*e).first_seen),
             read_volatile(&raw const (*e).check),
         )
     };
-    if check != first_record_check(hash, backend_id, service_id, generation, first_seen) {
+    if check != first_record_check(tag, backend_id, generation, first_seen) {
         return NONE;
     }
-    if backend(backend_id, service_id, Some(generation), BACKEND_ACTIVE).is_none() {
+    // The record's service is its backend's (an id names one backend of one
+    // service in an incarnation: the generation's low bits tell them apart).
+    let Some(b) = BACKENDS.get(backend_id) else { return NONE };
+    if b.flags & BACKEND_ACTIVE == 0 || b.generation as u16 != generation {
         return NONE;
     }
+    let (service_id, generation) = (b.service_id, b.generation);
     // SAFETY: as above; emptied only if no other SYN has written the slot since.
     unsafe {
         if read_volatile(&raw const (*e).check) == check {
@@ -124,7 +129,8 @@ pub fn take(flow: &FlowKey, hash: u32, fin: bool, now: u32) -> u64 {
         Err(_) => {
             count(stat::CT_ESTABLISHED_FULL);
             val.state = CT_STATE_NEW;
-            val.last_seen = first_seen;
+            // The SYN's second, from its low 16 bits (within 65,535 s of now).
+            val.last_seen = now.wrapping_sub(u32::from((now as u16).wrapping_sub(first_seen)));
             if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
                 count(stat::CONN_INSERT_FAILED);
             }
@@ -146,25 +152,4 @@ pub fn hash_of(flow: &FlowKey) -> u32 {
     // (`FlowKey`'s alignment); little-endian halves of each 32-bit word.
     let w = |i: usize| unsafe { u32::from(read_volatile(p.add(2 * i))) | (u32::from(read_volatile(p.add(2 * i + 1))) << 16) };
     flow_hash_by(w, (u32::from(flow.sport) << 16) | u32::from(flow.dport), u32::from(flow.proto))
-}
-
-/// Whether two flow keys are equal, compared as 32-bit words.
-#[inline(always)]
-fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
-    let w = |k: &FlowKey, i: usize| -> u32 {
-        let (s, d) = (&k.src, &k.dst);
-        match i {
-            0..=3 => u32::from_ne_bytes([s[i * 4], s[i * 4 + 1], s[i * 4 + 2], s[i * 4 + 3]]),
-            _ => {
-                let j = i - 4;
-                u32::from_ne_bytes([d[j * 4], d[j * 4 + 1], d[j * 4 + 2], d[j * 4 + 3]])
-            }
-        }
-    };
-    let mut diff = (u32::from(a.sport) ^ u32::from(b.sport)) | (u32::from(a.dport) ^ u32::from(b.dport));
-    diff |= u32::from(a.proto ^ b.proto);
-    for i in 0..8 {
-        diff |= w(a, i) ^ w(b, i);
-    }
-    diff == 0
 }

@@ -12,22 +12,25 @@ use lb_common::{syn_filter, FlowKey};
 
 use crate::maps::CT_SYN_FILTER;
 
-/// Whether the filter is on and says no `CT_ESTABLISHED` entry has `flow`'s
-/// 5-tuple. A call of its own: the hash's registers stay in here.
+/// A TCP SYN's flow hash for the filter (`syn_filter::hash_by`, bits 32..64:
+/// also the flow's `FIRST_RECORD` tag, so that the SYN hashes it once), and in
+/// bit 0 whether the filter is on and says no `CT_ESTABLISHED` entry has
+/// `flow`'s 5-tuple. A call of its own: the hash's registers stay in here.
 #[inline(never)]
-pub fn absent(flow: &FlowKey) -> bool {
-    let Some(head) = CT_SYN_FILTER.get_ptr(0) else { return false };
+pub fn absent(flow: &FlowKey) -> u64 {
+    let h = hash_of(flow);
+    let tag = u64::from(h) << 32;
+    let Some(head) = CT_SYN_FILTER.get_ptr(0) else { return tag };
     // SAFETY: a live array element the agent writes (one 64-bit store).
     let head = unsafe { read_volatile(head) };
     let reading = head as u32;
     if reading == 0 {
-        return false;
+        return tag;
     }
-    let h = hash_of(flow);
-    let Some(w) = CT_SYN_FILTER.get_ptr(syn_filter::word_index(h, reading - 1, (head >> 32) as u32)) else { return false };
+    let Some(w) = CT_SYN_FILTER.get_ptr(syn_filter::word_index(h, reading - 1, (head >> 32) as u32)) else { return tag };
     // SAFETY: as above (the program sets bits with atomic ORs, the agent zeroes
     // words only of the copy not being read).
-    (unsafe { read_volatile(w) } & syn_filter::bit(h)) == 0
+    tag | u64::from((unsafe { read_volatile(w) } & syn_filter::bit(h)) == 0)
 }
 
 /// Sets `flow`'s bit in both copies: called after each `CT_ESTABLISHED` insert
@@ -54,7 +57,7 @@ pub fn add(flow: &FlowKey) {
 /// `syn_filter::hash_by` of the key, its words read in order with volatile
 /// loads (as `first::hash_of`, so that none is spilled to the stack).
 #[inline(always)]
-fn hash_of(flow: &FlowKey) -> u32 {
+pub fn hash_of(flow: &FlowKey) -> u32 {
     let p = (flow as *const FlowKey).cast::<u16>();
     // SAFETY: within the key (16 u16 words of addresses), 2-byte aligned.
     let w = |i: usize| unsafe { u32::from(read_volatile(p.add(2 * i))) | (u32::from(read_volatile(p.add(2 * i + 1))) << 16) };

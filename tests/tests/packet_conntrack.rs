@@ -111,7 +111,7 @@ impl Bench {
         let mask = m.info().expect("map info").max_entries() - 1;
         let a: aya::maps::Array<_, lb_common::FirstRecord> = aya::maps::Array::try_from(aya::maps::Map::Array(m)).expect("array");
         let r = a.get(&lb_common::first_record_slot(lb_common::flow_hash(&f.key()), mask), 0).expect("slot");
-        (r.key == f.key() && lb_agent::first_record::valid(&r)).then_some(r)
+        (r.tag == lb_common::first_record_tag(&f.key()) && lb_agent::first_record::valid(&r)).then_some(r)
     }
 }
 

@@ -20,7 +20,7 @@ use aya::{
 };
 use lb_agent::{config, dataplane::Dataplane, first_record::valid, plan::Plan};
 use lb_common::{
-    first_record_check, first_record_slot, flow_hash, map_names, stat, FirstRecord, FlowKey, FlowVal, CT_STATE_ESTABLISHED,
+    first_record_check, first_record_slot, first_record_tag, flow_hash, map_names, stat, FirstRecord, FlowKey, FlowVal, CT_STATE_ESTABLISHED,
     CT_STATE_NEW,
 };
 use lb_tests::frames::{addr16, Flow, ETH_HLEN, IPV4_HLEN};
@@ -125,18 +125,18 @@ impl Bench {
     /// The flow's record if its slot holds a valid one for it.
     fn record(&mut self, f: &Flow) -> Option<FirstRecord> {
         let r = self.raw_record(f);
-        (r.key == f.key() && valid(&r)).then_some(r)
+        (r.tag == first_record_tag(&f.key()) && valid(&r)).then_some(r)
     }
 
     /// What the agent's sweep counts in `FIRST_RECORD` (`first_record.rs`), and
-    /// the flows `lb-agent flows` lists from it.
-    fn swept(&mut self) -> (lb_agent::conntrack::Counts, Vec<FlowKey>) {
+    /// the half-open records per backend `lb-agent flows` counts from it.
+    fn swept(&mut self) -> (lb_agent::conntrack::Counts, BTreeMap<u32, u64>) {
         let m = self.dp.map_handle(map_names::FIRST_RECORD).expect("map handle");
         let records = lb_agent::first_record::FirstRecords::new(m).expect("map FIRST_RECORD");
         let mut counts = lb_agent::conntrack::Counts::new();
         let (now, t) = (lb_agent::conntrack::now_s(), config::Timeouts::default());
         records.count(now, &t, &mut counts);
-        (counts, records.entries(now, &t).into_iter().map(|(k, _)| k).collect())
+        (counts, records.per_backend(now, &t))
     }
 
     fn id_of(&self, a: IpAddr) -> u32 {
@@ -194,7 +194,7 @@ fn a_syn_leaves_a_first_record_and_its_ack_on_another_cpu_takes_it() {
     assert_eq!(b.address_of(r.backend_id), to, "the record names the SYN's backend");
     assert_eq!(b.conns(to), (0, 1), "the SYN counts a half-open (inactive) connection");
     // The agent's sweep counts it too (the exact base it writes).
-    assert_eq!(b.swept(), (BTreeMap::from([(r.backend_id, (0, 1))]), vec![f.key()]), "the sweep's count after the SYN");
+    assert_eq!(b.swept(), (BTreeMap::from([(r.backend_id, (0, 1))]), BTreeMap::from([(r.backend_id, 1)])), "the sweep's count after the SYN");
     // The ACK on the other CPU when there is one: the array is shared.
     pin_to(1 % cpus);
     assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "the ACK follows the SYN");
@@ -203,12 +203,34 @@ fn a_syn_leaves_a_first_record_and_its_ack_on_another_cpu_takes_it() {
     assert!(b.entry(map_names::CONNTRACK, &f).is_none(), "the ACK went into CONNTRACK");
     assert!(b.record(&f).is_none(), "the record stays valid after the ACK took it");
     assert_eq!(b.conns(to), (1, 0), "after the ACK: active");
-    assert_eq!(b.swept(), (BTreeMap::new(), vec![]), "the sweep still counts the taken record");
+    assert_eq!(b.swept(), (BTreeMap::new(), BTreeMap::new()), "the sweep still counts the taken record");
     assert_eq!(b.count(stat::CT_PROMOTED), 1);
     assert_eq!(b.count(stat::CT_MIDFLOW_MISS), 0, "the ACK was taken for a midflow miss");
     assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "later packets: a CT_ESTABLISHED hit");
     assert_eq!(b.count(stat::CT_PROMOTED), 1);
     pin_to(0);
+}
+
+/// The agent's sweep empties a valid record past `tcp_fin` (its 16-bit second
+/// would otherwise look young again 65,536 s later), and its flow's ACK is then
+/// a midflow miss, scheduled again by Maglev; a live one it counts and keeps.
+#[test]
+fn the_sweep_empties_records_past_tcp_fin() {
+    let mut b = Bench::new(&BACKENDS, "");
+    let (f, g) = (tcp(7, 40000), tcp(8, 40000));
+    let to = b.fwd(&with_flags(&f, SYN));
+    b.fwd(&with_flags(&g, SYN));
+    let r = b.record(&f).expect("the SYN's record");
+    let old = r.first_seen.wrapping_sub(121);
+    b.set_record(&f, FirstRecord { first_seen: old, check: first_record_check(r.tag, r.backend_id, r.generation, old), ..r });
+    assert!(b.record(&f).is_some(), "the aged record is valid");
+    let rg = b.record(&g).expect("the other SYN's record");
+    assert_eq!(b.swept().1, BTreeMap::from([(rg.backend_id, 1)]), "the sweep counts only the live record");
+    assert_eq!(b.raw_record(&f).check, 0, "the sweep emptied the expired record");
+    assert_eq!(b.record(&g), Some(rg), "the sweep kept the live record");
+    let midflow = b.count(stat::CT_MIDFLOW_MISS);
+    assert_eq!(b.fwd(&with_flags(&f, ACK)), to, "Maglev sends the ACK to the SYN's backend");
+    assert_eq!(b.count(stat::CT_MIDFLOW_MISS), midflow + 1, "the ACK of the emptied record is a midflow miss");
 }
 
 /// The reason for a record at all: a reload between the SYN and the ACK that
@@ -253,12 +275,13 @@ fn a_colliding_syn_overwrites_the_record_and_maglev_sends_the_ack_to_the_same_ba
     assert!(b.entry(map_names::CT_ESTABLISHED, &g).is_some());
 }
 
-/// A record whose check does not match its key and fields (a torn write: two
+/// A record whose check does not match its tag and fields (a torn write: two
 /// CPUs writing the slot at once, or a read between one write's stores), or
-/// garbage, is not taken: the ACK is scheduled by Maglev, not sent to the
+/// garbage, is not taken; nor is a whole, valid record of another flow in the
+/// same slot (another tag): the ACK is scheduled by Maglev, not sent to the
 /// backend the record names.
 #[test]
-fn a_torn_or_garbage_record_is_never_taken() {
+fn a_torn_garbage_or_other_flows_record_is_never_taken() {
     let mut b = Bench::new(&BACKENDS, "");
     let f = tcp(7, 40000);
     let to = b.fwd(&with_flags(&f, SYN));
@@ -266,28 +289,40 @@ fn a_torn_or_garbage_record_is_never_taken() {
     let other = BACKENDS.iter().map(|a| a.parse().expect("address")).find(|a: &IpAddr| *a != to).expect("another backend");
     let other_id = b.id_of(other);
     let midflow = b.count(stat::CT_MIDFLOW_MISS);
-    for case in 0..3u8 {
+    for case in 0..4u8 {
         // A flow of its own for each case, whose Maglev backend is not `other`.
         let g = (41000..42000u16).map(|p| tcp(9 + case, p)).find(|g| b.maglev(g) != other).expect("a flow");
         b.fwd(&with_flags(&g, SYN));
         let rg = b.record(&g).expect("the SYN's record");
         let bad = match case {
-            // A torn write: this record's key and check, another write's backend.
+            // A torn write: this record's tag and check, another write's backend.
             0 => FirstRecord { backend_id: other_id, ..rg },
             // Another write's whole value and check (made for another flow's
-            // hash), this flow's key.
+            // tag), this flow's tag.
             1 => FirstRecord {
                 backend_id: other_id,
-                first_seen: rg.first_seen + 1,
-                check: first_record_check(flow_hash(&tcp(8, 1).key()), other_id, rg.service_id, rg.generation, rg.first_seen + 1),
+                first_seen: rg.first_seen.wrapping_add(1),
+                check: first_record_check(first_record_tag(&tcp(8, 1).key()), other_id, rg.generation, rg.first_seen.wrapping_add(1)),
                 ..rg
             },
-            // Garbage under this flow's key.
-            _ => FirstRecord { key: g.key(), backend_id: other_id, service_id: 0xdead_beef, generation: 7, first_seen: 9, check: 0x5555_5555, _pad: 3 },
+            // Garbage under this flow's tag.
+            2 => FirstRecord { tag: rg.tag, backend_id: other_id, generation: 7, first_seen: 9, check: 0x5555_5555 },
+            // A valid record of another flow in this slot: one tag bit apart.
+            _ => {
+                let tag = rg.tag ^ 0x8000_0000;
+                let r = FirstRecord {
+                    tag,
+                    backend_id: other_id,
+                    check: first_record_check(tag, other_id, rg.generation, rg.first_seen),
+                    ..rg
+                };
+                assert!(valid(&r), "case {case}: the other flow's record is valid");
+                r
+            }
         };
         b.set_record(&g, bad);
-        assert!(b.record(&g).is_none(), "case {case}: the test's record is valid");
-        assert_eq!(b.fwd(&with_flags(&g, ACK)), b.maglev(&g), "case {case}: the ACK took a torn or garbage record");
+        assert!(b.record(&g).is_none(), "case {case}: the test's record is this flow's");
+        assert_eq!(b.fwd(&with_flags(&g, ACK)), b.maglev(&g), "case {case}: the ACK took a torn, garbage or other flow's record");
         assert_eq!(b.count(stat::CT_MIDFLOW_MISS), midflow + 1 + u64::from(case), "case {case}: not a midflow miss");
     }
     // The untouched flow still takes its own.

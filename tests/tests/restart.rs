@@ -152,7 +152,8 @@ fn keep_on_exit_then_replacement_loses_nothing() {
 }
 
 /// An upgrade: the pins an older version left lack the maps added since
-/// (`NAT_REVERSE`, `EGRESS_MAC`) and hold a `STATS` of fewer counters. The new
+/// (`NAT_REVERSE`, `EGRESS_MAC`) and hold a `STATS` of fewer counters and a
+/// `FIRST_RECORD` of 64-byte records (half-open handshakes only). The new
 /// agent creates those afresh and adopts the rest, the connection table with it.
 #[test]
 fn an_older_versions_pins_are_adopted_with_the_maps_it_lacked_created() {
@@ -173,9 +174,27 @@ fn an_older_versions_pins_are_adopted_with_the_maps_it_lacked_created() {
             .output()
             .expect("run bpftool");
         assert!(out.status.success(), "bpftool map create: {}", String::from_utf8_lossy(&out.stderr));
+        // FIRST_RECORD with the 64-byte records of the version before the 16-byte ones.
+        let first = pins.join(lb_common::map_names::FIRST_RECORD);
+        let entries = aya::maps::MapData::from_pin(&first)
+            .and_then(|m| Ok(m.info()?.max_entries()))
+            .unwrap_or_else(|e| panic!("read the pinned FIRST_RECORD: {e}"));
+        std::fs::remove_file(&first).unwrap_or_else(|e| panic!("remove the pin of FIRST_RECORD: {e}"));
+        let out = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&first)
+            .args(["type", "array", "key", "4", "value", "64", "entries", &entries.to_string(), "name", "FIRST_RECORD", "flags", "1024"])
+            .output()
+            .expect("run bpftool");
+        assert!(out.status.success(), "bpftool map create FIRST_RECORD: {}", String::from_utf8_lossy(&out.stderr));
         let agent = lab.start_agent(&config(lab, 4));
         let log = agent.log_text();
         assert!(log.contains("creating it afresh") && log.contains("STATS"), "STATS of 8 counters is replaced:\n{log}");
+        assert!(log.contains("FIRST_RECORD"), "FIRST_RECORD of 64-byte records is replaced:\n{log}");
+        let value = aya::maps::MapData::from_pin(&first)
+            .and_then(|m| Ok(m.info()?.value_size()))
+            .unwrap_or_else(|e| panic!("read the new FIRST_RECORD: {e}"));
+        assert_eq!(value as usize, size_of::<lb_common::FirstRecord>(), "FIRST_RECORD is created with this build's records");
         for name in [lb_common::map_names::NAT_REVERSE, lb_common::map_names::EGRESS_MAC] {
             assert!(pins.join(name).exists(), "{name} is created and pinned");
         }

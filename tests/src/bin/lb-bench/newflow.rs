@@ -244,8 +244,8 @@ pub fn bench_newflow(p: &Params) -> String {
          half of its source address, the same number every repeat for the wrapped ACK and a new one every repeat for \
          the wrapped SYNs, so each of those is a new flow: a miss in cold buckets, a Maglev slot out of cache and a \
          store into a cold `FIRST_RECORD` slot (without the first record: an LRU insert of a new key; the wrapper itself costs about the difference of the first two ACK rows). \
-         \"Table has room\": `conntrack_size` 1048576 (so `FIRST_RECORD` 64 MB), never full in the run; \"table \
-         full\": a second balancer with `conntrack_size` 65536 (`FIRST_RECORD` 4 MB), filled before the first round, \
+         \"Table has room\": `conntrack_size` 1048576 (so `FIRST_RECORD` 16 MB; 64 MB in builds with 64-byte records), never full in the run; \"table \
+         full\": a second balancer with `conntrack_size` 65536 (`FIRST_RECORD` 1 MB; 4 MB with 64-byte records), filled before the first round, \
          so every insert evicts, every record overwrites one (what a live SYN flood sees); in both, `CT_ESTABLISHED` \
          holds next to nothing (the SYNs are never answered). The cycling ACK runs on a third balancer, set up as \
          the one with room, through a `bench_newflow` counting modulo {flows} (`NEWFLOW[2]`): before the first \
