@@ -48,6 +48,9 @@ pub struct TableStatus {
     pub expired_total: u64,
     /// How long the last sweep took.
     pub sweep_secs: f64,
+    /// Whether the SYN filter is on (`syn_filter.rs`: from the second sweep).
+    #[serde(default)]
+    pub syn_filter: bool,
 }
 
 /// Whole seconds of CLOCK_MONOTONIC: what the agent publishes in `CT_CLOCK` and
@@ -343,6 +346,7 @@ pub async fn run(
                     }
                     f.finish(r);
                 }
+                status.syn_filter = m.syn_filter.as_ref().is_some_and(SynFilter::is_on);
                 count_new(&m.new, now, &t, &mut counts);
                 m.first.count(now, &t, &mut counts);
                 m.conns.publish(&counts, &deltas);

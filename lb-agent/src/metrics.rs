@@ -28,6 +28,7 @@
 //! | `lb_conntrack_established_entries` | gauge | `state` (`established`, `closing`) |
 //! | `lb_encap_ipip_total`, `lb_encap_gue_total`, `lb_nat_forwarded_total` | counter | |
 //! | `lb_conntrack_established_capacity`, `lb_conntrack_new_capacity` | gauge | |
+//! | `lb_conntrack_syn_filter` | gauge | (1: the SYN filter is on) |
 //! | `lb_persistence_hits_total` | counter | |
 //! | `lb_icmp_errors_forwarded_total`, `lb_fragments_first_total`, `lb_fragments_followed_total`, `lb_fragments_insert_failures_total` | counter | |
 //! | `lb_reloads_total` | counter | `result` (`ok`, `failed`) |

@@ -243,6 +243,8 @@ fn idle_entries_expire_after_their_timeout() {
             std::thread::sleep(Duration::from_millis(200));
         }
     };
+    // The agent turns the SYN filter on at its second sweep (1 s apart here).
+    wait("the SYN filter turns on", &|ct| ct.syn_filter);
     let ct = wait("closing and UDP entries expire", &|ct| ct.closing == 0 && ct.expired_total >= 21);
     let dump = || {
         let path = agent.pin_dir.join("CT_ESTABLISHED");

@@ -141,11 +141,12 @@ pub fn render_table(status: &Status) -> String {
             "established table off".to_string()
         } else {
             format!(
-                "established {}/{} ({} closing), expired {}",
+                "established {}/{} ({} closing), expired {}; SYN filter {}",
                 ct.established + ct.closing,
                 ct.established_capacity,
                 ct.closing,
-                ct.expired_total
+                ct.expired_total,
+                if ct.syn_filter { "on" } else { "off" }
             )
         };
         let _ = writeln!(out, "conntrack: new-flow LRU {} entries; {protected}", ct.new_capacity);

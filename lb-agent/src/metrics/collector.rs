@@ -330,6 +330,13 @@ impl Collector for StatusCollector {
         )?;
         single(
             e,
+            "lb_conntrack_syn_filter",
+            "1 while TCP SYNs of new 5-tuples skip the established-table lookup (the SYN filter is on), else 0.",
+            None,
+            Some(gauge(i64::from(ct.syn_filter))),
+        )?;
+        single(
+            e,
             "lb_conntrack_new_capacity",
             "Entries of the LRU table that holds flows until their second packet.",
             None,

@@ -59,6 +59,7 @@ fn status() -> Status {
             closing: 4,
             expired_total: 7,
             sweep_secs: 0.001,
+            syn_filter: true,
         },
         services: vec![
             ServiceStatus {
@@ -141,6 +142,7 @@ fn metrics_render_lines() {
         r#"lb_conntrack_established_entries{state="established"} 30"#.to_string(),
         r#"lb_conntrack_established_entries{state="closing"} 4"#.to_string(),
         "lb_conntrack_established_capacity 2048".to_string(),
+        "lb_conntrack_syn_filter 1".to_string(),
         "lb_conntrack_new_capacity 1024".to_string(),
         "lb_conntrack_expired_total 7".to_string(),
         "lb_persistence_hits_total 1015".to_string(),
