@@ -174,7 +174,7 @@ fn metrics_render_lines() {
     // Every family has one HELP and one TYPE line, and each series one family.
     let helps = lines.iter().filter(|l| l.starts_with("# HELP ")).count();
     let types = lines.iter().filter(|l| l.starts_with("# TYPE ")).count();
-    assert_eq!((helps, types), (37, 37), "{text}");
+    assert_eq!((helps, types), (38, 38), "{text}");
 }
 
 #[test]
