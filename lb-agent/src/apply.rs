@@ -26,30 +26,18 @@ use crate::{
 /// array elements out 8 bytes apart (`round_up(value_size, 8)`), so each u32 slot
 /// is the low half of an 8-byte cell.
 pub struct MaglevMap {
-    ptr: *mut u32,
+    mapping: crate::mmap::Mapping,
     len: usize,
 }
 
 /// u32 words per array element.
 const STRIDE: usize = 2;
 
-// SAFETY: the mapping is owned by this value and only written through `&mut self`.
-unsafe impl Send for MaglevMap {}
-
 impl MaglevMap {
-    /// Maps `fd` (an array of `len` u32 created with BPF_F_MMAPABLE).
+    /// Maps `fd` (an array of `len` u32 created with BPF_F_MMAPABLE); written
+    /// only through `&mut self`.
     pub fn new(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> std::io::Result<Self> {
-        use std::os::fd::AsRawFd;
-        let bytes = (len * STRIDE * 4).max(1);
-        // SAFETY: a shared read/write mapping of a BPF array the kernel allows to be
-        // mapped; the kernel keeps the map alive while the mapping exists.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(MaglevMap { ptr: ptr.cast(), len })
+        Ok(MaglevMap { mapping: crate::mmap::Mapping::new(fd, len * STRIDE * 4)?, len })
     }
 
     /// Writes `table` at slot `offset`. Readers only reach these slots after the
@@ -58,7 +46,7 @@ impl MaglevMap {
     pub fn write(&mut self, offset: usize, table: &[u32]) {
         assert!(offset + table.len() <= self.len, "MAGLEV write out of bounds");
         // SAFETY: in bounds (checked above) of a live mapping of `len` elements.
-        let cells = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset * STRIDE), table.len() * STRIDE) };
+        let cells = unsafe { std::slice::from_raw_parts_mut(self.mapping.ptr::<u32>().add(offset * STRIDE), table.len() * STRIDE) };
         for (cell, id) in cells.chunks_exact_mut(STRIDE).zip(table) {
             cell[0] = *id;
         }
@@ -68,15 +56,8 @@ impl MaglevMap {
     pub fn read(&self, offset: usize, n: usize) -> Vec<u32> {
         assert!(offset + n <= self.len, "MAGLEV read out of bounds");
         // SAFETY: as above.
-        let cells = unsafe { std::slice::from_raw_parts(self.ptr.add(offset * STRIDE), n * STRIDE) };
+        let cells = unsafe { std::slice::from_raw_parts(self.mapping.ptr::<u32>().add(offset * STRIDE), n * STRIDE) };
         cells.chunks_exact(STRIDE).map(|c| c[0]).collect()
-    }
-}
-
-impl Drop for MaglevMap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), (self.len * STRIDE * 4).max(1)) };
     }
 }
 

@@ -9,7 +9,7 @@
 //! backend), not listed.
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -22,34 +22,23 @@ use crate::config::Timeouts;
 /// `FIRST_RECORD` mapped (the map is `BPF_F_MMAPABLE`; its 16-byte elements
 /// lie back to back). Written only to empty expired records (`count`).
 pub struct FirstRecords {
-    ptr: *const FirstRecord,
+    mapping: crate::mmap::Mapping,
     len: usize,
     _map: MapData,
 }
-
-// SAFETY: a mapping owned by this value.
-unsafe impl Send for FirstRecords {}
 
 impl FirstRecords {
     /// Maps `map` (an array of `FirstRecord` created with BPF_F_MMAPABLE).
     pub fn new(map: MapData) -> std::io::Result<Self> {
         let len = map.info().map_err(std::io::Error::other)?.max_entries() as usize;
-        let bytes = (len * size_of::<FirstRecord>()).max(1);
-        // SAFETY: a shared mapping of a BPF array the kernel allows to be
-        // mapped; `_map` keeps the map alive (and the mapping does too).
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0)
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(FirstRecords { ptr: ptr.cast(), len, _map: map })
+        let mapping = crate::mmap::Mapping::new(map.fd().as_fd(), len * size_of::<FirstRecord>())?;
+        Ok(FirstRecords { mapping, len, _map: map })
     }
 
     /// Every slot, copied one by one (the program writes them meanwhile).
     fn records(&self) -> impl Iterator<Item = FirstRecord> + '_ {
         // SAFETY: in bounds of the live mapping; volatile copies of plain data.
-        (0..self.len).map(|i| unsafe { std::ptr::read_volatile(self.ptr.add(i)) })
+        (0..self.len).map(|i| unsafe { std::ptr::read_volatile(self.mapping.ptr::<FirstRecord>().add(i)) })
     }
 
     /// The valid records within `tcp_fin` of their SYN: half-open connections.
@@ -72,7 +61,7 @@ impl FirstRecords {
             if first_record_expired(now, r.first_seen, tcp_fin) {
                 // SAFETY: in bounds of the live, writable mapping; the check is a
                 // 4-byte aligned u32 the program writes with plain stores.
-                let check = unsafe { &*(&raw const (*self.ptr.add(i)).check).cast::<AtomicU32>() };
+                let check = unsafe { &*(&raw const (*self.mapping.ptr::<FirstRecord>().add(i)).check).cast::<AtomicU32>() };
                 let _ = check.compare_exchange(r.check, 0, Ordering::Relaxed, Ordering::Relaxed);
                 continue;
             }
@@ -90,13 +79,6 @@ impl FirstRecords {
             *out.entry(r.backend_id).or_default() += 1;
         }
         out
-    }
-}
-
-impl Drop for FirstRecords {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.ptr as *mut _, (self.len * size_of::<FirstRecord>()).max(1)) };
     }
 }
 

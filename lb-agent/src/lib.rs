@@ -15,6 +15,7 @@ pub mod flows;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod mmap;
 pub mod nat_table;
 pub mod fullnat_table;
 pub mod neigh;

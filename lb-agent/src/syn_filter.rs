@@ -5,7 +5,7 @@
 //! whole sweep interval with this agent's program attached.
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     sync::atomic::{AtomicU64, Ordering},
 };
 
@@ -14,7 +14,7 @@ use lb_common::{syn_filter, FlowKey};
 
 /// `CT_SYN_FILTER` mapped read-write (the map is `BPF_F_MMAPABLE`).
 pub struct SynFilter {
-    words: *const AtomicU64,
+    mapping: crate::mmap::Mapping,
     len: usize,
     mask: u32,
     /// The copy the head names (`None`: off).
@@ -23,9 +23,6 @@ pub struct SynFilter {
     sweeps: u64,
     _map: MapData,
 }
-
-// SAFETY: a mapping owned by this value; every access is atomic.
-unsafe impl Send for SynFilter {}
 
 /// A rebuild under way (`SynFilter::begin`): the copy being written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,31 +39,17 @@ impl SynFilter {
         if !per_copy.is_power_of_two() {
             return Err(std::io::Error::other(format!("CT_SYN_FILTER's copies ({per_copy} words) are not a power of two")));
         }
-        let bytes = len * size_of::<u64>();
-        // SAFETY: a shared mapping of a BPF array the kernel allows to be mapped;
-        // `_map` keeps the map alive (and the mapping does too).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let f = SynFilter { words: ptr.cast(), len, mask: per_copy - 1, reading: None, sweeps: 0, _map: map };
+        let mapping = crate::mmap::Mapping::new(map.fd().as_fd(), len * size_of::<u64>())?;
+        let f = SynFilter { mapping, len, mask: per_copy - 1, reading: None, sweeps: 0, _map: map };
         f.word(0).store(syn_filter::head_word(None, f.mask), Ordering::Release);
         Ok(f)
     }
 
     fn word(&self, i: u32) -> &AtomicU64 {
         assert!((i as usize) < self.len, "CT_SYN_FILTER element {i} of {}", self.len);
-        // SAFETY: in bounds of the live mapping; u64-aligned (page-aligned base).
-        unsafe { &*self.words.add(i as usize) }
+        // SAFETY: in bounds of the live mapping; u64-aligned (page-aligned base);
+        // every access is atomic.
+        unsafe { &*self.mapping.ptr::<AtomicU64>().add(i as usize) }
     }
 
     /// Whether the program's SYNs read the filter.
@@ -98,12 +81,5 @@ impl SynFilter {
     pub fn finish(&mut self, r: Rebuild) {
         self.word(0).store(syn_filter::head_word(Some(r.0), self.mask), Ordering::Release);
         self.reading = Some(r.0);
-    }
-}
-
-impl Drop for SynFilter {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.words as *mut _, self.len * size_of::<u64>()) };
     }
 }
