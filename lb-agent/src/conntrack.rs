@@ -229,6 +229,30 @@ pub fn sweep(
     complete
 }
 
+/// `sweep` with the SYN filter's rebuild around it (`syn_filter.rs`): the
+/// walk fills the copy not being read, which is read from then on if the walk
+/// was complete; `status.syn_filter` says whether the filter is on. Returns
+/// whether the walk was complete.
+pub fn sweep_with_filter(
+    map: &mut HashMap<MapData, FlowKey, FlowVal>,
+    now: u32,
+    t: &Timeouts,
+    status: &mut TableStatus,
+    counts: &mut Counts,
+    filter: &mut SynFilter,
+) -> bool {
+    let rebuild = filter.begin();
+    let complete = sweep(map, now, t, status, counts, rebuild.map(|r| (&*filter, r)));
+    if let (Some(r), true) = (rebuild, complete) {
+        if !filter.is_on() {
+            tracing::info!("SYN filter on: SYNs of new 5-tuples skip the CT_ESTABLISHED lookup");
+        }
+        filter.finish(r);
+    }
+    status.syn_filter = filter.is_on();
+    complete
+}
+
 /// The maps the sweep works on (second handles; the dataplane keeps its own).
 pub struct SweepMaps {
     pub established: MapData,
@@ -338,15 +362,10 @@ pub async fn run(
                 let m = &mut *m;
                 let deltas = m.conns.deltas();
                 let mut counts = Counts::new();
-                let rebuild = m.syn_filter.as_mut().and_then(SynFilter::begin);
-                let complete = sweep(&mut m.established, now, &t, &mut status, &mut counts, m.syn_filter.as_ref().zip(rebuild));
-                if let (Some(f), Some(r), true) = (m.syn_filter.as_mut(), rebuild, complete) {
-                    if !f.is_on() {
-                        tracing::info!("SYN filter on: SYNs of new 5-tuples skip the CT_ESTABLISHED lookup");
-                    }
-                    f.finish(r);
-                }
-                status.syn_filter = m.syn_filter.as_ref().is_some_and(SynFilter::is_on);
+                match m.syn_filter.as_mut() {
+                    Some(f) => sweep_with_filter(&mut m.established, now, &t, &mut status, &mut counts, f),
+                    None => sweep(&mut m.established, now, &t, &mut status, &mut counts, None),
+                };
                 count_new(&m.new, now, &t, &mut counts);
                 m.first.count(now, &t, &mut counts);
                 m.conns.publish(&counts, &deltas);

@@ -343,15 +343,11 @@ fn syns_past_the_flood_threshold_go_unrecorded() {
 /// One sweep of `CT_ESTABLISHED` with the SYN filter, as the agent's sweep task
 /// runs it (`conntrack::run`).
 fn sweep_with(b: &mut Bench, f: &mut lb_agent::syn_filter::SynFilter) {
-    let rebuild = f.begin();
     let mut table = b.table(map_names::CT_ESTABLISHED);
     let (mut status, mut counts) = (Default::default(), Default::default());
     let t = config::Timeouts::default();
-    let filter = rebuild.map(|r| (&*f, r));
-    assert!(lb_agent::conntrack::sweep(&mut table, now_s(), &t, &mut status, &mut counts, filter), "the walk ended early");
-    if let Some(r) = rebuild {
-        f.finish(r);
-    }
+    let complete = lb_agent::conntrack::sweep_with_filter(&mut table, now_s(), &t, &mut status, &mut counts, f);
+    assert!(complete, "the walk ended early");
 }
 
 /// The SYN filter (`lb_common::syn_filter`): while it is off every SYN looks

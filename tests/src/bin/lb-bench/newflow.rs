@@ -94,14 +94,10 @@ pub fn syn_filter_on(dp: &mut Dataplane) {
     let est = dp.map_handle(lb_common::map_names::CT_ESTABLISHED).expect("CT_ESTABLISHED");
     let mut table = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(est)).expect("hash map");
     for _ in 0..2 {
-        let rebuild = filter.begin();
         let (mut status, mut counts) = (Default::default(), Default::default());
         let t = config::Timeouts::default();
         let now = lb_agent::conntrack::now_s();
-        assert!(lb_agent::conntrack::sweep(&mut table, now, &t, &mut status, &mut counts, rebuild.map(|r| (&filter, r))));
-        if let Some(r) = rebuild {
-            filter.finish(r);
-        }
+        assert!(lb_agent::conntrack::sweep_with_filter(&mut table, now, &t, &mut status, &mut counts, &mut filter));
     }
     assert!(filter.is_on(), "the SYN filter is on after two sweeps");
 }
