@@ -235,18 +235,7 @@ impl Lab {
 
     /// Asserts the global counters moved by exactly `expected` since `before`.
     pub fn expect_delta(&mut self, before: &[u64], expected: &[(u32, u64)], what: &str) {
-        let mut want = vec![0u64; COUNT as usize];
-        for &(i, n) in expected {
-            want[i as usize] += n;
-        }
-        let after = self.global();
-        let got: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
-        let show = |v: &[u64]| -> Vec<String> {
-            let moved = v.iter().enumerate().filter(|(_, n)| **n != 0);
-            moved.map(|(i, n)| format!("{}+{n}", NAMES[i])).collect()
-        };
-        let (got, want) = (show(&got), show(&want));
-        assert!(got == want, "{what}: counters {got:?}, expected {want:?}");
+        expect_moved(before, &self.global(), expected, what);
     }
 
     /// A pass-through frame: XDP_PASS, unchanged, and `counter` (only) goes up by one.
@@ -280,4 +269,20 @@ pub fn miss_counters(frame: &[u8]) -> Vec<u32> {
         Some(flags) if flags & 0x02 == 0 => vec![CONN_MISS, CT_MIDFLOW_MISS],
         _ => vec![CONN_MISS],
     }
+}
+
+/// Asserts that the global counters went from `before` to `after` by exactly
+/// `expected` (counter, increase) pairs, naming the counters that moved.
+pub fn expect_moved(before: &[u64], after: &[u64], expected: &[(u32, u64)], what: &str) {
+    let mut want = vec![0u64; COUNT as usize];
+    for &(i, n) in expected {
+        want[i as usize] += n;
+    }
+    let got: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let show = |v: &[u64]| -> Vec<String> {
+        let moved = v.iter().enumerate().filter(|(_, n)| **n != 0);
+        moved.map(|(i, n)| format!("{}+{n}", NAMES[i])).collect()
+    };
+    let (got, want) = (show(&got), show(&want));
+    assert!(got == want, "{what}: counters {got:?}, expected {want:?}");
 }

@@ -127,16 +127,7 @@ impl Lab {
     }
 
     fn expect_delta(&mut self, before: &[u64], expected: &[(u32, u64)], what: &str) {
-        let mut want = vec![0u64; COUNT as usize];
-        for &(i, n) in expected {
-            want[i as usize] += n;
-        }
-        let after = self.global();
-        let got: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
-        let show = |v: &[u64]| -> Vec<String> {
-            v.iter().enumerate().filter(|(_, n)| **n != 0).map(|(i, n)| format!("{}+{n}", NAMES[i])).collect()
-        };
-        assert_eq!(show(&got), show(&want), "{what}: counters");
+        lb_tests::drpacket::expect_moved(before, &self.global(), expected, what);
     }
 }
 
