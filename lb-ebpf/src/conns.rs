@@ -1,7 +1,10 @@
 //! Per-backend connection counts, the program's half (`lb_common::BackendConns`):
 //! atomic adds to `BACKEND_CONN_DELTA` when a flow is scheduled, promoted, closes
 //! or moves. The agent's sweep supplies the exact base (`BACKEND_CONNS`) and so
-//! corrects whatever these adds miss (LRU evictions, expiry, races).
+//! corrects whatever these adds miss (LRU evictions, expiry, races). A SYN left
+//! in `FIRST_RECORD` is not added: the sweep counts half-open records (so a
+//! recorded SYN, the whole of a SYN flood, makes no locked instruction), and
+//! its ACK adds it as active.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering::Relaxed};
 

@@ -255,8 +255,11 @@ fn insert_new(flow: &FlowKey, id_generation: u64, service_id: u32, tag: u32, flo
             // A `maglev` flow was scheduled by its flow hash: no second hashing
             // (about 30 ns a SYN); `sh` by its masked client's.
             let hash = if scheduler == SCHED_MAGLEV { (flood >> 32) as u32 } else { first::hash_of(flow) };
+            // Not counted here: a half-open first record enters the counts
+            // at the agent's next sweep (`conns.rs`). The count's atomic add
+            // is a locked instruction, a full barrier: after the record's
+            // store into a cold line it stalled the rest of the packet.
             first::store(hash, tag, mask, backend_id, generation, now());
-            conns::opened(backend_id);
             return;
         }
     }

@@ -119,8 +119,10 @@ pub fn take(flow: &FlowKey, hash: u32, fin: bool, now: u32) -> u64 {
     let step = match CT_ESTABLISHED.insert(flow, &val, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(stat::CT_PROMOTED);
+            // Active from now; the record's SYN was never counted inactive by
+            // the program (`conntrack::insert_new`), only by a sweep.
             if state == CT_STATE_ESTABLISHED {
-                conns::add(backend_id, 1, -1);
+                conns::add(backend_id, 1, 0);
             }
             ct_step::PROMOTED
         }
