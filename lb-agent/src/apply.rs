@@ -1,8 +1,9 @@
 //! Bringing the maps from the last applied plan to a new one without disturbing
 //! traffic.
 //!
-//! Each service owns a region of `MAGLEV` twice its table size. A changed table is
-//! written into the half the kernel is not reading, then the service entry (one
+//! Each service owns a region of `MAGLEV` twice its table's size in words
+//! (`maglev_map::words`). A changed table is written into the half the kernel
+//! is not reading, then the service entry (one
 //! hash-map update, atomic for readers) is switched to it: a packet sees the old
 //! table or the new one, never a mix. Order of writes: backends that appear or
 //! change, tables, services, VIP addresses; only then backends that went away are
@@ -20,52 +21,14 @@ use crate::{
     fullnat_table,
     plan::Plan,
 };
-
-/// `MAGLEV` mapped into the agent's memory (the map is `BPF_F_MMAPABLE`): a table
-/// is written with plain stores instead of a syscall per slot. The kernel lays
-/// array elements out 8 bytes apart (`round_up(value_size, 8)`), so each u32 slot
-/// is the low half of an 8-byte cell.
-pub struct MaglevMap {
-    mapping: crate::mmap::Mapping,
-    len: usize,
-}
-
-/// u32 words per array element.
-const STRIDE: usize = 2;
-
-impl MaglevMap {
-    /// Maps `fd` (an array of `len` u32 created with BPF_F_MMAPABLE); written
-    /// only through `&mut self`.
-    pub fn new(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> std::io::Result<Self> {
-        Ok(MaglevMap { mapping: crate::mmap::Mapping::new(fd, len * STRIDE * 4)?, len })
-    }
-
-    /// Writes `table` at slot `offset`. Readers only reach these slots after the
-    /// service entry that points at them is updated (a syscall, which orders these
-    /// stores before it).
-    pub fn write(&mut self, offset: usize, table: &[u32]) {
-        assert!(offset + table.len() <= self.len, "MAGLEV write out of bounds");
-        // SAFETY: in bounds (checked above) of a live mapping of `len` elements.
-        let cells = unsafe { std::slice::from_raw_parts_mut(self.mapping.ptr::<u32>().add(offset * STRIDE), table.len() * STRIDE) };
-        for (cell, id) in cells.chunks_exact_mut(STRIDE).zip(table) {
-            cell[0] = *id;
-        }
-    }
-
-    /// Reads `n` slots at `offset` (for tests and inspection).
-    pub fn read(&self, offset: usize, n: usize) -> Vec<u32> {
-        assert!(offset + n <= self.len, "MAGLEV read out of bounds");
-        // SAFETY: as above.
-        let cells = unsafe { std::slice::from_raw_parts(self.mapping.ptr::<u32>().add(offset * STRIDE), n * STRIDE) };
-        cells.chunks_exact(STRIDE).map(|c| c[0]).collect()
-    }
-}
+pub use crate::maglev_map::MaglevMap;
 
 /// Sizes the maps were created with.
 #[derive(Debug, Clone, Copy)]
 pub struct Capacity {
     pub services: u32,
     pub backends: u32,
+    /// `MAGLEV` words (two to an element).
     pub maglev: u32,
     /// The NAT tables were sized (the configuration at start had `nat` or
     /// `fullnat` services, or the adopted maps were sized).
@@ -84,7 +47,7 @@ impl Regions {
         Regions { free: vec![(0, capacity)], pending: Vec::new() }
     }
 
-    /// An allocator for `capacity` slots of which `used` (offset, len) are taken.
+    /// An allocator for `capacity` words of which `used` (offset, len) are taken.
     pub fn with_used(capacity: u32, used: &[(u32, u32)]) -> Self {
         let mut used = used.to_vec();
         used.sort_unstable();
@@ -141,7 +104,7 @@ impl Regions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     pub region: u32,
-    /// Table size; the region holds two tables of this size.
+    /// Words of one half (`maglev_map::words`); the region holds two.
     pub size: u32,
     /// Which half the service entry points at.
     pub half: u32,
@@ -212,12 +175,12 @@ pub fn check_fits(dp: &Dataplane, plan: &Plan) -> Result<(), DataplaneError> {
     let mut regions = dp.regions.clone();
     regions.settle();
     for s in &plan.services {
-        let size = s.table.len() as u32;
+        let size = crate::maglev_map::words(&s.table, s.table_ids);
         let fits_in_place = dp.placed.get(&s.key).is_some_and(|p| p.size == size);
         if size > 0 && !fits_in_place && regions.alloc(2 * size).is_none() {
             return Err(DataplaneError::Capacity {
                 what: format!(
-                    "MAGLEV has no free region of {} slots for service {} (largest free: {})",
+                    "MAGLEV has no free region of {} words for service {} (largest free: {})",
                     2 * size,
                     s.name,
                     regions.largest()
@@ -332,7 +295,7 @@ pub fn apply(dp: &mut Dataplane, plan: &Plan) -> Result<Summary, DataplaneError>
     let mut entries: Vec<(VipKey, Service)> = Vec::new();
     let mut new_services = Vec::new();
     for s in &plan.services {
-        let size = s.table.len() as u32;
+        let size = crate::maglev_map::words(&s.table, s.table_ids);
         let old = prev_services.get(&s.key);
         let placed = dp.placed.get(&s.key).copied();
         let same_table = old.is_some_and(|o| std::sync::Arc::ptr_eq(&o.table, &s.table) || o.table == s.table);

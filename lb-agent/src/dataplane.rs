@@ -18,6 +18,7 @@ use lb_common::{
     CONFIG_READY,
 };
 
+mod adopt;
 mod link;
 mod programs;
 mod scan;
@@ -126,6 +127,9 @@ pub struct Dataplane {
     /// counter is still zero, so the first apply need not clear any.
     pub(crate) fresh: bool,
     pub(crate) maglev: MaglevMap,
+    /// `MAGLEV` was created afresh under adopted pins (another version's
+    /// layout): the tables it is said to hold are not there.
+    maglev_fresh: bool,
     /// What `CONFIG[0]` holds (interface MAC, flags).
     config: Config,
     /// `lb_prefix` is loaded and in `RARE_PROGS` (done with the first plan that
@@ -178,21 +182,24 @@ impl Dataplane {
     /// and `adopt` then reads back what they hold.
     pub fn open(sizes: &Sizes, pins: &PinDir) -> Result<(Self, Opened)> {
         fs::create_dir_all(&pins.dir).map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
-        let tables = u32::try_from(sizes.tables).unwrap_or(u32::MAX);
         // With `nat` or `fullnat` services, NAT tables larger than the unsized ones
         // (`pinning` creates those afresh: they never held a flow).
         let nat = if sizes.nat { NAT_UNSIZED + 1 } else { 0 };
         let needed = [
             (names::SERVICES, sizes.services),
             (names::BACKENDS, sizes.backends),
-            (names::MAGLEV, tables.saturating_mul(2)),
+            (names::MAGLEV, sizes::maglev_elements(sizes, false)),
             (names::NAT_REVERSE, nat),
             (names::FULLNAT_REVERSE, nat),
             (names::FULLNAT_FORWARD, nat),
         ];
+        let mut maglev_fresh = false;
         let opened = if pins.has_link() {
             match pins.reusable(&needed) {
-                Ok(_) => Opened { adopted: true, maps_reused: true, why_not: None },
+                Ok(replaced) => {
+                    maglev_fresh = replaced.contains(&names::MAGLEV);
+                    Opened { adopted: true, maps_reused: true, why_not: None }
+                }
                 Err(why) => Opened { adopted: true, maps_reused: false, why_not: Some(why) },
             }
         } else {
@@ -200,7 +207,8 @@ impl Dataplane {
         };
         let cleared = if opened.maps_reused { pins.drop_unfit_prog_array() } else { pins.clear_maps() };
         cleared.map_err(|source| DataplaneError::PinDir { path: pins.dir.clone(), source })?;
-        let dp = Self::load_sized(crate::object::OBJECT, sizes, Some(pins))?;
+        let mut dp = Self::load_sized(crate::object::OBJECT, sizes, Some(pins))?;
+        dp.maglev_fresh = maglev_fresh;
         Ok((dp, opened))
     }
 
@@ -257,17 +265,18 @@ impl Dataplane {
         let capacity = Capacity {
             services: max_entries(&mut ebpf, names::SERVICES)?,
             backends: max_entries(&mut ebpf, names::BACKENDS)?,
-            maglev: max_entries(&mut ebpf, names::MAGLEV)?,
+            maglev: max_entries(&mut ebpf, names::MAGLEV)?.saturating_mul(2),
             nat: max_entries(&mut ebpf, names::NAT_REVERSE)? > NAT_UNSIZED,
         };
         let maglev = match map_mut(&mut ebpf, names::MAGLEV)? {
-            Map::Array(m) => MaglevMap::new(m.fd().as_fd(), capacity.maglev as usize)
+            Map::Array(m) => MaglevMap::new(m.fd().as_fd(), capacity.maglev as usize / 2)
                 .map_err(|source| DataplaneError::PinDir { path: "MAGLEV (mmap)".into(), source })?,
             _ => return Err(DataplaneError::MissingMap { name: names::MAGLEV }),
         };
         Ok(Self {
             ebpf,
             maglev,
+            maglev_fresh: false,
             link: None,
             backend_link: None,
             pins: pins.cloned(),
@@ -280,31 +289,6 @@ impl Dataplane {
             prefix_loaded: sizes.prefix,
             nat_loaded: sizes.nat,
         })
-    }
-
-    /// Rebuilds what was applied (ids, generations, table placement) from maps an
-    /// earlier agent filled, so the next apply only writes what changed.
-    fn adopt_state(&mut self, plan: &Plan) -> Result<()> {
-        self.fresh = false;
-        let m: Array<_, Config> =
-            Array::try_from(map_mut(&mut self.ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
-        self.config = m.get(&0, 0).map_err(map_err(names::CONFIG))?;
-        let map = |name| self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name });
-        let State { services, backends, vip_addrs } =
-            read_state(map(names::SERVICES)?, map(names::BACKENDS)?, map(names::VIP_ADDRS)?, self.ebpf.map(names::PREFIX_SERVICES))?;
-        let mut used = Vec::new();
-        let mut with_tables = Vec::new();
-        for (key, value) in &services {
-            let size = value.table_size;
-            if let Some(half) = (value.table_offset - value.region).checked_div(size) {
-                self.placed.insert(*key, Placement { region: value.region, size, half });
-                used.push((value.region, 2 * size));
-            }
-            with_tables.push((*key, *value, self.maglev.read(value.table_offset as usize, size as usize)));
-        }
-        self.regions = Regions::with_used(self.capacity.maglev, &used);
-        self.applied = Some(crate::plan::from_maps(&with_tables, &backends, vip_addrs, plan));
-        Ok(())
     }
 
     /// First fill: the interface MAC, then the plan, then the ready flag.

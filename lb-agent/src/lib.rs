@@ -14,6 +14,7 @@ pub mod first_record;
 pub mod flows;
 pub mod health;
 pub mod maglev;
+pub mod maglev_map;
 pub mod metrics;
 pub mod mmap;
 pub mod nat_table;

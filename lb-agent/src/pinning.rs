@@ -35,6 +35,15 @@ const REPLACEABLE: &[&str] =
 /// while the table is unchanged).
 const HALF_OPEN: &[&str] = &[names::FIRST_RECORD];
 
+/// Maps the agent derives from the configuration and writes in full before it
+/// swaps the program (`MAGLEV`): one whose layout is not this build's (an
+/// older version's 4-byte slots) is created anew and every table placed again.
+/// Until the swap the older program still runs with its own `MAGLEV` and the
+/// shared `SERVICES`: a new flow that reads a service entry the fill already
+/// rewrote reads its old table at the new offset, and lands on a backend of
+/// that service or is dropped (`drop_no_backend`, a backend of another one).
+const DERIVED: &[&str] = &[names::MAGLEV];
+
 /// Entries of `NAT_REVERSE`, `FULLNAT_REVERSE` and `FULLNAT_FORWARD` as created for
 /// a configuration without `nat` or `fullnat` services (`dataplane::Sizes::nat`).
 /// Such a map never held a flow: an adopting agent that needs it sized creates
@@ -71,7 +80,7 @@ pub fn layout() -> [(&'static str, usize, usize, u32); 27] {
         (names::SERVICES, size_of::<VipKey>(), size_of::<Service>(), 0),
         (names::PREFIX_SERVICES, 4 + size_of::<PrefixKey>(), size_of::<Service>(), 0),
         (names::LOCALITY, size_of::<LocalityKey>(), size_of::<LocalityVal>(), 0),
-        (names::MAGLEV, 4, 4, MMAPABLE),
+        (names::MAGLEV, 4, 8, MMAPABLE),
         (names::BACKENDS, 4, size_of::<Backend>(), 0),
         (names::CONNTRACK, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),
         (names::CT_ESTABLISHED, size_of::<FlowKey>(), size_of::<FlowVal>(), 0),
@@ -144,7 +153,7 @@ impl PinDir {
             let mut unfit = None;
             let mut replaceable = REPLACEABLE.contains(&name);
             if info.key_size() as usize != key || info.value_size() as usize != value {
-                replaceable |= HALF_OPEN.contains(&name);
+                replaceable |= HALF_OPEN.contains(&name) || DERIVED.contains(&name);
                 unfit = Some(format!(
                     "map {name} has the layout of another version (key {} / value {} bytes, this build: {key} / {value})",
                     info.key_size(),

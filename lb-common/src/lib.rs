@@ -19,6 +19,7 @@ pub mod hash;
 pub mod nat;
 pub mod prefix;
 pub mod syn_filter;
+pub mod table;
 
 pub use conntrack::{
     AffinityKey, AffinityVal, BackendConns, FlowKey, FlowVal, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
@@ -176,7 +177,7 @@ pub struct VipKey {
 pub struct Service {
     /// Index into `SERVICE_STATS`.
     pub id: u32,
-    /// First slot of this service's Maglev table in `MAGLEV`.
+    /// First word of this service's table in `MAGLEV` (its layout: `table`).
     pub table_offset: u32,
     /// Number of slots (a prime); 0 means the service has no usable backend.
     pub table_size: u32,
@@ -191,8 +192,9 @@ pub struct Service {
     /// `SCHED_*`: how new flows pick a backend; what the table region holds.
     pub scheduler: u8,
     pub _pad: u8,
-    /// Start of the service's `MAGLEV` region (two tables of `table_size`; the
-    /// agent writes the idle one and then moves `table_offset` to it).
+    /// First word of the service's `MAGLEV` region (two halves, each room for
+    /// one table: `table::half_words`; the agent writes the idle one and then
+    /// moves `table_offset` to it).
     pub region: u32,
 }
 

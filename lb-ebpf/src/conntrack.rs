@@ -38,15 +38,43 @@ pub enum Lookup {
     Miss(Slot),
 }
 
-/// Where a scheduling decision is recorded.
-pub enum Slot {
-    /// A new entry in `CONNTRACK`. `midflow`: a TCP packet without SYN found in
-    /// neither table (counted once the packet turns out to be for a service).
-    /// `tag`: a TCP SYN's `FIRST_RECORD` tag (`syn_filter::absent`; 0 otherwise).
-    New { midflow: bool, tag: u32 },
-    /// In place, in this `CT_ESTABLISHED` entry (its backend went away, or a SYN
-    /// reuses its 5-tuple): the flow stays protected on its new backend.
-    Established(*mut FlowVal),
+/// Where a scheduling decision is recorded. A struct whose fields are defined
+/// on every path, not an enum: LLVM merged the returns of two variants and
+/// spilled the payload one of them leaves undefined, a register the verifier
+/// refuses to read (`lb_prefix`, "R3 !read_ok").
+pub struct Slot {
+    /// Non-null: in place, in this `CT_ESTABLISHED` entry (its backend went
+    /// away, or a SYN reuses its 5-tuple): the flow stays protected on its new
+    /// backend. Null: a new entry in `CONNTRACK` (or `FIRST_RECORD`).
+    pub established: *mut FlowVal,
+    /// Bits 0..32: a TCP SYN's `FIRST_RECORD` tag (`syn_filter::absent`; 0
+    /// otherwise); bit 32: `midflow`, a TCP packet without SYN found in neither
+    /// table (counted once the packet turns out to be for a service).
+    bits: u64,
+}
+
+impl Slot {
+    /// A new entry.
+    #[inline(always)]
+    pub const fn new(midflow: bool, tag: u32) -> Slot {
+        Slot { established: core::ptr::null_mut(), bits: tag as u64 | (midflow as u64) << 32 }
+    }
+
+    /// In place, in `p`.
+    #[inline(always)]
+    const fn established(p: *mut FlowVal) -> Slot {
+        Slot { established: p, bits: 0 }
+    }
+
+    #[inline(always)]
+    pub const fn midflow(&self) -> bool {
+        self.bits >> 32 != 0
+    }
+
+    #[inline(always)]
+    const fn tag(&self) -> u32 {
+        self.bits as u32
+    }
 }
 
 const EEXIST: i32 = 17;
@@ -72,7 +100,7 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
                 // client port): scheduled afresh, as Katran does, and recorded in
                 // this entry so its later packets follow it.
                 d.ct = ct_step::RESCHEDULED;
-                return Lookup::Miss(Slot::Established(p));
+                return Lookup::Miss(Slot::established(p));
             }
             let usable = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE);
             return match usable {
@@ -96,7 +124,7 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
                 }
                 None => {
                     d.ct = ct_step::RESCHEDULED;
-                    Lookup::Miss(Slot::Established(p))
+                    Lookup::Miss(Slot::established(p))
                 }
             };
         }
@@ -105,7 +133,7 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
         // A new connection (maybe on a reused 5-tuple whose LRU entry is still
         // there), scheduled afresh.
         d.ct = ct_step::MISS;
-        return Lookup::Miss(Slot::New { midflow: false, tag: (filter >> 32) as u32 });
+        return Lookup::Miss(Slot::new(false, (filter >> 32) as u32));
     }
     if protect {
         // A TCP packet without SYN: its flow's SYN may be in `FIRST_RECORD`
@@ -126,11 +154,11 @@ pub fn lookup(flow: &FlowKey, syn: bool, fin: bool, protect: bool, d: &mut Decis
     let Some(v) = (unsafe { CONNTRACK.get(flow) }).copied() else {
         let midflow = flow.proto == PROTO_TCP;
         d.ct = if midflow { ct_step::MIDFLOW_MISS } else { ct_step::MISS };
-        return Lookup::Miss(Slot::New { midflow, tag: 0 });
+        return Lookup::Miss(Slot::new(midflow, 0));
     };
     let Some(b) = backend(v.backend_id, v.service_id, Some(v.generation), BACKEND_ACTIVE) else {
         d.ct = ct_step::RESCHEDULED;
-        return Lookup::Miss(Slot::New { midflow: false, tag: 0 });
+        return Lookup::Miss(Slot::new(false, 0));
     };
     d.ct = if protect { promote(flow, &v, fin) } else { ct_step::HIT_NEW };
     Lookup::Hit { service_id: v.service_id, backend_id: v.backend_id, backend: b, snat: 0 }
@@ -201,9 +229,10 @@ const _: () = assert!(SERVICE_PERSIST == 1 << 1, "flood_inputs shifts the persis
 /// its service.
 #[inline(always)]
 pub fn record(flow: &FlowKey, slot: Slot, backend_id: u32, service_id: u32, generation: u32, flood: u64) {
-    match slot {
-        Slot::New { tag, .. } => insert_new(flow, u64::from(backend_id) | (u64::from(generation) << 32), service_id, tag, flood),
-        Slot::Established(p) => {
+    let p = slot.established;
+    match p.is_null() {
+        true => insert_new(flow, u64::from(backend_id) | (u64::from(generation) << 32), service_id, slot.tag(), flood),
+        false => {
             let now = now();
             // SAFETY: the live entry `lookup` found; other CPUs reading it half
             // written see a generation that does not match and schedule the flow

@@ -211,5 +211,5 @@ pub fn peek(flow: &FlowKey, protect: bool, d: &mut Decision) -> Lookup {
         }
     }
     d.ct = ct_step::ICMP_MISS;
-    Lookup::Miss(Slot::New { midflow: false, tag: 0 })
+    Lookup::Miss(Slot::new(false, 0))
 }

@@ -39,10 +39,12 @@ pub static LOCALITY: LruHashMap<LocalityKey, LocalityVal, 65536> = LruHashMap::n
 #[btf_map]
 pub static LOCALITY_SCRATCH: PerCpuArray<crate::sched::LocalityScratch, 1> = PerCpuArray::new();
 
-/// All services' Maglev tables back to back: slot -> backend id. Memory-mappable,
-/// so the agent writes a whole table with one copy.
+/// All services' tables back to back, as 32-bit words two to an element: each
+/// table's 16-bit slots, then the backend ids they index (`lb_common::table`;
+/// read through `sched::table_id`). Memory-mappable, so the agent writes a
+/// whole table with one copy.
 #[btf_map]
-pub static MAGLEV: Array<u32, 65537, { BPF_F_MMAPABLE as usize }> = Array::new();
+pub static MAGLEV: Array<u64, 65537, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Backend id -> MAC and state.
 #[btf_map]

@@ -207,7 +207,7 @@ pub fn forward<const PREFIX: bool>(ctx: &XdpContext, pkt: &Packet, flow: &FlowKe
                 },
             };
             d.service = svc.id;
-            if let conntrack::Slot::New { midflow: true, .. } = slot {
+            if slot.midflow() {
                 count(stat::CT_MIDFLOW_MISS);
             }
             // A retransmitted SYN keeps the backend its first copy got: Maglev

@@ -338,13 +338,16 @@ pub fn pinned_tables(pin_dir: &Path) -> String {
     let open = |name: &str| MapData::from_pin(pin_dir.join(name)).unwrap_or_else(|e| panic!("{}/{name}: {e}", pin_dir.display()));
     let services: HashMap<_, VipKey, Service> = HashMap::try_from(Map::HashMap(open(names::SERVICES))).expect("SERVICES");
     let backends: Array<_, B> = Array::try_from(Map::Array(open(names::BACKENDS))).expect("BACKENDS");
-    let maglev: Array<_, u32> = Array::try_from(Map::Array(open(names::MAGLEV))).expect("MAGLEV");
+    let maglev: Array<_, u64> = Array::try_from(Map::Array(open(names::MAGLEV))).expect("MAGLEV");
     let mut lines: Vec<String> = Vec::new();
     let mut ids = BTreeSet::new();
     for entry in services.iter() {
         let (k, s) = entry.expect("SERVICES entry");
-        let table: Vec<u32> =
-            (s.table_offset..s.table_offset + s.table_size).map(|i| maglev.get(&i, 0).expect("MAGLEV slot")).collect();
+        // Words of the table (`lb_common::table`), read element by element.
+        let table = lb_agent::maglev_map::decode(s.table_size, |w| {
+            let (element, shift) = lb_common::table::element_of(s.table_offset + w);
+            (maglev.get(&element, 0).expect("MAGLEV element") >> shift) as u32
+        });
         ids.extend(table.iter().copied());
         lines.push(format!("service {k:?} id {} size {} flags {} table {table:?}", s.id, s.table_size, s.flags));
     }

@@ -152,9 +152,10 @@ fn keep_on_exit_then_replacement_loses_nothing() {
 }
 
 /// An upgrade: the pins an older version left lack the maps added since
-/// (`NAT_REVERSE`, `EGRESS_MAC`) and hold a `STATS` of fewer counters and a
-/// `FIRST_RECORD` of 64-byte records (half-open handshakes only). The new
-/// agent creates those afresh and adopts the rest, the connection table with it.
+/// (`NAT_REVERSE`, `EGRESS_MAC`) and hold a `STATS` of fewer counters, a
+/// `FIRST_RECORD` of 64-byte records (half-open handshakes only) and a `MAGLEV`
+/// of 4-byte slots (tables the agent writes anyway). The new agent creates
+/// those afresh and adopts the rest, the connection table with it.
 #[test]
 fn an_older_versions_pins_are_adopted_with_the_maps_it_lacked_created() {
     let mut lab = Lab::new(4);
@@ -187,10 +188,29 @@ fn an_older_versions_pins_are_adopted_with_the_maps_it_lacked_created() {
             .output()
             .expect("run bpftool");
         assert!(out.status.success(), "bpftool map create FIRST_RECORD: {}", String::from_utf8_lossy(&out.stderr));
+        // MAGLEV with 4-byte slots, as before the 16-bit ones. The old program
+        // keeps the map it was loaded with; only the pin is replaced.
+        let maglev = pins.join(lb_common::map_names::MAGLEV);
+        let entries = aya::maps::MapData::from_pin(&maglev)
+            .and_then(|m| Ok(m.info()?.max_entries()))
+            .unwrap_or_else(|e| panic!("read the pinned MAGLEV: {e}"));
+        std::fs::remove_file(&maglev).unwrap_or_else(|e| panic!("remove the pin of MAGLEV: {e}"));
+        let out = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&maglev)
+            .args(["type", "array", "key", "4", "value", "4", "entries", &entries.to_string(), "name", "MAGLEV", "flags", "1024"])
+            .output()
+            .expect("run bpftool");
+        assert!(out.status.success(), "bpftool map create MAGLEV: {}", String::from_utf8_lossy(&out.stderr));
         let agent = lab.start_agent(&config(lab, 4));
         let log = agent.log_text();
         assert!(log.contains("creating it afresh") && log.contains("STATS"), "STATS of 8 counters is replaced:\n{log}");
         assert!(log.contains("FIRST_RECORD"), "FIRST_RECORD of 64-byte records is replaced:\n{log}");
+        assert!(log.contains("map=\"MAGLEV\"") || log.contains("map=MAGLEV"), "MAGLEV of 4-byte slots is replaced:\n{log}");
+        let value = aya::maps::MapData::from_pin(&maglev)
+            .and_then(|m| Ok(m.info()?.value_size()))
+            .unwrap_or_else(|e| panic!("read the new MAGLEV: {e}"));
+        assert_eq!(value, 8, "MAGLEV is created with this build's elements");
         let value = aya::maps::MapData::from_pin(&first)
             .and_then(|m| Ok(m.info()?.value_size()))
             .unwrap_or_else(|e| panic!("read the new FIRST_RECORD: {e}"));

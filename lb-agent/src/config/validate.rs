@@ -260,6 +260,13 @@ impl Checker<'_> {
             None => Some(super::default_table_size(count)),
             Some(v) => self.table_size(v, &field("table_size")),
         };
+        if count > lb_common::table::TABLE_MAX_IDS {
+            // A table's slots are 16-bit indexes into its list of backends.
+            self.at_value(
+                &field("backends"),
+                format!("a service has at most {} backends, this one {count}", lb_common::table::TABLE_MAX_IDS),
+            );
+        }
         let table_size = table_size.filter(|&size| {
             let fits = usize::try_from(size).is_ok_and(|size| size > count);
             if !fits {

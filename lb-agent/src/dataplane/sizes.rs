@@ -53,9 +53,23 @@ impl Sizes {
     }
 }
 
+/// `MAGLEV` elements (two words each, `lb_common::table`) for the tables of
+/// `sizes`: two halves per service (the double buffer), each its slots at two
+/// bytes and its list of backend ids (at most the service's backends). With
+/// `headroom`, room for the configuration to grow: a quarter more and one
+/// more service of 65,537 slots and 1,024 backends.
+pub fn maglev_elements(sizes: &Sizes, headroom: bool) -> u32 {
+    let half_words = |slots: u64, ids: u64| slots.div_ceil(2) + ids;
+    // Every service's table rounded up by a word is within this.
+    let mut words = 2 * (half_words(sizes.tables, sizes.backends as u64) + sizes.services as u64);
+    if headroom {
+        words += words / 4 + 2 * half_words(65_537, 1024);
+    }
+    words.div_ceil(2).min(u32::MAX as u64) as u32
+}
+
 /// Map sizes for a plan, with room for the configuration to grow: twice the
-/// services and backends, and for `MAGLEV` two tables per service (the double
-/// buffer) plus a quarter more and room for one more default-sized service.
+/// services and backends, and for `MAGLEV` `maglev_elements` with headroom.
 pub fn map_sizes(plan: &Plan) -> [(&'static str, u32); 20] {
     sized(&Sizes::of(plan))
 }
@@ -65,8 +79,7 @@ pub(super) fn sized(sizes: &Sizes) -> [(&'static str, u32); 20] {
     let backends = (sizes.backends * 2).max(64);
     // Every service's configured size, even while its table is empty (all down):
     // it needs its region the moment a backend comes up.
-    let tables = sizes.tables;
-    let maglev = (tables * 2 + tables / 2 + 2 * 65537).min(u32::MAX as u64) as u32;
+    let maglev = maglev_elements(sizes, true);
     let (conntrack, established) = (sizes.conntrack, sizes.established);
     // The NAT tables: both connection tables' size with `nat` or `fullnat`
     // services, one entry otherwise (a reload that adds the first one is refused

@@ -48,6 +48,7 @@ pub fn from_maps(
             value: Service { table_offset: 0, region: 0, ..*value },
             backend_ids: Vec::new(),
             table: table.as_slice().into(),
+            table_ids: crate::maglev_map::distinct(table),
             maglev_input: Vec::new(),
             table_size: value.table_size,
             using_backups: false,

@@ -92,6 +92,8 @@ pub struct PlannedService {
     /// Shared: a plan built from a previous one reuses the table of every service
     /// whose `maglev_input` did not change, and clones of a plan share them too.
     pub table: Arc<[u32]>,
+    /// Distinct backend ids in `table` (the list `MAGLEV` stores it with).
+    pub table_ids: u32,
     /// What the table was built from: (address, weight given to Maglev, backend
     /// id) in address order. Equal inputs and size give an equal table.
     pub maglev_input: Vec<(IpAddr, u32, u32)>,
@@ -332,13 +334,13 @@ impl Plan {
                 .map(|b| (b.address, if b.flags & BACKEND_ACCEPTS_NEW != 0 { b.weight } else { 0 }, b.id))
                 .collect();
             // Only the tables whose inputs changed are built again.
-            let table = match old {
+            let (table, table_ids) = match old {
                 Some(o)
                     if o.table_size == svc.table_size
                         && o.maglev_input == maglev_input
                         && o.value.scheduler == svc.scheduler.number() =>
                 {
-                    o.table.clone()
+                    (o.table.clone(), o.table_ids)
                 }
                 _ => {
                     let input: Vec<MaglevBackend> =
@@ -350,7 +352,8 @@ impl Plan {
                             crate::sched_tables::build(other, &weights, svc.table_size)
                         }
                     };
-                    indices.iter().map(|&i| members[i as usize].id).collect()
+                    let table: Arc<[u32]> = indices.iter().map(|&i| members[i as usize].id).collect();
+                    (table.clone(), crate::maglev_map::distinct(&table))
                 }
             };
 
@@ -381,6 +384,7 @@ impl Plan {
                 value,
                 backend_ids: members.iter().map(|b| b.id).collect(),
                 table,
+                table_ids,
                 maglev_input,
                 table_size: svc.table_size,
                 using_backups,

@@ -28,7 +28,7 @@ use super::leastconn;
 use crate::{
     backend::backend,
     conns,
-    maps::{CT_CLOCK, LOCALITY, LOCALITY_SCRATCH, MAGLEV},
+    maps::{CT_CLOCK, LOCALITY, LOCALITY_SCRATCH},
 };
 
 /// No backend (the table is being swapped).
@@ -216,5 +216,8 @@ fn least(hash: u32, svc: &Service) -> u32 {
         return NONE;
     }
     let slot = leastconn::slot(hash, svc.id, svc.table_offset, svc.table_size, true);
-    MAGLEV.get(svc.table_offset.wrapping_add(slot)).copied().unwrap_or(NONE)
+    // The candidates are distinct: slot `slot` is list entry `slot`
+    // (`lb_common::table`), one read.
+    let list = svc.table_offset.wrapping_add(lb_common::table::slot_words(svc.table_size));
+    super::word(list.wrapping_add(slot)).unwrap_or(NONE)
 }

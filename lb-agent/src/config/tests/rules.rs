@@ -189,6 +189,22 @@ fn table_size_must_exceed_the_backend_count() {
 }
 
 #[test]
+fn a_service_has_at_most_65536_backends() {
+    // A table's slots are 16-bit indexes into its list of backends.
+    let backends: Vec<String> = (0..65_537u32)
+        .map(|i| format!("      - address: 198.{}.{}.{}", 18 + (i >> 16), (i >> 8) & 255, i & 255))
+        .collect();
+    let mut tail = vec!["    port: 80", "    backends:"];
+    tail.extend(backends.iter().map(String::as_str));
+    assert_errors(
+        &service(&tail),
+        &["test.yaml:6:7: services[0].backends: a service has at most 65536 backends, this one 65537"],
+    );
+    tail.pop();
+    assert_eq!(parse_ok(&service(&tail)).services[0].backends.len(), 65_536);
+}
+
+#[test]
 fn ports_must_be_in_range() {
     for port in ["65536", "-1"] {
         assert_errors(
