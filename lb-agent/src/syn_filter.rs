@@ -74,7 +74,7 @@ impl SynFilter {
     /// Sets `key`'s bit in the copy being rebuilt.
     pub fn add(&self, r: Rebuild, key: &FlowKey) {
         let h = syn_filter::hash(key);
-        self.word(syn_filter::word_index(h, r.0, self.mask)).fetch_or(syn_filter::bit(h), Ordering::Relaxed);
+        self.word(syn_filter::word_index(h, r.0, self.mask)).fetch_or(syn_filter::bits(h), Ordering::Relaxed);
     }
 
     /// After a complete walk: the SYNs read the rebuilt copy from now on.

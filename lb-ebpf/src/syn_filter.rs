@@ -30,7 +30,8 @@ pub fn absent(flow: &FlowKey) -> u64 {
     let Some(w) = CT_SYN_FILTER.get_ptr(syn_filter::word_index(h, reading - 1, (head >> 32) as u32)) else { return tag };
     // SAFETY: as above (the program sets bits with atomic ORs, the agent zeroes
     // words only of the copy not being read).
-    tag | u64::from((unsafe { read_volatile(w) } & syn_filter::bit(h)) == 0)
+    let bits = syn_filter::bits(h);
+    tag | u64::from((unsafe { read_volatile(w) } & bits) != bits)
 }
 
 /// Sets `flow`'s bit in both copies: called after each `CT_ESTABLISHED` insert
@@ -44,7 +45,7 @@ pub fn add(flow: &FlowKey) {
     // SAFETY: as in `absent`.
     let mask = (unsafe { read_volatile(head) } >> 32) as u32;
     let h = hash_of(flow);
-    let bit = syn_filter::bit(h);
+    let bit = syn_filter::bits(h);
     for copy in 0..2 {
         if let Some(w) = CT_SYN_FILTER.get_ptr_mut(syn_filter::word_index(h, copy, mask)) {
             // SAFETY: a live array element; every writer uses atomic ORs (the

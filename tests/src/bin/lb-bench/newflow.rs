@@ -30,7 +30,7 @@ use crate::{
 const XDP_TX: u32 = 3;
 
 /// Classes, in the order of the table's rows.
-const CLASSES: [&str; 10] = [
+const CLASSES: [&str; 11] = [
     "bench_macswap",
     "ACK, established",
     "SYN, same 5-tuple (insert over its key)",
@@ -41,6 +41,7 @@ const CLASSES: [&str; 10] = [
     "wrapped SYN, new 5-tuple, table full",
     "wrapped SYN, new 5-tuple, room, FLOWS flows established (the cycling ACK's balancer)",
     "SYN, same 5-tuple, `syn_flood_kps` 125 (the default)",
+    "wrapped SYN, new 5-tuple, every size at its default (`table_size`, `conntrack_size`, `established_size`)",
 ];
 
 /// One object under test: a balancer with room in `CONNTRACK`, one whose
@@ -50,8 +51,11 @@ struct Subject {
     roomy: Dataplane,
     /// Kept loaded: `wrap_full` tail-calls its program.
     _full: Dataplane,
+    /// Kept loaded: every size at its default (`defaults`).
+    _defaults: Dataplane,
     wrap_roomy: Ebpf,
     wrap_full: Ebpf,
+    wrap_defaults: Ebpf,
     cycle: Cycle,
 }
 
@@ -71,8 +75,19 @@ fn set_step(w: &mut Ebpf, step: u32) {
 }
 
 pub fn balancer(object: &[u8], conntrack: u32) -> Dataplane {
-    let text = format!("established_size: 65536\n{}", config_yaml(10, 50, 65537, conntrack, false));
-    let cfg = config::parse(&text, "newflow.yaml").unwrap_or_else(|e| panic!("{e}"));
+    balancer_of(object, &format!("established_size: 65536\n{}", config_yaml(10, 50, 65537, conntrack, false)))
+}
+
+/// The balancers' services with every size at its default: `table_size` by
+/// the backend count, `conntrack_size` and `established_size` unset.
+fn defaults(object: &[u8]) -> Dataplane {
+    let size = lb_agent::config::default_table_size(50);
+    let text = config_yaml(10, 50, size, lb_agent::config::DEFAULT_CONNTRACK_SIZE, false);
+    balancer_of(object, &text)
+}
+
+fn balancer_of(object: &[u8], text: &str) -> Dataplane {
+    let cfg = config::parse(text, "newflow.yaml").unwrap_or_else(|e| panic!("{e}"));
     let plan = Plan::build(&cfg, &fake_macs(&cfg));
     let mut dp = Dataplane::load_object(object, &plan).expect("load the XDP object");
     dp.write(&plan, IFACE_MAC).expect("fill the maps");
@@ -140,6 +155,9 @@ pub fn bench_newflow(p: &Params) -> String {
             let mut full = balancer(&obj, full_size);
             let mut wrap_roomy = wrapper(&mut roomy);
             let mut wrap_full = wrapper(&mut full);
+            let mut at_defaults = defaults(&obj);
+            let mut wrap_defaults = wrapper(&mut at_defaults);
+            set_step(&mut wrap_defaults, 1);
             // The established flow: SYN, then two ACKs (the second is a hit).
             let direct = prog(roomy.ebpf_mut(), lb_common::PROG_BALANCER);
             run(direct, &syn, 1);
@@ -157,7 +175,7 @@ pub fn bench_newflow(p: &Params) -> String {
             run(prog(&wrap_full, "bench_newflow"), &syn, 4 * full_size);
             // The cycling ACK's established flows, on a third balancer.
             let cycle = Cycle::new(&obj, 1 << 20, vip, syn.clone());
-            Subject { name, roomy, _full: full, wrap_roomy, wrap_full, cycle }
+            Subject { name, roomy, _full: full, _defaults: at_defaults, wrap_roomy, wrap_full, wrap_defaults, cycle }
         })
         .collect();
     let n = subjects.len();
@@ -183,6 +201,7 @@ pub fn bench_newflow(p: &Params) -> String {
             set_step(&mut s.wrap_roomy, 0);
             samples[i][7].push(run(prog(&s.wrap_full, "bench_newflow"), &syn, repeat));
             samples[i][8].push(s.cycle.syn(repeat));
+            samples[i][10].push(run(prog(&s.wrap_defaults, "bench_newflow"), &syn, repeat));
         }
     }
     // One column per object, one row per class, then the ratios.
@@ -201,11 +220,12 @@ pub fn bench_newflow(p: &Params) -> String {
         }
         md.push('\n');
     }
-    let ratios: [(&str, usize, usize); 7] = [
+    let ratios: [(&str, usize, usize); 8] = [
         ("SYN, same 5-tuple / ACK", 2, 1),
         ("SYN, unrecorded / ACK", 3, 1),
         ("SYN, new 5-tuple, room / wrapped ACK", 6, 4),
         ("SYN, new 5-tuple, full / wrapped ACK", 7, 4),
+        ("SYN, new 5-tuple, every size at its default / wrapped ACK", 10, 4),
         ("SYN, new 5-tuple, room / cycling wrapped ACK (a real flow's ACK)", 6, 5),
         ("SYN, new 5-tuple, full / cycling wrapped ACK (a real flow's ACK)", 7, 5),
         ("SYN, new 5-tuple, FLOWS flows established / cycling wrapped ACK (one balancer)", 8, 5),
@@ -222,8 +242,8 @@ pub fn bench_newflow(p: &Params) -> String {
     let _ = write!(
         md,
         "\nRecorded SYN / established ACK ({}): same 5-tuple **{:.2}x**, new 5-tuple with room **{:.2}x**, new 5-tuple, \
-         table full **{:.2}x** (target <= 2.5x: {}, {}, {}); a SYN past `syn_flood_kps` (forwarded, not recorded) \
-         {:.2}x. The target is stated against the hot ACK (the same flow every repeat, all its cache lines hot), and \
+         table full **{:.2}x**, new 5-tuple with every size at its default **{:.2}x** (target <= 2.5x: {}, {}, {}, {}); \
+         a SYN past `syn_flood_kps` (forwarded, not recorded) {:.2}x. The target is stated against the hot ACK (the same flow every repeat, all its cache lines hot), and \
          the verdicts above are against it. Against what an established packet of a real flow costs, the wrapped ACK \
          cycling over {flows} established flows ({:.0} ns, {:+.0} ns over the hot one: its own cold `CT_ESTABLISHED` \
          bucket and entry), a new 5-tuple SYN is **{:.2}x** with room and **{:.2}x** with the table full, and \
@@ -254,15 +274,20 @@ pub fn bench_newflow(p: &Params) -> String {
          run are checked: `forwarded` and `conn_hit` up by the repeat count, `ct_promoted`, `ct_midflow_miss`, \
          `conn_miss`, `ct_established_full` and `conn_insert_failed` unchanged. The SYN row on that balancer is the \
          wrapped SYN with room, timed against the full `CT_ESTABLISHED` (its flows never answered, so the table \
-         keeps exactly those {flows}). Where the time goes, stage by stage (scratch builds compared with `LB_BENCH_OBJECTS`): \
+         keeps exactly those {flows}). \"Every size at its default\": a fourth balancer, the same services with \
+         `table_size` left to its default ({default_table} slots for 50 backends) and `conntrack_size` and \
+         `established_size` unset ({default_ct} each: `FIRST_RECORD` 4 MB), every SYN recorded as above; its \
+         ratio is to the same wrapped ACK. Where the time goes, stage by stage (scratch builds compared with `LB_BENCH_OBJECTS`): \
          docs/architecture.md, \"Where a new flow's time goes\".",
         subjects[0].name,
         first[2] / first[1],
         first[6] / first[4],
         first[7] / first[4],
+        first[10] / first[4],
         verdict(first[2] / first[1]),
         verdict(first[6] / first[4]),
         verdict(first[7] / first[4]),
+        verdict(first[10] / first[4]),
         first[3] / first[1],
         first[5],
         first[5] - first[4],
@@ -272,6 +297,8 @@ pub fn bench_newflow(p: &Params) -> String {
         first[8],
         first[6],
         flows = newflow_cycle::flows(),
+        default_table = lb_agent::config::default_table_size(50),
+        default_ct = lb_agent::config::DEFAULT_CONNTRACK_SIZE,
     );
     drop(subjects);
     md
