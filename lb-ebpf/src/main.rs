@@ -439,14 +439,21 @@ fn balance<const FULL: bool, const PREFIX: bool>(
     }
     // SAFETY: `parse` wrote the whole packet when it returned Ok.
     let pkt = unsafe { pkt.assume_init_ref() };
-    let flow = flow.write(FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    });
+    let f = flow.as_mut_ptr();
+    // SAFETY: every field written, the padding byte by byte: an array store
+    // becomes a call to a byte-loop `memset`, a BPF-to-BPF call (and its
+    // return) on every packet.
+    let flow = unsafe {
+        (&raw mut (*f).src).write(pkt.src);
+        (&raw mut (*f).dst).write(pkt.dst);
+        (&raw mut (*f).sport).write(pkt.sport);
+        (&raw mut (*f).dport).write(pkt.dport);
+        (&raw mut (*f).proto).write(pkt.proto);
+        for i in 0..3 {
+            (&raw mut (*f)._pad[i]).write_volatile(0);
+        }
+        flow.assume_init_ref()
+    };
     let kind = if FULL { pkt.kind } else { parse::KIND_L4 };
     schedule::forward::<PREFIX>(ctx, pkt, flow, d, kind)
 }
