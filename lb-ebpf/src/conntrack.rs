@@ -79,6 +79,27 @@ impl Slot {
 
 const EEXIST: i32 = 17;
 
+/// A connection-table value with no SNAT mapping. Built field by field, the
+/// `snat` bytes one by one: an array store in a struct literal becomes a call
+/// to a byte-loop `memset` (a BPF-to-BPF call and its return).
+#[inline(always)]
+pub fn flow_val(backend_id: u32, service_id: u32, generation: u32, last_seen: u32, state: u8) -> FlowVal {
+    let mut v = core::mem::MaybeUninit::<FlowVal>::uninit();
+    let p = v.as_mut_ptr();
+    // SAFETY: every field written before `assume_init`.
+    unsafe {
+        (&raw mut (*p).backend_id).write(backend_id);
+        (&raw mut (*p).service_id).write(service_id);
+        (&raw mut (*p).generation).write(generation);
+        (&raw mut (*p).last_seen).write(last_seen);
+        (&raw mut (*p).state).write(state);
+        for i in 0..3 {
+            (&raw mut (*p).snat[i]).write_volatile(0);
+        }
+        v.assume_init()
+    }
+}
+
 /// The agent's clock (`CT_CLOCK`): seconds, as `FlowVal::last_seen` keeps them.
 #[inline(always)]
 fn now() -> u32 {
@@ -186,7 +207,7 @@ fn promote(flow: &FlowKey, v: &FlowVal, fin: bool) -> u8 {
     let state = if fin { CT_STATE_CLOSING } else { CT_STATE_ESTABLISHED };
     // `snat` is not carried over: `lb_nat` writes it once it has checked the
     // mapping (a `CONNTRACK` entry may be older than its flow's mapping).
-    let est = FlowVal { last_seen: now(), state, snat: [0; 3], ..*v };
+    let est = flow_val(v.backend_id, v.service_id, v.generation, now(), state);
     match CT_ESTABLISHED.insert(flow, &est, BPF_NOEXIST as u64) {
         Ok(()) => {
             syn_filter::add(flow);
@@ -292,7 +313,7 @@ fn insert_new(flow: &FlowKey, id_generation: u64, service_id: u32, tag: u32, flo
             return;
         }
     }
-    let val = FlowVal { backend_id, service_id, generation, last_seen: now(), state: CT_STATE_NEW, snat: [0; 3] };
+    let val = flow_val(backend_id, service_id, generation, now(), CT_STATE_NEW);
     if CONNTRACK.insert(flow, &val, BPF_ANY as u64).is_err() {
         count(stat::CONN_INSERT_FAILED);
     } else {

@@ -8,7 +8,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    first_record_check, first_record_slot, flow_hash_by, stat, trace::ct_step, FlowKey, FlowVal, BACKEND_ACTIVE,
+    first_record_check, first_record_slot, flow_hash_by, stat, trace::ct_step, FlowKey, BACKEND_ACTIVE,
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, FORWARD_NAT, PROTO_TCP,
 };
 
@@ -108,14 +108,7 @@ pub fn take(flow: &FlowKey, hash: u32, fin: bool, now: u32) -> u64 {
         }
     }
     let state = if fin { CT_STATE_CLOSING } else { CT_STATE_ESTABLISHED };
-    let mut val = FlowVal {
-        backend_id,
-        service_id,
-        generation,
-        last_seen: now,
-        state,
-        snat: [0; 3],
-    };
+    let mut val = crate::conntrack::flow_val(backend_id, service_id, generation, now, state);
     let step = match CT_ESTABLISHED.insert(flow, &val, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(stat::CT_PROMOTED);
