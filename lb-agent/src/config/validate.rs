@@ -12,6 +12,9 @@ mod prefix;
 mod probe;
 mod sched;
 mod snat;
+mod table;
+
+pub(super) use crate::maglev::is_prime;
 
 use self::probe::{Level, ProbeFields};
 use super::limits::MAX_ERRORS;
@@ -19,8 +22,8 @@ use super::positions::{LazyPositions as Positions, Pos};
 use super::raw::{Int, RawBackend, RawConfig, RawService};
 use super::{
     BackendConfig, Config, DEFAULT_CONNTRACK_SIZE, DEFAULT_WEIGHT, Diagnostic,
-    MAX_CONNTRACK_SIZE, MAX_NAME_LEN, MAX_TABLE_SIZE, MAX_WEIGHT, MIN_CONNTRACK_SIZE,
-    MIN_TABLE_SIZE, Forwarding, Protocol, Scheduler, ServiceConfig,
+    MAX_CONNTRACK_SIZE, MAX_NAME_LEN, MAX_WEIGHT, MIN_CONNTRACK_SIZE,
+    Forwarding, Protocol, Scheduler, ServiceConfig,
 };
 
 /// Validates `raw`, returning every violation sorted by position.
@@ -256,29 +259,7 @@ impl Checker<'_> {
         let backends = self
             .backends(raw.backends, &path, &label, family_of, (&probe, forwarding), port)
             .filter(|_| probe_ok);
-        let table_size = match raw.table_size {
-            None => Some(super::default_table_size(count)),
-            Some(v) => self.table_size(v, &field("table_size")),
-        };
-        if count > lb_common::table::TABLE_MAX_IDS {
-            // A table's slots are 16-bit indexes into its list of backends.
-            self.at_value(
-                &field("backends"),
-                format!("a service has at most {} backends, this one {count}", lb_common::table::TABLE_MAX_IDS),
-            );
-        }
-        let table_size = table_size.filter(|&size| {
-            let fits = usize::try_from(size).is_ok_and(|size| size > count);
-            if !fits {
-                self.at_value(
-                    &field("table_size"),
-                    format!(
-                        "table_size {size} must be larger than the number of backends ({count})"
-                    ),
-                );
-            }
-            fits
-        });
+        let table_size = self.table(raw.table_size, count, &path);
 
         if let Some(mode) = forwarding.filter(|f| f.is_nat()) {
             if vip_and_prefix.is_some_and(|(_, p)| p.is_some()) {
@@ -362,21 +343,6 @@ impl Checker<'_> {
             );
         }
         scheduler
-    }
-
-    fn table_size(&mut self, value: Int, path: &str) -> Option<u32> {
-        let size = self.ranged(value, path, "table_size", MIN_TABLE_SIZE, MAX_TABLE_SIZE)?;
-        if is_prime(size) {
-            return Some(size);
-        }
-        let next = (size..=MAX_TABLE_SIZE)
-            .find(|&n| is_prime(n))
-            .unwrap_or(MAX_TABLE_SIZE);
-        self.at_value(
-            path,
-            format!("table_size {size} is not a prime number (the next prime is {next})"),
-        );
-        None
     }
 
     fn backends(
@@ -486,19 +452,4 @@ impl Checker<'_> {
 
 fn family(address: IpAddr) -> &'static str {
     if address.is_ipv4() { "IPv4" } else { "IPv6" }
-}
-
-/// Trial division; table sizes are at most 2^20, so at most ~512 divisions.
-pub(super) fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    if n.is_multiple_of(2) {
-        return n == 2;
-    }
-    let n = u64::from(n);
-    (3..)
-        .step_by(2)
-        .take_while(|d| d * d <= n)
-        .all(|d| n % d != 0)
 }
