@@ -4,7 +4,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::atomic::Ordering,
     time::{Duration, Instant},
@@ -164,62 +164,53 @@ fn an_older_versions_pins_are_adopted_with_the_maps_it_lacked_created() {
     across(&mut lab, |lab| {
         first.kill();
         let pins = lab.pin_dir();
-        for name in [lb_common::map_names::NAT_REVERSE, lb_common::map_names::EGRESS_MAC, lb_common::map_names::STATS] {
+        for name in [lb_common::map_names::NAT_REVERSE, lb_common::map_names::EGRESS_MAC] {
             std::fs::remove_file(pins.join(name)).unwrap_or_else(|e| panic!("remove the pin of {name}: {e}"));
         }
-        let stats = pins.join(lb_common::map_names::STATS);
-        let out = Command::new("bpftool")
-            .args(["map", "create"])
-            .arg(&stats)
-            .args(["type", "percpu_array", "key", "4", "value", "8", "entries", "8", "name", "STATS"])
-            .output()
-            .expect("run bpftool");
-        assert!(out.status.success(), "bpftool map create: {}", String::from_utf8_lossy(&out.stderr));
+        pin_older_map(&pins, lb_common::map_names::STATS, "percpu_array", 8, Some(8), &[]);
         // FIRST_RECORD with the 64-byte records of the version before the 16-byte ones.
-        let first = pins.join(lb_common::map_names::FIRST_RECORD);
-        let entries = aya::maps::MapData::from_pin(&first)
-            .and_then(|m| Ok(m.info()?.max_entries()))
-            .unwrap_or_else(|e| panic!("read the pinned FIRST_RECORD: {e}"));
-        std::fs::remove_file(&first).unwrap_or_else(|e| panic!("remove the pin of FIRST_RECORD: {e}"));
-        let out = Command::new("bpftool")
-            .args(["map", "create"])
-            .arg(&first)
-            .args(["type", "array", "key", "4", "value", "64", "entries", &entries.to_string(), "name", "FIRST_RECORD", "flags", "1024"])
-            .output()
-            .expect("run bpftool");
-        assert!(out.status.success(), "bpftool map create FIRST_RECORD: {}", String::from_utf8_lossy(&out.stderr));
+        let first = pin_older_map(&pins, lb_common::map_names::FIRST_RECORD, "array", 64, None, &["flags", "1024"]);
         // MAGLEV with 4-byte slots, as before the 16-bit ones. The old program
         // keeps the map it was loaded with; only the pin is replaced.
-        let maglev = pins.join(lb_common::map_names::MAGLEV);
-        let entries = aya::maps::MapData::from_pin(&maglev)
-            .and_then(|m| Ok(m.info()?.max_entries()))
-            .unwrap_or_else(|e| panic!("read the pinned MAGLEV: {e}"));
-        std::fs::remove_file(&maglev).unwrap_or_else(|e| panic!("remove the pin of MAGLEV: {e}"));
-        let out = Command::new("bpftool")
-            .args(["map", "create"])
-            .arg(&maglev)
-            .args(["type", "array", "key", "4", "value", "4", "entries", &entries.to_string(), "name", "MAGLEV", "flags", "1024"])
-            .output()
-            .expect("run bpftool");
-        assert!(out.status.success(), "bpftool map create MAGLEV: {}", String::from_utf8_lossy(&out.stderr));
+        let maglev = pin_older_map(&pins, lb_common::map_names::MAGLEV, "array", 4, None, &["flags", "1024"]);
         let agent = lab.start_agent(&config(lab, 4));
         let log = agent.log_text();
         assert!(log.contains("creating it afresh") && log.contains("STATS"), "STATS of 8 counters is replaced:\n{log}");
         assert!(log.contains("FIRST_RECORD"), "FIRST_RECORD of 64-byte records is replaced:\n{log}");
         assert!(log.contains("map=\"MAGLEV\"") || log.contains("map=MAGLEV"), "MAGLEV of 4-byte slots is replaced:\n{log}");
-        let value = aya::maps::MapData::from_pin(&maglev)
-            .and_then(|m| Ok(m.info()?.value_size()))
-            .unwrap_or_else(|e| panic!("read the new MAGLEV: {e}"));
-        assert_eq!(value, 8, "MAGLEV is created with this build's elements");
-        let value = aya::maps::MapData::from_pin(&first)
-            .and_then(|m| Ok(m.info()?.value_size()))
-            .unwrap_or_else(|e| panic!("read the new FIRST_RECORD: {e}"));
-        assert_eq!(value as usize, size_of::<lb_common::FirstRecord>(), "FIRST_RECORD is created with this build's records");
+        assert_eq!(pinned(&maglev).value_size(), 8, "MAGLEV is created with this build's elements");
+        assert_eq!(pinned(&first).value_size() as usize, size_of::<lb_common::FirstRecord>(), "FIRST_RECORD is created with this build's records");
         for name in [lb_common::map_names::NAT_REVERSE, lb_common::map_names::EGRESS_MAC] {
             assert!(pins.join(name).exists(), "{name} is created and pinned");
         }
         agent
     });
+}
+
+/// Replaces the pinned map `name` under `pins` with an empty one of another
+/// version's layout, made by bpftool: a `kind` of 4-byte keys and `value`-byte
+/// values, `entries` of them (default: as many as the pinned one), then
+/// `extra` arguments. Returns the pin's path.
+fn pin_older_map(pins: &Path, name: &str, kind: &str, value: u32, entries: Option<u32>, extra: &[&str]) -> PathBuf {
+    let path = pins.join(name);
+    let entries = entries.unwrap_or_else(|| pinned(&path).max_entries());
+    std::fs::remove_file(&path).unwrap_or_else(|e| panic!("remove the pin of {name}: {e}"));
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args(["type", kind, "key", "4", "value", &value.to_string(), "entries", &entries.to_string(), "name", name])
+        .args(extra)
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool map create {name}: {}", String::from_utf8_lossy(&out.stderr));
+    path
+}
+
+/// What the kernel says of the map pinned at `path`.
+fn pinned(path: &Path) -> aya::maps::MapInfo {
+    aya::maps::MapData::from_pin(path)
+        .and_then(|m| Ok(m.info()?))
+        .unwrap_or_else(|e| panic!("read the map pinned at {}: {e}", path.display()))
 }
 
 /// Starts another `lb-agent run` on the balancer's eth0 with `pin_dir` and its own
@@ -332,10 +323,7 @@ fn a_restart_that_adds_the_first_nat_service_sizes_the_nat_tables_and_keeps_the_
     lab.start_servers();
     let mut first = lab.start_agent(&config(&lab, 3));
     let names = [lb_common::map_names::NAT_REVERSE, lb_common::map_names::FULLNAT_REVERSE, lb_common::map_names::FULLNAT_FORWARD];
-    let entries = |pins: &Path, name: &str| {
-        let data = aya::maps::MapData::from_pin(pins.join(name)).unwrap_or_else(|e| panic!("{name} pinned: {e}"));
-        data.info().expect("map info").max_entries()
-    };
+    let entries = |pins: &Path, name: &str| pinned(&pins.join(name)).max_entries();
     for name in names {
         assert_eq!(entries(&lab.pin_dir(), name), lb_agent::pinning::NAT_UNSIZED, "{name} unsized without nat services");
     }
