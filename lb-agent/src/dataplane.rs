@@ -189,6 +189,7 @@ impl Dataplane {
             (names::SERVICES, sizes.services),
             (names::BACKENDS, sizes.backends),
             (names::MAGLEV, sizes::maglev_elements(sizes, false)),
+            (names::FIRST_RECORD, lb_common::first_record_entries(sizes.conntrack)),
             (names::NAT_REVERSE, nat),
             (names::FULLNAT_REVERSE, nat),
             (names::FULLNAT_FORWARD, nat),

@@ -29,7 +29,10 @@ const REPLACEABLE: &[&str] =
     &[names::CT_CLOCK, names::TRACE_FILTER, names::TRACE_BUDGET, names::STATS, names::CONFIG, names::EGRESS_MAC];
 
 /// Maps that hold only half-open handshakes (`FIRST_RECORD`): one whose layout
-/// is not this build's (an older version's 64-byte records) is created anew.
+/// is not this build's (an older version's 64-byte records), or whose size is
+/// not the one this build gives the configuration (an older version's 4 MB at
+/// the default `conntrack_size`, see `lb_common::FIRST_RECORD_MAX_ENTRIES`), is
+/// created anew.
 /// The handshakes in flight lose their records: each one's ACK is then a
 /// midflow miss, scheduled again by the same function (to the same backend
 /// while the table is unchanged).
@@ -164,7 +167,10 @@ impl PinDir {
             } else if name == names::STATS && info.max_entries() < lb_common::stat::COUNT {
                 unfit = Some(format!("map {name} holds {} counters, this build {}", info.max_entries(), lb_common::stat::COUNT));
             } else if let Some((_, need)) = needed.iter().find(|(n, _)| *n == name) {
-                if info.max_entries() < *need && NAT_MAPS.contains(&name) && info.max_entries() <= NAT_UNSIZED {
+                if info.max_entries() != *need && HALF_OPEN.contains(&name) {
+                    unfit = Some(format!("map {name} holds {} entries, this configuration {need}", info.max_entries()));
+                    replaceable = true;
+                } else if info.max_entries() < *need && NAT_MAPS.contains(&name) && info.max_entries() <= NAT_UNSIZED {
                     unfit = Some(format!("map {name} was created unsized (no nat or fullnat service)"));
                     replaceable = true;
                 } else if info.max_entries() < *need {
@@ -175,16 +181,16 @@ impl PinDir {
                 }
             }
             match unfit {
-                Some(_) if replaceable => replace.push(name),
+                Some(why) if replaceable => replace.push((name, why)),
                 Some(why) => return Err(why),
                 None => {}
             }
         }
-        for name in &replace {
-            tracing::info!(map = name, "the pinned map does not fit this build or configuration and holds no flow state: creating it afresh");
+        for (name, why) in &replace {
+            tracing::info!(map = name, why = why.as_str(), "the pinned map does not fit this build or configuration and holds no flow state: creating it afresh");
             remove_if_present(&self.map(name)).map_err(|e| format!("removing the pinned map {name}: {e}"))?;
         }
-        Ok(replace)
+        Ok(replace.into_iter().map(|(name, _)| name).collect())
     }
 
     /// Drops a pinned `RARE_PROGS` that is not the program array this build

@@ -79,9 +79,20 @@ pub fn first_record_expired(now: u32, first_seen: u16, timeout_secs: u64) -> boo
     u64::from((now as u16).wrapping_sub(first_seen)) > timeout_secs.min(FIRST_RECORD_MAX_AGE)
 }
 
-/// Entries of `FIRST_RECORD` for a `conntrack_size`: the next power of two.
+/// Most entries `FIRST_RECORD` has: 65,536 slots, 1 MB. The array holds
+/// handshakes in flight (a SYN until its ACK, one round trip), not tracked
+/// flows: at 100,000 new connections a second with 50 ms round trips, 5,000 at
+/// once, of which about n^2/2m = 190 (3.8%) share a slot with another and lose
+/// their record (their ACKs are scheduled again by the same function). A larger
+/// array loses fewer but costs every new flow's SYN a store out of this CPU's
+/// cache and TLB: with 16 MB (a `conntrack_size` of 1,048,576) about 50 ns more
+/// than with 1 MB (docs/architecture.md, "The first record").
+pub const FIRST_RECORD_MAX_ENTRIES: u32 = 1 << 16;
+
+/// Entries of `FIRST_RECORD` for a `conntrack_size`: the next power of two, at
+/// least 1,024 and at most `FIRST_RECORD_MAX_ENTRIES`.
 pub fn first_record_entries(conntrack_size: u32) -> u32 {
-    conntrack_size.max(1024).checked_next_power_of_two().unwrap_or(1 << 31)
+    conntrack_size.clamp(1024, FIRST_RECORD_MAX_ENTRIES).next_power_of_two()
 }
 
 const _: () = assert!(core::mem::size_of::<FirstRecord>() == 16);
@@ -89,3 +100,18 @@ const _: () = assert!(core::mem::size_of::<FirstRecord>() == 16);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers, no padding.
 unsafe impl aya::Pod for FirstRecord {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_follows_conntrack_size_up_to_its_cap() {
+        assert_eq!(first_record_entries(0), 1024);
+        assert_eq!(first_record_entries(5000), 8192);
+        assert_eq!(first_record_entries(65_536), 65_536);
+        // The default `conntrack_size` and anything larger: 1 MB.
+        assert_eq!(first_record_entries(262_144), FIRST_RECORD_MAX_ENTRIES);
+        assert_eq!(first_record_entries(u32::MAX), FIRST_RECORD_MAX_ENTRIES);
+    }
+}

@@ -26,7 +26,10 @@ pub use conntrack::{
 };
 pub use egress::{EgressMac, EGRESS_BACKEND, EGRESS_CLIENT, EGRESS_ENTRIES, EGRESS_SAME};
 pub use decap::{decap_stat, DecapAddrKey, DecapAddrVal, DecapConfig, DEFAULT_GUE_PORT, PROG_DECAP};
-pub use first::{first_record_check, first_record_entries, first_record_expired, first_record_slot, first_record_tag, FirstRecord};
+pub use first::{
+    first_record_check, first_record_entries, first_record_expired, first_record_slot, first_record_tag, FirstRecord,
+    FIRST_RECORD_MAX_ENTRIES,
+};
 pub use frag::{FragKey, FragVal};
 pub use hash::{flow_hash, flow_hash_by, maglev_slot};
 pub use nat::{NatReverse, NAT_REPLY_SLOT, NAT_SLOT, PROG_NAT, PROG_NAT_REPLY};

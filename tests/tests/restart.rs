@@ -317,6 +317,8 @@ fn an_agent_with_another_pin_dir_is_refused_the_interface() {
 /// A first agent started without `nat` services creates the NAT tables with one
 /// entry each; a restart whose file adds a `nat` service adopts the maps (the
 /// connection table with them) and creates those three afresh at full size.
+/// A `FIRST_RECORD` of the size an older version gave the default
+/// `conntrack_size` (262,144 slots, 4 MB) is created afresh at this build's.
 #[test]
 fn a_restart_that_adds_the_first_nat_service_sizes_the_nat_tables_and_keeps_the_rest() {
     let mut lab = Lab::new(4);
@@ -336,8 +338,13 @@ fn a_restart_that_adds_the_first_nat_service_sizes_the_nat_tables_and_keeps_the_
             lab.backends[0].v4
         );
         std::fs::write(&path, text).expect("write the configuration");
+        let record_size = size_of::<lb_common::FirstRecord>() as u32;
+        let first = pin_older_map(&lab.pin_dir(), lb_common::map_names::FIRST_RECORD, "array", record_size, Some(262_144), &["flags", "1024"]);
         let agent = lab.start_agent(&path);
         let log = agent.log_text();
+        assert!(log.contains("FIRST_RECORD holds 262144 entries"), "FIRST_RECORD of 262,144 slots is replaced:\n{log}");
+        let want = lb_common::first_record_entries(lb_agent::config::DEFAULT_CONNTRACK_SIZE);
+        assert_eq!(pinned(&first).max_entries(), want, "FIRST_RECORD is created at this build's size");
         for name in names {
             assert!(log.contains("creating it afresh") && log.contains(name), "{name} is created afresh:\n{log}");
             assert!(entries(&lab.pin_dir(), name) > lb_agent::pinning::NAT_UNSIZED, "{name} sized for the nat service");

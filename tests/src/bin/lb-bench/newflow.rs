@@ -260,8 +260,8 @@ pub fn bench_newflow(p: &Params) -> String {
          half of its source address, the same number every repeat for the wrapped ACK and a new one every repeat for \
          the wrapped SYNs, so each of those is a new flow: a miss in cold buckets, a Maglev slot out of cache and a \
          store into a cold `FIRST_RECORD` slot (without the first record: an LRU insert of a new key; the wrapper itself costs about the difference of the first two ACK rows). \
-         \"Table has room\": `conntrack_size` 1048576 (so `FIRST_RECORD` 16 MB; 64 MB in builds with 64-byte records), never full in the run; \"table \
-         full\": a second balancer with `conntrack_size` 65536 (`FIRST_RECORD` 1 MB; 4 MB with 64-byte records), filled before the first round, \
+         \"Table has room\": `conntrack_size` 1048576 (`FIRST_RECORD` {room_kb} KB: it stops at {cap} slots), never full in the run; \"table \
+         full\": a second balancer with `conntrack_size` 65536 (`FIRST_RECORD` {full_kb} KB), filled before the first round, \
          so every insert evicts, every record overwrites one (what a live SYN flood sees); in both, `CT_ESTABLISHED` \
          holds next to nothing (the SYNs are never answered). The cycling ACK runs on a third balancer, set up as \
          the one with room, through a `bench_newflow` counting modulo {flows} (`NEWFLOW[2]`): before the first \
@@ -276,7 +276,7 @@ pub fn bench_newflow(p: &Params) -> String {
          wrapped SYN with room, timed against the full `CT_ESTABLISHED` (its flows never answered, so the table \
          keeps exactly those {flows}). \"Every size at its default\": a fourth balancer, the same services with \
          `table_size` left to its default ({default_table} slots for 50 backends) and `conntrack_size` and \
-         `established_size` unset ({default_ct} each: `FIRST_RECORD` 4 MB), every SYN recorded as above; its \
+         `established_size` unset ({default_ct} each: `FIRST_RECORD` {default_kb} KB), every SYN recorded as above; its \
          ratio is to the same wrapped ACK. Where the time goes, stage by stage (scratch builds compared with `LB_BENCH_OBJECTS`): \
          docs/architecture.md, \"Where a new flow's time goes\".",
         subjects[0].name,
@@ -297,9 +297,18 @@ pub fn bench_newflow(p: &Params) -> String {
         first[8],
         first[6],
         flows = newflow_cycle::flows(),
+        room_kb = record_kb(1 << 20),
+        full_kb = record_kb(65_536),
+        default_kb = record_kb(lb_agent::config::DEFAULT_CONNTRACK_SIZE),
+        cap = lb_common::FIRST_RECORD_MAX_ENTRIES,
         default_table = lb_agent::config::default_table_size(50),
         default_ct = lb_agent::config::DEFAULT_CONNTRACK_SIZE,
     );
     drop(subjects);
     md
+}
+
+/// `FIRST_RECORD`'s size in KB for a `conntrack_size`.
+fn record_kb(conntrack_size: u32) -> usize {
+    lb_common::first_record_entries(conntrack_size) as usize * std::mem::size_of::<lb_common::FirstRecord>() / 1024
 }

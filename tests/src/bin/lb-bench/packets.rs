@@ -281,9 +281,13 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
         u64::from(p.new_flows),
         "every ACK after its flow's SYN must be a connection-table hit or a midflow miss"
     );
-    // Outstanding handshakes share FIRST_RECORD's slots by hash: about n^2 / 2m
-    // of n collide in m slots (20,000 in 262,144: ~760).
-    assert!(midflow * 10 <= u64::from(p.new_flows), "{midflow} of {} ACKs lost their first record", p.new_flows);
+    // Outstanding handshakes share FIRST_RECORD's slots by hash: of n SYNs in m
+    // slots, n - m(1 - (1 - 1/m)^n) lose their record to a later one (20,000
+    // in 65,536: ~2,760). This row's n is far more than are in flight at once
+    // on a real node (docs/architecture.md, "The first record").
+    let (n, m) = (f64::from(p.new_flows), f64::from(lb_common::first_record_entries(262_144)));
+    let expected = n - m * (1.0 - (1.0 - 1.0 / m).powf(n));
+    assert!((midflow as f64) <= 1.5 * expected + 100.0, "{midflow} of {} ACKs lost their first record (expected about {expected:.0})", p.new_flows);
     eprintln!("lb-bench: {midflow} of {} ACKs found their SYN's first record overwritten (rescheduled by Maglev)", p.new_flows);
     rows.push(PacketRow {
         class: "VIP IPv4 TCP SYN, new flow (miss + insert)",
