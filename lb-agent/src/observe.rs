@@ -87,15 +87,26 @@ impl Sampler {
             set(&mut o.0, n);
             o.1 = stats.get(i as u32);
         }
-        // Indexes, not searches: thousands of services, tens of thousands of backends.
-        let configs: BTreeMap<&str, &crate::config::ServiceConfig> =
-            ctx.config.services.iter().map(|c| (c.name.as_str(), &**c)).collect();
-        let by_id = plan.backends_by_id();
+        // Indexes, not searches: thousands of services, tens of thousands of
+        // backends. A service's configuration by position when the plan lists
+        // the file's services in the file's order, else by name (a map of
+        // 10,000 names and a lookup per service took 3 of the 25 ms here).
+        let services = &ctx.config.services;
+        let in_order =
+            services.len() == plan.services.len() && services.iter().zip(&plan.services).all(|(c, s)| c.name == s.name);
+        let configs: BTreeMap<&str, &crate::config::ServiceConfig> = match in_order {
+            true => BTreeMap::new(),
+            false => services.iter().map(|c| (c.name.as_str(), &**c)).collect(),
+        };
+        let mut by_id = vec![None; plan.backends.iter().map(|b| b.id as usize + 1).max().unwrap_or(0)];
+        for b in &plan.backends {
+            by_id[b.id as usize] = Some(b);
+        }
         let mut mac = String::with_capacity(17);
         status.services.truncate(plan.services.len());
         status.services.resize_with(plan.services.len(), Default::default);
-        for (s, svc) in plan.services.iter().zip(&mut status.services) {
-            let cfg = configs.get(s.name.as_str()).copied();
+        for (i, (s, svc)) in plan.services.iter().zip(&mut status.services).enumerate() {
+            let cfg = if in_order { Some(&*services[i]) } else { configs.get(s.name.as_str()).copied() };
             let c = counter(&stats.services, s.value.id);
             let p = prev.map(|p| counter(&p.services, s.value.id)).unwrap_or(c);
             set(&mut svc.name, &s.name);
@@ -113,7 +124,7 @@ impl Sampler {
             svc.new_flows = c.new_flows;
             svc.packets_per_sec = rate(c.packets, p.packets, secs);
             svc.bytes_per_sec = rate(c.bytes, p.bytes, secs);
-            let backends = s.backend_ids.iter().filter_map(|id| by_id.get(id).copied());
+            let backends = s.backend_ids.iter().filter_map(|&id| by_id.get(id as usize).copied().flatten());
             let mut n = 0;
             for b in backends {
                 if n == svc.backends.len() {
