@@ -1,8 +1,12 @@
 //! The connection table's layouts (`CONNTRACK`, `CT_ESTABLISHED`), the
 //! per-backend connection counts and the persistence table (`AFFINITY`).
 
-/// Key of `CONNTRACK` and input of the flow hash.
-#[repr(C)]
+/// Key of `CONNTRACK` and input of the flow hash. Aligned to 8 bytes (its
+/// size, 40, and its fields' offsets are those of `repr(C)` alone): the
+/// balancer writes a key as five 64-bit words, so that the hashes that read it
+/// back in wider words than bytes (the kernel's on every table lookup, the
+/// program's own) are not stalled on byte stores (`lb_xdp`'s `balance`).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -14,6 +18,15 @@ pub struct FlowKey {
     pub proto: u8,
     pub _pad: [u8; 3],
 }
+
+// The balancer's five-word write of a key relies on this layout.
+const _: () = assert!(
+    core::mem::size_of::<FlowKey>() == 40
+        && core::mem::offset_of!(FlowKey, dst) == 16
+        && core::mem::offset_of!(FlowKey, sport) == 32
+        && core::mem::offset_of!(FlowKey, dport) == 34
+        && core::mem::offset_of!(FlowKey, proto) == 36
+);
 
 /// Value of `CONNTRACK` (flows not yet proven) and `CT_ESTABLISHED` (flows that
 /// showed a second packet: floods of new flows cannot evict them).
