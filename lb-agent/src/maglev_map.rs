@@ -6,12 +6,58 @@
 
 use lb_common::table::{half_words, list_word, slot_at, slot_words, TABLE_MAX_IDS};
 
-/// A table's distinct backend ids, sorted.
-fn sorted_ids(table: &[u32]) -> Vec<u32> {
-    let mut ids = table.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+/// Backend ids below this are indexed directly (`first_appearance`); the plan
+/// hands ids out densely from 0, so every real table is.
+const DIRECT_IDS: u32 = 1 << 22;
+
+std::thread_local! {
+    /// `first_appearance`'s index by id (1 + the id's list index, 0: not seen),
+    /// kept per thread and left all zero between calls.
+    static BY_ID: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The distinct ids of `table` in the order they first appear, calling
+/// `each(slot, index into that list)` for every slot. One pass with a direct
+/// index by id: sorting each table to rank its ids took most of the time of
+/// encoding ten million slots at start.
+fn first_appearance(table: &[u32], mut each: impl FnMut(usize, u32)) -> Vec<u32> {
+    let mut list = Vec::new();
+    let top = table.iter().copied().max().unwrap_or(0);
+    if top < DIRECT_IDS {
+        BY_ID.with_borrow_mut(|by_id| {
+            if by_id.len() <= top as usize {
+                by_id.resize(top as usize + 1, 0);
+            }
+            for (s, &id) in table.iter().enumerate() {
+                let mut at = by_id[id as usize];
+                if at == 0 {
+                    list.push(id);
+                    at = list.len() as u32;
+                    by_id[id as usize] = at;
+                }
+                each(s, at - 1);
+            }
+            for &id in &list {
+                by_id[id as usize] = 0;
+            }
+        });
+        return list;
+    }
+    // An id past the direct index: rank by a sorted copy.
+    let mut sorted = table.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut index_of = vec![u32::MAX; sorted.len()];
+    for (s, id) in table.iter().enumerate() {
+        // Every id is in `sorted` (built from the table).
+        let rank = sorted.binary_search(id).unwrap_or_default();
+        if index_of[rank] == u32::MAX {
+            index_of[rank] = list.len() as u32;
+            list.push(*id);
+        }
+        each(s, index_of[rank]);
+    }
+    list
 }
 
 /// Words a table of `ids` distinct backend ids takes in `MAGLEV` (the size of
@@ -25,7 +71,7 @@ pub fn words(table: &[u32], ids: u32) -> u32 {
 
 /// The number of distinct backend ids in `table` (`PlannedService::table_ids`).
 pub fn distinct(table: &[u32]) -> u32 {
-    sorted_ids(table).len() as u32
+    first_appearance(table, |_, _| {}).len() as u32
 }
 
 /// The words of `table` as `MAGLEV` holds them. The list is in the order ids
@@ -33,24 +79,17 @@ pub fn distinct(table: &[u32]) -> u32 {
 /// `lc`, `wlc`, `lblc`, `lblcr`) has slot `s` index list entry `s`, which the
 /// least-connection scan reads directly.
 pub fn encode(table: &[u32]) -> Vec<u32> {
-    let sorted = sorted_ids(table);
-    assert!(sorted.len() <= TABLE_MAX_IDS, "a table indexes at most {TABLE_MAX_IDS} backend ids");
-    // By rank in `sorted`: the id's index in the list, once it has appeared.
-    let mut index_of = vec![u32::MAX; sorted.len()];
-    let mut list = Vec::with_capacity(sorted.len());
     let slots = table.len() as u32;
-    let mut words = vec![0u32; half_words(slots, sorted.len() as u32) as usize];
-    for (s, id) in table.iter().enumerate() {
-        // Every id is in `sorted` (built from the table).
-        let rank = sorted.binary_search(id).unwrap_or_default();
-        if index_of[rank] == u32::MAX {
-            index_of[rank] = list.len() as u32;
-            list.push(*id);
-        }
+    // The list's length is known only at the end: the slots' words first.
+    let mut words = Vec::with_capacity(slot_words(slots) as usize + 64);
+    words.resize(slot_words(slots) as usize, 0u32);
+    let list = first_appearance(table, |s, index| {
         let (w, shift) = slot_at(s as u32);
-        words[w as usize] |= index_of[rank] << shift;
-    }
-    words[slot_words(slots) as usize..].copy_from_slice(&list);
+        words[w as usize] |= index << shift;
+    });
+    assert!(list.len() <= TABLE_MAX_IDS, "a table indexes at most {TABLE_MAX_IDS} backend ids");
+    words.extend_from_slice(&list);
+    debug_assert_eq!(words.len() as u32, half_words(slots, list.len() as u32));
     words
 }
 
@@ -132,6 +171,19 @@ mod tests {
             assert_eq!((words[w as usize] >> shift) & 0xffff, s);
             assert_eq!(words[lb_common::table::list_word(5, s) as usize], table[s as usize]);
         }
+    }
+
+    #[test]
+    fn ids_past_the_direct_index_and_tables_in_a_row_encode_alike() {
+        // A table of small ids, one of large ones (ranked by a sorted copy),
+        // then the first again: the per-thread index starts each table empty.
+        let small: Vec<u32> = (0..1031u32).map(|s| (s * 31) % 9).collect();
+        let large: Vec<u32> = small.iter().map(|id| DIRECT_IDS + 5 * id).collect();
+        let (a, b, c) = (encode(&small), encode(&large), encode(&small));
+        assert_eq!(a, c);
+        assert_eq!(a[..slot_words(1031) as usize], b[..slot_words(1031) as usize], "the same slots, the same indexes");
+        assert_eq!(decode(1031, |w| b[w as usize]), large);
+        assert_eq!((distinct(&small), distinct(&large)), (9, 9));
     }
 
     #[test]
