@@ -89,8 +89,10 @@ impl Sampler {
         }
         // Indexes, not searches: thousands of services, tens of thousands of
         // backends. A service's configuration by position when the plan lists
-        // the file's services in the file's order, else by name (a map of
-        // 10,000 names and a lookup per service took 3 of the 25 ms here).
+        // the file's services in the file's order (it does: `Plan::next`), else
+        // by name; a backend by an id-indexed vector. With a map of the names
+        // and a hash map of the ids this refresh took 25 ms at 10,000 services
+        // x 8, with these 7 to 12.
         let services = &ctx.config.services;
         let in_order =
             services.len() == plan.services.len() && services.iter().zip(&plan.services).all(|(c, s)| c.name == s.name);

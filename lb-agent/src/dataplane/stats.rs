@@ -97,6 +97,7 @@ impl StatsMaps {
 
     /// Reads the counters through these handles, which the reading uses up;
     /// `limit` and `bases` as `Stats::read_loaded`.
+    ///
     /// The two large reads, the backends' counters and their connection counts
     /// (80,000 elements each at 10,000 services x 8, some 25 ms each, most of
     /// it the kernel's copy per element), run side by side on two threads.
