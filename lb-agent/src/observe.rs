@@ -183,3 +183,66 @@ impl Sampler {
         self.last = Some((now, stats));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::DownSet;
+
+    const CFG: &str = "services:
+  - name: web
+    vip: 198.18.0.1
+    port: 80
+    scheduler: rr
+    backends:
+      - address: 198.18.0.11
+        weight: 3
+  - name: dns
+    vip: 198.18.0.2
+    port: 53
+    protocol: udp
+    backends:
+      - address: 198.18.0.12
+";
+
+    fn status_of(config: &Config, plan: &Plan) -> Status {
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let (checker, drained) = (Checker::new(1, events), BTreeSet::new());
+        let ctx = Context {
+            config,
+            config_path: "lb.yaml",
+            iface: "eth0",
+            attach_mode: "native",
+            pin_dir: "/sys/fs/bpf/lb",
+            uptime: Duration::ZERO,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            drained: &drained,
+            checker: &checker,
+        };
+        Sampler::default().status(&ctx, plan, Stats::default())
+    }
+
+    /// A service's configuration is found by position when the plan lists the
+    /// file's services in its order, by name otherwise: both show each service
+    /// and backend with its own.
+    #[test]
+    fn each_service_shows_its_own_configuration_in_the_files_order_or_not() {
+        let config = crate::config::parse(CFG, "lb.yaml").expect("valid config");
+        let macs = Plan::backend_addresses(&config).into_iter().map(|a| (a, [2, 0, 0, 0, 0, 1])).collect();
+        let plan = Plan::next(&config, &macs, &DownSet::new(), None);
+        let mut reordered = plan.clone();
+        reordered.services.reverse();
+        for plan in [&plan, &reordered] {
+            let status = status_of(&config, plan);
+            let service = |name: &str| status.services.iter().find(|s| s.name == name).expect("service listed");
+            let (web, dns) = (service("web"), service("dns"));
+            assert_eq!((web.scheduler.as_str(), web.protocol.as_str(), web.port), ("rr", "tcp", 80));
+            assert_eq!((dns.scheduler.as_str(), dns.protocol.as_str(), dns.port), ("maglev", "udp", 53));
+            assert_eq!(web.backends.len(), 1);
+            assert_eq!((web.backends[0].address, web.backends[0].config_weight), (Some("198.18.0.11".parse().unwrap()), 3));
+            assert_eq!(dns.backends[0].address, Some("198.18.0.12".parse().unwrap()));
+            assert_eq!(dns.backends[0].health, "up");
+        }
+    }
+}
