@@ -1,6 +1,6 @@
 //! The first record (`FIRST_RECORD`): where a TCP SYN of a `maglev` or `sh`
 //! service went, kept in a direct-mapped array instead of an insert into the
-//! `CONNTRACK` LRU hash (see docs/architecture.md, "Where a new flow's time goes").
+//! `CONNTRACK` LRU hash (see docs/connection-table.md, "Where a new flow's time goes").
 //!
 //! One entry per slot, the slot chosen by the flow hash (`first_record_slot`):
 //! a SYN writes its entry with plain stores, and a colliding SYN overwrites it,
@@ -86,7 +86,7 @@ pub fn first_record_expired(now: u32, first_seen: u16, timeout_secs: u64) -> boo
 /// their record (their ACKs are scheduled again by the same function). A larger
 /// array loses fewer but costs every new flow's SYN a store out of this CPU's
 /// cache and TLB: with 16 MB (a `conntrack_size` of 1,048,576) about 50 ns more
-/// than with 1 MB (docs/architecture.md, "The first record").
+/// than with 1 MB (docs/connection-table.md, "The first record").
 pub const FIRST_RECORD_MAX_ENTRIES: u32 = 1 << 16;
 
 /// Entries of `FIRST_RECORD` for a `conntrack_size`: the next power of two, at

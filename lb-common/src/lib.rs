@@ -339,7 +339,7 @@ pub struct Config {
     /// SYN flood threshold: new TCP flows per CPU per second, in thousands, above
     /// which a SYN of a `maglev` or `sh` service without persistence is forwarded
     /// without being recorded (`ct_syn_unrecorded`) for the rest of that
-    /// second. 0: always recorded. See docs/architecture.md, "SYN floods".
+    /// second. 0: always recorded. See docs/connection-table.md, "SYN floods".
     pub syn_flood_kps: u16,
     /// Set to `CONFIG_READY` once the agent has filled the maps.
     pub flags: u32,

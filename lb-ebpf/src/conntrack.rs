@@ -1,4 +1,4 @@
-//! The connection table, in two parts (see docs/architecture.md, "Connection
+//! The connection table, in two parts (see docs/connection-table.md, "Connection
 //! table"):
 //!
 //! - `CONNTRACK`, an LRU hash, holds flows seen once (and the TCP SYNs of

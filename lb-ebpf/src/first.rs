@@ -2,7 +2,7 @@
 //! `maglev` or `sh` service (no persistence, DR or tunnel forwarding) is recorded
 //! with one store into a direct-mapped array instead of an insert into the
 //! `CONNTRACK` LRU hash; the flow's next packet takes the record and records the
-//! flow properly (see docs/architecture.md, "Where a new flow's time goes").
+//! flow properly (see docs/connection-table.md, "Where a new flow's time goes").
 
 use core::ptr::read_volatile;
 

@@ -1,5 +1,5 @@
 //! SYN floods: this CPU's rate of new TCP flows, and whether a SYN may skip its
-//! `CONNTRACK` insert (see docs/architecture.md, "SYN floods").
+//! `CONNTRACK` insert (see docs/connection-table.md, "SYN floods").
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 

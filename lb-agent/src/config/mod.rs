@@ -90,7 +90,7 @@ pub struct Config {
     pub forward_icmp: bool,
     /// SYN flood threshold, thousands of SYNs per CPU and second: past it a SYN of
     /// a `maglev`/`sh` service is forwarded without a connection-table insert
-    /// (docs/architecture.md, "SYN floods"); 0 records every SYN.
+    /// (docs/connection-table.md, "SYN floods"); 0 records every SYN.
     pub syn_flood_kps: u16,
     /// `snat_addresses` and `snat_ports` as the file gives them at the top level:
     /// the pool of `fullnat` services without their own.

@@ -278,7 +278,7 @@ pub fn bench_newflow(p: &Params) -> String {
          `table_size` left to its default ({default_table} slots for 50 backends) and `conntrack_size` and \
          `established_size` unset ({default_ct} each: `FIRST_RECORD` {default_kb} KB), every SYN recorded as above; its \
          ratio is to the same wrapped ACK. Where the time goes, stage by stage (scratch builds compared with `LB_BENCH_OBJECTS`): \
-         docs/architecture.md, \"Where a new flow's time goes\".",
+         docs/connection-table.md, \"Where a new flow's time goes\".",
         subjects[0].name,
         first[2] / first[1],
         first[6] / first[4],

@@ -200,7 +200,7 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
     let total = p.runs as u64 * u64::from(p.repeat);
     // Recorded at most: each CPU's window a second old restarts at its first SYN
     // past the threshold, so a CPU records up to twice the threshold in the
-    // first window (docs/architecture.md, "SYN floods"), and a window that ends
+    // first window (docs/connection-table.md, "SYN floods"), and a window that ends
     // during the run another thousand.
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let most_recorded = (3 * 1000 * cpus).max(total / 10);
@@ -284,7 +284,7 @@ pub fn bench_packets(p: &Params) -> (Vec<PacketRow>, String) {
     // Outstanding handshakes share FIRST_RECORD's slots by hash: of n SYNs in m
     // slots, n - m(1 - (1 - 1/m)^n) lose their record to a later one (20,000
     // in 65,536: ~2,760). This row's n is far more than are in flight at once
-    // on a real node (docs/architecture.md, "The first record").
+    // on a real node (docs/connection-table.md, "The first record").
     let (n, m) = (f64::from(p.new_flows), f64::from(lb_common::first_record_entries(262_144)));
     let expected = n - m * (1.0 - (1.0 - 1.0 / m).powf(n));
     assert!((midflow as f64) <= 1.5 * expected + 100.0, "{midflow} of {} ACKs lost their first record (expected about {expected:.0})", p.new_flows);
