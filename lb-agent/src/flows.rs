@@ -107,7 +107,7 @@ fn flows_of(
             let timeout = if once { timeouts.tcp_fin } else { timeout_of(&key, &val, timeouts) };
             // An entry of a backend id since given to another backend (its
             // generation moved on) names no backend.
-            let backend = backends.get(&val.backend_id).filter(|b| b.generation == val.generation);
+            let backend = backends.get(val.backend_id).filter(|b| b.generation == val.generation);
             Flow {
                 protocol: if key.proto == PROTO_UDP { "UDP" } else { "TCP" }.to_string(),
                 state: state_name(&key, &val).to_string(),
@@ -227,7 +227,7 @@ fn format_half_open(per: &std::collections::BTreeMap<u32, u64>, plan: &Plan) -> 
         "# {total} more half-open TCP flows (SYN seen, in FIRST_RECORD: counted, not listed, the record keeps no 5-tuple):\n"
     );
     for (id, n) in per {
-        let name = backends.get(id).map_or(format!("backend id {id}"), |b| format!("backend {}", b.address));
+        let name = backends.get(*id).map_or(format!("backend id {id}"), |b| format!("backend {}", b.address));
         out += &format!("#   {name}: {n}\n");
     }
     out

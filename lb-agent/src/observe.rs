@@ -100,10 +100,7 @@ impl Sampler {
             true => BTreeMap::new(),
             false => services.iter().map(|c| (c.name.as_str(), &**c)).collect(),
         };
-        let mut by_id = vec![None; plan.backends.iter().map(|b| b.id as usize + 1).max().unwrap_or(0)];
-        for b in &plan.backends {
-            by_id[b.id as usize] = Some(b);
-        }
+        let by_id = plan.backends_by_id();
         let mut mac = String::with_capacity(17);
         status.services.truncate(plan.services.len());
         status.services.resize_with(plan.services.len(), Default::default);
@@ -126,7 +123,7 @@ impl Sampler {
             svc.new_flows = c.new_flows;
             svc.packets_per_sec = rate(c.packets, p.packets, secs);
             svc.bytes_per_sec = rate(c.bytes, p.bytes, secs);
-            let backends = s.backend_ids.iter().filter_map(|&id| by_id.get(id as usize).copied().flatten());
+            let backends = s.backend_ids.iter().filter_map(|&id| by_id.get(id));
             let mut n = 0;
             for b in backends {
                 if n == svc.backends.len() {

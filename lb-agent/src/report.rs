@@ -39,7 +39,7 @@ pub fn format_stats(plan: &Plan, stats: &Stats) -> String {
             c.bytes,
             c.new_flows
         );
-        for b in s.backend_ids.iter().filter_map(|id| by_id.get(id).copied()) {
+        for b in s.backend_ids.iter().filter_map(|&id| by_id.get(id)) {
             let c = stats.backends.get(b.id as usize).copied().unwrap_or_default();
             let state = if b.flags & BACKEND_ACTIVE == 0 { "  inactive" } else { "" };
             out += &format!(

@@ -153,6 +153,18 @@ impl PlannedBackend {
     }
 }
 
+/// A plan's backends indexed by id (`Plan::backends_by_id`): ids are handed
+/// out densely from 0, so a vector, not a hash map (at 80,000 backends the
+/// status refresh spent most of its time hashing).
+pub struct BackendsById<'a>(Vec<Option<&'a PlannedBackend>>);
+
+impl<'a> BackendsById<'a> {
+    /// The backend with id `id`, if the plan has one.
+    pub fn get(&self, id: u32) -> Option<&'a PlannedBackend> {
+        self.0.get(id as usize).copied().flatten()
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub services: Vec<PlannedService>,
@@ -432,8 +444,12 @@ impl Plan {
 
     /// Every backend by id, for callers that look many up (a status of thousands
     /// of services).
-    pub fn backends_by_id(&self) -> std::collections::HashMap<u32, &PlannedBackend> {
-        self.backends.iter().map(|b| (b.id, b)).collect()
+    pub fn backends_by_id(&self) -> BackendsById<'_> {
+        let mut by_id = vec![None; self.backends.iter().map(|b| b.id as usize + 1).max().unwrap_or(0)];
+        for b in &self.backends {
+            by_id[b.id as usize] = Some(b);
+        }
+        BackendsById(by_id)
     }
 
     /// The backend with id `id` (a linear search: see `backends_by_id`).
