@@ -218,6 +218,5 @@ fn least(hash: u32, svc: &Service) -> u32 {
     let slot = leastconn::slot(hash, svc.id, svc.table_offset, svc.table_size, true);
     // The candidates are distinct: slot `slot` is list entry `slot`
     // (`lb_common::table`), one read.
-    let list = svc.table_offset.wrapping_add(lb_common::table::slot_words(svc.table_size));
-    super::word(list.wrapping_add(slot)).unwrap_or(NONE)
+    super::word(svc.table_offset.wrapping_add(lb_common::table::list_word(svc.table_size, slot))).unwrap_or(NONE)
 }
