@@ -365,7 +365,8 @@ impl Plan {
                         }
                     };
                     let table: Arc<[u32]> = indices.iter().map(|&i| members[i as usize].id).collect();
-                    (table.clone(), crate::maglev_map::distinct(&table))
+                    let ids = crate::maglev_map::distinct(&table);
+                    (table, ids)
                 }
             };
 
